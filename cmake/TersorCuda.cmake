@@ -1,0 +1,66 @@
+# CUDA architecture handling.
+#
+# TORCH_CUDA_ARCH_LIST ("8.0;8.9;9.0a", "9.0a", "8.0+PTX") is turned into CMake's form
+# ("80-real;89-real;90a-real"). A kernel family states which architectures its code is written for;
+# it is compiled for the intersection of that with the list.
+
+function(tersor_parse_arch_list list out)
+  set(_archs "")
+  string(REPLACE " " ";" list "${list}")
+  foreach(_a IN LISTS list)
+    if(_a STREQUAL "")
+      continue()
+    endif()
+    set(_ptx OFF)
+    if(_a MATCHES "\\+PTX$")
+      set(_ptx ON)
+      string(REGEX REPLACE "\\+PTX$" "" _a "${_a}")
+    endif()
+    if(NOT _a MATCHES "^([0-9]+)\\.([0-9]+)([af]?)$")
+      message(FATAL_ERROR "tersor: cannot parse arch '${_a}' in TORCH_CUDA_ARCH_LIST='${list}'")
+    endif()
+    set(_num "${CMAKE_MATCH_1}${CMAKE_MATCH_2}${CMAKE_MATCH_3}")
+    list(APPEND _archs "${_num}-real")
+    if(_ptx)
+      list(APPEND _archs "${_num}-virtual")
+    endif()
+  endforeach()
+  set(${out} "${_archs}" PARENT_SCOPE)
+endfunction()
+
+# tersor_add_kernels(<target> NAME <name> ARCHS <ALL | 80 89 90a ...> SOURCES <.cu ...>)
+# Compiles the sources for the intersection of ARCHS with TERSOR_CUDA_ARCHS (ALL: every listed
+# architecture; use it for portable kernels) into an OBJECT library and links it into <target>.
+# Nothing is built (and a status line says so) if the intersection is empty.
+function(tersor_add_kernels target)
+  cmake_parse_arguments(K "" "NAME" "ARCHS;SOURCES" ${ARGN})
+  set(_sel "")
+  if(K_ARCHS STREQUAL "ALL")
+    set(_sel "${TERSOR_CUDA_ARCHS}")
+  endif()
+  foreach(_entry IN LISTS TERSOR_CUDA_ARCHS)
+    string(REGEX REPLACE "-(real|virtual)$" "" _num "${_entry}")
+    # An sm90a kernel is also acceptable where the list says 9.0 (no 'a'): build it as 90a.
+    foreach(_want IN LISTS K_ARCHS)
+      if(_want STREQUAL _num)
+        list(APPEND _sel "${_entry}")
+      elseif(_want STREQUAL "${_num}a")
+        string(REPLACE "${_num}-" "${_num}a-" _e2 "${_entry}")
+        list(APPEND _sel "${_e2}")
+      endif()
+    endforeach()
+  endforeach()
+  list(REMOVE_DUPLICATES _sel)
+  if(NOT _sel)
+    message(STATUS "tersor: kernels '${K_NAME}' skipped (want ${K_ARCHS}, list ${TERSOR_CUDA_ARCHS})")
+    return()
+  endif()
+  set(_lib tersor_kernels_${K_NAME})
+  add_library(${_lib} OBJECT ${K_SOURCES})
+  set_target_properties(${_lib} PROPERTIES CUDA_ARCHITECTURES "${_sel}" POSITION_INDEPENDENT_CODE ON)
+  target_include_directories(${_lib} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/csrc)
+  target_compile_options(${_lib} PRIVATE
+    $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -lineinfo -Xptxas=-warn-spills>)
+  target_sources(${target} PRIVATE $<TARGET_OBJECTS:${_lib}>)
+  message(STATUS "tersor: kernels '${K_NAME}' for ${_sel}")
+endfunction()

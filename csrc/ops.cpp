@@ -1,0 +1,54 @@
+// The tersor operator library: every schema lives here, once, each with a one-line comment.
+// Implementations register per dispatch key next to their kernels (csrc/<family>/*_cpu.cpp and
+// *_cuda_glue.cpp); fakes for torch.compile live in python/tersor/ops.py. See docs/ops.md.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#ifndef TERSOR_CUDA_ARCHS_STR
+#define TERSOR_CUDA_ARCHS_STR ""
+#endif
+
+namespace {
+
+// "key=value;..." facts about this build, for tests and bug reports.
+std::string build_info() {
+  std::string s = "version=" TERSOR_VERSION_STR;
+#ifdef TERSOR_WITH_CUDA
+  s += ";cuda=1;cuda_archs=" TERSOR_CUDA_ARCHS_STR;
+#else
+  s += ";cuda=0;cuda_archs=";
+#endif
+  return s;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tersor, m) {
+  // ---- build ----
+  // Facts about this build of tersor._C ("version=..;cuda=0|1;cuda_archs=..").
+  m.def("_build_info() -> str", &build_info);
+
+  // ---- hadamard (csrc/hadamard) ----
+  // y = scale * H x over the last dim; n = 2^k (k <= 15) or K*2^k with H = H_K (x) H_{2^k};
+  // scale defaults to 1/sqrt(n) (orthonormal); transpose applies H^T (the inverse for orthonormal scale).
+  m.def("hadamard_transform(Tensor x, float? scale=None, bool transpose=False) -> Tensor");
+  // The supported non-power-of-two factors K (ascending).
+  m.def("_hadamard_k_sizes() -> int[]");
+  // (k, log_n) with n = k * 2^log_n, or an error naming the supported sizes.
+  m.def("_hadamard_factor(int n) -> int[]");
+  // CUDA work plan of the power-of-two kernel (Pow2Plan fields, see hadamard_plan.h), for CPU tests.
+  m.def("_hadamard_plan(int log_n, int elem_bytes) -> int[]");
+  // Padded shared-memory offsets (in floats) of logical indices j, for CPU tests of the layout.
+  m.def("_hadamard_smem_index(int[] j) -> int[]");
+}
+
+// `import tersor._C` loads this library (and so runs the registrations above). It defines no Python
+// functions: everything is reached through torch.ops.tersor.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "tersor operator library (see torch.ops.tersor)",
+                                   -1, nullptr};
+  return PyModule_Create(&module_def);
+}

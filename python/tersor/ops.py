@@ -1,0 +1,79 @@
+"""Typed wrappers and fake (meta) kernels for every ``torch.ops.tersor`` operator.
+
+Contract (docs/ops.md): each op's schema lives in csrc/ops.cpp; CPU and CUDA kernels register next to
+their sources; the fake kernel below makes the op traceable by ``torch.compile(fullgraph=True)`` and
+capturable in CUDA graphs. A fake must compute exactly the output metadata (shape, dtype, strides,
+device) of the real kernels and reject the same bad inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+_lib = torch.ops.tersor
+
+
+def build_info() -> dict:
+    """Facts about the compiled extension: ``version``, ``cuda`` (``"0"``/``"1"``), ``cuda_archs``."""
+    return dict(item.split("=", 1) for item in _lib._build_info().split(";"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# hadamard
+
+HADAMARD_K_SIZES: tuple[int, ...] = tuple(_lib._hadamard_k_sizes())
+HADAMARD_MAX_POW2 = 1 << 15
+
+
+def hadamard_factor(n: int) -> tuple[int, int]:
+    """``(K, log2 m)`` with ``n = K * m`` (``K == 1`` for powers of two); ``ValueError`` if unsupported."""
+    k, log_n = _lib._hadamard_factor(n)
+    return int(k), int(log_n)
+
+
+def _hadamard_size_ok(n: int) -> bool:
+    # Pure-Python twin of factor_size (hadamard_plan.h) for the fake kernel, which must not call
+    # other operators; tests/test_hadamard.py checks that both agree on every n up to 2**17.
+    for k in (1,) + HADAMARD_K_SIZES:
+        if n >= k and n % k == 0:
+            m = n // k
+            if m & (m - 1) == 0 and m <= HADAMARD_MAX_POW2:
+                return True
+    return False
+
+
+def hadamard_transform(x: torch.Tensor, scale: Optional[float] = None, transpose: bool = False) -> torch.Tensor:
+    """Walsh-Hadamard transform over the last dimension: ``y = scale * x @ H.T``.
+
+    ``n = x.shape[-1]`` must be ``2^k`` (``n <= 32768``, Sylvester/natural order) or ``K * 2^k`` with ``K`` in
+    ``HADAMARD_K_SIZES`` and ``2^k <= 32768``, where ``H = H_K (x) H_{2^k}`` (the sub-row transform is
+    applied to ``x.view(..., K, 2^k)`` along its last axis, then the K x K matrix mixes the sub-rows).
+    ``scale`` defaults to ``1/sqrt(n)``, making the transform orthonormal. ``transpose=True`` applies
+    ``H.T`` instead of ``H`` (identical for powers of two; for ``K > 1`` it inverts the orthonormal
+    transform). Accepts float32/float16/bfloat16, any leading shape and strides; computes in fp32 and
+    returns a contiguous tensor of ``x``'s dtype.
+    """
+    return _lib.hadamard_transform(x, scale, transpose)
+
+
+@torch.library.register_fake("tersor::hadamard_transform")
+def _hadamard_transform_fake(x, scale=None, transpose=False):
+    torch._check(x.dim() >= 1, lambda: "hadamard_transform: expected a tensor with at least one dimension")
+    torch._check(
+        x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+        lambda: f"hadamard_transform: expected float32, float16 or bfloat16, got {x.dtype}",
+    )
+    n = x.shape[-1]
+    if isinstance(n, int):  # a symbolic size is checked by the real kernel
+        if not _hadamard_size_ok(n):
+            raise ValueError(
+                f"hadamard_transform: unsupported size n={n} of the last dimension; supported sizes are "
+                f"n = 2^k (1 <= n <= {HADAMARD_MAX_POW2}) or n = K * 2^k with 2^k <= {HADAMARD_MAX_POW2} and K in "
+                "{" + ", ".join(map(str, HADAMARD_K_SIZES)) + "}"
+            )
+    if scale is not None:
+        torch._check(math.isfinite(scale), lambda: f"hadamard_transform: scale must be finite, got {scale}")
+    return x.new_empty(x.shape)

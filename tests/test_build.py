@@ -1,0 +1,52 @@
+"""What the build must contain. On CI (TERSOR_REQUIRE_CUDA_BUILD=1) the extension must carry CUDA kernels
+for sm_80, sm_89 and sm_90a even though the machine has no GPU."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import tersor
+
+REQUIRE_CUDA_BUILD = os.environ.get("TERSOR_REQUIRE_CUDA_BUILD") == "1"
+REQUIRED_ARCHS = ("80", "89", "90a")
+
+
+def test_build_info():
+    info = tersor.build_info()
+    assert info["cuda"] in ("0", "1")
+    assert tersor.__version__ == info["version"]
+    if info["cuda"] == "1":
+        assert torch.version.cuda, "CUDA kernels built against a CPU torch"
+
+
+@pytest.mark.skipif(not REQUIRE_CUDA_BUILD, reason="TERSOR_REQUIRE_CUDA_BUILD is not set")
+def test_cuda_build_has_required_archs():
+    info = tersor.build_info()
+    assert info["cuda"] == "1", "expected a CUDA build"
+    archs = {a.split("-")[0] for a in info["cuda_archs"].split(",")}
+    assert set(REQUIRED_ARCHS) <= archs, archs
+
+
+def _find_cuobjdump():
+    tool = shutil.which("cuobjdump")
+    if tool:
+        return tool
+    try:  # the CUDA torch wheel brings triton, which carries a cuobjdump
+        import triton
+
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        return path if os.path.exists(path) else None
+    except ImportError:
+        return None
+
+
+@pytest.mark.skipif(not REQUIRE_CUDA_BUILD, reason="TERSOR_REQUIRE_CUDA_BUILD is not set")
+def test_binary_contains_sass_for_required_archs():
+    tool = _find_cuobjdump()
+    assert tool is not None, "no cuobjdump (PATH or triton's) to inspect the binary"
+    out = subprocess.run([tool, "--list-elf", tersor._C.__file__], capture_output=True, text=True, check=True).stdout
+    for arch in REQUIRED_ARCHS:
+        assert f".sm_{arch}." in out, f"no sm_{arch} code in {tersor._C.__file__}:\n{out[:2000]}"
