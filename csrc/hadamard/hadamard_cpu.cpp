@@ -1,10 +1,12 @@
 // CPU implementation of hadamard_transform: the reference the CUDA kernels are judged against and the
 // fallback users get. Per row: widen to fp32, in-place radix-2 butterflies on each of the K sub-rows
-// (the inner loop is contiguous, so it vectorizes for spans >= 8), then the K x K mix, then scale.
+// (the inner loop is contiguous, so it vectorizes for spans >= 8), then the K x K mix, then scale and
+// round once to the output dtype.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -29,43 +31,47 @@ void fwht_inplace(float* a, int64_t n) {
   }
 }
 
-// out = H_K t (or H_K^T t), t and out viewed as K x m row-major.
-void kmix(const float* t, float* out, int k, int64_t m, bool transpose) {
-  const unsigned long long* bits = host_k_bits(k);
-  for (int a = 0; a < k; ++a) {
-    float* dst = out + a * m;
-    for (int64_t j = 0; j < m; ++j) dst[j] = 0.f;
-    for (int b = 0; b < k; ++b) {
-      const unsigned neg = transpose ? k_sign_bit(bits, k, b, a) : k_sign_bit(bits, k, a, b);
-      const float* src = t + b * m;
-      if (neg) {
-        for (int64_t j = 0; j < m; ++j) dst[j] -= src[j];
-      } else {
-        for (int64_t j = 0; j < m; ++j) dst[j] += src[j];
-      }
-    }
-  }
+// Widens row r of x to fp32 in t and transforms each of its K sub-rows of length m in place.
+template <typename scalar_t>
+void load_and_fwht_subrows(const scalar_t* x, float* t, int64_t n, int k, int64_t m) {
+  for (int64_t j = 0; j < n; ++j) t[j] = static_cast<float>(x[j]);
+  for (int a = 0; a < k; ++a) fwht_inplace(t + a * m, m);
 }
 
+// K = 1: one pass per row, fp32 buffer per thread, scale and round once.
 template <typename scalar_t>
-void hadamard_rows(const scalar_t* x, scalar_t* y, const HadamardCall& c, bool transpose) {
+void hadamard_pow2_rows(const scalar_t* x, scalar_t* y, const HadamardCall& c) {
   const int64_t n = c.n;
-  const int k = c.size.k;
-  const int64_t m = int64_t{1} << c.size.log_n;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / n);
   at::parallel_for(0, c.rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(k > 1 ? 2 * n : n);
-    float* t = buf.data();
-    float* mixed = k > 1 ? t + n : t;
+    std::vector<float> buf(n);
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* src = x + r * n;
-      for (int64_t j = 0; j < n; ++j) t[j] = static_cast<float>(src[j]);
-      for (int a = 0; a < k; ++a) fwht_inplace(t + a * m, m);
-      if (k > 1) kmix(t, mixed, k, m, transpose);
+      load_and_fwht_subrows(x + r * n, buf.data(), n, 1, n);
       scalar_t* dst = y + r * n;
-      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(mixed[j] * c.scale);
+      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(buf[j] * c.scale);
     }
   });
+}
+
+// K > 1: sub-row transforms into an fp32 [rows, K, m] scratch, then the K x K mix as one batched
+// sgemm (H_K has +-1 entries, so every product is exact and only the sums round, as in the kernel).
+template <typename scalar_t>
+at::Tensor hadamard_k_rows(const scalar_t* x, const HadamardCall& c, bool transpose) {
+  const int k = c.size.k;
+  const int64_t m = int64_t{1} << c.size.log_n;
+  at::Tensor t = at::empty({c.rows, k, m}, at::TensorOptions().dtype(at::kFloat));
+  float* tp = t.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / c.n);
+  at::parallel_for(0, c.rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) load_and_fwht_subrows(x + r * c.n, tp + r * c.n, c.n, k, m);
+  });
+  at::Tensor hk = at::empty({k, k}, at::TensorOptions().dtype(at::kFloat));
+  const unsigned long long* bits = host_k_bits(k);
+  float* hp = hk.mutable_data_ptr<float>();
+  for (int a = 0; a < k; ++a)
+    for (int b = 0; b < k; ++b)
+      hp[a * k + b] = (transpose ? k_sign_bit(bits, k, b, a) : k_sign_bit(bits, k, a, b)) ? -1.f : 1.f;
+  return at::matmul(hk, t).mul_(c.scale);
 }
 
 at::Tensor hadamard_transform_cpu(const at::Tensor& x, std::optional<double> scale, bool transpose) {
@@ -75,7 +81,11 @@ at::Tensor hadamard_transform_cpu(const at::Tensor& x, std::optional<double> sca
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (c.rows == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hadamard_transform_cpu", [&] {
-    hadamard_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), c, transpose);
+    if (c.size.k == 1) {
+      hadamard_pow2_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), c);
+    } else {
+      y.view({c.rows, c.size.k, -1}).copy_(hadamard_k_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), c, transpose));
+    }
   });
   return y;
 }

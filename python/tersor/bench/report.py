@@ -1,0 +1,112 @@
+"""Running the registered benchmarks and writing the table, the JSON record and the plot."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+from . import BenchContext, Result, load_all
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def record_name(device: str, date: datetime.date) -> str:
+    """``<gpu>-<yyyymmdd>``, e.g. ``h100-20261123`` (the file name under benchmarks/results/)."""
+    name = device_name(device).lower() if device == "cuda" else "cpu"
+    m = re.search(r"(h100|h200|a100|l40s?|l4|a10g?|rtx ?\d+|b200|gh200)", name)
+    short = m.group(1).replace(" ", "") if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    return f"{short}-{date.strftime('%Y%m%d')}"
+
+
+def current_commit() -> str:
+    if os.environ.get("TERSOR_COMMIT"):
+        return os.environ["TERSOR_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(families: list[str] | None, ctx: BenchContext, progress: bool = True) -> list[Result]:
+    registry = load_all()
+    unknown = set(families or []) - set(registry)
+    if unknown:
+        raise SystemExit(f"unknown benchmark family {sorted(unknown)}; known: {sorted(registry)}")
+    results: list[Result] = []
+    for family in sorted(registry):
+        if families and family not in families:
+            continue
+        for fn in registry[family]:
+            if progress:
+                print(f"[tersor bench] {family}: {fn.__name__} on {ctx.device}", flush=True)
+            results.extend(fn(ctx))
+    return results
+
+
+def format_table(results: list[Result]) -> str:
+    head = ["family", "op", "shape", "dtype", "tersor ms", "baseline", "baseline ms", "ratio", "accuracy"]
+    rows = []
+    for r in results:
+        acc = ", ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in r.accuracy.items())
+        rows.append([r.family, r.op, r.shape, r.dtype, f"{r.tersor_ms:.4f}", r.baseline, f"{r.baseline_ms:.4f}",
+                     f"{r.ratio:.2f}x", acc])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def to_record(results: list[Result], ctx: BenchContext) -> dict:
+    today = datetime.date.today()
+    return {
+        "commit": current_commit(),
+        "device": device_name(ctx.device),
+        "torch": torch.__version__,
+        "date": today.isoformat(),
+        "record_name": record_name(ctx.device, today),
+        "quick": ctx.quick,
+        "results": [r.to_json() for r in results],
+    }
+
+
+def write_json(record: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+
+
+def write_plot(results: list[Result], record: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = sorted({r.family for r in results})
+    fig, axes = plt.subplots(len(families), 1, figsize=(11, 3.2 * max(1, len(families))), squeeze=False)
+    for ax, fam in zip(axes[:, 0], families):
+        rows = [r for r in results if r.family == fam]
+        labels = [f"{r.op}\n{r.shape} {r.dtype}" for r in rows]
+        ratios = [r.ratio for r in rows]
+        colors = ["tab:green" if x >= 1 else "tab:red" for x in ratios]
+        ax.bar(range(len(rows)), ratios, color=colors)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(rows)), labels, fontsize=6, rotation=60, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel("speed-up vs baseline")
+        ax.set_title(f"{fam} on {record['device']} (torch {record['torch']}, {record['commit'][:10]})", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The one command for a lent GPU machine (H100/H200; no network; torch, cmake, ninja, scikit-build-core
+# and pytest already installed; the repository copied over without .git):
+#
+#   TERSOR_COMMIT=<sha> bash scripts/gpu_check.sh OUTDIR
+#
+# Builds tersor against that machine's torch for TORCH_CUDA_ARCH_LIST (default 9.0a) on all cores, runs
+# the whole test suite (CUDA tests included), runs compute-sanitizer over every kernel on small inputs,
+# then `tersor bench --device cuda` writing OUTDIR/bench.json and OUTDIR/bench.png, and prints a summary.
+# Commit OUTDIR/bench.json as benchmarks/results/<record_name>.json (the name is inside the JSON).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=$(mkdir -p "${1:-gpu_out}" && cd "${1:-gpu_out}" && pwd)
+PY=${PYTHON:-python3}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+export PYTHONUNBUFFERED=1
+status=0
+t0=$(date +%s)
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+echo "== build (arch $TORCH_CUDA_ARCH_LIST, $CMAKE_BUILD_PARALLEL_LEVEL jobs)"
+if ! "$PY" -m pip install -v --no-build-isolation --no-deps --no-index . > "$OUT/build.log" 2>&1; then
+  tail -n 80 "$OUT/build.log"
+  echo "BUILD FAILED"
+  exit 1
+fi
+grep -E "^ *-- tersor:" "$OUT/build.log"
+echo "build took $(( $(date +%s) - t0 )) s"
+
+echo "== tests"
+(cd /tmp && "$PY" -c "import tersor, torch; print(tersor.build_info()); assert torch.cuda.is_available()") || status=1
+timeout 300 "$PY" -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 | tail -n 40 | tee "$OUT/pytest.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== compute-sanitizer (memcheck) on every kernel, small inputs"
+if command -v compute-sanitizer > /dev/null; then
+  timeout 180 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" scripts/sanitize_smoke.py > "$OUT/sanitizer.txt" 2>&1
+  rc=$?; tail -n 5 "$OUT/sanitizer.txt"; [ $rc -eq 0 ] || { echo "SANITIZER rc=$rc"; status=1; }
+else
+  echo "compute-sanitizer not found"
+fi
+
+echo "== bench"
+timeout 240 "$PY" -m tersor bench --device cuda --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tail -n 60
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== summary: status=$status, total $(( $(date +%s) - t0 )) s"
+exit $status
