@@ -14,6 +14,7 @@ def _hadamard(device):
         cases.append(((x,), {}))
         cases.append(((x,), {"scale": 0.5, "transpose": True}))
     cases.append(((torch.randn(2, 5, 128, device=device),), {"scale": None}))
+    cases.append(((torch.randn(2, 20 * 4, device=device, requires_grad=True),), {"transpose": True}))
     return cases
 
 

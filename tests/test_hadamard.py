@@ -138,6 +138,17 @@ def test_python_size_twin_agrees_with_cpp():
         assert tersor.ops._hadamard_size_ok(n) == cpp_ok, n
 
 
+@pytest.mark.parametrize("k", [1, 12])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_backward_is_transposed_transform(k, transpose):
+    n = k * 16
+    x = torch.randn(3, n, requires_grad=True)
+    w = torch.randn(3, n)
+    (tersor.hadamard_transform(x, scale=0.5, transpose=transpose) * w).sum().backward()
+    m = hadamard(torch.eye(n), K_MATS.get(k), transpose) * 0.5  # row i = transform of e_i, so y = x @ m
+    torch.testing.assert_close(x.grad.double(), w.double() @ m.T, rtol=0, atol=1e-5)
+
+
 def test_does_not_mutate_input():
     x = torch.randn(4, 172 * 8)
     before = x.clone()

@@ -77,3 +77,19 @@ def _hadamard_transform_fake(x, scale=None, transpose=False):
     if scale is not None:
         torch._check(math.isfinite(scale), lambda: f"hadamard_transform: scale must be finite, got {scale}")
     return x.new_empty(x.shape)
+
+
+def _hadamard_backward(ctx, grad):
+    # y = scale * H x is linear, so dL/dx = scale * H^T dL/dy: the same op with transpose flipped.
+    return _lib.hadamard_transform(grad, ctx.scale, not ctx.transpose), None, None
+
+
+def _hadamard_setup_context(ctx, inputs, output):
+    _, scale, transpose = inputs
+    ctx.scale = scale
+    ctx.transpose = transpose
+
+
+torch.library.register_autograd(
+    "tersor::hadamard_transform", _hadamard_backward, setup_context=_hadamard_setup_context
+)
