@@ -42,7 +42,7 @@ inline HadamardCall check_hadamard_call(const at::Tensor& x, std::optional<doubl
   c.dtype = to_kernel_dtype(x.scalar_type(), op);
   c.n = x.size(-1);
   c.size = factor_or_throw(c.n, op);
-  c.rows = c.n == 0 ? 0 : x.numel() / c.n;
+  c.rows = x.numel() / c.n;  // n >= 1 once factored
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(c.n));
   TORCH_CHECK_VALUE(std::isfinite(s), op, ": scale must be finite, got ", s);
   c.scale = static_cast<float>(s);
