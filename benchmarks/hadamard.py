@@ -38,7 +38,8 @@ def _torch_fwht(x: torch.Tensor, had_k: torch.Tensor | None, scale: float) -> to
 
 
 def _reference(x: torch.Tensor, had_k: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """float64 truth from the pure-PyTorch butterfly (independent of tersor's kernels)."""
+    """float64 truth from the pure-PyTorch butterfly. Independent of tersor's kernels; H_K itself is read
+    from tersor's table (tests/test_hadamard.py checks that table against the generator)."""
     return _torch_fwht(x.double().cpu(), None if had_k is None else had_k.double().cpu(), scale)
 
 

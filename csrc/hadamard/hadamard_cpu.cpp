@@ -47,7 +47,10 @@ void fwht_inplace(float* a, int64_t n) {
   }
 }
 
-// Widens row r of x to fp32 in t and transforms each of its K sub-rows of length m in place.
+// Rows per parallel_for task: about 32K elements, so short rows are batched and long rows split evenly.
+int64_t row_grain(int64_t n) { return std::max<int64_t>(1, (int64_t{1} << 15) / n); }
+
+// Widens one row (n = k * m elements of x) to fp32 in t and transforms its k sub-rows in place.
 template <typename scalar_t>
 void load_and_fwht_subrows(const scalar_t* x, float* t, int64_t n, int k, int64_t m) {
   for (int64_t j = 0; j < n; ++j) t[j] = static_cast<float>(x[j]);
@@ -58,8 +61,7 @@ void load_and_fwht_subrows(const scalar_t* x, float* t, int64_t n, int k, int64_
 template <typename scalar_t>
 void hadamard_pow2_rows(const scalar_t* x, scalar_t* y, const HadamardCall& c) {
   const int64_t n = c.n;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / n);
-  at::parallel_for(0, c.rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, c.rows, row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(n);
     for (int64_t r = begin; r < end; ++r) {
       load_and_fwht_subrows(x + r * n, buf.data(), n, 1, n);
@@ -77,8 +79,7 @@ at::Tensor hadamard_k_rows(const scalar_t* x, const HadamardCall& c, bool transp
   const int64_t m = int64_t{1} << c.size.log_n;
   at::Tensor t = at::empty({c.rows, k, m}, at::TensorOptions().dtype(at::kFloat));
   float* tp = t.mutable_data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / c.n);
-  at::parallel_for(0, c.rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, c.rows, row_grain(c.n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) load_and_fwht_subrows(x + r * c.n, tp + r * c.n, c.n, k, m);
   });
   at::Tensor hk = at::empty({k, k}, at::TensorOptions().dtype(at::kFloat));
