@@ -43,6 +43,26 @@ TORCH_LIBRARY(tersor, m) {
   m.def("_hadamard_plan(int log_n, int elem_bytes) -> int[]");
   // Padded shared-memory offsets (in floats) of logical indices j, for CPU tests of the layout.
   m.def("_hadamard_smem_index(int[] j) -> int[]");
+
+  // ---- codec: lossless exponent-plane Huffman coding (csrc/codec; stream format: docs/formats.md) ----
+  // A `header` argument is the list _codec_header returns for the same stream (the CUDA ops need the
+  // section positions without reading device memory on the host); every impl re-checks it.
+  // Compresses x (float32/float16/bfloat16/float8, any shape and strides; never modified) into a codec
+  // v1 stream (uint8, 1-d). chunk_elems = 0 picks the default chunk layout.
+  m.def("_codec_encode(Tensor x, int chunk_elems=0) -> Tensor");
+  // Validates a stream's metadata (CPU tensor) and returns [version, dtype_code, mode, numel, row_len,
+  // chunk_elems, n_chunks, code_len_pos, offsets_pos, exp_pos, raw_pos, total_bytes, ndim, *shape].
+  m.def("_codec_header(Tensor stream) -> int[]");
+  // The 4096-entry multi-symbol Huffman decode table of a stream (int32; zeros for a stored stream).
+  m.def("_codec_decode_table(Tensor stream) -> Tensor");
+  // Decodes a stream into a new tensor of `dtype` and `shape` (both must match the header). verify=True
+  // checks the chunk CRCs (CPU) and that every lane decodes to exactly its declared length (CPU and CUDA;
+  // on CUDA this synchronizes), raising on any mismatch.
+  m.def("codec_decode(Tensor stream, Tensor table, int[] header, ScalarType dtype, SymInt[] shape, bool verify=True) -> Tensor");
+  // y = x @ W^T (+ bias) with W the 2-d compressed weight [N, K] in `stream`; x [..., K] of W's dtype.
+  // CPU: decode then at::linear (bit-identical to F.linear). CUDA: fused decode+GEMV for <= 8 rows of x
+  // (fp32 accumulation, bf16/fp16), otherwise decode to a scratch and matmul.
+  m.def("codec_linear(Tensor x, Tensor stream, Tensor table, int[] header, ScalarType dtype, SymInt[] shape, Tensor? bias=None) -> Tensor");
 }
 
 // `import tersor._C` loads this library (and so runs the registrations above). It defines no Python

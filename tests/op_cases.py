@@ -18,6 +18,34 @@ def _hadamard(device):
     return cases
 
 
+def _codec_decode(device):
+    from tersor import codec
+
+    cases = []
+    for shape, dtype in [((64, 256), torch.bfloat16), ((1000,), torch.float32), ((3, 4, 128), torch.float16),
+                         ((2,), torch.bfloat16)]:
+        ct = codec.compress((torch.randn(shape) * 0.02).to(dtype)).to(device)
+        cases.append(((ct.stream, ct.table, ct.header, dtype, list(shape)), {"verify": False}))
+    cases.append(((ct.stream, ct.table, ct.header, ct.dtype, list(ct.shape)), {}))
+    return cases
+
+
+def _codec_linear(device):
+    from tersor import codec
+
+    cases = []
+    for n, k, dtype, lead in [(32, 256, torch.bfloat16, (1,)), (16, 128, torch.float16, (2, 3)),
+                              (8, 64, torch.float32, (5,))]:
+        ct = codec.compress((torch.randn(n, k) * 0.05).to(dtype)).to(device)
+        x = torch.randn(*lead, k, device=device).to(dtype)
+        bias = torch.randn(n, device=device).to(dtype)
+        cases.append(((x, ct.stream, ct.table, ct.header, dtype, [n, k]), {"bias": bias}))
+        cases.append(((x, ct.stream, ct.table, ct.header, dtype, [n, k]), {}))
+    return cases
+
+
 OP_CASES = {
     "hadamard_transform": _hadamard,
+    "codec_decode": _codec_decode,
+    "codec_linear": _codec_linear,
 }

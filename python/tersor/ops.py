@@ -93,3 +93,31 @@ def _hadamard_setup_context(ctx, inputs, output):
 torch.library.register_autograd(
     "tersor::hadamard_transform", _hadamard_backward, setup_context=_hadamard_setup_context
 )
+
+
+# ---------------------------------------------------------------------------------------------------
+# codec (the user-facing API is tersor.codec; these are the fakes of its two tensor ops)
+
+_CODEC_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _codec_check_fake(stream, table, header, dtype, shape, op):
+    torch._check(stream.dtype == torch.uint8 and stream.dim() == 1, lambda: f"{op}: stream must be 1-d uint8")
+    torch._check(table.dtype == torch.int32 and table.shape == (4096,), lambda: f"{op}: bad decode table")
+    torch._check(dtype in _CODEC_DTYPES, lambda: f"{op}: unsupported dtype {dtype}")
+    torch._check(len(header) >= 13 and len(shape) == header[12], lambda: f"{op}: shape does not match the stream")
+
+
+@torch.library.register_fake("tersor::codec_decode")
+def _codec_decode_fake(stream, table, header, dtype, shape, verify=True):
+    _codec_check_fake(stream, table, header, dtype, shape, "codec_decode")
+    return stream.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("tersor::codec_linear")
+def _codec_linear_fake(x, stream, table, header, dtype, shape, bias=None):
+    _codec_check_fake(stream, table, header, dtype, shape, "codec_linear")
+    torch._check(len(shape) == 2, lambda: "codec_linear: the compressed weight must be 2-d")
+    torch._check(x.dtype == dtype, lambda: f"codec_linear: x is {x.dtype}, the weight is {dtype}")
+    torch._check(x.dim() >= 1 and x.shape[-1] == shape[1], lambda: "codec_linear: feature size mismatch")
+    return x.new_empty((*x.shape[:-1], shape[0]))

@@ -1,0 +1,101 @@
+"""``CompressedLinear``: an ``nn.Linear`` whose weight is stored losslessly compressed (tersor.codec)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .. import codec
+
+_lib = torch.ops.tersor
+
+
+class CompressedLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` held as a codec v1 stream (about 67% of a bf16 weight's bytes).
+
+    ``fused=False`` (default): the weight is decoded and ``F.linear`` runs on it, so outputs are
+    bit-identical to the original ``nn.Linear`` on every device. ``fused=True``: on CUDA, for bf16/fp16
+    and at most 8 rows of ``x``, one kernel decodes the weight in on-chip memory and computes the product
+    with fp32 accumulation (never materializing ``W``); results then match ``F.linear`` to fp32-accumulate
+    rounding, not bitwise. Other cases fall back to decode + ``F.linear``.
+
+    The stream and table are buffers, so ``.to(device)``, ``state_dict()`` and safetensors round-trips work.
+    """
+
+    def __init__(self, weight: codec.CompressedTensor, bias: Optional[torch.Tensor] = None, fused: bool = False):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"CompressedLinear: the weight must be 2-d, got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.fused = fused
+        self.register_buffer("stream", weight.stream)
+        self.register_buffer("table", weight.table)
+        self._header = list(weight.header)
+        self._dtype = weight.dtype
+        if bias is not None:
+            bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fused: bool = False, chunk_elems: int = 0) -> "CompressedLinear":
+        """Compresses ``linear.weight`` (float32/float16/bfloat16); the result lives on its device."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear: expected nn.Linear, got {type(linear).__name__}")
+        ct = codec.compress(linear.weight.detach(), chunk_elems=chunk_elems)
+        return cls(ct, linear.bias, fused=fused)
+
+    @property
+    def compressed_weight(self) -> codec.CompressedTensor:
+        return codec.CompressedTensor(self.stream, self.table, self._header)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded weight (a fresh tensor each time)."""
+        return _lib.codec_decode(self.stream, self.table, self._header, self._dtype, [self.out_features, self.in_features], False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A stream of another layer may differ in size and layout: re-read its header.
+        key = prefix + "stream"
+        if key in state_dict:
+            stream = state_dict[key]
+            header = _lib._codec_header(stream.cpu().contiguous())
+            if header[12:] != [2, self.out_features, self.in_features] and header[13:] != [self.out_features, self.in_features]:
+                raise ValueError(f"CompressedLinear: stream holds shape {header[13:]}, layer is "
+                                 f"[{self.out_features}, {self.in_features}]")
+            self.stream = torch.empty_like(stream, device=self.stream.device)
+            self._header = header
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [self.out_features, self.in_features]
+        if self.fused:
+            return _lib.codec_linear(x, self.stream, self.table, self._header, self._dtype, shape, self.bias)
+        w = _lib.codec_decode(self.stream, self.table, self._header, self._dtype, shape, False)
+        return nn.functional.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"dtype={self._dtype}, nbytes={self.stream.numel()}, fused={self.fused}")
+
+
+def compress_linears(model: nn.Module, fused: bool = False, filter: Optional[Callable[[str, nn.Linear], bool]] = None,
+                     progress: bool = True) -> nn.Module:
+    """Replaces every ``nn.Linear`` of ``model`` (in place) by a :class:`CompressedLinear`; returns ``model``.
+
+    ``filter(name, linear)`` may veto single layers. Shows a tqdm progress bar when ``progress``.
+    """
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+               and m.weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
+               and (filter is None or filter(n, m))]
+    it = targets
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(targets, desc="compressing linears", unit="layer")
+    for name, lin in it:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, CompressedLinear.from_linear(lin, fused=fused))
+    return model
