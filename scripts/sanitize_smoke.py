@@ -1,8 +1,21 @@
-"""Runs every CUDA kernel once on small inputs (for compute-sanitizer, via scripts/gpu_check.sh)."""
+"""Runs every CUDA kernel once on small inputs (for compute-sanitizer, via scripts/gpu_check.sh),
+including the codec decoders on corrupted and forged streams: they must fail cleanly, never touch memory
+out of bounds."""
+
+import random
+import struct
+import sys
+from pathlib import Path
 
 import torch
 
 import tersor
+from tersor import codec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import codec_reference as ref  # noqa: E402
+
+ops = torch.ops.tersor
 
 sizes = [1 << i for i in range(16)] + [k << lg for k in tersor.ops.HADAMARD_K_SIZES for lg in (0, 3)]
 for n in sizes:
@@ -12,3 +25,44 @@ for n in sizes:
         tersor.hadamard_transform(x, transpose=True)
 torch.cuda.synchronize()
 print(f"sanitize_smoke: ran {len(sizes) * 6} hadamard launches")
+
+# codec: every dtype and several chunk geometries, decode and the fused GEMV (whole and split rows).
+launches = 0
+for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+    for shape in [(7,), (33, 384), (3, 40960), (5, 1001)]:
+        ct = codec.compress((torch.randn(shape) * 0.02).to(dtype)).cuda()
+        codec.decompress(ct)
+        launches += 1
+for dtype in (torch.bfloat16, torch.float16):
+    for n, k in [(96, 384), (16, 40960), (64, 4096)]:
+        ct = codec.compress((torch.randn(n, k) * 0.02).to(dtype)).cuda()
+        for b in (1, 3, 8):
+            ops.codec_linear(torch.randn(b, k, device="cuda").to(dtype), ct.stream, ct.table, ct.header, dtype, [n, k])
+            launches += 1
+
+# Corrupted streams: random byte damage in the chunk area, with the header list of the intact stream (the
+# device code must bounds-check everything it reads), decoded without and with verify.
+x = (torch.randn(64, 4096) * 0.02).to(torch.bfloat16)
+good = bytearray(codec.compress(x).to_bytes())
+h = ref.parse(bytes(good))
+header, table = ops._codec_header(torch.frombuffer(bytearray(good), dtype=torch.uint8)), None
+table = ops._codec_decode_table(torch.frombuffer(bytearray(good), dtype=torch.uint8)).cuda()
+rng = random.Random(0)
+raised = 0
+for trial in range(200):
+    b = bytearray(good)
+    lo = h["exp_pos"] - 8 * (h["n_chunks"] + 1) - 4 * h["n_chunks"] - 4 if trial % 4 == 0 else h["exp_pos"]
+    for _ in range(rng.randint(1, 64)):
+        b[rng.randrange(max(0, lo), h["raw_pos"])] = rng.randrange(256)
+    if trial % 5 == 0:  # a lane table claiming huge lanes
+        struct.pack_into("<32H", b, h["exp_pos"], *([0xFFFF] * 32))
+    s = torch.frombuffer(b, dtype=torch.uint8).cuda()
+    ops.codec_decode(s, table, header, torch.bfloat16, [64, 4096], False)
+    ops.codec_linear(torch.randn(1, 4096, device="cuda").bfloat16(), s, table, header, torch.bfloat16, [64, 4096])
+    try:
+        ops.codec_decode(s, table, header, torch.bfloat16, [64, 4096], True)
+    except RuntimeError:
+        raised += 1
+    launches += 3
+torch.cuda.synchronize()
+print(f"sanitize_smoke: ran {launches} codec launches; {raised}/200 corrupted streams raised with verify=True")

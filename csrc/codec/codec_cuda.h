@@ -1,0 +1,87 @@
+// Launchers of the codec CUDA kernels (decode, fused decode+GEMV). Plain C++ + CUDA runtime types: no
+// torch headers, so the glue and the kernels compile independently.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "codec/codec_format.h"
+
+namespace tersor::codec {
+
+// Tile and architecture choices of both kernels, in one place (the glue reads the limits to decide
+// whether the fused GEMV applies).
+struct CodecCudaTraits {
+  // 4 warps share one 16 KiB copy of the decode table; more warps per block would amortise it
+  // further but push static shared memory past 48 KiB.
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  // Symbols each lane decodes per phase. A multiple of 128 so that a lane segment is whole
+  // 128-element strips (the GEMV's unit of "one row"); 128 keeps the per-warp scratch at 4.1 KiB.
+  static constexpr uint32_t kSegment = 128;
+  // Scratch row of a lane: kSegment symbol bytes + 4 bytes of padding, so the 32 rows start in 32
+  // different banks (lanes writing the same word offset of their rows do not conflict).
+  static constexpr uint32_t kRowBytes = kSegment + 4;
+  static constexpr uint32_t kRowWords = kRowBytes / 4;
+  // GEMV: rows of x handled by the fused kernel (compile-time batch), and the most weight rows one
+  // chunk may hold (the per-warp fp32 accumulators live in shared memory: batch x rows).
+  static constexpr int kMaxBatch = 8;
+  static constexpr uint32_t kMaxRowsPerChunk = 64;
+};
+
+// What the kernels need to know about a stream living in device memory. Positions are byte offsets
+// from `stream`, as in the header list (check_decode_call has checked them against each other and
+// against the stream size; the kernels bounds-check everything they read inside the stream).
+struct DeviceStreamView {
+  const uint8_t* stream = nullptr;  // device, 16-byte aligned
+  uint64_t stream_bytes = 0;
+  const uint32_t* lut = nullptr;    // device, kLutSize entries (codec_decode_table), 16-byte aligned
+  WireDType dtype = WireDType::kFloat32;
+  Mode mode = Mode::kStored;
+  uint64_t numel = 0, row_len = 1, n_chunks = 0;
+  uint32_t chunk_elems = 0;
+  uint64_t code_len_pos = 0, offsets_pos = 0, exp_pos = 0, raw_pos = 0;
+
+  ChunkGeom geom() const { return ChunkGeom{numel, row_len, chunk_elems}; }
+};
+
+// Whether launch_codec_gemv accepts this weight stream (2-d [N, K] = numel / row_len x row_len) with
+// `batch` rows of x. Beyond gemv_geom_ok: chunk_elems % 4 == 0 (with K % 8 == 0 every lane segment is
+// then whole groups of 4 elements at 4-aligned element indices, so no scalar tails), and whole-row
+// chunks of at most kMaxRowsPerChunk rows.
+inline bool gemv_fused_eligible(const DeviceStreamView& s, int batch) {
+  if (s.mode != Mode::kHuffman) return false;
+  if (s.dtype != WireDType::kBFloat16 && s.dtype != WireDType::kFloat16) return false;
+  if (batch < 1 || batch > CodecCudaTraits::kMaxBatch) return false;
+  if (s.numel == 0 || s.row_len == 0 || s.chunk_elems == 0 || s.chunk_elems % 4 != 0) return false;
+  const ChunkGeom g = s.geom();
+  if (!gemv_geom_ok(g)) return false;
+  if (geom_whole_rows(g) && s.chunk_elems / s.row_len > CodecCudaTraits::kMaxRowsPerChunk) return false;
+  return true;
+}
+
+// Chunks of pieces of rows (chunk_elems < row_len) need an fp32 scratch of batch * n_chunks floats
+// for launch_codec_gemv (the per-chunk partial dot products, summed per row in chunk order).
+inline bool gemv_needs_partials(const DeviceStreamView& s) { return !geom_whole_rows(s.geom()); }
+inline uint64_t gemv_partials_floats(const DeviceStreamView& s, int batch) {
+  return gemv_needs_partials(s) ? static_cast<uint64_t>(batch) * s.n_chunks : 0;
+}
+
+// Decodes a mode-1 (Huffman) stream into `out` (numel elements of the stream's dtype, contiguous,
+// 16-byte aligned). A chunk whose record is malformed or whose lanes do not decode to exactly their
+// declared lengths is written as zeros and, when err_flag is not null, sets *err_flag = 1 (the caller
+// zeroes the flag first). Never reads or writes out of bounds, whatever the stream bytes. Asynchronous.
+// Mode-0 streams are a plain copy (the caller's business); passing one returns cudaErrorInvalidValue.
+cudaError_t launch_codec_decode(const DeviceStreamView& s, void* out, int* err_flag, cudaStream_t stream);
+
+// y[b, n] = sum_k x[b, k] * W[n, k] (+ bias[n]) for b < batch, with W = the decoded stream [N, K]
+// (N = numel / row_len, K = row_len). x [batch, K], y [batch, N] contiguous, of the stream's dtype
+// (bf16 or fp16), x 16-byte aligned; bias [N] or null. fp32 accumulation, deterministic (fixed
+// summation order). `partials`: gemv_partials_floats() floats of device scratch (null when 0).
+// Requires gemv_fused_eligible(s, batch) (else cudaErrorInvalidValue). Corrupt chunks contribute zero
+// and set *err_flag = 1 when err_flag is not null. Asynchronous.
+cudaError_t launch_codec_gemv(const DeviceStreamView& s, const void* x, int batch, const void* bias, void* y,
+                              float* partials, int* err_flag, cudaStream_t stream);
+
+}  // namespace tersor::codec

@@ -1,0 +1,238 @@
+// Pieces shared by the codec decode and GEMV kernels: the kernel-side stream description, the
+// per-block table load, the per-warp chunk opening (record validation, lane offsets) and the
+// segment-wise lane decode into shared memory (phase 1), plus SWAR value merges used by phase 2.
+// Torch-free.
+//
+// Work split: one warp decodes one chunk at a time (persistent loop over chunks, so each block
+// loads the 16 KiB decode table into shared memory once). A chunk is decoded segment by segment:
+//   phase 1: lane l decodes the next kSegment symbols of its own lane stream (the 32 lane streams
+//            are independent, so this is the only parallel way to run a Huffman decoder) into row l
+//            of a per-warp shared scratch;
+//   phase 2: the warp walks the 32 rows and handles 128 consecutive elements at a time, lane t
+//            taking 4 of them, so raw-byte loads and output stores are coalesced.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "codec/codec_cuda.h"
+#include "codec/codec_format.h"
+#include "codec/codec_lane.h"
+#include "common/macros.h"
+
+namespace tersor::codec::cuda_detail {
+
+using Traits = CodecCudaTraits;
+inline constexpr unsigned kFullMask = 0xffffffffu;
+// `#pragma unroll` for functions that are also compiled for the host (where the pragma is unknown).
+#if defined(__CUDA_ARCH__)
+#define TERSOR_CODEC_UNROLL(n) _Pragma(#n)
+#else
+#define TERSOR_CODEC_UNROLL(n)
+#endif
+
+static_assert(Traits::kSegment % 128 == 0, "phase 2 walks whole 128-element strips");
+static_assert(Traits::kRowBytes % 4 == 0 && (Traits::kRowWords % 32) == 1,
+              "scratch rows must be word aligned and start in distinct banks");
+
+// The stream as the kernels see it (a by-value kernel parameter).
+struct KStream {
+  const uint8_t* stream;
+  const uint32_t* lut;
+  uint64_t numel, row_len, n_chunks;
+  uint32_t chunk_elems;
+  uint32_t lane_run;  // lane_elems(chunk_elems): elements owned by each lane of a full chunk
+  uint64_t code_len_pos, offsets_pos, exp_pos, raw_pos;
+  uint64_t exp_bytes;  // raw_pos - exp_pos: the chunk records must fill exactly this
+
+  TERSOR_HD ChunkGeom geom() const { return ChunkGeom{numel, row_len, chunk_elems}; }
+};
+
+inline KStream make_kstream(const DeviceStreamView& v) {
+  KStream s{};
+  s.stream = v.stream;
+  s.lut = v.lut;
+  s.numel = v.numel;
+  s.row_len = v.row_len;
+  s.n_chunks = v.n_chunks;
+  s.chunk_elems = v.chunk_elems;
+  s.lane_run = lane_elems(v.chunk_elems);
+  s.code_len_pos = v.code_len_pos;
+  s.offsets_pos = v.offsets_pos;
+  s.exp_pos = v.exp_pos;
+  s.raw_pos = v.raw_pos;
+  s.exp_bytes = v.raw_pos - v.exp_pos;
+  return s;
+}
+
+// Host-side sanity of a view before any kernel reads through it (check_decode_call has done the real
+// checking; this guards direct launcher users against positions that would let a kernel stray).
+inline bool view_ok(const DeviceStreamView& v) {
+  if (v.mode != Mode::kHuffman || !v.stream || !v.lut) return false;
+  if (reinterpret_cast<uintptr_t>(v.stream) % kAlign || reinterpret_cast<uintptr_t>(v.lut) % kAlign) return false;
+  if (v.chunk_elems == 0 || v.chunk_elems > kMaxChunkElems || v.row_len == 0) return false;
+  if (v.n_chunks != geom_num_chunks(v.geom())) return false;
+  const int eb = wire_dtype_bytes(v.dtype);
+  if (v.exp_pos % kAlign || v.raw_pos % kAlign || v.raw_pos < v.exp_pos || v.offsets_pos % 8) return false;
+  if (v.code_len_pos + 256 > v.offsets_pos || v.offsets_pos + 8 * (v.n_chunks + 1) > v.exp_pos) return false;
+  if (v.raw_pos + v.numel * (eb - 1) != v.stream_bytes) return false;
+  return true;
+}
+
+// ---- SWAR merges: 4 symbols (bytes of sym4) + their raw bits -> 4 values, equal to merge_value ----
+// Two 16-bit values (elements 2h, 2h+1) packed as they sit in memory (low half = element 2h).
+template <int kHalf>
+TERSOR_HD inline uint32_t merge16x2(uint32_t sym4, uint32_t raw4) {
+  const uint32_t s = sym4 >> (16 * kHalf), r = raw4 >> (16 * kHalf);
+  const uint32_t p = (r & 0xffu) | ((s & 0xffu) << 8) | ((r & 0xff00u) << 8) | ((s & 0xff00u) << 16);
+  return ((p >> 1) & 0x7fff7fffu) | ((p << 15) & 0x80008000u);
+}
+// Four fp8 values (no raw part): rotate each byte right by one.
+TERSOR_HD inline uint32_t merge8x4(uint32_t sym4) { return ((sym4 >> 1) & 0x7f7f7f7fu) | ((sym4 << 7) & 0x80808080u); }
+// Four fp32 values from the 12 raw bytes (three little-endian words, 3 bytes per element).
+TERSOR_HD inline void merge32x4(uint32_t sym4, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t* v) {
+  const uint32_t raw[4] = {r0 & 0xffffffu, (r0 >> 24) | ((r1 & 0xffffu) << 8), (r1 >> 16) | ((r2 & 0xffu) << 16),
+                           r2 >> 8};
+  TERSOR_CODEC_UNROLL(unroll)
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t u = ((sym4 >> (8 * i)) << 24) | raw[i];
+    v[i] = (u >> 1) | (u << 31);
+  }
+}
+
+// ---- per-block tables ----
+struct alignas(16) BlockTables {
+  uint32_t lut[kLutSize];
+  uint8_t code_len[256];
+};
+
+struct LaneState {
+  LaneBitReader rd;
+  uint32_t count;  // symbols this lane owns in the chunk
+  uint32_t bytes;  // its declared stream length
+};
+
+// Phase 1: decodes this lane's symbols [seg * kSegment, +kSegment) (clamped to its count) into its
+// scratch row. The 1-3 symbols per table hit are gathered in a register and stored as whole aligned
+// words; only a lane's very last word can be partial (its unused bytes are never read as elements).
+// Returns false on a bit pattern no valid stream contains. (Host-callable for the CPU-side tests of
+// the index arithmetic; no cross-lane operations.)
+TERSOR_HD inline bool decode_segment(LaneState& st, const BlockTables& t, uint32_t seg, uint32_t* row) {
+  const uint32_t first = seg * Traits::kSegment;
+  const uint32_t left = st.count > first ? st.count - first : 0u;
+  const uint32_t n = left < Traits::kSegment ? left : Traits::kSegment;
+  uint64_t pend = 0;
+  uint32_t npend = 0, w = 0;
+  const bool ok = decode_lane_symbols(st.rd, t.lut, t.code_len, n, [&](uint32_t, uint32_t packed, uint32_t k) {
+    pend |= static_cast<uint64_t>(packed) << (8 * npend);
+    npend += k;
+    if (npend >= 4) {
+      row[w++] = static_cast<uint32_t>(pend);
+      pend >>= 32;
+      npend -= 4;
+    }
+  });
+  if (npend) row[w] = static_cast<uint32_t>(pend);
+  return ok;
+}
+
+// Symbols lane l owns in the segment starting at symbol `first` of a chunk of `len` elements.
+TERSOR_HD inline uint32_t segment_count(uint32_t len, uint32_t lane_run, int l, uint32_t first) {
+  const uint32_t cnt = lane_count(len, lane_run, l);
+  const uint32_t left = cnt > first ? cnt - first : 0u;
+  return left < Traits::kSegment ? left : Traits::kSegment;
+}
+
+TERSOR_HD inline uint32_t ld_stream_u32(const uint8_t* p) {
+#if defined(__CUDA_ARCH__)
+  // Raw bytes are read exactly once: evict-first, so they do not push the lane streams out of L1.
+  return __ldcs(reinterpret_cast<const unsigned int*>(p));
+#else
+  return *reinterpret_cast<const uint32_t*>(p);
+#endif
+}
+
+#if defined(__CUDACC__)
+
+// Loads the decode table (coalesced 16-byte loads) and the stream's code lengths. Code lengths are
+// clamped to kMaxCodeLen: a valid stream never exceeds it, and the clamp keeps the bit reader's
+// shifts in range on a hostile one (whose lanes then fail the length check).
+__device__ __forceinline__ void load_tables(BlockTables& t, const KStream& s) {
+  const uint4* src = reinterpret_cast<const uint4*>(s.lut);
+  uint4* dst = reinterpret_cast<uint4*>(t.lut);
+  for (int i = threadIdx.x; i < kLutSize / 4; i += blockDim.x) dst[i] = __ldg(src + i);
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+    const uint32_t len = __ldg(s.stream + s.code_len_pos + i);
+    t.code_len[i] = static_cast<uint8_t>(len > static_cast<uint32_t>(kMaxCodeLen) ? kMaxCodeLen : len);
+  }
+  __syncthreads();
+}
+
+// Validates chunk c's record and sets up this lane's reader. Warp-uniform result (every input of the
+// decision is the same in all lanes or reduced across the warp). Checks: offsets 16-aligned, the first
+// 0 and the last exactly the section size, the record at least the 64-byte lane table and inside the
+// section, and align16(64 + sum of lane lengths) == record size, which bounds every lane inside it.
+__device__ __forceinline__ bool open_chunk(const KStream& s, uint64_t c, uint32_t len, int lane, LaneState& st) {
+  const uint64_t* offs = reinterpret_cast<const uint64_t*>(s.stream + s.offsets_pos);
+  const uint64_t o0 = __ldg(offs + c), o1 = __ldg(offs + c + 1);
+  if (o0 % kAlign != 0 || o1 % kAlign != 0 || o1 > s.exp_bytes || o0 >= o1 || o1 - o0 < kLaneTableBytes)
+    return false;
+  if ((c == 0 && o0 != 0) || (c + 1 == s.n_chunks && o1 != s.exp_bytes)) return false;
+  const uint8_t* rec = s.stream + s.exp_pos + o0;
+  const uint64_t rec_bytes = o1 - o0;
+  const uint32_t mine = __ldg(reinterpret_cast<const uint16_t*>(rec) + lane);
+  uint32_t incl = mine;
+#pragma unroll
+  for (int d = 1; d < kLanes; d <<= 1) {
+    const uint32_t v = __shfl_up_sync(kFullMask, incl, d);
+    if (lane >= d) incl += v;
+  }
+  const uint32_t total = __shfl_sync(kFullMask, incl, kLanes - 1);
+  if (align_up(kLaneTableBytes + static_cast<uint64_t>(total), kAlign) != rec_bytes) return false;
+  // Warm L1 with the start of the record: the 32 readers then refill from L1 instead of each paying
+  // an L2 round trip per 32-byte sector on its critical path. Bounded so a big record cannot flush L1.
+  for (uint32_t off = static_cast<uint32_t>(lane) * 128u; off < rec_bytes && off < 16384u; off += 32u * 128u)
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(rec + off));
+  st.count = lane_count(len, s.lane_run, lane);
+  st.bytes = mine;
+  st.rd.init(reinterpret_cast<const uint32_t*>(rec), static_cast<uint32_t>(rec_bytes / 4),
+             kLaneTableBytes + incl - mine);
+  return true;
+}
+
+__device__ __forceinline__ void flag_error(int* err) {
+  if (err) *err = 1;
+}
+
+// ---- launch helpers ----
+// Blocks to launch for `work` warps' worth of chunks: never more than can be resident at once (the
+// kernels loop over chunks), so each block loads the decode table once. The per-device resident count
+// is cached by the caller (one cache per kernel instantiation).
+template <class Kernel>
+cudaError_t persistent_grid(Kernel kernel, uint64_t work_warps, std::atomic<int>* cache, int cache_len,
+                            unsigned* grid) {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  int slots = dev < cache_len ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (slots <= 0) {
+    int sms = 0, per_sm = 0;
+    e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (e != cudaSuccess) return e;
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Traits::kThreads, 0);
+    if (e != cudaSuccess) return e;
+    slots = sms * (per_sm > 0 ? per_sm : 1);
+    if (dev < cache_len) cache[dev].store(slots, std::memory_order_relaxed);
+  }
+  const uint64_t want = (work_warps + Traits::kWarps - 1) / Traits::kWarps;
+  *grid = static_cast<unsigned>(want < static_cast<uint64_t>(slots) ? want : static_cast<uint64_t>(slots));
+  return cudaSuccess;
+}
+
+inline constexpr int kMaxCachedDevices = 64;
+
+#endif  // __CUDACC__
+
+}  // namespace tersor::codec::cuda_detail
