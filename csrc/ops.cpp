@@ -62,6 +62,8 @@ TORCH_LIBRARY(tersor, m) {
   // y = x @ W^T (+ bias) with W the 2-d compressed weight [N, K] in `stream`; x [..., K] of W's dtype.
   // CPU: decode then at::linear (bit-identical to F.linear). CUDA: fused decode+GEMV for <= 8 rows of x
   // (fp32 accumulation, bf16/fp16), otherwise decode to a scratch and matmul.
+  // CUDA builds only: the CUDA decode kernel's per-lane code replayed on the CPU (for CPU tests).
+  m.def("_codec_emulate_cuda_decode(Tensor stream, Tensor table, int[] header) -> Tensor");
   m.def("codec_linear(Tensor x, Tensor stream, Tensor table, int[] header, ScalarType dtype, SymInt[] shape, Tensor? bias=None) -> Tensor");
 }
 

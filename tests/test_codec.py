@@ -1,6 +1,6 @@
 """tersor.codec: lossless exponent-plane Huffman codec v1 (CPU encoder/decoder; CUDA decoder and GEMV)."""
 
-import io
+import math
 import random
 import struct
 
@@ -423,3 +423,36 @@ def test_cuda_fused_linear_matches_dense(dtype, n, k, batch):
     tol = 2 * (dense - want).abs().max().item() + 1e-6
     assert (got.double() - want).abs().max().item() <= tol
     assert torch.equal(cl(x.cuda()).cpu(), got)  # deterministic
+
+
+def test_compressed_linear_rejects_bad_state_dict():
+    cl = CompressedLinear.from_linear(torch.nn.Linear(64, 16).to(torch.bfloat16))
+    other = CompressedLinear.from_linear(torch.nn.Linear(32, 16).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="layer is"):
+        cl.load_state_dict(other.state_dict())
+    sd = cl.state_dict()
+    sd["stream"] = sd["stream"].clone()
+    sd["stream"][-1] ^= 1  # a flipped raw bit: the chunk CRC catches it
+    with pytest.raises((ValueError, RuntimeError)):
+        cl.load_state_dict(sd)
+    sd = cl.state_dict()
+    sd["table"] = torch.zeros_like(sd["table"])  # a stale table is replaced by the derived one
+    cl.load_state_dict(sd)
+    assert torch.equal(cl.table, codec.CompressedTensor.from_bytes(cl.stream).table)
+
+
+@pytest.mark.skipif(not torch._C._dispatch_has_kernel_for_dispatch_key("tersor::_codec_emulate_cuda_decode", "CPU"),
+                    reason="CPU-only build (the emulation is built with the CUDA kernels)")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,chunk", [((33, 384), 0), ((3, 40960), 0), ((5, 1001), 0), ((7,), 0), ((3, 70000), 1000),
+                                         ((2, 3, 130), 128), ((4096,), 4096), ((1, 131), 0)])
+def test_cuda_decode_kernel_emulated_on_cpu(dtype, shape, chunk):
+    # The CUDA decode kernel's own phase-1/phase-2 code (decode_segment, emit_segment, SWAR merges),
+    # run lane by lane on the CPU, must reproduce the tensor bit for bit.
+    n, special = math.prod(shape), min(64, math.prod(shape) // 2)
+    x = torch.cat([bits(weights(n - special, dtype)), bits(all_bit_patterns(dtype)[:special])]).view(dtype)
+    x = x.reshape(shape)
+    ct = codec.compress(x, chunk_elems=chunk)
+    if ct.header[2] != 1:
+        pytest.skip("stored stream")
+    assert_same_bits(ops._codec_emulate_cuda_decode(ct.stream, ct.table, ct.header), x)

@@ -154,6 +154,62 @@ TERSOR_HD inline uint32_t ld_stream_u32(const uint8_t* p) {
 #endif
 }
 
+// ---- phase 2 of the decode kernel (host-callable: _codec_emulate_cuda_decode replays it on the CPU) ----
+// Four elements whose first index g is a multiple of 4: one raw load per 4 bytes of raw data and one
+// vector store (4, 8 or 16 bytes, aligned because g % 4 == 0 and the output is 16-byte aligned).
+template <int kEB>
+TERSOR_HD inline void store_group(const uint8_t* raw, uint8_t* out, uint64_t g, uint32_t sym4) {
+  if constexpr (kEB == 1) {
+    *reinterpret_cast<uint32_t*>(out + g) = merge8x4(sym4);
+  } else if constexpr (kEB == 2) {
+    const uint32_t raw4 = ld_stream_u32(raw + g);
+    *reinterpret_cast<uint2*>(out + 2 * g) = make_uint2(merge16x2<0>(sym4, raw4), merge16x2<1>(sym4, raw4));
+  } else {
+    const uint8_t* r = raw + 3 * g;
+    uint32_t v[4];
+    merge32x4(sym4, ld_stream_u32(r), ld_stream_u32(r + 4), ld_stream_u32(r + 8), v);
+    *reinterpret_cast<uint4*>(out + 4 * g) = make_uint4(v[0], v[1], v[2], v[3]);
+  }
+}
+
+// `k` (1..4) elements from index g with no alignment assumed: chunks that start at an element index
+// that is not a multiple of 4, and the end of a tensor whose size is not.
+template <int kEB>
+TERSOR_HD inline void store_scalar(const uint8_t* raw, uint8_t* out, uint64_t g, uint32_t sym4, uint32_t k) {
+  constexpr int kW = 8 * kEB;
+  for (uint32_t i = 0; i < k; ++i) {
+    const uint64_t gi = g + i;
+    uint32_t r = 0;
+    TERSOR_CODEC_UNROLL(unroll)
+    for (int b = 0; b < kEB - 1; ++b) r |= static_cast<uint32_t>(raw[gi * (kEB - 1) + b]) << (8 * b);
+    const uint32_t v = merge_value((sym4 >> (8 * i)) & 0xffu, r, kW);
+    TERSOR_CODEC_UNROLL(unroll)
+    for (int b = 0; b < kEB; ++b) out[gi * kEB + b] = static_cast<uint8_t>(v >> (8 * b));
+  }
+}
+
+// Phase 2 of one segment: the warp walks lane rows 0..31 of the scratch; in each, lane t handles
+// elements [4t, 4t + 4) of every 128-element strip. No cross-lane operations (host-callable for tests).
+template <int kEB>
+TERSOR_HD inline void emit_segment(const KStream& s, uint8_t* out, const uint32_t* scratch, uint64_t start,
+                                             uint32_t len, uint32_t first, bool aligned, int lane) {
+  const uint8_t* raw = s.stream + s.raw_pos;
+  TERSOR_CODEC_UNROLL(unroll 2)
+  for (int l = 0; l < kLanes; ++l) {
+    const uint32_t n = segment_count(len, s.lane_run, l, first);
+    if (n == 0) break;  // lane counts never increase with l
+    const uint64_t g0 = start + static_cast<uint64_t>(l) * s.lane_run + first;
+    const uint32_t* row = scratch + l * Traits::kRowWords;
+    for (uint32_t e = 4u * lane; e < n; e += 128u) {
+      const uint32_t sym4 = row[e / 4];
+      if (aligned && e + 4 <= n)
+        store_group<kEB>(raw, out, g0 + e, sym4);
+      else
+        store_scalar<kEB>(raw, out, g0 + e, sym4, n - e < 4u ? n - e : 4u);
+    }
+  }
+}
+
 #if defined(__CUDACC__)
 
 // Loads the decode table (coalesced 16-byte loads) and the stream's code lengths. Code lengths are

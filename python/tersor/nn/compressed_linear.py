@@ -56,17 +56,22 @@ class CompressedLinear(nn.Module):
         return _lib.codec_decode(self.stream, self.table, self._header, self._dtype, [self.out_features, self.in_features], False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A stream of another layer may differ in size and layout: re-read its header.
+        # The stream may come from another layer or a file: validate it fully (metadata, CRCs, lanes),
+        # re-read its header (its size and chunk layout may differ) and derive the table from it rather
+        # than trusting a stored one.
         key = prefix + "stream"
+        ct = None
         if key in state_dict:
-            stream = state_dict[key]
-            header = _lib._codec_header(stream.cpu().contiguous())
-            if header[12:] != [2, self.out_features, self.in_features] and header[13:] != [self.out_features, self.in_features]:
-                raise ValueError(f"CompressedLinear: stream holds shape {header[13:]}, layer is "
-                                 f"[{self.out_features}, {self.in_features}]")
-            self.stream = torch.empty_like(stream, device=self.stream.device)
-            self._header = header
+            ct = codec.CompressedTensor.from_bytes(state_dict[key])
+            if list(ct.shape) != [self.out_features, self.in_features] or ct.dtype != self._dtype:
+                raise ValueError(f"CompressedLinear: the stream holds {ct.dtype} {list(ct.shape)}, the layer is "
+                                 f"{self._dtype} [{self.out_features}, {self.in_features}]")
+            self.stream = torch.empty_like(ct.stream, device=self.stream.device)
+            self._header = ct.header
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if ct is not None:
+            with torch.no_grad():
+                self.table.copy_(ct.table)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = [self.out_features, self.in_features]
@@ -80,15 +85,15 @@ class CompressedLinear(nn.Module):
                 f"dtype={self._dtype}, nbytes={self.stream.numel()}, fused={self.fused}")
 
 
-def compress_linears(model: nn.Module, fused: bool = False, filter: Optional[Callable[[str, nn.Linear], bool]] = None,
+def compress_linears(model: nn.Module, fused: bool = False, predicate: Optional[Callable[[str, nn.Linear], bool]] = None,
                      progress: bool = True) -> nn.Module:
     """Replaces every ``nn.Linear`` of ``model`` (in place) by a :class:`CompressedLinear`; returns ``model``.
 
-    ``filter(name, linear)`` may veto single layers. Shows a tqdm progress bar when ``progress``.
+    ``predicate(name, linear)`` may veto single layers. Shows a tqdm progress bar when ``progress``.
     """
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
                and m.weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
-               and (filter is None or filter(n, m))]
+               and (predicate is None or predicate(n, m))]
     it = targets
     if progress:
         from tqdm.auto import tqdm
