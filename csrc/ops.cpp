@@ -64,6 +64,8 @@ TORCH_LIBRARY(tersor, m) {
   // (fp32 accumulation, bf16/fp16), otherwise decode to a scratch and matmul.
   // CUDA builds only: the CUDA decode kernel's per-lane code replayed on the CPU (for CPU tests).
   m.def("_codec_emulate_cuda_decode(Tensor stream, Tensor table, int[] header) -> Tensor");
+  // CUDA builds only: the fused GEMV kernel's arithmetic (same order, same roundings) replayed on the CPU.
+  m.def("_codec_emulate_cuda_linear(Tensor x, Tensor stream, Tensor table, int[] header, Tensor? bias=None) -> Tensor");
   m.def("codec_linear(Tensor x, Tensor stream, Tensor table, int[] header, ScalarType dtype, SymInt[] shape, Tensor? bias=None) -> Tensor");
 }
 

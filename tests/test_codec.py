@@ -456,3 +456,48 @@ def test_cuda_decode_kernel_emulated_on_cpu(dtype, shape, chunk):
     if ct.header[2] != 1:
         pytest.skip("stored stream")
     assert_same_bits(ops._codec_emulate_cuda_decode(ct.stream, ct.table, ct.header), x)
+
+
+_HAS_EMULATION = torch._C._dispatch_has_kernel_for_dispatch_key("tersor::_codec_emulate_cuda_linear", "CPU")
+GEMV_SHAPES = [(96, 384), (1536, 384), (384, 1536), (256, 4096), (16, 40960), (200, 128), (3, 8200)]
+
+
+@pytest.mark.skipif(not _HAS_EMULATION, reason="CPU-only build (the emulation is built with the CUDA kernels)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", GEMV_SHAPES)
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_cuda_gemv_kernel_emulated_on_cpu(dtype, n, k, batch):
+    # The fused GEMV kernel's per-lane strip code and reduction order, replayed on the CPU: within 2x
+    # torch's own error of a float64 reference (the FlashAttention rule).
+    w = weights((n, k), dtype, std=0.05)
+    ct = codec.compress(w)
+    x, bias = torch.randn(batch, k).to(dtype), torch.randn(n).to(dtype)
+    got = ops._codec_emulate_cuda_linear(x, ct.stream, ct.table, ct.header, bias).double()
+    truth = F.linear(x.double(), w.double(), bias.double())
+    dense = F.linear(x, w, bias).double()
+    assert (got - truth).abs().max().item() <= 2 * (dense - truth).abs().max().item() + 1e-6
+
+
+@pytest.mark.skipif(not _HAS_EMULATION, reason="CPU-only build")
+def test_cuda_gemv_emulation_refuses_ineligible_calls():
+    ct = codec.compress(weights((100, 200), torch.bfloat16))  # 40 rows per chunk of 200: strips straddle rows
+    with pytest.raises(ValueError, match="would not take"):
+        ops._codec_emulate_cuda_linear(torch.randn(1, 200).bfloat16(), ct.stream, ct.table, ct.header)
+    ct = codec.compress(weights((64, 256), torch.bfloat16))
+    with pytest.raises(ValueError, match="would not take"):
+        ops._codec_emulate_cuda_linear(torch.randn(9, 256).bfloat16(), ct.stream, ct.table, ct.header)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", GEMV_SHAPES)
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_cuda_gemv_equals_its_cpu_emulation(dtype, n, k, batch):
+    # Same arithmetic in the same order: the GPU result must match the CPU replay bit for bit.
+    w = weights((n, k), dtype, std=0.05)
+    ct = codec.compress(w)
+    x, bias = torch.randn(batch, k).to(dtype), torch.randn(n).to(dtype)
+    want = ops._codec_emulate_cuda_linear(x, ct.stream, ct.table, ct.header, bias)
+    g = ct.cuda()
+    got = ops.codec_linear(x.cuda(), g.stream, g.table, g.header, dtype, [n, k], bias.cuda()).cpu()
+    assert_same_bits(got, want)

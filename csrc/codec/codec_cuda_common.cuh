@@ -12,10 +12,13 @@
 //            taking 4 of them, so raw-byte loads and output stores are coalesced.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 
 #include "codec/codec_cuda.h"
 #include "codec/codec_format.h"
@@ -207,6 +210,77 @@ TERSOR_HD inline void emit_segment(const KStream& s, uint8_t* out, const uint32_
       else
         store_scalar<kEB>(raw, out, g0 + e, sym4, n - e < 4u ? n - e : 4u);
     }
+  }
+}
+
+
+// ---- phase 2 of the GEMV kernel, per lane (host-callable: _codec_emulate_cuda_linear replays it) ----
+TERSOR_HD inline float f32_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+// bf16 / fp16 as raw 16-bit patterns: 2 values per u32 (low half first, as in memory).
+template <bool kF16>
+struct Half16;
+template <>
+struct Half16<false> {  // bfloat16: the value is the top half of an fp32
+  static TERSOR_HD float lo(uint32_t p) { return f32_from_bits(p << 16); }
+  static TERSOR_HD float hi(uint32_t p) { return f32_from_bits(p & 0xffff0000u); }
+  static TERSOR_HD float one(uint16_t u) { return f32_from_bits(static_cast<uint32_t>(u) << 16); }
+  static TERSOR_HD uint16_t round(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+};
+template <>
+struct Half16<true> {
+  static TERSOR_HD float lo(uint32_t p) { return __half2float(__ushort_as_half(static_cast<unsigned short>(p & 0xffffu))); }
+  static TERSOR_HD float hi(uint32_t p) { return __half2float(__ushort_as_half(static_cast<unsigned short>(p >> 16))); }
+  static TERSOR_HD float one(uint16_t u) { return __half2float(__ushort_as_half(u)); }
+  static TERSOR_HD uint16_t round(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+
+TERSOR_HD inline uint2 ld_x_u2(const uint16_t* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(reinterpret_cast<const uint2*>(p));  // x is small and re-read by every warp: keep it in L1
+#else
+  return *reinterpret_cast<const uint2*>(p);
+#endif
+}
+
+// Row (relative to the chunk's first row) of the 128-element strip at `strip` in the lane run at
+// `local0`: every strip lies in one row (gemv_fused_eligible), so this is warp-uniform.
+TERSOR_HD inline uint32_t gemv_strip_row(bool whole_rows, uint32_t row_len32, uint32_t local0, uint32_t strip) {
+  return whole_rows ? (local0 + strip) / row_len32 : 0u;
+}
+
+// Lane `lane`'s share of one strip: weights [strip + 4 lane, +4) of a lane segment (symbols in
+// row_words, raw bytes from the stream) times x, accumulated in fp32 per batch row in a fixed order.
+template <bool kF16, int kB>
+TERSOR_HD inline void gemv_lane_strip(const uint8_t* raw, const uint16_t* x, uint64_t K, uint64_t start, uint64_t col0,
+                                      uint32_t local0, uint32_t strip, uint32_t n, uint32_t rl,
+                                      const uint32_t* row_words, int lane, float (&p)[kB]) {
+  using E = Half16<kF16>;
+  const uint32_t e = strip + 4u * static_cast<uint32_t>(lane);
+  if (e >= n) return;
+  const uint32_t sym4 = row_words[e / 4];
+  const uint32_t raw4 = ld_stream_u32(raw + start + local0 + e);
+  const uint32_t w01 = merge16x2<0>(sym4, raw4), w23 = merge16x2<1>(sym4, raw4);
+  const float w0 = E::lo(w01), w1 = E::hi(w01), w2 = E::lo(w23), w3 = E::hi(w23);
+  const uint64_t col = col0 + local0 + e - static_cast<uint64_t>(rl) * K;  // 8-byte aligned: col % 4 == 0
+  const uint16_t* xc = x + col;
+  TERSOR_CODEC_UNROLL(unroll)
+  for (int b = 0; b < kB; ++b) {
+    const uint2 xv = ld_x_u2(xc + b * K);
+    float v = p[b];
+    v = fmaf(w0, E::lo(xv.x), v);
+    v = fmaf(w1, E::hi(xv.x), v);
+    v = fmaf(w2, E::lo(xv.y), v);
+    v = fmaf(w3, E::hi(xv.y), v);
+    p[b] = v;
   }
 }
 

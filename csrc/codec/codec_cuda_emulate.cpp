@@ -1,4 +1,4 @@
-// _codec_emulate_cuda_decode: replays the CUDA decode kernel's per-lane code on the CPU (phase 1
+// _codec_emulate_cuda_decode / _linear: replay the CUDA decode and GEMV kernels' per-lane code on the CPU (phase 1
 // decode_segment into the padded scratch rows, phase 2 emit_segment with its SWAR merges and alignment
 // paths), one lane after another, so CPU tests check the kernel's data movement bit-exactly without a
 // GPU. Built only with the CUDA kernels (it includes the kernels' shared header).
@@ -7,6 +7,8 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "codec/codec_cuda_common.cuh"
@@ -59,6 +61,168 @@ void emulate(const KStream& s, uint8_t* out) {
   }
 }
 
+template <bool kF16, int kB>
+void emulate_gemv(const KStream& s, const uint16_t* x, const uint16_t* bias, uint16_t* y) {
+  using E = Half16<kF16>;
+  constexpr uint32_t kMaxRows = Traits::kMaxRowsPerChunk, kNoRow = 0xffffffffu;
+  static thread_local BlockTables tables;
+  std::memcpy(tables.lut, s.lut, sizeof(tables.lut));
+  for (int i = 0; i < 256; ++i) {
+    const uint8_t l = s.stream[s.code_len_pos + i];
+    tables.code_len[i] = l > kMaxCodeLen ? kMaxCodeLen : l;
+  }
+  std::vector<uint32_t> scratch(kLanes * Traits::kRowWords);
+  const uint64_t* offs = reinterpret_cast<const uint64_t*>(s.stream + s.offsets_pos);
+  const uint8_t* raw = s.stream + s.raw_pos;
+  const uint64_t K = s.row_len, N = s.numel / K;
+  const bool whole = geom_whole_rows(s.geom());
+  const uint32_t k32 = whole ? static_cast<uint32_t>(K) : 1u;
+  std::vector<float> partials(whole ? 0 : kB * s.n_chunks);
+  for (uint64_t c = 0; c < s.n_chunks; ++c) {
+    uint64_t start;
+    uint32_t len;
+    geom_chunk(s.geom(), c, &start, &len);
+    const uint64_t first_row = start / K, col0 = start - first_row * K;
+    const uint32_t rows = whole ? len / k32 : 1u;
+    float acc[kB * kMaxRows] = {0.f};
+    const uint8_t* rec = s.stream + s.exp_pos + offs[c];
+    const uint64_t rec_bytes = offs[c + 1] - offs[c];
+    LaneState st[kLanes];
+    uint32_t incl = 0;
+    for (int l = 0; l < kLanes; ++l) {
+      uint16_t lb;
+      std::memcpy(&lb, rec + 2 * l, 2);
+      incl += lb;
+      st[l].count = lane_count(len, s.lane_run, l);
+      st[l].bytes = lb;
+      st[l].rd.init(reinterpret_cast<const uint32_t*>(rec), static_cast<uint32_t>(rec_bytes / 4),
+                    kLaneTableBytes + incl - lb);
+    }
+    TORCH_CHECK(align_up(kLaneTableBytes + incl, kAlign) == rec_bytes, "emulated gemv: bad record");
+    float p[kLanes][kB] = {{0.f}};
+    uint32_t cur = kNoRow;
+    // The kernel's flush_row: xor-butterfly over the lanes (lane i adds lane i^o to its own value; all
+    // lanes end with the same bits), then lane b adds batch row b's total to its accumulator.
+    auto flush = [&](uint32_t row) {
+      for (int b = 0; b < kB; ++b) {
+        float v[kLanes], nv[kLanes];
+        for (int i = 0; i < kLanes; ++i) v[i] = p[i][b];
+        for (int o = 16; o > 0; o >>= 1) {
+          for (int i = 0; i < kLanes; ++i) nv[i] = v[i] + v[i ^ o];
+          std::memcpy(v, nv, sizeof(v));
+        }
+        acc[b * kMaxRows + row] += v[b];
+        for (int i = 0; i < kLanes; ++i) p[i][b] = 0.f;
+      }
+    };
+    const uint32_t segs = (lane_count(len, s.lane_run, 0) + Traits::kSegment - 1) / Traits::kSegment;
+    for (uint32_t seg = 0; seg < segs; ++seg) {
+      for (int l = 0; l < kLanes; ++l)
+        TORCH_CHECK(decode_segment(st[l], tables, seg, scratch.data() + l * Traits::kRowWords),
+                    "emulated gemv: invalid bit pattern");
+      const uint32_t first = seg * Traits::kSegment;
+      for (int l = 0; l < kLanes; ++l) {
+        const uint32_t n = segment_count(len, s.lane_run, l, first);
+        if (n == 0) break;
+        const uint32_t local0 = l * s.lane_run + first;
+        const uint32_t* row_words = scratch.data() + l * Traits::kRowWords;
+        for (uint32_t strip = 0; strip < n; strip += 128u) {
+          const uint32_t rl = gemv_strip_row(whole, k32, local0, strip);
+          if (rl != cur) {
+            if (cur != kNoRow) flush(cur);
+            cur = rl;
+          }
+          for (int lane = 0; lane < kLanes; ++lane)
+            gemv_lane_strip<kF16, kB>(raw, x, K, start, col0, local0, strip, n, rl, row_words, lane, p[lane]);
+        }
+      }
+    }
+    if (cur != kNoRow) flush(cur);
+    for (int l = 0; l < kLanes; ++l)
+      TORCH_CHECK(lane_length_matches(st[l].rd.consumed, st[l].bytes), "emulated gemv: lane length mismatch");
+    if (whole) {
+      for (uint32_t r = 0; r < rows; ++r)
+        for (int b = 0; b < kB; ++b) {
+          float v = acc[b * kMaxRows + r];
+          if (bias) v += E::one(bias[first_row + r]);
+          y[b * N + first_row + r] = E::round(v);
+        }
+    } else {
+      for (int b = 0; b < kB; ++b) partials[b * s.n_chunks + c] = acc[b * kMaxRows];
+    }
+  }
+  if (!whole) {  // codec_gemv_finalize_kernel
+    const uint64_t per_row = geom_chunks_per_row(s.geom());
+    for (int b = 0; b < kB; ++b)
+      for (uint64_t row = 0; row < N; ++row) {
+        float v = 0.f;
+        for (uint64_t j = 0; j < per_row; ++j) v += partials[b * s.n_chunks + row * per_row + j];
+        if (bias) v += E::one(bias[row]);
+        y[b * N + row] = E::round(v);
+      }
+  }
+}
+
+template <bool kF16>
+void emulate_gemv_batch(const KStream& s, int batch, const uint16_t* x, const uint16_t* bias, uint16_t* y) {
+  switch (batch) {
+    case 1: return emulate_gemv<kF16, 1>(s, x, bias, y);
+    case 2: return emulate_gemv<kF16, 2>(s, x, bias, y);
+    case 3: return emulate_gemv<kF16, 3>(s, x, bias, y);
+    case 4: return emulate_gemv<kF16, 4>(s, x, bias, y);
+    case 5: return emulate_gemv<kF16, 5>(s, x, bias, y);
+    case 6: return emulate_gemv<kF16, 6>(s, x, bias, y);
+    case 7: return emulate_gemv<kF16, 7>(s, x, bias, y);
+    default: return emulate_gemv<kF16, 8>(s, x, bias, y);
+  }
+}
+
+DeviceStreamView host_view(const DecodeCall& c, const at::Tensor& stream, const at::Tensor& table) {
+  DeviceStreamView v{};
+  v.stream = stream.const_data_ptr<uint8_t>();
+  v.stream_bytes = c.info.total_bytes;
+  v.lut = reinterpret_cast<const uint32_t*>(table.const_data_ptr<int32_t>());
+  v.dtype = c.info.dtype;
+  v.mode = c.info.mode;
+  v.numel = c.info.numel;
+  v.row_len = c.info.row_len;
+  v.n_chunks = c.info.n_chunks;
+  v.chunk_elems = c.info.chunk_elems;
+  v.code_len_pos = c.code_len_pos;
+  v.offsets_pos = c.info.offsets_pos;
+  v.exp_pos = c.info.exp_pos;
+  v.raw_pos = c.info.raw_pos;
+  return v;
+}
+
+at::Tensor emulate_cuda_linear(const at::Tensor& x, const at::Tensor& stream, const at::Tensor& table,
+                               c10::IntArrayRef header, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(stream.device().is_cpu() && x.device().is_cpu(), "_codec_emulate_cuda_linear runs on the CPU");
+  std::vector<int64_t> shape(header.begin() + kHShape0, header.end());
+  const c10::ScalarType dtype = scalar_type_of(static_cast<WireDType>(header[kHDtype]));
+  const DecodeCall c = check_decode_call(stream, table, header, dtype, shape, "_codec_emulate_cuda_linear");
+  StreamInfo parsed;
+  std::string err;
+  TORCH_CHECK_VALUE(parse_stream(stream.const_data_ptr<uint8_t>(), stream.numel(), &parsed, &err), err);
+  TORCH_CHECK_VALUE(x.dim() == 2 && shape.size() == 2 && x.size(1) == shape[1] && x.scalar_type() == dtype,
+                    "_codec_emulate_cuda_linear: x must be [B, K] of the weight's dtype");
+  at::Tensor sa = stream.clone(), xc = x.contiguous().clone();
+  const DeviceStreamView v = host_view(c, sa, table);
+  TORCH_CHECK_VALUE(view_ok(v) && gemv_fused_eligible(v, static_cast<int>(x.size(0))),
+                    "_codec_emulate_cuda_linear: the fused GEMV would not take this call");
+  at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({x.size(0), shape[0]}, x.options());
+  const KStream s = make_kstream(v);
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr());
+  const auto* bp = b.defined() ? reinterpret_cast<const uint16_t*>(b.const_data_ptr()) : nullptr;
+  auto* yp = reinterpret_cast<uint16_t*>(y.mutable_data_ptr());
+  if (dtype == c10::ScalarType::Half)
+    emulate_gemv_batch<true>(s, static_cast<int>(x.size(0)), xp, bp, yp);
+  else
+    emulate_gemv_batch<false>(s, static_cast<int>(x.size(0)), xp, bp, yp);
+  return y;
+}
+
 at::Tensor emulate_cuda_decode(const at::Tensor& stream, const at::Tensor& table, c10::IntArrayRef header) {
   TORCH_CHECK(stream.device().is_cpu() && table.device().is_cpu(), "_codec_emulate_cuda_decode runs on the CPU");
   std::vector<int64_t> shape(header.begin() + kHShape0, header.end());
@@ -96,6 +260,9 @@ at::Tensor emulate_cuda_decode(const at::Tensor& stream, const at::Tensor& table
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) { m.impl("_codec_emulate_cuda_decode", &emulate_cuda_decode); }
+TORCH_LIBRARY_IMPL(tersor, CPU, m) {
+  m.impl("_codec_emulate_cuda_decode", &emulate_cuda_decode);
+  m.impl("_codec_emulate_cuda_linear", &emulate_cuda_linear);
+}
 
 }  // namespace tersor::codec

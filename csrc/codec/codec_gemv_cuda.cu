@@ -22,28 +22,6 @@ namespace {
 constexpr uint32_t kMaxRows = Traits::kMaxRowsPerChunk;
 constexpr uint32_t kNoRow = 0xffffffffu;
 
-// bf16 / fp16 as raw 16-bit patterns: 2 values per u32 (low half first, as in memory).
-template <bool kF16>
-struct Half16;
-template <>
-struct Half16<false> {  // bfloat16: the value is the top half of an fp32
-  static __device__ __forceinline__ float lo(uint32_t p) { return __uint_as_float(p << 16); }
-  static __device__ __forceinline__ float hi(uint32_t p) { return __uint_as_float(p & 0xffff0000u); }
-  static __device__ __forceinline__ float one(uint16_t u) { return __uint_as_float(static_cast<uint32_t>(u) << 16); }
-  static __device__ __forceinline__ uint16_t round(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
-};
-template <>
-struct Half16<true> {
-  static __device__ __forceinline__ float lo(uint32_t p) {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(p & 0xffffu)));
-  }
-  static __device__ __forceinline__ float hi(uint32_t p) {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(p >> 16)));
-  }
-  static __device__ __forceinline__ float one(uint16_t u) { return __half2float(__ushort_as_half(u)); }
-  static __device__ __forceinline__ uint16_t round(float v) { return __half_as_ushort(__float2half_rn(v)); }
-};
-
 // Reduces every batch row's per-lane partial over the warp (fixed xor order) and adds it to the row's
 // accumulator; lane b owns acc[b][*], so each accumulator has a single writer in program order.
 template <int kB>
@@ -110,31 +88,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
           const uint32_t local0 = l * s.lane_run + first;
           const uint32_t* row_words = scr + l * Traits::kRowWords;
           for (uint32_t strip = 0; strip < n; strip += 128u) {
-            const uint32_t rl = whole ? (local0 + strip) / k32 : 0u;  // warp-uniform: one row per strip
+            const uint32_t rl = gemv_strip_row(whole, k32, local0, strip);  // warp-uniform
             if (rl != cur) {
               if (cur != kNoRow) flush_row<kB>(acc, cur, p, lane);
               cur = rl;
             }
-            const uint32_t e = strip + 4u * lane;
-            if (e < n) {
-              const uint32_t sym4 = row_words[e / 4];
-              const uint32_t raw4 = ld_stream_u32(raw + start + local0 + e);
-              const uint32_t w01 = merge16x2<0>(sym4, raw4), w23 = merge16x2<1>(sym4, raw4);
-              const float w0 = E::lo(w01), w1 = E::hi(w01), w2 = E::lo(w23), w3 = E::hi(w23);
-              const uint64_t col = col0 + local0 + e - static_cast<uint64_t>(rl) * K;
-              const uint16_t* xc = x + col;
-#pragma unroll
-              for (int b = 0; b < kB; ++b) {
-                // x is small and re-read by every warp: keep it in L1 (8-byte aligned: col % 4 == 0).
-                const uint2 xv = __ldg(reinterpret_cast<const uint2*>(xc + b * K));
-                float v = p[b];
-                v = fmaf(w0, E::lo(xv.x), v);
-                v = fmaf(w1, E::hi(xv.x), v);
-                v = fmaf(w2, E::lo(xv.y), v);
-                v = fmaf(w3, E::hi(xv.y), v);
-                p[b] = v;
-              }
-            }
+            gemv_lane_strip<kF16, kB>(raw, x, K, start, col0, local0, strip, n, rl, row_words, lane, p);
           }
         }
         __syncwarp();  // the next phase 1 overwrites the rows just read
