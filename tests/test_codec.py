@@ -459,6 +459,11 @@ def test_cuda_decode_kernel_emulated_on_cpu(dtype, shape, chunk):
 
 
 _HAS_EMULATION = torch._C._dispatch_has_kernel_for_dispatch_key("tersor::_codec_emulate_cuda_linear", "CPU")
+def _gemv_case(dtype, n, k, batch):
+    w = weights((n, k), dtype, std=0.05)
+    return w, codec.compress(w), torch.randn(batch, k).to(dtype), torch.randn(n).to(dtype)
+
+
 GEMV_SHAPES = [(96, 384), (1536, 384), (384, 1536), (256, 4096), (16, 40960), (200, 128), (3, 8200)]
 
 
@@ -469,9 +474,7 @@ GEMV_SHAPES = [(96, 384), (1536, 384), (384, 1536), (256, 4096), (16, 40960), (2
 def test_cuda_gemv_kernel_emulated_on_cpu(dtype, n, k, batch):
     # The fused GEMV kernel's per-lane strip code and reduction order, replayed on the CPU: within 2x
     # torch's own error of a float64 reference (the FlashAttention rule).
-    w = weights((n, k), dtype, std=0.05)
-    ct = codec.compress(w)
-    x, bias = torch.randn(batch, k).to(dtype), torch.randn(n).to(dtype)
+    w, ct, x, bias = _gemv_case(dtype, n, k, batch)
     got = ops._codec_emulate_cuda_linear(x, ct.stream, ct.table, ct.header, bias).double()
     truth = F.linear(x.double(), w.double(), bias.double())
     dense = F.linear(x, w, bias).double()
@@ -494,9 +497,7 @@ def test_cuda_gemv_emulation_refuses_ineligible_calls():
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_cuda_gemv_equals_its_cpu_emulation(dtype, n, k, batch):
     # Same arithmetic in the same order: the GPU result must match the CPU replay bit for bit.
-    w = weights((n, k), dtype, std=0.05)
-    ct = codec.compress(w)
-    x, bias = torch.randn(batch, k).to(dtype), torch.randn(n).to(dtype)
+    _, ct, x, bias = _gemv_case(dtype, n, k, batch)
     want = ops._codec_emulate_cuda_linear(x, ct.stream, ct.table, ct.header, bias)
     g = ct.cuda()
     got = ops.codec_linear(x.cuda(), g.stream, g.table, g.header, dtype, [n, k], bias.cuda()).cpu()

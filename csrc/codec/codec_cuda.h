@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "codec/codec_format.h"
+#include "codec/codec_host.h"
 
 namespace tersor::codec {
 
@@ -45,6 +46,27 @@ struct DeviceStreamView {
 
   ChunkGeom geom() const { return ChunkGeom{numel, row_len, chunk_elems}; }
 };
+
+// The view of a stream whose metadata is `s` (positions as checked by check_decode_call), stored at
+// `stream`, with its decode table at `lut` (device pointers for launches, host ones for the emulation).
+inline DeviceStreamView make_stream_view(const StreamInfo& s, uint64_t code_len_pos, const uint8_t* stream,
+                                         const uint32_t* lut) {
+  DeviceStreamView v;
+  v.stream = stream;
+  v.stream_bytes = s.total_bytes;
+  v.lut = lut;
+  v.dtype = s.dtype;
+  v.mode = s.mode;
+  v.numel = s.numel;
+  v.row_len = s.row_len;
+  v.n_chunks = s.n_chunks;
+  v.chunk_elems = s.chunk_elems;
+  v.code_len_pos = code_len_pos;
+  v.offsets_pos = s.offsets_pos;
+  v.exp_pos = s.exp_pos;
+  v.raw_pos = s.raw_pos;
+  return v;
+}
 
 // Whether launch_codec_gemv accepts this weight stream (2-d [N, K] = numel / row_len x row_len) with
 // `batch` rows of x. Beyond gemv_geom_ok: chunk_elems % 4 == 0 (with K % 8 == 0 every lane segment is

@@ -19,34 +19,46 @@ namespace {
 
 using namespace cuda_detail;
 
-template <int kEB>
-void emulate(const KStream& s, uint8_t* out) {
+// load_tables, on the host.
+const BlockTables& host_tables(const KStream& s) {
   static thread_local BlockTables tables;
   std::memcpy(tables.lut, s.lut, sizeof(tables.lut));
   for (int i = 0; i < 256; ++i) {
     const uint8_t l = s.stream[s.code_len_pos + i];
     tables.code_len[i] = l > kMaxCodeLen ? kMaxCodeLen : l;
   }
+  return tables;
+}
+
+// open_chunk, with the warp's prefix sum of lane lengths done sequentially (streams reaching the
+// emulation are validated, so a bad record is an internal error here).
+void open_chunk_host(const KStream& s, const uint64_t* offs, uint64_t c, uint32_t len, LaneState* st) {
+  const uint8_t* rec = s.stream + s.exp_pos + offs[c];
+  const uint64_t rec_bytes = offs[c + 1] - offs[c];
+  uint32_t incl = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    uint16_t lb;
+    std::memcpy(&lb, rec + 2 * l, 2);
+    incl += lb;
+    st[l].count = lane_count(len, s.lane_run, l);
+    st[l].bytes = lb;
+    st[l].rd.init(reinterpret_cast<const uint32_t*>(rec), static_cast<uint32_t>(rec_bytes / 4),
+                  kLaneTableBytes + incl - lb);
+  }
+  TORCH_CHECK(align_up(kLaneTableBytes + incl, kAlign) == rec_bytes, "codec emulation: bad chunk record");
+}
+
+template <int kEB>
+void emulate(const KStream& s, uint8_t* out) {
+  const BlockTables& tables = host_tables(s);
   std::vector<uint32_t> scratch(kLanes * Traits::kRowWords);
   const uint64_t* offs = reinterpret_cast<const uint64_t*>(s.stream + s.offsets_pos);
   for (uint64_t c = 0; c < s.n_chunks; ++c) {
     uint64_t start;
     uint32_t len;
     geom_chunk(s.geom(), c, &start, &len);
-    const uint8_t* rec = s.stream + s.exp_pos + offs[c];
-    const uint64_t rec_bytes = offs[c + 1] - offs[c];
     LaneState st[kLanes];
-    uint32_t incl = 0;
-    for (int l = 0; l < kLanes; ++l) {  // open_chunk, with the warp scan done sequentially
-      uint16_t lb;
-      std::memcpy(&lb, rec + 2 * l, 2);
-      incl += lb;
-      st[l].count = lane_count(len, s.lane_run, l);
-      st[l].bytes = lb;
-      st[l].rd.init(reinterpret_cast<const uint32_t*>(rec), static_cast<uint32_t>(rec_bytes / 4),
-                    kLaneTableBytes + incl - lb);
-    }
-    TORCH_CHECK(align_up(kLaneTableBytes + incl, kAlign) == rec_bytes, "emulated decode: bad record");
+    open_chunk_host(s, offs, c, len, st);
     const uint32_t segs = (lane_count(len, s.lane_run, 0) + Traits::kSegment - 1) / Traits::kSegment;
     for (uint32_t seg = 0; seg < segs; ++seg) {
       std::fill(scratch.begin(), scratch.end(), 0xCDCDCDCDu);  // stale bytes must never be emitted
@@ -65,12 +77,7 @@ template <bool kF16, int kB>
 void emulate_gemv(const KStream& s, const uint16_t* x, const uint16_t* bias, uint16_t* y) {
   using E = Half16<kF16>;
   constexpr uint32_t kMaxRows = Traits::kMaxRowsPerChunk, kNoRow = 0xffffffffu;
-  static thread_local BlockTables tables;
-  std::memcpy(tables.lut, s.lut, sizeof(tables.lut));
-  for (int i = 0; i < 256; ++i) {
-    const uint8_t l = s.stream[s.code_len_pos + i];
-    tables.code_len[i] = l > kMaxCodeLen ? kMaxCodeLen : l;
-  }
+  const BlockTables& tables = host_tables(s);
   std::vector<uint32_t> scratch(kLanes * Traits::kRowWords);
   const uint64_t* offs = reinterpret_cast<const uint64_t*>(s.stream + s.offsets_pos);
   const uint8_t* raw = s.stream + s.raw_pos;
@@ -85,20 +92,8 @@ void emulate_gemv(const KStream& s, const uint16_t* x, const uint16_t* bias, uin
     const uint64_t first_row = start / K, col0 = start - first_row * K;
     const uint32_t rows = whole ? len / k32 : 1u;
     float acc[kB * kMaxRows] = {0.f};
-    const uint8_t* rec = s.stream + s.exp_pos + offs[c];
-    const uint64_t rec_bytes = offs[c + 1] - offs[c];
     LaneState st[kLanes];
-    uint32_t incl = 0;
-    for (int l = 0; l < kLanes; ++l) {
-      uint16_t lb;
-      std::memcpy(&lb, rec + 2 * l, 2);
-      incl += lb;
-      st[l].count = lane_count(len, s.lane_run, l);
-      st[l].bytes = lb;
-      st[l].rd.init(reinterpret_cast<const uint32_t*>(rec), static_cast<uint32_t>(rec_bytes / 4),
-                    kLaneTableBytes + incl - lb);
-    }
-    TORCH_CHECK(align_up(kLaneTableBytes + incl, kAlign) == rec_bytes, "emulated gemv: bad record");
+    open_chunk_host(s, offs, c, len, st);
     float p[kLanes][kB] = {{0.f}};
     uint32_t cur = kNoRow;
     // The kernel's flush_row: xor-butterfly over the lanes (lane i adds lane i^o to its own value; all
@@ -177,46 +172,52 @@ void emulate_gemv_batch(const KStream& s, int batch, const uint16_t* x, const ui
   }
 }
 
-DeviceStreamView host_view(const DecodeCall& c, const at::Tensor& stream, const at::Tensor& table) {
-  DeviceStreamView v{};
-  v.stream = stream.const_data_ptr<uint8_t>();
-  v.stream_bytes = c.info.total_bytes;
-  v.lut = reinterpret_cast<const uint32_t*>(table.const_data_ptr<int32_t>());
-  v.dtype = c.info.dtype;
-  v.mode = c.info.mode;
-  v.numel = c.info.numel;
-  v.row_len = c.info.row_len;
-  v.n_chunks = c.info.n_chunks;
-  v.chunk_elems = c.info.chunk_elems;
-  v.code_len_pos = c.code_len_pos;
-  v.offsets_pos = c.info.offsets_pos;
-  v.exp_pos = c.info.exp_pos;
-  v.raw_pos = c.info.raw_pos;
-  return v;
+// The argument checks and the stream view both emulations share (the stream is copied so that it is
+// 16-byte aligned, as the CUDA glue guarantees for the kernels).
+struct EmulatedCall {
+  DecodeCall call;
+  c10::ScalarType dtype;
+  std::vector<int64_t> shape;
+  at::Tensor stream;
+  DeviceStreamView view;
+};
+
+EmulatedCall prepare(const at::Tensor& stream, const at::Tensor& table, c10::IntArrayRef header, const char* op) {
+  TORCH_CHECK(stream.device().is_cpu() && table.device().is_cpu(), op, " runs on the CPU");
+  TORCH_CHECK_VALUE(header.size() > kHShape0 - 1 && wire_dtype_valid(static_cast<uint8_t>(header[kHDtype])), op,
+                    ": malformed header list");
+  EmulatedCall e;
+  e.shape.assign(header.begin() + kHShape0, header.end());
+  e.dtype = scalar_type_of(static_cast<WireDType>(header[kHDtype]));
+  e.call = check_decode_call(stream, table, header, e.dtype, e.shape, op);
+  StreamInfo parsed;
+  std::string err;
+  TORCH_CHECK_VALUE(parse_stream(stream.const_data_ptr<uint8_t>(), stream.numel(), &parsed, &err), op, ": ", err);
+  TORCH_CHECK_VALUE(e.call.info.mode == Mode::kHuffman, op, ": a Huffman stream is needed");
+  e.stream = stream.clone();
+  e.view = make_stream_view(e.call.info, e.call.code_len_pos, e.stream.const_data_ptr<uint8_t>(),
+                            reinterpret_cast<const uint32_t*>(table.const_data_ptr<int32_t>()));
+  TORCH_CHECK(view_ok(e.view), op, ": the kernels' view_ok rejects this stream");
+  return e;
 }
 
 at::Tensor emulate_cuda_linear(const at::Tensor& x, const at::Tensor& stream, const at::Tensor& table,
                                c10::IntArrayRef header, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(stream.device().is_cpu() && x.device().is_cpu(), "_codec_emulate_cuda_linear runs on the CPU");
-  std::vector<int64_t> shape(header.begin() + kHShape0, header.end());
-  const c10::ScalarType dtype = scalar_type_of(static_cast<WireDType>(header[kHDtype]));
-  const DecodeCall c = check_decode_call(stream, table, header, dtype, shape, "_codec_emulate_cuda_linear");
-  StreamInfo parsed;
-  std::string err;
-  TORCH_CHECK_VALUE(parse_stream(stream.const_data_ptr<uint8_t>(), stream.numel(), &parsed, &err), err);
-  TORCH_CHECK_VALUE(x.dim() == 2 && shape.size() == 2 && x.size(1) == shape[1] && x.scalar_type() == dtype,
-                    "_codec_emulate_cuda_linear: x must be [B, K] of the weight's dtype");
-  at::Tensor sa = stream.clone(), xc = x.contiguous().clone();
-  const DeviceStreamView v = host_view(c, sa, table);
-  TORCH_CHECK_VALUE(view_ok(v) && gemv_fused_eligible(v, static_cast<int>(x.size(0))),
-                    "_codec_emulate_cuda_linear: the fused GEMV would not take this call");
-  at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  at::Tensor y = at::empty({x.size(0), shape[0]}, x.options());
-  const KStream s = make_kstream(v);
+  constexpr const char* op = "_codec_emulate_cuda_linear";
+  const EmulatedCall e = prepare(stream, table, header, op);
+  TORCH_CHECK(x.device().is_cpu(), op, " runs on the CPU");
+  TORCH_CHECK_VALUE(x.dim() == 2 && e.shape.size() == 2 && x.size(1) == e.shape[1] && x.scalar_type() == e.dtype,
+                    op, ": x must be [B, K] of the weight's dtype");
+  TORCH_CHECK_VALUE(gemv_fused_eligible(e.view, static_cast<int>(x.size(0))), op,
+                    ": the fused GEMV would not take this call");
+  const at::Tensor xc = x.contiguous().clone();
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({x.size(0), e.shape[0]}, x.options());
+  const KStream s = make_kstream(e.view);
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr());
   const auto* bp = b.defined() ? reinterpret_cast<const uint16_t*>(b.const_data_ptr()) : nullptr;
   auto* yp = reinterpret_cast<uint16_t*>(y.mutable_data_ptr());
-  if (dtype == c10::ScalarType::Half)
+  if (e.dtype == c10::ScalarType::Half)
     emulate_gemv_batch<true>(s, static_cast<int>(x.size(0)), xp, bp, yp);
   else
     emulate_gemv_batch<false>(s, static_cast<int>(x.size(0)), xp, bp, yp);
@@ -224,33 +225,11 @@ at::Tensor emulate_cuda_linear(const at::Tensor& x, const at::Tensor& stream, co
 }
 
 at::Tensor emulate_cuda_decode(const at::Tensor& stream, const at::Tensor& table, c10::IntArrayRef header) {
-  TORCH_CHECK(stream.device().is_cpu() && table.device().is_cpu(), "_codec_emulate_cuda_decode runs on the CPU");
-  std::vector<int64_t> shape(header.begin() + kHShape0, header.end());
-  const c10::ScalarType dtype = scalar_type_of(static_cast<WireDType>(header[kHDtype]));
-  const DecodeCall c = check_decode_call(stream, table, header, dtype, shape, "_codec_emulate_cuda_decode");
-  StreamInfo parsed;
-  std::string err;
-  TORCH_CHECK_VALUE(parse_stream(stream.const_data_ptr<uint8_t>(), stream.numel(), &parsed, &err), err);
-  TORCH_CHECK_VALUE(c.info.mode == Mode::kHuffman, "_codec_emulate_cuda_decode: a Huffman stream is needed");
-  at::Tensor sa = stream.clone(), out = at::empty(shape, stream.options().dtype(dtype));
-  DeviceStreamView v{};
-  v.stream = sa.const_data_ptr<uint8_t>();
-  v.stream_bytes = c.info.total_bytes;
-  v.lut = reinterpret_cast<const uint32_t*>(table.const_data_ptr<int32_t>());
-  v.dtype = c.info.dtype;
-  v.mode = c.info.mode;
-  v.numel = c.info.numel;
-  v.row_len = c.info.row_len;
-  v.n_chunks = c.info.n_chunks;
-  v.chunk_elems = c.info.chunk_elems;
-  v.code_len_pos = c.code_len_pos;
-  v.offsets_pos = c.info.offsets_pos;
-  v.exp_pos = c.info.exp_pos;
-  v.raw_pos = c.info.raw_pos;
-  TORCH_CHECK(view_ok(v), "_codec_emulate_cuda_decode: the kernels' view_ok rejects this stream");
-  const KStream s = make_kstream(v);
+  const EmulatedCall e = prepare(stream, table, header, "_codec_emulate_cuda_decode");
+  at::Tensor out = at::empty(e.shape, stream.options().dtype(e.dtype));
+  const KStream s = make_kstream(e.view);
   uint8_t* o = static_cast<uint8_t*>(out.mutable_data_ptr());
-  switch (wire_dtype_bytes(v.dtype)) {
+  switch (wire_dtype_bytes(e.view.dtype)) {
     case 1: emulate<1>(s, o); break;
     case 2: emulate<2>(s, o); break;
     default: emulate<4>(s, o); break;

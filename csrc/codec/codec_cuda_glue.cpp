@@ -27,22 +27,8 @@ at::Tensor aligned16(const at::Tensor& t) {
 }
 
 DeviceStreamView make_view(const DecodeCall& c, const at::Tensor& stream, const at::Tensor& table) {
-  const StreamInfo& s = c.info;
-  DeviceStreamView v;
-  v.stream = static_cast<const uint8_t*>(stream.const_data_ptr());
-  v.stream_bytes = s.total_bytes;
-  v.lut = static_cast<const uint32_t*>(table.const_data_ptr());
-  v.dtype = s.dtype;
-  v.mode = s.mode;
-  v.numel = s.numel;
-  v.row_len = s.row_len;
-  v.n_chunks = s.n_chunks;
-  v.chunk_elems = s.chunk_elems;
-  v.code_len_pos = c.code_len_pos;
-  v.offsets_pos = s.offsets_pos;
-  v.exp_pos = s.exp_pos;
-  v.raw_pos = s.raw_pos;
-  return v;
+  return make_stream_view(c.info, c.code_len_pos, static_cast<const uint8_t*>(stream.const_data_ptr()),
+                          static_cast<const uint32_t*>(table.const_data_ptr()));
 }
 
 // Decodes into `out` (contiguous, numel elements of the stream's dtype). With verify, waits for the
