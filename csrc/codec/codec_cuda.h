@@ -44,7 +44,7 @@ struct DeviceStreamView {
   uint32_t chunk_elems = 0;
   uint64_t code_len_pos = 0, offsets_pos = 0, exp_pos = 0, raw_pos = 0;
 
-  ChunkGeom geom() const { return ChunkGeom{numel, row_len, chunk_elems}; }
+  TERSOR_HD ChunkGeom geom() const { return ChunkGeom{numel, row_len, chunk_elems}; }
 };
 
 // The view of a stream whose metadata is `s` (positions as checked by check_decode_call), stored at

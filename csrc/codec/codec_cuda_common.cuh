@@ -40,32 +40,16 @@ static_assert(Traits::kSegment % 128 == 0, "phase 2 walks whole 128-element stri
 static_assert(Traits::kRowBytes % 4 == 0 && (Traits::kRowWords % 32) == 1,
               "scratch rows must be word aligned and start in distinct banks");
 
-// The stream as the kernels see it (a by-value kernel parameter).
-struct KStream {
-  const uint8_t* stream;
-  const uint32_t* lut;
-  uint64_t numel, row_len, n_chunks;
-  uint32_t chunk_elems;
-  uint32_t lane_run;  // lane_elems(chunk_elems): elements owned by each lane of a full chunk
-  uint64_t code_len_pos, offsets_pos, exp_pos, raw_pos;
+// The stream as the kernels see it (a by-value kernel parameter): the view plus two derived values.
+struct KStream : DeviceStreamView {
+  uint32_t lane_run;   // lane_elems(chunk_elems): elements owned by each lane of a full chunk
   uint64_t exp_bytes;  // raw_pos - exp_pos: the chunk records must fill exactly this
-
-  TERSOR_HD ChunkGeom geom() const { return ChunkGeom{numel, row_len, chunk_elems}; }
 };
 
 inline KStream make_kstream(const DeviceStreamView& v) {
-  KStream s{};
-  s.stream = v.stream;
-  s.lut = v.lut;
-  s.numel = v.numel;
-  s.row_len = v.row_len;
-  s.n_chunks = v.n_chunks;
-  s.chunk_elems = v.chunk_elems;
+  KStream s;
+  static_cast<DeviceStreamView&>(s) = v;
   s.lane_run = lane_elems(v.chunk_elems);
-  s.code_len_pos = v.code_len_pos;
-  s.offsets_pos = v.offsets_pos;
-  s.exp_pos = v.exp_pos;
-  s.raw_pos = v.raw_pos;
   s.exp_bytes = v.raw_pos - v.exp_pos;
   return s;
 }
@@ -139,6 +123,11 @@ TERSOR_HD inline bool decode_segment(LaneState& st, const BlockTables& t, uint32
   });
   if (npend) row[w] = static_cast<uint32_t>(pend);
   return ok;
+}
+
+// Segments a chunk of `len` elements takes: lane 0 owns the most symbols, so its count decides.
+TERSOR_HD inline uint32_t chunk_segments(uint32_t len, uint32_t lane_run) {
+  return (lane_count(len, lane_run, 0) + Traits::kSegment - 1) / Traits::kSegment;
 }
 
 // Symbols lane l owns in the segment starting at symbol `first` of a chunk of `len` elements.
@@ -329,6 +318,16 @@ __device__ __forceinline__ bool open_chunk(const KStream& s, uint64_t c, uint32_
   st.bytes = mine;
   st.rd.init(reinterpret_cast<const uint32_t*>(rec), static_cast<uint32_t>(rec_bytes / 4),
              kLaneTableBytes + incl - mine);
+  return true;
+}
+
+// Phase 1 for the whole warp: every lane decodes its part of segment `seg` into its scratch row. Returns
+// (warp-uniformly) whether all lanes succeeded; on success the rows are visible to the whole warp.
+__device__ __forceinline__ bool warp_decode_segment(LaneState& st, const BlockTables& t, uint32_t seg, uint32_t* scr,
+                                                    int lane) {
+  const bool lane_ok = decode_segment(st, t, seg, scr + lane * Traits::kRowWords);
+  if (!__all_sync(kFullMask, lane_ok)) return false;
+  __syncwarp();
   return true;
 }
 

@@ -59,7 +59,7 @@ void emulate(const KStream& s, uint8_t* out) {
     geom_chunk(s.geom(), c, &start, &len);
     LaneState st[kLanes];
     open_chunk_host(s, offs, c, len, st);
-    const uint32_t segs = (lane_count(len, s.lane_run, 0) + Traits::kSegment - 1) / Traits::kSegment;
+    const uint32_t segs = chunk_segments(len, s.lane_run);
     for (uint32_t seg = 0; seg < segs; ++seg) {
       std::fill(scratch.begin(), scratch.end(), 0xCDCDCDCDu);  // stale bytes must never be emitted
       for (int l = 0; l < kLanes; ++l)
@@ -110,7 +110,7 @@ void emulate_gemv(const KStream& s, const uint16_t* x, const uint16_t* bias, uin
         for (int i = 0; i < kLanes; ++i) p[i][b] = 0.f;
       }
     };
-    const uint32_t segs = (lane_count(len, s.lane_run, 0) + Traits::kSegment - 1) / Traits::kSegment;
+    const uint32_t segs = chunk_segments(len, s.lane_run);
     for (uint32_t seg = 0; seg < segs; ++seg) {
       for (int l = 0; l < kLanes; ++l)
         TORCH_CHECK(decode_segment(st[l], tables, seg, scratch.data() + l * Traits::kRowWords),

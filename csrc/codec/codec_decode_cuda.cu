@@ -26,16 +26,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
     LaneState st;
     bool ok = open_chunk(s, c, len, lane, st);
     if (ok) {
-      // Lane 0 owns the most symbols, so its count sets the number of segments.
-      const uint32_t segs = (lane_count(len, s.lane_run, 0) + Traits::kSegment - 1) / Traits::kSegment;
+      const uint32_t segs = chunk_segments(len, s.lane_run);
       const bool aligned = start % 4 == 0;
       for (uint32_t seg = 0; seg < segs; ++seg) {
-        const bool lane_ok = decode_segment(st, tables, seg, scr + lane * Traits::kRowWords);
-        if (!__all_sync(kFullMask, lane_ok)) {
-          ok = false;
-          break;
-        }
-        __syncwarp();
+        if (!(ok = warp_decode_segment(st, tables, seg, scr, lane))) break;
         emit_segment<kEB>(s, out, scr, start, len, seg * Traits::kSegment, aligned, lane);
         __syncwarp();  // the next phase 1 overwrites the rows just read
       }

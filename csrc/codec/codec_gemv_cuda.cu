@@ -73,14 +73,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
       for (int b = 0; b < kB; ++b) p[b] = 0.f;
       uint32_t cur = kNoRow;
-      const uint32_t segs = (lane_count(len, s.lane_run, 0) + Traits::kSegment - 1) / Traits::kSegment;
+      const uint32_t segs = chunk_segments(len, s.lane_run);
       for (uint32_t seg = 0; seg < segs; ++seg) {
-        const bool lane_ok = decode_segment(st, tables, seg, scr + lane * Traits::kRowWords);
-        if (!__all_sync(kFullMask, lane_ok)) {
-          ok = false;
-          break;
-        }
-        __syncwarp();
+        if (!(ok = warp_decode_segment(st, tables, seg, scr, lane))) break;
         const uint32_t first = seg * Traits::kSegment;
         for (int l = 0; l < kLanes; ++l) {
           const uint32_t n = segment_count(len, s.lane_run, l, first);  // a multiple of 4 (eligibility)
