@@ -190,6 +190,8 @@ def test_api_errors():
         codec.compress([1.0, 2.0])
     with pytest.raises(TypeError):
         codec.decompress(torch.zeros(3))
+    with pytest.raises(TypeError, match="uint8"):
+        codec.CompressedTensor.from_bytes(torch.zeros(100))
     with pytest.raises(ValueError, match="chunk_elems"):
         codec.compress(torch.zeros(10), chunk_elems=5)
     ct = codec.compress(weights((8, 64), torch.bfloat16))

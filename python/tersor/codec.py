@@ -33,8 +33,8 @@ class CompressedTensor:
     """A tensor in codec v1 form: one validated byte stream plus its decode table, on one device.
 
     ``stream`` is the codec v1 byte stream (uint8), ``table`` the 4096-entry decode table derived from
-    it. Construct with :func:`compress` or :meth:`from_bytes`; both validate the stream (metadata and
-    every chunk's CRC-32C) before returning.
+    it. Construct with :func:`compress`, or with :meth:`from_bytes` for bytes from elsewhere, which
+    validates the whole stream (metadata, every chunk's CRC-32C, every lane's length) before returning.
     """
 
     __slots__ = ("stream", "table", "header", "dtype", "shape")
@@ -51,6 +51,8 @@ class CompressedTensor:
     def from_bytes(cls, data: Union[bytes, bytearray, memoryview, torch.Tensor]) -> "CompressedTensor":
         """Parses and fully validates a codec v1 stream (raises ``ValueError``/``RuntimeError`` if corrupt)."""
         if isinstance(data, torch.Tensor):
+            if data.dtype != torch.uint8:
+                raise TypeError(f"from_bytes: expected a uint8 tensor, got {data.dtype}")
             stream = data.detach().to("cpu", torch.uint8).reshape(-1).contiguous().clone()
         else:
             stream = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
