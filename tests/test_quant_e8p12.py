@@ -1,0 +1,105 @@
+"""tersor.quant E8P12: QuIP#'s codebook index for index, and the exact nearest-codeword search.
+
+The expected values (worked examples, the packed table's SHA-256, counts) come from QuIP#'s own
+definitions (quip-sharp @1d8f873), as recorded in docs/research/e8p12.md.
+"""
+
+import hashlib
+import struct
+
+import pytest
+import torch
+
+from tersor.quant import E8P12_ABS, e8p12_codebook, e8p12_decode, e8p12_nearest
+from tersor.quant.e8p12 import PERM
+
+WORKED = {
+    0x0000: [.75] * 8,
+    0x0001: [.25] * 8,
+    0x0003: [-.25, .75, -.25, .75, .75, .75, .75, .75],
+    0x0080: [-.75, .25, .25, .25, .25, .25, .25, -.75],
+    0x0100: [.75] * 7 + [-1.25],
+    0x02FF: [-.25] * 7 + [-2.25],
+    0xE300: [1.75, .75, .75, .75, 1.75, 1.75, 1.75, -1.25],
+    0x1234: [-.75, -.75, .25, -.75, -1.75, .25, .25, 1.25],
+    0xFFFF: [-1.25, -1.25, -.25, -.25, -1.25, -1.25, -1.25, .75],
+}
+
+
+@pytest.mark.parametrize("code", sorted(WORKED))
+def test_worked_examples(code):
+    assert e8p12_decode(torch.tensor(code)).tolist() == WORKED[code]
+
+
+def test_abs_grid_matches_quipsharp():
+    a = E8P12_ABS
+    assert a.shape == (256, 8)
+    base, extra = a[:227], a[227:]
+    norms = (base * base).sum(1)
+    assert sorted(map(tuple, base.tolist())) == list(map(tuple, base.tolist()))  # ascending lexicographic
+    assert [int((norms == n).sum()) for n in (2, 4, 6, 8, 10)] == [1, 8, 28, 64, 126]
+    assert torch.all((extra * extra).sum(1) == 12) and torch.all(extra.sum(1) == 9)
+    assert torch.unique(a, dim=0).shape[0] == 256
+    # The 1 KiB table QuIP#'s kernel uses: nibble j = 2 u_j + 8, u = A[a][PERM], u_7 negated for odd sums.
+    words = []
+    for row in a.tolist():
+        u = [row[p] for p in PERM]
+        if round(sum(row)) % 2:
+            u[7] = -u[7]
+        words.append(sum((int(2 * v + 8) & 15) << (4 * j) for j, v in enumerate(u)))
+    packed = struct.pack("<256I", *words)
+    assert hashlib.sha256(packed).hexdigest() == "efc2c03c60acd955dc812ff2bade9ec6cc31259807e48473506161f3a9a230ce"
+
+
+def test_codebook_structure():
+    cb = e8p12_codebook()
+    assert cb.shape == (65536, 8) and torch.unique(cb, dim=0).shape[0] == 65536
+    sign_bits = (torch.arange(65536)[:, None] >> torch.arange(8)) & 1
+    shift = torch.where(sign_bits.sum(1) % 2 == 1, -0.25, 0.25)  # odd parity of the sign byte: -1/4
+    v = cb - shift[:, None]
+    # v is in D8 + 1/2 (half-integers with an even sum) and |v| is one of the abs vectors of its index.
+    assert torch.all((v * 2) % 2 == 1)
+    assert torch.all(v.sum(1).round() % 2 == 0)
+    assert torch.equal(v.abs(), E8P12_ABS[torch.arange(65536) >> 8])
+
+
+def test_every_codeword_is_its_own_nearest():
+    cb = e8p12_codebook()
+    assert torch.equal(e8p12_nearest(cb).long(), torch.arange(65536))
+
+
+def _brute_force_dist(x, cb):
+    out = []
+    for xb in x.split(512):
+        out.append(((xb[:, None, :] - cb[None]) ** 2).sum(-1).min(1).values)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0])
+def test_nearest_is_exact_against_brute_force(scale):
+    cb = e8p12_codebook().double()
+    g = torch.Generator().manual_seed(int(scale * 10))
+    x = torch.randn(600, 8, generator=g, dtype=torch.float64) * scale
+    # Points on decision boundaries too: midpoints of codeword pairs and exact lattice-like values.
+    idx = torch.randint(0, 65536, (100, 2), generator=g)
+    x = torch.cat([x, (cb[idx[:, 0]] + cb[idx[:, 1]]) / 2, torch.zeros(1, 8), torch.full((1, 8), 0.5)])
+    codes = e8p12_nearest(x)
+    got = ((x - cb[codes.long()]) ** 2).sum(-1)
+    assert torch.equal(got, _brute_force_dist(x, cb))
+
+
+def test_nearest_shapes_and_errors():
+    x = torch.randn(3, 5, 8)
+    assert e8p12_nearest(x).shape == (3, 5)
+    assert e8p12_nearest(x.half()).dtype == torch.int32
+    with pytest.raises(ValueError, match="last dim"):
+        e8p12_nearest(torch.randn(4, 7))
+    with pytest.raises(TypeError):
+        e8p12_nearest(torch.ones(4, 8, dtype=torch.int64))
+
+
+@pytest.mark.cuda
+def test_nearest_on_cuda_matches_cpu():
+    x = torch.randn(5000, 8)
+    assert torch.equal(e8p12_nearest(x.cuda()).cpu(), e8p12_nearest(x))
+    assert torch.equal(e8p12_decode(torch.arange(65536, device="cuda")).cpu(), e8p12_codebook())
