@@ -504,3 +504,18 @@ def test_cuda_gemv_equals_its_cpu_emulation(dtype, n, k, batch):
     g = ct.cuda()
     got = ops.codec_linear(x.cuda(), g.stream, g.table, g.header, dtype, [n, k], bias.cuda()).cpu()
     assert_same_bits(got, want)
+
+
+@pytest.mark.parametrize("field", range(13))
+@pytest.mark.parametrize("delta", [1, -1, 2**40])
+def test_malformed_header_lists_are_refused(field, delta):
+    # The CUDA ops cannot re-read the stream's metadata on the host: check_decode_call must refuse any
+    # header list that disagrees with the stream. The emulation op runs exactly that check first.
+    ct = codec.compress(weights((8, 4096), torch.bfloat16))
+    bad = list(ct.header)
+    bad[field] += delta
+    op = ops._codec_emulate_cuda_decode if _HAS_EMULATION else None
+    with pytest.raises((ValueError, TypeError)):
+        if op is not None:
+            op(ct.stream, ct.table, bad)
+        ops.codec_decode(ct.stream, ct.table, bad, torch.bfloat16, [8, 4096])

@@ -107,32 +107,25 @@ inline DecodeCall check_decode_call(const at::Tensor& stream, const at::Tensor& 
   TORCH_CHECK_TYPE(dtype == scalar_type_of(s.dtype), op, ": dtype ", dtype, " does not match the stream's ",
                    scalar_type_of(s.dtype));
   TORCH_CHECK_VALUE(static_cast<int>(shape.size()) == ndim, op, ": shape ", shape, " does not match the stream");
-  uint64_t numel = 1;
+  unsigned __int128 numel = 1;  // as parse_stream: no overflow, at most 2^56 elements
   for (int d = 0; d < ndim; ++d) {
     TORCH_CHECK_VALUE(static_cast<uint64_t>(shape[d]) == s.shape[d], op, ": shape ", shape,
                       " does not match the stream");
     numel *= s.shape[d];
+    TORCH_CHECK_VALUE(numel <= (static_cast<unsigned __int128>(1) << 56), op, ": shape too large");
   }
-  TORCH_CHECK_VALUE(numel == s.numel, op, ": malformed header list (numel)");
-  const uint64_t want_row = ndim >= 2 ? std::max<uint64_t>(s.shape[ndim - 1], 1) : std::max<uint64_t>(numel, 1);
-  TORCH_CHECK_VALUE(s.row_len == want_row, op, ": malformed header list (row_len)");
+  TORCH_CHECK_VALUE(static_cast<uint64_t>(numel) == s.numel, op, ": malformed header list (numel)");
   TORCH_CHECK_VALUE(s.total_bytes == static_cast<uint64_t>(stream.numel()), op, ": the stream has ", stream.numel(),
                     " bytes, the header says ", s.total_bytes);
-  const int eb = wire_dtype_bytes(s.dtype);
+  // The list has no exponent-section size; raw_pos - exp_pos is its padded value, which satisfies the
+  // same rules (records are 16-byte multiples).
+  s.exp_bytes = s.mode == Mode::kHuffman && s.raw_pos >= s.exp_pos ? s.raw_pos - s.exp_pos : 0;
+  s.raw_bytes = s.total_bytes >= s.raw_pos ? s.total_bytes - s.raw_pos : ~0ull;
   const Layout L = layout_for(ndim, s.mode, s.mode == Mode::kHuffman ? s.n_chunks : 0);
-  if (s.mode == Mode::kHuffman) {
-    TORCH_CHECK_VALUE(s.chunk_elems >= 1 && s.chunk_elems <= kMaxChunkElems &&
-                          (s.chunk_elems < s.row_len || s.chunk_elems % s.row_len == 0) &&
-                          s.n_chunks == geom_num_chunks(s.geom()) && c.code_len_pos == L.code_len_pos &&
-                          s.offsets_pos == L.offsets_pos && s.exp_pos == L.exp_pos && s.raw_pos >= s.exp_pos &&
-                          s.raw_pos % kAlign == 0 && s.raw_pos + s.numel * (eb - 1) == s.total_bytes,
-                      op, ": malformed header list (layout)");
-    s.exp_bytes = s.raw_pos - s.exp_pos;  // an upper bound (alignment padding included)
-  } else {
-    TORCH_CHECK_VALUE(s.raw_pos == L.exp_pos && s.raw_pos + s.numel * eb == s.total_bytes, op,
-                      ": malformed header list (layout)");
-  }
-  s.raw_bytes = s.total_bytes - s.raw_pos;
+  const char* bad = layout_error(s, s.total_bytes);
+  if (!bad && s.mode == Mode::kHuffman && (c.code_len_pos != L.code_len_pos || s.offsets_pos != L.offsets_pos))
+    bad = "table positions";
+  TORCH_CHECK_VALUE(!bad, op, ": malformed header list (", bad ? bad : "", ")");
   return c;
 }
 

@@ -230,6 +230,32 @@ Layout layout_for(int ndim, Mode mode, uint64_t n_chunks) {
   return L;
 }
 
+const char* layout_error(const StreamInfo& s, uint64_t n) {
+  if (s.ndim > kMaxNdim) return "ndim > 8";
+  const uint64_t want_row = s.ndim >= 2 ? std::max<uint64_t>(s.shape[s.ndim - 1], 1) : std::max<uint64_t>(s.numel, 1);
+  if (s.row_len != want_row) return "row_len does not match the shape";
+  if (s.exp_bytes > n || s.raw_bytes > n || s.exp_pos > n || s.raw_pos > n) return "section sizes larger than the stream";
+  const int eb = s.elem_bytes();
+  const Layout L = layout_for(s.ndim, s.mode, s.mode == Mode::kHuffman ? s.n_chunks : 0);
+  if (s.mode == Mode::kStored) {
+    if (s.chunk_elems != 0 || s.n_chunks != 0 || s.exp_bytes != 0) return "stored stream with Huffman fields set";
+    if (s.exp_pos != L.exp_pos || s.raw_pos != L.exp_pos) return "stored stream: bad section positions";
+    if (s.raw_bytes != s.numel * eb) return "stored stream: data size does not match numel";
+  } else {
+    if (s.chunk_elems == 0 || s.chunk_elems > kMaxChunkElems) return "chunk_elems out of range";
+    if (s.chunk_elems >= s.row_len && s.chunk_elems % s.row_len != 0)
+      return "chunk_elems must be a multiple of row_len or smaller than it";
+    if (s.n_chunks != geom_num_chunks(s.geom())) return "chunk count does not match the geometry";
+    if (s.n_chunks > (n >> 4)) return "chunk count larger than the stream can hold";
+    if (s.exp_pos != L.exp_pos) return "bad exponent section position";
+    if (s.raw_pos != align_up(s.exp_pos + s.exp_bytes, kAlign) || s.raw_pos < s.exp_pos)
+      return "bad raw section position";
+    if (s.raw_bytes != s.numel * (eb - 1)) return "raw section size does not match numel";
+  }
+  if (s.raw_pos + s.raw_bytes != n) return "the stream's size does not match its header";
+  return nullptr;
+}
+
 bool parse_stream(const uint8_t* p, uint64_t n, StreamInfo* out, std::string* err) {
   StreamInfo s;
   if (n < static_cast<uint64_t>(kFixedHeaderBytes)) return fail(err, "stream shorter than the 80-byte header");
@@ -244,7 +270,7 @@ bool parse_stream(const uint8_t* p, uint64_t n, StreamInfo* out, std::string* er
   s.dtype = static_cast<WireDType>(dt);
   if (mode > 1) return fail(err, "unknown mode " + std::to_string(mode));
   s.mode = static_cast<Mode>(mode);
-  if (s.ndim > kMaxNdim) return fail(err, "ndim " + std::to_string(s.ndim) + " > 8");
+  if (s.ndim > kMaxNdim) return fail(err, "ndim " + std::to_string(s.ndim) + " > 8");  // before reading the shape
   if (rd<uint16_t>(p + 10) != 0 || rd<uint64_t>(p + 72) != 0) return fail(err, "reserved fields are not zero");
   s.chunk_elems = rd<uint32_t>(p + 12);
   s.numel = rd<uint64_t>(p + 16);
@@ -263,33 +289,11 @@ bool parse_stream(const uint8_t* p, uint64_t n, StreamInfo* out, std::string* er
     if (prod > (static_cast<unsigned __int128>(1) << 56)) return fail(err, "shape too large");
   }
   if (static_cast<uint64_t>(prod) != s.numel) return fail(err, "numel does not match the shape");
-  const uint64_t want_row = s.ndim >= 2 ? std::max<uint64_t>(s.shape[s.ndim - 1], 1) : std::max<uint64_t>(s.numel, 1);
-  if (s.row_len != want_row) return fail(err, "row_len does not match the shape");
-  const int eb = s.elem_bytes();
-  if (s.exp_bytes > n || s.raw_bytes > n || s.exp_pos > n || s.raw_pos > n)
-    return fail(err, "section sizes larger than the stream");
+  if (s.mode == Mode::kStored ? max_len != 0 : max_len != kMaxCodeLen)
+    return fail(err, "max code length must be 12 (Huffman) or 0 (stored)");
+  if (const char* e = layout_error(s, n)) return fail(err, e);
+  s.total_bytes = n;
   const Layout L = layout_for(s.ndim, s.mode, s.mode == Mode::kHuffman ? s.n_chunks : 0);
-  if (s.mode == Mode::kStored) {
-    if (max_len != 0 || s.chunk_elems != 0 || s.n_chunks != 0 || s.exp_bytes != 0)
-      return fail(err, "stored stream with Huffman fields set");
-    if (s.exp_pos != L.exp_pos || s.raw_pos != L.exp_pos) return fail(err, "stored stream: bad section positions");
-    if (s.raw_bytes != s.numel * eb) return fail(err, "stored stream: data size does not match numel");
-  } else {
-    if (max_len != kMaxCodeLen) return fail(err, "max code length must be 12");
-    if (s.chunk_elems == 0 || s.chunk_elems > kMaxChunkElems) return fail(err, "chunk_elems out of range");
-    const ChunkGeom g = s.geom();
-    if (s.chunk_elems >= s.row_len && s.chunk_elems % s.row_len != 0)
-      return fail(err, "chunk_elems must be a multiple of row_len or smaller than it");
-    if (s.n_chunks != geom_num_chunks(g)) return fail(err, "chunk count does not match the geometry");
-    if (s.n_chunks > (n >> 4)) return fail(err, "chunk count larger than the stream can hold");
-    if (s.exp_pos != L.exp_pos) return fail(err, "bad exponent section position");
-    if (s.raw_pos != align_up(s.exp_pos + s.exp_bytes, kAlign) || s.raw_pos < s.exp_pos)
-      return fail(err, "bad raw section position");
-    if (s.raw_bytes != s.numel * (eb - 1)) return fail(err, "raw section size does not match numel");
-  }
-  s.total_bytes = s.raw_pos + s.raw_bytes;
-  if (s.total_bytes != n)
-    return fail(err, "stream is " + std::to_string(n) + " bytes, its header says " + std::to_string(s.total_bytes));
   if (L.meta_crc_pos + 4 > n) return fail(err, "truncated metadata");
   if (rd<uint32_t>(p + L.meta_crc_pos) != crc32c(p, L.meta_crc_pos)) return fail(err, "metadata checksum mismatch");
   s.crc_pos = L.crc_pos;

@@ -57,6 +57,12 @@ struct Layout {
 };
 Layout layout_for(int ndim, Mode mode, uint64_t n_chunks);
 
+// The format's consistency rules between a stream's header fields (shape, numel, row length, chunk
+// layout, section positions and sizes) for a stream of `n` bytes: what can be checked without reading
+// the stream's tables. nullptr when consistent, else what is wrong. parse_stream and the CUDA glue's
+// check of a header list (which cannot read device memory) both use it.
+const char* layout_error(const StreamInfo& s, uint64_t n);
+
 // Reads and validates the metadata of a stream of `n` bytes: magic, version, field ranges, section
 // positions and sizes, the metadata CRC, the code lengths, and that the chunk offsets are 16-aligned,
 // increasing and inside the exponent section. Does not touch chunk contents. On failure returns false
