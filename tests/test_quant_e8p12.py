@@ -103,3 +103,43 @@ def test_nearest_on_cuda_matches_cpu():
     x = torch.randn(5000, 8)
     assert torch.equal(e8p12_nearest(x.cuda()).cpu(), e8p12_nearest(x))
     assert torch.equal(e8p12_decode(torch.arange(65536, device="cuda")).cpu(), e8p12_codebook())
+
+
+# ------------------------------------------------------------------ QuIP#'s packed Qidxs layout
+from tersor.quant import pack_qidxs_e8p, unpack_qidxs_e8p  # noqa: E402
+
+
+def test_qidxs_round_trip():
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 65536, (32, 128 // 8 * 2), generator=g)  # m = 32, n = 256
+    q = pack_qidxs_e8p(codes)
+    assert q.dtype == torch.int64 and q.shape == (32, 256 // 32)
+    assert torch.equal(unpack_qidxs_e8p(q).long(), codes)
+
+
+def test_qidxs_layout_element_by_element():
+    # Every field where docs/research/e8p12.md §4 says it is: word [I, J, g, q] (flat index
+    # I*(n/2) + 32J + 4g + q, the CUDA lane's read) covers rows 16I+2g (+1) and columns 64J+16q..+15;
+    # abs byte i = slot i's abs index, sign bit j of slot i at hi bit 4j+i.
+    m, n = 32, 128
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 65536, (m, n // 8), generator=g)
+    flat = pack_qidxs_e8p(codes).flatten().tolist()
+    for I in range(m // 16):
+        for J in range(n // 64):
+            for gg in range(8):
+                for q in range(4):
+                    word = flat[I * (n // 2) + 32 * J + 4 * gg + q] & (2**64 - 1)
+                    lo, hi = word & 0xFFFFFFFF, word >> 32
+                    r, k = 16 * I + 2 * gg, (64 * J + 16 * q) // 8
+                    slots = [codes[r, k], codes[r + 1, k], codes[r, k + 1], codes[r + 1, k + 1]]
+                    for i, c in enumerate(int(s) for s in slots):
+                        assert (lo >> (8 * i)) & 0xFF == c >> 8
+                        assert all(((hi >> (4 * j + i)) & 1) == ((c >> j) & 1) for j in range(8))
+
+
+def test_qidxs_shape_errors():
+    with pytest.raises(ValueError, match="% 16"):
+        pack_qidxs_e8p(torch.zeros(8, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="int64"):
+        unpack_qidxs_e8p(torch.zeros(16, 2, dtype=torch.int32))

@@ -1,0 +1,60 @@
+"""QuIP#'s packed code layout for E8P12 weights (``Qidxs``), as its checkpoints store it.
+
+Layout (docs/research/e8p12.md §4; quip-sharp ``maybe_pack_idxs``): an E8P12 weight [m, n] has one 16-bit
+code per 8 consecutive weights of a row, ``codes[m, n/8]``. Four codes of a 2-row x 16-column patch share
+one int64 = {lo: 4 abs bytes, hi: 32 sign bits}: slot 0 = (r, c..c+7), slot 1 = (r+1, c..c+7),
+slot 2 = (r, c+8..c+15), slot 3 = (r+1, c+8..c+15); abs byte i of lo is slot i's abs index, and sign
+bit j of slot i is hi bit 4j + i. The [m/2, n/16] array of those words is tiled [m/16, 8, n/64, 4] ->
+[m/16, n/64, 8, 4] (a CUDA lane 4g+q of row block I, column block J reads word I*(n/2) + 32J + 4g + q) and
+stored as int64 [m, n/32].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check(m: int, n: int, what: str):
+    if m % 16 or n % 64:
+        raise ValueError(f"{what}: QuIP#'s E8P layout needs out_features % 16 == 0 and in_features % 64 == 0, "
+                         f"got [{m}, {n}]")
+
+
+def pack_qidxs_e8p(codes: torch.Tensor) -> torch.Tensor:
+    """``codes [m, n/8]`` (16-bit codes in any integer dtype) -> QuIP#'s ``Qidxs`` int64 [m, n/32]."""
+    if codes.dim() != 2 or codes.is_floating_point():
+        raise ValueError(f"pack_qidxs_e8p: expected 2-d integer codes [m, n/8], got {codes.dtype} {tuple(codes.shape)}")
+    m, n = codes.shape[0], codes.shape[1] * 8
+    _check(m, n, "pack_qidxs_e8p")
+    c = codes.long() & 0xFFFF
+    # slots [m/2, n/16, 4]: (r, k), (r+1, k), (r, k+1), (r+1, k+1) for r = 2R, k = 2C
+    q = c.view(m // 2, 2, n // 16, 2)  # [R, row in pair, C, code in pair]
+    slots = torch.stack([q[:, 0, :, 0], q[:, 1, :, 0], q[:, 0, :, 1], q[:, 1, :, 1]], dim=-1)
+    absb, sign = slots >> 8, slots & 0xFF
+    lo = (absb << (8 * torch.arange(4, device=c.device))).sum(-1)
+    bit = (sign.unsqueeze(-1) >> torch.arange(8, device=c.device)) & 1  # [R, C, slot i, bit j]
+    shift = 4 * torch.arange(8, device=c.device).view(1, 1, 1, 8) + torch.arange(4, device=c.device).view(1, 1, 4, 1)
+    hi = (bit << shift).sum((-1, -2))
+    words = lo | (hi << 32)  # both < 2^32: the int64 holds them as unsigned halves
+    words = words.view(m // 16, 8, n // 64, 4).permute(0, 2, 1, 3).contiguous()
+    return words.view(m, n // 32)
+
+
+def unpack_qidxs_e8p(qidxs: torch.Tensor) -> torch.Tensor:
+    """QuIP#'s ``Qidxs`` int64 [m, n/32] -> ``codes`` int32 [m, n/8] (inverse of :func:`pack_qidxs_e8p`)."""
+    if qidxs.dim() != 2 or qidxs.dtype != torch.int64:
+        raise ValueError(f"unpack_qidxs_e8p: expected int64 [m, n/32], got {qidxs.dtype} {tuple(qidxs.shape)}")
+    m, n = qidxs.shape[0], qidxs.shape[1] * 32
+    _check(m, n, "unpack_qidxs_e8p")
+    words = qidxs.reshape(m // 16, n // 64, 8, 4).permute(0, 2, 1, 3).reshape(m // 2, n // 16)
+    lo, hi = words & 0xFFFFFFFF, (words >> 32) & 0xFFFFFFFF
+    dev = qidxs.device
+    absb = (lo.unsqueeze(-1) >> (8 * torch.arange(4, device=dev))) & 0xFF  # [R, C, slot]
+    shift = 4 * torch.arange(8, device=dev).view(1, 1, 1, 8) + torch.arange(4, device=dev).view(1, 1, 4, 1)
+    bit = (hi.view(m // 2, n // 16, 1, 1) >> shift) & 1  # [R, C, slot i, bit j]
+    sign = (bit << torch.arange(8, device=dev)).sum(-1)
+    slots = (absb << 8) | sign  # [R, C, 4]
+    codes = torch.empty(m // 2, 2, n // 16, 2, dtype=torch.long, device=dev)
+    codes[:, 0, :, 0], codes[:, 1, :, 0] = slots[..., 0], slots[..., 1]
+    codes[:, 0, :, 1], codes[:, 1, :, 1] = slots[..., 2], slots[..., 3]
+    return codes.view(m, n // 8).to(torch.int32)
