@@ -58,3 +58,65 @@ def unpack_qidxs_e8p(qidxs: torch.Tensor) -> torch.Tensor:
     codes[:, 0, :, 0], codes[:, 1, :, 0] = slots[..., 0], slots[..., 1]
     codes[:, 0, :, 1], codes[:, 1, :, 1] = slots[..., 2], slots[..., 3]
     return codes.view(m, n // 8).to(torch.int32)
+
+
+# ------------------------------------------------------------------ RHT + E8P12 (2-bit) quantization
+OPT_SCALE_E8P12 = 1.03  # QuIP#'s opt_scale for E8P12: Wscale = RMS(rotated W) / 1.03
+
+
+def _rht_right(a: torch.Tensor, transpose: bool) -> torch.Tensor:
+    # Rows of `a` times U_n (transpose=True) or U_n^T (transpose=False), U_n = H_n / sqrt(n):
+    # (a U_n)[r] = U_n^T a[r], one Hadamard transform of each row.
+    from ..ops import hadamard_transform
+
+    return hadamard_transform(a, transpose=transpose)
+
+
+def rht(w: torch.Tensor, su: torch.Tensor, sv: torch.Tensor) -> torch.Tensor:
+    """QuIP#'s incoherence rotation: ``U_m^T diag(SV) W diag(SU) U_n`` (fp32), U_k = H_k / sqrt(k)."""
+    a = w.float() * su.float()[None, :] * sv.float()[:, None]
+    a = _rht_right(a, transpose=True)  # A U_n
+    return _rht_right(a.t().contiguous(), transpose=True).t()  # U_m^T (A U_n)
+
+
+def unrht(wr: torch.Tensor, su: torch.Tensor, sv: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rht`: ``diag(SV) U_m Wr U_n^T diag(SU)`` (fp32)."""
+    a = _rht_right(wr.float(), transpose=False)  # Wr U_n^T
+    a = _rht_right(a.t().contiguous(), transpose=False).t()  # U_m (Wr U_n^T)
+    return a * su.float()[None, :] * sv.float()[:, None]
+
+
+def quantize_e8p(w: torch.Tensor, seed: int = 0, scale: float = OPT_SCALE_E8P12) -> dict[str, torch.Tensor]:
+    """2-bit E8P12 quantization with QuIP#'s randomized Hadamard incoherence, no Hessian (nearest rounding).
+
+    Returns QuIP#-named tensors: ``Qidxs`` (int64 [m, n/32], QuIP#'s packing), ``SU`` [n] and ``SV`` [m]
+    (fp16 random signs), ``Wscale`` (fp32 scalar) with ``W ~ diag(SV) U_m (Wscale * D(Qidxs)) U_n^T diag(SU)``.
+    Requires m % 16 == 0, n % 64 == 0 and both sizes supported by :func:`tersor.hadamard_transform`
+    (for K * 2^k sizes tersor's H_K is used, which is not QuIP#'s; see docs/ops.md).
+    Not yet: LDLQ with a Hessian, RVQ 3/4-bit (issue 4).
+    """
+    from .e8p12 import e8p12_nearest
+
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"quantize_e8p: expected a 2-d float weight, got {w.dtype} {tuple(w.shape)}")
+    m, n = w.shape
+    _check(m, n, "quantize_e8p")
+    g = torch.Generator().manual_seed(seed)
+    su = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).to(torch.float16).to(w.device)
+    sv = (torch.randint(0, 2, (m,), generator=g) * 2 - 1).to(torch.float16).to(w.device)
+    wr = rht(w, su, sv)
+    wscale = wr.square().mean().sqrt() / scale
+    codes = e8p12_nearest((wr / wscale).reshape(m, n // 8, 8))
+    return {"Qidxs": pack_qidxs_e8p(codes), "SU": su, "SV": sv, "Wscale": wscale.float()}
+
+
+def dequantize_e8p(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The fp32 weight [m, n] a :func:`quantize_e8p` state (or a QuIP# E8P12 layer with power-of-two sizes)
+    stands for: ``diag(SV * Wscale) U_m D(Qidxs) U_n^T diag(SU)``."""
+    from .e8p12 import e8p12_decode
+
+    q = state["Qidxs"]
+    m, n = q.shape[0], q.shape[1] * 32
+    w_hat = e8p12_decode(unpack_qidxs_e8p(q)).reshape(m, n)
+    wscale = state.get("Wscale", torch.ones(()))
+    return unrht(w_hat * wscale.float(), state["SU"], state["SV"])
