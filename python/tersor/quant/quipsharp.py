@@ -86,16 +86,34 @@ def unrht(wr: torch.Tensor, su: torch.Tensor, sv: torch.Tensor) -> torch.Tensor:
     return a * su.float()[None, :] * sv.float()[:, None]
 
 
-def quantize_e8p(w: torch.Tensor, seed: int = 0, scale: float = OPT_SCALE_E8P12) -> dict[str, torch.Tensor]:
-    """2-bit E8P12 quantization with QuIP#'s randomized Hadamard incoherence, no Hessian (nearest rounding).
+def _block_ldl_l(h: torch.Tensor, block: int) -> torch.Tensor:
+    # L of H = L D L^T, L unit lower block-triangular, D block-diagonal (blocks of `block`), from the
+    # Cholesky factor C: L = C blockdiag(C_jj)^-1 (and D_j = C_jj C_jj^T, which LDLQ does not need).
+    c = torch.linalg.cholesky(h)
+    n = h.shape[0]
+    lmat = torch.empty_like(c)
+    for j in range(0, n, block):
+        cjj = c[j:j + block, j:j + block]
+        lmat[:, j:j + block] = torch.linalg.solve_triangular(cjj, c[:, j:j + block], upper=False, left=False)
+    return lmat
+
+
+def quantize_e8p(w: torch.Tensor, hessian: torch.Tensor | None = None, seed: int = 0,
+                 scale: float = OPT_SCALE_E8P12, sigma_reg: float = 1e-2) -> dict[str, torch.Tensor]:
+    """2-bit E8P12 quantization with QuIP#'s randomized Hadamard incoherence.
+
+    Without ``hessian``: nearest rounding. With ``hessian`` (the input second moment ``E[x x^T]``, [n, n],
+    e.g. ``X.T @ X / len(X)`` from calibration activations): block LDLQ in blocks of 8 columns, last block
+    first, which minimises the proxy loss ``tr((W - W^) H (W - W^)^T)`` one block at a time (QuIP#'s
+    order; ``sigma_reg * mean(diag H)`` is added to the diagonal, as QuIP# does).
 
     Returns QuIP#-named tensors: ``Qidxs`` (int64 [m, n/32], QuIP#'s packing), ``SU`` [n] and ``SV`` [m]
     (fp16 random signs), ``Wscale`` (fp32 scalar) with ``W ~ diag(SV) U_m (Wscale * D(Qidxs)) U_n^T diag(SU)``.
     Requires m % 16 == 0, n % 64 == 0 and both sizes supported by :func:`tersor.hadamard_transform`
     (for K * 2^k sizes tersor's H_K is used, which is not QuIP#'s; see docs/ops.md).
-    Not yet: LDLQ with a Hessian, RVQ 3/4-bit (issue 4).
+    Not yet: RVQ 3/4-bit (issue 4).
     """
-    from .e8p12 import e8p12_nearest
+    from .e8p12 import e8p12_decode, e8p12_nearest
 
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"quantize_e8p: expected a 2-d float weight, got {w.dtype} {tuple(w.shape)}")
@@ -106,8 +124,37 @@ def quantize_e8p(w: torch.Tensor, seed: int = 0, scale: float = OPT_SCALE_E8P12)
     sv = (torch.randint(0, 2, (m,), generator=g) * 2 - 1).to(torch.float16).to(w.device)
     wr = rht(w, su, sv)
     wscale = wr.square().mean().sqrt() / scale
-    codes = e8p12_nearest((wr / wscale).reshape(m, n // 8, 8))
+    target = wr / wscale
+    if hessian is None:
+        codes = e8p12_nearest(target.reshape(m, n // 8, 8))
+    else:
+        if hessian.shape != (n, n):
+            raise ValueError(f"quantize_e8p: hessian must be [{n}, {n}], got {tuple(hessian.shape)}")
+        # The Hessian of the rotated problem: x_r = U_n^T diag(SU) x.
+        h = hessian.double().to(w.device)
+        h = (h + h.t()) / 2
+        h = _rotate_hessian(h, su)
+        h = h + sigma_reg * h.diagonal().mean() * torch.eye(n, dtype=h.dtype, device=h.device)
+        lmat = _block_ldl_l(h, 8)
+        tgt = target.double()
+        err = torch.zeros_like(tgt)
+        codes = torch.empty(m, n // 8, dtype=torch.int32, device=w.device)
+        for j in range(n - 8, -1, -8):
+            # Rounding target: the block plus the feedback of the errors already made to its right.
+            t = tgt[:, j:j + 8] + err[:, j + 8:] @ lmat[j + 8:, j:j + 8]
+            cj = e8p12_nearest(t)
+            codes[:, j // 8] = cj
+            err[:, j:j + 8] = tgt[:, j:j + 8] - e8p12_decode(cj).double()
     return {"Qidxs": pack_qidxs_e8p(codes), "SU": su, "SV": sv, "Wscale": wscale.float()}
+
+
+def _rotate_hessian(h: torch.Tensor, su: torch.Tensor) -> torch.Tensor:
+    # U_n^T diag(SU) H diag(SU) U_n, in float64 through the float32 transform twice (H is symmetric).
+    from ..ops import hadamard_transform
+
+    a = h * su.double()[None, :] * su.double()[:, None]
+    a = hadamard_transform(a.float(), transpose=True).double()  # A U_n (row transforms)
+    return hadamard_transform(a.t().contiguous().float(), transpose=True).double().t()
 
 
 def dequantize_e8p(state: dict[str, torch.Tensor]) -> torch.Tensor:
