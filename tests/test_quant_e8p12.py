@@ -181,7 +181,8 @@ def test_quantize_e8p_errors():
         quantize_e8p(torch.randn(16))
 
 
-def test_ldlq_lowers_the_proxy_loss():
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_ldlq_lowers_the_proxy_loss(bits):
     # With correlated inputs, LDLQ trades weight error for output error: tr(E H E^T) must drop well below
     # what nearest rounding gets (0.60x here), and so must the layer's output error on the calibration data.
     g = torch.Generator().manual_seed(0)
@@ -194,9 +195,36 @@ def test_ldlq_lowers_the_proxy_loss():
         e = (wh - w).double()
         return torch.trace(e @ h.double() @ e.T).item()
 
-    near = dequantize_e8p(quantize_e8p(w))
-    ldlq = dequantize_e8p(quantize_e8p(w, hessian=h))
+    near = dequantize_e8p(quantize_e8p(w, bits=bits))
+    ldlq = dequantize_e8p(quantize_e8p(w, bits=bits, hessian=h))
     assert proxy(ldlq) < 0.75 * proxy(near)
     assert (x @ (ldlq - w).T).norm() < 0.85 * (x @ (near - w).T).norm()
     with pytest.raises(ValueError, match="hessian"):
         quantize_e8p(w, hessian=torch.eye(n - 1))
+
+
+def test_e81b_table_matches_quipsharp():
+    from tersor.quant.quipsharp import E81B
+
+    assert hashlib.sha256(E81B.half().numpy().tobytes()).hexdigest() == (
+        "d65cecfd0258df8b7aaabfe7ce66ac5b0ec9385274c60b83f3fe3714321337eb")
+    assert E81B[56].abs().sum() == 0 and E81B[0].tolist()[:3] == [-1, -1, 0]
+    assert E81B[113].tolist() == [-0.5] * 8 and E81B[240].tolist() == [0.5] * 8
+
+
+@pytest.mark.parametrize("bits,cols,max_rel", [(2, 8, 0.32), (3, 12, 0.19), (4, 16, 0.11)])
+def test_rvq_layouts_and_error(bits, cols, max_rel):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(5)) * 0.02
+    st = quantize_e8p(w, bits=bits)
+    assert st["Qidxs"].shape == (64, cols)  # QuIP#: n/32, 3n/64, n/16
+    rel = ((dequantize_e8p(st) - w).norm() / w.norm()).item()
+    assert rel < max_rel, rel
+
+
+def test_rvq_errors():
+    with pytest.raises(ValueError, match="bits"):
+        quantize_e8p(torch.randn(16, 64), bits=5)
+    st = quantize_e8p(torch.randn(16, 64), bits=2)
+    st["Qidxs"] = st["Qidxs"][:, :1]
+    with pytest.raises(ValueError, match="does not fit"):
+        dequantize_e8p(st)

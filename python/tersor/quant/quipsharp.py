@@ -60,8 +60,28 @@ def unpack_qidxs_e8p(qidxs: torch.Tensor) -> torch.Tensor:
     return codes.view(m, n // 8).to(torch.int32)
 
 
-# ------------------------------------------------------------------ RHT + E8P12 (2-bit) quantization
-OPT_SCALE_E8P12 = 1.03  # QuIP#'s opt_scale for E8P12: Wscale = RMS(rotated W) / 1.03
+# ------------------------------------------------------------------ RHT + E8P12 quantization (2/3/4 bits)
+OPT_SCALE_E8P12 = 1.03  # QuIP#'s opt_scale for E8P12 and RVQ 4-bit: Wscale = RMS(rotated W) / opt_scale
+OPT_SCALE = {2: 1.03, 3: 0.98, 4: 1.03}
+RESID_SCALE = {3: 2.04, 4: 3.45}  # W^ = D(q1) + D2(q2) / resid_scale
+
+
+def _e81b_table() -> torch.Tensor:
+    # QuIP#'s 1-bit "E81B" second stage (docs/research/e8p12.md §5): the E8 points of norm^2 <= 2 with an
+    # even sum, integer ones first then half-integer ones, each in ascending lexicographic order
+    # (coordinate 0 most significant), then +2e_0..+2e_7 and -2e_0..-2e_6 (QuIP# leaves out -2e_7).
+    import itertools
+
+    ints = [p for p in itertools.product((-1, 0, 1), repeat=8) if sum(v * v for v in p) <= 2 and sum(p) % 2 == 0]
+    halves = [p for p in itertools.product((-0.5, 0.5), repeat=8) if round(sum(p)) % 2 == 0]
+    axes = [tuple(2.0 if k == i else 0.0 for k in range(8)) for i in range(8)]
+    axes += [tuple(-2.0 if k == i else 0.0 for k in range(8)) for i in range(7)]  # +0.0 elsewhere, not -0.0
+    t = torch.tensor(sorted(ints) + sorted(halves) + axes, dtype=torch.float32)
+    assert t.shape == (256, 8)
+    return t
+
+
+E81B = _e81b_table()
 
 
 def _rht_right(a: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -98,23 +118,56 @@ def _block_ldl_l(h: torch.Tensor, block: int) -> torch.Tensor:
     return lmat
 
 
-def quantize_e8p(w: torch.Tensor, hessian: torch.Tensor | None = None, seed: int = 0,
-                 scale: float = OPT_SCALE_E8P12, sigma_reg: float = 1e-2) -> dict[str, torch.Tensor]:
-    """2-bit E8P12 quantization with QuIP#'s randomized Hadamard incoherence.
-
-    Without ``hessian``: nearest rounding. With ``hessian`` (the input second moment ``E[x x^T]``, [n, n],
-    e.g. ``X.T @ X / len(X)`` from calibration activations): block LDLQ in blocks of 8 columns, last block
-    first, which minimises the proxy loss ``tr((W - W^) H (W - W^)^T)`` one block at a time (QuIP#'s
-    order; ``sigma_reg * mean(diag H)`` is added to the diagonal, as QuIP# does).
-
-    Returns QuIP#-named tensors: ``Qidxs`` (int64 [m, n/32], QuIP#'s packing), ``SU`` [n] and ``SV`` [m]
-    (fp16 random signs), ``Wscale`` (fp32 scalar) with ``W ~ diag(SV) U_m (Wscale * D(Qidxs)) U_n^T diag(SU)``.
-    Requires m % 16 == 0, n % 64 == 0 and both sizes supported by :func:`tersor.hadamard_transform`
-    (for K * 2^k sizes tersor's H_K is used, which is not QuIP#'s; see docs/ops.md).
-    Not yet: RVQ 3/4-bit (issue 4).
-    """
+def _round(t: torch.Tensor, bits: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Codes (one tensor per stage) and the decoded value of t [..., 8] under the bits' codebook: E8P12
+    (2), E8P12 + E81B residual (3), E8P12 + E8P12 residual (4), greedy stage by stage as QuIP# does."""
     from .e8p12 import e8p12_decode, e8p12_nearest
 
+    c1 = e8p12_nearest(t)
+    d1 = e8p12_decode(c1).to(t.dtype)
+    if bits == 2:
+        return [c1], d1
+    rs = RESID_SCALE[bits]
+    r = (t - d1) * rs
+    if bits == 4:
+        c2 = e8p12_nearest(r)
+        return [c1, c2], d1 + e8p12_decode(c2).to(t.dtype) / rs
+    table = E81B.to(t.device, t.dtype)
+    c2 = torch.cdist(r.reshape(-1, 8), table).argmin(1).reshape(r.shape[:-1]).to(torch.int32)
+    return [c1, c2], d1 + table[c2.long()] / rs
+
+
+def _pack_e81b(codes: torch.Tensor) -> torch.Tensor:
+    # [m, n/8] byte codes -> int64 [m, n/64]: column t, byte j = code of codeword 8t + j (row-major).
+    m, k = codes.shape
+    c = codes.long().view(m, k // 8, 8)
+    return (c << (8 * torch.arange(8, device=codes.device))).sum(-1)
+
+
+def _unpack_e81b(q: torch.Tensor) -> torch.Tensor:
+    m, t = q.shape
+    return ((q.unsqueeze(-1) >> (8 * torch.arange(8, device=q.device))) & 0xFF).reshape(m, t * 8)
+
+
+def quantize_e8p(w: torch.Tensor, bits: int = 2, hessian: torch.Tensor | None = None, seed: int = 0,
+                 scale: float | None = None, sigma_reg: float = 1e-2) -> dict[str, torch.Tensor]:
+    """E8P12 quantization (2 bits; 3 and 4 bits by residual VQ) with QuIP#'s randomized Hadamard incoherence.
+
+    bits=2: E8P12. bits=4: a second E8P12 stage on the residual times 3.45. bits=3: an E81B (1 bit per
+    weight) stage on the residual times 2.04. ``scale`` defaults to QuIP#'s opt_scale (1.03, 0.98 for 3
+    bits). Without ``hessian``: greedy rounding. With ``hessian`` (the input second moment ``E[x x^T]``,
+    [n, n], e.g. ``X.T @ X / len(X)`` from calibration activations): block LDLQ in blocks of 8 columns,
+    last block first, which minimises the proxy loss ``tr((W - W^) H (W - W^)^T)`` one block at a time
+    (QuIP#'s order; ``sigma_reg * mean(diag H)`` is added to the diagonal, as QuIP# does).
+
+    Returns QuIP#-named tensors: ``Qidxs`` (int64, QuIP#'s layouts: [m, n/32] for 2 bits, [stage 1 |
+    stage 2] = [m, n/16] for 4 bits and [m, 3n/64] for 3 bits), ``SU`` [n] and ``SV`` [m] (fp16 random
+    signs), ``Wscale`` (fp32 scalar) with ``W ~ diag(SV) U_m (Wscale * W^) U_n^T diag(SU)``.
+    Requires m % 16 == 0, n % 64 == 0 and sizes :func:`tersor.hadamard_transform` supports (for K * 2^k
+    sizes tersor's H_K is used, which is not QuIP#'s; see docs/ops.md).
+    """
+    if bits not in (2, 3, 4):
+        raise ValueError(f"quantize_e8p: bits must be 2, 3 or 4, got {bits}")
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"quantize_e8p: expected a 2-d float weight, got {w.dtype} {tuple(w.shape)}")
     m, n = w.shape
@@ -123,29 +176,34 @@ def quantize_e8p(w: torch.Tensor, hessian: torch.Tensor | None = None, seed: int
     su = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).to(torch.float16).to(w.device)
     sv = (torch.randint(0, 2, (m,), generator=g) * 2 - 1).to(torch.float16).to(w.device)
     wr = rht(w, su, sv)
-    wscale = wr.square().mean().sqrt() / scale
+    wscale = wr.square().mean().sqrt() / (OPT_SCALE[bits] if scale is None else scale)
     target = wr / wscale
     if hessian is None:
-        codes = e8p12_nearest(target.reshape(m, n // 8, 8))
+        stages, _ = _round(target.reshape(m, n // 8, 8), bits)
     else:
         if hessian.shape != (n, n):
             raise ValueError(f"quantize_e8p: hessian must be [{n}, {n}], got {tuple(hessian.shape)}")
         # The Hessian of the rotated problem: x_r = U_n^T diag(SU) x.
         h = hessian.double().to(w.device)
-        h = (h + h.t()) / 2
-        h = _rotate_hessian(h, su)
+        h = _rotate_hessian((h + h.t()) / 2, su)
         h = h + sigma_reg * h.diagonal().mean() * torch.eye(n, dtype=h.dtype, device=h.device)
         lmat = _block_ldl_l(h, 8)
         tgt = target.double()
         err = torch.zeros_like(tgt)
-        codes = torch.empty(m, n // 8, dtype=torch.int32, device=w.device)
+        stages = [torch.empty(m, n // 8, dtype=torch.int32, device=w.device) for _ in range(1 if bits == 2 else 2)]
         for j in range(n - 8, -1, -8):
             # Rounding target: the block plus the feedback of the errors already made to its right.
             t = tgt[:, j:j + 8] + err[:, j + 8:] @ lmat[j + 8:, j:j + 8]
-            cj = e8p12_nearest(t)
-            codes[:, j // 8] = cj
-            err[:, j:j + 8] = tgt[:, j:j + 8] - e8p12_decode(cj).double()
-    return {"Qidxs": pack_qidxs_e8p(codes), "SU": su, "SV": sv, "Wscale": wscale.float()}
+            cs, dec = _round(t, bits)
+            for st, c in zip(stages, cs):
+                st[:, j // 8] = c
+            err[:, j:j + 8] = tgt[:, j:j + 8] - dec
+    packed = [pack_qidxs_e8p(stages[0])]
+    if bits == 4:
+        packed.append(pack_qidxs_e8p(stages[1]))
+    elif bits == 3:
+        packed.append(_pack_e81b(stages[1]))
+    return {"Qidxs": torch.cat(packed, 1), "SU": su, "SV": sv, "Wscale": wscale.float()}
 
 
 def _rotate_hessian(h: torch.Tensor, su: torch.Tensor) -> torch.Tensor:
@@ -158,12 +216,21 @@ def _rotate_hessian(h: torch.Tensor, su: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_e8p(state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The fp32 weight [m, n] a :func:`quantize_e8p` state (or a QuIP# E8P12 layer with power-of-two sizes)
-    stands for: ``diag(SV * Wscale) U_m D(Qidxs) U_n^T diag(SU)``."""
+    """The fp32 weight [m, n] a :func:`quantize_e8p` state (or a QuIP# E8P12 / RVQ layer with power-of-two
+    sizes) stands for: ``diag(SV * Wscale) U_m W^ U_n^T diag(SU)``; the bit width follows from the shape
+    of ``Qidxs`` against n = len(SU). (QuIP#'s own RVQ decode rounds D1 + D2/s to fp16; this one does not.)"""
     from .e8p12 import e8p12_decode
 
-    q = state["Qidxs"]
-    m, n = q.shape[0], q.shape[1] * 32
-    w_hat = e8p12_decode(unpack_qidxs_e8p(q)).reshape(m, n)
+    q, n = state["Qidxs"], state["SU"].numel()
+    m = q.shape[0]
+    cols = {n // 32: 2, 3 * n // 64: 3, n // 16: 4}
+    if n % 64 or q.shape[1] not in cols:
+        raise ValueError(f"dequantize_e8p: Qidxs {tuple(q.shape)} does not fit n = {n} at 2, 3 or 4 bits")
+    bits = cols[q.shape[1]]
+    w_hat = e8p12_decode(unpack_qidxs_e8p(q[:, : n // 32])).reshape(m, n)
+    if bits == 4:
+        w_hat = w_hat + e8p12_decode(unpack_qidxs_e8p(q[:, n // 32:])).reshape(m, n) / RESID_SCALE[4]
+    elif bits == 3:
+        w_hat = w_hat + E81B.to(q.device)[_unpack_e81b(q[:, n // 32:])].reshape(m, n) / RESID_SCALE[3]
     wscale = state.get("Wscale", torch.ones(()))
     return unrht(w_hat * wscale.float(), state["SU"], state["SV"])
