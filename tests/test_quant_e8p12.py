@@ -228,3 +228,39 @@ def test_rvq_errors():
     st["Qidxs"] = st["Qidxs"][:, :1]
     with pytest.raises(ValueError, match="does not fit"):
         dequantize_e8p(st)
+
+
+# ------------------------------------------------------------------ E8PLinear (reference forward)
+from tersor.nn import E8PLinear  # noqa: E402
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_e8p_linear_matches_its_dequantized_weight(bits, dtype, tmp_path):
+    lin = torch.nn.Linear(256, 64)
+    layer = E8PLinear.from_linear(lin, bits=bits)
+    x = torch.randn(3, 7, 256)
+    st = {"Qidxs": layer.Qidxs, "SU": layer.SU, "SV": layer.SV, "Wscale": layer.Wscale}
+    want = x @ dequantize_e8p(st).T + lin.bias.detach()
+    got = layer(x.to(dtype))
+    assert got.dtype == dtype and got.shape == (3, 7, 64)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
+    # safetensors round trip of the state dict into a fresh layer of the same shape
+    from safetensors.torch import load_file, save_file
+
+    save_file(layer.state_dict(), str(tmp_path / "l.safetensors"))
+    other = E8PLinear.from_linear(torch.nn.Linear(256, 64), bits=bits, seed=9)
+    other.load_state_dict(load_file(str(tmp_path / "l.safetensors")))
+    assert torch.equal(other(x), layer(x))
+
+
+def test_e8p_linear_errors():
+    with pytest.raises(TypeError):
+        E8PLinear.from_linear(torch.nn.Conv1d(4, 4, 1))
+    layer = E8PLinear.from_linear(torch.nn.Linear(64, 16))
+    with pytest.raises(ValueError, match="features"):
+        layer(torch.randn(2, 63))
+    st = {"Qidxs": layer.Qidxs[:, :1], "SU": layer.SU, "SV": layer.SV, "Wscale": layer.Wscale}
+    with pytest.raises(ValueError, match="does not fit"):
+        E8PLinear(st)

@@ -215,22 +215,37 @@ def _rotate_hessian(h: torch.Tensor, su: torch.Tensor) -> torch.Tensor:
     return hadamard_transform(a.t().contiguous().float(), transpose=True).double().t()
 
 
+def qidxs_bits(qidxs: torch.Tensor, n: int) -> int:
+    """Bits per weight (2, 3 or 4) of QuIP#-layout ``Qidxs`` for ``n`` input features; ValueError otherwise."""
+    cols = {n // 32: 2, 3 * n // 64: 3, n // 16: 4}
+    if n % 64 or qidxs.dim() != 2 or qidxs.shape[0] % 16 or qidxs.shape[1] not in cols:
+        raise ValueError(f"Qidxs {tuple(qidxs.shape)} does not fit n = {n} at 2, 3 or 4 bits")
+    return cols[qidxs.shape[1]]
+
+
+def decode_qidxs(qidxs: torch.Tensor, n: int) -> torch.Tensor:
+    """``W^`` (fp32 [m, n]), the codebook values of QuIP#-layout ``Qidxs`` before rotations and scales:
+    D(q1), plus D(q2)/3.45 (4 bits) or E81B[q2]/2.04 (3 bits). (QuIP#'s own RVQ decode rounds the sum to
+    fp16; this one does not.)"""
+    from .e8p12 import e8p12_decode
+
+    bits = qidxs_bits(qidxs, n)
+    m = qidxs.shape[0]
+    w_hat = e8p12_decode(unpack_qidxs_e8p(qidxs[:, : n // 32])).reshape(m, n)
+    if bits == 4:
+        w_hat = w_hat + e8p12_decode(unpack_qidxs_e8p(qidxs[:, n // 32:])).reshape(m, n) / RESID_SCALE[4]
+    elif bits == 3:
+        w_hat = w_hat + E81B.to(qidxs.device)[_unpack_e81b(qidxs[:, n // 32:])].reshape(m, n) / RESID_SCALE[3]
+    return w_hat
+
+
 def dequantize_e8p(state: dict[str, torch.Tensor]) -> torch.Tensor:
     """The fp32 weight [m, n] a :func:`quantize_e8p` state (or a QuIP# E8P12 / RVQ layer with power-of-two
     sizes) stands for: ``diag(SV * Wscale) U_m W^ U_n^T diag(SU)``; the bit width follows from the shape
-    of ``Qidxs`` against n = len(SU). (QuIP#'s own RVQ decode rounds D1 + D2/s to fp16; this one does not.)"""
-    from .e8p12 import e8p12_decode
-
-    q, n = state["Qidxs"], state["SU"].numel()
-    m = q.shape[0]
-    cols = {n // 32: 2, 3 * n // 64: 3, n // 16: 4}
-    if n % 64 or q.shape[1] not in cols:
-        raise ValueError(f"dequantize_e8p: Qidxs {tuple(q.shape)} does not fit n = {n} at 2, 3 or 4 bits")
-    bits = cols[q.shape[1]]
-    w_hat = e8p12_decode(unpack_qidxs_e8p(q[:, : n // 32])).reshape(m, n)
-    if bits == 4:
-        w_hat = w_hat + e8p12_decode(unpack_qidxs_e8p(q[:, n // 32:])).reshape(m, n) / RESID_SCALE[4]
-    elif bits == 3:
-        w_hat = w_hat + E81B.to(q.device)[_unpack_e81b(q[:, n // 32:])].reshape(m, n) / RESID_SCALE[3]
+    of ``Qidxs`` against n = len(SU)."""
+    try:
+        w_hat = decode_qidxs(state["Qidxs"], state["SU"].numel())
+    except ValueError as e:
+        raise ValueError(f"dequantize_e8p: {e}") from None
     wscale = state.get("Wscale", torch.ones(()))
     return unrht(w_hat * wscale.float(), state["SU"], state["SV"])
