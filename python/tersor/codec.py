@@ -24,7 +24,7 @@ _lib = torch.ops.tersor
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 _WIRE_TO_DTYPE = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.float8_e4m3fn, 5: torch.float8_e5m2}
 # Positions in the header list (csrc/codec/codec_glue.h, HeaderField).
-_H_DTYPE, _H_MODE, _H_NUMEL, _H_ROW_LEN, _H_CHUNK, _H_NCHUNKS, _H_NDIM = 1, 2, 3, 4, 5, 6, 12
+_H_DTYPE, _H_NUMEL, _H_NDIM = 1, 3, 12
 
 _SAFETENSORS_KEY = "tersor.codec"
 

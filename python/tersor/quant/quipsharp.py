@@ -61,8 +61,7 @@ def unpack_qidxs_e8p(qidxs: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ RHT + E8P12 quantization (2/3/4 bits)
-OPT_SCALE_E8P12 = 1.03  # QuIP#'s opt_scale for E8P12 and RVQ 4-bit: Wscale = RMS(rotated W) / opt_scale
-OPT_SCALE = {2: 1.03, 3: 0.98, 4: 1.03}
+OPT_SCALE = {2: 1.03, 3: 0.98, 4: 1.03}  # QuIP#'s opt_scale per bit width: Wscale = RMS(rotated W) / opt_scale
 RESID_SCALE = {3: 2.04, 4: 3.45}  # W^ = D(q1) + D2(q2) / resid_scale
 
 
@@ -183,9 +182,9 @@ def quantize_e8p(w: torch.Tensor, bits: int = 2, hessian: torch.Tensor | None = 
     else:
         if hessian.shape != (n, n):
             raise ValueError(f"quantize_e8p: hessian must be [{n}, {n}], got {tuple(hessian.shape)}")
-        # The Hessian of the rotated problem: x_r = U_n^T diag(SU) x.
+        # The Hessian of the rotated problem, x_r = U_n^T diag(SU) x: U_n^T diag(SU) H diag(SU) U_n = rht(H, SU, SU).
         h = hessian.double().to(w.device)
-        h = _rotate_hessian((h + h.t()) / 2, su)
+        h = rht((h + h.t()) / 2, su, su).double()
         h = h + sigma_reg * h.diagonal().mean() * torch.eye(n, dtype=h.dtype, device=h.device)
         lmat = _block_ldl_l(h, 8)
         tgt = target.double()
@@ -204,15 +203,6 @@ def quantize_e8p(w: torch.Tensor, bits: int = 2, hessian: torch.Tensor | None = 
     elif bits == 3:
         packed.append(_pack_e81b(stages[1]))
     return {"Qidxs": torch.cat(packed, 1), "SU": su, "SV": sv, "Wscale": wscale.float()}
-
-
-def _rotate_hessian(h: torch.Tensor, su: torch.Tensor) -> torch.Tensor:
-    # U_n^T diag(SU) H diag(SU) U_n, in float64 through the float32 transform twice (H is symmetric).
-    from ..ops import hadamard_transform
-
-    a = h * su.double()[None, :] * su.double()[:, None]
-    a = hadamard_transform(a.float(), transpose=True).double()  # A U_n (row transforms)
-    return hadamard_transform(a.t().contiguous().float(), transpose=True).double().t()
 
 
 def qidxs_bits(qidxs: torch.Tensor, n: int) -> int:
