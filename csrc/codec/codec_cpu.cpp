@@ -46,28 +46,13 @@ struct EncodePlan {
   uint32_t packed[256];  // rev_code | len << 24: one load per symbol in the packing loop
 };
 
-// sym[j] = symbol of element j (and, when raw != nullptr, its raw bytes), for a run of n elements;
-// written so that the 1- and 2-byte cases vectorize.
+// sym[j] = symbol of element j, for a run of n elements (split_symbol with a constant width: the loop
+// vectorizes).
 template <int EB>
-void split_run(const uint8_t* data, uint32_t n, uint8_t* sym, uint8_t* raw) {
-  if constexpr (EB == 1) {
-    for (uint32_t j = 0; j < n; ++j) sym[j] = static_cast<uint8_t>((data[j] << 1) | (data[j] >> 7));
-  } else if constexpr (EB == 2) {
-    const uint16_t* v = reinterpret_cast<const uint16_t*>(data);  // callers pass 2-aligned data
-    for (uint32_t j = 0; j < n; ++j) sym[j] = static_cast<uint8_t>(v[j] >> 7);
-    if (raw)
-      for (uint32_t j = 0; j < n; ++j) raw[j] = static_cast<uint8_t>((v[j] << 1) | (v[j] >> 15));
-  } else {
-    const uint32_t* v = reinterpret_cast<const uint32_t*>(data);
-    for (uint32_t j = 0; j < n; ++j) sym[j] = static_cast<uint8_t>(v[j] >> 23);
-    if (raw)
-      for (uint32_t j = 0; j < n; ++j) {
-        const uint32_t r = (v[j] << 1) | (v[j] >> 31);
-        raw[3 * j] = static_cast<uint8_t>(r);
-        raw[3 * j + 1] = static_cast<uint8_t>(r >> 8);
-        raw[3 * j + 2] = static_cast<uint8_t>(r >> 16);
-      }
-  }
+void split_symbols(const uint8_t* data, uint32_t n, uint8_t* sym) {
+  using W = typename Word<EB>::T;
+  const W* v = reinterpret_cast<const W*>(data);  // callers pass element-aligned data
+  for (uint32_t j = 0; j < n; ++j) sym[j] = static_cast<uint8_t>(split_symbol(v[j], 8 * EB));
 }
 
 uint8_t* thread_sym_buffer(size_t n) {
@@ -93,7 +78,7 @@ void histogram(const uint8_t* data, uint64_t numel, uint64_t* hist) {
       std::memset(h4, 0, sizeof(h4));
       for (int64_t i0 = b0; i0 < e0; i0 += kBlock) {
         const uint32_t n = static_cast<uint32_t>(std::min<int64_t>(kBlock, e0 - i0));
-        split_run<EB>(data + i0 * EB, n, sym, nullptr);
+        split_symbols<EB>(data + i0 * EB, n, sym);
         uint32_t j = 0;
         for (; j + 4 <= n; j += 4) {
           ++h4[0][sym[j]];
@@ -121,7 +106,7 @@ void encode_record(const uint8_t* data, const ChunkGeom& g, uint64_t c, const En
   geom_chunk(g, c, &start, &len);
   const uint32_t R = lane_elems(g.chunk_elems);
   uint8_t* sym = thread_sym_buffer(len);
-  split_run<EB>(data + start * EB, len, sym, nullptr);
+  split_symbols<EB>(data + start * EB, len, sym);
   // Worst case: every code 12 bits, plus the writer's 8-byte stores past the end.
   thread_local std::vector<uint8_t> scratch;
   const size_t bound = kLaneTableBytes + (static_cast<size_t>(len) * kMaxCodeLen) / 8 + kLanes + 8 + kAlign;
@@ -164,21 +149,16 @@ void encode_record(const uint8_t* data, const ChunkGeom& g, uint64_t c, const En
   rec.assign(record, record + size);
 }
 
-// Writes the raw bytes of chunk c's elements into the raw section.
+// Writes the raw bytes (split_raw, little-endian, EB - 1 per element) of a chunk's elements into the
+// raw section.
 template <int EB>
 void write_raw(const uint8_t* data, uint64_t start, uint32_t len, uint8_t* raw_section) {
+  using W = typename Word<EB>::T;
+  const W* v = reinterpret_cast<const W*>(data + start * EB);
   uint8_t* raw = raw_section + start * (EB - 1);
-  if constexpr (EB == 2) {
-    const uint16_t* v = reinterpret_cast<const uint16_t*>(data + start * EB);
-    for (uint32_t j = 0; j < len; ++j) raw[j] = static_cast<uint8_t>((v[j] << 1) | (v[j] >> 15));
-  } else if constexpr (EB == 4) {
-    const uint32_t* v = reinterpret_cast<const uint32_t*>(data + start * EB);
-    for (uint32_t j = 0; j < len; ++j) {
-      const uint32_t r = (v[j] << 1) | (v[j] >> 31);
-      raw[3 * j] = static_cast<uint8_t>(r);
-      raw[3 * j + 1] = static_cast<uint8_t>(r >> 8);
-      raw[3 * j + 2] = static_cast<uint8_t>(r >> 16);
-    }
+  for (uint32_t j = 0; j < len; ++j) {
+    const uint32_t r = split_raw(v[j], 8 * EB);
+    for (int k = 0; k < EB - 1; ++k) raw[(EB - 1) * j + k] = static_cast<uint8_t>(r >> (8 * k));
   }
 }
 

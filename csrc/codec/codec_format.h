@@ -47,7 +47,10 @@ TERSOR_HD inline uint32_t rotr_bits(uint32_t v, int w) {
   return ((v >> 1) | (v << (w - 1))) & mask;
 }
 // bits -> (symbol, raw); raw holds the low (w - 8) bits of the rotated value.
-TERSOR_HD inline uint32_t split_symbol(uint32_t bits, int w) { return rotl_bits(bits, w) >> (w - 8); }
+TERSOR_HD inline uint32_t split_symbol(uint32_t bits, int w) {
+  // The top byte of rotl_w(bits, 1): bits w-2 .. w-9 of the value (for w = 8, the rotated byte itself).
+  return w == 8 ? rotl_bits(bits, 8) : (bits >> (w - 9)) & 0xffu;
+}
 TERSOR_HD inline uint32_t split_raw(uint32_t bits, int w) {
   return w == 8 ? 0u : (rotl_bits(bits, w) & ((1u << (w - 8)) - 1u));
 }
