@@ -325,32 +325,23 @@ struct FastLane {
 // out[j] = merge(sym[j], raw bytes of j) for a run of n elements; written so that it vectorizes.
 template <int EB>
 void merge_run(const uint8_t* sym, const uint8_t* raw, uint32_t n, typename Word<EB>::T* out) {
-  if constexpr (EB == 1) {
-    for (uint32_t j = 0; j < n; ++j) out[j] = static_cast<uint8_t>((sym[j] >> 1) | (sym[j] << 7));
-  } else if constexpr (EB == 2) {
-    for (uint32_t j = 0; j < n; ++j) {
-      const uint16_t r = static_cast<uint16_t>((sym[j] << 8) | raw[j]);
-      out[j] = static_cast<uint16_t>((r >> 1) | (r << 15));
-    }
+  using W = typename Word<EB>::T;
+  if constexpr (EB <= 2) {
+    for (uint32_t j = 0; j < n; ++j) out[j] = static_cast<W>(merge_value(sym[j], EB == 2 ? raw[j] : 0u, 8 * EB));
   } else {
-    // Four elements per step from three aligned-size loads (12 raw bytes), as the GPU decoder does.
+    // Four elements per step from three 4-byte loads (12 raw bytes), as the GPU decoder does.
     uint32_t j = 0;
     for (; j + 4 <= n; j += 4) {
-      uint32_t w[3], s4;
+      uint32_t w[3];
       std::memcpy(w, raw + 3 * j, 12);
-      std::memcpy(&s4, sym + j, 4);
       const uint32_t r[4] = {w[0] & 0xffffffu, (w[0] >> 24) | ((w[1] & 0xffffu) << 8),
                              (w[1] >> 16) | ((w[2] & 0xffu) << 16), w[2] >> 8};
-      for (int k = 0; k < 4; ++k) {
-        const uint32_t v = r[k] | ((s4 >> (8 * k)) << 24);
-        out[j + k] = (v >> 1) | (v << 31);
-      }
+      for (int k = 0; k < 4; ++k) out[j + k] = merge_value(sym[j + k], r[k], 32);
     }
     for (; j < n; ++j) {
       uint32_t r = 0;
       std::memcpy(&r, raw + 3 * j, 3);
-      r |= static_cast<uint32_t>(sym[j]) << 24;
-      out[j] = (r >> 1) | (r << 31);
+      out[j] = merge_value(sym[j], r, 32);
     }
   }
 }
