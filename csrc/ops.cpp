@@ -67,6 +67,29 @@ TORCH_LIBRARY(tersor, m) {
   // CUDA builds only: the fused GEMV kernel's arithmetic (same order, same roundings) replayed on the CPU.
   m.def("_codec_emulate_cuda_linear(Tensor x, Tensor stream, Tensor table, int[] header, Tensor? bias=None) -> Tensor");
   m.def("codec_linear(Tensor x, Tensor stream, Tensor table, int[] header, ScalarType dtype, SymInt[] shape, Tensor? bias=None) -> Tensor");
+
+  // ---- codebook: QuIP# E8P12 and AQLM weights (csrc/codebook; layouts: docs/formats.md) ----
+  // A `qidxs` argument is QuIP#'s packed E8P12 codes (int64 [m, n/32] 2-bit, [m, 3n/64] 3-bit E8P+E81B,
+  // [m, n/16] 4-bit two-stage) of an [m, n] weight, n = in_features; resid_scale (RVQ: W^ = D1 + D2 /
+  // resid_scale) defaults to QuIP#'s 3.45 (4-bit) / 2.04 (3-bit).
+  // QuIP#'s 1 KiB packed abs table (int32[256]; nibble j of entry a = 2 A[a][perm j] + 8), for tests.
+  m.def("_e8p_packed_abs_table() -> Tensor");
+  // W^ [m, n], the codebook values of qidxs (before QuIP#'s rotations and scales), computed in fp32
+  // (D1 + D2 / resid_scale) and rounded once to dtype (default float32). Bit-identical CPU and CUDA.
+  m.def("e8p_decode(Tensor qidxs, int in_features, float? resid_scale=None, ScalarType? dtype=None) -> Tensor");
+  // z = x @ W^^T (float32 [..., m]) for x [..., n] (float32/float16/bfloat16), fp32 accumulation. CUDA
+  // rounds x to fp16 (the tensor-core MMA operand) and uses the fused decode GEMV for <= 8 rows of x.
+  m.def("e8p_linear(Tensor x, Tensor qidxs, int in_features, float? resid_scale=None) -> Tensor");
+  // The CUDA E8P GEMV's fragment arithmetic replayed on the CPU (x: [1..8, n]), for CPU tests.
+  m.def("_e8p_emulate_cuda_linear(Tensor x, Tensor qidxs, int in_features, float? resid_scale=None) -> Tensor");
+  // AQLM weights as AQLM checkpoints store them: codes int8/int16 [out, in/8, C] (signed; index = code
+  // mod 2^nbits), codebooks [C, 2^nbits, 1, 8] (float32/float16/bfloat16), scales [out, 1, 1, 1].
+  // W [out, in] = scales * sum_c codebooks[c][index_c], computed in fp32 (c = 0 first) and rounded once to
+  // dtype (default: the codebooks' dtype). Bit-identical CPU and CUDA.
+  m.def("aqlm_decode(Tensor codes, Tensor codebooks, Tensor scales, ScalarType? dtype=None) -> Tensor");
+  // y = x @ W^T (+ bias) in x's dtype (float32/float16/bfloat16), fp32 accumulation: a lookup-table /
+  // fused decode GEMV for few rows of x, decode + matmul otherwise.
+  m.def("aqlm_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias=None) -> Tensor");
 }
 
 // `import tersor._C` loads this library (and so runs the registrations above). It defines no Python

@@ -66,3 +66,29 @@ for trial in range(200):
     launches += 3
 torch.cuda.synchronize()
 print(f"sanitize_smoke: ran {launches} codec launches; {raised}/200 corrupted streams raised with verify=True")
+
+# codebook: E8P decode + fused GEMV (every bit width, odd row counts of the tiling, every batch size) and
+# AQLM decode + GEMV (shared-memory and L2 codebooks). Any code value is valid, so random words cover all.
+launches = 0
+for bits, cols in ((2, 1), (3, 1.5), (4, 2)):
+    for m, n in ((16, 64), (48, 192), (64, 1024)):
+        q = torch.randint(-(2**62), 2**62, (m, int(cols * n // 32)), dtype=torch.int64, device="cuda")
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            ops.e8p_decode(q, n, None, dt)
+            launches += 1
+        for b in (1, 2, 5, 8, 9):
+            ops.e8p_linear(torch.randn(b, n, device="cuda"), q, n)
+            launches += 1
+for books, nbits in ((2, 8), (1, 16), (1, 12)):
+    ct = torch.int8 if nbits <= 8 else torch.int16
+    codes = torch.randint(-128 if ct == torch.int8 else -32768, 127 if ct == torch.int8 else 32767,
+                          (40, 24, books), device="cuda").to(ct)
+    cb = torch.randn(books, 1 << nbits, 1, 8, device="cuda").half()
+    sc = torch.rand(40, 1, 1, 1, device="cuda").half()
+    ops.aqlm_decode(codes, cb, sc, None)
+    for b in (1, 3, 8, 9):
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            ops.aqlm_linear(torch.randn(b, 192, device="cuda").to(dt), codes, cb, sc, torch.randn(40, device="cuda").to(dt))
+            launches += 1
+torch.cuda.synchronize()
+print(f"sanitize_smoke: ran {launches} codebook launches")

@@ -44,8 +44,61 @@ def _codec_linear(device):
     return cases
 
 
+def _e8p_state(m, n, bits, device):
+    from tersor.quant import quipsharp
+
+    g = torch.Generator().manual_seed(m * 7 + n + bits)
+    return quipsharp.quantize_e8p(torch.randn(m, n, generator=g), bits=bits)["Qidxs"].to(device)
+
+
+def _e8p_decode(device):
+    cases = []
+    for m, n, bits, dtype in [(16, 64, 2, None), (32, 128, 3, torch.float16), (16, 192, 4, torch.bfloat16)]:
+        cases.append(((_e8p_state(m, n, bits, device), n), {"dtype": dtype}))
+    cases.append(((_e8p_state(16, 128, 4, device), 128), {"resid_scale": 3.0}))
+    return cases
+
+
+def _e8p_linear(device):
+    cases = []
+    for m, n, bits, lead, dtype in [(16, 64, 2, (1,), torch.float32), (32, 128, 3, (2, 3), torch.float16),
+                                    (16, 192, 4, (9,), torch.bfloat16), (48, 64, 2, (20,), torch.float32)]:
+        x = torch.randn(*lead, n, device=device).to(dtype)
+        cases.append(((x, _e8p_state(m, n, bits, device), n), {}))
+    return cases
+
+
+def _aqlm_state(out, inp, books, nbits, device, cb_dtype=torch.float16):
+    g = torch.Generator().manual_seed(out + inp + books + nbits)
+    ct = torch.int8 if nbits <= 8 else torch.int16
+    codes = torch.randint(-(1 << (nbits - 1)), 1 << (nbits - 1), (out, inp // 8, books), generator=g).to(ct)
+    codebooks = (torch.randn(books, 1 << nbits, 1, 8, generator=g) * 0.1).to(cb_dtype)
+    scales = (torch.rand(out, 1, 1, 1, generator=g) + 0.5).to(cb_dtype)
+    return codes.to(device), codebooks.to(device), scales.to(device)
+
+
+def _aqlm_decode(device):
+    return [((*_aqlm_state(16, 64, 2, 8, device), ), {}),
+            ((*_aqlm_state(8, 32, 1, 12, device, torch.bfloat16), ), {"dtype": torch.float32})]
+
+
+def _aqlm_linear(device):
+    cases = []
+    for out, inp, books, nbits, lead, dtype in [(16, 64, 2, 8, (1,), torch.float16), (24, 32, 1, 16, (2, 3), torch.float32),
+                                                (8, 64, 3, 6, (12,), torch.bfloat16)]:
+        codes, cb, sc = _aqlm_state(out, inp, books, nbits, device)
+        x = torch.randn(*lead, inp, device=device).to(dtype)
+        cases.append(((x, codes, cb, sc), {"bias": torch.randn(out, device=device).to(dtype)}))
+        cases.append(((x, codes, cb, sc), {}))
+    return cases
+
+
 OP_CASES = {
     "hadamard_transform": _hadamard,
     "codec_decode": _codec_decode,
     "codec_linear": _codec_linear,
+    "e8p_decode": _e8p_decode,
+    "e8p_linear": _e8p_linear,
+    "aqlm_decode": _aqlm_decode,
+    "aqlm_linear": _aqlm_linear,
 }

@@ -121,3 +121,86 @@ def _codec_linear_fake(x, stream, table, header, dtype, shape, bias=None):
     torch._check(x.dtype == dtype, lambda: f"codec_linear: x is {x.dtype}, the weight is {dtype}")
     torch._check(x.dim() >= 1 and x.shape[-1] == shape[1], lambda: "codec_linear: feature size mismatch")
     return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# codebook: QuIP# E8P12 and AQLM (user-facing: tersor.quant, tersor.nn.E8PLinear / AQLMLinear)
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _e8p_bits_fake(qidxs, in_features, op):
+    torch._check(qidxs.dtype == torch.int64 and qidxs.dim() == 2, lambda: f"{op}: Qidxs must be 2-d int64")
+    n = in_features
+    torch._check(n > 0 and n % 64 == 0, lambda: f"{op}: in_features must be a positive multiple of 64, got {n}")
+    torch._check(qidxs.shape[0] % 16 == 0, lambda: f"{op}: out_features must be a multiple of 16")
+    w = qidxs.shape[1]
+    torch._check(w in (n // 32, 3 * n // 64, n // 16), lambda: f"{op}: Qidxs width {w} does not fit in_features {n}")
+
+
+def e8p_decode(qidxs: torch.Tensor, in_features: int, resid_scale: Optional[float] = None,
+               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``W^ [m, n]``: the E8P12 codebook values of QuIP#-layout ``Qidxs`` (2, 3 or 4 bits, by its width),
+    ``D1 + D2 / resid_scale`` in fp32 rounded once to ``dtype`` (default float32); bit-identical on CPU
+    and CUDA."""
+    return _lib.e8p_decode(qidxs, in_features, resid_scale, dtype)
+
+
+def e8p_linear(x: torch.Tensor, qidxs: torch.Tensor, in_features: int,
+               resid_scale: Optional[float] = None) -> torch.Tensor:
+    """``x @ W^.T`` in float32 for ``x [..., n]`` (fp32 accumulation; the CUDA kernel multiplies x rounded
+    to fp16 on the tensor cores, as QuIP# does)."""
+    return _lib.e8p_linear(x, qidxs, in_features, resid_scale)
+
+
+@torch.library.register_fake("tersor::e8p_decode")
+def _e8p_decode_fake(qidxs, in_features, resid_scale=None, dtype=None):
+    _e8p_bits_fake(qidxs, in_features, "e8p_decode")
+    dt = torch.float32 if dtype is None else dtype
+    torch._check(dt in _FLOATS, lambda: f"e8p_decode: dtype must be float32, float16 or bfloat16, got {dt}")
+    return qidxs.new_empty((qidxs.shape[0], in_features), dtype=dt)
+
+
+@torch.library.register_fake("tersor::e8p_linear")
+def _e8p_linear_fake(x, qidxs, in_features, resid_scale=None):
+    _e8p_bits_fake(qidxs, in_features, "e8p_linear")
+    torch._check(x.dtype in _FLOATS, lambda: f"e8p_linear: x must be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check(x.dim() >= 1 and x.shape[-1] == in_features, lambda: "e8p_linear: x's last dim must be in_features")
+    return x.new_empty((*x.shape[:-1], qidxs.shape[0]), dtype=torch.float32)
+
+
+def aqlm_decode(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The AQLM weight ``[out, in]`` (out_group 1, in_group 8): ``scales * sum_c codebooks[c][code_c mod 2^b]``
+    in fp32, rounded once to ``dtype`` (default: the codebooks' dtype); bit-identical on CPU and CUDA."""
+    return _lib.aqlm_decode(codes, codebooks, scales, dtype)
+
+
+def aqlm_linear(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W.T + bias`` in ``x``'s dtype with fp32 accumulation, W the AQLM weight (see :func:`aqlm_decode`)."""
+    return _lib.aqlm_linear(x, codes, codebooks, scales, bias)
+
+
+def _aqlm_check_fake(codes, codebooks, scales, op):
+    torch._check(codes.dtype in (torch.int8, torch.int16) and codes.dim() == 3, lambda: f"{op}: bad codes")
+    torch._check(codebooks.dtype in _FLOATS and codebooks.dim() == 4, lambda: f"{op}: bad codebooks")
+    torch._check(codebooks.shape[2] == 1 and codebooks.shape[3] == 8, lambda: f"{op}: group size must be 1x8")
+    torch._check(codes.shape[2] == codebooks.shape[0], lambda: f"{op}: codebook count mismatch")
+    torch._check(scales.numel() == codes.shape[0], lambda: f"{op}: scales must be [out, 1, 1, 1]")
+
+
+@torch.library.register_fake("tersor::aqlm_decode")
+def _aqlm_decode_fake(codes, codebooks, scales, dtype=None):
+    _aqlm_check_fake(codes, codebooks, scales, "aqlm_decode")
+    dt = codebooks.dtype if dtype is None else dtype
+    torch._check(dt in _FLOATS, lambda: f"aqlm_decode: dtype must be float32, float16 or bfloat16, got {dt}")
+    return codes.new_empty((codes.shape[0], codes.shape[1] * 8), dtype=dt)
+
+
+@torch.library.register_fake("tersor::aqlm_linear")
+def _aqlm_linear_fake(x, codes, codebooks, scales, bias=None):
+    _aqlm_check_fake(codes, codebooks, scales, "aqlm_linear")
+    torch._check(x.dtype in _FLOATS, lambda: f"aqlm_linear: x must be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check(x.dim() >= 1 and x.shape[-1] == codes.shape[1] * 8, lambda: "aqlm_linear: x's last dim must be in_features")
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))

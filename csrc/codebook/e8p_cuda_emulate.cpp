@@ -1,0 +1,145 @@
+// The CUDA E8P GEMV's arithmetic replayed on the CPU (op _e8p_emulate_cuda_linear), so the fragment
+// layouts, the fp16 bit tricks and the warp split are tested without a GPU. It calls the same
+// e8p_format.h functions the kernel calls, assembles each MMA's A and B tiles from the lanes'
+// registers by the PTX fragment rules of mma.m16n8k16, multiplies them in fp32, and reduces the warps
+// in the kernel's order. (The hardware's summation order inside one MMA is unspecified, so the
+// kernel agrees with this replay to fp32 rounding, not bitwise.)
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <optional>
+
+#include "codebook/codebook_cuda_traits.h"
+#include "codebook/codebook_glue.h"
+#include "codebook/e81b_table.h"
+#include "codebook/e8p_format.h"
+
+namespace tersor::codebook {
+namespace {
+
+float half_bits_to_float(uint32_t bits16) {
+  return static_cast<float>(c10::Half(static_cast<uint16_t>(bits16), c10::Half::from_bits()));
+}
+float half2_lo(uint32_t h2) { return half_bits_to_float(h2 & 0xffffu); }
+float half2_hi(uint32_t h2) { return half_bits_to_float(h2 >> 16); }
+
+using Traits = E8PGemvTraits;
+
+// One warp's 16 x 8 accumulator over its column blocks.
+struct WarpAcc {
+  float c[16][8];
+};
+
+void mma_m16n8k16(const float a[16][16], const float b[16][8], float c[16][8]) {
+  for (int r = 0; r < 16; ++r)
+    for (int nn = 0; nn < 8; ++nn) {
+      float s = c[r][nn];
+      for (int kk = 0; kk < 16; ++kk) s += a[r][kk] * b[kk][nn];
+      c[r][nn] = s;
+    }
+}
+
+// Places lane (g, q)'s four A registers (each an fp16x2: MMA k = 2q+e or 2q+8+e) into the tile.
+void scatter_a(float a[16][16], int g, int q, const uint32_t regs[4], const uint32_t* bias) {
+  for (int r = 0; r < 4; ++r) {
+    const int row = g + 8 * (r & 1), k0 = 2 * q + 8 * (r >> 1);
+    const float b_lo = bias ? half2_lo(bias[r]) : 0.f, b_hi = bias ? half2_hi(bias[r]) : 0.f;
+    a[row][k0] = half2_lo(regs[r]) - b_lo;  // exact: both are small multiples of 1/32 (hsub2)
+    a[row][k0 + 1] = half2_hi(regs[r]) - b_hi;
+  }
+}
+
+at::Tensor emulate_cuda_linear(const at::Tensor& x, const at::Tensor& qidxs, int64_t in_features,
+                               std::optional<double> resid_scale) {
+  constexpr const char* op = "_e8p_emulate_cuda_linear";
+  const E8PCall c = check_e8p_call(qidxs, in_features, resid_scale, op);
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == c.n && x.size(0) >= 1 && x.size(0) <= Traits::kMaxBatch, op,
+                    ": x must be [1..", Traits::kMaxBatch, ", ", c.n, "], got ", x.sizes());
+  // The kernel multiplies fp16 x (the glue rounds x to fp16 first).
+  const at::Tensor x16 = x.to(at::kHalf).contiguous();
+  const at::Tensor q = qidxs.contiguous();
+  const int64_t B = x.size(0), n = c.n, m = c.m;
+  const c10::Half* xh = x16.const_data_ptr<c10::Half>();
+  const int64_t* qp = q.const_data_ptr<int64_t>();
+  const uint8_t* qbytes = reinterpret_cast<const uint8_t*>(qp);
+  at::Tensor out = at::empty({B, m}, x.options().dtype(at::kFloat));
+  float* outp = out.mutable_data_ptr<float>();
+  auto x_half2 = [&](int64_t b, int64_t col) -> uint32_t {  // the 32-bit word (x[col], x[col+1]) of row b
+    if (b >= B) return 0u;  // the kernel loads zeros for rows of x past B
+    uint32_t w;
+    std::memcpy(&w, xh + b * n + col, 4);
+    return w;
+  };
+
+  at::parallel_for(0, m / 16, 1, [&](int64_t ib, int64_t ie) {
+    for (int64_t I = ib; I < ie; ++I) {
+      float partial[Traits::kWarps][16][8];
+      for (int w = 0; w < Traits::kWarps; ++w) {
+        WarpAcc acc1{}, acc2{};
+        for (int64_t J = w; J < n / 64; J += Traits::kWarps) {
+          float a1[4][16][16], a2[4][16][16], bt[4][16][8];
+          for (int lane = 0; lane < 32; ++lane) {
+            const int g = lane >> 2, qq = lane & 3;
+            E8PWordCursor cur{16 * I, 0, n / 32};
+            cur.advance(32 * J + lane);
+            const E8PHalfWord h1 = e8p_word_to_halves(static_cast<uint64_t>(qp[cur.offset(c.row_words, 0)]),
+                                                      kE8PTables.packed_abs);
+            E8PHalfWord h2{};
+            uint32_t r0_codes = 0, r1_codes = 0;
+            if (c.bits == 4) {
+              h2 = e8p_word_to_halves(static_cast<uint64_t>(qp[cur.offset(c.row_words, 1)]), kE8PTables.packed_abs);
+            } else if (c.bits == 3) {
+              const int64_t R0 = 16 * I + 2 * g, code_col = (64 * J + 16 * qq) / 8;
+              const int64_t i0 = e81b_byte_index(R0, code_col, n), i1 = e81b_byte_index(R0 + 1, code_col, n);
+              r0_codes = qbytes[i0] | (uint32_t{qbytes[i0 + 1]} << 8);
+              r1_codes = qbytes[i1] | (uint32_t{qbytes[i1 + 1]} << 8);
+            }
+            const int64_t xcol = e8p_lane_x_col(J, qq);
+            for (int t = 0; t < 4; ++t) {
+              uint32_t regs[4], bias[4];
+              e8p_a_frag(h1, t, regs, bias);
+              scatter_a(a1[t], g, qq, regs, bias);
+              if (c.bits == 4) {
+                e8p_a_frag(h2, t, regs, bias);
+                scatter_a(a2[t], g, qq, regs, bias);
+              } else if (c.bits == 3) {
+                e81b_a_frag(kE81BTable.half2, r0_codes, r1_codes, t, regs);
+                scatter_a(a2[t], g, qq, regs, nullptr);
+              }
+              // b0b1: k = 2q, 2q+1 <- x word t of the first 8 columns; b2b3: k = 2q+8, +9 <- of the second 8.
+              const uint32_t b01 = x_half2(g, xcol + 2 * t), b23 = x_half2(g, xcol + 8 + 2 * t);
+              bt[t][2 * qq][g] = half2_lo(b01);
+              bt[t][2 * qq + 1][g] = half2_hi(b01);
+              bt[t][2 * qq + 8][g] = half2_lo(b23);
+              bt[t][2 * qq + 9][g] = half2_hi(b23);
+            }
+          }
+          for (int t = 0; t < 4; ++t) {
+            mma_m16n8k16(a1[t], bt[t], acc1.c);
+            if (c.bits > 2) mma_m16n8k16(a2[t], bt[t], acc2.c);
+          }
+        }
+        for (int r = 0; r < 16; ++r)
+          for (int nn = 0; nn < 8; ++nn)
+            partial[w][r][nn] = c.bits > 2 ? acc1.c[r][nn] + acc2.c[r][nn] / c.resid_scale : acc1.c[r][nn];
+      }
+      for (int r = 0; r < 16; ++r)
+        for (int64_t b = 0; b < B; ++b) {
+          float s = 0.f;
+          for (int w = 0; w < Traits::kWarps; ++w) s += partial[w][r][b];
+          outp[b * m + e8p_c_row(I, r)] = s;
+        }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tersor, CPU, m) { m.impl("_e8p_emulate_cuda_linear", &emulate_cuda_linear); }
+
+}  // namespace tersor::codebook
