@@ -1,6 +1,7 @@
 """Drop-in ``nn.Module`` replacements backed by tersor ops (one module per family)."""
 
 from .compressed_linear import CompressedLinear, compress_linears
+from .aqlm_linear import AQLMLinear
 from .e8p_linear import E8PLinear
 
-__all__ = ["CompressedLinear", "E8PLinear", "compress_linears"]
+__all__ = ["AQLMLinear", "CompressedLinear", "E8PLinear", "compress_linears"]

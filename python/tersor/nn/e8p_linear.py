@@ -7,28 +7,43 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops import hadamard_transform
+from ..ops import e8p_decode, e8p_linear, hadamard_factor, hadamard_transform
 from ..quant import quipsharp
+
+# QuIP#'s codebook_id of each bit width (lib/codebook/__init__.py): E8P12, E8P12RVQ3B, E8P12RVQ4B.
+QUIPSHARP_CODEBOOK_ID = {2: 7, 3: 18, 4: 17}
 
 
 class E8PLinear(nn.Module):
     """``y = diag(SV * Wscale) U_m W^ U_n^T diag(SU) x + b`` with ``W^`` held as E8P12 codes (QuIP#'s
     ``Qidxs`` layouts) and ``U_k`` the orthonormal Hadamard transform (tersor.hadamard_transform).
 
-    The forward here is the reference path: the Hadamard transforms run as tersor ops, the codes are
-    decoded to an fp32 ``W^`` and multiplied with ``torch.matmul``, in fp32, returned in ``x``'s dtype.
-    The fused decode-GEMV kernels of issue 4 are not written yet, so this layer saves memory, not time.
+    Forward: ``x * SU`` and the input Hadamard transform (tersor.hadamard_transform, fp32), the codes'
+    GEMV (:func:`tersor.ops.e8p_linear`: fused decode + tensor-core GEMV on CUDA for <= 8 rows, x in
+    fp16 there; lookup GEMV or decode + matmul on CPU), the output transform, ``* SV * Wscale`` and bias
+    in fp32, returned in ``x``'s dtype. ``resid_scale`` (3/4-bit RVQ) defaults to QuIP#'s 2.04 / 3.45.
     """
 
-    def __init__(self, state: dict[str, torch.Tensor], bias: Optional[torch.Tensor] = None):
+    def __init__(self, state: dict[str, torch.Tensor], bias: Optional[torch.Tensor] = None,
+                 resid_scale: Optional[float] = None):
         super().__init__()
         self.in_features, self.out_features = state["SU"].numel(), state["SV"].numel()
         self.register_buffer("Qidxs", state["Qidxs"])
         self.register_buffer("SU", state["SU"])
         self.register_buffer("SV", state["SV"])
-        self.register_buffer("Wscale", state["Wscale"].reshape(()).float())
+        self.register_buffer("Wscale", state.get("Wscale", torch.ones(())).reshape(()).float())
+        bias = state.get("bias") if bias is None else bias  # a saved state dict carries it
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.bits = self._bits()
+        if resid_scale is None and "resid_scale" in state:
+            resid_scale = float(state["resid_scale"])
+        default = quipsharp.RESID_SCALE.get(self.bits, 1.0)
+        self.register_buffer("resid_scale", torch.tensor(float(default if resid_scale is None else resid_scale)))
+        self._resid = float(self.resid_scale)  # a Python float for forward: no device sync, no graph break
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._resid = float(self.resid_scale)
 
     def _bits(self) -> int:
         if self.Qidxs.shape[0] != self.out_features:
@@ -48,15 +63,49 @@ class E8PLinear(nn.Module):
         state = quipsharp.quantize_e8p(linear.weight.detach().float(), bits=bits, hessian=hessian, seed=seed)
         return cls(state, linear.bias)
 
+    @classmethod
+    def from_quipsharp(cls, state: dict[str, torch.Tensor], resid_scale_override: Optional[float] = None) -> "E8PLinear":
+        """A layer from one QuIP# ``QuantizedLinear``'s tensors (``Qidxs``, ``SU``, ``SV``, optional ``Wscale``,
+        ``bias``, ``scaleWH``, ``codebook_id``; the prefix already stripped), computing QuIP#'s
+        ``y = SV Wscale U_m W^ U_n^T (SU x / scaleWH) + bias``. ``resid_scale_override``: the checkpoint's
+        ``quip_params.resid_scale_override`` when > 0. Limits, each a clear error: fused layers
+        (``fuse_scales``: split them first) and dimensions that are not powers of two (QuIP# then uses its
+        own Hadamard matrices H_K, which differ from tersor's)."""
+        for key in ("Qidxs", "SU", "SV"):
+            if key not in state:
+                raise ValueError(f"from_quipsharp: missing tensor {key!r} (have {sorted(state)})")
+        if "fuse_scales" in state:
+            raise ValueError("from_quipsharp: fused QuIP# layers (fuse_scales: qkv_proj, upgate_proj) are not "
+                             "supported; split the output rows per part first")
+        n, m = state["SU"].numel(), state["SV"].numel()
+        for what, k in (("in_features", n), ("out_features", m)):
+            if hadamard_factor(k)[0] != 1:
+                raise ValueError(f"from_quipsharp: {what} = {k} is not a power of two; QuIP# rotates such sizes "
+                                 "with its own H_K matrices, which tersor.hadamard_transform does not reproduce")
+        su = state["SU"].float()
+        if "scaleWH" in state:
+            su = su / state["scaleWH"].float()  # QuIP# divides x by scaleWH before the SU multiply
+        layer = cls({"Qidxs": state["Qidxs"].to(torch.int64), "SU": su, "SV": state["SV"].float(),
+                     "Wscale": state.get("Wscale", torch.ones(())).float()},
+                    state.get("bias"), resid_scale=resid_scale_override if resid_scale_override else None)
+        if "codebook_id" in state and int(state["codebook_id"]) != QUIPSHARP_CODEBOOK_ID[layer.bits]:
+            raise ValueError(f"from_quipsharp: codebook_id {int(state['codebook_id'])} does not match the "
+                             f"{layer.bits}-bit layout of Qidxs (expected {QUIPSHARP_CODEBOOK_ID[layer.bits]})")
+        return layer
+
     def decoded_codes(self) -> torch.Tensor:
         """``W^`` (fp32 [m, n]): the codebook values before the rotations and scales."""
-        return quipsharp.decode_qidxs(self.Qidxs, self.in_features)
+        return e8p_decode(self.Qidxs, self.in_features, self._resid)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense fp32 weight [m, n] this layer multiplies by."""
+        return quipsharp.unrht(self.decoded_codes() * self.Wscale, self.SU, self.SV)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"E8PLinear: x has {x.shape[-1]} features, the layer expects {self.in_features}")
         xr = hadamard_transform(x.float() * self.SU.float(), transpose=True)  # U_n^T diag(SU) x
-        z = torch.matmul(xr, self.decoded_codes().t())
+        z = e8p_linear(xr, self.Qidxs, self.in_features, self._resid)
         y = hadamard_transform(z) * (self.SV.float() * self.Wscale)  # diag(SV Wscale) U_m z
         if self.bias is not None:
             y = y + self.bias.float()
