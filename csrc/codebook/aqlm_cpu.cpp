@@ -279,17 +279,7 @@ at::Tensor aqlm_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const a
                            const at::Tensor& scales, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "aqlm_linear";
   const AQLMCall c = check_aqlm_call(codes, codebooks, scales, op);
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-                   op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == c.in, op, ": x must be [..., ", c.in, "], got shape ", x.sizes());
-  TORCH_CHECK(x.device() == codes.device(), op, ": x is on ", x.device(), ", codes on ", codes.device());
-  if (bias) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == c.out, op, ": bias must be [", c.out, "], got ",
-                      bias->sizes());
-    TORCH_CHECK(bias->device() == x.device(), op, ": bias is on ", bias->device(), ", x on ", x.device());
-  }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = c.out;
+  const std::vector<int64_t> out_shape = check_linear_inputs(x, bias, codes, c.in, c.out, op);
   const at::Tensor xf = x.reshape({-1, c.in}).to(at::kFloat).contiguous();
   const int64_t B = xf.size(0);
   const AQLMHostTensors t = host_tensors(codes, codebooks, scales);

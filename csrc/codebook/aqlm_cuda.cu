@@ -21,24 +21,7 @@ __global__ void __launch_bounds__(AQLMDecodeTraits::kThreads) aqlm_decode_kernel
     const float s = a.scales[o];
 #pragma unroll
     for (int k = 0; k < 8; ++k) v[k] = v[k] * s;
-    OutT* dst = out + i * 8;  // row o, columns 8 (i % groups) ..: the groups of a row are contiguous
-    if constexpr (sizeof(OutT) == 4) {
-      store_chunk_from_float<OutT, 16>(dst, v);
-      store_chunk_from_float<OutT, 16>(dst + 4, v + 4);
-    } else {
-      store_chunk_from_float<OutT, 16>(dst, v);
-    }
-  }
-}
-
-// 8 consecutive elements of x (16- or 32-byte aligned) as fp32.
-template <typename XT>
-__device__ __forceinline__ void load8(const XT* p, float v[8]) {
-  if constexpr (sizeof(XT) == 4) {
-    load_chunk_as_float<XT, 16>(p, v);
-    load_chunk_as_float<XT, 16>(p + 4, v + 4);
-  } else {
-    load_chunk_as_float<XT, 16>(p, v);
+    store8_from_float(out + i * 8, v);  // row o, columns 8 (i % groups) ..: a row's groups are contiguous
   }
 }
 
@@ -85,7 +68,7 @@ __global__ void __launch_bounds__(AQLMGemvTraits::kThreads)
     for (int b = 0; b < AQLMGemvTraits::kMaxBatch; ++b) {
       if (b >= batch) break;
       float xv[8];
-      load8(x + b * in + 8 * j, xv);
+      load8_as_float(x + b * in + 8 * j, xv);
 #pragma unroll
       for (int k = 0; k < 8; ++k) acc[b] = fmaf(v[k], xv[k], acc[b]);
     }

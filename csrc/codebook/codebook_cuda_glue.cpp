@@ -62,12 +62,8 @@ at::Tensor e8p_linear_cuda(const at::Tensor& x, const at::Tensor& qidxs, int64_t
                            std::optional<double> resid_scale) {
   constexpr const char* op = "e8p_linear";
   const E8PCall c = check_e8p_call(qidxs, in_features, resid_scale, op);
-  to_kernel_dtype(x.scalar_type(), op);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == c.n, op, ": x must be [..., ", c.n, "], got shape ", x.sizes());
-  TORCH_CHECK(x.device() == qidxs.device(), op, ": x is on ", x.device(), ", Qidxs on ", qidxs.device());
+  const std::vector<int64_t> out_shape = check_linear_inputs(x, std::nullopt, qidxs, c.n, c.m, op);
   const c10::cuda::CUDAGuard guard(qidxs.device());
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = c.m;
   // The tensor cores multiply fp16 x (QuIP#'s kernels do the same).
   const at::Tensor x16 = aligned16(x.reshape({-1, c.n}).to(at::kHalf));
   const int64_t B = x16.size(0);
@@ -125,17 +121,9 @@ at::Tensor aqlm_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const 
                             const at::Tensor& scales, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "aqlm_linear";
   const AQLMCall c = check_aqlm_call(codes, codebooks, scales, op);
+  const std::vector<int64_t> out_shape = check_linear_inputs(x, bias, codes, c.in, c.out, op);
   const DType xt = to_kernel_dtype(x.scalar_type(), op);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == c.in, op, ": x must be [..., ", c.in, "], got shape ", x.sizes());
-  TORCH_CHECK(x.device() == codes.device(), op, ": x is on ", x.device(), ", codes on ", codes.device());
-  if (bias) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == c.out, op, ": bias must be [", c.out, "], got ",
-                      bias->sizes());
-    TORCH_CHECK(bias->device() == x.device(), op, ": bias is on ", bias->device(), ", x on ", x.device());
-  }
   const c10::cuda::CUDAGuard guard(codes.device());
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = c.out;
   const at::Tensor x2 = aligned16(x.reshape({-1, c.in}));
   const int64_t B = x2.size(0);
   if (B == 0) return at::empty(out_shape, x.options());

@@ -5,7 +5,9 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <cmath>
 #include <optional>
+#include <vector>
 
 namespace tersor::codebook {
 
@@ -107,6 +109,26 @@ inline AQLMCall check_aqlm_call(const at::Tensor& codes, const at::Tensor& codeb
                     ": codes, codebooks and scales must be on one device, got ", codes.device(), ", ",
                     codebooks.device(), ", ", scales.device());
   return c;
+}
+
+// The activation (and bias) of a *_linear op: a float x [..., in_features] on the weight's device, a
+// bias [out_features] beside it. Returns the output shape [..., out_features].
+inline std::vector<int64_t> check_linear_inputs(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                                                const at::Tensor& weight, int64_t in_features, int64_t out_features,
+                                                const char* op) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                   op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, op, ": x must be [..., ", in_features, "], got shape ",
+                    x.sizes());
+  TORCH_CHECK(x.device() == weight.device(), op, ": x is on ", x.device(), ", the weight on ", weight.device());
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must be [", out_features,
+                      "], got ", bias->sizes());
+    TORCH_CHECK(bias->device() == x.device(), op, ": bias is on ", bias->device(), ", x on ", x.device());
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  return out_shape;
 }
 
 }  // namespace tersor::codebook

@@ -493,12 +493,7 @@ at::Tensor e8p_linear_cpu(const at::Tensor& x, const at::Tensor& qidxs, int64_t 
                           std::optional<double> resid_scale) {
   constexpr const char* op = "e8p_linear";
   const E8PCall c = check_e8p_call(qidxs, in_features, resid_scale, op);
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-                   op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == c.n, op, ": x must be [..., ", c.n, "], got shape ", x.sizes());
-  TORCH_CHECK(x.device() == qidxs.device(), op, ": x is on ", x.device(), ", Qidxs on ", qidxs.device());
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = c.m;
+  const std::vector<int64_t> out_shape = check_linear_inputs(x, std::nullopt, qidxs, c.n, c.m, op);
   const at::Tensor xf = x.reshape({-1, c.n}).to(at::kFloat).contiguous();
   const int64_t B = xf.size(0);
   if (B == 0) return at::empty(out_shape, x.options().dtype(at::kFloat));

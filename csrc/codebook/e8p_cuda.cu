@@ -64,6 +64,19 @@ struct GemvParams {
   float* z;
 };
 
+// The four k16 MMAs of one decoded word (64 columns of the 16-row block) into `acc`.
+__device__ __forceinline__ void mma_e8p_word(float acc[4], const E8PHalfWord& h, const uint32_t xa_w[4],
+                                             const uint32_t xb_w[4]) {
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    uint32_t a[4], bias[4];
+    e8p_a_frag(h, t, a, bias);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) a[r] = sub_f16x2(a[r], bias[r]);
+    mma_m16n8k16_f16_f32(acc, a, xa_w[t], xb_w[t]);
+  }
+}
+
 template <int kBits>
 __global__ void __launch_bounds__(GemvT::kThreads) e8p_gemv_kernel(const GemvParams p) {
   __shared__ uint32_t s_abs[256];
@@ -99,26 +112,8 @@ __global__ void __launch_bounds__(GemvT::kThreads) e8p_gemv_kernel(const GemvPar
       xb = __ldg(xr + 1);
     }
     const uint32_t xa_w[4] = {xa.x, xa.y, xa.z, xa.w}, xb_w[4] = {xb.x, xb.y, xb.z, xb.w};
-    const E8PHalfWord h1 = e8p_word_to_halves(w1, s_abs);
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      uint32_t a[4], bias[4];
-      e8p_a_frag(h1, t, a, bias);
-#pragma unroll
-      for (int r = 0; r < 4; ++r) a[r] = sub_f16x2(a[r], bias[r]);
-      mma_m16n8k16_f16_f32(acc1, a, xa_w[t], xb_w[t]);
-    }
-    if constexpr (kBits == 4) {
-      const E8PHalfWord h2 = e8p_word_to_halves(w2, s_abs);
-#pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        uint32_t a[4], bias[4];
-        e8p_a_frag(h2, t, a, bias);
-#pragma unroll
-        for (int r = 0; r < 4; ++r) a[r] = sub_f16x2(a[r], bias[r]);
-        mma_m16n8k16_f16_f32(acc2, a, xa_w[t], xb_w[t]);
-      }
-    }
+    mma_e8p_word(acc1, e8p_word_to_halves(w1, s_abs), xa_w, xb_w);
+    if constexpr (kBits == 4) mma_e8p_word(acc2, e8p_word_to_halves(w2, s_abs), xa_w, xb_w);
     if constexpr (kBits == 3) {
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
@@ -178,13 +173,7 @@ __global__ void __launch_bounds__(E8PDecodeTraits::kThreads) e8p_decode_kernel(c
 #pragma unroll
         for (int k = 0; k < 8; ++k) v[k] = v[k] + s_e81b[code][k] / a.resid_scale;
       }
-      OutT* dst = out + pos.row * n + pos.col;
-      if constexpr (sizeof(OutT) == 4) {
-        store_chunk_from_float<OutT, 16>(dst, v);
-        store_chunk_from_float<OutT, 16>(dst + 4, v + 4);
-      } else {
-        store_chunk_from_float<OutT, 16>(dst, v);
-      }
+      store8_from_float(out + pos.row * n + pos.col, v);
     }
   }
 }

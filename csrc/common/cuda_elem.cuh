@@ -63,4 +63,17 @@ __device__ __forceinline__ void store_chunk_from_float(T* __restrict__ dst, cons
   *reinterpret_cast<Raw*>(dst) = raw;
 }
 
+// 8 consecutive elements (one 8-weight group of the codebook kernels) with 16-byte accesses: one for
+// 16-bit types, two for fp32; the pointer must be aligned to 16 bytes.
+template <typename T>
+__device__ __forceinline__ void load8_as_float(const T* __restrict__ src, float dst[8]) {
+  load_chunk_as_float<T, 16>(src, dst);
+  if constexpr (sizeof(T) == 4) load_chunk_as_float<T, 16>(src + 4, dst + 4);
+}
+template <typename T>
+__device__ __forceinline__ void store8_from_float(T* __restrict__ dst, const float src[8]) {
+  store_chunk_from_float<T, 16>(dst, src);
+  if constexpr (sizeof(T) == 4) store_chunk_from_float<T, 16>(dst + 4, src + 4);
+}
+
 }  // namespace tersor
