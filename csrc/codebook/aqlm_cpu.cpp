@@ -60,9 +60,7 @@ at::Tensor decode_fp32(const AQLMCall& c, const AQLMHostTensors& t) {
 at::Tensor aqlm_decode_cpu(const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales,
                            std::optional<c10::ScalarType> dtype) {
   const AQLMCall c = check_aqlm_call(codes, codebooks, scales, "aqlm_decode");
-  const c10::ScalarType out_t = dtype.value_or(codebooks.scalar_type());
-  TORCH_CHECK_TYPE(out_t == at::kFloat || out_t == at::kHalf || out_t == at::kBFloat16,
-                   "aqlm_decode: dtype must be float32, float16 or bfloat16, got ", out_t);
+  const c10::ScalarType out_t = decode_dtype(dtype, codebooks.scalar_type(), "aqlm_decode");
   const at::Tensor w = decode_fp32(c, host_tensors(codes, codebooks, scales));
   return out_t == at::kFloat ? w : w.to(out_t);
 }

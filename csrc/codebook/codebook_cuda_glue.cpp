@@ -39,7 +39,7 @@ at::Tensor e8p_decode_cuda(const at::Tensor& qidxs, int64_t in_features, std::op
                            std::optional<c10::ScalarType> dtype) {
   constexpr const char* op = "e8p_decode";
   const E8PCall c = check_e8p_call(qidxs, in_features, resid_scale, op);
-  const c10::ScalarType out_t = dtype.value_or(at::kFloat);
+  const c10::ScalarType out_t = decode_dtype(dtype, at::kFloat, op);
   const DType kt = to_kernel_dtype(out_t, op);
   const c10::cuda::CUDAGuard guard(qidxs.device());
   const at::Tensor q = aligned16(qidxs);
@@ -108,7 +108,7 @@ at::Tensor aqlm_decode_cuda(const at::Tensor& codes, const at::Tensor& codebooks
   constexpr const char* op = "aqlm_decode";
   const AQLMCall c = check_aqlm_call(codes, codebooks, scales, op);
   TORCH_CHECK(codes.is_cuda(), op, " (CUDA kernel): expected CUDA tensors, got ", codes.device());
-  const c10::ScalarType out_t = dtype.value_or(codebooks.scalar_type());
+  const c10::ScalarType out_t = decode_dtype(dtype, codebooks.scalar_type(), op);
   const DType kt = to_kernel_dtype(out_t, op);
   const c10::cuda::CUDAGuard guard(codes.device());
   const AQLMDeviceTensors t = aqlm_tensors(codes, codebooks, scales);

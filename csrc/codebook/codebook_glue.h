@@ -111,6 +111,14 @@ inline AQLMCall check_aqlm_call(const at::Tensor& codes, const at::Tensor& codeb
   return c;
 }
 
+// The output dtype of a *_decode op: `dtype`, or `fallback` when it is None; float32/float16/bfloat16.
+inline c10::ScalarType decode_dtype(std::optional<c10::ScalarType> dtype, c10::ScalarType fallback, const char* op) {
+  const c10::ScalarType t = dtype.value_or(fallback);
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
+                   ": dtype must be float32, float16 or bfloat16, got ", t);
+  return t;
+}
+
 // The activation (and bias) of a *_linear op: a float x [..., in_features] on the weight's device, a
 // bias [out_features] beside it. Returns the output shape [..., out_features].
 inline std::vector<int64_t> check_linear_inputs(const at::Tensor& x, const std::optional<at::Tensor>& bias,

@@ -63,9 +63,7 @@ at::Tensor e8p_decode_cpu(const at::Tensor& qidxs, int64_t in_features, std::opt
                           std::optional<c10::ScalarType> dtype) {
   constexpr const char* op = "e8p_decode";
   const E8PCall c = check_e8p_call(qidxs, in_features, resid_scale, op);
-  const c10::ScalarType out_t = dtype.value_or(at::kFloat);
-  TORCH_CHECK_TYPE(out_t == at::kFloat || out_t == at::kHalf || out_t == at::kBFloat16, op,
-                   ": dtype must be float32, float16 or bfloat16, got ", out_t);
+  const c10::ScalarType out_t = decode_dtype(dtype, at::kFloat, op);
   const at::Tensor q = qidxs.contiguous();
   at::Tensor out = at::empty({c.m, c.n}, q.options().dtype(at::kFloat));
   const int64_t* qp = q.const_data_ptr<int64_t>();

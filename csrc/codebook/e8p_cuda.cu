@@ -15,45 +15,8 @@ namespace {
 // The tables live in constant memory (initialised at compile time from the constexpr builders) and are
 // copied to shared memory by each block: lanes index them divergently, which constant memory would
 // serialise.
-struct PackedAbs {
-  uint32_t v[256];
-};
-struct E81BHalf2 {
-  uint32_t v[256][4];
-};
-struct SignedAbs {
-  float v[256][8];
-};
-struct E81BValues {
-  float v[256][8];
-};
-constexpr PackedAbs make_packed_abs() {
-  PackedAbs p{};
-  for (int i = 0; i < 256; ++i) p.v[i] = kE8PTables.packed_abs[i];
-  return p;
-}
-constexpr E81BHalf2 make_e81b_half2() {
-  E81BHalf2 p{};
-  for (int i = 0; i < 256; ++i)
-    for (int j = 0; j < 4; ++j) p.v[i][j] = kE81BTable.half2[i][j];
-  return p;
-}
-constexpr SignedAbs make_signed_abs() {
-  SignedAbs p{};
-  for (int i = 0; i < 256; ++i)
-    for (int j = 0; j < 8; ++j) p.v[i][j] = kE8PTables.signed_abs[i][j];
-  return p;
-}
-constexpr E81BValues make_e81b_values() {
-  E81BValues p{};
-  for (int i = 0; i < 256; ++i)
-    for (int j = 0; j < 8; ++j) p.v[i][j] = kE81BTable.value[i][j];
-  return p;
-}
-__constant__ PackedAbs c_packed_abs = make_packed_abs();
-__constant__ E81BHalf2 c_e81b_half2 = make_e81b_half2();
-__constant__ SignedAbs c_signed_abs = make_signed_abs();
-__constant__ E81BValues c_e81b_values = make_e81b_values();
+__constant__ E8PTables c_e8p = kE8PTables;
+__constant__ E81BTable c_e81b = kE81BTable;
 
 using GemvT = E8PGemvTraits;
 
@@ -83,9 +46,9 @@ __global__ void __launch_bounds__(GemvT::kThreads) e8p_gemv_kernel(const GemvPar
   __shared__ uint32_t s_e81b[kBits == 3 ? 256 : 1][4];
   __shared__ float s_part[GemvT::kWarps][16][8];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
-  for (int i = tid; i < 256; i += GemvT::kThreads) s_abs[i] = c_packed_abs.v[i];
+  for (int i = tid; i < 256; i += GemvT::kThreads) s_abs[i] = c_e8p.packed_abs[i];
   if constexpr (kBits == 3)
-    for (int i = tid; i < 1024; i += GemvT::kThreads) s_e81b[i >> 2][i & 3] = c_e81b_half2.v[i >> 2][i & 3];
+    for (int i = tid; i < 1024; i += GemvT::kThreads) s_e81b[i >> 2][i & 3] = c_e81b.half2[i >> 2][i & 3];
   __syncthreads();
 
   const int64_t n = p.a.n, I = blockIdx.x;
@@ -144,9 +107,9 @@ template <typename OutT, int kBits>
 __global__ void __launch_bounds__(E8PDecodeTraits::kThreads) e8p_decode_kernel(const E8PKernelArgs a, OutT* out) {
   __shared__ float s_abs[256][8];
   __shared__ float s_e81b[kBits == 3 ? 256 : 1][8];
-  for (int i = threadIdx.x; i < 2048; i += blockDim.x) s_abs[i >> 3][i & 7] = c_signed_abs.v[i >> 3][i & 7];
+  for (int i = threadIdx.x; i < 2048; i += blockDim.x) s_abs[i >> 3][i & 7] = c_e8p.signed_abs[i >> 3][i & 7];
   if constexpr (kBits == 3)
-    for (int i = threadIdx.x; i < 2048; i += blockDim.x) s_e81b[i >> 3][i & 7] = c_e81b_values.v[i >> 3][i & 7];
+    for (int i = threadIdx.x; i < 2048; i += blockDim.x) s_e81b[i >> 3][i & 7] = c_e81b.value[i >> 3][i & 7];
   __syncthreads();
   const int64_t n = a.n, words = a.m * (n / 32);
   const uint8_t* qbytes = reinterpret_cast<const uint8_t*>(a.qidxs);
