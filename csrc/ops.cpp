@@ -2,8 +2,10 @@
 // Implementations register per dispatch key next to their kernels (csrc/<family>/*_cpu.cpp and
 // *_cuda_glue.cpp); fakes for torch.compile live in python/tersor/ops.py. See docs/ops.md.
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -24,12 +26,28 @@ std::string build_info() {
   return s;
 }
 
+// How many threads at::parallel_for actually used for n single-item tasks. at::parallel_for is inlined
+// into our code, so whether it runs in parallel depends on how tersor._C was compiled (-fopenmp with
+// torch's OpenMP backend), not on torch: this is the test for that.
+int64_t parallel_probe(int64_t n) {
+  std::atomic<int64_t> max_tid{-1};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    int64_t tid = at::get_thread_num();
+    int64_t seen = max_tid.load();
+    while (tid > seen && !max_tid.compare_exchange_weak(seen, tid)) {
+    }
+  });
+  return max_tid.load() + 1;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tersor, m) {
   // ---- build ----
   // Facts about this build of tersor._C ("version=..;cuda=0|1;cuda_archs=..").
   m.def("_build_info() -> str", &build_info);
+  // Number of threads at::parallel_for used inside tersor._C for n one-item tasks.
+  m.def("_parallel_probe(int n) -> int", &parallel_probe);
 
   // ---- hadamard (csrc/hadamard) ----
   // y = scale * H x over the last dim; n = 2^k (k <= 15) or K*2^k with H = H_K (x) H_{2^k};
