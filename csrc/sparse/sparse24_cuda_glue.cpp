@@ -1,0 +1,82 @@
+// CUDA implementations of the 2:4 ops (torch glue; kernels in sparse24_cuda.cu).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "common/torch_glue.h"
+#include "sparse/sparse24_cuda.h"
+#include "sparse/sparse24_glue.h"
+
+namespace tersor::sparse24 {
+namespace {
+
+at::Tensor aligned16(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return is_aligned(c.const_data_ptr(), 16) ? c : c.clone();
+}
+
+struct DevicePacked {
+  at::Tensor values, meta;
+  Sparse24Args args;
+};
+
+DevicePacked device_packed(const at::Tensor& values, const at::Tensor& meta, const Shape& s, const char* op) {
+  TORCH_CHECK(values.is_cuda(), op, " (CUDA kernel): expected CUDA tensors, got ", values.device());
+  DevicePacked d{aligned16(values), meta.contiguous(), {}};
+  d.args.values = d.values.const_data_ptr();
+  d.args.meta = reinterpret_cast<const uint32_t*>(d.meta.const_data_ptr<int32_t>());
+  d.args.M = s.M;
+  d.args.K = s.K;
+  d.args.dtype = to_kernel_dtype(values.scalar_type(), op);
+  return d;
+}
+
+at::Tensor decompress_cuda(const at::Tensor& values, const at::Tensor& meta) {
+  constexpr const char* op = "sparse24_decompress";
+  const Shape s = check_packed(values, meta, op);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const DevicePacked d = device_packed(values, meta, s, op);
+  at::Tensor out = at::empty({s.M, s.K}, values.options());
+  C10_CUDA_CHECK(launch_sparse24_decompress(d.args, out.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                       const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "sparse24_linear";
+  const Shape s = check_packed(values, meta, op);
+  const std::vector<int64_t> out_shape = check_linear_inputs(x, bias, values, s, op);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor x2 = aligned16(x.reshape({-1, s.K}));  // x is read as 32-bit pairs
+  const int64_t B = x2.size(0);
+  if (B == 0) return at::empty(out_shape, x.options());
+  const DevicePacked d = device_packed(values, meta, s, op);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (B > Sparse24GemvTraits::kMaxBatch) {
+    // Compute-bound sizes: decompress once, then the dense tensor-core GEMM (cuBLAS).
+    at::Tensor w = at::empty({s.M, s.K}, values.options());
+    C10_CUDA_CHECK(launch_sparse24_decompress(d.args, w.mutable_data_ptr(), stream));
+    return at::linear(x2, w, bias).reshape(out_shape);
+  }
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({B, s.M}, x.options());
+  C10_CUDA_CHECK(launch_sparse24_gemv(d.args, x2.const_data_ptr(), static_cast<int>(B),
+                                      bias.has_value() ? b.const_data_ptr() : nullptr, y.mutable_data_ptr(), stream));
+  return y.reshape(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tersor, CUDA, m) {
+  m.impl("sparse24_decompress", &decompress_cuda);
+  m.impl("sparse24_linear", &linear_cuda);
+}
+
+}  // namespace tersor::sparse24
