@@ -95,7 +95,8 @@ TORCH_LIBRARY(tersor, m) {
   // `values` [M/16, K/32, 256] (float16/bfloat16, mma.sp A-fragment order) and `meta` [M/16, K/64, 32]
   // (int32, one metadata register per lane and k-tile pair) hold a 2:4 weight W [M, K].
   // Packs a dense 2:4 weight [M, K] (M % 16 == 0, K % 64 == 0; at most 2 non-zeros in every 4 along K,
-  // else ValueError naming the first offending chunk) into (values, meta). CPU only.
+  // else ValueError naming the first offending chunk) into (values, meta). Identical bytes on CPU and
+  // CUDA (which synchronizes to report a bad weight).
   m.def("sparse24_compress(Tensor weight) -> (Tensor, Tensor)");
   // The dense weight [M, K] (values' dtype, zeros at pruned positions); bit-exact on CPU and CUDA.
   m.def("sparse24_decompress(Tensor values, Tensor meta) -> Tensor");

@@ -131,6 +131,43 @@ __global__ void __launch_bounds__(Sparse24DecompressTraits::kThreads) sparse24_d
   }
 }
 
+// One thread per metadata word: lane (g, q) of k-tile pair p describes rows g and g + 8 of k-tile
+// 2p + q / 2, chunks 4 (q % 2) .. + 3 (sparse24_format.h), so it builds its word without atomics and
+// scatters the 16 kept values to their fragment slots.
+__global__ void __launch_bounds__(Sparse24CompressTraits::kThreads) sparse24_compress_kernel(
+    const uint16_t* __restrict__ w, int64_t M, int64_t K, uint16_t* __restrict__ values, uint32_t* __restrict__ meta,
+    int* __restrict__ bad_flag) {
+  const int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t pairs = K / kColAlign, total = (M / kRowAlign) * pairs * 32;
+  if (gid >= total) return;
+  const int lane = static_cast<int>(gid & 31), g = lane >> 2, q = lane & 3;
+  const int64_t rb = (gid >> 5) / pairs, p = (gid >> 5) % pairs, kt = 2 * p + (q >> 1);
+  uint32_t word = 0;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int64_t row = rb * kRowAlign + g + 8 * hr;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t ch = kt * 8 + 4 * (q & 1) + j;  // dense chunk index along the row
+      const uint2 raw = *reinterpret_cast<const uint2*>(w + row * K + 4 * ch);
+      const uint32_t e[4] = {raw.x & 0xffffu, raw.x >> 16, raw.y & 0xffffu, raw.y >> 16};
+      uint32_t mask = 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mask |= static_cast<uint32_t>((e[i] & 0x7fffu) != 0) << i;  // -0.0 is zero
+      int nib = chunk_nibble_from_mask(mask);
+      if (nib < 0) {
+        atomicExch(bad_flag, 1);
+        nib = static_cast<int>(encode_nibble(0, 1));
+      }
+      const int i0 = nibble_idx0(static_cast<uint32_t>(nib)), i1 = nibble_idx1(static_cast<uint32_t>(nib));
+      values[value_offset(K, row, 2 * ch)] = static_cast<uint16_t>((i0 & 2 ? raw.y : raw.x) >> (16 * (i0 & 1)));
+      values[value_offset(K, row, 2 * ch + 1)] = static_cast<uint16_t>((i1 & 2 ? raw.y : raw.x) >> (16 * (i1 & 1)));
+      word |= static_cast<uint32_t>(nib) << (16 * hr + 4 * j);
+    }
+  }
+  meta[gid] = word;
+}
+
 template <typename T>
 cudaError_t launch_gemv_t(const Sparse24Args& a, const void* x, int batch, const void* bias, void* y,
                           cudaStream_t stream) {
@@ -156,6 +193,17 @@ cudaError_t launch_sparse24_gemv(const Sparse24Args& a, const void* x, int batch
   if (a.dtype == DType::kFloat16) return launch_gemv_t<__half>(a, x, batch, bias, y, stream);
   if (a.dtype == DType::kBFloat16) return launch_gemv_t<__nv_bfloat16>(a, x, batch, bias, y, stream);
   return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_sparse24_compress(const void* weight, int64_t M, int64_t K, void* values, uint32_t* meta,
+                                     int* bad_flag, cudaStream_t stream) {
+  if (M % kRowAlign != 0 || K % kColAlign != 0) return cudaErrorInvalidValue;
+  const int64_t total = (M / kRowAlign) * (K / kColAlign) * 32;
+  if (total == 0) return cudaSuccess;
+  constexpr int kThreads = Sparse24CompressTraits::kThreads;
+  sparse24_compress_kernel<<<static_cast<unsigned>((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      static_cast<const uint16_t*>(weight), M, K, static_cast<uint16_t*>(values), meta, bad_flag);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_sparse24_decompress(const Sparse24Args& a, void* out, cudaStream_t stream) {

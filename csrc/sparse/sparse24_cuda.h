@@ -22,6 +22,11 @@ struct Sparse24Args {
 // batch in 1..Sparse24GemvTraits::kMaxBatch. fp32 accumulation, rounded once.
 cudaError_t launch_sparse24_gemv(const Sparse24Args& a, const void* x, int batch, const void* bias, void* y,
                                  cudaStream_t stream);
+// Packs a dense 2:4 weight [M, K] (args.dtype, rows contiguous, 8-byte aligned) into args' values and
+// meta (written through the const pointers' buffers, passed here as mutable). Sets *bad_flag (device
+// int, zeroed by the caller) to 1 if some chunk holds more than two non-zeros.
+cudaError_t launch_sparse24_compress(const void* weight, int64_t M, int64_t K, void* values, uint32_t* meta,
+                                     int* bad_flag, cudaStream_t stream);
 // The dense weight [M, K] of args.dtype (pruned positions zero); bit-exact.
 cudaError_t launch_sparse24_decompress(const Sparse24Args& a, void* out, cudaStream_t stream);
 

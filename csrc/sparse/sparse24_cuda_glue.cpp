@@ -1,13 +1,16 @@
 // CUDA implementations of the 2:4 ops (torch glue; kernels in sparse24_cuda.cu).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "common/torch_glue.h"
@@ -36,6 +39,35 @@ DevicePacked device_packed(const at::Tensor& values, const at::Tensor& meta, con
   d.args.K = s.K;
   d.args.dtype = to_kernel_dtype(values.scalar_type(), op);
   return d;
+}
+
+std::tuple<at::Tensor, at::Tensor> compress_cuda(const at::Tensor& weight) {
+  constexpr const char* op = "sparse24_compress";
+  check_value_dtype(weight.scalar_type(), op, "weight");
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-d [out_features, in_features], got shape ",
+                    weight.sizes());
+  const int64_t M = weight.size(0), K = weight.size(1);
+  TORCH_CHECK_VALUE(M > 0 && M % kRowAlign == 0 && K > 0 && K % kColAlign == 0, op, ": weight [M, K] needs M a positive "
+                    "multiple of ", kRowAlign, " and K a positive multiple of ", kColAlign, " (format v1 tiles), got shape ",
+                    weight.sizes());
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor w = aligned16(weight);
+  at::Tensor values = at::empty({M / kRowAlign, K / kTileK, kTileElems}, w.options());
+  at::Tensor meta = at::empty({M / kRowAlign, K / kColAlign, 32}, w.options().dtype(at::kInt));
+  at::Tensor bad = at::zeros({1}, w.options().dtype(at::kInt));
+  C10_CUDA_CHECK(launch_sparse24_compress(w.const_data_ptr(), M, K, values.mutable_data_ptr(),
+                                          reinterpret_cast<uint32_t*>(meta.mutable_data_ptr<int32_t>()),
+                                          bad.mutable_data_ptr<int>(), c10::cuda::getCurrentCUDAStream()));
+  // Compression is an offline step: synchronizing to report a weight that is not 2:4 is fine. The CPU
+  // op names the first offending chunk.
+  if (bad.item<int>() != 0) {
+    static const auto cpu_op = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("tersor::sparse24_compress", "")
+                                   .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+    cpu_op.call(weight.cpu());
+    TORCH_CHECK_VALUE(false, op, ": the weight is not 2:4 sparse (prune with tersor.sparse.prune_2_4)");
+  }
+  return {values, meta};
 }
 
 at::Tensor decompress_cuda(const at::Tensor& values, const at::Tensor& meta) {
@@ -75,6 +107,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tersor, CUDA, m) {
+  m.impl("sparse24_compress", &compress_cuda);
   m.impl("sparse24_decompress", &decompress_cuda);
   m.impl("sparse24_linear", &linear_cuda);
 }

@@ -19,6 +19,10 @@ struct Sparse24GemvTraits {
   static constexpr int kMaxBatch = 16;
 };
 
+struct Sparse24CompressTraits {
+  static constexpr int kThreads = 256;  // one lane metadata word (2 rows x 4 chunks) per thread
+};
+
 struct Sparse24DecompressTraits {
   static constexpr int kThreads = 256;  // one lane's 8 stored values (4 chunks of two rows) per thread
 };

@@ -95,10 +95,15 @@ TERSOR_HD constexpr int chunk_nibble_from_mask(uint32_t nonzero_mask) {
       keep |= 1u << i;
       ++n;
     }
-  int idx[2] = {0, 0}, j = 0;
+  int idx0 = -1, idx1 = -1;  // scalars, not an indexed array: stays in registers on the GPU
   for (int i = 0; i < 4; ++i)
-    if ((keep >> i) & 1u) idx[j++] = i;
-  return static_cast<int>(encode_nibble(idx[0], idx[1]));
+    if ((keep >> i) & 1u) {
+      if (idx0 < 0)
+        idx0 = i;
+      else
+        idx1 = i;
+    }
+  return static_cast<int>(encode_nibble(idx0, idx1));
 }
 
 }  // namespace tersor::sparse24
