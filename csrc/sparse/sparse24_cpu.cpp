@@ -25,8 +25,6 @@ namespace {
 // Rows of x up to which the linear runs the direct sparse loop; beyond, the product is compute-bound
 // and decompressing once to fp32 + the BLAS GEMM (at::linear) is the faster route on a CPU.
 constexpr int64_t kDirectMaxRows = 16;
-// Dense columns decoded at a time per 16-row block: 16 x 256 fp32 = 16 KiB stays in L1.
-constexpr int kDecodeTiles = 8;
 
 template <typename T>
 uint16_t bits16(T v) {
@@ -35,33 +33,30 @@ uint16_t bits16(T v) {
   return b;
 }
 
-// Decodes k-tiles [kt0, kt0 + ntiles) of row block rb into dense rows w[16][ldw] (column 0 = dense
-// column 32 * kt0); pruned positions are zero.
-template <typename T, typename Out>
-void decode_tiles(const T* values, const uint32_t* meta, int64_t K, int64_t rb, int64_t kt0, int ntiles, Out* w,
-                  int64_t ldw) {
-  for (int r = 0; r < kRowAlign; ++r) std::fill(w + r * ldw, w + r * ldw + ntiles * kTileK, Out(0.f));
-  for (int t = 0; t < ntiles; ++t) {
-    const int64_t kt = kt0 + t;
-    const T* tile = values + tile_offset(K, rb, kt);
-    const uint32_t* words = meta + (rb * (K / kColAlign) + kt / 2) * 32;
-    for (int lane = 0; lane < 32; ++lane)
-      for (int slot = 0; slot < 8; ++slot) {
-        const RowCol rc = tile_row_col(lane, slot);
-        const int ct = rc.kc >> 1, cip = static_cast<int>(kt & 1) * 8 + ct;
-        const uint32_t nib = (words[meta_lane(rc.r, cip)] >> meta_shift(rc.r, cip)) & 0xfu;
-        const int idx = (rc.kc & 1) ? nibble_idx1(nib) : nibble_idx0(nib);
-        w[rc.r * ldw + t * kTileK + 4 * ct + idx] = static_cast<Out>(tile[lane * 8 + slot]);
-      }
-  }
+// The dense 4-element chunk (16-bit patterns, lowest address in the low bits) holding kept values v0, v1
+// at positions idx0, idx1 of nibble `nib`: built in a register (the GPU decompress kernel does the same)
+// rather than through an indexed array, which stalls on store-to-load forwarding.
+inline uint64_t dense_chunk_bits(uint32_t nib, uint16_t v0, uint16_t v1) {
+  return (static_cast<uint64_t>(v0) << (16 * nibble_idx0(nib))) | (static_cast<uint64_t>(v1) << (16 * nibble_idx1(nib)));
 }
 
-// Sum of a[i] * b[i] for n a multiple of 8, in 8 independent fp32 lanes (so the loop vectorizes).
-inline float dot8(const float* a, const float* b, int n) {
-  float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int i = 0; i < n; i += 8)
-    for (int j = 0; j < 8; ++j) p[j] += a[i + j] * b[i + j];
-  return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+// Decodes row block rb (all k-tiles) into 16 dense rows of 16-bit patterns at w (row stride K).
+void decode_row_block(const uint16_t* values, const uint32_t* meta, int64_t K, int64_t rb, uint16_t* w) {
+  for (int64_t kt = 0; kt < K / kTileK; ++kt) {
+    const uint16_t* tile = values + tile_offset(K, rb, kt);
+    const uint32_t* words = meta + (rb * (K / kColAlign) + kt / 2) * 32;
+    for (int lane = 0; lane < 32; ++lane) {
+      const uint16_t* src = tile + lane * 8;
+      // Slots (2j, 2j + 1) are both kept values of one chunk (tile_row_col): written as one 8-byte chunk.
+      for (int j = 0; j < 4; ++j) {
+        const RowCol rc = tile_row_col(lane, 2 * j);
+        const int ct = rc.kc >> 1, cip = static_cast<int>(kt & 1) * 8 + ct;
+        const uint32_t nib = (words[meta_lane(rc.r, cip)] >> meta_shift(rc.r, cip)) & 0xfu;
+        const uint64_t chunk = dense_chunk_bits(nib, src[2 * j], src[2 * j + 1]);
+        std::memcpy(w + rc.r * K + kt * kTileK + 4 * ct, &chunk, 8);
+      }
+    }
+  }
 }
 
 template <typename T>
@@ -118,13 +113,11 @@ std::tuple<at::Tensor, at::Tensor> compress_cpu(const at::Tensor& weight) {
   return compress_impl<c10::BFloat16>(weight);
 }
 
-template <typename T, typename Out>
-void decompress_into(const at::Tensor& values, const at::Tensor& meta, const Shape& s, Out* out) {
-  const T* v = values.const_data_ptr<T>();
+void decompress_into(const at::Tensor& values, const at::Tensor& meta, const Shape& s, uint16_t* out) {
+  const uint16_t* v = reinterpret_cast<const uint16_t*>(values.const_data_ptr());
   const uint32_t* mw = reinterpret_cast<const uint32_t*>(meta.const_data_ptr<int32_t>());
   at::parallel_for(0, s.M / kRowAlign, 1, [&](int64_t b, int64_t e) {
-    for (int64_t rb = b; rb < e; ++rb) decode_tiles<T, Out>(v, mw, s.K, rb, 0, static_cast<int>(s.K / kTileK),
-                                                            out + rb * kRowAlign * s.K, s.K);
+    for (int64_t rb = b; rb < e; ++rb) decode_row_block(v, mw, s.K, rb, out + rb * kRowAlign * s.K);
   });
 }
 
@@ -132,41 +125,66 @@ at::Tensor decompress_cpu(const at::Tensor& values_in, const at::Tensor& meta_in
   const Shape s = check_packed(values_in, meta_in, "sparse24_decompress");
   const at::Tensor values = values_in.contiguous(), meta = meta_in.contiguous();
   at::Tensor out = at::empty({s.M, s.K}, values.options());
-  if (values.scalar_type() == at::kHalf)
-    decompress_into<c10::Half, c10::Half>(values, meta, s, out.mutable_data_ptr<c10::Half>());
-  else
-    decompress_into<c10::BFloat16, c10::BFloat16>(values, meta, s, out.mutable_data_ptr<c10::BFloat16>());
+  decompress_into(values, meta, s, reinterpret_cast<uint16_t*>(out.mutable_data_ptr()));
   return out;
 }
 
-template <typename T>
-void linear_direct(const at::Tensor& values, const at::Tensor& meta, const Shape& s, const at::Tensor& xf,
+// y[n][row] for <= kDirectMaxRows rows of x, straight from the packed tiles: each kept value multiplies
+// the x entries its metadata points at (half the multiplies of a dense row, no dense weight
+// materialized). x is transposed to xt[k][kB] (rows padded with zeros to the bucket size kB, a
+// compile-time constant) so the update of one chunk is a contiguous kB-wide multiply-add that
+// vectorizes; the 16 x kB fp32 accumulators of a row block stay in L1.
+template <typename T, int kB>
+void linear_direct(const at::Tensor& values, const at::Tensor& meta, const Shape& s, const float* xt, int64_t B,
                    const float* bias, T* y) {
-  const int64_t B = xf.size(0), K = s.K, ktiles = K / kTileK;
+  const int64_t K = s.K, ktiles = K / kTileK;
   const T* v = values.const_data_ptr<T>();
   const uint32_t* mw = reinterpret_cast<const uint32_t*>(meta.const_data_ptr<int32_t>());
-  const float* x = xf.const_data_ptr<float>();
   at::parallel_for(0, s.M / kRowAlign, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> w(kRowAlign * kDecodeTiles * kTileK);
-    std::vector<float> acc(kRowAlign * B);
+    alignas(64) float acc[kRowAlign][kB];
     for (int64_t rb = b; rb < e; ++rb) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t kt0 = 0; kt0 < ktiles; kt0 += kDecodeTiles) {
-        const int nt = static_cast<int>(std::min<int64_t>(kDecodeTiles, ktiles - kt0));
-        decode_tiles<T, float>(v, mw, K, rb, kt0, nt, w.data(), kDecodeTiles * kTileK);
-        for (int64_t n = 0; n < B; ++n) {
-          const float* xr = x + n * K + kt0 * kTileK;
-          for (int r = 0; r < kRowAlign; ++r)
-            acc[r * B + n] += dot8(w.data() + r * kDecodeTiles * kTileK, xr, nt * kTileK);
+      std::fill(&acc[0][0], &acc[0][0] + kRowAlign * kB, 0.f);
+      for (int64_t kt = 0; kt < ktiles; ++kt) {
+        const T* tile = v + tile_offset(K, rb, kt);
+        const uint32_t* words = mw + (rb * (K / kColAlign) + kt / 2) * 32;
+        const float* xk = xt + kt * kTileK * kB;
+        for (int lane = 0; lane < 32; ++lane) {
+          const T* src = tile + lane * 8;
+          for (int j = 0; j < 4; ++j) {
+            const RowCol rc = tile_row_col(lane, 2 * j);
+            const int ct = rc.kc >> 1, cip = static_cast<int>(kt & 1) * 8 + ct;
+            const uint32_t nib = (words[meta_lane(rc.r, cip)] >> meta_shift(rc.r, cip)) & 0xfu;
+            const float v0 = static_cast<float>(src[2 * j]), v1 = static_cast<float>(src[2 * j + 1]);
+            const float* x0 = xk + (4 * ct + nibble_idx0(nib)) * kB;
+            const float* x1 = xk + (4 * ct + nibble_idx1(nib)) * kB;
+            float* a = acc[rc.r];
+            for (int n = 0; n < kB; ++n) a[n] += v0 * x0[n] + v1 * x1[n];
+          }
         }
       }
       for (int64_t n = 0; n < B; ++n)
         for (int r = 0; r < kRowAlign; ++r) {
           const int64_t row = rb * kRowAlign + r;
-          y[n * s.M + row] = static_cast<T>(acc[r * B + n] + (bias ? bias[row] : 0.f));
+          y[n * s.M + row] = static_cast<T>(acc[r][n] + (bias ? bias[row] : 0.f));
         }
     }
   });
+}
+
+template <typename T>
+void linear_direct_dispatch(const at::Tensor& values, const at::Tensor& meta, const Shape& s, const at::Tensor& xf,
+                            const float* bias, T* y) {
+  const int64_t B = xf.size(0);
+  const int64_t kb = B <= 1 ? 1 : B <= 4 ? 4 : B <= 8 ? 8 : 16;
+  at::Tensor xt = at::zeros({s.K, kb}, xf.options());
+  xt.narrow(1, 0, B).copy_(xf.t());
+  const float* xp = xt.const_data_ptr<float>();
+  switch (kb) {
+    case 1: return linear_direct<T, 1>(values, meta, s, xp, B, bias, y);
+    case 4: return linear_direct<T, 4>(values, meta, s, xp, B, bias, y);
+    case 8: return linear_direct<T, 8>(values, meta, s, xp, B, bias, y);
+    default: return linear_direct<T, 16>(values, meta, s, xp, B, bias, y);
+  }
 }
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& values_in, const at::Tensor& meta_in,
@@ -181,19 +199,17 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& values_in, const at
   const std::optional<at::Tensor> bf =
       bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous()) : std::nullopt;
   if (B > kDirectMaxRows) {
-    at::Tensor wf = at::empty({s.M, s.K}, values.options().dtype(at::kFloat));
-    if (values.scalar_type() == at::kHalf)
-      decompress_into<c10::Half, float>(values, meta, s, wf.mutable_data_ptr<float>());
-    else
-      decompress_into<c10::BFloat16, float>(values, meta, s, wf.mutable_data_ptr<float>());
+    at::Tensor w = at::empty({s.M, s.K}, values.options());
+    decompress_into(values, meta, s, reinterpret_cast<uint16_t*>(w.mutable_data_ptr()));
+    const at::Tensor wf = w.to(at::kFloat);  // exact widening; the fp32 GEMM accumulates in fp32
     return at::linear(xf, wf, bf).to(x.scalar_type()).reshape(out_shape);
   }
   at::Tensor y = at::empty({B, s.M}, x.options());
   const float* bp = bf.has_value() ? bf->const_data_ptr<float>() : nullptr;
   if (values.scalar_type() == at::kHalf)
-    linear_direct<c10::Half>(values, meta, s, xf, bp, y.mutable_data_ptr<c10::Half>());
+    linear_direct_dispatch<c10::Half>(values, meta, s, xf, bp, y.mutable_data_ptr<c10::Half>());
   else
-    linear_direct<c10::BFloat16>(values, meta, s, xf, bp, y.mutable_data_ptr<c10::BFloat16>());
+    linear_direct_dispatch<c10::BFloat16>(values, meta, s, xf, bp, y.mutable_data_ptr<c10::BFloat16>());
   return y.reshape(out_shape);
 }
 
