@@ -1,7 +1,8 @@
 """2:4 semi-structured sparsity: ``sparse24_linear`` against dense ``torch.matmul`` of the same dtype.
 
 * Speed: CPU (small: 4096x4096 weight at 1 and 8 tokens; ``--quick`` 1024x1024) and CUDA (1/4/16 tokens on
-  4096x4096, 8192x8192, 28672x8192, and the 8192^3 GEMM), fp16 and bf16, baseline ``torch.matmul`` with
+  4096x4096, 8192x8192, 28672x8192, and the 8192^3 GEMM), fp16 and bf16 (CUDA: the mma.sp GEMV up to 16
+  tokens, the tiled mma.sp GEMM beyond), baseline ``torch.matmul`` with
   the dense (pruned) weight in the same dtype on the same machine in the same run. On CUDA,
   ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt / CUTLASS) is timed beside it (``extra``).
   ``extra`` also records the bytes read (9/16 of dense) and, on the CPU, fp32 ``torch.matmul``.
@@ -55,7 +56,7 @@ def _speed(ctx) -> list[Result]:
             t = time_fn(lambda: ops.sparse24_linear(x, p.values, p.meta), ctx)
             t_dense = time_fn(lambda: torch.matmul(x, w.t()), ctx)
             extra = {"tokens": b, "weight_bytes": p.nbytes(), "dense_weight_bytes": w.numel() * w.element_size(),
-                     "path": ("mma.sp GEMV" if b <= 16 else "decompress + cuBLAS") if ctx.is_cuda else
+                     "path": ("mma.sp GEMV" if b <= 16 else "mma.sp cp.async GEMM") if ctx.is_cuda else
                      ("direct sparse loop" if b <= 16 else "decompress + fp32 GEMM")}
             if ctx.is_cuda:
                 extra["achieved_GBps"] = p.nbytes() / t / 1e6

@@ -101,9 +101,10 @@ TORCH_LIBRARY(tersor, m) {
   // The dense weight [M, K] (values' dtype, zeros at pruned positions); bit-exact on CPU and CUDA.
   m.def("sparse24_decompress(Tensor values, Tensor meta) -> Tensor");
   // y = x @ W^T (+ bias) for x [..., K] of the weight's dtype; fp32 accumulation, rounded once.
-  // CUDA: mma.sp GEMV for <= 16 rows of x, decompress + cuBLAS beyond.
+  // CUDA: mma.sp GEMV for <= 16 rows of x, the tiled cp.async mma.sp GEMM beyond.
   m.def("sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
-  // The CUDA 2:4 GEMV's lanes replayed on the CPU by the PTX fragment rules (x: 1..16 rows), for tests.
+  // The CUDA kernel sparse24_linear picks (GEMV or GEMM), replayed lane by lane on the CPU by the PTX
+  // fragment/ldmatrix rules, for tests.
   m.def("_sparse24_emulate_cuda_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
 }
 

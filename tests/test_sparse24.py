@@ -268,10 +268,27 @@ def test_emulated_gemv_sees_every_metadata_position():
         assert torch.equal(ops._sparse24_emulate_cuda_linear(x, p.values, p.meta).float(), w[:, k - 16:].float().T)
 
 
-def test_emulated_gemv_rejects_too_many_rows():
-    p = compress_2_4(random_2_4(16, 64, torch.half))
-    with pytest.raises(ValueError, match="1..16 rows"):
-        ops._sparse24_emulate_cuda_linear(torch.randn(17, 64).half(), p.values, p.meta)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,rows", [(16, 64, 17), (144, 128, 40), (32, 192, 130), (272, 64, 21)])
+def test_emulated_cuda_gemm_vs_float64(dtype, m, k, rows):
+    # > 16 rows: the tiled GEMM (partial 128-row W tiles and 128-row x tiles, zero-filled copies).
+    w = random_2_4(m, k, dtype, zero_frac=0.1)
+    p = compress_2_4(w)
+    x = torch.randn(rows, k).to(dtype)
+    b = torch.randn(m).to(dtype)
+    y = ops._sparse24_emulate_cuda_linear(x, p.values, p.meta, b)
+    assert y.shape == (rows, m)
+    check_linear_close(y, x, w, b, dtype)
+
+
+def test_emulated_gemm_sees_every_x_column():
+    # x = identity rows: a swizzle/ldmatrix mix-up moves a column of W to the wrong output.
+    m, k = 32, 128
+    w = random_2_4(m, k, torch.half)
+    p = compress_2_4(w)
+    x = torch.eye(k).half()
+    y = ops._sparse24_emulate_cuda_linear(x, p.values, p.meta)
+    assert torch.equal(y, w.T.contiguous())
 
 
 # ---- CUDA vs CPU (run on a GPU machine) ----
@@ -295,9 +312,10 @@ def test_cuda_linear_vs_reference(dtype, m, k, rows):
     err = (y.double() - ref).abs().max().item()
     torch_err = _torch_lowp_err(x.cuda(), w.cuda(), b.cuda(), ref.cuda())
     assert err <= 2 * torch_err + 1e-6, (err, torch_err)
-    if rows <= 16:  # the mma.sp GEMV: agrees with its CPU replay to fp32 rounding
-        e = ops._sparse24_emulate_cuda_linear(x, compress_2_4(w).values, compress_2_4(w).meta, b)
-        assert (y.double() - e.double()).abs().max().item() <= 2 * EPS[dtype] * e.double().abs().max().item()
+    # The kernel (GEMV or GEMM) agrees with its CPU replay up to fp32 summation order + one rounding.
+    pc = compress_2_4(w)
+    e = ops._sparse24_emulate_cuda_linear(x, pc.values, pc.meta, b)
+    assert (y.double() - e.double()).abs().max().item() <= 2 * EPS[dtype] * e.double().abs().max().item()
 
 
 @pytest.mark.cuda

@@ -22,6 +22,10 @@ struct Sparse24Args {
 // batch in 1..Sparse24GemvTraits::kMaxBatch. fp32 accumulation, rounded once.
 cudaError_t launch_sparse24_gemv(const Sparse24Args& a, const void* x, int batch, const void* bias, void* y,
                                  cudaStream_t stream);
+// The same product for any batch >= 1 on the tiled, cp.async-pipelined mma.sp GEMM (used from
+// Sparse24GemmTraits::kMinBatch rows; x rows 16-byte aligned).
+cudaError_t launch_sparse24_gemm(const Sparse24Args& a, const void* x, int64_t batch, const void* bias, void* y,
+                                 cudaStream_t stream);
 // Packs a dense 2:4 weight [M, K] (args.dtype, rows contiguous, 8-byte aligned) into args' values and
 // meta (written through the const pointers' buffers, passed here as mutable). Sets *bad_flag (device
 // int, zeroed by the caller) to 1 if some chunk holds more than two non-zeros.

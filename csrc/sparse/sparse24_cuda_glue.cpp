@@ -2,7 +2,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/linear.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -91,16 +90,16 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::
   if (B == 0) return at::empty(out_shape, x.options());
   const DevicePacked d = device_packed(values, meta, s, op);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (B > Sparse24GemvTraits::kMaxBatch) {
-    // Compute-bound sizes: decompress once, then the dense tensor-core GEMM (cuBLAS).
-    at::Tensor w = at::empty({s.M, s.K}, values.options());
-    C10_CUDA_CHECK(launch_sparse24_decompress(d.args, w.mutable_data_ptr(), stream));
-    return at::linear(x2, w, bias).reshape(out_shape);
-  }
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const void* bp = bias.has_value() ? b.const_data_ptr() : nullptr;
   at::Tensor y = at::empty({B, s.M}, x.options());
-  C10_CUDA_CHECK(launch_sparse24_gemv(d.args, x2.const_data_ptr(), static_cast<int>(B),
-                                      bias.has_value() ? b.const_data_ptr() : nullptr, y.mutable_data_ptr(), stream));
+  static_assert(Sparse24GemmTraits::kMinBatch == Sparse24GemvTraits::kMaxBatch + 1, "every batch has a kernel");
+  if (B >= Sparse24GemmTraits::kMinBatch) {
+    C10_CUDA_CHECK(launch_sparse24_gemm(d.args, x2.const_data_ptr(), B, bp, y.mutable_data_ptr(), stream));
+  } else {
+    C10_CUDA_CHECK(launch_sparse24_gemv(d.args, x2.const_data_ptr(), static_cast<int>(B), bp, y.mutable_data_ptr(),
+                                        stream));
+  }
   return y.reshape(out_shape);
 }
 

@@ -228,8 +228,8 @@ def sparse24_decompress(values: torch.Tensor, meta: torch.Tensor) -> torch.Tenso
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W.T + bias`` for a format v1 2:4 weight ``W [M, K]``, ``x [..., K]`` of W's dtype; fp32
-    accumulation, rounded once. CUDA: the ``mma.sp`` GEMV for at most 16 rows of x, decompress + cuBLAS
-    beyond."""
+    accumulation, rounded once. CUDA: the ``mma.sp`` GEMV for at most 16 rows of x, the tiled
+    ``cp.async`` ``mma.sp`` GEMM beyond."""
     return _lib.sparse24_linear(x, values, meta, bias)
 
 
