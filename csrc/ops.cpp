@@ -108,6 +108,22 @@ TORCH_LIBRARY(tersor, m) {
   // y = x @ W^T (+ bias) in x's dtype (float32/float16/bfloat16), fp32 accumulation: a lookup-table /
   // fused decode GEMV for few rows of x, decode + matmul otherwise.
   m.def("aqlm_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias=None) -> Tensor");
+
+  // ---- 2:4 sparsity (csrc/sparse; format v1 "2:4 semi-structured": docs/formats.md) ----
+  // `values` [M/16, K/32, 256] (float16/bfloat16, mma.sp A-fragment order) and `meta` [M/16, K/64, 32]
+  // (int32, one metadata register per lane and k-tile pair) hold a 2:4 weight W [M, K].
+  // Packs a dense 2:4 weight [M, K] (M % 16 == 0, K % 64 == 0; at most 2 non-zeros in every 4 along K,
+  // else ValueError naming the first offending chunk) into (values, meta). Identical bytes on CPU and
+  // CUDA (which synchronizes to report a bad weight).
+  m.def("sparse24_compress(Tensor weight) -> (Tensor, Tensor)");
+  // The dense weight [M, K] (values' dtype, zeros at pruned positions); bit-exact on CPU and CUDA.
+  m.def("sparse24_decompress(Tensor values, Tensor meta) -> Tensor");
+  // y = x @ W^T (+ bias) for x [..., K] of the weight's dtype; fp32 accumulation, rounded once.
+  // CUDA: mma.sp GEMV for <= 16 rows of x, the tiled cp.async mma.sp GEMM beyond.
+  m.def("sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
+  // The CUDA kernel sparse24_linear picks (GEMV or GEMM), replayed lane by lane on the CPU by the PTX
+  // fragment/ldmatrix rules, for tests.
+  m.def("_sparse24_emulate_cuda_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
 }
 
 // `import tersor._C` loads this library (and so runs the registrations above). It defines no Python

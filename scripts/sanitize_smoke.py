@@ -92,3 +92,26 @@ for books, nbits in ((2, 8), (1, 16), (1, 12)):
             launches += 1
 torch.cuda.synchronize()
 print(f"sanitize_smoke: ran {launches} codebook launches")
+
+# 2:4 sparsity: compress (good and bad weights), decompress, the GEMV (1/2 n8 tiles, K steps not a
+# multiple of the warp count) and the GEMM (partial W and x tiles, pipeline shorter than its depth).
+from tersor.sparse import compress_2_4, prune_2_4  # noqa: E402
+
+launches = 0
+for dtype in (torch.float16, torch.bfloat16):
+    for m, k in ((16, 64), (48, 192), (144, 576), (272, 128)):
+        w = prune_2_4(torch.randn(m, k, device="cuda").to(dtype))
+        p = compress_2_4(w)
+        ops.sparse24_decompress(p.values, p.meta)
+        launches += 2
+        for b in (1, 8, 9, 16, 17, 130):
+            ops.sparse24_linear(torch.randn(b, k, device="cuda").to(dtype), p.values, p.meta,
+                                torch.randn(m, device="cuda").to(dtype))
+            launches += 1
+bad = torch.ones(16, 64, device="cuda", dtype=torch.float16)
+try:
+    compress_2_4(bad)
+except ValueError:
+    launches += 1
+torch.cuda.synchronize()
+print(f"sanitize_smoke: ran {launches} sparse24 launches")

@@ -102,3 +102,40 @@ OP_CASES = {
     "aqlm_decode": _aqlm_decode,
     "aqlm_linear": _aqlm_linear,
 }
+
+
+# ---- 2:4 sparsity ----
+
+def _sparse24_weight(m, k, dtype, device):
+    from tersor.sparse import compress_2_4, prune_2_4
+
+    w = prune_2_4(torch.randn(m, k).to(dtype))
+    packed = compress_2_4(w.to(device))
+    return w.to(device), packed.values, packed.meta
+
+
+def _sparse24_compress(device):
+    return [((_sparse24_weight(m, k, dt, device)[0],), {})
+            for m, k, dt in [(16, 64, torch.float16), (32, 128, torch.bfloat16)]]
+
+
+def _sparse24_decompress(device):
+    return [(_sparse24_weight(m, k, dt, device)[1:], {}) for m, k, dt in [(16, 64, torch.float16), (48, 192, torch.bfloat16)]]
+
+
+def _sparse24_linear(device):
+    cases = []
+    for m, k, dt, lead in [(32, 128, torch.float16, (1,)), (16, 64, torch.bfloat16, (2, 3)),
+                           (48, 192, torch.float16, (20,)), (16, 128, torch.bfloat16, (12,))]:
+        _, values, meta = _sparse24_weight(m, k, dt, device)
+        x = torch.randn(*lead, k, device=device).to(dt)
+        cases.append(((x, values, meta), {"bias": torch.randn(m, device=device).to(dt)}))
+        cases.append(((x, values, meta), {}))
+    return cases
+
+
+OP_CASES.update({
+    "sparse24_compress": _sparse24_compress,
+    "sparse24_decompress": _sparse24_decompress,
+    "sparse24_linear": _sparse24_linear,
+})

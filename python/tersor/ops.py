@@ -204,3 +204,80 @@ def _aqlm_linear_fake(x, codes, codebooks, scales, bias=None):
     torch._check(x.dtype in _FLOATS, lambda: f"aqlm_linear: x must be float32, float16 or bfloat16, got {x.dtype}")
     torch._check(x.dim() >= 1 and x.shape[-1] == codes.shape[1] * 8, lambda: "aqlm_linear: x's last dim must be in_features")
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2:4 semi-structured sparsity (format v1, docs/formats.md; user API: tersor.sparse, tersor.nn.SparseLinear)
+
+_SPARSE24_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def sparse24_compress(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packs a dense 2:4 weight ``[M, K]`` (float16/bfloat16, ``M % 16 == 0``, ``K % 64 == 0``, at most 2
+    non-zeros in every 4 consecutive entries along K) into format v1 ``(values [M/16, K/32, 256],
+    meta [M/16, K/64, 32] int32)``. A weight that is not 2:4 raises ``ValueError`` naming the first bad
+    chunk. CPU and CUDA give identical bytes; the CUDA kernel synchronizes to report a bad weight."""
+    return _lib.sparse24_compress(weight)
+
+
+def sparse24_decompress(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The dense weight ``[M, K]`` of a format v1 pair (zeros at pruned positions); bit-exact on CPU and CUDA."""
+    return _lib.sparse24_decompress(values, meta)
+
+
+def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for a format v1 2:4 weight ``W [M, K]``, ``x [..., K]`` of W's dtype; fp32
+    accumulation, rounded once. CUDA: the ``mma.sp`` GEMV for at most 16 rows of x, the tiled
+    ``cp.async`` ``mma.sp`` GEMM beyond."""
+    return _lib.sparse24_linear(x, values, meta, bias)
+
+
+def _sparse24_shape_fake(values, meta, op):
+    torch._check(values.dtype in _SPARSE24_DTYPES, lambda: f"{op}: values must be float16 or bfloat16, got {values.dtype}")
+    torch._check(meta.dtype == torch.int32, lambda: f"{op}: meta must be int32, got {meta.dtype}")
+    torch._check(values.dim() == 3 and values.shape[2] == 256, lambda: f"{op}: values must be [M/16, K/32, 256]")
+    torch._check(meta.dim() == 3 and meta.shape[2] == 32, lambda: f"{op}: meta must be [M/16, K/64, 32]")
+    torch._check(values.shape[0] > 0 and values.shape[1] > 0 and values.shape[1] % 2 == 0,
+                 lambda: f"{op}: values must hold whole 16-row blocks and K % 64 == 0")
+    torch._check(meta.shape[0] == values.shape[0] and meta.shape[1] * 2 == values.shape[1],
+                 lambda: f"{op}: meta shape does not match values shape")
+    return values.shape[0] * 16, values.shape[1] * 32
+
+
+@torch.library.register_fake("tersor::sparse24_compress")
+def _sparse24_compress_fake(weight):
+    torch._check(weight.dtype in _SPARSE24_DTYPES,
+                 lambda: f"sparse24_compress: weight must be float16 or bfloat16, got {weight.dtype}")
+    torch._check(weight.dim() == 2, lambda: "sparse24_compress: weight must be 2-d")
+    m, k = weight.shape
+    torch._check(m > 0 and m % 16 == 0 and k > 0 and k % 64 == 0,
+                 lambda: "sparse24_compress: weight [M, K] needs M % 16 == 0 and K % 64 == 0")
+    return (weight.new_empty((m // 16, k // 32, 256)),
+            weight.new_empty((m // 16, k // 64, 32), dtype=torch.int32))
+
+
+@torch.library.register_fake("tersor::sparse24_decompress")
+def _sparse24_decompress_fake(values, meta):
+    m, k = _sparse24_shape_fake(values, meta, "sparse24_decompress")
+    return values.new_empty((m, k))
+
+
+def _sparse24_linear_fake_impl(x, values, meta, bias, op):
+    m, k = _sparse24_shape_fake(values, meta, op)
+    torch._check(x.dtype == values.dtype, lambda: f"{op}: x must have the weight's dtype {values.dtype}, got {x.dtype}")
+    torch._check(x.dim() >= 1 and x.shape[-1] == k, lambda: f"{op}: x's last dim must be in_features = {k}")
+    if bias is not None:
+        torch._check(bias.dtype == values.dtype, lambda: f"{op}: bias must have the weight's dtype")
+        torch._check(bias.dim() == 1 and bias.shape[0] == m, lambda: f"{op}: bias must be [out_features = {m}]")
+    return x.new_empty((*x.shape[:-1], m))
+
+
+@torch.library.register_fake("tersor::sparse24_linear")
+def _sparse24_linear_fake(x, values, meta, bias=None):
+    return _sparse24_linear_fake_impl(x, values, meta, bias, "sparse24_linear")
+
+
+@torch.library.register_fake("tersor::_sparse24_emulate_cuda_linear")
+def _sparse24_emulate_fake(x, values, meta, bias=None):
+    return _sparse24_linear_fake_impl(x, values, meta, bias, "_sparse24_emulate_cuda_linear")

