@@ -1,0 +1,1 @@
+from .bsr import BSRWeight, to_bsr, bsr_linear
