@@ -93,6 +93,21 @@ def test_schedule_layout():
     assert s[len(s) - (mb + 1):] == [0, 0, 0, 2, 5, 5]
 
 
+@pytest.mark.parametrize("bs", [16, 32, 64])
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+def test_schedule_is_valid_for_random_structures(bs, chunk):
+    for seed in range(4):
+        w = random_block_sparse(9 * bs, 11 * bs, bs, [0.0, 0.1, 0.5, 1.0][seed], seed=seed, empty_rows=(3,))
+        b = to_bsr(w, bs, chunk_blocks=chunk)
+        version, bsz, mb, n_split, n_partials = torch.ops.tersor._bsr_check(
+            b.crow_indices, b.col_indices, b.values, b.schedule, 11 * bs)
+        assert (version, bsz, mb) == (1, bs, 9)
+        c = chunk or 16384 // (bs * bs)
+        nnz = (b.crow_indices[1:] - b.crow_indices[:-1]).tolist()
+        assert n_split == sum(max(1, -(-n // c)) for n in nnz)
+        assert n_partials == sum(-(-n // c) for n in nnz if n > c)
+
+
 def test_state_dict_round_trip_and_validation():
     w = random_block_sparse(128, 128, 32, 0.5, torch.float16)
     b = to_bsr(w, 32, chunk_blocks=1)

@@ -101,12 +101,13 @@ __global__ void __launch_bounds__(BsrTile<BS, TN>::kThreads)
       } else {
 #pragma unroll
         for (int fp = 0; fp < Tile::kNFrags / 2; ++fp) {
-          if (tok0 + warp_tok + fp * 16 >= tokens) break;  // whole pair past the last token (warp-uniform)
-          uint32_t b[4];
-          ldmatrix_x4(b, xs + bsr_smem_chunk(BS, warp_tok + fp * 16 + bsr_b_ld_token(lane), bsr_b_ld_chunk(lane, k16)) *
-                                  8);
-          mma_16bit<Elem>(acc[2 * fp], a, b[0], b[1]);
-          mma_16bit<Elem>(acc[2 * fp + 1], a, b[2], b[3]);
+          if (tok0 + warp_tok + fp * 16 < tokens) {  // skip pairs wholly past the last token (warp-uniform)
+            uint32_t b[4];
+            ldmatrix_x4(b, xs + bsr_smem_chunk(BS, warp_tok + fp * 16 + bsr_b_ld_token(lane),
+                                               bsr_b_ld_chunk(lane, k16)) * 8);
+            mma_16bit<Elem>(acc[2 * fp], a, b[0], b[1]);
+            mma_16bit<Elem>(acc[2 * fp + 1], a, b[2], b[3]);
+          }
         }
       }
     }
@@ -151,10 +152,9 @@ __global__ void __launch_bounds__(BsrReduceTraits::kThreads)
 template <typename Elem, int BS, int TN>
 cudaError_t launch_tile(const BsrKernelArgs& a, cudaStream_t stream) {
   using Tile = BsrTile<BS, TN>;
+  // Every tile fits the default dynamic shared-memory limit, so no per-device opt-in is needed.
+  static_assert(Tile::kSmemBytes <= 48 * 1024, "tile needs cudaFuncAttributeMaxDynamicSharedMemorySize");
   auto kernel = bsr_mm_kernel<Elem, BS, TN>;
-  static const cudaError_t attr_err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
-  if (attr_err != cudaSuccess) return attr_err;
   const bool split = bsr_use_split(a.tokens);
   const int64_t n_items = split ? a.n_split : a.mb;
   const int32_t* items = a.schedule + (split ? bsr_split_items_offset(a.mb) : bsr_row_items_offset(a.mb));
