@@ -124,6 +124,16 @@ TORCH_LIBRARY(tersor, m) {
   // The CUDA kernel sparse24_linear picks (GEMV or GEMM), replayed lane by lane on the CPU by the PTX
   // fragment/ldmatrix rules, for tests.
   m.def("_sparse24_emulate_cuda_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
+  // ---- block-sparse: BSR weights (csrc/sparse; format: docs/formats.md, BSR v1) ----
+  // y = x @ W^T (+ bias) for W [Mb * bs, in_features] stored as bs x bs blocks (bs in {16, 32, 64}):
+  // crow_indices/col_indices int32, values [nnz_blocks, bs, bs] of x's dtype, schedule int32 (work items
+  // of the CUDA kernel). float32/float16/bfloat16, fp32 accumulation, one rounding; deterministic.
+  m.def("bsr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor schedule, int in_features, Tensor? bias=None) -> Tensor");
+  // Validates a BSR weight and its schedule (CPU tensors); returns [version, bs, Mb, split_items, partials].
+  m.def("_bsr_check(Tensor crow_indices, Tensor col_indices, Tensor values, Tensor schedule, int in_features) -> int[]");
+  // The CUDA BSR kernel's lane code (copy map, swizzle, ldmatrix, MMA fragments, schedule) replayed on the
+  // CPU for float16/bfloat16, for CPU tests of the layouts.
+  m.def("_bsr_emulate_cuda_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor schedule, int in_features, Tensor? bias=None) -> Tensor");
 }
 
 // `import tersor._C` loads this library (and so runs the registrations above). It defines no Python

@@ -115,3 +115,29 @@ except ValueError:
     launches += 1
 torch.cuda.synchronize()
 print(f"sanitize_smoke: ran {launches} sparse24 launches")
+
+# block-sparse (BSR): every blocksize and dtype, token counts on both sides of each token tile and of the
+# split/whole-row switch, empty block rows, split rows (chunk_blocks=1), ragged last tiles, with and
+# without bias, and an x that is a non-contiguous view.
+from tersor.sparse import bsr_linear, to_bsr  # noqa: E402
+
+launches = 0
+for bs in (16, 32, 64):
+    g = torch.Generator().manual_seed(bs)
+    keep = torch.rand(5, 7, generator=g) < 0.5
+    keep[2] = False
+    w = torch.randn(5 * bs, 7 * bs, generator=g) * keep.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for chunk in (1, None):
+            b = to_bsr(w.to(dt), bs, chunk_blocks=chunk).to("cuda")
+            bias = torch.randn(5 * bs, device="cuda").to(dt)
+            for tokens in (1, 7, 8, 9, 33, 64, 65, 130):
+                x = torch.randn(tokens, 7 * bs, device="cuda").to(dt)
+                bsr_linear(x, b, bias)
+                bsr_linear(x, b)
+                launches += 2
+            xt = torch.randn(7 * bs, 3, device="cuda").to(dt).t()
+            bsr_linear(xt, b, bias)
+            launches += 1
+torch.cuda.synchronize()
+print(f"sanitize_smoke: ran {launches} bsr launches")

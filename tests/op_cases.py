@@ -93,6 +93,23 @@ def _aqlm_linear(device):
     return cases
 
 
+def _bsr_linear(device):
+    from tersor.sparse import to_bsr
+
+    cases = []
+    for n, k, bs, dtype, lead in [(64, 128, 32, torch.float16, (3,)), (128, 64, 64, torch.bfloat16, (2, 40)),
+                                  (32, 48, 16, torch.float32, (5,)), (64, 64, 16, torch.float16, (70,))]:
+        g = torch.Generator().manual_seed(n + k + bs)
+        keep = (torch.rand(n // bs, k // bs, generator=g) < 0.5).repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+        w = (torch.randn(n, k, generator=g) * keep).to(dtype)
+        b = to_bsr(w, bs, chunk_blocks=1).to(device)
+        x = torch.randn(*lead, k, device=device).to(dtype)
+        args = (x, b.crow_indices, b.col_indices, b.values, b.schedule, k)
+        cases.append((args, {"bias": torch.randn(n, device=device).to(dtype)}))
+        cases.append((args, {}))
+    return cases
+
+
 OP_CASES = {
     "hadamard_transform": _hadamard,
     "codec_decode": _codec_decode,
@@ -101,6 +118,7 @@ OP_CASES = {
     "e8p_linear": _e8p_linear,
     "aqlm_decode": _aqlm_decode,
     "aqlm_linear": _aqlm_linear,
+    "bsr_linear": _bsr_linear,
 }
 
 

@@ -281,3 +281,38 @@ def _sparse24_linear_fake(x, values, meta, bias=None):
 @torch.library.register_fake("tersor::_sparse24_emulate_cuda_linear")
 def _sparse24_emulate_fake(x, values, meta, bias=None):
     return _sparse24_linear_fake_impl(x, values, meta, bias, "_sparse24_emulate_cuda_linear")
+
+# block-sparse: BSR weights (user-facing: tersor.sparse.to_bsr / BSRWeight / bsr_linear)
+
+_BSR_BLOCKSIZES = (16, 32, 64)
+
+
+def _bsr_split_items(schedule_numel, mb):
+    # Twin of bsr_split_items_from_numel (csrc/sparse/bsr_format.h): -1 when the length fits no schedule.
+    rest = schedule_numel - (4 * mb + mb + 1)
+    return -1 if rest < 0 or rest % 4 else rest // 4
+
+
+@torch.library.register_fake("tersor::bsr_linear")
+def _bsr_linear_fake(x, crow_indices, col_indices, values, schedule, in_features, bias=None):
+    op = "bsr_linear"
+    torch._check_type(x.dtype in _FLOATS, lambda: f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check_type(values.dtype == x.dtype, lambda: f"{op}: values ({values.dtype}) must have x's dtype ({x.dtype})")
+    for t in (crow_indices, col_indices, schedule):
+        torch._check_type(t.dtype == torch.int32, lambda: f"{op}: index tensors must be int32, got {t.dtype}")
+        torch._check_value(t.dim() == 1, lambda: f"{op}: index tensors must be 1-d")
+    torch._check_value(values.dim() == 3 and values.shape[1] == values.shape[2],
+                       lambda: f"{op}: values must be [nnz_blocks, bs, bs]")
+    bs = values.shape[1]
+    torch._check_value(bs in _BSR_BLOCKSIZES, lambda: f"{op}: blocksize must be 16, 32 or 64, got {bs}")
+    torch._check_value(col_indices.shape[0] == values.shape[0], lambda: f"{op}: col_indices / values mismatch")
+    torch._check_value(crow_indices.shape[0] >= 2, lambda: f"{op}: crow_indices needs at least 2 entries")
+    mb = crow_indices.shape[0] - 1
+    torch._check_value(in_features > 0 and in_features % bs == 0,
+                       lambda: f"{op}: in_features must be a positive multiple of the blocksize")
+    torch._check_value(_bsr_split_items(schedule.shape[0], mb) >= 0, lambda: f"{op}: schedule length fits no schedule")
+    torch._check_value(x.dim() >= 1 and x.shape[-1] == in_features, lambda: f"{op}: x must be [..., {in_features}]")
+    if bias is not None:
+        torch._check_type(bias.dtype == x.dtype, lambda: f"{op}: bias must have x's dtype")
+        torch._check_value(bias.dim() == 1 and bias.shape[0] == mb * bs, lambda: f"{op}: bias must be [{mb * bs}]")
+    return x.new_empty((*x.shape[:-1], mb * bs))
