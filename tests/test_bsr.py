@@ -190,6 +190,15 @@ def test_bsr_linear_leading_dims_zero_tokens_and_all_zero():
     assert torch.equal(bsr_linear(torch.randn(4, 128), z, bias), bias.expand(4, 64))
 
 
+def test_bsr_linear_compiles_with_the_weight_object():
+    w = random_block_sparse(128, 256, 32, 0.5, torch.bfloat16)
+    b = to_bsr(w, 32)
+    x = torch.randn(4, 256).bfloat16()
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, b: bsr_linear(x, b), fullgraph=True)
+    assert torch.equal(f(x, b), bsr_linear(x, b))
+
+
 def test_bsr_linear_bad_input():
     w = random_block_sparse(64, 128, 32, 0.5, torch.float16)
     b = to_bsr(w, 32)

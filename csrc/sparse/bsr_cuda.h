@@ -22,9 +22,10 @@ struct BsrKernelArgs {
   int bs = 64;
 };
 
-// fp32 scratch the launch needs (0 when the whole-row items are used).
-inline int64_t bsr_scratch_floats(int64_t bs, int64_t n_split, int64_t tokens) {
-  return bsr_use_split(tokens) ? n_split * tokens * bs : 0;
+// fp32 scratch the launch needs: 0 for the whole-row items, and for split items when no row was split
+// (S == Mb, since a split row has >= 2 items); an upper bound (S slots) otherwise.
+inline int64_t bsr_scratch_floats(int64_t bs, int64_t mb, int64_t n_split, int64_t tokens) {
+  return bsr_use_split(tokens) && n_split > mb ? n_split * tokens * bs : 0;
 }
 
 // y = x @ W^T (+ bias), fp32 accumulation, one rounding; dtype kFloat16 or kBFloat16; tokens >= 1.

@@ -51,7 +51,7 @@ at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
   std::optional<at::Tensor> b;
   if (bias) b = bias->contiguous();
   at::Tensor y = at::empty({c.tokens, c.out_features}, x.options());
-  const int64_t scratch_n = bsr_scratch_floats(c.bs, c.n_split, c.tokens);
+  const int64_t scratch_n = bsr_scratch_floats(c.bs, c.mb, c.n_split, c.tokens);
   at::Tensor scratch;
   if (scratch_n > 0) scratch = at::empty({scratch_n}, x.options().dtype(at::kFloat));
   BsrKernelArgs a;

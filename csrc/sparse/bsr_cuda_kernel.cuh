@@ -166,7 +166,8 @@ cudaError_t launch_tile(const BsrKernelArgs& a, cudaStream_t stream) {
       static_cast<const Elem*>(a.bias), static_cast<Elem*>(a.y), a.partial, static_cast<int>(a.tokens),
       static_cast<int>(a.in_features), static_cast<int>(a.out_features));
   cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || !split) return err;
+  // No partial pass when every row fits one item (then S == Mb: a split row has >= 2 items).
+  if (err != cudaSuccess || !split || a.n_split == a.mb) return err;
   const int64_t total = a.mb * a.tokens * BS;
   const int64_t blocks = (total + BsrReduceTraits::kThreads - 1) / BsrReduceTraits::kThreads;
   bsr_partial_sum_kernel<Elem, BS><<<static_cast<unsigned>(blocks), BsrReduceTraits::kThreads, 0, stream>>>(
