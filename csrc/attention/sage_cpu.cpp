@@ -1,0 +1,417 @@
+// CPU twin of the quantized attention kernels (SageAttention2 numerics) and its exact fp64 mode.
+//
+// The quantized mode reproduces, step by step, what the CUDA kernels compute (sage_format.h has the
+// shared pieces): Q (times scale*log2e) and K quantized per fragment group, K smoothed by its token mean,
+// optionally Q smoothed per 32-row block (its q_mean . K^T term added back in fp32), online softmax over
+// the kernel's 64-key tiles in base 2 with the log2(448) offset, P~ rounded to e4m3 (or to V's 16-bit
+// dtype), each tile's P~ V accumulated in a fresh fp32 buffer and added into the fp32 output, V's
+// per-channel fp8 scale and 1/l applied in the epilogue. Where the GPU differs it is documented in
+// docs/research/sage_attention.md (ex2.approx vs exp2f, FP8-MMA accumulator width, summation order).
+//
+// qk_bits == 0 with pv == "fp32" is the exact mode: everything in fp64, rounded once to the output dtype.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "attention/sage_format.h"
+
+namespace tersor::attention {
+namespace {
+
+using Traits = SageTraitsSm8x;
+
+enum class PVMode { kFp8, kFp16, kFp32 };
+
+struct SageCall {
+  int64_t batch, heads_q, heads_kv, len_q, len_k, head_dim;
+  bool causal;
+  double scale;
+  int qk_bits;
+  PVMode pv;
+  bool smooth_k, smooth_q;
+  bool exact() const { return qk_bits == 0 && pv == PVMode::kFp32; }
+};
+
+PVMode parse_pv(const std::string& pv) {
+  if (pv == "fp8") return PVMode::kFp8;
+  if (pv == "fp16") return PVMode::kFp16;
+  if (pv == "fp32") return PVMode::kFp32;
+  TORCH_CHECK_VALUE(false, "sage_attention_fwd: pv must be \"fp8\", \"fp16\" or \"fp32\", got \"", pv, "\"");
+}
+
+SageCall check_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool is_causal, double scale,
+                    int64_t qk_bits, const std::string& pv, bool smooth_k, bool smooth_q) {
+  const char* op = "sage_attention_fwd";
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+                    ": q, k, v must be 4-d [batch, heads, seq, head_dim], got ", q.dim(), "-d, ", k.dim(), "-d, ",
+                    v.dim(), "-d");
+  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+                   ": q, k, v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(qk_bits == 0 || qk_bits == 4 || qk_bits == 8, op, ": qk_bits must be 0, 4 or 8, got ", qk_bits);
+  SageCall c{};
+  c.pv = parse_pv(pv);
+  c.qk_bits = static_cast<int>(qk_bits);
+  const auto t = q.scalar_type();
+  if (c.exact()) {
+    TORCH_CHECK_TYPE(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat, op,
+                     ": expected float16, bfloat16 or (exact mode only) float32, got ", t);
+  } else {
+    TORCH_CHECK_TYPE(t == at::kHalf || t == at::kBFloat16, op, ": expected float16 or bfloat16, got ", t,
+                     " (float32 only in the exact mode qk_bits=0, pv=\"fp32\")");
+  }
+  c.batch = q.size(0);
+  c.heads_q = q.size(1);
+  c.len_q = q.size(2);
+  c.head_dim = q.size(3);
+  c.heads_kv = k.size(1);
+  c.len_k = k.size(2);
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ",
+                    v.sizes());
+  TORCH_CHECK_VALUE(k.size(0) == c.batch, op, ": batch of k/v (", k.size(0), ") differs from q (", c.batch, ")");
+  TORCH_CHECK_VALUE(k.size(3) == c.head_dim, op, ": head_dim of k/v (", k.size(3), ") differs from q (", c.head_dim,
+                    ")");
+  TORCH_CHECK_VALUE(c.head_dim == 64 || c.head_dim == 128, op, ": head_dim must be 64 or 128, got ", c.head_dim,
+                    " (tersor.attention.sage_attention pads smaller head dims)");
+  TORCH_CHECK_VALUE(c.heads_kv >= 1 && c.heads_q % c.heads_kv == 0, op, ": query heads (", c.heads_q,
+                    ") must be a multiple of key/value heads (", c.heads_kv, ")");
+  TORCH_CHECK_VALUE(c.len_k >= 1, op, ": needs at least one key");
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be finite and positive, got ", scale);
+  c.causal = is_causal;
+  c.scale = scale;
+  c.smooth_k = smooth_k;
+  c.smooth_q = smooth_q;
+  return c;
+}
+
+// Rounds to the 16-bit dtype of the inputs (the sm80 P.V operand type).
+inline float round_to(float x, at::ScalarType t) {
+  return t == at::kBFloat16 ? static_cast<float>(c10::BFloat16(x)) : static_cast<float>(c10::Half(x));
+}
+
+// Per (batch, kv head) data derived from K and V once, shared by every query head of the group (GQA).
+struct KVPrepared {
+  std::vector<float> k_mean;    // [D] (zeros without smoothing)
+  std::vector<float> k_smooth;  // [Lk, D] fp32 K - k_mean
+  std::vector<int8_t> k_int;    // [Lk, D] codes (quantized modes)
+  std::vector<float> k_scale;   // [k_groups]
+  std::vector<float> v_val;     // [Lk, D] the P.V operand: e4m3 codes decoded, V in its dtype, or V
+  std::vector<float> v_scale;   // [D] epilogue scale (1 unless fp8)
+};
+
+void prepare_kv(const SageCall& c, const float* k, const float* v, KVPrepared& p) {
+  const int64_t L = c.len_k, D = c.head_dim;
+  p.k_mean.assign(D, 0.f);
+  if (c.smooth_k) {
+    // Exact mean rounded once (the GPU reduction order differs; a rounding of the mean at most).
+    for (int64_t d = 0; d < D; ++d) {
+      double s = 0;
+      for (int64_t j = 0; j < L; ++j) s += k[j * D + d];
+      p.k_mean[d] = static_cast<float>(s / static_cast<double>(L));
+    }
+  }
+  p.k_smooth.resize(L * D);
+  for (int64_t j = 0; j < L; ++j)
+    for (int64_t d = 0; d < D; ++d) p.k_smooth[j * D + d] = k[j * D + d] - p.k_mean[d];
+  if (c.qk_bits > 0) {
+    const int64_t G = k_groups(L);
+    std::vector<float> amax(G, 0.f);
+    for (int64_t j = 0; j < L; ++j) {
+      float& a = amax[k_group(j)];
+      for (int64_t d = 0; d < D; ++d) a = std::max(a, std::fabs(p.k_smooth[j * D + d]));
+    }
+    p.k_scale.resize(G);
+    std::vector<float> inv(G);
+    for (int64_t g = 0; g < G; ++g) {
+      const IntQuantParams qp = int_quant_params(amax[g], c.qk_bits);
+      p.k_scale[g] = qp.scale;
+      inv[g] = qp.inv_scale;
+    }
+    p.k_int.resize(L * D);
+    for (int64_t j = 0; j < L; ++j)
+      for (int64_t d = 0; d < D; ++d)
+        p.k_int[j * D + d] = static_cast<int8_t>(quantize_int(p.k_smooth[j * D + d], inv[k_group(j)], c.qk_bits));
+  }
+  p.v_val.assign(v, v + L * D);
+  p.v_scale.assign(D, 1.f);
+  if (c.pv == PVMode::kFp8) {
+    for (int64_t d = 0; d < D; ++d) {
+      float amax = 0.f;
+      for (int64_t j = 0; j < L; ++j) amax = std::max(amax, std::fabs(v[j * D + d]));
+      const IntQuantParams qp = fp8_channel_params(amax);
+      p.v_scale[d] = qp.scale;
+      for (int64_t j = 0; j < L; ++j) p.v_val[j * D + d] = e4m3_to_float(float_to_e4m3(v[j * D + d] * qp.inv_scale));
+    }
+  }
+}
+
+// The quantized pipeline for query rows [r0, r1) of one (batch, head): the kernel's CTA (128 rows).
+void quantized_rows(const SageCall& c, at::ScalarType in_t, const float* q, const KVPrepared& kv, int64_t r0,
+                    int64_t r1, float* out, float* lse) {
+  const int64_t D = c.head_dim, Lk = c.len_k;
+  const int64_t rows = r1 - r0;
+  const float qk_mul = static_cast<float>(c.scale) * kLog2e;  // fp32, folded into Q before quantization
+  // Q scaled (and smoothed) in fp32.
+  std::vector<float> qs(rows * D);
+  for (int64_t i = 0; i < rows * D; ++i) qs[i] = q[r0 * D + i] * qk_mul;
+  // Q smoothing: per 32-row block mean, and its dot product with every (smoothed, unquantized) key.
+  const int64_t n_blocks = (rows + Traits::kWarpQ - 1) / Traits::kWarpQ;  // r0 is a multiple of 128
+  std::vector<float> q_bias;  // [n_blocks, Lk]: q_mean . k_j, added to the dequantized scores
+  if (c.smooth_q) {
+    q_bias.assign(n_blocks * Lk, 0.f);
+    std::vector<float> mean(D);
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t i0 = b * Traits::kWarpQ, i1 = std::min(rows, i0 + Traits::kWarpQ);
+      for (int64_t d = 0; d < D; ++d) {
+        double s = 0;
+        for (int64_t i = i0; i < i1; ++i) s += qs[i * D + d];
+        mean[d] = static_cast<float>(s / static_cast<double>(i1 - i0));
+      }
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t d = 0; d < D; ++d) qs[i * D + d] -= mean[d];
+      for (int64_t j = 0; j < Lk; ++j) {
+        float s = 0.f;
+        for (int64_t d = 0; d < D; ++d) s += mean[d] * kv.k_smooth[j * D + d];
+        q_bias[b * Lk + j] = s;
+      }
+    }
+  }
+  // Q quantization: group ids are those of the sequence rows (r0 is CTA aligned, so local = global mod 128).
+  std::vector<int8_t> q_int;
+  std::vector<float> q_scale;
+  if (c.qk_bits > 0) {
+    const int64_t G = q_groups(rows);
+    std::vector<float> amax(G, 0.f);
+    for (int64_t i = 0; i < rows; ++i) {
+      float& a = amax[q_group(i)];
+      for (int64_t d = 0; d < D; ++d) a = std::max(a, std::fabs(qs[i * D + d]));
+    }
+    std::vector<float> inv(G);
+    q_scale.resize(G);
+    for (int64_t g = 0; g < G; ++g) {
+      const IntQuantParams qp = int_quant_params(amax[g], c.qk_bits);
+      q_scale[g] = qp.scale;
+      inv[g] = qp.inv_scale;
+    }
+    q_int.resize(rows * D);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t d = 0; d < D; ++d)
+        q_int[i * D + d] = static_cast<int8_t>(quantize_int(qs[i * D + d], inv[q_group(i)], c.qk_bits));
+  }
+
+  const float p_offset = c.pv == PVMode::kFp8 ? kFp8POffset : 0.f;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<float> s(Traits::kCtaK), acc(D), tile_acc(D);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t row = r0 + i;
+    const int64_t visible = c.causal ? causal_visible_keys(row, c.len_q, Lk) : Lk;
+    float m = neg_inf, l = 0.f;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t t0 = 0; t0 < visible; t0 += Traits::kCtaK) {
+      const int64_t n = std::min<int64_t>(Traits::kCtaK, visible - t0);
+      float tile_max = neg_inf;
+      for (int64_t jj = 0; jj < n; ++jj) {
+        const int64_t j = t0 + jj;
+        float sj;
+        if (c.qk_bits > 0) {
+          const int8_t* a = &q_int[i * D];
+          const int8_t* b = &kv.k_int[j * D];
+          int32_t dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += static_cast<int32_t>(a[d]) * static_cast<int32_t>(b[d]);
+          sj = static_cast<float>(dot) * (q_scale[q_group(i)] * kv.k_scale[k_group(j)]);
+        } else {
+          float dot = 0.f;
+          for (int64_t d = 0; d < D; ++d) dot += qs[i * D + d] * kv.k_smooth[j * D + d];
+          sj = dot;
+        }
+        if (c.smooth_q) sj += q_bias[q_smooth_block(i) * Lk + j];
+        s[jj] = sj;
+        tile_max = std::max(tile_max, sj);
+      }
+      const float m_new = std::max(m, tile_max);
+      const float alpha = std::exp2(m - m_new);  // 0 on the first tile (m = -inf)
+      const float m_shift = m_new - p_offset;
+      std::fill(tile_acc.begin(), tile_acc.end(), 0.f);
+      float tile_sum = 0.f;
+      for (int64_t jj = 0; jj < n; ++jj) {
+        float p = std::exp2(s[jj] - m_shift);
+        if (c.pv == PVMode::kFp8)
+          p = e4m3_to_float(float_to_e4m3(p));
+        else if (c.pv == PVMode::kFp16)
+          p = round_to(p, in_t);
+        tile_sum += p;
+        const float* vr = &kv.v_val[(t0 + jj) * D];
+        for (int64_t d = 0; d < D; ++d) tile_acc[d] += p * vr[d];
+      }
+      l = l * alpha + tile_sum;
+      for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * alpha + tile_acc[d];
+      m = m_new;
+    }
+    float* o = out + i * D;
+    if (visible == 0) {
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      lse[i] = neg_inf;
+      continue;
+    }
+    const float inv_l = 1.f / l;
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * kv.v_scale[d] * inv_l;
+    // log(sum_j e^{scale q.k_j}) = ln2 * (m - offset + log2 l) for the smoothed K; + scale q.k_mean.
+    float corr = 0.f;
+    if (c.smooth_k) {
+      for (int64_t d = 0; d < D; ++d) corr += q[(r0 + i) * D + d] * kv.k_mean[d];
+      corr *= static_cast<float>(c.scale);
+    }
+    lse[i] = (m - p_offset + std::log2(l)) * 0.6931471805599453f + corr;
+  }
+}
+
+// Exact mode: fp64 throughout (smoothing applied too, exactly, so the LSE correction is exercised).
+void exact_rows(const SageCall& c, const float* q, const float* k, const float* v, int64_t r0, int64_t r1,
+                float* out, float* lse) {
+  const int64_t D = c.head_dim, Lk = c.len_k;
+  std::vector<double> k_mean(D, 0.0);
+  if (c.smooth_k) {
+    for (int64_t j = 0; j < Lk; ++j)
+      for (int64_t d = 0; d < D; ++d) k_mean[d] += k[j * D + d];
+    for (int64_t d = 0; d < D; ++d) k_mean[d] /= static_cast<double>(Lk);
+  }
+  std::vector<double> s(Lk), acc(D);
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t visible = c.causal ? causal_visible_keys(row, c.len_q, Lk) : Lk;
+    float* o = out + (row - r0) * D;
+    if (visible == 0) {
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      lse[row - r0] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < visible; ++j) {
+      double dot = 0;
+      for (int64_t d = 0; d < D; ++d) dot += static_cast<double>(q[row * D + d]) * (k[j * D + d] - k_mean[d]);
+      s[j] = dot * c.scale;
+      m = std::max(m, s[j]);
+    }
+    double l = 0;
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t j = 0; j < visible; ++j) {
+      const double p = std::exp(s[j] - m);
+      l += p;
+      for (int64_t d = 0; d < D; ++d) acc[d] += p * v[j * D + d];
+    }
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(acc[d] / l);
+    double corr = 0;
+    for (int64_t d = 0; d < D; ++d) corr += static_cast<double>(q[row * D + d]) * k_mean[d];
+    lse[row - r0] = static_cast<float>(m + std::log(l) + corr * c.scale);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sage_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, bool is_causal, double scale,
+                                                          int64_t qk_bits, c10::string_view pv, bool smooth_k,
+                                                          bool smooth_q) {
+  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, std::string(pv), smooth_k, smooth_q);
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  const at::Tensor kf = k.to(at::kFloat).contiguous();
+  const at::Tensor vf = v.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({c.batch, c.heads_q, c.len_q, c.head_dim}, qf.options());
+  at::Tensor lse = at::empty({c.batch, c.heads_q, c.len_q}, qf.options());
+  const int64_t D = c.head_dim, group = c.heads_q / c.heads_kv;
+  const float* qp = qf.const_data_ptr<float>();
+  const float* kp = kf.const_data_ptr<float>();
+  const float* vp = vf.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  float* lp = lse.mutable_data_ptr<float>();
+  const at::ScalarType in_t = q.scalar_type();
+
+  std::vector<KVPrepared> kv(c.exact() ? 0 : c.batch * c.heads_kv);
+  if (!c.exact()) {
+    at::parallel_for(0, c.batch * c.heads_kv, 1, [&](int64_t b, int64_t e) {
+      for (int64_t bh = b; bh < e; ++bh)
+        prepare_kv(c, kp + bh * c.len_k * D, vp + bh * c.len_k * D, kv[bh]);
+    });
+  }
+  const int64_t tiles = (c.len_q + Traits::kCtaQ - 1) / Traits::kCtaQ;
+  at::parallel_for(0, c.batch * c.heads_q * tiles, 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      const int64_t bh = w / tiles, tile = w % tiles;
+      const int64_t bkv = (bh / c.heads_q) * c.heads_kv + (bh % c.heads_q) / group;
+      const int64_t r0 = tile * Traits::kCtaQ, r1 = std::min(c.len_q, r0 + Traits::kCtaQ);
+      const float* qh = qp + bh * c.len_q * D;
+      float* oh = op + bh * c.len_q * D + r0 * D;
+      float* lh = lp + bh * c.len_q + r0;
+      if (c.exact())
+        exact_rows(c, qh, kp + bkv * c.len_k * D, vp + bkv * c.len_k * D, r0, r1, oh, lh);
+      else
+        quantized_rows(c, in_t, qh, kv[bkv], r0, r1, oh, lh);
+    }
+  });
+  return {in_t == at::kFloat ? out : out.to(in_t), lse};
+}
+
+// ---- test helpers ----
+at::Tensor sage_float_to_e4m3_cpu(const at::Tensor& x) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "_sage_float_to_e4m3: expected float32, got ", x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kByte));
+  const float* src = xc.const_data_ptr<float>();
+  uint8_t* dst = out.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, xc.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) dst[i] = float_to_e4m3(src[i]);
+  });
+  return out;
+}
+
+at::Tensor sage_e4m3_to_float_cpu(const at::Tensor& x) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kByte, "_sage_e4m3_to_float: expected uint8, got ", x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kFloat));
+  const uint8_t* src = xc.const_data_ptr<uint8_t>();
+  float* dst = out.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < xc.numel(); ++i) dst[i] = e4m3_to_float(src[i]);
+  return out;
+}
+
+// Symmetric integer codes of x (float32, any shape) with one given scale reciprocal: the kernels' rounding.
+at::Tensor sage_quantize_int_cpu(const at::Tensor& x, double inv_scale, int64_t bits) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "_sage_quantize_int: expected float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(bits == 4 || bits == 8, "_sage_quantize_int: bits must be 4 or 8, got ", bits);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kChar));
+  const float* src = xc.const_data_ptr<float>();
+  int8_t* dst = out.mutable_data_ptr<int8_t>();
+  const float inv = static_cast<float>(inv_scale);
+  for (int64_t i = 0; i < xc.numel(); ++i) dst[i] = static_cast<int8_t>(quantize_int(src[i], inv, static_cast<int>(bits)));
+  return out;
+}
+
+// [q_group of each row < len_q, k_group of each token < len_k] concatenated, for layout tests.
+std::vector<int64_t> sage_group_maps(int64_t len_q, int64_t len_k) {
+  TORCH_CHECK_VALUE(len_q >= 0 && len_k >= 0, "_sage_group_maps: lengths must be >= 0");
+  std::vector<int64_t> r;
+  r.reserve(len_q + len_k);
+  for (int64_t i = 0; i < len_q; ++i) r.push_back(q_group(i));
+  for (int64_t j = 0; j < len_k; ++j) r.push_back(k_group(j));
+  return r;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tersor, CPU, m) {
+  m.impl("sage_attention_fwd", &sage_attention_fwd_cpu);
+  m.impl("_sage_float_to_e4m3", &sage_float_to_e4m3_cpu);
+  m.impl("_sage_e4m3_to_float", &sage_e4m3_to_float_cpu);
+  m.impl("_sage_quantize_int", &sage_quantize_int_cpu);
+  m.impl("_sage_group_maps", &sage_group_maps);
+}
+
+}  // namespace tersor::attention
