@@ -411,7 +411,9 @@ TORCH_LIBRARY_IMPL(tersor, CPU, m) {
   m.impl("_sage_float_to_e4m3", &sage_float_to_e4m3_cpu);
   m.impl("_sage_e4m3_to_float", &sage_e4m3_to_float_cpu);
   m.impl("_sage_quantize_int", &sage_quantize_int_cpu);
-  m.impl("_sage_group_maps", &sage_group_maps);
 }
+
+// Tensor-free helper: no backend to dispatch on, so it registers for every key.
+TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) { m.impl("_sage_group_maps", &sage_group_maps); }
 
 }  // namespace tersor::attention

@@ -3,5 +3,6 @@
 from .compressed_linear import CompressedLinear, compress_linears
 from .aqlm_linear import AQLMLinear
 from .e8p_linear import E8PLinear
+from .sage_attention import SageAttention
 
-__all__ = ["AQLMLinear", "CompressedLinear", "E8PLinear", "compress_linears"]
+__all__ = ["AQLMLinear", "CompressedLinear", "E8PLinear", "SageAttention", "compress_linears"]
