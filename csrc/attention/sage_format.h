@@ -51,6 +51,15 @@ template <typename Traits = SageTraitsSm8x>
 TERSOR_HD constexpr int64_t k_groups(int64_t len_k) {
   return (len_k + Traits::kCtaK - 1) / Traits::kCtaK * Traits::kKGroupsPerTile;
 }
+// FP8 P.V: the QK accumulator gives lane (g, t) the P of tokens {8i + 2t, 8i + 2t + 1}; packed 4 per
+// register they form the A fragment of mma.m16n8k32.e4m3, whose lane t holds k = 4t..4t+3 (and +16). So
+// V^T is stored with MMA position p of every 16 tokens holding token 2t + j (j < 2) or 8 + 2t + (j - 2),
+// p = 4t + j: the order [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15].
+TERSOR_HD constexpr int64_t v_fp8_position_token(int64_t pos) {
+  const int64_t p = pos & 15, t = p >> 2, j = p & 3;
+  return (pos & ~int64_t{15}) + (j < 2 ? 2 * t + j : 8 + 2 * t + (j - 2));
+}
+
 // Q smoothing (INT4 path) subtracts the mean of each warp's 32-row block.
 template <typename Traits = SageTraitsSm8x>
 TERSOR_HD constexpr int64_t q_smooth_block(int64_t row) {
