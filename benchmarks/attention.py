@@ -3,8 +3,8 @@
 
 * Speed: the same q/k/v through sage_attention (default modes of the device) and SDPA in the same run.
   GPU: SDPA in fp16 (flash / cuDNN, whichever torch picks); the issue's target shapes are hd128, b4 h32,
-  L = 1K..32K. The CUDA kernels are a later stage: until ``tersor.attention.CUDA_KERNELS_READY`` the CUDA
-  rows are skipped (the op would run the CPU twin on host copies). CPU: the CPU twin (an exact emulation of
+  L = 1K..32K. Until ``tersor.attention.CUDA_KERNELS_READY`` (the stage-1 sm8x kernels validated on a GPU)
+  the CUDA rows are skipped. CPU: the CPU twin (an exact emulation of
   the kernels' numerics, not a fast path) against the faster of fp32 and fp16 SDPA, small sizes.
 * ``extra``: TOPS of both (4·b·h·d·L², halved when causal); ``accuracy``: cosine similarity and relative L1
   of sage_attention (default modes, and INT4 QK) against an fp64 reference.
@@ -62,7 +62,7 @@ def _case(ctx, b, h, seq, d, causal, dtype=torch.float16, accuracy=True):
 def bench_attention(ctx) -> list[Result]:
     if ctx.is_cuda:
         if not attention.CUDA_KERNELS_READY:
-            print("[attention bench] CUDA rows skipped: the CUDA sage kernels are a later stage")
+            print("[attention bench] CUDA rows skipped: the CUDA sage kernels are not validated yet")
             return []
         shapes = [(4, 32, 1024, 128, False)] if ctx.quick else \
             [(4, 32, s, 128, c) for s in (1024, 2048, 4096, 8192, 16384, 32768) for c in (False, True)] + \

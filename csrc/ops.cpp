@@ -108,6 +108,8 @@ TORCH_LIBRARY(tersor, m) {
   m.def("_sage_quantize_int(Tensor x, float inv_scale, int bits) -> Tensor");
   // Quantization-group ids of query rows 0..len_q-1 then key tokens 0..len_k-1 (sm80/sm89 fragments).
   m.def("_sage_group_maps(int len_q, int len_k) -> int[]");
+  // Token stored at each of the first n positions of the FP8 V^T layout (v_fp8_position_token).
+  m.def("_sage_v_fp8_positions(int n) -> int[]");
 }
 
 // `import tersor._C` loads this library (and so runs the registrations above). It defines no Python

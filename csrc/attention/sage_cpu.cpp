@@ -341,6 +341,13 @@ std::vector<int64_t> sage_group_maps(int64_t len_q, int64_t len_k) {
   return r;
 }
 
+std::vector<int64_t> sage_v_fp8_positions(int64_t n) {
+  TORCH_CHECK_VALUE(n >= 0 && n % 16 == 0, "_sage_v_fp8_positions: n must be a non-negative multiple of 16, got ", n);
+  std::vector<int64_t> r(n);
+  for (int64_t p = 0; p < n; ++p) r[p] = v_fp8_position_token(p);
+  return r;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tersor, CPU, m) {
@@ -351,6 +358,9 @@ TORCH_LIBRARY_IMPL(tersor, CPU, m) {
 }
 
 // Tensor-free helper: no backend to dispatch on, so it registers for every key.
-TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) { m.impl("_sage_group_maps", &sage_group_maps); }
+TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) {
+  m.impl("_sage_group_maps", &sage_group_maps);
+  m.impl("_sage_v_fp8_positions", &sage_v_fp8_positions);
+}
 
 }  // namespace tersor::attention

@@ -23,8 +23,10 @@ from .. import ops
 __all__ = ["SdpaRouteStats", "pick_modes", "route_sdpa", "sage_attention", "sage_supported"]
 
 _QK_BITS = {"int8": 8, "int4": 4, "none": 0}
-# The CUDA kernels are stage 2: until they land, a CUDA build runs the CPU twin through a host round trip
-# (sage_cuda_glue.cpp), and route_sdpa keeps CUDA calls on SDPA.
+# The sm80/sm89 mma.sync kernels (also built for sm90a) are compiled but have not yet run on a GPU: until a
+# GPU session has passed tests/test_attention.py's CUDA tests, route_sdpa keeps CUDA calls on SDPA and the
+# benchmark skips CUDA rows. Direct sage_attention calls on CUDA do use them (INT8 QK without Q smoothing;
+# other modes run the CPU twin on host copies, see sage_cuda_glue.cpp).
 CUDA_KERNELS_READY = False
 _SDPA = F.scaled_dot_product_attention  # the original, kept even while route_sdpa patches F
 
@@ -142,7 +144,7 @@ def sage_supported(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, enab
     if not (q.device == k.device == v.device) or not _has_kernel(q.device):
         return f"device {q.device}"
     if q.device.type == "cuda" and not CUDA_KERNELS_READY:
-        return "no CUDA kernel yet"
+        return "CUDA kernels not validated yet"
     if q.shape[-1] > 128 or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
         return "head dim"
     if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3]:
