@@ -44,6 +44,9 @@ struct KVPrepared {
   std::vector<float> k_scale;   // [k_groups]
   std::vector<float> v_val;     // [Lk, D] the P.V operand: e4m3 codes decoded, V in its dtype, or V
   std::vector<float> v_scale;   // [D] epilogue scale (1 unless fp8)
+  // Score operand, transposed (fp32 [D, Lk]): the K codes as floats (or the smoothed K for fp32 scores).
+  // INT8/INT4 dot products over D <= 128 stay below 2^24, so fp32 sums compute them exactly in any order.
+  std::vector<float> k_op_t;
 };
 
 void prepare_kv(const SageCall& c, const float* k, const float* v, KVPrepared& p) {
@@ -90,6 +93,10 @@ void prepare_kv(const SageCall& c, const float* k, const float* v, KVPrepared& p
       for (int64_t j = 0; j < L; ++j) p.v_val[j * D + d] = e4m3_to_float(float_to_e4m3(v[j * D + d] * qp.inv_scale));
     }
   }
+  p.k_op_t.resize(L * D);
+  for (int64_t j = 0; j < L; ++j)
+    for (int64_t d = 0; d < D; ++d)
+      p.k_op_t[d * L + j] = c.qk_bits > 0 ? static_cast<float>(p.k_int[j * D + d]) : p.k_smooth[j * D + d];
 }
 
 // The quantized pipeline for query rows [r0, r1) of one (batch, head): the kernel's CTA (128 rows).
@@ -148,107 +155,150 @@ void quantized_rows(const SageCall& c, at::ScalarType in_t, const float* q, cons
 
   const float p_offset = c.pv == PVMode::kFp8 ? kFp8POffset : 0.f;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::vector<float> s(Traits::kCtaK), acc(D), tile_acc(D);
+  // Q operand of the scores: codes as floats (exact products and sums, see KVPrepared) or fp32 Q.
+  std::vector<float> q_op(rows * D);
+  for (int64_t i = 0; i < rows * D; ++i) q_op[i] = c.qk_bits > 0 ? static_cast<float>(q_int[i]) : qs[i];
+  std::vector<int64_t> visible(rows);
+  int64_t max_visible = 0;
   for (int64_t i = 0; i < rows; ++i) {
-    const int64_t row = r0 + i;
-    const int64_t visible = c.causal ? causal_visible_keys(row, c.len_q, Lk) : Lk;
-    float m = neg_inf, l = 0.f;
-    std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t t0 = 0; t0 < visible; t0 += Traits::kCtaK) {
-      const int64_t n = std::min<int64_t>(Traits::kCtaK, visible - t0);
+    visible[i] = c.causal ? causal_visible_keys(r0 + i, c.len_q, Lk) : Lk;
+    max_visible = std::max(max_visible, visible[i]);
+  }
+  std::vector<float> m(rows, neg_inf), l(rows, 0.f), alpha(rows);
+  std::vector<float> acc(rows * D, 0.f);
+  std::vector<float> s_tile(rows * Traits::kCtaK), p_tile(rows * Traits::kCtaK), pv_tile(rows * D);
+  // Keys in the kernel's 64-token tiles; a row whose visible keys end before a tile skips it (m, l, acc unchanged).
+  for (int64_t t0 = 0; t0 < max_visible; t0 += Traits::kCtaK) {
+    const int64_t n = std::min<int64_t>(Traits::kCtaK, max_visible - t0);
+    // Scores of the tile: rank-1 updates with contiguous inner loops over keys (they vectorize).
+    std::fill(s_tile.begin(), s_tile.begin() + rows * n, 0.f);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* srow = s_tile.data() + i * n;
+      for (int64_t d = 0; d < D; ++d) {
+        const float a = q_op[i * D + d];
+        const float* kt = kv.k_op_t.data() + d * Lk + t0;
+        for (int64_t jj = 0; jj < n; ++jj) srow[jj] += a * kt[jj];
+      }
+    }
+    const float* st = s_tile.data();
+    float* pt = p_tile.data();
+    for (int64_t i = 0; i < rows; ++i) {
+      float* p_row = pt + i * n;
+      const int64_t nn = std::min<int64_t>(n, visible[i] - t0);
+      if (nn <= 0) {
+        std::fill(p_row, p_row + n, 0.f);
+        alpha[i] = 1.f;
+        continue;
+      }
       float tile_max = neg_inf;
-      for (int64_t jj = 0; jj < n; ++jj) {
+      for (int64_t jj = 0; jj < nn; ++jj) {
         const int64_t j = t0 + jj;
-        float sj;
-        if (c.qk_bits > 0) {
-          const int8_t* a = &q_int[i * D];
-          const int8_t* b = &kv.k_int[j * D];
-          int32_t dot = 0;
-          for (int64_t d = 0; d < D; ++d) dot += static_cast<int32_t>(a[d]) * static_cast<int32_t>(b[d]);
-          sj = static_cast<float>(dot) * (q_scale[q_group(i)] * kv.k_scale[k_group(j)]);
-        } else {
-          float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += qs[i * D + d] * kv.k_smooth[j * D + d];
-          sj = dot;
-        }
+        float sj = st[i * n + jj];
+        if (c.qk_bits > 0) sj *= q_scale[q_group(i)] * kv.k_scale[k_group(j)];
         if (c.smooth_q) sj += q_bias[q_smooth_block(i) * Lk + j];
-        s[jj] = sj;
+        p_row[jj] = sj;
         tile_max = std::max(tile_max, sj);
       }
-      const float m_new = std::max(m, tile_max);
-      const float alpha = std::exp2(m - m_new);  // 0 on the first tile (m = -inf)
+      const float m_new = std::max(m[i], tile_max);
+      alpha[i] = std::exp2(m[i] - m_new);  // 0 on the row's first tile (m = -inf)
       const float m_shift = m_new - p_offset;
-      std::fill(tile_acc.begin(), tile_acc.end(), 0.f);
       float tile_sum = 0.f;
-      for (int64_t jj = 0; jj < n; ++jj) {
-        float p = std::exp2(s[jj] - m_shift);
+      for (int64_t jj = 0; jj < nn; ++jj) {
+        float p = std::exp2(p_row[jj] - m_shift);
         if (c.pv == PVMode::kFp8)
           p = e4m3_to_float(float_to_e4m3(p));
         else if (c.pv == PVMode::kFp16)
           p = round_to(p, in_t);
+        p_row[jj] = p;
         tile_sum += p;
-        const float* vr = &kv.v_val[(t0 + jj) * D];
-        for (int64_t d = 0; d < D; ++d) tile_acc[d] += p * vr[d];
       }
-      l = l * alpha + tile_sum;
-      for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * alpha + tile_acc[d];
-      m = m_new;
+      std::fill(p_row + nn, p_row + n, 0.f);
+      l[i] = l[i] * alpha[i] + tile_sum;
+      m[i] = m_new;
     }
+    // Each tile's P V in a fresh fp32 buffer, then added into the fp32 accumulator (two-level).
+    std::fill(pv_tile.begin(), pv_tile.end(), 0.f);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* prow = pv_tile.data() + i * D;
+      for (int64_t jj = 0; jj < n; ++jj) {
+        const float p = pt[i * n + jj];
+        if (p == 0.f) continue;
+        const float* vr = kv.v_val.data() + (t0 + jj) * D;
+        for (int64_t d = 0; d < D; ++d) prow[d] += p * vr[d];
+      }
+    }
+    const float* pv = pv_tile.data();
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t d = 0; d < D; ++d) acc[i * D + d] = acc[i * D + d] * alpha[i] + pv[i * D + d];
+  }
+  for (int64_t i = 0; i < rows; ++i) {
     float* o = out + i * D;
-    if (visible == 0) {
+    if (visible[i] == 0) {
       for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
       lse[i] = neg_inf;
       continue;
     }
-    const float inv_l = 1.f / l;
-    for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * kv.v_scale[d] * inv_l;
+    const float inv_l = 1.f / l[i];
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[i * D + d] * kv.v_scale[d] * inv_l;
     // log(sum_j e^{scale q.k_j}) = ln2 * (m - offset + log2 l) for the smoothed K; + scale q.k_mean.
     float corr = 0.f;
     if (c.smooth_k) {
       for (int64_t d = 0; d < D; ++d) corr += q[(r0 + i) * D + d] * kv.k_mean[d];
       corr *= static_cast<float>(c.scale);
     }
-    lse[i] = (m - p_offset + std::log2(l)) * 0.6931471805599453f + corr;
+    lse[i] = (m[i] - p_offset + std::log2(l[i])) * 0.6931471805599453f + corr;
   }
 }
 
 // Exact mode: fp64 throughout (smoothing applied too, exactly, so the LSE correction is exercised).
 void exact_rows(const SageCall& c, const float* q, const float* k, const float* v, int64_t r0, int64_t r1,
                 float* out, float* lse) {
-  const int64_t D = c.head_dim, Lk = c.len_k;
+  const int64_t D = c.head_dim, Lk = c.len_k, rows = r1 - r0;
   std::vector<double> k_mean(D, 0.0);
   if (c.smooth_k) {
     for (int64_t j = 0; j < Lk; ++j)
       for (int64_t d = 0; d < D; ++d) k_mean[d] += k[j * D + d];
     for (int64_t d = 0; d < D; ++d) k_mean[d] /= static_cast<double>(Lk);
   }
-  std::vector<double> s(Lk), acc(D);
-  for (int64_t row = r0; row < r1; ++row) {
-    const int64_t visible = c.causal ? causal_visible_keys(row, c.len_q, Lk) : Lk;
-    float* o = out + (row - r0) * D;
-    if (visible == 0) {
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-      lse[row - r0] = -std::numeric_limits<float>::infinity();
+  // Scores: contiguous inner loops over keys (K smoothed and transposed), fp64.
+  std::vector<double> kt(D * Lk), sp(rows * Lk, 0.0);
+  for (int64_t j = 0; j < Lk; ++j)
+    for (int64_t d = 0; d < D; ++d) kt[d * Lk + j] = k[j * D + d] - k_mean[d];
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t d = 0; d < D; ++d) {
+      const double a = q[(r0 + i) * D + d];
+      double* row = sp.data() + i * Lk;
+      const double* kr = kt.data() + d * Lk;
+      for (int64_t j = 0; j < Lk; ++j) row[j] += a * kr[j];
+    }
+  std::vector<double> l(rows, 0.0), m(rows, -std::numeric_limits<double>::infinity());
+  std::vector<int64_t> visible(rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    visible[i] = c.causal ? causal_visible_keys(r0 + i, c.len_q, Lk) : Lk;
+    double* row = sp.data() + i * Lk;
+    for (int64_t j = 0; j < visible[i]; ++j) m[i] = std::max(m[i], row[j] * c.scale);
+    for (int64_t j = 0; j < Lk; ++j) {
+      row[j] = j < visible[i] ? std::exp(row[j] * c.scale - m[i]) : 0.0;
+      l[i] += row[j];
+    }
+  }
+  std::vector<double> op(rows * D, 0.0);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < visible[i]; ++j) {
+      const double p = sp[i * Lk + j];
+      for (int64_t d = 0; d < D; ++d) op[i * D + d] += p * v[j * D + d];
+    }
+  for (int64_t i = 0; i < rows; ++i) {
+    float* orow = out + i * D;
+    if (visible[i] == 0) {
+      for (int64_t d = 0; d < D; ++d) orow[d] = 0.f;
+      lse[i] = -std::numeric_limits<float>::infinity();
       continue;
     }
-    double m = -std::numeric_limits<double>::infinity();
-    for (int64_t j = 0; j < visible; ++j) {
-      double dot = 0;
-      for (int64_t d = 0; d < D; ++d) dot += static_cast<double>(q[row * D + d]) * (k[j * D + d] - k_mean[d]);
-      s[j] = dot * c.scale;
-      m = std::max(m, s[j]);
-    }
-    double l = 0;
-    std::fill(acc.begin(), acc.end(), 0.0);
-    for (int64_t j = 0; j < visible; ++j) {
-      const double p = std::exp(s[j] - m);
-      l += p;
-      for (int64_t d = 0; d < D; ++d) acc[d] += p * v[j * D + d];
-    }
-    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<float>(acc[d] / l);
+    for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<float>(op[i * D + d] / l[i]);
     double corr = 0;
-    for (int64_t d = 0; d < D; ++d) corr += static_cast<double>(q[row * D + d]) * k_mean[d];
-    lse[row - r0] = static_cast<float>(m + std::log(l) + corr * c.scale);
+    for (int64_t d = 0; d < D; ++d) corr += static_cast<double>(q[(r0 + i) * D + d]) * k_mean[d];
+    lse[i] = static_cast<float>(m[i] + std::log(l[i]) + corr * c.scale);
   }
 }
 
