@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> run_sm8x(const SageCall& c, at::Tensor q, at:
   const int64_t D = c.head_dim;
   at::Tensor out = at::empty({c.batch, c.heads_q, c.len_q, D}, q.options());
   at::Tensor lse = at::empty({c.batch, c.heads_q, c.len_q}, f32);
-  if (c.len_q == 0) return {out, lse};
+  if (out.numel() == 0) return {out, lse};  // no rows: a zero-sized grid is a launch error
   at::Tensor k_mean = at::empty({c.batch, c.heads_kv, D}, f32);
   at::Tensor q_int = at::empty({c.batch, c.heads_q, dims.len_q_pad, D}, i8);
   at::Tensor q_scale = at::empty({c.batch, c.heads_q, dims.len_q_pad / SageTraitsSm8x::kWarpQ * 8}, f32);
