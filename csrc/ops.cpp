@@ -134,6 +134,25 @@ TORCH_LIBRARY(tersor, m) {
   // The CUDA BSR kernel's lane code (copy map, swizzle, ldmatrix, MMA fragments, schedule) replayed on the
   // CPU for float16/bfloat16, for CPU tests of the layouts.
   m.def("_bsr_emulate_cuda_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor schedule, int in_features, Tensor? bias=None) -> Tensor");
+  // ---- attention: SageAttention2-style quantized attention (csrc/attention; docs/research/sage_attention.md) ----
+  // q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (Hq % Hkv == 0, D in {64, 128}, float16/bfloat16) -> (out [B, Hq, Lq, D]
+  // in q's dtype, lse float32 [B, Hq, Lq], natural log). is_causal is bottom-right aligned (key j visible to
+  // query i iff j <= i + Lk - Lq). qk_bits 8/4: per-fragment-group symmetric INT8/INT4 Q K^T; 0: fp32 scores.
+  // pv "fp8" (e4m3 P~ with the log2(448) offset, per-channel e4m3 V, two-level accumulation), "fp16" (P and V
+  // in the inputs' 16-bit dtype) or "fp32". smooth_k subtracts K's token mean (LSE corrected); smooth_q the
+  // per-32-row mean of Q (its q_mean.K^T added back in fp32). qk_bits=0 with pv="fp32" is exact (fp64; also
+  // accepts float32).
+  m.def("sage_attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, int qk_bits, str pv, bool smooth_k, bool smooth_q) -> (Tensor, Tensor)");
+  // float32 -> e4m3 bits (uint8), RNE, satfinite (= cvt.rn.satfinite.e4m3x2.f32), for tests.
+  m.def("_sage_float_to_e4m3(Tensor x) -> Tensor");
+  // e4m3 bits (uint8) -> float32, for tests.
+  m.def("_sage_e4m3_to_float(Tensor x) -> Tensor");
+  // int8 codes of x * inv_scale: round to nearest even, clamped to +-127 (bits 8) / +-7 (bits 4), for tests.
+  m.def("_sage_quantize_int(Tensor x, float inv_scale, int bits) -> Tensor");
+  // Quantization-group ids of query rows 0..len_q-1 then key tokens 0..len_k-1 (sm80/sm89 fragments).
+  m.def("_sage_group_maps(int len_q, int len_k) -> int[]");
+  // Token stored at each of the first n positions of the FP8 V^T layout (v_fp8_position_token).
+  m.def("_sage_v_fp8_positions(int n) -> int[]");
 }
 
 // `import tersor._C` loads this library (and so runs the registrations above). It defines no Python

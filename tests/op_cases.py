@@ -110,6 +110,21 @@ def _bsr_linear(device):
     return cases
 
 
+def _sage_attention_fwd(device):
+    cases = []
+    for (b, hq, hkv, lq, lk, d, causal), dtype, bits, pv, sk, sq in [
+        ((1, 4, 2, 70, 90, 64, True), torch.float16, 8, "fp8", True, False),
+        ((2, 2, 2, 33, 20, 128, False), torch.bfloat16, 4, "fp16", True, True),
+        ((1, 2, 1, 40, 40, 64, True), torch.float32, 0, "fp32", False, False),
+        ((1, 2, 2, 50, 30, 64, True), torch.float16, 8, "fp32", False, False),
+    ]:
+        q = torch.randn(b, hq, lq, d, device=device).to(dtype)
+        k = torch.randn(b, hkv, lk, d, device=device).to(dtype)
+        v = torch.randn(b, hkv, lk, d, device=device).to(dtype)
+        cases.append(((q, k, v, causal, d ** -0.5, bits, pv, sk, sq), {}))
+    return cases
+
+
 OP_CASES = {
     "hadamard_transform": _hadamard,
     "codec_decode": _codec_decode,
@@ -119,6 +134,7 @@ OP_CASES = {
     "aqlm_decode": _aqlm_decode,
     "aqlm_linear": _aqlm_linear,
     "bsr_linear": _bsr_linear,
+    "sage_attention_fwd": _sage_attention_fwd,
 }
 
 

@@ -7,9 +7,9 @@ this package adds typed wrappers and ``nn`` drop-ins on top.
 import torch  # noqa: F401  -- must precede _C: the extension has no RPATH to torch's libraries
 
 from . import _C  # noqa: F401  -- registers torch.ops.tersor.*
-from . import codec, nn, ops, quant, sparse
+from . import attention, codec, nn, ops, quant, sparse
 from .ops import build_info, hadamard_transform
 
 __version__ = build_info()["version"]
 
-__all__ = ["build_info", "codec", "hadamard_transform", "nn", "ops", "quant", "sparse"]
+__all__ = ["attention", "build_info", "codec", "hadamard_transform", "nn", "ops", "quant", "sparse"]

@@ -316,3 +316,81 @@ def _bsr_linear_fake(x, crow_indices, col_indices, values, schedule, in_features
         torch._check_type(bias.dtype == x.dtype, lambda: f"{op}: bias must have x's dtype")
         torch._check_value(bias.dim() == 1 and bias.shape[0] == mb * bs, lambda: f"{op}: bias must be [{mb * bs}]")
     return x.new_empty((*x.shape[:-1], mb * bs))
+
+# attention (SageAttention2-style quantized attention; user API: tersor.attention.sage_attention)
+
+SAGE_HEAD_DIMS = (64, 128)
+SAGE_PV_MODES = ("fp8", "fp16", "fp32")
+
+
+def sage_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float,
+                       qk_bits: int, pv: str, smooth_k: bool, smooth_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantized attention on ``bhsd`` tensors; returns ``(out, lse)``.
+
+    ``q [B, Hq, Lq, D]``, ``k``/``v [B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` and ``D`` in ``SAGE_HEAD_DIMS``,
+    float16/bfloat16 (float32 too in the exact mode). ``out`` has q's dtype, ``lse`` is float32
+    ``[B, Hq, Lq]`` (natural log of the softmax denominator of ``scale * q.k``; ``-inf`` for a fully masked
+    row, whose output is 0). ``is_causal`` is bottom-right aligned: key ``j`` is visible to query ``i`` iff
+    ``j <= i + Lk - Lq`` (FlashAttention / KV-cache convention; SDPA is top-left, the same when Lq == Lk).
+    ``qk_bits``: 8 or 4 (symmetric per-fragment-group INT8/INT4 Q and K), 0 (fp32 scores). ``pv``: "fp8"
+    (e4m3 P and per-channel e4m3 V, two-level accumulation), "fp16" (P and V in the inputs' 16-bit dtype)
+    or "fp32". ``smooth_k``/``smooth_q``: subtract K's token mean / each 32-row block's Q mean before
+    quantizing (exactly compensated). ``qk_bits=0, pv="fp32"`` computes in fp64 (the exact reference mode).
+    Most callers want :func:`tersor.attention.sage_attention`.
+    """
+    return _lib.sage_attention_fwd(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q)
+
+
+def _sage_check_fake(q, k, v, scale, qk_bits, pv):
+    op = "sage_attention_fwd"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{op}: q, k, v must be 4-d [batch, heads, seq, head_dim], got {q.dim()}-d, {k.dim()}-d, "
+                         f"{v.dim()}-d")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{op}: q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if qk_bits not in (0, 4, 8):
+        raise ValueError(f"{op}: qk_bits must be 0, 4 or 8, got {qk_bits}")
+    if pv not in SAGE_PV_MODES:
+        raise ValueError(f"{op}: pv must be \"fp8\", \"fp16\" or \"fp32\", got \"{pv}\"")
+    exact = qk_bits == 0 and pv == "fp32"
+    allowed = (torch.float16, torch.bfloat16, torch.float32) if exact else (torch.float16, torch.bfloat16)
+    if q.dtype not in allowed:
+        raise TypeError(f"{op}: expected float16 or bfloat16 (float32 only in the exact mode), got {q.dtype}")
+    torch._check(k.shape == v.shape, lambda: f"{op}: k and v must have the same shape")
+    torch._check(k.shape[0] == q.shape[0], lambda: f"{op}: batch of k/v differs from q")
+    torch._check(k.shape[3] == q.shape[3], lambda: f"{op}: head_dim of k/v differs from q")
+    d, hq, hkv = q.shape[3], q.shape[1], k.shape[1]
+    if isinstance(d, int) and d not in SAGE_HEAD_DIMS:
+        raise ValueError(f"{op}: head_dim must be 64 or 128, got {d}")
+    if isinstance(hq, int) and isinstance(hkv, int) and (hkv < 1 or hq % hkv != 0):
+        raise ValueError(f"{op}: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    torch._check(k.shape[2] >= 1, lambda: f"{op}: needs at least one key")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{op}: scale must be finite and positive, got {scale}")
+
+
+@torch.library.register_fake("tersor::sage_attention_fwd")
+def _sage_attention_fwd_fake(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q):
+    _sage_check_fake(q, k, v, scale, qk_bits, pv)
+    b, hq, lq, d = q.shape
+    out = q.new_empty((b, hq, lq, d))
+    lse = q.new_empty((b, hq, lq), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("tersor::_sage_float_to_e4m3")
+def _sage_float_to_e4m3_fake(x):
+    torch._check(x.dtype == torch.float32, lambda: "_sage_float_to_e4m3: expected float32")
+    return x.new_empty(x.shape, dtype=torch.uint8)
+
+
+@torch.library.register_fake("tersor::_sage_e4m3_to_float")
+def _sage_e4m3_to_float_fake(x):
+    torch._check(x.dtype == torch.uint8, lambda: "_sage_e4m3_to_float: expected uint8")
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("tersor::_sage_quantize_int")
+def _sage_quantize_int_fake(x, inv_scale, bits):
+    torch._check(x.dtype == torch.float32, lambda: "_sage_quantize_int: expected float32")
+    return x.new_empty(x.shape, dtype=torch.int8)

@@ -1,0 +1,416 @@
+// CPU twin of the quantized attention kernels (SageAttention2 numerics) and its exact fp64 mode.
+//
+// The quantized mode reproduces, step by step, what the CUDA kernels compute (sage_format.h has the
+// shared pieces): Q (times scale*log2e) and K quantized per fragment group, K smoothed by its token mean,
+// optionally Q smoothed per 32-row block (its q_mean . K^T term added back in fp32), online softmax over
+// the kernel's 64-key tiles in base 2 with the log2(448) offset, P~ rounded to e4m3 (or to V's 16-bit
+// dtype), each tile's P~ V accumulated in a fresh fp32 buffer and added into the fp32 output, V's
+// per-channel fp8 scale and 1/l applied in the epilogue. Where the GPU differs it is documented in
+// docs/research/sage_attention.md (ex2.approx vs exp2f, FP8-MMA accumulator width, summation order).
+//
+// qk_bits == 0 with pv == "fp32" is the exact mode: everything in fp64, rounded once to the output dtype.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "attention/sage_format.h"
+#include "attention/sage_glue.h"
+
+namespace tersor::attention {
+namespace {
+
+using Traits = SageTraitsSm8x;
+
+// Rounds to the 16-bit dtype of the inputs (the sm80 P.V operand type).
+inline float round_to(float x, at::ScalarType t) {
+  return t == at::kBFloat16 ? static_cast<float>(c10::BFloat16(x)) : static_cast<float>(c10::Half(x));
+}
+
+// Per (batch, kv head) data derived from K and V once, shared by every query head of the group (GQA).
+struct KVPrepared {
+  std::vector<float> k_mean;    // [D] (zeros without smoothing)
+  std::vector<float> k_smooth;  // [Lk, D] fp32 K - k_mean
+  std::vector<int8_t> k_int;    // [Lk, D] codes (quantized modes)
+  std::vector<float> k_scale;   // [k_groups]
+  std::vector<float> v_val;     // [Lk, D] the P.V operand: e4m3 codes decoded, V in its dtype, or V
+  std::vector<float> v_scale;   // [D] epilogue scale (1 unless fp8)
+  // Score operand, transposed (fp32 [D, Lk]): the K codes as floats (or the smoothed K for fp32 scores).
+  // INT8/INT4 dot products over D <= 128 stay below 2^24, so fp32 sums compute them exactly in any order.
+  std::vector<float> k_op_t;
+};
+
+void prepare_kv(const SageCall& c, const float* k, const float* v, KVPrepared& p) {
+  const int64_t L = c.len_k, D = c.head_dim;
+  p.k_mean.assign(D, 0.f);
+  if (c.smooth_k) {
+    // Exact mean rounded once (the GPU reduction order differs; a rounding of the mean at most).
+    for (int64_t d = 0; d < D; ++d) {
+      double s = 0;
+      for (int64_t j = 0; j < L; ++j) s += k[j * D + d];
+      p.k_mean[d] = static_cast<float>(s / static_cast<double>(L));
+    }
+  }
+  p.k_smooth.resize(L * D);
+  for (int64_t j = 0; j < L; ++j)
+    for (int64_t d = 0; d < D; ++d) p.k_smooth[j * D + d] = k[j * D + d] - p.k_mean[d];
+  if (c.qk_bits > 0) {
+    const int64_t G = k_groups(L);
+    std::vector<float> amax(G, 0.f);
+    for (int64_t j = 0; j < L; ++j) {
+      float& a = amax[k_group(j)];
+      for (int64_t d = 0; d < D; ++d) a = std::max(a, std::fabs(p.k_smooth[j * D + d]));
+    }
+    p.k_scale.resize(G);
+    std::vector<float> inv(G);
+    for (int64_t g = 0; g < G; ++g) {
+      const IntQuantParams qp = int_quant_params(amax[g], c.qk_bits);
+      p.k_scale[g] = qp.scale;
+      inv[g] = qp.inv_scale;
+    }
+    p.k_int.resize(L * D);
+    for (int64_t j = 0; j < L; ++j)
+      for (int64_t d = 0; d < D; ++d)
+        p.k_int[j * D + d] = static_cast<int8_t>(quantize_int(p.k_smooth[j * D + d], inv[k_group(j)], c.qk_bits));
+  }
+  p.v_val.assign(v, v + L * D);
+  p.v_scale.assign(D, 1.f);
+  if (c.pv == PVMode::kFp8) {
+    for (int64_t d = 0; d < D; ++d) {
+      float amax = 0.f;
+      for (int64_t j = 0; j < L; ++j) amax = std::max(amax, std::fabs(v[j * D + d]));
+      const IntQuantParams qp = fp8_channel_params(amax);
+      p.v_scale[d] = qp.scale;
+      for (int64_t j = 0; j < L; ++j) p.v_val[j * D + d] = e4m3_to_float(float_to_e4m3(v[j * D + d] * qp.inv_scale));
+    }
+  }
+  p.k_op_t.resize(L * D);
+  for (int64_t j = 0; j < L; ++j)
+    for (int64_t d = 0; d < D; ++d)
+      p.k_op_t[d * L + j] = c.qk_bits > 0 ? static_cast<float>(p.k_int[j * D + d]) : p.k_smooth[j * D + d];
+}
+
+// The quantized pipeline for query rows [r0, r1) of one (batch, head): the kernel's CTA (128 rows).
+void quantized_rows(const SageCall& c, at::ScalarType in_t, const float* q, const KVPrepared& kv, int64_t r0,
+                    int64_t r1, float* out, float* lse) {
+  const int64_t D = c.head_dim, Lk = c.len_k;
+  const int64_t rows = r1 - r0;
+  const float qk_mul = static_cast<float>(c.scale) * kLog2e;  // fp32, folded into Q before quantization
+  // Q scaled (and smoothed) in fp32.
+  std::vector<float> qs(rows * D);
+  for (int64_t i = 0; i < rows * D; ++i) qs[i] = q[r0 * D + i] * qk_mul;
+  // Q smoothing: per 32-row block mean, and its dot product with every (smoothed, unquantized) key.
+  const int64_t n_blocks = (rows + Traits::kWarpQ - 1) / Traits::kWarpQ;  // r0 is a multiple of 128
+  std::vector<float> q_bias;  // [n_blocks, Lk]: q_mean . k_j, added to the dequantized scores
+  if (c.smooth_q) {
+    q_bias.assign(n_blocks * Lk, 0.f);
+    std::vector<float> mean(D);
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t i0 = b * Traits::kWarpQ, i1 = std::min(rows, i0 + Traits::kWarpQ);
+      for (int64_t d = 0; d < D; ++d) {
+        double s = 0;
+        for (int64_t i = i0; i < i1; ++i) s += qs[i * D + d];
+        mean[d] = static_cast<float>(s / static_cast<double>(i1 - i0));
+      }
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t d = 0; d < D; ++d) qs[i * D + d] -= mean[d];
+      for (int64_t j = 0; j < Lk; ++j) {
+        float s = 0.f;
+        for (int64_t d = 0; d < D; ++d) s += mean[d] * kv.k_smooth[j * D + d];
+        q_bias[b * Lk + j] = s;
+      }
+    }
+  }
+  // Q quantization: group ids are those of the sequence rows (r0 is CTA aligned, so local = global mod 128).
+  std::vector<int8_t> q_int;
+  std::vector<float> q_scale;
+  if (c.qk_bits > 0) {
+    const int64_t G = q_groups(rows);
+    std::vector<float> amax(G, 0.f);
+    for (int64_t i = 0; i < rows; ++i) {
+      float& a = amax[q_group(i)];
+      for (int64_t d = 0; d < D; ++d) a = std::max(a, std::fabs(qs[i * D + d]));
+    }
+    std::vector<float> inv(G);
+    q_scale.resize(G);
+    for (int64_t g = 0; g < G; ++g) {
+      const IntQuantParams qp = int_quant_params(amax[g], c.qk_bits);
+      q_scale[g] = qp.scale;
+      inv[g] = qp.inv_scale;
+    }
+    q_int.resize(rows * D);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t d = 0; d < D; ++d)
+        q_int[i * D + d] = static_cast<int8_t>(quantize_int(qs[i * D + d], inv[q_group(i)], c.qk_bits));
+  }
+
+  const float p_offset = c.pv == PVMode::kFp8 ? kFp8POffset : 0.f;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  // Q operand of the scores: codes as floats (exact products and sums, see KVPrepared) or fp32 Q.
+  std::vector<float> q_op(rows * D);
+  for (int64_t i = 0; i < rows * D; ++i) q_op[i] = c.qk_bits > 0 ? static_cast<float>(q_int[i]) : qs[i];
+  std::vector<int64_t> visible(rows);
+  int64_t max_visible = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    visible[i] = c.causal ? causal_visible_keys(r0 + i, c.len_q, Lk) : Lk;
+    max_visible = std::max(max_visible, visible[i]);
+  }
+  std::vector<float> m(rows, neg_inf), l(rows, 0.f), alpha(rows);
+  std::vector<float> acc(rows * D, 0.f);
+  std::vector<float> s_tile(rows * Traits::kCtaK), p_tile(rows * Traits::kCtaK), pv_tile(rows * D);
+  // Keys in the kernel's 64-token tiles; a row whose visible keys end before a tile skips it (m, l, acc unchanged).
+  for (int64_t t0 = 0; t0 < max_visible; t0 += Traits::kCtaK) {
+    const int64_t n = std::min<int64_t>(Traits::kCtaK, max_visible - t0);
+    // Scores of the tile: rank-1 updates with contiguous inner loops over keys (they vectorize).
+    std::fill(s_tile.begin(), s_tile.begin() + rows * n, 0.f);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* srow = s_tile.data() + i * n;
+      for (int64_t d = 0; d < D; ++d) {
+        const float a = q_op[i * D + d];
+        const float* kt = kv.k_op_t.data() + d * Lk + t0;
+        for (int64_t jj = 0; jj < n; ++jj) srow[jj] += a * kt[jj];
+      }
+    }
+    const float* st = s_tile.data();
+    float* pt = p_tile.data();
+    for (int64_t i = 0; i < rows; ++i) {
+      float* p_row = pt + i * n;
+      const int64_t nn = std::min<int64_t>(n, visible[i] - t0);
+      if (nn <= 0) {
+        std::fill(p_row, p_row + n, 0.f);
+        alpha[i] = 1.f;
+        continue;
+      }
+      float tile_max = neg_inf;
+      for (int64_t jj = 0; jj < nn; ++jj) {
+        const int64_t j = t0 + jj;
+        float sj = st[i * n + jj];
+        if (c.qk_bits > 0) sj *= q_scale[q_group(i)] * kv.k_scale[k_group(j)];
+        if (c.smooth_q) sj += q_bias[q_smooth_block(i) * Lk + j];
+        p_row[jj] = sj;
+        tile_max = std::max(tile_max, sj);
+      }
+      const float m_new = std::max(m[i], tile_max);
+      alpha[i] = std::exp2(m[i] - m_new);  // 0 on the row's first tile (m = -inf)
+      const float m_shift = m_new - p_offset;
+      float tile_sum = 0.f;
+      for (int64_t jj = 0; jj < nn; ++jj) {
+        float p = std::exp2(p_row[jj] - m_shift);
+        if (c.pv == PVMode::kFp8)
+          p = e4m3_to_float(float_to_e4m3(p));
+        else if (c.pv == PVMode::kFp16)
+          p = round_to(p, in_t);
+        p_row[jj] = p;
+        tile_sum += p;
+      }
+      std::fill(p_row + nn, p_row + n, 0.f);
+      l[i] = l[i] * alpha[i] + tile_sum;
+      m[i] = m_new;
+    }
+    // Each tile's P V in a fresh fp32 buffer, then added into the fp32 accumulator (two-level).
+    std::fill(pv_tile.begin(), pv_tile.end(), 0.f);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* prow = pv_tile.data() + i * D;
+      for (int64_t jj = 0; jj < n; ++jj) {
+        const float p = pt[i * n + jj];
+        if (p == 0.f) continue;
+        const float* vr = kv.v_val.data() + (t0 + jj) * D;
+        for (int64_t d = 0; d < D; ++d) prow[d] += p * vr[d];
+      }
+    }
+    const float* pv = pv_tile.data();
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t d = 0; d < D; ++d) acc[i * D + d] = acc[i * D + d] * alpha[i] + pv[i * D + d];
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    float* o = out + i * D;
+    if (visible[i] == 0) {
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      lse[i] = neg_inf;
+      continue;
+    }
+    const float inv_l = 1.f / l[i];
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[i * D + d] * kv.v_scale[d] * inv_l;
+    // log(sum_j e^{scale q.k_j}) = ln2 * (m - offset + log2 l) for the smoothed K; + scale q.k_mean.
+    float corr = 0.f;
+    if (c.smooth_k) {
+      for (int64_t d = 0; d < D; ++d) corr += q[(r0 + i) * D + d] * kv.k_mean[d];
+      corr *= static_cast<float>(c.scale);
+    }
+    lse[i] = (m[i] - p_offset + std::log2(l[i])) * 0.6931471805599453f + corr;
+  }
+}
+
+// Exact mode: fp64 throughout (smoothing applied too, exactly, so the LSE correction is exercised).
+void exact_rows(const SageCall& c, const float* q, const float* k, const float* v, int64_t r0, int64_t r1,
+                float* out, float* lse) {
+  const int64_t D = c.head_dim, Lk = c.len_k, rows = r1 - r0;
+  std::vector<double> k_mean(D, 0.0);
+  if (c.smooth_k) {
+    for (int64_t j = 0; j < Lk; ++j)
+      for (int64_t d = 0; d < D; ++d) k_mean[d] += k[j * D + d];
+    for (int64_t d = 0; d < D; ++d) k_mean[d] /= static_cast<double>(Lk);
+  }
+  // Scores: contiguous inner loops over keys (K smoothed and transposed), fp64.
+  std::vector<double> kt(D * Lk), sp(rows * Lk, 0.0);
+  for (int64_t j = 0; j < Lk; ++j)
+    for (int64_t d = 0; d < D; ++d) kt[d * Lk + j] = k[j * D + d] - k_mean[d];
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t d = 0; d < D; ++d) {
+      const double a = q[(r0 + i) * D + d];
+      double* row = sp.data() + i * Lk;
+      const double* kr = kt.data() + d * Lk;
+      for (int64_t j = 0; j < Lk; ++j) row[j] += a * kr[j];
+    }
+  std::vector<double> l(rows, 0.0), m(rows, -std::numeric_limits<double>::infinity());
+  std::vector<int64_t> visible(rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    visible[i] = c.causal ? causal_visible_keys(r0 + i, c.len_q, Lk) : Lk;
+    double* row = sp.data() + i * Lk;
+    for (int64_t j = 0; j < visible[i]; ++j) m[i] = std::max(m[i], row[j] * c.scale);
+    for (int64_t j = 0; j < Lk; ++j) {
+      row[j] = j < visible[i] ? std::exp(row[j] * c.scale - m[i]) : 0.0;
+      l[i] += row[j];
+    }
+  }
+  std::vector<double> op(rows * D, 0.0);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < visible[i]; ++j) {
+      const double p = sp[i * Lk + j];
+      for (int64_t d = 0; d < D; ++d) op[i * D + d] += p * v[j * D + d];
+    }
+  for (int64_t i = 0; i < rows; ++i) {
+    float* orow = out + i * D;
+    if (visible[i] == 0) {
+      for (int64_t d = 0; d < D; ++d) orow[d] = 0.f;
+      lse[i] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<float>(op[i * D + d] / l[i]);
+    double corr = 0;
+    for (int64_t d = 0; d < D; ++d) corr += static_cast<double>(q[(r0 + i) * D + d]) * k_mean[d];
+    lse[i] = static_cast<float>(m[i] + std::log(l[i]) + corr * c.scale);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sage_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, bool is_causal, double scale,
+                                                          int64_t qk_bits, c10::string_view pv, bool smooth_k,
+                                                          bool smooth_q) {
+  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, std::string(pv), smooth_k, smooth_q);
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  const at::Tensor kf = k.to(at::kFloat).contiguous();
+  const at::Tensor vf = v.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({c.batch, c.heads_q, c.len_q, c.head_dim}, qf.options());
+  at::Tensor lse = at::empty({c.batch, c.heads_q, c.len_q}, qf.options());
+  const int64_t D = c.head_dim, group = c.heads_q / c.heads_kv;
+  const float* qp = qf.const_data_ptr<float>();
+  const float* kp = kf.const_data_ptr<float>();
+  const float* vp = vf.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  float* lp = lse.mutable_data_ptr<float>();
+  const at::ScalarType in_t = q.scalar_type();
+
+  std::vector<KVPrepared> kv(c.exact() ? 0 : c.batch * c.heads_kv);
+  if (!c.exact()) {
+    at::parallel_for(0, c.batch * c.heads_kv, 1, [&](int64_t b, int64_t e) {
+      for (int64_t bh = b; bh < e; ++bh)
+        prepare_kv(c, kp + bh * c.len_k * D, vp + bh * c.len_k * D, kv[bh]);
+    });
+  }
+  const int64_t tiles = (c.len_q + Traits::kCtaQ - 1) / Traits::kCtaQ;
+  at::parallel_for(0, c.batch * c.heads_q * tiles, 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      const int64_t bh = w / tiles, tile = w % tiles;
+      const int64_t bkv = (bh / c.heads_q) * c.heads_kv + (bh % c.heads_q) / group;
+      const int64_t r0 = tile * Traits::kCtaQ, r1 = std::min(c.len_q, r0 + Traits::kCtaQ);
+      const float* qh = qp + bh * c.len_q * D;
+      float* oh = op + bh * c.len_q * D + r0 * D;
+      float* lh = lp + bh * c.len_q + r0;
+      if (c.exact())
+        exact_rows(c, qh, kp + bkv * c.len_k * D, vp + bkv * c.len_k * D, r0, r1, oh, lh);
+      else
+        quantized_rows(c, in_t, qh, kv[bkv], r0, r1, oh, lh);
+    }
+  });
+  return {in_t == at::kFloat ? out : out.to(in_t), lse};
+}
+
+// ---- test helpers ----
+at::Tensor sage_float_to_e4m3_cpu(const at::Tensor& x) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "_sage_float_to_e4m3: expected float32, got ", x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kByte));
+  const float* src = xc.const_data_ptr<float>();
+  uint8_t* dst = out.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, xc.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) dst[i] = float_to_e4m3(src[i]);
+  });
+  return out;
+}
+
+at::Tensor sage_e4m3_to_float_cpu(const at::Tensor& x) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kByte, "_sage_e4m3_to_float: expected uint8, got ", x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kFloat));
+  const uint8_t* src = xc.const_data_ptr<uint8_t>();
+  float* dst = out.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < xc.numel(); ++i) dst[i] = e4m3_to_float(src[i]);
+  return out;
+}
+
+// Symmetric integer codes of x (float32, any shape) with one given scale reciprocal: the kernels' rounding.
+at::Tensor sage_quantize_int_cpu(const at::Tensor& x, double inv_scale, int64_t bits) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "_sage_quantize_int: expected float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(bits == 4 || bits == 8, "_sage_quantize_int: bits must be 4 or 8, got ", bits);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kChar));
+  const float* src = xc.const_data_ptr<float>();
+  int8_t* dst = out.mutable_data_ptr<int8_t>();
+  const float inv = static_cast<float>(inv_scale);
+  for (int64_t i = 0; i < xc.numel(); ++i) dst[i] = static_cast<int8_t>(quantize_int(src[i], inv, static_cast<int>(bits)));
+  return out;
+}
+
+// [q_group of each row < len_q, k_group of each token < len_k] concatenated, for layout tests.
+std::vector<int64_t> sage_group_maps(int64_t len_q, int64_t len_k) {
+  TORCH_CHECK_VALUE(len_q >= 0 && len_k >= 0, "_sage_group_maps: lengths must be >= 0");
+  std::vector<int64_t> r;
+  r.reserve(len_q + len_k);
+  for (int64_t i = 0; i < len_q; ++i) r.push_back(q_group(i));
+  for (int64_t j = 0; j < len_k; ++j) r.push_back(k_group(j));
+  return r;
+}
+
+std::vector<int64_t> sage_v_fp8_positions(int64_t n) {
+  TORCH_CHECK_VALUE(n >= 0 && n % 16 == 0, "_sage_v_fp8_positions: n must be a non-negative multiple of 16, got ", n);
+  std::vector<int64_t> r(n);
+  for (int64_t p = 0; p < n; ++p) r[p] = v_fp8_position_token(p);
+  return r;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tersor, CPU, m) {
+  m.impl("sage_attention_fwd", &sage_attention_fwd_cpu);
+  m.impl("_sage_float_to_e4m3", &sage_float_to_e4m3_cpu);
+  m.impl("_sage_e4m3_to_float", &sage_e4m3_to_float_cpu);
+  m.impl("_sage_quantize_int", &sage_quantize_int_cpu);
+}
+
+// Tensor-free helper: no backend to dispatch on, so it registers for every key.
+TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) {
+  m.impl("_sage_group_maps", &sage_group_maps);
+  m.impl("_sage_v_fp8_positions", &sage_v_fp8_positions);
+}
+
+}  // namespace tersor::attention

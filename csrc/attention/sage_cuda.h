@@ -1,0 +1,66 @@
+// Launchers of the quantized attention CUDA kernels (no torch headers). Numerics: sage_format.h and
+// docs/research/sage_attention.md. Stage 1 kernels: sm80/sm89 mma.sync, INT8 Q K^T (no Q smoothing),
+// P.V in FP8 e4m3 (sm89) or in the inputs' 16-bit type (sm80+).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace tersor::attention {
+
+// Sizes shared by the quantization and attention kernels. Q/K/V are [B, H, L, D] with arbitrary strides
+// in elements (the last dimension contiguous).
+struct SageDims {
+  int64_t batch, heads_q, heads_kv, len_q, len_k, head_dim;
+  int64_t len_q_pad;  // multiple of 128 (CTA_Q)
+  int64_t len_k_pad;  // multiple of 64 (CTA_K)
+};
+
+struct SageStrides {
+  int64_t b, h, l;  // in elements; stride of d is 1
+};
+
+// Prologue: K mean (if smooth_k), INT8 Q / K with their fragment-group scales, V for P.V, LSE corrections.
+struct SageQuantArgs {
+  SageDims dims;
+  DType dtype;  // kFloat16 or kBFloat16
+  const void *q, *k, *v;
+  SageStrides sq, sk, sv;
+  float qk_mul;       // float(scale) * float(log2 e)
+  float scale;        // softmax scale (for the LSE correction)
+  bool smooth_k;
+  bool pv_fp8;
+  // outputs (device scratch, see sage_cuda_glue.cpp for the shapes)
+  float* k_mean;      // [B, Hkv, D]
+  int8_t* q_int;      // [B, Hq, Lq_pad, D]
+  float* q_scale;     // [B, Hq, Lq_pad / 32 * 8]
+  float* lse_corr;    // [B, Hq, Lq]: scale * q . k_mean
+  int8_t* k_int;      // [B, Hkv, Lk_pad, D]
+  float* k_scale;     // [B, Hkv, Lk_pad / 64 * 4]
+  void* v_t;          // [B, Hkv, D, Lk_pad]: e4m3 (token-permuted) or the 16-bit dtype (natural order)
+  float* v_scale;     // [B, Hkv, D] (fp8 only)
+};
+
+struct SageAttnArgs {
+  SageDims dims;
+  DType dtype;
+  bool causal;
+  bool pv_fp8;
+  const int8_t* q_int;
+  const float* q_scale;
+  const float* lse_corr;
+  const int8_t* k_int;
+  const float* k_scale;
+  const void* v_t;
+  const float* v_scale;
+  void* out;   // [B, Hq, Lq, D] contiguous, dtype
+  float* lse;  // [B, Hq, Lq]
+};
+
+cudaError_t sage_quantize_sm8x(const SageQuantArgs& a, cudaStream_t stream);
+cudaError_t sage_attention_sm8x(const SageAttnArgs& a, cudaStream_t stream);
+
+}  // namespace tersor::attention

@@ -1,0 +1,189 @@
+"""Quantized attention (SageAttention2 numerics) as a drop-in for ``F.scaled_dot_product_attention``.
+
+* :func:`sage_attention` -- the user entry point (layouts, head-dim padding, per-device defaults).
+* :func:`route_sdpa` -- a context manager that sends a model's SDPA calls to :func:`sage_attention` where
+  that is supported and to SDPA otherwise, counting both (:class:`SdpaRouteStats`).
+
+Numerics, defaults and what differs from thu-ml/SageAttention: docs/research/sage_attention.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections import Counter
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+
+__all__ = ["SdpaRouteStats", "pick_modes", "route_sdpa", "sage_attention", "sage_supported"]
+
+_QK_BITS = {"int8": 8, "int4": 4, "none": 0}
+# The sm80/sm89 mma.sync kernels (also built for sm90a) are compiled but have not yet run on a GPU: until a
+# GPU session has passed tests/test_attention.py's CUDA tests, route_sdpa keeps CUDA calls on SDPA and the
+# benchmark skips CUDA rows. Direct sage_attention calls on CUDA do use them (INT8 QK without Q smoothing;
+# other modes run the CPU twin on host copies, see sage_cuda_glue.cpp).
+CUDA_KERNELS_READY = False
+_SDPA = F.scaled_dot_product_attention  # the original, kept even while route_sdpa patches F
+
+
+def _has_kernel(device: torch.device) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("tersor::sage_attention_fwd", key)
+
+
+def pick_modes(device: torch.device, qk: str = "auto", pv: str = "auto") -> tuple[str, str]:
+    """Resolves ``"auto"`` to the modes :func:`sage_attention` uses on ``device``.
+
+    sm90: int8 + fp8 (Hopper has no INT4 tensor cores). sm89: int8 + fp8 (INT4 is available with
+    ``qk="int4"`` but misses the accuracy target, see the research note). sm80-sm88: int8 + fp16 (no FP8
+    tensor cores). CPU: int8 + fp8 -- the CPU twin then reproduces the sm89/sm90 default numerics.
+    """
+    if qk not in ("auto", "int8", "int4", "none"):
+        raise ValueError(f"sage_attention: qk must be 'auto', 'int8', 'int4' or 'none', got {qk!r}")
+    if pv not in ("auto", "fp8", "fp16", "fp32"):
+        raise ValueError(f"sage_attention: pv must be 'auto', 'fp8', 'fp16' or 'fp32', got {pv!r}")
+    auto_pv = "fp8"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            auto_pv = "fp16"
+    return ("int8" if qk == "auto" else qk), (auto_pv if pv == "auto" else pv)
+
+
+def _padded_head_dim(d: int) -> int:
+    if d < 1 or d > 128:
+        raise ValueError(f"sage_attention: head_dim must be between 1 and 128, got {d}")
+    return 64 if d <= 64 else 128
+
+
+def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
+                   scale: Optional[float] = None, layout: str = "bhsd", qk: str = "auto", pv: str = "auto",
+                   smooth_k: bool = True, smooth_q: Optional[bool] = None, return_lse: bool = False):
+    """Quantized attention with SageAttention2 numerics; output like ``F.scaled_dot_product_attention``.
+
+    ``q [B, Hq, Lq, D]`` and ``k``/``v [B, Hkv, Lk, D]`` (``layout="bhsd"``) or ``[B, L, H, D]``
+    (``layout="bshd"``), float16/bfloat16, ``Hq % Hkv == 0`` (GQA/MQA), ``D <= 128`` (padded with zeros to
+    64 or 128, which changes nothing mathematically). ``scale`` defaults to ``1/sqrt(D)`` of the unpadded
+    ``D``. ``is_causal`` is **bottom-right aligned** (query ``i`` sees keys ``j <= i + Lk - Lq``, the
+    FlashAttention / KV-cache convention); SDPA's ``is_causal`` is top-left. They agree when ``Lq == Lk``.
+    Fully masked rows (``Lq > Lk``, causal) give 0 and LSE ``-inf``.
+
+    ``qk``: ``"int8"``, ``"int4"`` (per-fragment-group symmetric quantization; INT4 also smooths Q) or
+    ``"none"``; ``pv``: ``"fp8"``, ``"fp16"`` or ``"fp32"``; ``"auto"`` picks per device
+    (:func:`pick_modes`). ``qk="none", pv="fp32"`` is the exact fp64 reference mode. ``smooth_k``
+    subtracts K's mean over tokens (exact for the softmax; the LSE is corrected). ``smooth_q`` defaults to
+    True for INT4 only. Returns ``out`` in the layout and dtype of ``q``, and ``lse`` float32 ``[B, Hq, Lq]``
+    (natural log) when ``return_lse``.
+    """
+    if layout not in ("bhsd", "bshd"):
+        raise ValueError(f"sage_attention: layout must be 'bhsd' or 'bshd', got {layout!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"sage_attention: {name} must be 4-d ({layout}), got {t.dim()}-d")
+    if not (q.device == k.device == v.device):
+        raise RuntimeError(f"sage_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not _has_kernel(q.device):
+        raise RuntimeError(f"sage_attention: no kernel for device {q.device} in this build "
+                           f"(CUDA kernels: later stage); use F.scaled_dot_product_attention or route_sdpa")
+    qk_mode, pv_mode = pick_modes(q.device, qk, pv)
+    qk_bits = _QK_BITS[qk_mode]
+    if q.dtype not in (torch.float16, torch.bfloat16) and not (qk_bits == 0 and pv_mode == "fp32"):
+        raise TypeError(f"sage_attention: expected float16 or bfloat16 inputs, got {q.dtype}")
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"sage_attention: q, k, v must share the head dim, got {d}, {k.shape[-1]}, {v.shape[-1]}")
+    dp = _padded_head_dim(d)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if dp != d:
+        q, k, v = (F.pad(t, (0, dp - d)) for t in (q, k, v))
+    if smooth_q is None:
+        smooth_q = qk_bits == 4
+    out, lse = ops.sage_attention_fwd(q, k, v, bool(is_causal), float(scale), qk_bits, pv_mode, bool(smooth_k),
+                                      bool(smooth_q))
+    if dp != d:
+        out = out[..., :d]
+    if layout == "bshd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------------
+# SDPA routing
+
+
+@dataclasses.dataclass
+class SdpaRouteStats:
+    """What :func:`route_sdpa` did: calls sent to sage_attention, and SDPA fallbacks by reason."""
+
+    routed: int = 0
+    fell_back: Counter = dataclasses.field(default_factory=Counter)
+
+    @property
+    def fallbacks(self) -> int:
+        return sum(self.fell_back.values())
+
+
+def sage_supported(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False) -> Optional[str]:
+    """``None`` if this SDPA call can run on sage_attention with SDPA's semantics, else the reason it cannot."""
+    if attn_mask is not None:
+        return "attn_mask"
+    if dropout_p != 0.0:
+        return "dropout"
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return "not 4-d"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype}"
+    if not (q.device == k.device == v.device) or not _has_kernel(q.device):
+        return f"device {q.device}"
+    if q.device.type == "cuda" and not CUDA_KERNELS_READY:
+        return "CUDA kernels not validated yet"
+    if q.shape[-1] > 128 or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        return "head dim"
+    if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3]:
+        return "shape"
+    if q.shape[1] != k.shape[1] and not (enable_gqa and q.shape[1] % k.shape[1] == 0):
+        return "heads"
+    if is_causal and q.shape[2] != k.shape[2]:
+        return "causal with Lq != Lk"  # SDPA is top-left aligned, sage_attention bottom-right
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "autograd"
+    return None
+
+
+@contextlib.contextmanager
+def route_sdpa(qk: str = "auto", pv: str = "auto", stats: Optional[SdpaRouteStats] = None):
+    """Within the block, ``F.scaled_dot_product_attention`` runs :func:`sage_attention` where supported.
+
+    Supported: no ``attn_mask``, no dropout, fp16/bf16 4-d inputs with head dim <= 128 on a device with a
+    kernel, equal heads (or ``enable_gqa``), ``Lq == Lk`` when causal, no autograd. Everything else goes to
+    the original SDPA. Yields a :class:`SdpaRouteStats` counting both. Code that bound SDPA to another name
+    before the block (``from torch.nn.functional import scaled_dot_product_attention``) is not rerouted.
+    """
+    stats = SdpaRouteStats() if stats is None else stats
+
+    def routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False, **kwargs):
+        reason = sage_supported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        if reason is None and kwargs:
+            reason = "unknown arguments " + ",".join(sorted(kwargs))
+        if reason is not None:
+            stats.fell_back[reason] += 1
+            return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                         scale=scale, enable_gqa=enable_gqa, **kwargs)
+        stats.routed += 1
+        return sage_attention(query, key, value, is_causal=is_causal, scale=scale, qk=qk, pv=pv)
+
+    saved = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = routed_sdpa
+    try:
+        yield stats
+    finally:
+        F.scaled_dot_product_attention = saved

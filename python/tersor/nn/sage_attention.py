@@ -1,0 +1,30 @@
+"""``SageAttention``: an ``nn.Module`` around :func:`tersor.attention.sage_attention`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..attention import sage_attention
+
+
+class SageAttention(nn.Module):
+    """Quantized scaled-dot-product attention (no parameters): ``forward(q, k, v, is_causal=False, scale=None)``.
+
+    Holds the layout (``"bhsd"``/``"bshd"``) and the quantization modes (``qk``, ``pv``; ``"auto"`` picks per
+    device). Causal masking is bottom-right aligned (see :func:`tersor.attention.sage_attention`).
+    """
+
+    def __init__(self, layout: str = "bhsd", qk: str = "auto", pv: str = "auto", smooth_k: bool = True):
+        super().__init__()
+        self.layout, self.qk, self.pv, self.smooth_k = layout, qk, pv, smooth_k
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
+                scale: Optional[float] = None) -> torch.Tensor:
+        return sage_attention(q, k, v, is_causal=is_causal, scale=scale, layout=self.layout, qk=self.qk,
+                              pv=self.pv, smooth_k=self.smooth_k)
+
+    def extra_repr(self) -> str:
+        return f"layout={self.layout!r}, qk={self.qk!r}, pv={self.pv!r}, smooth_k={self.smooth_k}"

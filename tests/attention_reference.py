@@ -1,0 +1,118 @@
+"""Independent pure-PyTorch references for tests/test_attention*.py (no tersor ops).
+
+* ``attention_fp64``: exact attention in float64 with the bottom-right causal convention, GQA, LSE.
+* ``sage_emulate``: the quantized pipeline written from the spec in docs/research/sage_attention.md,
+  vectorized over rows with torch's own e4m3 cast and rounding, to check the C++ CPU twin against.
+"""
+
+import math
+
+import torch
+
+LOG2E = torch.tensor(1.4426950408889634, dtype=torch.float32)
+FP8_OFFSET = torch.tensor(math.log2(448.0), dtype=torch.float32)
+
+
+def causal_mask(lq, lk, device="cpu"):
+    """Bottom-right aligned: key j visible to query i iff j <= i + lk - lq."""
+    return torch.arange(lk, device=device)[None, :] <= torch.arange(lq, device=device)[:, None] + (lk - lq)
+
+
+def _expand_kv(t, hq):
+    return t.repeat_interleave(hq // t.shape[1], dim=1)
+
+
+def attention_fp64(q, k, v, is_causal=False, scale=None):
+    """(out float64, lse float64): fully masked rows give 0 and -inf."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k, v = _expand_kv(k, q.shape[1]).double(), _expand_kv(v, q.shape[1]).double()
+    s = q.double() @ k.transpose(-1, -2) * scale
+    if is_causal:
+        s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2]), -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return p @ v, lse
+
+
+def _group_amax(x, groups, n_groups):
+    """amax of |x| rows [..., L, D] per group id of the L axis -> [..., n_groups]."""
+    a = x.abs().amax(-1)
+    out = torch.zeros(*a.shape[:-1], n_groups, dtype=a.dtype)
+    return out.scatter_reduce(-1, groups.expand_as(a), a, reduce="amax")
+
+
+def _int_quant(x, groups, n_groups, bits):
+    qmax = torch.tensor(7.0 if bits == 4 else 127.0)
+    amax = _group_amax(x, groups, n_groups)
+    pos = amax > 0
+    inv = torch.where(pos, qmax / amax.clamp_min(1e-38), torch.zeros_like(amax))
+    scale = torch.where(pos, amax / qmax, torch.zeros_like(amax))
+    codes = torch.round(x * inv.gather(-1, groups.expand(amax.shape[:-1] + groups.shape))[..., None])
+    return codes.clamp(-qmax, qmax), scale
+
+
+def sage_emulate(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cta_q=128, cta_k=64, warp_q=32):
+    """(out float32, lse float32) of the quantized pipeline (see module docstring)."""
+    b, hq, lq, d = q.shape
+    lk = k.shape[2]
+    qf, kf, vf = q.float(), k.float(), v.float()
+    k_mean = kf.double().mean(2, keepdim=True).float() if smooth_k else torch.zeros_like(kf[:, :, :1])
+    ksm = kf - k_mean
+    rows, toks = torch.arange(lq), torch.arange(lk)
+    # query groups restart every CTA (128 rows, a multiple of 32, so the global formula holds)
+    q_group = (rows // warp_q) * 8 + rows % 8
+    k_group = (toks // cta_k) * 4 + (toks % 8) // 2
+    n_qg, n_kg = int(q_group.max()) + 1, int(k_group.max()) + 1
+    qs = qf * (torch.tensor(scale, dtype=torch.float32) * LOG2E)
+    ksm_e = _expand_kv(ksm, hq)
+    q_bias = None
+    if smooth_q:
+        blk = rows // warp_q
+        n_blk = int(blk.max()) + 1
+        means = torch.stack([qs[:, :, blk == i].double().mean(2).float() for i in range(n_blk)], 2)  # [b,h,nb,d]
+        qs = qs - means[:, :, blk]
+        q_bias = (means @ ksm_e.transpose(-1, -2))[:, :, blk]  # [b,h,lq,lk]
+    if qk_bits:
+        qi, qsc = _int_quant(qs, q_group, n_qg, qk_bits)
+        ki, ksc = _int_quant(ksm, k_group, n_kg, qk_bits)
+        ki, ksc = _expand_kv(ki, hq), _expand_kv(ksc, hq)
+        acc = (qi.double() @ ki.double().transpose(-1, -2)).float()  # exact integers
+        s = acc * (qsc[:, :, q_group][..., :, None] * ksc[:, :, k_group][..., None, :])
+    else:
+        s = qs @ ksm_e.transpose(-1, -2)
+    if q_bias is not None:
+        s = s + q_bias
+    if pv == "fp8":
+        amax = vf.abs().amax(2, keepdim=True)
+        # a tensor numerator: torch computes `python_scalar / tensor` as reciprocal * scalar (two roundings)
+        inv = torch.where(amax > 0, torch.tensor(448.0) / amax.clamp_min(1e-38), torch.zeros_like(amax))
+        v_scale = torch.where(amax > 0, amax / 448.0, torch.zeros_like(amax))
+        v_val = (vf * inv).to(torch.float8_e4m3fn).float()
+        offset = FP8_OFFSET
+    else:
+        v_val, v_scale, offset = vf, torch.ones_like(vf[:, :, :1]), torch.tensor(0.0)
+    v_val, v_scale = _expand_kv(v_val, hq), _expand_kv(v_scale, hq)
+    visible = causal_mask(lq, lk) if is_causal else torch.ones(lq, lk, dtype=torch.bool)
+    s = s.masked_fill(~visible, -math.inf)
+    m = torch.full((b, hq, lq, 1), -math.inf)
+    l = torch.zeros(b, hq, lq, 1)
+    o = torch.zeros(b, hq, lq, d)
+    for t0 in range(0, lk, cta_k):
+        st = s[..., t0:t0 + cta_k]
+        m_new = torch.maximum(m, st.amax(-1, keepdim=True))
+        # exp2 of the fp32 argument, correctly rounded (as glibc's exp2f; torch's float exp2 is 1-ulp)
+        alpha = torch.where(m_new == -math.inf, torch.ones_like(m), torch.exp2((m - m_new).double()).float())
+        p = torch.exp2((st - (m_new - offset)).double()).float()
+        p = torch.where(st == -math.inf, torch.zeros_like(p), p)
+        if pv == "fp8":
+            p = p.to(torch.float8_e4m3fn).float()
+        elif pv == "fp16":
+            p = p.to(q.dtype).float()
+        l = l * alpha + p.sum(-1, keepdim=True)
+        o = o * alpha + p @ v_val[:, :, t0:t0 + cta_k]
+        m = m_new
+    dead = l == 0
+    out = torch.where(dead, torch.zeros_like(o), o * v_scale * (1.0 / l))
+    corr = (qf @ _expand_kv(k_mean, hq).transpose(-1, -2)) * scale if smooth_k else torch.zeros_like(l)
+    lse = torch.where(dead, torch.full_like(l, -math.inf), (m - offset + torch.log2(l)) * math.log(2.0) + corr)
+    return out, lse[..., 0]
