@@ -300,8 +300,8 @@ def _torch_lowp_err(x, w, b, ref):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,k", [(16, 64), (256, 1024), (4096, 4096), (48, 64 * 9)])
-@pytest.mark.parametrize("rows", [1, 4, 8, 9, 16, 33])
+@pytest.mark.parametrize("m,k", [(16, 64), (256, 1024), (4096, 4096), (48, 64 * 9), (272, 128)])
+@pytest.mark.parametrize("rows", [1, 4, 8, 9, 16, 33, 130])
 def test_cuda_linear_vs_reference(dtype, m, k, rows):
     w = random_2_4(m, k, dtype)
     p = compress_2_4(w).to("cuda")
@@ -312,6 +312,8 @@ def test_cuda_linear_vs_reference(dtype, m, k, rows):
     err = (y.double() - ref).abs().max().item()
     torch_err = _torch_lowp_err(x.cuda(), w.cuda(), b.cuda(), ref.cuda())
     assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+    if m * k * rows > 2**26:
+        return  # the lane-by-lane replay is too slow for the big shapes
     # The kernel (GEMV or GEMM) agrees with its CPU replay up to fp32 summation order + one rounding.
     pc = compress_2_4(w)
     e = ops._sparse24_emulate_cuda_linear(x, pc.values, pc.meta, b)

@@ -31,7 +31,7 @@ struct DevicePacked {
 
 DevicePacked device_packed(const at::Tensor& values, const at::Tensor& meta, const Shape& s, const char* op) {
   TORCH_CHECK(values.is_cuda(), op, " (CUDA kernel): expected CUDA tensors, got ", values.device());
-  DevicePacked d{aligned16(values), meta.contiguous(), {}};
+  DevicePacked d{aligned16(values), aligned16(meta), {}};  // both are read with 16-byte (cp.async) copies
   d.args.values = d.values.const_data_ptr();
   d.args.meta = reinterpret_cast<const uint32_t*>(d.meta.const_data_ptr<int32_t>());
   d.args.M = s.M;
