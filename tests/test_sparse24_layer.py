@@ -68,8 +68,8 @@ def test_fresh_layer_is_zero_and_valid():
 
 
 def test_bad_arguments():
-    with pytest.raises(NotImplementedError, match="bsr"):
-        SparseLinear.from_linear(nn.Linear(64, 16), pattern="bsr")
+    with pytest.raises(ValueError, match="multiples of the blocksize"):
+        SparseLinear.from_linear(nn.Linear(64, 16), pattern="bsr")  # 16 rows: no 64x64 block fits
     with pytest.raises(ValueError, match="pattern"):
         SparseLinear.from_linear(nn.Linear(64, 16), pattern="4:8")
     with pytest.raises(TypeError, match="float16 or bfloat16"):

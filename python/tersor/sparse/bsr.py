@@ -188,6 +188,48 @@ def to_bsr(W: torch.Tensor, blocksize: Optional[int] = None, chunk_blocks: Optio
     return _make(crow, cols, blocks[rows, cols].contiguous(), (n, k), chunk_blocks)
 
 
+def prune_blocks(W: torch.Tensor, blocksize: int = 64, density: float = 0.1, method: str = "magnitude",
+                 act_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A copy of ``W [N, K]`` keeping the ``round(density * n_blocks)`` ``bs x bs`` blocks of highest score (at
+    least one) and zeroing the others, ready for :func:`to_bsr`:
+
+    * ``method="magnitude"``: score = the block's squared Frobenius norm ``sum w^2``;
+    * ``method="wanda"``: score = ``sum (|w| * act_norm[k])^2`` (Wanda's ``|w| * ||x_k||`` aggregated over the
+      block), ``act_norm [K]`` the per-input-channel L2 norms of calibration activations.
+
+    One budget for the whole matrix (rows may keep different numbers of blocks). Scores are float32; **ties**
+    keep the block that comes first in row-major block order (stable sort), so the result is deterministic.
+    """
+    if not isinstance(W, torch.Tensor) or not W.is_floating_point():
+        raise TypeError(f"prune_blocks: W must be a floating-point tensor, got {getattr(W, 'dtype', type(W))}")
+    if W.dim() != 2:
+        raise ValueError(f"prune_blocks: W must be 2-d [out, in], got shape {tuple(W.shape)}")
+    n, k = W.shape
+    bs = int(blocksize)
+    _check_dims(n, k, bs)
+    if not (0.0 < float(density) <= 1.0):
+        raise ValueError(f"prune_blocks: density must be in (0, 1], got {density}")
+    score = W.detach().float()
+    if method == "magnitude":
+        if act_norm is not None:
+            raise ValueError("prune_blocks: act_norm is only used by method='wanda'")
+    elif method == "wanda":
+        if act_norm is None or act_norm.dim() != 1 or act_norm.shape[0] != k:
+            raise ValueError(f"prune_blocks: method='wanda' needs act_norm of shape [{k}]")
+        a = act_norm.detach().to(device=W.device, dtype=torch.float32)
+        if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
+            raise ValueError("prune_blocks: act_norm must be finite and non-negative")
+        score = score * a
+    else:
+        raise ValueError(f"prune_blocks: method must be 'magnitude' or 'wanda', got {method!r}")
+    block_score = score.square().reshape(n // bs, bs, k // bs, bs).sum(dim=(1, 3)).reshape(-1)
+    n_keep = max(1, round(float(density) * block_score.numel()))
+    order = torch.sort(block_score, descending=True, stable=True).indices
+    keep = torch.zeros_like(block_score, dtype=torch.bool).scatter_(0, order[:n_keep], True)
+    mask = keep.reshape(n // bs, 1, k // bs, 1).expand(n // bs, bs, k // bs, bs).reshape(n, k)
+    return torch.where(mask, W.detach(), torch.zeros((), dtype=W.dtype, device=W.device))
+
+
 def _check_dims(n, k, bs):
     if bs not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {bs}")
