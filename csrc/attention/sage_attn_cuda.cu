@@ -16,6 +16,7 @@
 #include "attention/sage_format.h"
 #include "common/mma.cuh"
 #include "common/mma_int8_fp8.cuh"
+#include "common/smem_load.cuh"
 
 namespace tersor::attention {
 namespace {

@@ -18,6 +18,16 @@ __device__ __forceinline__ void mma_m16n8k16_f16_f32(float c[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The bf16 form (sm80+): bf16 weights/activations go to the tensor cores as they are (converting them to
+// fp16 could overflow fp16's range). Same fragment layout as the fp16 form.
+__device__ __forceinline__ void mma_m16n8k16_bf16_f32(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // Two fp16 subtractions on raw half2 bit patterns. Why PTX and not __hsub2: the operands are built
 // with integer bit tricks, and this keeps them in 32-bit registers without type punning.
 __device__ __forceinline__ uint32_t sub_f16x2(uint32_t a, uint32_t b) {

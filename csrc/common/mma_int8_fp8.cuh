@@ -55,33 +55,12 @@ __device__ __forceinline__ uint32_t cvt_f16x2_from_e4m3x2(uint16_t x) {
 }
 #endif
 
-// D = A B + C, m16n8k16 bf16 -> f32 (sm80+): the sm80 P.V for bfloat16 inputs (mma.cuh has the fp16 one).
-__device__ __forceinline__ void mma_m16n8k16_bf16_f32(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // 2^x, the MUFU instruction (<= 2 ulp, flushes denormals): softmax is computed in base 2 so each element
 // costs one ex2 and no multiply; ex2(-inf) = +0 handles masked scores.
 __device__ __forceinline__ float ex2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
-}
-
-// 16-byte global -> shared copy that bypasses registers and L1 (cp.async.cg): K/V tiles of the next
-// iteration stream in while the current one is computed.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 }  // namespace tersor

@@ -1,7 +1,11 @@
 // PTX wrappers for the sparse tensor-core MMA (2:4 structured sparse A operand), each with why it is used.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cstdint>
+#include <type_traits>
 
 namespace tersor {
 
@@ -34,6 +38,17 @@ __device__ __forceinline__ void mma_sp_m16n8k32_bf16_f32(float c[4], const uint3
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e),
         "n"(kSelector));
+}
+
+// The form for element type T (__half or __nv_bfloat16), for kernels templated on the dtype.
+template <typename T, int kSelector>
+__device__ __forceinline__ void mma_sp_m16n8k32_f32(float c[4], const uint32_t a[4], const uint32_t b[4], uint32_t e) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "mma.sp: fp16 or bf16 inputs");
+  if constexpr (std::is_same_v<T, __half>) {
+    mma_sp_m16n8k32_f16_f32<kSelector>(c, a, b, e);
+  } else {
+    mma_sp_m16n8k32_bf16_f32<kSelector>(c, a, b, e);
+  }
 }
 
 // 128-bit load through the read-only path without L1 allocation: each stored weight byte is read once

@@ -15,9 +15,8 @@
 #include <type_traits>
 
 #include "common/cuda_elem.cuh"
-#include "common/ldmatrix.cuh"
+#include "common/smem_load.cuh"
 #include "common/mma.cuh"
-#include "common/mma_bf16.cuh"
 #include "sparse/bsr_cuda.h"
 #include "sparse/bsr_cuda_traits.h"
 #include "sparse/bsr_format.h"

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "common/cuda_elem.cuh"
 #include "common/mma_sp.cuh"
 #include "sparse/sparse24_cuda.h"
 #include "sparse/sparse24_format.h"
@@ -16,27 +17,6 @@ namespace tersor::sparse24 {
 namespace {
 
 using Traits = Sparse24GemvTraits;
-
-template <typename T>
-struct Elem;
-template <>
-struct Elem<__half> {
-  template <int kSel>
-  static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], const uint32_t b[4], uint32_t e) {
-    mma_sp_m16n8k32_f16_f32<kSel>(c, a, b, e);
-  }
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  template <int kSel>
-  static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], const uint32_t b[4], uint32_t e) {
-    mma_sp_m16n8k32_bf16_f32<kSel>(c, a, b, e);
-  }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
 
 // B fragment of m16n8k32 (16-bit): lane (g, q) register r holds x[n = g][k = 2q + 8r + {0, 1}] of the
 // k-tile starting at column k0. Rows of x at or past `batch` are zeros.
@@ -75,9 +55,9 @@ __global__ void __launch_bounds__(Traits::kThreads) sparse24_gemv_kernel(const u
     for (int nt = 0; nt < kNTiles; ++nt) {
       uint32_t b[4];
       load_b(x, K, batch, nt * 8 + g, p * kColAlign, q, b);
-      Elem<T>::template mma<0>(acc[nt], ae, b, e);
+      mma_sp_m16n8k32_f32<T, 0>(acc[nt], ae, b, e);
       load_b(x, K, batch, nt * 8 + g, p * kColAlign + kTileK, q, b);
-      Elem<T>::template mma<1>(acc[nt], ao, b, e);
+      mma_sp_m16n8k32_f32<T, 1>(acc[nt], ao, b, e);
     }
   }
   // Deterministic split-K: every warp's accumulators to shared memory, summed in warp order.
@@ -96,8 +76,8 @@ __global__ void __launch_bounds__(Traits::kThreads) sparse24_gemv_kernel(const u
     const int64_t row = rb * kRowAlign + (l >> 2) + 8 * (i >> 1);
     const int n = nt * 8 + 2 * (l & 3) + (i & 1);
     if (n < batch) {
-      if (bias != nullptr) s += Elem<T>::to_float(bias[row]);
-      y[n * M + row] = Elem<T>::from_float(s);
+      if (bias != nullptr) s += ElemIO<T>::to_float(bias[row]);
+      y[n * M + row] = ElemIO<T>::from_float(s);
     }
   }
 }

@@ -8,7 +8,8 @@
 
 #include <cstdint>
 
-#include "common/cp_async.cuh"
+#include "common/smem_load.cuh"
+#include "common/cuda_elem.cuh"
 #include "common/mma_sp.cuh"
 #include "sparse/sparse24_cuda.h"
 #include "sparse/sparse24_format.h"
@@ -17,27 +18,6 @@ namespace tersor::sparse24 {
 namespace {
 
 using G = Sparse24GemmTraits;
-
-template <typename T>
-struct GemmElem;
-template <>
-struct GemmElem<__half> {
-  template <int kSel>
-  static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], const uint32_t b[4], uint32_t e) {
-    mma_sp_m16n8k32_f16_f32<kSel>(c, a, b, e);
-  }
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-};
-template <>
-struct GemmElem<__nv_bfloat16> {
-  template <int kSel>
-  static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], const uint32_t b[4], uint32_t e) {
-    mma_sp_m16n8k32_bf16_f32<kSel>(c, a, b, e);
-  }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
 
 // Issues the cp.async copies of k-step `kp` (dense columns 64 kp .. + 63) into one stage.
 __device__ __forceinline__ void load_stage(uint8_t* stage, const uint16_t* __restrict__ values,
@@ -54,20 +34,20 @@ __device__ __forceinline__ void load_stage(uint8_t* stage, const uint16_t* __res
     const int c = t + i * G::kThreads, rbl = c >> 6, off = c & 63;
     const bool ok = rb0 + rbl < row_blocks;
     const uint16_t* src = ok ? values + tile_offset(K, rb0 + rbl, 2 * kp) + off * 8 : values;
-    cp_async_16_zfill(vs + c * 16, src, ok ? 16 : 0);
+    cp_async_16(vs + c * 16, src, ok ? 16 : 0);
   }
   if (t < G::kMetaStageBytes / 16) {
     const int rbl = t >> 3, off = t & 7;
     const bool ok = rb0 + rbl < row_blocks;
     const uint32_t* src = ok ? meta + ((rb0 + rbl) * (K / kColAlign) + kp) * 32 + off * 4 : meta;
-    cp_async_16_zfill(ms + t * 16, src, ok ? 16 : 0);
+    cp_async_16(ms + t * 16, src, ok ? 16 : 0);
   }
 #pragma unroll
   for (int i = 0; i < G::kXStageBytes / 16 / G::kThreads; ++i) {
     const int c = t + i * G::kThreads, n = c >> 3, ch = c & 7;
     const bool ok = n0 + n < N;
     const uint16_t* src = ok ? x + (n0 + n) * K + kp * G::kBK + ch * 8 : x;
-    cp_async_16_zfill(xs + gemm_x_chunk(n, ch) * 16, src, ok ? 16 : 0);
+    cp_async_16(xs + gemm_x_chunk(n, ch) * 16, src, ok ? 16 : 0);
   }
 }
 
@@ -92,7 +72,7 @@ __device__ __forceinline__ void compute_ktile(const uint8_t* stage, int warp_m, 
     const int n = gemm_ldmatrix_row(warp_n * G::kNTiles * 8 + nt * 8, lane);
     ldmatrix_x4(b, xs + gemm_x_chunk(n, gemm_ldmatrix_chunk(kSel, lane)) * 16);
 #pragma unroll
-    for (int mt = 0; mt < G::kMTiles; ++mt) GemmElem<T>::template mma<kSel>(acc[mt][nt], a[mt], b, e[mt]);
+    for (int mt = 0; mt < G::kMTiles; ++mt) mma_sp_m16n8k32_f32<T, kSel>(acc[mt][nt], a[mt], b, e[mt]);
   }
 }
 
@@ -137,13 +117,13 @@ __global__ void __launch_bounds__(G::kThreads, 1) sparse24_gemm_kernel(const uin
     for (int i = 0; i < 4; i += 2) {
       const int64_t m = (rb0 + warp_m * G::kMTiles + mt) * kRowAlign + g + 8 * (i >> 1);
       if (m >= M) continue;
-      const float bm = bias != nullptr ? GemmElem<T>::to_float(bias[m]) : 0.f;
+      const float bm = bias != nullptr ? ElemIO<T>::to_float(bias[m]) : 0.f;
 #pragma unroll
       for (int nt = 0; nt < G::kNTiles; ++nt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int64_t n = n0 + warp_n * G::kNTiles * 8 + nt * 8 + 2 * q + h;
-          if (n < N) y[n * M + m] = GemmElem<T>::from_float(acc[mt][nt][i + h] + bm);
+          if (n < N) y[n * M + m] = ElemIO<T>::from_float(acc[mt][nt][i + h] + bm);
         }
     }
 }
