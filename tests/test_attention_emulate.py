@@ -9,13 +9,14 @@ import tersor  # noqa: F401  (loads the ops)
 
 L = torch.ops.tersor
 
-SHAPES = [  # b, hq, hkv, lq, lk, d, causal  (those of tests/test_attention.py's CUDA test, minus the slowest)
+SHAPES = [  # b, hq, hkv, lq, lk, d, causal  (those of tests/test_attention.py's CUDA test)
     (2, 4, 2, 100, 77, 64, False),
     (1, 2, 1, 130, 200, 128, True),   # Lq < Lk causal (bottom-right), tails in both
     (1, 2, 2, 200, 150, 64, True),    # Lq > Lk causal: 50 fully masked rows, a CTA with fewer tiles
     (1, 3, 3, 64, 64, 64, True),
     (1, 4, 1, 1, 300, 128, False),    # decode-like, MQA
     (1, 2, 2, 300, 1100, 64, False),  # many key tiles: both shared-memory stages reused
+    (2, 4, 2, 1000, 1000, 128, True),
 ]
 
 KERNEL_MODES = [  # pv, smooth_k, dtype: the configurations the CUDA glue routes to the sm8x kernels
