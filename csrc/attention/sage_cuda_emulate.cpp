@@ -11,7 +11,10 @@
 //
 // What is not bit-identical to the GPU (docs/research/sage_attention.md, "CPU replay"): ex2.approx.ftz is
 // replayed as exp2f with flushed subnormal results (ex2.approx is within 2 ulp); log2f; the summation order
-// inside one FP8 / 16-bit MMA (replayed as the exact sum rounded once; the INT8 MMA is exact).
+// inside one FP8 / 16-bit MMA (replayed as the exact sum rounded once; the INT8 MMA is exact). The FMAs
+// replayed are those nvcc 13.0 emits in the PTX (checked: the q . k_mean partials, the LSE); it also fuses one
+// row-sum rescale (row class mt = 1, hh = 1: l * alpha + first P pair) into an FMA, which is not replayed
+// (a sub-ulp difference of l, below ex2.approx's).
 //
 // `fault` (tests only) injects a deliberate layout bug on the kernel side so tests can show the replay
 // catches it: 1 swaps Q A-fragment registers 1 and 2, 2 stores FP8 V^T without the token permutation,
