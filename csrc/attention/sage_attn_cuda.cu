@@ -12,6 +12,7 @@
 #include <cmath>
 
 #include "attention/sage_cuda.h"
+#include "attention/sage_cuda_layout.h"
 #include "attention/sage_cuda_traits.h"
 #include "attention/sage_format.h"
 #include "common/mma.cuh"
@@ -74,32 +75,31 @@ __global__ void __launch_bounds__(128) sage_attn_kernel(const SageAttnArgs a) {
 
   constexpr int kRowChunks = D / 16;
   for (int i = threadIdx.x; i < Tr::kCtaQ * kRowChunks; i += Tr::kThreads) {
-    const int row = i / kRowChunks, ch = i % kRowChunks;
-    cp_async_16(q_s + row * Tr::kQKRowBytes + ch * 16, q_g + row * D + ch * 16);
+    const int row = chunk_row(i, kRowChunks), cb = chunk_col_byte(i, kRowChunks);
+    cp_async_16(q_s + row * Tr::kQKRowBytes + cb, q_g + row * D + cb);
   }
   auto load_kv = [&](int tile, int stage) {
     uint8_t* ks = k_s + stage * Tr::kKBytes;
     const int8_t* ksrc = k_g + static_cast<int64_t>(tile) * Tr::kCtaK * D;
     for (int i = threadIdx.x; i < Tr::kCtaK * kRowChunks; i += Tr::kThreads) {
-      const int row = i / kRowChunks, ch = i % kRowChunks;
-      cp_async_16(ks + row * Tr::kQKRowBytes + ch * 16, ksrc + row * D + ch * 16);
+      const int row = chunk_row(i, kRowChunks), cb = chunk_col_byte(i, kRowChunks);
+      cp_async_16(ks + row * Tr::kQKRowBytes + cb, ksrc + row * D + cb);
     }
     uint8_t* vs = v_s + stage * Tr::kVBytes;
     constexpr int kVChunks = Tr::kCtaK * Tr::kVElemBytes / 16;
     for (int i = threadIdx.x; i < D * kVChunks; i += Tr::kThreads) {
-      const int c = i / kVChunks, ch = i % kVChunks;
-      cp_async_16(vs + c * Tr::kVRowBytes + ch * 16,
+      const int c = chunk_row(i, kVChunks), cb = chunk_col_byte(i, kVChunks);
+      cp_async_16(vs + c * Tr::kVRowBytes + cb,
                   v_g + (static_cast<int64_t>(c) * d.len_k_pad + static_cast<int64_t>(tile) * Tr::kCtaK) *
-                            Tr::kVElemBytes + ch * 16);
+                            Tr::kVElemBytes + cb);
     }
   };
   if (n_tiles > 0) load_kv(0, 0);
   cp_async_commit();
 
   const int64_t row_base = r0 + warp * Tr::kWarpQ;
-  const float q_sc = a.q_scale[bh * (d.len_q_pad / Tr::kWarpQ * Tr::kQGroupsPerWarp) +
-                               (row_base / Tr::kWarpQ) * Tr::kQGroupsPerWarp + g];
-  const float* k_sc = a.k_scale + bkv * (d.len_k_pad / Tr::kCtaK * Tr::kKGroupsPerTile);
+  const float q_sc = a.q_scale[q_scale_index(bh, d.len_q_pad, row_base, g)];
+  const float* k_sc = a.k_scale + k_scale_index(bkv, d.len_k_pad, 0, 0);
   constexpr float kPOff = FP8 ? kFp8POffset : 0.f;
   // Keys visible to this lane's 4 rows (row_base + 16 mt + 8 hh + g): all keys, or the causal prefix.
   int visible_keys[2][2];
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(128) sage_attn_kernel(const SageAttnArgs a) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh)
       visible_keys[mt][hh] = static_cast<int>(
-          a.causal ? causal_visible_keys(row_base + mt * 16 + hh * 8 + g, d.len_q, d.len_k) : d.len_k);
+          a.causal ? causal_visible_keys(row_base + mt * 16 + frag_c_row(g, 2 * hh), d.len_q, d.len_k) : d.len_k);
 
   float o[2][Tr::kDTiles][4];
 #pragma unroll
@@ -147,27 +147,25 @@ __global__ void __launch_bounds__(128) sage_attn_kernel(const SageAttnArgs a) {
         uint32_t af[2][4];
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
-          const uint8_t* qa = q_s + (warp * Tr::kWarpQ + mt * 16 + g) * Tr::kQKRowBytes + kk * 32 + t * 4;
-          af[mt][0] = lds32(qa);
-          af[mt][1] = lds32(qa + 8 * Tr::kQKRowBytes);
-          af[mt][2] = lds32(qa + 16);
-          af[mt][3] = lds32(qa + 8 * Tr::kQKRowBytes + 16);
+          const uint8_t* qa = q_s + q_frag_offset<Tr>(warp, mt, g, t, kk, 0);
+#pragma unroll
+          for (int r = 0; r < 4; ++r) af[mt][r] = lds32(qa + frag_a_delta<Tr>(r));
         }
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
-          const uint8_t* kb = ks + (nt * 8 + g) * Tr::kQKRowBytes + kk * 32 + t * 4;
-          const uint32_t b0 = lds32(kb), b1 = lds32(kb + 16);
+          const uint8_t* kb = ks + k_frag_offset<Tr>(nt, g, t, kk, 0);
+          const uint32_t b0 = lds32(kb), b1 = lds32(kb + frag_b_delta(1));
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) mma_m16n8k32_s8_s32(acc[mt][nt], af[mt], b0, b1);
         }
       }
-      const float dq = q_sc * k_sc[tile * Tr::kKGroupsPerTile + t];
+      const float dq = q_sc * k_sc[k_scale_in_slice(tile, t)];
       const int tile0 = tile * Tr::kCtaK;
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const int lim = visible_keys[mt][hh] - tile0 - 2 * t;  // key nt*8 + e of this lane is visible iff < lim
+          const int lim = visible_keys[mt][hh] - tile0 - frag_c_col(t, 0);  // key nt*8 + e of this lane is visible iff < lim
 #pragma unroll
           for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -213,7 +211,7 @@ __global__ void __launch_bounds__(128) sage_attn_kernel(const SageAttnArgs a) {
         for (int kk = 0; kk < 2; ++kk)
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
-            const int nt = 4 * kk + (r >= 2 ? 2 : 0), e = (r & 1) * 2;
+            const int nt = p8_frag_ntile(kk, r), e = p_frag_elem(r);
             const uint16_t x0 = cvt_e4m3x2(s[mt][nt][e], s[mt][nt][e + 1]);
             const uint16_t x1 = cvt_e4m3x2(s[mt][nt + 1][e], s[mt][nt + 1][e + 1]);
             pa[mt][kk][r] = static_cast<uint32_t>(x0) | (static_cast<uint32_t>(x1) << 16);
@@ -225,8 +223,8 @@ __global__ void __launch_bounds__(128) sage_attn_kernel(const SageAttnArgs a) {
       for (int kk = 0; kk < 2; ++kk)
 #pragma unroll
         for (int dn = 0; dn < Tr::kDTiles; ++dn) {
-          const uint8_t* vb = vs + (dn * 8 + g) * Tr::kVRowBytes + kk * 32 + t * 4;
-          const uint32_t b0 = lds32(vb), b1 = lds32(vb + 16);
+          const uint8_t* vb = vs + v_frag_offset<Tr>(dn, g, t, kk, 0);
+          const uint32_t b0 = lds32(vb), b1 = lds32(vb + frag_b_delta(1));
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) mma_m16n8k32_e4m3_add_f32(o[mt][dn], pa[mt][kk], b0, b1);
         }
@@ -241,7 +239,7 @@ __global__ void __launch_bounds__(128) sage_attn_kernel(const SageAttnArgs a) {
         for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
-            const int nt = 2 * kk + (r >= 2 ? 1 : 0), e = (r & 1) * 2;
+            const int nt = p16_frag_ntile(kk, r), e = p_frag_elem(r);
             float lo, hi;
             pa[mt][kk][r] = Pack16<T16>::pack(s[mt][nt][e], s[mt][nt][e + 1], lo, hi);
             l[mt][r & 1] += lo + hi;
@@ -250,8 +248,8 @@ __global__ void __launch_bounds__(128) sage_attn_kernel(const SageAttnArgs a) {
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
         for (int dn = 0; dn < Tr::kDTiles; ++dn) {
-          const uint8_t* vb = vs + (dn * 8 + g) * Tr::kVRowBytes + (kk * 16 + 2 * t) * 2;
-          const uint32_t b0 = lds32(vb), b1 = lds32(vb + 16);
+          const uint8_t* vb = vs + v_frag_offset<Tr>(dn, g, t, kk, 0);
+          const uint32_t b0 = lds32(vb), b1 = lds32(vb + frag_b_delta(1));
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) Pack16<T16>::mma(o[mt][dn], pa[mt][kk], b0, b1);
         }
@@ -270,14 +268,14 @@ __global__ void __launch_bounds__(128) sage_attn_kernel(const SageAttnArgs a) {
       float lsum = l[mt][hh];
       lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
       lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
-      const int64_t row = row_base + mt * 16 + hh * 8 + g;
+      const int64_t row = row_base + mt * 16 + frag_c_row(g, 2 * hh);
       if (row >= d.len_q) continue;
       const bool dead = !(lsum > 0.f);
       const float inv_l = dead ? 0.f : 1.f / lsum;
       T16* orow = out + (bh * d.len_q + row) * D;
 #pragma unroll
       for (int dn = 0; dn < Tr::kDTiles; ++dn) {
-        const int c = dn * 8 + 2 * t;
+        const int c = dn * 8 + frag_c_col(t, 0);
         float v0 = o[mt][dn][2 * hh], v1 = o[mt][dn][2 * hh + 1];
         if constexpr (FP8) {
           v0 = v0 * v_sc[c] * inv_l;

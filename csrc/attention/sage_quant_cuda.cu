@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include "attention/sage_cuda.h"
+#include "attention/sage_cuda_layout.h"
 #include "attention/sage_cuda_traits.h"
 #include "attention/sage_format.h"
 
@@ -52,7 +53,7 @@ __global__ void quant_k_kernel(SageQuantArgs a) {
   const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * Tr::kCtaK;
   const T* k = static_cast<const T*>(a.k) + b * a.sk.b + h * a.sk.h;
   const float* mean = a.k_mean + bh * D;
-  auto token_of = [&](int i) { return tile0 + 8 * (i / 2) + 2 * t + (i % 2); };  // i in [0, 16)
+  auto token_of = [&](int i) { return k_group_token(tile0, t, i); };  // i in [0, 16)
   float amax = 0.f;
   for (int idx = lane; idx < 16 * D; idx += 32) {
     const int64_t j = token_of(idx / D);
@@ -68,7 +69,7 @@ __global__ void quant_k_kernel(SageQuantArgs a) {
     const int code = j < d.len_k ? quantize_int(to_f32(k[j * a.sk.l + c]) - mean[c], qp.inv_scale, 8) : 0;
     out[j * D + c] = static_cast<int8_t>(code);
   }
-  if (lane == 0) a.k_scale[bh * (d.len_k_pad / Tr::kCtaK * Tr::kKGroupsPerTile) + blockIdx.x * 4 + t] = qp.scale;
+  if (lane == 0) a.k_scale[k_scale_index(bh, d.len_k_pad, blockIdx.x, t)] = qp.scale;
 }
 
 // grid (Lq_pad / 32, B * Hq), block 256: warp g owns Q group g of the 32-row block (rows g + 8i).
@@ -80,12 +81,12 @@ __global__ void quant_q_kernel(SageQuantArgs a) {
   const int64_t hkv = h / (d.heads_q / d.heads_kv);
   const int g = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int D = static_cast<int>(d.head_dim);
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Tr::kWarpQ + g;
+  const int64_t block0 = static_cast<int64_t>(blockIdx.x) * Tr::kWarpQ;
   const T* q = static_cast<const T*>(a.q) + b * a.sq.b + h * a.sq.h;
   const float* mean = a.k_mean + (b * d.heads_kv + hkv) * D;
   float amax = 0.f;
   for (int i = 0; i < 4; ++i) {
-    const int64_t r = row0 + 8 * i;
+    const int64_t r = q_group_row(block0, g, i);
     if (r >= d.len_q) continue;
     float dot = 0.f;
     for (int c = lane; c < D; c += 32) {
@@ -100,11 +101,11 @@ __global__ void quant_q_kernel(SageQuantArgs a) {
   const IntQuantParams qp = int_quant_params(amax, 8);
   int8_t* out = a.q_int + bh * d.len_q_pad * D;
   for (int i = 0; i < 4; ++i) {
-    const int64_t r = row0 + 8 * i;
+    const int64_t r = q_group_row(block0, g, i);
     for (int c = lane; c < D; c += 32)
       out[r * D + c] = static_cast<int8_t>(r < d.len_q ? quantize_int(to_f32(q[r * a.sq.l + c]) * a.qk_mul, qp.inv_scale, 8) : 0);
   }
-  if (lane == 0) a.q_scale[bh * (d.len_q_pad / Tr::kWarpQ * Tr::kQGroupsPerWarp) + blockIdx.x * 8 + g] = qp.scale;
+  if (lane == 0) a.q_scale[q_scale_index(bh, d.len_q_pad, block0, g)] = qp.scale;
 }
 
 // grid (B * Hkv), block D: thread c writes row c of V^T. FP8: per-channel scale, e4m3 codes in the

@@ -1,0 +1,567 @@
+// The sm80/sm89 quantized-attention CUDA kernels replayed on the CPU, lane by lane (op
+// _sage_emulate_cuda_attention), so their fragment layouts, shared-memory addressing, scale indexing,
+// masking and warp reductions are tested without a GPU. Replayed: the four prologue kernels of
+// sage_quant_cuda.cu (K mean, INT8 K / Q per fragment group with the LSE correction, V^T in e4m3 with the
+// token permutation or in 16 bits) into buffers laid out as sage_cuda_glue.cpp allocates them, then
+// sage_attn_kernel: every CTA's shared memory filled by the same 16-byte cp.async chunks (double-buffered
+// stages), per-lane register arrays loaded through the kernel's sage_cuda_layout.h offsets, each mma.sync
+// assembled from the 32 lanes' registers by the PTX fragment rules (written out here independently, as the
+// "hardware"), quad shuffles over the lanes, and the kernel's fp32 operation order (FMA contractions nvcc
+// makes included).
+//
+// What is not bit-identical to the GPU (docs/research/sage_attention.md, "CPU replay"): ex2.approx.ftz is
+// replayed as exp2f with flushed subnormal results (ex2.approx is within 2 ulp); log2f; the summation order
+// inside one FP8 / 16-bit MMA (replayed as the exact sum rounded once; the INT8 MMA is exact). The FMAs
+// replayed are those nvcc 13.0 emits in the PTX (checked: the q . k_mean partials, the LSE); it also fuses one
+// row-sum rescale (row class mt = 1, hh = 1: l * alpha + first P pair) into an FMA, which is not replayed
+// (a sub-ulp difference of l, below ex2.approx's).
+//
+// `fault` (tests only) injects a deliberate layout bug on the kernel side so tests can show the replay
+// catches it: 1 swaps Q A-fragment registers 1 and 2, 2 stores FP8 V^T without the token permutation,
+// 3 swaps the n-tiles of P's A fragment registers (r ^ 2), 4 uses K scale group t ^ 1.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "attention/sage_cuda_layout.h"
+#include "attention/sage_cuda_traits.h"
+#include "attention/sage_format.h"
+#include "attention/sage_glue.h"
+
+namespace tersor::attention {
+namespace {
+
+constexpr int kLanes = 32;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---- 16-bit values as the kernels see them (raw bits in buffers) ----
+template <bool kBf16>
+float bits16_to_float(uint16_t b) {
+  if constexpr (kBf16)
+    return static_cast<float>(c10::BFloat16(b, c10::BFloat16::from_bits()));
+  else
+    return static_cast<float>(c10::Half(b, c10::Half::from_bits()));
+}
+// Round to nearest even, as __floats2half2_rn / __floats2bfloat162_rn.
+template <bool kBf16>
+uint16_t float_to_bits16(float x) {
+  if constexpr (kBf16)
+    return c10::BFloat16(x).x;
+  else
+    return c10::Half(x).x;
+}
+
+// ex2.approx.ftz.f32: exp2 with subnormal inputs and results flushed to zero (the approximation's <= 2 ulp
+// error is not replayed).
+float ex2_ftz(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
+  const float y = std::exp2(x);
+  return y < std::numeric_limits<float>::min() ? 0.f : y;
+}
+
+// __shfl_xor_sync butterfly over the lanes: v[l] = op(v[l], v[l ^ mask]) for every lane at once.
+template <typename Op>
+void shfl_xor_apply(float v[kLanes], int mask, Op op) {
+  float w[kLanes];
+  for (int l = 0; l < kLanes; ++l) w[l] = op(v[l], v[l ^ mask]);
+  std::memcpy(v, w, sizeof(w));
+}
+
+// ---- the hardware: mma.sync fragment rules (PTX ISA), independent of sage_cuda_layout.h ----
+// m16n8k32 .s8 / .e4m3: A reg r of lane (g, t) = bytes of row g (+8 if r is odd), k = 4t + x (+16 if r >= 2);
+// B reg j = column g, k = 4t + x + 16j; C element i = row g (+8 if i >= 2), column 2t + (i & 1).
+template <typename Elem, typename Decode>
+void hw_gather_k32(const uint32_t a[kLanes][4], const uint32_t b[kLanes][2], Elem A[16][32], Elem B[32][8],
+                   Decode decode) {
+  for (int lane = 0; lane < kLanes; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    for (int r = 0; r < 4; ++r)
+      for (int x = 0; x < 4; ++x)
+        A[g + ((r & 1) ? 8 : 0)][4 * t + x + ((r & 2) ? 16 : 0)] = decode(static_cast<uint8_t>(a[lane][r] >> (8 * x)));
+    for (int j = 0; j < 2; ++j)
+      for (int x = 0; x < 4; ++x) B[4 * t + x + 16 * j][g] = decode(static_cast<uint8_t>(b[lane][j] >> (8 * x)));
+  }
+}
+
+// D = A B + C, s8 x s8 -> s32 (exact).
+void hw_mma_m16n8k32_s8(int32_t c[kLanes][4], const uint32_t a[kLanes][4], const uint32_t b[kLanes][2]) {
+  int32_t A[16][32], B[32][8];
+  hw_gather_k32(a, b, A, B, [](uint8_t x) { return static_cast<int32_t>(static_cast<int8_t>(x)); });
+  for (int lane = 0; lane < kLanes; ++lane)
+    for (int i = 0; i < 4; ++i) {
+      const int row = lane / 4 + (i >= 2 ? 8 : 0), col = 2 * (lane % 4) + (i & 1);
+      int32_t s = 0;
+      for (int k = 0; k < 32; ++k) s += A[row][k] * B[k][col];
+      c[lane][i] += s;
+    }
+}
+
+// mma_m16n8k32_e4m3_add_f32: P = A B with a zero accumulator (e4m3 products are exact in fp64 and so is the
+// sum of 32 of them; the hardware's internal rounding differs slightly), then acc += P in fp32.
+void hw_mma_m16n8k32_e4m3_add(float c[kLanes][4], const uint32_t a[kLanes][4], const uint32_t b[kLanes][2]) {
+  double A[16][32], B[32][8];
+  hw_gather_k32(a, b, A, B, [](uint8_t x) { return static_cast<double>(e4m3_to_float(x)); });
+  for (int lane = 0; lane < kLanes; ++lane)
+    for (int i = 0; i < 4; ++i) {
+      const int row = lane / 4 + (i >= 2 ? 8 : 0), col = 2 * (lane % 4) + (i & 1);
+      double s = 0;
+      for (int k = 0; k < 32; ++k) s += A[row][k] * B[k][col];
+      c[lane][i] += static_cast<float>(s);
+    }
+}
+
+// D = A B + C, m16n8k16 f16/bf16 -> f32: A reg r = row g (+8 if r odd), k = 2t + x (+8 if r >= 2), x < 2 (lo
+// half first); B reg j = column g, k = 2t + x + 8j. Replayed as the exact sum (with C) rounded once.
+template <bool kBf16>
+void hw_mma_m16n8k16(float c[kLanes][4], const uint32_t a[kLanes][4], const uint32_t b[kLanes][2]) {
+  double A[16][16], B[16][8];
+  for (int lane = 0; lane < kLanes; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    for (int r = 0; r < 4; ++r)
+      for (int x = 0; x < 2; ++x)
+        A[g + ((r & 1) ? 8 : 0)][2 * t + x + ((r & 2) ? 8 : 0)] =
+            bits16_to_float<kBf16>(static_cast<uint16_t>(a[lane][r] >> (16 * x)));
+    for (int j = 0; j < 2; ++j)
+      for (int x = 0; x < 2; ++x)
+        B[2 * t + x + 8 * j][g] = bits16_to_float<kBf16>(static_cast<uint16_t>(b[lane][j] >> (16 * x)));
+  }
+  for (int lane = 0; lane < kLanes; ++lane)
+    for (int i = 0; i < 4; ++i) {
+      const int row = lane / 4 + (i >= 2 ? 8 : 0), col = 2 * (lane % 4) + (i & 1);
+      double s = c[lane][i];
+      for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+      c[lane][i] = static_cast<float>(s);
+    }
+}
+
+uint32_t lds32(const uint8_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, 4);
+  return w;
+}
+
+// ---- the prologue (sage_quant_cuda.cu) ----
+// The fields of SageDims (sage_cuda.h pulls cuda_runtime.h, absent from CPU-only builds).
+struct SageDims {
+  int64_t batch, heads_q, heads_kv, len_q, len_k, head_dim;
+  int64_t len_q_pad;  // multiple of 128 (CTA_Q)
+  int64_t len_k_pad;  // multiple of 64 (CTA_K)
+};
+
+struct Buffers {
+  SageDims d;
+  std::vector<float> k_mean, q_scale, lse_corr, k_scale, v_scale;
+  std::vector<int8_t> q_int, k_int;
+  std::vector<uint8_t> v_t;  // e4m3 codes or 16-bit bits (little endian), [B, Hkv, D, Lk_pad]
+};
+
+// q/k/v: fp32 copies of the 16-bit inputs (exact), contiguous [B, H, L, D].
+template <bool kBf16>
+void replay_prologue(const SageCall& c, const float* q, const float* k, const float* v, const at::Tensor& v16,
+                     bool fp8, int fault, Buffers& bf) {
+  using Tr = SageTraitsSm8x;
+  const SageDims& d = bf.d;
+  const int D = static_cast<int>(d.head_dim);
+  const float qk_mul = static_cast<float>(c.scale) * kLog2e, scale = static_cast<float>(c.scale);
+  const int64_t n_kv = d.batch * d.heads_kv, n_q = d.batch * d.heads_q;
+  bf.k_mean.assign(n_kv * D, 0.f);
+  bf.k_int.assign(n_kv * d.len_k_pad * D, 0);
+  bf.k_scale.assign(n_kv * (d.len_k_pad / Tr::kCtaK * Tr::kKGroupsPerTile), 0.f);
+  bf.q_int.assign(n_q * d.len_q_pad * D, 0);
+  bf.q_scale.assign(n_q * (d.len_q_pad / Tr::kWarpQ * Tr::kQGroupsPerWarp), 0.f);
+  bf.lse_corr.assign(n_q * d.len_q, 0.f);
+  bf.v_scale.assign(n_kv * (fp8 ? D : 1), 0.f);
+  bf.v_t.assign(n_kv * D * d.len_k_pad * (fp8 ? 1 : 2), 0);
+  const uint16_t* v_bits = reinterpret_cast<const uint16_t*>(v16.const_data_ptr());
+
+  at::parallel_for(0, n_kv, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bh = b0; bh < b1; ++bh) {
+      const float* kh = k + bh * d.len_k * D;
+      const float* vh = v + bh * d.len_k * D;
+      // k_mean_kernel: thread c, fp64 sum in token order.
+      for (int ch = 0; ch < D; ++ch) {
+        double s = 0;
+        if (c.smooth_k)
+          for (int64_t j = 0; j < d.len_k; ++j) s += kh[j * D + ch];
+        bf.k_mean[bh * D + ch] = c.smooth_k ? static_cast<float>(s / static_cast<double>(d.len_k)) : 0.f;
+      }
+      const float* mean = bf.k_mean.data() + bh * D;
+      // quant_k_kernel: block (tile), warp t = K group t, lanes strided over the group's 16 x D values.
+      for (int64_t tile = 0; tile < d.len_k_pad / Tr::kCtaK; ++tile)
+        for (int t = 0; t < 4; ++t) {
+          const int64_t tile0 = tile * Tr::kCtaK;
+          float amax[kLanes];
+          for (int lane = 0; lane < kLanes; ++lane) {
+            amax[lane] = 0.f;
+            for (int idx = lane; idx < 16 * D; idx += kLanes) {
+              const int64_t j = k_group_token(tile0, t, idx / D);
+              const int ch = idx % D;
+              if (j < d.len_k) amax[lane] = std::fmax(amax[lane], std::fabs(kh[j * D + ch] - mean[ch]));
+            }
+          }
+          for (int o = 16; o > 0; o >>= 1) shfl_xor_apply(amax, o, [](float x, float y) { return std::fmax(x, y); });
+          const IntQuantParams qp = int_quant_params(amax[0], 8);
+          int8_t* out = bf.k_int.data() + bh * d.len_k_pad * D;
+          for (int idx = 0; idx < 16 * D; ++idx) {
+            const int64_t j = k_group_token(tile0, t, idx / D);
+            const int ch = idx % D;
+            out[j * D + ch] =
+                static_cast<int8_t>(j < d.len_k ? quantize_int(kh[j * D + ch] - mean[ch], qp.inv_scale, 8) : 0);
+          }
+          bf.k_scale[k_scale_index(bh, d.len_k_pad, tile, t)] = qp.scale;
+        }
+      // quant_v_kernel: thread c writes row c of V^T.
+      for (int ch = 0; ch < D; ++ch) {
+        if (fp8) {
+          float amax = 0.f;
+          for (int64_t j = 0; j < d.len_k; ++j) amax = std::fmax(amax, std::fabs(vh[j * D + ch]));
+          const IntQuantParams qp = fp8_channel_params(amax);
+          bf.v_scale[bh * D + ch] = qp.scale;
+          uint8_t* out = bf.v_t.data() + (bh * D + ch) * d.len_k_pad;
+          for (int64_t p = 0; p < d.len_k_pad; ++p) {
+            const int64_t j = fault == 2 ? p : v_fp8_position_token(p);
+            out[p] = j < d.len_k ? float_to_e4m3(vh[j * D + ch] * qp.inv_scale) : 0;
+          }
+        } else {
+          uint8_t* out = bf.v_t.data() + (bh * D + ch) * d.len_k_pad * 2;
+          for (int64_t p = 0; p < d.len_k_pad; ++p) {
+            const uint16_t x = p < d.len_k ? v_bits[(bh * d.len_k + p) * D + ch] : float_to_bits16<kBf16>(0.f);
+            std::memcpy(out + 2 * p, &x, 2);
+          }
+        }
+      }
+    }
+  });
+
+  at::parallel_for(0, n_q, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bh = b0; bh < b1; ++bh) {
+      const int64_t b = bh / d.heads_q, h = bh % d.heads_q;
+      const int64_t bkv = b * d.heads_kv + h / (d.heads_q / d.heads_kv);
+      const float* qh = q + bh * d.len_q * D;
+      const float* mean = bf.k_mean.data() + bkv * D;
+      // quant_q_kernel: block of 32 rows, warp g = Q group g (rows g + 8i), lanes strided over channels.
+      for (int64_t blk = 0; blk < d.len_q_pad / Tr::kWarpQ; ++blk)
+        for (int g = 0; g < 8; ++g) {
+          const int64_t block0 = blk * Tr::kWarpQ;
+          float amax[kLanes] = {};
+          for (int i = 0; i < 4; ++i) {
+            const int64_t r = q_group_row(block0, g, i);
+            if (r >= d.len_q) continue;
+            float dot[kLanes];
+            for (int lane = 0; lane < kLanes; ++lane) {
+              dot[lane] = 0.f;
+              for (int ch = lane; ch < D; ch += kLanes) {
+                const float x = qh[r * D + ch];
+                amax[lane] = std::fmax(amax[lane], std::fabs(x * qk_mul));
+                dot[lane] = std::fma(x, mean[ch], dot[lane]);  // nvcc contracts dot += x * mean
+              }
+            }
+            for (int o = 16; o > 0; o >>= 1) shfl_xor_apply(dot, o, [](float x, float y) { return x + y; });
+            bf.lse_corr[bh * d.len_q + r] = c.smooth_k ? dot[0] * scale : 0.f;
+          }
+          for (int o = 16; o > 0; o >>= 1) shfl_xor_apply(amax, o, [](float x, float y) { return std::fmax(x, y); });
+          const IntQuantParams qp = int_quant_params(amax[0], 8);
+          int8_t* out = bf.q_int.data() + bh * d.len_q_pad * D;
+          for (int i = 0; i < 4; ++i) {
+            const int64_t r = q_group_row(block0, g, i);
+            for (int ch = 0; ch < D; ++ch)
+              out[r * D + ch] = static_cast<int8_t>(r < d.len_q ? quantize_int(qh[r * D + ch] * qk_mul, qp.inv_scale, 8) : 0);
+          }
+          bf.q_scale[q_scale_index(bh, d.len_q_pad, block0, g)] = qp.scale;
+        }
+    }
+  });
+}
+
+// ---- sage_attn_kernel, one CTA ----
+template <int D, bool FP8, bool kBf16>
+void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t cta, uint16_t* out, float* lse,
+                std::vector<uint8_t>& smem) {
+  using Tr = SageAttnSm8xKernelTraits<D, FP8>;
+  const SageDims& d = bf.d;
+  // Poison: a fragment read from a byte no cp.async wrote shows up as garbage.
+  smem.assign(Tr::kSmemBytes, 0x5A);
+  uint8_t* q_s = smem.data();
+  uint8_t* k_s = q_s + Tr::kQBytes;
+  uint8_t* v_s = k_s + Tr::kStages * Tr::kKBytes;
+
+  const int64_t b = bh / d.heads_q, h = bh % d.heads_q;
+  const int64_t bkv = b * d.heads_kv + h / (d.heads_q / d.heads_kv);
+  const int64_t r0 = cta * Tr::kCtaQ;
+  const int64_t last_row = std::min(r0 + Tr::kCtaQ - 1, d.len_q - 1);
+  const int64_t kv_end = causal ? causal_visible_keys(last_row, d.len_q, d.len_k) : d.len_k;
+  const int n_tiles = static_cast<int>((kv_end + Tr::kCtaK - 1) / Tr::kCtaK);
+  const int8_t* q_g = bf.q_int.data() + (bh * d.len_q_pad + r0) * D;
+  const int8_t* k_g = bf.k_int.data() + bkv * d.len_k_pad * D;
+  const uint8_t* v_g = bf.v_t.data() + bkv * D * d.len_k_pad * Tr::kVElemBytes;
+
+  constexpr int kRowChunks = D / 16;
+  for (int i = 0; i < Tr::kCtaQ * kRowChunks; ++i) {  // all threads' chunks
+    const int row = chunk_row(i, kRowChunks), cb = chunk_col_byte(i, kRowChunks);
+    std::memcpy(q_s + row * Tr::kQKRowBytes + cb, q_g + row * D + cb, 16);
+  }
+  auto load_kv = [&](int tile, int stage) {
+    uint8_t* ks = k_s + stage * Tr::kKBytes;
+    const int8_t* ksrc = k_g + static_cast<int64_t>(tile) * Tr::kCtaK * D;
+    for (int i = 0; i < Tr::kCtaK * kRowChunks; ++i) {
+      const int row = chunk_row(i, kRowChunks), cb = chunk_col_byte(i, kRowChunks);
+      std::memcpy(ks + row * Tr::kQKRowBytes + cb, ksrc + row * D + cb, 16);
+    }
+    uint8_t* vs = v_s + stage * Tr::kVBytes;
+    constexpr int kVChunks = Tr::kCtaK * Tr::kVElemBytes / 16;
+    for (int i = 0; i < D * kVChunks; ++i) {
+      const int ch = chunk_row(i, kVChunks), cb = chunk_col_byte(i, kVChunks);
+      std::memcpy(vs + ch * Tr::kVRowBytes + cb,
+                  v_g + (static_cast<int64_t>(ch) * d.len_k_pad + static_cast<int64_t>(tile) * Tr::kCtaK) *
+                            Tr::kVElemBytes + cb,
+                  16);
+    }
+  };
+  if (n_tiles > 0) load_kv(0, 0);
+  constexpr float kPOff = FP8 ? kFp8POffset : 0.f;
+  const float* k_sc = bf.k_scale.data() + k_scale_index(bkv, d.len_k_pad, 0, 0);
+
+  // Per-lane registers of the 4 warps ([warp][lane]...). The warps share only shared memory, and the
+  // kernel's __syncthreads sit between tiles, so running the warps one after another per tile is exact.
+  struct Lane {
+    float o[2][Tr::kDTiles][4];
+    float m[2][2], l[2][2];
+    int visible[2][2];
+    float q_sc;
+  };
+  std::vector<Lane> lanes(Tr::kWarps * kLanes);
+  for (int warp = 0; warp < Tr::kWarps; ++warp)
+    for (int lane = 0; lane < kLanes; ++lane) {
+      Lane& L = lanes[warp * kLanes + lane];
+      const int g = lane / 4;
+      const int64_t row_base = r0 + warp * Tr::kWarpQ;
+      L.q_sc = bf.q_scale[q_scale_index(bh, d.len_q_pad, row_base, g)];
+      for (int mt = 0; mt < 2; ++mt)
+        for (int hh = 0; hh < 2; ++hh) {
+          L.visible[mt][hh] = static_cast<int>(
+              causal ? causal_visible_keys(row_base + mt * 16 + frag_c_row(g, 2 * hh), d.len_q, d.len_k) : d.len_k);
+          L.m[mt][hh] = kNegInf;
+          L.l[mt][hh] = 0.f;
+        }
+      for (int mt = 0; mt < 2; ++mt)
+        for (int dn = 0; dn < Tr::kDTiles; ++dn)
+          for (int i = 0; i < 4; ++i) L.o[mt][dn][i] = 0.f;
+    }
+
+  static thread_local std::vector<float> s_buf;
+  s_buf.resize(kLanes * 2 * 8 * 4);
+  auto S = [&](int lane, int mt, int nt, int i) -> float& { return s_buf[((lane * 2 + mt) * 8 + nt) * 4 + i]; };
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int stage = tile & 1;
+    if (tile + 1 < n_tiles) load_kv(tile + 1, stage ^ 1);
+    const uint8_t* ks = k_s + stage * Tr::kKBytes;
+    const uint8_t* vs = v_s + stage * Tr::kVBytes;
+    for (int warp = 0; warp < Tr::kWarps; ++warp) {
+      Lane* W = lanes.data() + warp * kLanes;
+      // ---- S = Q K^T ----
+      int32_t acc[2][8][kLanes][4] = {};
+      for (int kk = 0; kk < Tr::kQKSteps; ++kk) {
+        uint32_t af[2][kLanes][4];
+        for (int lane = 0; lane < kLanes; ++lane)
+          for (int mt = 0; mt < 2; ++mt)
+            for (int r = 0; r < 4; ++r) {
+              const int rr = fault == 1 && (r == 1 || r == 2) ? 3 - r : r;
+              af[mt][lane][r] = lds32(q_s + q_frag_offset<Tr>(warp, mt, lane / 4, lane % 4, kk, rr));
+            }
+        for (int nt = 0; nt < 8; ++nt) {
+          uint32_t bfr[kLanes][2];
+          for (int lane = 0; lane < kLanes; ++lane)
+            for (int j = 0; j < 2; ++j) bfr[lane][j] = lds32(ks + k_frag_offset<Tr>(nt, lane / 4, lane % 4, kk, j));
+          for (int mt = 0; mt < 2; ++mt) hw_mma_m16n8k32_s8(acc[mt][nt], af[mt], bfr);
+        }
+      }
+      const int tile0 = tile * Tr::kCtaK;
+      for (int lane = 0; lane < kLanes; ++lane) {
+        const int t = lane % 4;
+        const float dq = W[lane].q_sc * k_sc[k_scale_in_slice(tile, fault == 4 ? t ^ 1 : t)];
+        for (int mt = 0; mt < 2; ++mt)
+          for (int hh = 0; hh < 2; ++hh) {
+            const int lim = W[lane].visible[mt][hh] - tile0 - frag_c_col(t, 0);
+            for (int nt = 0; nt < 8; ++nt)
+              for (int e = 0; e < 2; ++e)
+                S(lane, mt, nt, 2 * hh + e) =
+                    nt * 8 + e < lim ? static_cast<float>(acc[mt][nt][lane][2 * hh + e]) * dq : kNegInf;
+          }
+      }
+      // ---- online softmax: a row lives in the 4 lanes of a quad ----
+      for (int mt = 0; mt < 2; ++mt)
+        for (int hh = 0; hh < 2; ++hh) {
+          float mx[kLanes];
+          for (int lane = 0; lane < kLanes; ++lane) {
+            mx[lane] = kNegInf;
+            for (int nt = 0; nt < 8; ++nt)
+              mx[lane] = std::fmax(mx[lane], std::fmax(S(lane, mt, nt, 2 * hh), S(lane, mt, nt, 2 * hh + 1)));
+          }
+          shfl_xor_apply(mx, 1, [](float x, float y) { return std::fmax(x, y); });
+          shfl_xor_apply(mx, 2, [](float x, float y) { return std::fmax(x, y); });
+          for (int lane = 0; lane < kLanes; ++lane) {
+            Lane& L = W[lane];
+            const float m_new = std::fmax(L.m[mt][hh], mx[lane]);
+            const bool none = m_new == kNegInf;
+            const float alpha = none ? 1.f : ex2_ftz(L.m[mt][hh] - m_new);
+            const float m_shift = none ? 0.f : m_new - kPOff;
+            L.m[mt][hh] = m_new;
+            L.l[mt][hh] *= alpha;
+            for (int dn = 0; dn < Tr::kDTiles; ++dn) L.o[mt][dn][2 * hh] *= alpha, L.o[mt][dn][2 * hh + 1] *= alpha;
+            for (int nt = 0; nt < 8; ++nt)
+              for (int e = 0; e < 2; ++e) S(lane, mt, nt, 2 * hh + e) = ex2_ftz(S(lane, mt, nt, 2 * hh + e) - m_shift);
+          }
+        }
+      // ---- O += P V ----
+      constexpr int kPSteps = FP8 ? 2 : 4;
+      uint32_t pa[2][kPSteps][kLanes][4];
+      for (int lane = 0; lane < kLanes; ++lane) {
+        Lane& L = W[lane];
+        for (int mt = 0; mt < 2; ++mt)
+          for (int kk = 0; kk < kPSteps; ++kk)
+            for (int r = 0; r < 4; ++r) {
+              const int rr = fault == 3 ? r ^ 2 : r;
+              const int e = p_frag_elem(rr);
+              if constexpr (FP8) {
+                const int nt = p8_frag_ntile(kk, rr);
+                const uint8_t c0 = float_to_e4m3(S(lane, mt, nt, e)), c1 = float_to_e4m3(S(lane, mt, nt, e + 1));
+                const uint8_t c2 = float_to_e4m3(S(lane, mt, nt + 1, e)), c3 = float_to_e4m3(S(lane, mt, nt + 1, e + 1));
+                pa[mt][kk][lane][r] = uint32_t{c0} | (uint32_t{c1} << 8) | (uint32_t{c2} << 16) | (uint32_t{c3} << 24);
+                // e4m3 -> f16 is exact; (lo + hi) + (lo + hi) in fp32 as the kernel.
+                L.l[mt][r & 1] += (e4m3_to_float(c0) + e4m3_to_float(c1)) + (e4m3_to_float(c2) + e4m3_to_float(c3));
+              } else {
+                const int nt = p16_frag_ntile(kk, rr);
+                const uint16_t lo = float_to_bits16<kBf16>(S(lane, mt, nt, e));
+                const uint16_t hi = float_to_bits16<kBf16>(S(lane, mt, nt, e + 1));
+                pa[mt][kk][lane][r] = uint32_t{lo} | (uint32_t{hi} << 16);
+                L.l[mt][r & 1] += bits16_to_float<kBf16>(lo) + bits16_to_float<kBf16>(hi);
+              }
+            }
+      }
+      for (int kk = 0; kk < kPSteps; ++kk)
+        for (int dn = 0; dn < Tr::kDTiles; ++dn) {
+          uint32_t bfr[kLanes][2];
+          for (int lane = 0; lane < kLanes; ++lane)
+            for (int j = 0; j < 2; ++j) bfr[lane][j] = lds32(vs + v_frag_offset<Tr>(dn, lane / 4, lane % 4, kk, j));
+          for (int mt = 0; mt < 2; ++mt) {
+            float c[kLanes][4];
+            for (int lane = 0; lane < kLanes; ++lane) std::memcpy(c[lane], W[lane].o[mt][dn], sizeof(c[lane]));
+            if constexpr (FP8)
+              hw_mma_m16n8k32_e4m3_add(c, pa[mt][kk], bfr);
+            else
+              hw_mma_m16n8k16<kBf16>(c, pa[mt][kk], bfr);
+            for (int lane = 0; lane < kLanes; ++lane) std::memcpy(W[lane].o[mt][dn], c[lane], sizeof(c[lane]));
+          }
+        }
+    }
+  }
+
+  // ---- epilogue ----
+  const float* v_sc = bf.v_scale.data() + bkv * D;
+  for (int warp = 0; warp < Tr::kWarps; ++warp) {
+    Lane* W = lanes.data() + warp * kLanes;
+    const int64_t row_base = r0 + warp * Tr::kWarpQ;
+    for (int mt = 0; mt < 2; ++mt)
+      for (int hh = 0; hh < 2; ++hh) {
+        float lsum[kLanes];
+        for (int lane = 0; lane < kLanes; ++lane) lsum[lane] = W[lane].l[mt][hh];
+        shfl_xor_apply(lsum, 1, [](float x, float y) { return x + y; });
+        shfl_xor_apply(lsum, 2, [](float x, float y) { return x + y; });
+        for (int lane = 0; lane < kLanes; ++lane) {
+          const int g = lane / 4, t = lane % 4;
+          const int64_t row = row_base + mt * 16 + frag_c_row(g, 2 * hh);
+          if (row >= d.len_q) continue;
+          const bool dead = !(lsum[lane] > 0.f);
+          const float inv_l = dead ? 0.f : 1.f / lsum[lane];
+          uint16_t* orow = out + (bh * d.len_q + row) * D;
+          for (int dn = 0; dn < Tr::kDTiles; ++dn) {
+            const int c = dn * 8 + frag_c_col(t, 0);
+            float v0 = W[lane].o[mt][dn][2 * hh], v1 = W[lane].o[mt][dn][2 * hh + 1];
+            if constexpr (FP8) {
+              v0 = v0 * v_sc[c] * inv_l;
+              v1 = v1 * v_sc[c + 1] * inv_l;
+            } else {
+              v0 *= inv_l;
+              v1 *= inv_l;
+            }
+            if (dead) v0 = v1 = 0.f;
+            orow[c] = float_to_bits16<kBf16>(v0);
+            orow[c + 1] = float_to_bits16<kBf16>(v1);
+          }
+          if (t == 0)
+            // nvcc contracts (...) * ln2 + corr into one FMA.
+            lse[bh * d.len_q + row] =
+                dead ? kNegInf
+                     : std::fma(W[lane].m[mt][hh] - kPOff + std::log2(lsum[lane]), 0.6931471805599453f,
+                                bf.lse_corr[bh * d.len_q + row]);
+        }
+      }
+  }
+}
+
+template <int D, bool FP8, bool kBf16>
+void replay_attention(const Buffers& bf, bool causal, int fault, uint16_t* out, float* lse) {
+  const SageDims& d = bf.d;
+  const int64_t ctas = d.len_q_pad / SageTraitsSm8x::kCtaQ;
+  at::parallel_for(0, d.batch * d.heads_q * ctas, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> smem;
+    for (int64_t w = b0; w < b1; ++w) replay_cta<D, FP8, kBf16>(bf, causal, fault, w / ctas, w % ctas, out, lse, smem);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> sage_emulate_cuda_attention(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v, bool is_causal, double scale,
+                                                               c10::string_view pv, bool smooth_k, int64_t fault) {
+  constexpr const char* op = "_sage_emulate_cuda_attention";
+  const SageCall c = check_call(q, k, v, is_causal, scale, 8, std::string(pv), smooth_k, false);
+  TORCH_CHECK_VALUE(c.pv != PVMode::kFp32, op, ": the CUDA kernel has pv \"fp8\" or \"fp16\" only");
+  TORCH_CHECK_VALUE(fault >= 0 && fault <= 4, op, ": fault must be in [0, 4], got ", fault);
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op, ": expects CPU tensors");
+  const bool fp8 = c.pv == PVMode::kFp8, bf16 = q.scalar_type() == at::kBFloat16;
+  Buffers bf;
+  bf.d = SageDims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,
+                  (c.len_q + SageTraitsSm8x::kCtaQ - 1) / SageTraitsSm8x::kCtaQ * SageTraitsSm8x::kCtaQ,
+                  (c.len_k + SageTraitsSm8x::kCtaK - 1) / SageTraitsSm8x::kCtaK * SageTraitsSm8x::kCtaK};
+  const at::Tensor qf = q.to(at::kFloat).contiguous(), kf = k.to(at::kFloat).contiguous();
+  const at::Tensor vf = v.to(at::kFloat).contiguous(), v16 = v.contiguous();
+  at::Tensor out = at::empty({c.batch, c.heads_q, c.len_q, c.head_dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({c.batch, c.heads_q, c.len_q}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const float *qp = qf.const_data_ptr<float>(), *kp = kf.const_data_ptr<float>(), *vp = vf.const_data_ptr<float>();
+  uint16_t* op16 = reinterpret_cast<uint16_t*>(out.mutable_data_ptr());
+  float* lp = lse.mutable_data_ptr<float>();
+  if (bf16)
+    replay_prologue<true>(c, qp, kp, vp, v16, fp8, fault, bf);
+  else
+    replay_prologue<false>(c, qp, kp, vp, v16, fp8, fault, bf);
+  const int key = (c.head_dim == 128 ? 4 : 0) + (fp8 ? 2 : 0) + (bf16 ? 1 : 0);
+  switch (key) {
+    case 0: replay_attention<64, false, false>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
+    case 1: replay_attention<64, false, true>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
+    case 2: replay_attention<64, true, false>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
+    case 3: replay_attention<64, true, true>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
+    case 4: replay_attention<128, false, false>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
+    case 5: replay_attention<128, false, true>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
+    case 6: replay_attention<128, true, false>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
+    default: replay_attention<128, true, true>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
+  }
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tersor, CPU, m) { m.impl("_sage_emulate_cuda_attention", &sage_emulate_cuda_attention); }
+
+}  // namespace tersor::attention
