@@ -282,6 +282,8 @@ def _sparse24_linear_fake(x, values, meta, bias=None):
 def _sparse24_emulate_fake(x, values, meta, bias=None):
     return _sparse24_linear_fake_impl(x, values, meta, bias, "_sparse24_emulate_cuda_linear")
 
+
+# ---------------------------------------------------------------------------------------------------
 # block-sparse: BSR weights (user-facing: tersor.sparse.to_bsr / BSRWeight / bsr_linear)
 
 _BSR_BLOCKSIZES = (16, 32, 64)
@@ -317,6 +319,8 @@ def _bsr_linear_fake(x, crow_indices, col_indices, values, schedule, in_features
         torch._check_value(bias.dim() == 1 and bias.shape[0] == mb * bs, lambda: f"{op}: bias must be [{mb * bs}]")
     return x.new_empty((*x.shape[:-1], mb * bs))
 
+
+# ---------------------------------------------------------------------------------------------------
 # attention (SageAttention2-style quantized attention; user API: tersor.attention.sage_attention)
 
 SAGE_HEAD_DIMS = (64, 128)
