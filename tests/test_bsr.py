@@ -318,3 +318,29 @@ def test_cuda_bsr_linear_device_mismatch():
     with pytest.raises(RuntimeError, match="device"):
         bsr_linear(torch.randn(2, 64).half().cuda(), b)
 
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_bsr_linear_rejects_bad_indices_on_direct_calls(dtype):
+    # The kernel reads x and values at offsets taken from col_indices/schedule: the CUDA op must refuse
+    # indices that never went through to_bsr/load_bsr, and re-check them after an in-place change.
+    w = random_block_sparse(64, 128, 32, 0.5, dtype)
+    b = to_bsr(w, 32).to("cuda")
+    op = torch.ops.tersor.bsr_linear
+    x = torch.randn(3, 128, dtype=dtype, device="cuda")
+    good = op(x, b.crow_indices, b.col_indices, b.values, b.schedule, 128)  # validated and remembered
+    col = b.col_indices.clone()
+    col[-1] = 1000
+    with pytest.raises(ValueError, match="col_indices"):
+        op(x, b.crow_indices, col, b.values, b.schedule, 128)
+    sched = b.schedule.clone()
+    sched[0] = 7  # a row item naming a block row that does not exist
+    with pytest.raises(ValueError, match="schedule"):
+        op(x, b.crow_indices, b.col_indices, b.values, sched, 128)
+    saved = b.col_indices.clone()
+    b.col_indices[-1] = 1000  # in place: the version counter moves, the cached check no longer applies
+    with pytest.raises(ValueError, match="col_indices"):
+        op(x, b.crow_indices, b.col_indices, b.values, b.schedule, 128)
+    b.col_indices.copy_(saved)
+    torch.testing.assert_close(op(x, b.crow_indices, b.col_indices, b.values, b.schedule, 128), good, rtol=0, atol=0)

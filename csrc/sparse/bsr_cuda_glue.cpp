@@ -9,9 +9,15 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/core/TensorImpl.h>
+#include <c10/util/intrusive_ptr.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <array>
+#include <mutex>
 #include <optional>
+#include <vector>
 
 #include "common/torch_glue.h"
 #include "sparse/bsr_cuda.h"
@@ -24,6 +30,80 @@ at::Tensor aligned16(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
   return is_aligned(c.const_data_ptr(), 16) ? c : c.clone();
 }
+
+// The kernel reads x and values at offsets taken from col_indices and schedule, so indices that were never
+// validated would be out-of-bounds reads. Validation needs the indices on the host (one copy and a stream
+// sync), so it is done once per index tensor state and remembered: an entry matches while the three
+// tensors' storages are alive (weak references: a freed and reused address never matches), their offsets
+// and sizes are unchanged and their version counters (bumped by every in-place write) have not moved.
+// SparseLinear's buffers hit the cache on every call after the first; a fresh or modified weight pays one
+// host check. Inference tensors have no version counter, so they are checked on every call.
+class ValidatedBsrIndices {
+ public:
+  static ValidatedBsrIndices& instance() {
+    static ValidatedBsrIndices cache;
+    return cache;
+  }
+
+  void check(const BsrCall& c, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& schedule,
+             const char* op) {
+    const std::array<const at::Tensor*, 3> ts{&crow, &col, &schedule};
+    const bool cacheable = !crow.is_inference() && !col.is_inference() && !schedule.is_inference();
+    if (cacheable) {
+      const std::lock_guard<std::mutex> lock(mu_);
+      for (const Entry& e : entries_)
+        if (e.matches(ts)) return;
+    }
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture));
+    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, op,
+                ": these BSR indices have not been validated yet and cannot be while a CUDA graph is being "
+                "captured; call the op once before capturing (graph warm-up does)");
+    const at::Tensor crow_h = crow.cpu().contiguous(), col_h = col.cpu().contiguous(), sched_h = schedule.cpu().contiguous();
+    check_bsr_indices_cpu(c, crow_h, col_h, op);
+    check_bsr_schedule_cpu(c, crow_h, sched_h, op);
+    if (!cacheable) return;
+    Entry e;
+    for (size_t i = 0; i < ts.size(); ++i) e.set(i, *ts[i]);
+    const std::lock_guard<std::mutex> lock(mu_);
+    if (entries_.size() < kCapacity) {
+      entries_.push_back(std::move(e));
+    } else {
+      entries_[next_] = std::move(e);
+      next_ = (next_ + 1) % kCapacity;
+    }
+  }
+
+ private:
+  static constexpr size_t kCapacity = 256;  // live BSR layers of a large model; older entries are re-checked
+
+  struct Entry {
+    std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> storage;
+    std::array<int64_t, 3> offset{}, numel{};
+    std::array<uint32_t, 3> version{};
+
+    void set(size_t i, const at::Tensor& t) {
+      storage.push_back(t.storage().getWeakStorageImpl());
+      offset[i] = t.storage_offset();
+      numel[i] = t.numel();
+      version[i] = t.unsafeGetTensorImpl()->version_counter().current_version();
+    }
+    bool matches(const std::array<const at::Tensor*, 3>& ts) const {
+      for (size_t i = 0; i < ts.size(); ++i) {
+        const at::Tensor& t = *ts[i];
+        const c10::intrusive_ptr<c10::StorageImpl> alive = storage[i].lock();
+        if (!alive || alive.get() != t.storage().unsafeGetStorageImpl() || offset[i] != t.storage_offset() ||
+            numel[i] != t.numel() || version[i] != t.unsafeGetTensorImpl()->version_counter().current_version())
+          return false;
+      }
+      return true;
+    }
+  };
+
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+  size_t next_ = 0;
+};
 
 at::Tensor dense_weight(const BsrCall& c, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values) {
   const at::Tensor counts = crow.slice(0, 1).sub(crow.slice(0, 0, c.mb));
@@ -42,6 +122,7 @@ at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
   TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
   const c10::cuda::CUDAGuard guard(x.device());
   if (c.tokens == 0) return at::empty(c.out_shape, x.options());
+  ValidatedBsrIndices::instance().check(c, crow_indices, col_indices, schedule, op);
   if (x.scalar_type() == at::kFloat)
     return at::linear(x, dense_weight(c, crow_indices, col_indices, values), bias);
   TORCH_CHECK_VALUE(c.tokens <= int64_t{65535} * kBsrLargeTokens, op, ": too many tokens for one launch: ", c.tokens);
