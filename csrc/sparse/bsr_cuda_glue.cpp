@@ -59,7 +59,8 @@ class ValidatedBsrIndices {
     TORCH_CHECK(capture == cudaStreamCaptureStatusNone, op,
                 ": these BSR indices have not been validated yet and cannot be while a CUDA graph is being "
                 "captured; call the op once before capturing (graph warm-up does)");
-    const at::Tensor crow_h = crow.cpu().contiguous(), col_h = col.cpu().contiguous(), sched_h = schedule.cpu().contiguous();
+    const at::Tensor crow_h = crow.cpu().contiguous(), col_h = col.cpu().contiguous();
+    const at::Tensor sched_h = schedule.cpu().contiguous();
     check_bsr_indices_cpu(c, crow_h, col_h, op);
     check_bsr_schedule_cpu(c, crow_h, sched_h, op);
     if (!cacheable) return;
