@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 
 import torch
 
@@ -33,6 +34,16 @@ def _semi_structured_ms(w, x, ctx):
         return time_fn(lambda: torch.nn.functional.linear(x, ws), ctx), type(ws).__name__
     except Exception as e:  # noqa: BLE001 - report why the baseline is missing, never fail the bench
         return None, f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def _cuda_path(rows: int) -> str:
+    """The kernel sparse24_linear runs for this many rows of x (the rule in sparse24_cuda_glue.cpp)."""
+    if rows <= 16:
+        return "mma.sp GEMV"
+    archs = ops.build_info().get("cuda_archs", "").split(",")
+    if rows >= 128 and torch.cuda.get_device_capability() == (9, 0) and any(a.startswith("90") for a in archs):
+        return "wgmma.sp sm90a GEMM"
+    return "mma.sp cp.async GEMM"
 
 
 def _speed(ctx) -> list[Result]:
@@ -55,8 +66,15 @@ def _speed(ctx) -> list[Result]:
             t = time_fn(lambda: ops.sparse24_linear(x, p.values, p.meta), ctx)
             t_dense = time_fn(lambda: torch.matmul(x, w.t()), ctx)
             extra = {"tokens": b, "weight_bytes": p.nbytes(), "dense_weight_bytes": w.numel() * w.element_size(),
-                     "path": ("mma.sp GEMV" if b <= 16 else "mma.sp cp.async GEMM") if ctx.is_cuda else
+                     "path": _cuda_path(b) if ctx.is_cuda else
                      ("direct sparse loop" if b <= 16 else "decompress + fp32 GEMM")}
+            if ctx.is_cuda and extra["path"].startswith("wgmma.sp"):
+                # The sm80 mma.sp GEMM on the same shape, for the Hopper kernel's gain over it.
+                os.environ["TERSOR_SPARSE24_PATH"] = "gemm"
+                try:
+                    extra["mma_sp_gemm_ms"] = time_fn(lambda: ops.sparse24_linear(x, p.values, p.meta), ctx)
+                finally:
+                    del os.environ["TERSOR_SPARSE24_PATH"]
             if ctx.is_cuda:
                 extra["achieved_GBps"] = p.nbytes() / t / 1e6
                 ms, name = _semi_structured_ms(w, x, ctx)
