@@ -2,7 +2,8 @@
 
 * Speed: CPU (small: 4096x4096 weight at 1 and 8 tokens; ``--quick`` 1024x1024) and CUDA (1/4/16 tokens on
   4096x4096, 8192x8192, 28672x8192, and the 8192^3 GEMM), fp16 and bf16 (CUDA: the mma.sp GEMV up to 16
-  tokens, the tiled mma.sp GEMM beyond), baseline ``torch.matmul`` with
+  tokens, the tiled mma.sp GEMM beyond, on a compute-capability 9.0 GPU from 128 tokens the sm90a wgmma.sp
+  GEMM, timed beside the forced mma.sp GEMM; ``extra["path"]`` names the kernel), baseline ``torch.matmul`` with
   the dense (pruned) weight in the same dtype on the same machine in the same run. On CUDA,
   ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt / CUTLASS) is timed beside it (``extra``).
   ``extra`` also records the bytes read (9/16 of dense) and, on the CPU, fp32 ``torch.matmul``.

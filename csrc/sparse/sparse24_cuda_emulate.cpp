@@ -256,8 +256,8 @@ at::Tensor emulate_sm90(const at::Tensor& x2, const at::Tensor& values, const at
           for (int i = 0; i < S::kXStageBytes / 16 / S::kThreads; ++i) {
             const XChunk c = sm90_x_chunk(t + i * S::kThreads);
             const int64_t row = n0 + c.n < N ? n0 + c.n : N - 1;
-            std::memcpy(stage.data() + S::kXOffset + sm90_x_store_offset(c.n, 8 * c.ch), x + row * K + kp * S::kBK + c.ch * 8,
-                        16);
+            std::memcpy(stage.data() + S::kXOffset + sm90_x_store_offset(c.n, 8 * c.ch),
+                        x + row * K + kp * S::kBK + c.ch * 8, 16);
           }
           for (int i = 0; i < S::kValueStageBytes / 16 / S::kThreads; ++i) {
             const int c = t + i * S::kThreads, rbl = c >> 6, off = c & 63;
@@ -291,7 +291,8 @@ at::Tensor emulate_sm90(const at::Tensor& x2, const at::Tensor& values, const at
                   for (int n = 0; n < S::kInstrN; ++n) {
                     const uint32_t off = sm90_b_read_offset(f, n, k);
                     uint16_t bits = 0;
-                    if (off + 2 <= static_cast<uint32_t>(S::kXStageBytes)) std::memcpy(&bits, stage.data() + S::kXOffset + off, 2);
+                    if (off + 2 <= static_cast<uint32_t>(S::kXStageBytes))
+                      std::memcpy(&bits, stage.data() + S::kXOffset + off, 2);
                     Bm[k * S::kInstrN + n] = bits_to_float<T>(bits);
                   }
                 for (int r = 0; r < 16; ++r)
