@@ -63,6 +63,17 @@ def test_emulated_sm90_vs_float64(dtype, m, k, rows):
     check_linear_close(y, x, w, b, dtype)
 
 
+def test_emulated_sm90_several_launch_groups():
+    # 18 W tiles (a full group of 16 + a partial one) x 2 x tiles: the grouped launch order must still give
+    # every output tile to exactly one block (the replay's output starts as NaN).
+    m, k, rows = 16 * 8 * 17 + 16, 64, 300
+    w = random_2_4(m, k, torch.bfloat16)
+    p = compress_2_4(w)
+    x = torch.randn(rows, k).bfloat16()
+    y = ops._sparse24_emulate_sm90_linear(x, p.values, p.meta)
+    check_linear_close(y, x, w, None, torch.bfloat16)
+
+
 def test_emulated_sm90_no_bias_and_3d_input():
     w = random_2_4(64, 128, torch.bfloat16)
     p = compress_2_4(w)

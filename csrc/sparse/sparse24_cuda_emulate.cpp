@@ -11,12 +11,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <optional>
 #include <vector>
@@ -239,7 +241,8 @@ at::Tensor emulate_sm90(const at::Tensor& x2, const at::Tensor& values, const at
   const uint32_t* mw = reinterpret_cast<const uint32_t*>(meta.const_data_ptr<int32_t>());
   const uint16_t* x = reinterpret_cast<const uint16_t*>(x2.const_data_ptr());
   const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->const_data_ptr()) : nullptr;
-  at::Tensor y = at::empty({N, M}, x2.options());
+  // NaN-filled: an output no block writes (a launch-order mapping that is not a bijection) shows.
+  at::Tensor y = at::full({N, M}, std::numeric_limits<float>::quiet_NaN(), x2.options());
   T* yp = y.mutable_data_ptr<T>();
   const int64_t grid_m = (row_blocks + S::kRowBlocks - 1) / S::kRowBlocks, grid_n = (N + S::kBN - 1) / S::kBN;
   constexpr int kAccPerThread = S::kNInstr * S::kAccPerInstr;
@@ -248,7 +251,8 @@ at::Tensor emulate_sm90(const at::Tensor& x2, const at::Tensor& values, const at
     std::vector<float> acc(static_cast<size_t>(S::kThreads) * kAccPerThread);  // [thread][ni][i]
     std::vector<float> C(16 * S::kInstrN), Bm(32 * S::kInstrN);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t rb0 = (blk / grid_n) * S::kRowBlocks, n0 = (blk % grid_n) * S::kBN;
+      const TileCoord tile = sm90_block_tile(blk, grid_m, grid_n);  // the kernel's launch order
+      const int64_t rb0 = tile.tm * S::kRowBlocks, n0 = tile.tn * S::kBN;
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t kp = 0; kp < ksteps; ++kp) {
         const int64_t last_rb = row_blocks - 1;

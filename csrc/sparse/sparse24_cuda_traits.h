@@ -84,6 +84,9 @@ struct Sparse24Sm90Traits {
   static constexpr int kLBO = 128, kSBO = 1024;
   // Below this many rows of x a 256-row tile is mostly padding: the mma.sp GEMM (128-row tiles) runs.
   static constexpr int kMinBatch = 128;
+  // Launch order: consecutive blocks walk kRasterGroupM W tiles for every x tile, then the next group, so
+  // a wave of 132 blocks (one per SM) shares 16 W tiles and ~8 x tiles in L2 instead of all W tiles.
+  static constexpr int kRasterGroupM = 16;
 };
 static_assert(Sparse24Sm90Traits::kSmemBytes <= 227 * 1024, "sm90 shared memory per block");
 static_assert(Sparse24Sm90Traits::kStages >= 3, "the overwritten stage must be two steps old");

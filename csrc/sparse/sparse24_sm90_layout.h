@@ -16,6 +16,19 @@
 
 namespace tersor::sparse24 {
 
+// ---- which output tile block `bid` (1-D grid) computes ----
+struct TileCoord {
+  int64_t tm;  // W tile: row blocks kRowBlocks tm ..
+  int64_t tn;  // x tile: rows kBN tn ..
+};
+// Grouped launch order (Sparse24Sm90Traits::kRasterGroupM): a bijection of [0, grid_m grid_n) onto the tiles.
+TERSOR_HD constexpr TileCoord sm90_block_tile(int64_t bid, int64_t grid_m, int64_t grid_n) {
+  constexpr int64_t kGroup = Sparse24Sm90Traits::kRasterGroupM;
+  const int64_t per_group = kGroup * grid_n, first_m = (bid / per_group) * kGroup, r = bid % per_group;
+  const int64_t rows = grid_m - first_m < kGroup ? grid_m - first_m : kGroup;
+  return TileCoord{first_m + r % rows, r / rows};
+}
+
 // ---- the writer: where the copy puts x[n0 + n][64 p + k] (n < kBN, k < kBK) in a stage's x tile ----
 
 // The 16-byte chunk copy number c (0 .. kBN * 8 - 1) of a stage moves row n, chunk ch (k = 8 ch .. + 7).

@@ -101,7 +101,9 @@ __global__ void __launch_bounds__(S::kThreads, 1) sparse24_sm90_kernel(const uin
   extern __shared__ __align__(1024) uint8_t smem[];
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int rbl = sm90_warp_row_block(wg, warp);
-  const int64_t rb0 = static_cast<int64_t>(blockIdx.x) * S::kRowBlocks, n0 = static_cast<int64_t>(blockIdx.y) * S::kBN;
+  const int64_t grid_m = (M / kRowAlign + S::kRowBlocks - 1) / S::kRowBlocks, grid_n = (N + S::kBN - 1) / S::kBN;
+  const TileCoord tile = sm90_block_tile(blockIdx.x, grid_m, grid_n);
+  const int64_t rb0 = tile.tm * S::kRowBlocks, n0 = tile.tn * S::kBN;
   const int64_t ksteps = K / S::kBK;
   const uint32_t smem_base = smem_u32(smem);
   float acc[S::kNInstr][S::kAccPerInstr];
@@ -168,8 +170,8 @@ cudaError_t launch_t(const Sparse24Args& a, const void* x, int64_t batch, const 
   const cudaError_t err =
       cudaFuncSetAttribute(sparse24_sm90_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((a.M / kRowAlign + S::kRowBlocks - 1) / S::kRowBlocks),
-                  static_cast<unsigned>((batch + S::kBN - 1) / S::kBN));
+  const int64_t blocks = (a.M / kRowAlign + S::kRowBlocks - 1) / S::kRowBlocks * ((batch + S::kBN - 1) / S::kBN);
+  const dim3 grid(static_cast<unsigned>(blocks));
   sparse24_sm90_kernel<T><<<grid, S::kThreads, S::kSmemBytes, stream>>>(
       static_cast<const uint16_t*>(a.values), a.meta, static_cast<const uint16_t*>(x), batch, a.M, a.K,
       static_cast<const T*>(bias), static_cast<T*>(y));
@@ -180,7 +182,8 @@ cudaError_t launch_t(const Sparse24Args& a, const void* x, int64_t batch, const 
 
 cudaError_t launch_sparse24_gemm_sm90(const Sparse24Args& a, const void* x, int64_t batch, const void* bias, void* y,
                                       cudaStream_t stream) {
-  if (batch < 1 || batch > 65535LL * S::kBN || a.M < kRowAlign || a.M % kRowAlign != 0 || a.K < kColAlign ||
+  const int64_t grid_m = (a.M / kRowAlign + S::kRowBlocks - 1) / S::kRowBlocks;
+  if (batch < 1 || grid_m * ((batch + S::kBN - 1) / S::kBN) > 0x7fffffffLL || a.M < kRowAlign || a.M % kRowAlign != 0 || a.K < kColAlign ||
       a.K % kColAlign != 0) {
     return cudaErrorInvalidValue;
   }
