@@ -2,7 +2,8 @@
 
 * Speed: CPU (small: 4096x4096 weight at 1 and 8 tokens; ``--quick`` 1024x1024) and CUDA (1/4/16 tokens on
   4096x4096, 8192x8192, 28672x8192, and the 8192^3 GEMM), fp16 and bf16 (CUDA: the mma.sp GEMV up to 16
-  tokens, the tiled mma.sp GEMM beyond), baseline ``torch.matmul`` with
+  tokens, the tiled mma.sp GEMM beyond, on a compute-capability 9.0 GPU from 128 tokens the sm90a wgmma.sp
+  GEMM, timed beside the forced mma.sp GEMM; ``extra["path"]`` names the kernel), baseline ``torch.matmul`` with
   the dense (pruned) weight in the same dtype on the same machine in the same run. On CUDA,
   ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt / CUTLASS) is timed beside it (``extra``).
   ``extra`` also records the bytes read (9/16 of dense) and, on the CPU, fp32 ``torch.matmul``.
@@ -15,6 +16,7 @@
 
 from __future__ import annotations
 
+import os
 
 import torch
 
@@ -33,6 +35,16 @@ def _semi_structured_ms(w, x, ctx):
         return time_fn(lambda: torch.nn.functional.linear(x, ws), ctx), type(ws).__name__
     except Exception as e:  # noqa: BLE001 - report why the baseline is missing, never fail the bench
         return None, f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def _cuda_path(rows: int) -> str:
+    """The kernel sparse24_linear runs for this many rows of x (the rule in sparse24_cuda_glue.cpp)."""
+    if rows <= 16:
+        return "mma.sp GEMV"
+    archs = ops.build_info().get("cuda_archs", "").split(",")
+    if rows >= 128 and torch.cuda.get_device_capability() == (9, 0) and any(a.startswith("90") for a in archs):
+        return "wgmma.sp sm90a GEMM"
+    return "mma.sp cp.async GEMM"
 
 
 def _speed(ctx) -> list[Result]:
@@ -55,8 +67,15 @@ def _speed(ctx) -> list[Result]:
             t = time_fn(lambda: ops.sparse24_linear(x, p.values, p.meta), ctx)
             t_dense = time_fn(lambda: torch.matmul(x, w.t()), ctx)
             extra = {"tokens": b, "weight_bytes": p.nbytes(), "dense_weight_bytes": w.numel() * w.element_size(),
-                     "path": ("mma.sp GEMV" if b <= 16 else "mma.sp cp.async GEMM") if ctx.is_cuda else
+                     "path": _cuda_path(b) if ctx.is_cuda else
                      ("direct sparse loop" if b <= 16 else "decompress + fp32 GEMM")}
+            if ctx.is_cuda and extra["path"].startswith("wgmma.sp"):
+                # The sm80 mma.sp GEMM on the same shape, for the Hopper kernel's gain over it.
+                os.environ["TERSOR_SPARSE24_PATH"] = "gemm"
+                try:
+                    extra["mma_sp_gemm_ms"] = time_fn(lambda: ops.sparse24_linear(x, p.values, p.meta), ctx)
+                finally:
+                    del os.environ["TERSOR_SPARSE24_PATH"]
             if ctx.is_cuda:
                 extra["achieved_GBps"] = p.nbytes() / t / 1e6
                 ms, name = _semi_structured_ms(w, x, ctx)

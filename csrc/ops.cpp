@@ -124,6 +124,12 @@ TORCH_LIBRARY(tersor, m) {
   // The CUDA kernel sparse24_linear picks (GEMV or GEMM), replayed lane by lane on the CPU by the PTX
   // fragment/ldmatrix rules, for tests.
   m.def("_sparse24_emulate_cuda_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
+  // The sm90a wgmma.sp GEMM replayed lane by lane on the CPU (stage images built by the kernel's copy
+  // addressing, B read through its descriptor fields); fault = 1/2/3 injects a known mapping error (tests).
+  m.def("_sparse24_emulate_sm90_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None, int fault=0) -> Tensor");
+  // Checks the sm90 x tile's store offsets against the offsets wgmma reads through the B descriptor for
+  // every element of a stage: int64 [elements checked, mismatches]; fault = 1 swaps LBO and SBO (tests).
+  m.def("_sparse24_sm90_layout_check(int fault=0) -> Tensor");
   // ---- block-sparse: BSR weights (csrc/sparse; format: docs/formats.md, BSR v1) ----
   // y = x @ W^T (+ bias) for W [Mb * bs, in_features] stored as bs x bs blocks (bs in {16, 32, 64}):
   // crow_indices/col_indices int32, values [nnz_blocks, bs, bs] of x's dtype, schedule int32 (work items

@@ -2,6 +2,7 @@
 including the codec decoders on corrupted and forged streams: they must fail cleanly, never touch memory
 out of bounds."""
 
+import os
 import random
 import struct
 import sys
@@ -108,6 +109,19 @@ for dtype in (torch.float16, torch.bfloat16):
             ops.sparse24_linear(torch.randn(b, k, device="cuda").to(dtype), p.values, p.meta,
                                 torch.randn(m, device="cuda").to(dtype))
             launches += 1
+# The sm90a wgmma.sp GEMM (forced, where it can run): partial 128-row W tiles / 64-row warpgroups, partial
+# 256- and 128-row x tiles, one k-step (shorter than the pipeline) and several.
+if torch.cuda.get_device_capability() == (9, 0) and any(
+        a.startswith("90") for a in tersor.ops.build_info().get("cuda_archs", "").split(",")):
+    os.environ["TERSOR_SPARSE24_PATH"] = "sm90"
+    for dtype in (torch.float16, torch.bfloat16):
+        for m, k in ((16, 64), (144, 576), (272, 128)):
+            p = compress_2_4(prune_2_4(torch.randn(m, k, device="cuda").to(dtype)))
+            for b in (1, 130, 257):
+                ops.sparse24_linear(torch.randn(b, k, device="cuda").to(dtype), p.values, p.meta,
+                                    torch.randn(m, device="cuda").to(dtype))
+                launches += 1
+    del os.environ["TERSOR_SPARSE24_PATH"]
 bad = torch.ones(16, 64, device="cuda", dtype=torch.float16)
 try:
     compress_2_4(bad)

@@ -26,6 +26,11 @@ cudaError_t launch_sparse24_gemv(const Sparse24Args& a, const void* x, int batch
 // Sparse24GemmTraits::kMinBatch rows; x rows 16-byte aligned).
 cudaError_t launch_sparse24_gemm(const Sparse24Args& a, const void* x, int64_t batch, const void* bias, void* y,
                                  cudaStream_t stream);
+// The same product on Hopper (sm90a cubin only; call it on a compute-capability 9.0 device): wgmma.sp
+// m64n128k32, 128 W rows x 256 rows of x per block (Sparse24Sm90Traits). Used from
+// Sparse24Sm90Traits::kMinBatch rows of x; any batch >= 1 is correct.
+cudaError_t launch_sparse24_gemm_sm90(const Sparse24Args& a, const void* x, int64_t batch, const void* bias, void* y,
+                                      cudaStream_t stream);
 // Packs a dense 2:4 weight [M, K] (args.dtype, rows contiguous, 8-byte aligned) into args' values and
 // meta (written through the const pointers' buffers, passed here as mutable). Sets *bad_flag (device
 // int, zeroed by the caller) to 1 if some chunk holds more than two non-zeros.

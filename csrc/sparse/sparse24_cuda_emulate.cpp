@@ -1,4 +1,5 @@
-// The CUDA 2:4 GEMV and GEMM replayed on the CPU (op _sparse24_emulate_cuda_linear), so the
+// The CUDA 2:4 GEMV and GEMM replayed on the CPU (op _sparse24_emulate_cuda_linear; the sm90a wgmma.sp
+// GEMM: _sparse24_emulate_sm90_linear, with _sparse24_sm90_layout_check for its x tile), so the
 // value/metadata fragment layout, the x-tile swizzle + ldmatrix and the warp split are tested without a
 // GPU. Each lane loads exactly what the kernel
 // loads (its 8 values at tile_offset + 8 * lane, its metadata word, its x pairs); the MMA is then
@@ -10,17 +11,22 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
+#include <utility>
 #include <optional>
 #include <vector>
 
 #include "sparse/sparse24_cuda_traits.h"
 #include "sparse/sparse24_format.h"
 #include "sparse/sparse24_glue.h"
+#include "sparse/sparse24_sm90_layout.h"
 
 namespace tersor::sparse24 {
 namespace {
@@ -34,11 +40,13 @@ float bits_to_float(uint16_t b) {
   return static_cast<float>(v);
 }
 
-// One m16n8k32 sparse MMA, selector `sel`, from the 32 lanes' registers: a[lane][8] (16-bit values,
-// registers a0..a3 as 8 halves), b[lane][8] (x values of the B fragment), e[lane].
+// The dense 16 x 32 A tile one warp's sparse A registers a[lane][8] (16-bit values, registers a0..a3 as
+// 8 halves) and metadata words e[lane] describe with selector `sel`, by the PTX rules for 16-bit sparse
+// m16n8k32 (mma.sp), which are also the per-warp rules of wgmma.sp m64nNk32 (9.7.15.6.2.1).
 template <typename T>
-void mma_sp_replay(const uint16_t a[32][8], const uint16_t b[32][8], const uint32_t e[32], int sel, float c[16][8]) {
-  float A[16][32] = {};
+void decode_sparse_a(const uint16_t a[32][8], const uint32_t e[32], int sel, float A[16][32]) {
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 32; ++k) A[r][k] = 0.f;
   for (int lane = 0; lane < 32; ++lane) {
     const int g = lane >> 2, q = lane & 3;
     for (int i = 0; i < 8; ++i) {
@@ -53,6 +61,14 @@ void mma_sp_replay(const uint16_t a[32][8], const uint16_t b[32][8], const uint3
       A[row][4 * chunk + pos] = bits_to_float<T>(a[lane][i]);
     }
   }
+}
+
+// One m16n8k32 sparse MMA, selector `sel`, from the 32 lanes' registers: a[lane][8], b[lane][8] (x values
+// of the B fragment), e[lane].
+template <typename T>
+void mma_sp_replay(const uint16_t a[32][8], const uint16_t b[32][8], const uint32_t e[32], int sel, float c[16][8]) {
+  float A[16][32];
+  decode_sparse_a<T>(a, e, sel, A);
   float Bm[32][8];
   for (int lane = 0; lane < 32; ++lane)
     for (int i = 0; i < 8; ++i) Bm[2 * (lane & 3) + 8 * (i >> 1) + (i & 1)][lane >> 2] = bits_to_float<T>(b[lane][i]);
@@ -208,6 +224,175 @@ at::Tensor emulate_gemm(const at::Tensor& x2, const at::Tensor& values, const at
   return y;
 }
 
+// The sm90a wgmma.sp GEMM (sparse24_wgmma_sm90.cu) replayed. Every stage image is built by the kernel's
+// copy addressing, thread by thread (sm90_x_chunk / sm90_x_store_offset, format tile offsets, clamped
+// tail rows); each warp of each warpgroup takes its A registers and metadata where the kernel loads them;
+// B of every wgmma is read through the descriptor fields the kernel packs (sm90_b_desc_fields) with the PTX
+// canonical K-major rule (sm90_b_read_offset); the product lands in the lanes' accumulator registers by
+// the PTX D-fragment rule written out here, and the epilogue stores them as the kernel does
+// (sm90_d_pos). Faults for the tests: 1 = selector 0 for both k-tiles, 2 = LBO and SBO swapped in the
+// descriptor, 3 = warps take their neighbour's row block (warp ^ 1).
+template <typename T>
+at::Tensor emulate_sm90(const at::Tensor& x2, const at::Tensor& values, const at::Tensor& meta, const Shape& s,
+                        const std::optional<at::Tensor>& bias, int64_t fault) {
+  using S = Sparse24Sm90Traits;
+  const int64_t N = x2.size(0), M = s.M, K = s.K, row_blocks = M / kRowAlign, ksteps = K / S::kBK;
+  const uint16_t* v = reinterpret_cast<const uint16_t*>(values.const_data_ptr());
+  const uint32_t* mw = reinterpret_cast<const uint32_t*>(meta.const_data_ptr<int32_t>());
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(x2.const_data_ptr());
+  const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->const_data_ptr()) : nullptr;
+  // NaN-filled: an output no block writes (a launch-order mapping that is not a bijection) shows.
+  at::Tensor y = at::full({N, M}, std::numeric_limits<float>::quiet_NaN(), x2.options());
+  T* yp = y.mutable_data_ptr<T>();
+  const int64_t grid_m = (row_blocks + S::kRowBlocks - 1) / S::kRowBlocks, grid_n = (N + S::kBN - 1) / S::kBN;
+  constexpr int kAccPerThread = S::kNInstr * S::kAccPerInstr;
+  at::parallel_for(0, grid_m * grid_n, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> stage(S::kStageBytes);
+    std::vector<float> acc(static_cast<size_t>(S::kThreads) * kAccPerThread);  // [thread][ni][i]
+    std::vector<float> C(16 * S::kInstrN), Bm(32 * S::kInstrN);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const TileCoord tile = sm90_block_tile(blk, grid_m, grid_n);  // the kernel's launch order
+      const int64_t rb0 = tile.tm * S::kRowBlocks, n0 = tile.tn * S::kBN;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t kp = 0; kp < ksteps; ++kp) {
+        const int64_t last_rb = row_blocks - 1;
+        for (int t = 0; t < S::kThreads; ++t) {  // load_stage, thread by thread
+          for (int i = 0; i < S::kXStageBytes / 16 / S::kThreads; ++i) {
+            const XChunk c = sm90_x_chunk(t + i * S::kThreads);
+            const int64_t row = n0 + c.n < N ? n0 + c.n : N - 1;
+            std::memcpy(stage.data() + S::kXOffset + sm90_x_store_offset(c.n, 8 * c.ch),
+                        x + row * K + kp * S::kBK + c.ch * 8, 16);
+          }
+          for (int i = 0; i < S::kValueStageBytes / 16 / S::kThreads; ++i) {
+            const int c = t + i * S::kThreads, rbl = c >> 6, off = c & 63;
+            const int64_t rb = rb0 + rbl < last_rb ? rb0 + rbl : last_rb;
+            std::memcpy(stage.data() + S::kValueOffset + c * 16, v + tile_offset(K, rb, 2 * kp) + off * 8, 16);
+          }
+          if (t < S::kMetaStageBytes / 16) {
+            const int rbl = t >> 3, off = t & 7;
+            const int64_t rb = rb0 + rbl < last_rb ? rb0 + rbl : last_rb;
+            std::memcpy(stage.data() + S::kMetaOffset + t * 16, mw + (rb * (K / kColAlign) + kp) * 32 + off * 4, 16);
+          }
+        }
+        for (int wg = 0; wg < S::kWarpgroups; ++wg)
+          for (int warp = 0; warp < 4; ++warp) {
+            const int rbl = sm90_warp_row_block(wg, fault == 3 ? warp ^ 1 : warp);
+            uint16_t a[2][32][8];
+            uint32_t e[32];
+            for (int lane = 0; lane < 32; ++lane) {
+              for (int sel = 0; sel < 2; ++sel)
+                std::memcpy(a[sel][lane], stage.data() + S::kValueOffset + sm90_value_offset(rbl, sel, lane), 16);
+              std::memcpy(&e[lane], stage.data() + S::kMetaOffset + 4 * sm90_meta_word(rbl, lane), 4);
+            }
+            for (int ni = 0; ni < S::kNInstr; ++ni) {
+              std::fill(C.begin(), C.end(), 0.f);
+              for (int sel = 0; sel < 2; ++sel) {
+                float A[16][32];
+                decode_sparse_a<T>(a[sel], e, fault == 1 ? 0 : sel, A);
+                DescFields f = sm90_b_desc_fields(sel, ni);
+                if (fault == 2) std::swap(f.lbo, f.sbo);
+                for (int k = 0; k < 32; ++k)
+                  for (int n = 0; n < S::kInstrN; ++n) {
+                    const uint32_t off = sm90_b_read_offset(f, n, k);
+                    uint16_t bits = 0;
+                    if (off + 2 <= static_cast<uint32_t>(S::kXStageBytes))
+                      std::memcpy(&bits, stage.data() + S::kXOffset + off, 2);
+                    Bm[k * S::kInstrN + n] = bits_to_float<T>(bits);
+                  }
+                for (int r = 0; r < 16; ++r)
+                  for (int n = 0; n < S::kInstrN; ++n) {
+                    float sum = 0.f;
+                    for (int k = 0; k < 32; ++k) sum += A[r][k] * Bm[k * S::kInstrN + n];
+                    C[r * S::kInstrN + n] += sum;
+                  }
+              }
+              // PTX D fragment of m64nNk32 (f32): d[i] of lane (g, q) in warp w holds row 16 w + g + 8 ((i % 4) / 2),
+              // column 8 (i / 4) + 2 q + i % 2.
+              for (int lane = 0; lane < 32; ++lane)
+                for (int i = 0; i < S::kAccPerInstr; ++i) {
+                  const int r = (lane >> 2) + 8 * ((i % 4) / 2), n = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+                  acc[(static_cast<size_t>(wg * 128 + warp * 32 + lane) * S::kNInstr + ni) * S::kAccPerInstr + i] +=
+                      C[r * S::kInstrN + n];
+                }
+            }
+          }
+      }
+      // The kernel's epilogue.
+      for (int t = 0; t < S::kThreads; ++t) {
+        const int wg = t >> 7, warp = (t >> 5) & 3, lane = t & 31;
+        for (int ni = 0; ni < S::kNInstr; ++ni)
+          for (int i = 0; i < S::kAccPerInstr; ++i) {
+            const DPos d = sm90_d_pos(warp, lane, i);
+            const int64_t m = (rb0 + 4 * wg) * kRowAlign + d.m, n = n0 + ni * S::kInstrN + d.n;
+            if (m >= M || n >= N) continue;
+            float sum = acc[(static_cast<size_t>(t) * S::kNInstr + ni) * S::kAccPerInstr + i];
+            if (bp) sum += bits_to_float<T>(bp[m]);
+            yp[n * M + m] = static_cast<T>(sum);
+          }
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor emulate_sm90_linear(const at::Tensor& x, const at::Tensor& values_in, const at::Tensor& meta_in,
+                               const std::optional<at::Tensor>& bias, int64_t fault) {
+  constexpr const char* op = "_sparse24_emulate_sm90_linear";
+  TORCH_CHECK_VALUE(fault >= 0 && fault <= 3, op, ": fault must be 0 (none) or 1..3, got ", fault);
+  const Shape s = check_packed(values_in, meta_in, op);
+  const std::vector<int64_t> out_shape = check_linear_inputs(x, bias, values_in, s, op);
+  const at::Tensor x2 = x.reshape({-1, s.K}).contiguous();
+  const at::Tensor values = values_in.contiguous(), meta = meta_in.contiguous();
+  if (x2.size(0) == 0) return at::empty(out_shape, x.options());
+  std::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->contiguous();
+  const at::Tensor y = values.scalar_type() == at::kHalf ? emulate_sm90<c10::Half>(x2, values, meta, s, b, fault)
+                                                         : emulate_sm90<c10::BFloat16>(x2, values, meta, s, b, fault);
+  return y.reshape(out_shape);
+}
+
+// Every element of a stage's x tile: stored by the copy (each 16-byte chunk once, inside the tile), then
+// read back through every wgmma's descriptor fields at the element the PTX layout says it is.
+at::Tensor sm90_layout_check(int64_t fault) {
+  using S = Sparse24Sm90Traits;
+  TORCH_CHECK_VALUE(fault == 0 || fault == 1, "_sparse24_sm90_layout_check: fault must be 0 or 1, got ", fault);
+  constexpr int kElems = S::kXStageBytes / 2;
+  std::vector<int32_t> image(kElems, -1);
+  int64_t checked = 0, bad = 0;
+  for (int c = 0; c < S::kBN * 8; ++c) {
+    const XChunk xc = sm90_x_chunk(c);
+    for (int j = 0; j < 8; ++j) {
+      const int n = xc.n, k = 8 * xc.ch + j, off = sm90_x_store_offset(n, k);
+      ++checked;
+      if (n < 0 || n >= S::kBN || k >= S::kBK || off < 0 || off % 2 != 0 || off + 2 > S::kXStageBytes ||
+          image[off / 2] != -1) {
+        ++bad;
+        continue;
+      }
+      image[off / 2] = n * S::kBK + k;
+    }
+  }
+  for (int ni = 0; ni < S::kNInstr; ++ni)
+    for (int sel = 0; sel < 2; ++sel) {
+      DescFields f = sm90_b_desc_fields(sel, ni);
+      if (fault == 1) std::swap(f.lbo, f.sbo);
+      // 16-byte alignment of every field (the descriptor drops the low 4 bits).
+      if (f.start % 16 != 0 || f.lbo % 16 != 0 || f.sbo % 16 != 0) ++bad;
+      for (int n = 0; n < S::kInstrN; ++n)
+        for (int k = 0; k < 32; ++k) {
+          const uint32_t off = sm90_b_read_offset(f, n, k);
+          ++checked;
+          if (off + 2 > static_cast<uint32_t>(S::kXStageBytes) ||
+              image[off / 2] != (ni * S::kInstrN + n) * S::kBK + 32 * sel + k)
+            ++bad;
+        }
+    }
+  at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kLong));
+  out.mutable_data_ptr<int64_t>()[0] = checked;
+  out.mutable_data_ptr<int64_t>()[1] = bad;
+  return out;
+}
+
 at::Tensor emulate_cuda_linear(const at::Tensor& x, const at::Tensor& values_in, const at::Tensor& meta_in,
                                const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "_sparse24_emulate_cuda_linear";
@@ -230,6 +415,12 @@ at::Tensor emulate_cuda_linear(const at::Tensor& x, const at::Tensor& values_in,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) { m.impl("_sparse24_emulate_cuda_linear", &emulate_cuda_linear); }
+TORCH_LIBRARY_IMPL(tersor, CPU, m) {
+  m.impl("_sparse24_emulate_cuda_linear", &emulate_cuda_linear);
+  m.impl("_sparse24_emulate_sm90_linear", &emulate_sm90_linear);
+}
+
+// No tensor argument: registered for every dispatch key (CompositeExplicitAutograd would need an input).
+TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) { m.impl("_sparse24_sm90_layout_check", &sm90_layout_check); }
 
 }  // namespace tersor::sparse24

@@ -8,6 +8,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -79,6 +82,55 @@ at::Tensor decompress_cuda(const at::Tensor& values, const at::Tensor& meta) {
   return out;
 }
 
+// Which kernel sparse24_linear runs. Default: the GEMV up to Sparse24GemvTraits::kMaxBatch rows of x, then
+// on a compute-capability 9.0 device with the sm90a cubin built the wgmma.sp GEMM from
+// Sparse24Sm90Traits::kMinBatch rows, else the mma.sp GEMM. TERSOR_SPARSE24_PATH=gemv|gemm|sm90 forces one
+// (tests use it to check every kernel against the CPU op; gemv only up to its row limit, sm90 only where
+// it can run: otherwise an error, never a silent fallback).
+enum class LinearPath { kGemv, kGemm, kSm90 };
+
+bool sm90_kernel_usable(int device) {
+#ifdef TERSOR_SPARSE24_SM90
+  // Per device, asked once (an attribute query per call would cost more than a small GEMV). Concurrent
+  // first calls store the same answer.
+  static std::atomic<int8_t> cached[64] = {};
+  if (device < 0 || device >= 64) return false;
+  int8_t known = cached[device].load(std::memory_order_relaxed);
+  if (known == 0) {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    known = major == 9 && minor == 0 ? 1 : -1;
+    cached[device].store(known, std::memory_order_relaxed);
+  }
+  return known == 1;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+LinearPath choose_path(int64_t rows, int device, const char* op) {
+  const char* forced = std::getenv("TERSOR_SPARSE24_PATH");
+  if (forced != nullptr && forced[0] != '\0') {
+    if (std::strcmp(forced, "gemv") == 0) {
+      TORCH_CHECK_VALUE(rows <= Sparse24GemvTraits::kMaxBatch, op, ": TERSOR_SPARSE24_PATH=gemv takes at most ",
+                        Sparse24GemvTraits::kMaxBatch, " rows of x, got ", rows);
+      return LinearPath::kGemv;
+    }
+    if (std::strcmp(forced, "gemm") == 0) return LinearPath::kGemm;
+    if (std::strcmp(forced, "sm90") == 0) {
+      TORCH_CHECK(sm90_kernel_usable(device), op, ": TERSOR_SPARSE24_PATH=sm90 needs a compute-capability 9.0 "
+                  "device and a build with the sm90a cubin (TORCH_CUDA_ARCH_LIST containing 9.0a)");
+      return LinearPath::kSm90;
+    }
+    TORCH_CHECK_VALUE(false, op, ": TERSOR_SPARSE24_PATH must be gemv, gemm or sm90, got '", forced, "'");
+  }
+  if (rows <= Sparse24GemvTraits::kMaxBatch) return LinearPath::kGemv;
+  if (rows >= Sparse24Sm90Traits::kMinBatch && sm90_kernel_usable(device)) return LinearPath::kSm90;
+  return LinearPath::kGemm;
+}
+
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                        const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "sparse24_linear";
@@ -94,11 +146,19 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::
   const void* bp = bias.has_value() ? b.const_data_ptr() : nullptr;
   at::Tensor y = at::empty({B, s.M}, x.options());
   static_assert(Sparse24GemmTraits::kMinBatch == Sparse24GemvTraits::kMaxBatch + 1, "every batch has a kernel");
-  if (B >= Sparse24GemmTraits::kMinBatch) {
-    C10_CUDA_CHECK(launch_sparse24_gemm(d.args, x2.const_data_ptr(), B, bp, y.mutable_data_ptr(), stream));
-  } else {
-    C10_CUDA_CHECK(launch_sparse24_gemv(d.args, x2.const_data_ptr(), static_cast<int>(B), bp, y.mutable_data_ptr(),
-                                        stream));
+  switch (choose_path(B, values.get_device(), op)) {
+    case LinearPath::kGemv:
+      C10_CUDA_CHECK(launch_sparse24_gemv(d.args, x2.const_data_ptr(), static_cast<int>(B), bp, y.mutable_data_ptr(),
+                                          stream));
+      break;
+    case LinearPath::kGemm:
+      C10_CUDA_CHECK(launch_sparse24_gemm(d.args, x2.const_data_ptr(), B, bp, y.mutable_data_ptr(), stream));
+      break;
+    case LinearPath::kSm90:
+#ifdef TERSOR_SPARSE24_SM90
+      C10_CUDA_CHECK(launch_sparse24_gemm_sm90(d.args, x2.const_data_ptr(), B, bp, y.mutable_data_ptr(), stream));
+#endif
+      break;
   }
   return y.reshape(out_shape);
 }

@@ -54,6 +54,43 @@ TERSOR_HD constexpr int gemm_x_chunk(int n, int c) { return n * 8 + (c ^ (n & 7)
 TERSOR_HD constexpr int gemm_ldmatrix_row(int n0, int lane) { return n0 + (lane & 7); }
 TERSOR_HD constexpr int gemm_ldmatrix_chunk(int s, int lane) { return 4 * s + (lane >> 3); }
 
+struct Sparse24Sm90Traits {
+  // Hopper GEMM on wgmma.mma_async.sp m64nNk32 (sm90a): a CTA computes 128 W rows x 256 rows of x. Two
+  // consumer warpgroups each own 64 W rows (one wgmma M = 4 row blocks, one per warp: warp w of the
+  // warpgroup supplies row block 4 wg + w, exactly the format v1 tile a mma.sp warp loads) and issue two
+  // m64n128k32 per k-tile (128 fp32 accumulators per thread). A (W values + metadata) goes through
+  // registers, B (x) through a shared-memory descriptor. 4 cp.async stages of 41 KiB (x 32 KiB, values
+  // 8 KiB, metadata 1 KiB): stage p + 2 loads while step p multiplies and step p - 1's wgmma may still be
+  // in flight (wgmma.wait_group 1), so the stage overwritten is always p - 2's.
+  static constexpr int kWarpgroups = 2, kThreads = kWarpgroups * 128;
+  static constexpr int kBM = 64 * kWarpgroups, kBN = 256, kBK = 64;
+  static constexpr int kInstrN = 128;                // N of one wgmma
+  static constexpr int kNInstr = kBN / kInstrN;      // wgmma per k-tile per warpgroup
+  static constexpr int kAccPerInstr = kInstrN / 2;   // fp32 accumulators per thread per wgmma
+  static constexpr int kStages = 4;
+  static constexpr int kRowBlocks = kBM / 16;
+  // Stage image: x first (the descriptor's start address must be 16-byte aligned; 1 KiB here), then
+  // the two 16 x 32 value tiles of every row block (k-tiles 2p, 2p + 1: 1 KiB contiguous in format v1),
+  // then each row block's 32 metadata words.
+  static constexpr int kXStageBytes = kBN * kBK * 2;
+  static constexpr int kValueStageBytes = kRowBlocks * 2 * 512;
+  static constexpr int kMetaStageBytes = kRowBlocks * 32 * 4;
+  static constexpr int kXOffset = 0, kValueOffset = kXStageBytes, kMetaOffset = kXStageBytes + kValueStageBytes;
+  static constexpr int kStageBytes = kXStageBytes + kValueStageBytes + kMetaStageBytes;
+  static constexpr int kSmemBytes = kStages * kStageBytes;
+  // x tile in shared memory: K-major, no swizzle. A core matrix is 8 rows of x x 8 k (16 bytes a row,
+  // 128 contiguous bytes); the 8 core matrices along k of one 8-row group are adjacent (LBO = 128 bytes),
+  // 8-row groups follow each other (SBO = 8 x 128 = 1024 bytes).
+  static constexpr int kLBO = 128, kSBO = 1024;
+  // Below this many rows of x a 256-row tile is mostly padding: the mma.sp GEMM (128-row tiles) runs.
+  static constexpr int kMinBatch = 128;
+  // Launch order: consecutive blocks walk kRasterGroupM W tiles for every x tile, then the next group, so
+  // a wave of 132 blocks (one per SM) shares 16 W tiles and ~8 x tiles in L2 instead of all W tiles.
+  static constexpr int kRasterGroupM = 16;
+};
+static_assert(Sparse24Sm90Traits::kSmemBytes <= 227 * 1024, "sm90 shared memory per block");
+static_assert(Sparse24Sm90Traits::kStages >= 3, "the overwritten stage must be two steps old");
+
 struct Sparse24CompressTraits {
   static constexpr int kThreads = 256;  // one lane metadata word (2 rows x 4 chunks) per thread
 };

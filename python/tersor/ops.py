@@ -283,6 +283,16 @@ def _sparse24_emulate_fake(x, values, meta, bias=None):
     return _sparse24_linear_fake_impl(x, values, meta, bias, "_sparse24_emulate_cuda_linear")
 
 
+@torch.library.register_fake("tersor::_sparse24_emulate_sm90_linear")
+def _sparse24_emulate_sm90_fake(x, values, meta, bias=None, fault=0):
+    return _sparse24_linear_fake_impl(x, values, meta, bias, "_sparse24_emulate_sm90_linear")
+
+
+@torch.library.register_fake("tersor::_sparse24_sm90_layout_check")
+def _sparse24_sm90_layout_check_fake(fault=0):
+    return torch.empty(2, dtype=torch.int64)
+
+
 # ---------------------------------------------------------------------------------------------------
 # block-sparse: BSR weights (user-facing: tersor.sparse.to_bsr / BSRWeight / bsr_linear)
 

@@ -1,0 +1,203 @@
+"""2:4 sparse GEMM for Hopper (wgmma.mma_async.sp, sm90a): the x-tile store/descriptor agreement, the CPU
+replay of the kernel (_sparse24_emulate_sm90_linear) against float64 references incl. M / N tails, fault
+injection (a wrong mapping must be caught), and the kernel itself against the CPU op on a compute-capability
+9.0 GPU (marked cuda; skipped elsewhere)."""
+
+import pytest
+import torch
+
+import tersor
+from tersor.sparse import compress_2_4, prune_2_4
+
+ops = torch.ops.tersor
+DTYPES = [torch.float16, torch.bfloat16]
+EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def random_2_4(m, k, dtype, zero_frac=0.0):
+    w = prune_2_4(torch.randn(m, k, dtype=torch.float64).to(dtype))
+    if zero_frac:
+        w[torch.rand(m, k) < zero_frac] = 0
+    return w
+
+
+def check_linear_close(y, x, w, bias, dtype):
+    """|y - ref| <= 1 ulp of the output dtype at |ref| + fp32-accumulation slack (ref in float64)."""
+    xd, wd = x.double().reshape(-1, w.shape[1]), w.double()
+    ref = xd @ wd.T + (bias.double() if bias is not None else 0)
+    mag = xd.abs() @ wd.abs().T
+    err = (y.double().reshape(ref.shape) - ref).abs()
+    bound = EPS[dtype] * ref.abs() + 1e-6 * mag + 1e-7
+    assert bool((err <= bound).all()), f"max err {err.max().item():.3g}, worst ratio {(err / bound).max().item():.3g}"
+
+
+# ---- the x tile: what the copies store is what wgmma reads through the descriptor ----
+
+def test_x_tile_store_matches_descriptor_reads():
+    checked, bad = ops._sparse24_sm90_layout_check().tolist()
+    # 256 x 64 elements stored + 2 wgmma x 2 k-tiles x 128 x 32 read.
+    assert checked == 256 * 64 + 2 * 2 * 128 * 32
+    assert bad == 0
+
+
+def test_x_tile_check_catches_swapped_lbo_sbo():
+    checked, bad = ops._sparse24_sm90_layout_check(1).tolist()
+    assert checked == 256 * 64 + 2 * 2 * 128 * 32
+    assert bad > 0
+
+
+# ---- the kernel replayed lane by lane ----
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,rows", [(16, 64, 1), (128, 128, 256), (144, 128, 40), (208, 192, 257),
+                                      (272, 64, 300)])
+def test_emulated_sm90_vs_float64(dtype, m, k, rows):
+    # Tails: M % 128 (partial warpgroups, clamped row blocks), N % 256 and N % 128 (clamped x rows), one and
+    # several k-steps (pipeline stages).
+    w = random_2_4(m, k, dtype, zero_frac=0.1)
+    p = compress_2_4(w)
+    x = torch.randn(rows, k).to(dtype)
+    b = torch.randn(m).to(dtype)
+    y = ops._sparse24_emulate_sm90_linear(x, p.values, p.meta, b)
+    assert y.shape == (rows, m)
+    check_linear_close(y, x, w, b, dtype)
+
+
+def test_emulated_sm90_several_launch_groups():
+    # 18 W tiles (a full group of 16 + a partial one) x 2 x tiles: the grouped launch order must still give
+    # every output tile to exactly one block (the replay's output starts as NaN).
+    m, k, rows = 16 * 8 * 17 + 16, 64, 300
+    w = random_2_4(m, k, torch.bfloat16)
+    p = compress_2_4(w)
+    x = torch.randn(rows, k).bfloat16()
+    y = ops._sparse24_emulate_sm90_linear(x, p.values, p.meta)
+    check_linear_close(y, x, w, None, torch.bfloat16)
+
+
+def test_emulated_sm90_no_bias_and_3d_input():
+    w = random_2_4(64, 128, torch.bfloat16)
+    p = compress_2_4(w)
+    x = torch.randn(2, 3, 128).bfloat16()
+    y = ops._sparse24_emulate_sm90_linear(x, p.values, p.meta)
+    assert y.shape == (2, 3, 64)
+    check_linear_close(y, x, w, None, torch.bfloat16)
+
+
+def test_emulated_sm90_sees_every_x_column_and_metadata_position():
+    # x = identity rows: a B-layout mix-up moves a column of W to the wrong output; one non-zero per chunk at
+    # a rotating position exercises every metadata index of every lane.
+    m, k = 64, 256
+    w = torch.zeros(m, k, dtype=torch.half)
+    for r in range(m):
+        for ch in range(k // 4):
+            w[r, 4 * ch + (r + ch) % 4] = float((r * 7 + ch) % 11 + 1)
+    p = compress_2_4(w)
+    x = torch.eye(k).half()
+    assert torch.equal(ops._sparse24_emulate_sm90_linear(x, p.values, p.meta), w.T.contiguous())
+
+
+@pytest.mark.parametrize("fault", [1, 2, 3])
+def test_emulated_sm90_catches_injected_faults(fault):
+    # 1: one selector for both k-tiles, 2: LBO/SBO swapped, 3: warps read their neighbour's row block.
+    w = random_2_4(128, 128, torch.half)
+    p = compress_2_4(w)
+    x = torch.randn(40, 128).half()
+    good = ops._sparse24_emulate_sm90_linear(x, p.values, p.meta)
+    check_linear_close(good, x, w, None, torch.half)
+    bad = ops._sparse24_emulate_sm90_linear(x, p.values, p.meta, None, fault)
+    assert not torch.allclose(bad.float(), good.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_emulated_sm90_bad_inputs():
+    p = compress_2_4(random_2_4(16, 64, torch.half))
+    with pytest.raises(ValueError, match="fault"):
+        ops._sparse24_emulate_sm90_linear(torch.randn(2, 64).half(), p.values, p.meta, None, 7)
+    with pytest.raises(ValueError, match="in_features = 64"):
+        ops._sparse24_emulate_sm90_linear(torch.randn(2, 32).half(), p.values, p.meta)
+    with pytest.raises(TypeError, match="dtype"):
+        ops._sparse24_emulate_sm90_linear(torch.randn(2, 64), p.values, p.meta)
+    with pytest.raises(ValueError, match="fault"):
+        ops._sparse24_sm90_layout_check(2)
+
+
+def test_forced_path_env_is_validated_on_cpu_builds(monkeypatch):
+    # The CPU op ignores TERSOR_SPARSE24_PATH (it picks CUDA kernels only); a CPU call must still work.
+    monkeypatch.setenv("TERSOR_SPARSE24_PATH", "sm90")
+    w = random_2_4(16, 64, torch.half)
+    p = compress_2_4(w)
+    x = torch.randn(3, 64).half()
+    check_linear_close(ops.sparse24_linear(x, p.values, p.meta), x, w, None, torch.half)
+
+
+# ---- the kernel on a Hopper GPU ----
+
+def _sm90_built():
+    archs = tersor.ops.build_info().get("cuda_archs", "")
+    return any(a.startswith("90") for a in archs.split(","))
+
+
+def _is_sm90():
+    """A compute-capability 9.0 GPU and a build with the sm90a cubin (else the sm90 path cannot run)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and _sm90_built()
+
+
+def _torch_lowp_err(x, w, b, ref):
+    y = torch.nn.functional.linear(x, w, b)
+    return (y.double() - ref).abs().max().item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,rows", [(16, 64, 1), (144, 128, 40), (208, 192, 257), (4096, 4096, 512),
+                                      (272, 128, 130), (1024, 1024, 1000)])
+def test_cuda_sm90_vs_cpu_and_replay(monkeypatch, dtype, m, k, rows):
+    if not _is_sm90():
+        pytest.skip("needs a compute-capability 9.0 GPU and the sm90a cubin")
+    monkeypatch.setenv("TERSOR_SPARSE24_PATH", "sm90")
+    w = random_2_4(m, k, dtype)
+    p = compress_2_4(w)
+    pc = p.to("cuda")
+    x = torch.randn(rows, k).to(dtype)
+    b = torch.randn(m).to(dtype)
+    y = ops.sparse24_linear(x.cuda(), pc.values, pc.meta, b.cuda()).cpu()
+    ref = x.double() @ w.double().T + b.double()
+    err = (y.double() - ref).abs().max().item()
+    torch_err = _torch_lowp_err(x.cuda(), w.cuda(), b.cuda(), ref.cuda())
+    assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+    y_cpu = ops.sparse24_linear(x, p.values, p.meta, b)
+    assert (y.double() - y_cpu.double()).abs().max().item() <= 2 * EPS[dtype] * ref.abs().max().item() + 1e-6
+    if m * k * rows <= 2**24:
+        e = ops._sparse24_emulate_sm90_linear(x, p.values, p.meta, b)
+        assert (y.double() - e.double()).abs().max().item() <= 2 * EPS[dtype] * e.double().abs().max().item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["gemv", "gemm", "sm90"])
+def test_cuda_every_forced_path_vs_cpu(monkeypatch, path):
+    if path == "sm90" and not _is_sm90():
+        pytest.skip("needs a compute-capability 9.0 GPU and the sm90a cubin")
+    monkeypatch.setenv("TERSOR_SPARSE24_PATH", path)
+    w = random_2_4(256, 512, torch.bfloat16)
+    p = compress_2_4(w)
+    pc = p.to("cuda")
+    rows = 16 if path == "gemv" else 300
+    x = torch.randn(rows, 512).bfloat16()
+    y = ops.sparse24_linear(x.cuda(), pc.values, pc.meta).cpu()
+    check_linear_close(y, x, w, None, torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_cuda_forced_path_errors(monkeypatch):
+    p = compress_2_4(random_2_4(16, 64, torch.half)).to("cuda")
+    x = torch.randn(40, 64).half().cuda()
+    monkeypatch.setenv("TERSOR_SPARSE24_PATH", "gemv")
+    with pytest.raises(ValueError, match="at most 16"):
+        ops.sparse24_linear(x, p.values, p.meta)
+    monkeypatch.setenv("TERSOR_SPARSE24_PATH", "fast")
+    with pytest.raises(ValueError, match="gemv, gemm or sm90"):
+        ops.sparse24_linear(x, p.values, p.meta)
+    if not _is_sm90():
+        monkeypatch.setenv("TERSOR_SPARSE24_PATH", "sm90")
+        with pytest.raises(RuntimeError, match="compute-capability 9.0"):
+            ops.sparse24_linear(x, p.values, p.meta)
+
