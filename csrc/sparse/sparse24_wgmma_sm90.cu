@@ -183,8 +183,8 @@ cudaError_t launch_t(const Sparse24Args& a, const void* x, int64_t batch, const 
 cudaError_t launch_sparse24_gemm_sm90(const Sparse24Args& a, const void* x, int64_t batch, const void* bias, void* y,
                                       cudaStream_t stream) {
   const int64_t grid_m = (a.M / kRowAlign + S::kRowBlocks - 1) / S::kRowBlocks;
-  if (batch < 1 || grid_m * ((batch + S::kBN - 1) / S::kBN) > 0x7fffffffLL || a.M < kRowAlign || a.M % kRowAlign != 0 || a.K < kColAlign ||
-      a.K % kColAlign != 0) {
+  if (batch < 1 || grid_m * ((batch + S::kBN - 1) / S::kBN) > 0x7fffffffLL || a.M < kRowAlign ||
+      a.M % kRowAlign != 0 || a.K < kColAlign || a.K % kColAlign != 0) {
     return cudaErrorInvalidValue;
   }
   if (a.dtype == DType::kFloat16) return launch_t<__half>(a, x, batch, bias, y, stream);
