@@ -63,4 +63,19 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 __device__ __forceinline__ void wgmma_fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 __device__ __forceinline__ void wgmma_fence_operand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 __device__ __forceinline__ void wgmma_fence_operand(int32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+// Warp-specialized kernels (FA3): a producer warpgroup that only issues bulk copies gives registers back and
+// the MMA warpgroups take them, so one CTA of 3 warpgroups fits O, S and P in registers. Takes effect only
+// under a register cap at entry (__launch_bounds__(threads, 1)) and when each warpgroup's role is one branch
+// of an if/else; otherwise ptxas ignores it and says so (warning C7508). kRegs: multiple of 8 in [24, 256].
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  static_assert(kRegs % 8 == 0 && kRegs >= 24 && kRegs <= 256, "setmaxnreg range");
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  static_assert(kRegs % 8 == 0 && kRegs >= 24 && kRegs <= 256, "setmaxnreg range");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
 }  // namespace tersor
