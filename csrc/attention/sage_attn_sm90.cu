@@ -36,13 +36,12 @@ __global__ void __launch_bounds__(256) sage_sm90_relayout_kernel(const SageAttnA
   const int64_t tile = blockIdx.x, bkv = blockIdx.y, len_k_pad = a.dims.len_k_pad;
   const int64_t base = sm90_tile_base(bkv, len_k_pad, tile, D);
   constexpr int kChunks = 128 * D / 16;  // per operand and tile
-  constexpr int kKRowChunks = D / 16, kVRowChunks = 128 / 16;
   const uint8_t* v_src = static_cast<const uint8_t*>(a.v_t);
   for (int i = threadIdx.x; i < kChunks; i += blockDim.x) {
-    const int n = i / kKRowChunks, c = (i % kKRowChunks) * 16;
+    const int n = sm90_relayout_k_token<D>(i), c = sm90_relayout_k_byte<D>(i);
     const uint4 kv = *reinterpret_cast<const uint4*>(a.k_int + (bkv * len_k_pad + tile * 128 + n) * D + c);
     *reinterpret_cast<uint4*>(k_tiles + base + sm90_k_tile_offset<D>(n, c)) = kv;
-    const int ch = i / kVRowChunks, p = (i % kVRowChunks) * 16;
+    const int ch = sm90_relayout_v_channel(i), p = sm90_relayout_v_position(i);
     const uint4 vv = *reinterpret_cast<const uint4*>(v_src + (bkv * D + ch) * len_k_pad + tile * 128 + p);
     *reinterpret_cast<uint4*>(v_tiles + base + sm90_v_tile_offset(ch, p)) = vv;
   }
@@ -154,7 +153,7 @@ __global__ void __launch_bounds__(SageAttnSm90KernelTraits<D>::kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < Tr::kQKSteps; ++kk)
           wgmma_m64n64k32_s32_s8_rs(
-              acc, qf[kk], wgmma_smem_desc(k_addr + sm90_k_desc_start<D>(half, kk), kSm90KLbo, sm90_k_sbo<D>()), kk);
+              acc, qf[kk], sm90_k_desc<D>(k_addr, half, kk), kk);
         wgmma_commit_group();
         wgmma_wait_group<0>();
 #pragma unroll
@@ -213,7 +212,7 @@ __global__ void __launch_bounds__(SageAttnSm90KernelTraits<D>::kThreads, 1)
 #pragma unroll
           for (int kk = 0; kk < Tr::kPVSteps; ++kk)
             wgmma_m64n64k32_f32_e4m3_rs(
-                part, pa[kk], wgmma_smem_desc(v_addr + sm90_v_desc_start(cb, half, kk), kSm90VLbo, kSm90VSbo), kk);
+                part, pa[kk], sm90_v_desc(v_addr, cb, half, kk), kk);
           wgmma_commit_group();
           wgmma_wait_group<0>();
 #pragma unroll

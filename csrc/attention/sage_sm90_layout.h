@@ -17,6 +17,7 @@
 #include "attention/sage_format.h"
 #include "attention/sage_sm90_traits.h"
 #include "common/macros.h"
+#include "common/wgmma_desc.h"
 
 namespace tersor::attention {
 
@@ -38,6 +39,14 @@ TERSOR_HD constexpr int sm90_k_tile_offset(int n, int c) {
 TERSOR_HD constexpr int sm90_v_tile_offset(int ch, int p) {
   return (ch / 8) * kSm90VSbo + (p / 16) * kSm90VLbo + (ch % 8) * 16 + p % 16;
 }
+// The relayout kernel's 16-byte chunk i (< 128 D / 16) of a tile: K row n, head-dim byte c; V^T channel ch,
+// position p. Both sides of every chunk are 16 contiguous bytes (a core-matrix row).
+template <int D>
+TERSOR_HD constexpr int sm90_relayout_k_token(int i) { return i / (D / 16); }
+template <int D>
+TERSOR_HD constexpr int sm90_relayout_k_byte(int i) { return (i % (D / 16)) * 16; }
+TERSOR_HD constexpr int sm90_relayout_v_channel(int i) { return i / 8; }
+TERSOR_HD constexpr int sm90_relayout_v_position(int i) { return (i % 8) * 16; }
 // Tiles keep the row-major tensors' footprint and base: tile `tile` of slice bkv starts at byte
 // (bkv * len_k_pad + tile * 128) * D in both buffers (len_k_pad a multiple of 128 on this path).
 TERSOR_HD constexpr int64_t sm90_tile_base(int64_t bkv, int64_t len_k_pad, int64_t tile, int D) {
@@ -67,6 +76,15 @@ TERSOR_HD constexpr int sm90_k_desc_start(int half, int kk) {
 // key half h, k-step kk (32 positions).
 TERSOR_HD constexpr int sm90_v_desc_start(int cb, int half, int kk) {
   return cb * 8 * kSm90VSbo + (half * 64 + kk * 32) / 16 * kSm90VLbo;
+}
+
+// The descriptors the kernel issues (stage addresses in the shared window).
+template <int D>
+TERSOR_HD constexpr uint64_t sm90_k_desc(uint32_t k_stage_addr, int half, int kk) {
+  return wgmma_smem_desc(k_stage_addr + sm90_k_desc_start<D>(half, kk), kSm90KLbo, sm90_k_sbo<D>());
+}
+TERSOR_HD constexpr uint64_t sm90_v_desc(uint32_t v_stage_addr, int cb, int half, int kk) {
+  return wgmma_smem_desc(v_stage_addr + sm90_v_desc_start(cb, half, kk), kSm90VLbo, kSm90VSbo);
 }
 
 // ---- register fragments (PTX ISA 9.7.15.5: wgmma register fragments; each warp w of the warpgroup owns
