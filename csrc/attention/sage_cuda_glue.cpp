@@ -170,8 +170,10 @@ std::tuple<at::Tensor, at::Tensor> run_sm8x(const SageCall& c, at::Tensor q, at:
   C10_CUDA_CHECK(sage_quantize_sm8x(qa, stream));
 #ifdef TERSOR_SAGE_SM90
   if (sm90) {
-    at::Tensor k_tiles = at::empty_like(k_int), v_tiles = at::empty_like(v_t);
-    C10_CUDA_CHECK(sage_attention_sm90(aa, k_tiles.mutable_data_ptr<int8_t>(), v_tiles.mutable_data_ptr<uint8_t>(), stream));
+    at::Tensor k_tiles = at::empty(k_int.sizes(), k_int.options());
+    at::Tensor v_tiles = at::empty(v_t.sizes(), v_t.options());
+    C10_CUDA_CHECK(sage_attention_sm90(aa, k_tiles.mutable_data_ptr<int8_t>(), v_tiles.mutable_data_ptr<uint8_t>(),
+                                       stream));
     return {out, lse};
   }
 #endif
