@@ -1,6 +1,9 @@
 """The sm90a quantized-attention kernel (csrc/attention/sage_attn_sm90.cu).
 
-CPU: _sage_sm90_layout_check replays the kernel's addressing (the tile-native relayout, the bulk copy of a
+CPU: _sage_emulate_sm90_attention replays the whole sm90a CUDA path lane by lane (prologue with keys padded to
+128, tile-native relayout, bulk copies into poisoned stages, wgmma through the kernel's descriptors, the
+softmax per 64-key half, the epilogue) and must match the CPU twin as closely as the sm8x replay does.
+_sage_sm90_layout_check replays the kernel's addressing (the tile-native relayout, the bulk copy of a
 tile block into a shared stage, the wgmma descriptors it builds, its Q register loads, accumulator maps and
 P packing, its scale-group indices) against an independent model of the PTX rules, with integer data, and
 counts mismatches; each injected fault must be caught. GPU (``@pytest.mark.cuda``, Hopper only): the kernel
@@ -50,6 +53,76 @@ def test_layout_check_bad_input():
         L._sage_sm90_layout_check(96)
     with pytest.raises(ValueError, match="fault"):
         L._sage_sm90_layout_check(64, 7)
+
+
+def _replay_mismatch(out, lse, ref, ref_lse, mean_bound=1e-6, min_same=0.99):
+    """The bound of tests/test_attention_emulate.py (same numerics, different fp32 order; a rare e4m3 flip of
+    one P entry moves one output by < 2e-3 of the peak)."""
+    diff = (out.float() - ref.float()).abs()
+    peak = ref.float().abs().max().item()
+    eps = torch.finfo(ref.dtype).eps
+    if not torch.equal(lse.isinf(), ref_lse.isinf()):
+        return "masked rows differ"
+    if diff.max().item() > (2e-3 + eps) * peak:
+        return f"max diff {diff.max().item()} > {(2e-3 + eps) * peak}"
+    if diff.mean().item() > mean_bound * peak:
+        return f"mean diff {diff.mean().item()} > {mean_bound * peak}"
+    same = (out == ref).float().mean().item()
+    if same < min_same:
+        return f"only {same:.4f} of the outputs bit-identical"
+    fin = ref_lse.isfinite()
+    lse_err = (lse[fin] - ref_lse[fin]).abs().max().item() if fin.any() else 0.0
+    if lse_err > 1e-5:
+        return f"lse diff {lse_err}"
+    return None
+
+
+REPLAY_SHAPES = [  # b, hq, hkv, lq, lk, d, causal
+    (1, 2, 1, 200, 300, 64, True),     # GQA, Lq < Lk, key tail inside the second 64-half
+    (1, 2, 2, 129, 130, 128, False),   # one row past a CTA, one key past a 128-tile
+    (1, 2, 2, 300, 100, 64, True),     # Lq > Lk: fully masked rows, second consumer warpgroup idle
+    (2, 2, 1, 64, 257, 128, True),
+]
+
+
+def _replay_inputs(shape, dtype, seed=0):
+    b, hq, hkv, lq, lk, d, _ = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=g).to(dtype)
+    k = (torch.randn(b, hkv, lk, d, generator=g) + 1.0).to(dtype)
+    v = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("shape", REPLAY_SHAPES)
+@pytest.mark.parametrize("dtype,smooth_k", [(torch.float16, True), (torch.bfloat16, False)])
+def test_sm90_replay_matches_cpu_twin(shape, dtype, smooth_k):
+    q, k, v = _replay_inputs(shape, dtype)
+    causal = shape[-1]
+    out, lse = L._sage_emulate_sm90_attention(q, k, v, causal, 0.1, smooth_k)
+    ref, ref_lse = L.sage_attention_fwd(q, k, v, causal, 0.1, 8, "fp8", smooth_k, False)
+    assert out.shape == ref.shape and out.dtype == dtype and lse.shape == ref_lse.shape
+    problem = _replay_mismatch(out, lse, ref, ref_lse)
+    assert problem is None, problem
+
+
+def test_sm90_replay_is_not_the_twin():
+    # The replay runs its own (kernel) code path: different keys change its output like the twin's, and a
+    # wrong scale is visible (guards against a replay that silently returns the twin or zeros).
+    q, k, v = _replay_inputs((1, 1, 1, 70, 90, 64, False), torch.float16)
+    a, _ = L._sage_emulate_sm90_attention(q, k, v, False, 0.1, True)
+    b, _ = L._sage_emulate_sm90_attention(q, k, v, False, 0.2, True)
+    assert a.abs().max() > 0 and (a.float() - b.float()).abs().max() > 1e-2
+
+
+def test_sm90_replay_bad_input():
+    q, k, v = _replay_inputs((1, 2, 2, 10, 12, 64, False), torch.float16)
+    with pytest.raises(TypeError):
+        L._sage_emulate_sm90_attention(q.float(), k.float(), v.float(), False, 0.1, True)
+    with pytest.raises(ValueError):
+        L._sage_emulate_sm90_attention(q[..., :32], k[..., :32], v[..., :32], False, 0.1, True)
+    out, lse = L._sage_emulate_sm90_attention(q[:, :, :0], k, v, False, 0.1, True)
+    assert out.shape == (1, 2, 0, 64) and lse.shape == (1, 2, 0)
 
 
 def test_cuda_path_names():
@@ -102,6 +175,19 @@ def test_sm90_matches_cpu_twin(shape, dtype, smooth_k, force_sm8x, monkeypatch):
     out, lse = L.sage_attention_fwd(q.cuda(), k.cuda(), v.cuda(), causal, 0.1, 8, "fp8", smooth_k, False)
     assert out.is_cuda and out.dtype == dtype
     _assert_close_to_twin(out, lse, cpu_out, cpu_lse)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", REPLAY_SHAPES)
+def test_sm90_kernel_matches_replay(shape):
+    if not _hopper():
+        pytest.skip("the sm90a kernel needs a compute-capability 9.0 GPU")
+    q, k, v = _replay_inputs(shape, torch.float16, seed=3)
+    causal = shape[-1]
+    rep, rep_lse = L._sage_emulate_sm90_attention(q, k, v, causal, 0.1, True)
+    out, lse = L.sage_attention_fwd(q.cuda(), k.cuda(), v.cuda(), causal, 0.1, 8, "fp8", True, False)
+    # ex2.approx (<= 2 ulp) and the wgmma's internal fp8 summation are not replayed: the CUDA-vs-twin rule.
+    _assert_close_to_twin(out, lse, rep, rep_lse)
 
 
 @pytest.mark.cuda
