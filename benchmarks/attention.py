@@ -52,7 +52,8 @@ def _case(ctx, b, h, seq, d, causal, dtype=torch.float16, accuracy=True):
             attention.sage_attention(q, k, v, is_causal=causal, qk="int4").cpu(), ref)
         acc["cos_sdpa"], acc["rel_l1_sdpa"] = _metrics(F.scaled_dot_product_attention(q, k, v, is_causal=causal).cpu(), ref)
     qk, pv = attention.pick_modes(torch.device(dev))
-    return Result(family="attention", op=f"sage_attention {qk}+{pv}", shape=f"b{b} h{h} L{seq} d{d}" + (" causal" if causal else ""),
+    path = attention.cuda_path_name(torch.device(dev), qk, pv)  # which kernel the row measured
+    return Result(family="attention", op=f"sage_attention {qk}+{pv} [{path}]", shape=f"b{b} h{h} L{seq} d{d}" + (" causal" if causal else ""),
                   dtype=str(dtype).replace("torch.", ""), tersor_ms=t_sage, baseline=baseline, baseline_ms=t_sdpa,
                   accuracy=acc, extra={"tersor_tops": flops / t_sage / 1e9, "baseline_tops": flops / t_sdpa / 1e9})
 

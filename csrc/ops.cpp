@@ -162,6 +162,13 @@ TORCH_LIBRARY(tersor, m) {
   // CPU lane-by-lane replay of the sm80/sm89 CUDA path (prologue + attention kernel, qk_bits 8, pv "fp8"/"fp16",
   // no Q smoothing) for layout tests; fault > 0 injects a deliberate layout bug (tests only).
   m.def("_sage_emulate_cuda_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, str pv, bool smooth_k, int fault=0) -> (Tensor, Tensor)");
+  // CPU check of the sm90a kernel's addressing (tile-native relayout, bulk-copy stages, wgmma descriptors, register
+  // fragments, scale groups) against an independent PTX model; returns mismatch counts (all 0 = consistent).
+  // fault > 0 injects a deliberate layout bug (tests only).
+  m.def("_sage_sm90_layout_check(int head_dim, int fault=0) -> int[]");
+  // CPU lane-by-lane replay of the sm90a CUDA path (prologue, tile-native relayout, bulk-copy stages, wgmma through
+  // descriptors, softmax per 64-key half, epilogue); qk_bits 8, pv "fp8", no Q smoothing. For tests.
+  m.def("_sage_emulate_sm90_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, bool smooth_k) -> (Tensor, Tensor)");
 }
 
 // `import tersor._C` loads this library (and so runs the registrations above). It defines no Python

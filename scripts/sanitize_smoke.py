@@ -155,3 +155,33 @@ for bs in (16, 32, 64):
             launches += 1
 torch.cuda.synchronize()
 print(f"sanitize_smoke: ran {launches} bsr launches")
+
+# quantized attention: the CUDA paths of this device (sm8x mma.sync; on compute capability 9.0 also the sm90a
+# wgmma kernel and, forced with TERSOR_SAGE_FORCE_SM8X=1, the sm8x kernels), head dims 64/128, causal with
+# Lq < Lk and Lq > Lk (fully masked rows), GQA, tails of the 64/128-token tiles, both 16-bit dtypes.
+import os  # noqa: E402
+
+from tersor.attention import cuda_path_name  # noqa: E402
+
+launches = 0
+paths = set()
+forced = [False, True] if torch.cuda.get_device_capability() == (9, 0) else [False]
+for force in forced:
+    if force:
+        os.environ["TERSOR_SAGE_FORCE_SM8X"] = "1"
+    for d in (64, 128):
+        for b, hq, hkv, lq, lk, causal in ((1, 2, 2, 1, 1, False), (1, 4, 2, 100, 300, True),
+                                           (2, 2, 1, 300, 129, True), (1, 2, 2, 257, 255, False)):
+            for dt in (torch.float16, torch.bfloat16):
+                q = torch.randn(b, hq, lq, d, device="cuda").to(dt)
+                k = torch.randn(b, hkv, lk, d, device="cuda").to(dt)
+                v = torch.randn(b, hkv, lk, d, device="cuda").to(dt)
+                for pv in ("fp8", "fp16"):
+                    if pv == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+                        continue
+                    ops.sage_attention_fwd(q, k, v, causal, d ** -0.5, 8, pv, True, False)
+                    paths.add(cuda_path_name(q.device, "int8", pv))
+                    launches += 1
+    os.environ.pop("TERSOR_SAGE_FORCE_SM8X", None)
+torch.cuda.synchronize()
+print(f"sanitize_smoke: ran {launches} attention calls (paths {sorted(paths)})")

@@ -62,5 +62,9 @@ struct SageAttnArgs {
 
 cudaError_t sage_quantize_sm8x(const SageQuantArgs& a, cudaStream_t stream);
 cudaError_t sage_attention_sm8x(const SageAttnArgs& a, cudaStream_t stream);
+// sm90a (sage_attn_sm90.cu): the same prologue outputs (pv_fp8 only, len_q_pad and len_k_pad multiples of
+// 128), first rewritten into tile-native K / V^T blocks in k_tiles / v_tiles (scratch of k_int's / v_t's
+// size, sage_sm90_layout.h), then the wgmma attention kernel.
+cudaError_t sage_attention_sm90(const SageAttnArgs& a, int8_t* k_tiles, uint8_t* v_tiles, cudaStream_t stream);
 
 }  // namespace tersor::attention

@@ -38,6 +38,8 @@
 #include "attention/sage_cuda_traits.h"
 #include "attention/sage_format.h"
 #include "attention/sage_glue.h"
+#include "attention/sage_sm90_layout.h"
+#include "attention/sage_sm90_traits.h"
 
 namespace tersor::attention {
 namespace {
@@ -521,6 +523,266 @@ void replay_attention(const Buffers& bf, bool causal, int fault, uint16_t* out, 
   });
 }
 
+// ---- sage_attn_sm90_kernel (sage_attn_sm90.cu), one CTA ----
+// The hardware: wgmma.m64n64k32 8-bit, A from the 128 threads' registers (thread (w, g, t) register r byte j =
+// row 16 w + g + 8 (r % 2), k 4 t + 16 (r / 2) + j), B through the descriptor (K-major, no swizzle: start +
+// (n / 8) SBO + (k / 16) LBO + (n % 8) 16 + k % 16), accumulator register i of thread (w, g, t) = row
+// 16 w + g + 8 ((i / 2) % 2), column 8 (i / 4) + 2 t + i % 2. Written independently of sage_sm90_layout.h.
+constexpr int kWgThreads = 128;
+void hw_wgmma_gather(const uint32_t (*a)[4], const std::vector<uint8_t>& smem, uint64_t desc, uint8_t A[64][32],
+                     uint8_t B[32][64]) {
+  for (int tid = 0; tid < kWgThreads; ++tid) {
+    const int w = tid / 32, g = (tid % 32) / 4, t = tid % 4;
+    for (int r = 0; r < 4; ++r)
+      for (int j = 0; j < 4; ++j) A[16 * w + g + 8 * (r % 2)][4 * t + 16 * (r / 2) + j] = (a[tid][r] >> (8 * j)) & 0xFF;
+  }
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) * 16, lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) * 16;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) * 16;
+  for (int k = 0; k < 32; ++k)
+    for (int n = 0; n < 64; ++n) {
+      const uint32_t addr = start + (n / 8) * sbo + (k / 16) * lbo + (n % 8) * 16 + k % 16;
+      TORCH_CHECK(addr < smem.size(), "_sage_emulate_sm90_attention: descriptor reads past shared memory");
+      B[k][n] = smem[addr];
+    }
+}
+int hw_wgmma_row(int tid, int i) { return 16 * (tid / 32) + (tid % 32) / 4 + 8 * ((i / 2) % 2); }
+int hw_wgmma_col(int tid, int i) { return 8 * (i / 4) + 2 * (tid % 4) + i % 2; }
+
+template <int D, bool kBf16>
+void replay_cta_sm90(const Buffers& bf, const std::vector<uint8_t>& k_tiles, const std::vector<uint8_t>& v_tiles,
+                     bool causal, int64_t bh, int64_t cta, uint16_t* out, float* lse, std::vector<uint8_t>& smem) {
+  using Tr = SageAttnSm90KernelTraits<D>;
+  const SageDims& d = bf.d;
+  smem.assign(Tr::kStages * Tr::kStageBytes, 0x5A);  // poisoned: bytes no bulk copy wrote show up as garbage
+  const int64_t b = bh / d.heads_q, h = bh % d.heads_q;
+  const int64_t bkv = b * d.heads_kv + h / (d.heads_q / d.heads_kv);
+  const int64_t r0 = cta * Tr::kCtaQ;
+  const int64_t kv_end = causal ? causal_visible_keys(std::min(r0 + Tr::kCtaQ - 1, d.len_q - 1), d.len_q, d.len_k) : d.len_k;
+  const int n_tiles = static_cast<int>((kv_end + Tr::kCtaK - 1) / Tr::kCtaK);
+  const float* k_sc = bf.k_scale.data() + k_scale_index(bkv, d.len_k_pad, 0, 0);
+
+  struct Thread {
+    uint32_t qf[Tr::kQKSteps][4];
+    float o[Tr::kPVChunks][Tr::kAccRegs];
+    float m[2], l[2], q_sc;
+    int visible[2];
+  };
+  std::vector<Thread> th(Tr::kConsumerWarpgroups * kWgThreads);
+  int64_t wg_kv_end[Tr::kConsumerWarpgroups];
+  for (int wg = 0; wg < Tr::kConsumerWarpgroups; ++wg) {
+    const int64_t wg_row0 = r0 + wg * Tr::kRowsPerWarpgroup;
+    const int64_t wg_last = std::min(wg_row0 + Tr::kRowsPerWarpgroup - 1, d.len_q - 1);
+    wg_kv_end[wg] = wg_row0 >= d.len_q ? 0 : causal ? causal_visible_keys(wg_last, d.len_q, d.len_k) : d.len_k;
+    const int8_t* q_g = bf.q_int.data() + (bh * d.len_q_pad + wg_row0) * D;
+    for (int tid = 0; tid < kWgThreads; ++tid) {
+      Thread& T = th[wg * kWgThreads + tid];
+      const int w = tid / 32, g = (tid % 32) / 4, t = tid % 4;
+      for (int kk = 0; kk < Tr::kQKSteps; ++kk)
+        for (int r = 0; r < 4; ++r) T.qf[kk][r] = lds32(reinterpret_cast<const uint8_t*>(q_g) + sm90_q_frag_offset<D>(w, g, t, kk, r));
+      T.q_sc = bf.q_scale[sm90_q_scale_index(bh, d.len_q_pad, wg_row0, w, g)];
+      for (int hh = 0; hh < 2; ++hh) {
+        T.visible[hh] = static_cast<int>(
+            causal ? causal_visible_keys(wg_row0 + wg_acc_row(w, g, 2 * hh), d.len_q, d.len_k) : d.len_k);
+        T.m[hh] = kNegInf;
+        T.l[hh] = 0.f;
+      }
+      for (int cb = 0; cb < Tr::kPVChunks; ++cb)
+        for (int i = 0; i < Tr::kAccRegs; ++i) T.o[cb][i] = 0.f;
+    }
+  }
+
+  uint8_t A[64][32], B[32][64];
+  uint32_t regs[kWgThreads][4];
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    // The producer's two bulk copies of this tile into stage tile % kStages (consumers of the previous use of
+    // the stage are done: the empty barrier).
+    const int s = tile % Tr::kStages;
+    const uint32_t k_addr = s * Tr::kStageBytes, v_addr = k_addr + Tr::kKTileBytes;
+    const int64_t base = sm90_tile_base(bkv, d.len_k_pad, tile, D);
+    std::memcpy(smem.data() + k_addr, k_tiles.data() + base, Tr::kKTileBytes);
+    std::memcpy(smem.data() + v_addr, v_tiles.data() + base, Tr::kVTileBytes);
+    for (int wg = 0; wg < Tr::kConsumerWarpgroups; ++wg) {
+      Thread* W = th.data() + wg * kWgThreads;
+      for (int half = 0; half < Tr::kHalves; ++half) {
+        const int key0 = tile * Tr::kCtaK + half * Tr::kHalfK;
+        if (key0 >= wg_kv_end[wg]) break;
+        // ---- S = Q K^T: exact integer sums over the k-steps ----
+        int64_t S64[64][64] = {};
+        for (int kk = 0; kk < Tr::kQKSteps; ++kk) {
+          for (int tid = 0; tid < kWgThreads; ++tid) std::memcpy(regs[tid], W[tid].qf[kk], sizeof(regs[tid]));
+          hw_wgmma_gather(regs, smem, sm90_k_desc<D>(k_addr, half, kk), A, B);
+          for (int m = 0; m < 64; ++m)
+            for (int n = 0; n < 64; ++n) {
+              int64_t acc = 0;
+              for (int k = 0; k < 32; ++k) acc += static_cast<int8_t>(A[m][k]) * static_cast<int8_t>(B[k][n]);
+              S64[m][n] += acc;
+            }
+        }
+        static thread_local std::vector<float> sc_buf;
+        sc_buf.resize(kWgThreads * Tr::kAccRegs);
+        auto SC = [&](int tid, int i) -> float& { return sc_buf[tid * Tr::kAccRegs + i]; };
+        for (int tid = 0; tid < kWgThreads; ++tid) {
+          const int t = tid % 4;
+          const float dq = W[tid].q_sc * k_sc[sm90_k_scale_in_slice(tile, half, t)];
+          for (int i = 0; i < Tr::kAccRegs; ++i) {
+            const int32_t acc = static_cast<int32_t>(S64[hw_wgmma_row(tid, i)][hw_wgmma_col(tid, i)]);
+            SC(tid, i) = key0 + wg_acc_col(t, i) < W[tid].visible[(i >> 1) & 1] ? static_cast<float>(acc) * dq : kNegInf;
+          }
+        }
+        // ---- online softmax over the half ----
+        for (int hh = 0; hh < 2; ++hh) {
+          float mx[kWgThreads];
+          for (int tid = 0; tid < kWgThreads; ++tid) {
+            mx[tid] = kNegInf;
+            for (int i = 0; i < Tr::kAccRegs; ++i)
+              if (((i >> 1) & 1) == hh) mx[tid] = std::fmax(mx[tid], SC(tid, i));
+          }
+          for (int w = 0; w < 4; ++w) {
+            shfl_xor_apply(mx + 32 * w, 1, [](float x, float y) { return std::fmax(x, y); });
+            shfl_xor_apply(mx + 32 * w, 2, [](float x, float y) { return std::fmax(x, y); });
+          }
+          for (int tid = 0; tid < kWgThreads; ++tid) {
+            Thread& T = W[tid];
+            const float m_new = std::fmax(T.m[hh], mx[tid]);
+            const bool none = m_new == kNegInf;
+            const float alpha = none ? 1.f : ex2_ftz(T.m[hh] - m_new);
+            const float m_shift = none ? 0.f : m_new - kFp8POffset;
+            T.m[hh] = m_new;
+            T.l[hh] *= alpha;
+            for (int cb = 0; cb < Tr::kPVChunks; ++cb)
+              for (int i = 0; i < Tr::kAccRegs; ++i)
+                if (((i >> 1) & 1) == hh) T.o[cb][i] *= alpha;
+            for (int i = 0; i < Tr::kAccRegs; ++i)
+              if (((i >> 1) & 1) == hh) SC(tid, i) = ex2_ftz(SC(tid, i) - m_shift);
+          }
+        }
+        // ---- P~ into A registers; row sums of the rounded values ----
+        uint32_t pa[Tr::kPVSteps][kWgThreads][4];
+        for (int tid = 0; tid < kWgThreads; ++tid)
+          for (int kk = 0; kk < Tr::kPVSteps; ++kk)
+            for (int r = 0; r < 4; ++r) {
+              uint8_t c[4];
+              for (int j = 0; j < 4; ++j) c[j] = float_to_e4m3(SC(tid, sm90_p_acc_reg(kk, r, j)));
+              pa[kk][tid][r] = uint32_t{c[0]} | (uint32_t{c[1]} << 8) | (uint32_t{c[2]} << 16) | (uint32_t{c[3]} << 24);
+              W[tid].l[r & 1] += (e4m3_to_float(c[0]) + e4m3_to_float(c[1])) + (e4m3_to_float(c[2]) + e4m3_to_float(c[3]));
+            }
+        // ---- O += (P~ V~ over the half, from zero; replayed as the exact sum rounded once) ----
+        for (int cb = 0; cb < Tr::kPVChunks; ++cb) {
+          double P64[64][64] = {};
+          for (int kk = 0; kk < Tr::kPVSteps; ++kk) {
+            hw_wgmma_gather(pa[kk], smem, sm90_v_desc(v_addr, cb, half, kk), A, B);
+            for (int m = 0; m < 64; ++m)
+              for (int n = 0; n < 64; ++n) {
+                double acc = 0;
+                for (int k = 0; k < 32; ++k) acc += static_cast<double>(e4m3_to_float(A[m][k])) * e4m3_to_float(B[k][n]);
+                P64[m][n] += acc;
+              }
+          }
+          for (int tid = 0; tid < kWgThreads; ++tid)
+            for (int i = 0; i < Tr::kAccRegs; ++i)
+              W[tid].o[cb][i] += static_cast<float>(P64[hw_wgmma_row(tid, i)][hw_wgmma_col(tid, i)]);
+        }
+      }
+    }
+  }
+
+  // ---- epilogue ----
+  const float* v_sc = bf.v_scale.data() + bkv * D;
+  for (int wg = 0; wg < Tr::kConsumerWarpgroups; ++wg) {
+    Thread* W = th.data() + wg * kWgThreads;
+    const int64_t wg_row0 = r0 + wg * Tr::kRowsPerWarpgroup;
+    for (int hh = 0; hh < 2; ++hh) {
+      float lsum[kWgThreads];
+      for (int tid = 0; tid < kWgThreads; ++tid) lsum[tid] = W[tid].l[hh];
+      for (int w = 0; w < 4; ++w) {
+        shfl_xor_apply(lsum + 32 * w, 1, [](float x, float y) { return x + y; });
+        shfl_xor_apply(lsum + 32 * w, 2, [](float x, float y) { return x + y; });
+      }
+      for (int tid = 0; tid < kWgThreads; ++tid) {
+        const int w = tid / 32, g = (tid % 32) / 4, t = tid % 4;
+        const int64_t row = wg_row0 + wg_acc_row(w, g, 2 * hh);
+        if (row >= d.len_q) continue;
+        const bool dead = !(lsum[tid] > 0.f);
+        const float inv_l = dead ? 0.f : 1.f / lsum[tid];
+        uint16_t* orow = out + (bh * d.len_q + row) * D;
+        for (int cb = 0; cb < Tr::kPVChunks; ++cb)
+          for (int i = 2 * hh; i < Tr::kAccRegs; i += 4) {
+            const int c = cb * 64 + wg_acc_col(t, i);
+            float v0 = W[tid].o[cb][i] * v_sc[c] * inv_l, v1 = W[tid].o[cb][i + 1] * v_sc[c + 1] * inv_l;
+            if (dead) v0 = v1 = 0.f;
+            orow[c] = float_to_bits16<kBf16>(v0);
+            orow[c + 1] = float_to_bits16<kBf16>(v1);
+          }
+        if (t == 0)
+          lse[bh * d.len_q + row] = dead ? kNegInf
+                                         : std::fma(W[tid].m[hh] - kFp8POffset + std::log2(lsum[tid]),
+                                                    0.6931471805599453f, bf.lse_corr[bh * d.len_q + row]);
+      }
+    }
+  }
+}
+
+template <int D, bool kBf16>
+void replay_attention_sm90(const Buffers& bf, bool causal, uint16_t* out, float* lse) {
+  const SageDims& d = bf.d;
+  // The relayout kernel, chunk by chunk, into tile-native blocks.
+  std::vector<uint8_t> k_tiles(bf.k_int.size()), v_tiles(bf.v_t.size());
+  const int64_t n_kv = d.batch * d.heads_kv, tiles = d.len_k_pad / 128;
+  for (int64_t bkv = 0; bkv < n_kv; ++bkv)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t base = sm90_tile_base(bkv, d.len_k_pad, tile, D);
+      for (int i = 0; i < 128 * D / 16; ++i) {
+        const int n = sm90_relayout_k_token<D>(i), c = sm90_relayout_k_byte<D>(i);
+        std::memcpy(k_tiles.data() + base + sm90_k_tile_offset<D>(n, c),
+                    bf.k_int.data() + (bkv * d.len_k_pad + tile * 128 + n) * D + c, 16);
+        const int ch = sm90_relayout_v_channel(i), p = sm90_relayout_v_position(i);
+        std::memcpy(v_tiles.data() + base + sm90_v_tile_offset(ch, p),
+                    bf.v_t.data() + (bkv * D + ch) * d.len_k_pad + tile * 128 + p, 16);
+      }
+    }
+  const int64_t ctas = d.len_q_pad / SageAttnSm90KernelTraits<D>::kCtaQ;
+  at::parallel_for(0, d.batch * d.heads_q * ctas, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> smem;
+    for (int64_t w = b0; w < b1; ++w)
+      replay_cta_sm90<D, kBf16>(bf, k_tiles, v_tiles, causal, w / ctas, w % ctas, out, lse, smem);
+  });
+}
+
+// _sage_emulate_sm90_attention: the sm90a CUDA path (sm8x prologue with keys padded to 128, relayout, the
+// wgmma kernel) replayed on the CPU; pv "fp8", qk int8 only (what the glue routes to it).
+std::tuple<at::Tensor, at::Tensor> sage_emulate_sm90_attention(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v, bool is_causal, double scale,
+                                                               bool smooth_k) {
+  constexpr const char* op = "_sage_emulate_sm90_attention";
+  const SageCall c = check_call(q, k, v, is_causal, scale, 8, "fp8", smooth_k, false);
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op, ": expects CPU tensors");
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  Buffers bf;
+  bf.d = SageDims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,
+                  (c.len_q + SageTraitsSm8x::kCtaQ - 1) / SageTraitsSm8x::kCtaQ * SageTraitsSm8x::kCtaQ,
+                  (c.len_k + 127) / 128 * 128};
+  const at::Tensor qf = q.to(at::kFloat).contiguous(), kf = k.to(at::kFloat).contiguous();
+  const at::Tensor vf = v.to(at::kFloat).contiguous(), v16 = v.contiguous();
+  at::Tensor out = at::empty({c.batch, c.heads_q, c.len_q, c.head_dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({c.batch, c.heads_q, c.len_q}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const float *qp = qf.const_data_ptr<float>(), *kp = kf.const_data_ptr<float>(), *vp = vf.const_data_ptr<float>();
+  uint16_t* op16 = reinterpret_cast<uint16_t*>(out.mutable_data_ptr());
+  float* lp = lse.mutable_data_ptr<float>();
+  if (bf16)
+    replay_prologue<true>(c, qp, kp, vp, v16, true, 0, bf);
+  else
+    replay_prologue<false>(c, qp, kp, vp, v16, true, 0, bf);
+  const int key = (c.head_dim == 128 ? 2 : 0) + (bf16 ? 1 : 0);
+  switch (key) {
+    case 0: replay_attention_sm90<64, false>(bf, c.causal, op16, lp); break;
+    case 1: replay_attention_sm90<64, true>(bf, c.causal, op16, lp); break;
+    case 2: replay_attention_sm90<128, false>(bf, c.causal, op16, lp); break;
+    default: replay_attention_sm90<128, true>(bf, c.causal, op16, lp); break;
+  }
+  return {out, lse};
+}
+
 std::tuple<at::Tensor, at::Tensor> sage_emulate_cuda_attention(const at::Tensor& q, const at::Tensor& k,
                                                                const at::Tensor& v, bool is_causal, double scale,
                                                                c10::string_view pv, bool smooth_k, int64_t fault) {
@@ -562,6 +824,9 @@ std::tuple<at::Tensor, at::Tensor> sage_emulate_cuda_attention(const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) { m.impl("_sage_emulate_cuda_attention", &sage_emulate_cuda_attention); }
+TORCH_LIBRARY_IMPL(tersor, CPU, m) {
+  m.impl("_sage_emulate_cuda_attention", &sage_emulate_cuda_attention);
+  m.impl("_sage_emulate_sm90_attention", &sage_emulate_sm90_attention);
+}
 
 }  // namespace tersor::attention

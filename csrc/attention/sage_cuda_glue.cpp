@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 #include <tuple>
 
@@ -79,10 +80,30 @@ bool sm8x_kernels_apply(const SageCall& c, const at::Tensor& q) {
 #endif
 }
 
+// sm90a kernel (sage_attn_sm90.cu): INT8 QK + FP8 PV on a compute-capability 9.0 device, reusing the sm8x
+// prologue. TERSOR_SAGE_FORCE_SM8X=1 in the environment (a private switch for tests and benchmarks) keeps
+// such calls on the sm8x mma.sync kernels, so both paths can be compared with the twin on one Hopper GPU.
+bool sm90_kernel_applies(const SageCall& c, const at::Tensor& q) {
+#ifdef TERSOR_SAGE_SM90
+  if (c.pv != PVMode::kFp8 || !sm8x_kernels_apply(c, q)) return false;
+  const char* force = std::getenv("TERSOR_SAGE_FORCE_SM8X");
+  if (force != nullptr && force[0] == '1') return false;
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  return major == 9 && minor == 0;
+#else
+  (void)c;
+  (void)q;
+  return false;
+#endif
+}
+
 #ifdef TERSOR_SAGE_SM8X
 SageStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-std::tuple<at::Tensor, at::Tensor> run_sm8x(const SageCall& c, at::Tensor q, at::Tensor k, at::Tensor v) {
+// sm90: the sm90a kernel after the same prologue (keys padded to its 128-token tiles).
+std::tuple<at::Tensor, at::Tensor> run_sm8x(const SageCall& c, at::Tensor q, at::Tensor k, at::Tensor v, bool sm90) {
   // The kernels read the head dim contiguously; other strides are free.
   if (q.stride(3) != 1) q = q.contiguous();
   if (k.stride(3) != 1) k = k.contiguous();
@@ -90,6 +111,7 @@ std::tuple<at::Tensor, at::Tensor> run_sm8x(const SageCall& c, at::Tensor q, at:
   SageDims dims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,
                 (c.len_q + SageTraitsSm8x::kCtaQ - 1) / SageTraitsSm8x::kCtaQ * SageTraitsSm8x::kCtaQ,
                 (c.len_k + SageTraitsSm8x::kCtaK - 1) / SageTraitsSm8x::kCtaK * SageTraitsSm8x::kCtaK};
+  if (sm90) dims.len_k_pad = (c.len_k + 127) / 128 * 128;
   const bool fp8 = c.pv == PVMode::kFp8;
   const auto f32 = q.options().dtype(at::kFloat);
   const auto i8 = q.options().dtype(at::kChar);
@@ -146,6 +168,15 @@ std::tuple<at::Tensor, at::Tensor> run_sm8x(const SageCall& c, at::Tensor q, at:
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
   C10_CUDA_CHECK(sage_quantize_sm8x(qa, stream));
+#ifdef TERSOR_SAGE_SM90
+  if (sm90) {
+    at::Tensor k_tiles = at::empty(k_int.sizes(), k_int.options());
+    at::Tensor v_tiles = at::empty(v_t.sizes(), v_t.options());
+    C10_CUDA_CHECK(sage_attention_sm90(aa, k_tiles.mutable_data_ptr<int8_t>(), v_tiles.mutable_data_ptr<uint8_t>(),
+                                       stream));
+    return {out, lse};
+  }
+#endif
   C10_CUDA_CHECK(sage_attention_sm8x(aa, stream));
   return {out, lse};
 }
@@ -161,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> sage_attention_fwd_cuda(const at::Tensor& q, 
               v.device());
   const c10::cuda::CUDAGuard guard(q.device());
 #ifdef TERSOR_SAGE_SM8X
-  if (sm8x_kernels_apply(c, q)) return run_sm8x(c, q, k, v);
+  if (sm8x_kernels_apply(c, q)) return run_sm8x(c, q, k, v, sm90_kernel_applies(c, q));
 #endif
   return host_twin(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q);
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from collections import Counter
 from typing import Optional
 
@@ -34,6 +35,25 @@ _SDPA = F.scaled_dot_product_attention  # the original, kept even while route_sd
 def _has_kernel(device: torch.device) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("tersor::sage_attention_fwd", key)
+
+
+def cuda_path_name(device: torch.device, qk: str = "int8", pv: str = "fp8", smooth_q: bool = False) -> str:
+    """Names the implementation ``sage_attention_fwd`` is expected to run for these (resolved) modes on
+    ``device``, as sage_cuda_glue.cpp routes them (assuming the default arch list 8.0;8.9;9.0a was built):
+    ``"cpu-twin"``, ``"host-twin"`` (the twin on host copies), ``"sm8x-mma"`` (mma.sync kernels) or
+    ``"sm90a-wgmma"`` (INT8 + FP8 on compute capability 9.0, unless ``TERSOR_SAGE_FORCE_SM8X=1`` keeps it on
+    the sm8x kernels). For benchmark rows and tests."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu-twin"
+    if qk != "int8" or smooth_q or pv == "fp32":
+        return "host-twin"
+    cc = torch.cuda.get_device_capability(device)
+    if cc == (9, 0) and pv == "fp8" and os.environ.get("TERSOR_SAGE_FORCE_SM8X", "") != "1":
+        return "sm90a-wgmma"
+    if cc[0] == 8 or cc == (9, 0):
+        return "host-twin" if pv == "fp8" and cc < (8, 9) else "sm8x-mma"
+    return "host-twin"
 
 
 def pick_modes(device: torch.device, qk: str = "auto", pv: str = "auto") -> tuple[str, str]:
