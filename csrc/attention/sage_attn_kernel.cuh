@@ -1,7 +1,7 @@
 // The sm80/sm89 quantized attention kernel, shared by the translation units that instantiate it
 // (sage_attn_cuda.cu: INT8 Q K^T, sage_attn_cuda_int4.cu: INT4), so the instantiations compile in parallel.
 // Quantized attention forward, sm80/sm89 (mma.sync + cp.async). One CTA = 128 query rows of one (batch,
-// head), 4 warps x 32 rows; keys in 64-token tiles, double-buffered in shared memory. Per tile:
+// head), 4 warps x 32 rows (D = 64) or 8 warps x 16 rows (D = 128, sage_cuda_traits.h); keys in 64-token tiles, double-buffered in shared memory. Per tile:
 //   S = INT8 Q K^T (m16n8k32 s8) or INT4 (m16n8k64 s4), exact s32, * (q_scale * k_scale) -- one scale pair per
 //       lane (fragment groups) -- + q_mean . K'_j with Q smoothing (SMOOTH_Q, the prologue's q_bias)
 //   online softmax in base 2 (ex2.approx); P~ = e4m3(2^(s - m + log2 448)) or P rounded to the 16-bit type
@@ -103,31 +103,31 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
   if (n_tiles > 0) load_kv(0, 0);
   cp_async_commit();
 
-  const int64_t row_base = r0 + warp * Tr::kWarpQ;
+  const int64_t row_base = r0 + warp * Tr::kWarpRows;
   const float q_sc = a.q_scale[q_scale_index(bh, d.len_q_pad, row_base, g)];
   const float* k_sc = a.k_scale + k_scale_index(bkv, d.len_k_pad, 0, 0);
   // Q smoothing: the warp's 32 rows are one smoothing block, so all its scores of key j get bias[j].
   const float* q_bias = SMOOTH_Q ? a.q_bias + q_bias_index(bh, d.len_q_pad, d.len_k_pad, row_base, 0) : nullptr;
   constexpr float kPOff = FP8 ? kFp8POffset : 0.f;
   // Keys visible to this lane's 4 rows (row_base + 16 mt + 8 hh + g): all keys, or the causal prefix.
-  int visible_keys[2][2];
+  int visible_keys[Tr::kMTiles][2];
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh)
       visible_keys[mt][hh] = static_cast<int>(
           a.causal ? causal_visible_keys(row_base + mt * 16 + frag_c_row(g, 2 * hh), d.len_q, d.len_k) : d.len_k);
 
-  float o[2][Tr::kDTiles][4];
+  float o[Tr::kMTiles][Tr::kDTiles][4];
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
     for (int dn = 0; dn < Tr::kDTiles; ++dn)
 #pragma unroll
       for (int i = 0; i < 4; ++i) o[mt][dn][i] = 0.f;
-  float m[2][2], l[2][2];
+  float m[Tr::kMTiles][2], l[Tr::kMTiles][2];
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) m[mt][hh] = -INFINITY, l[mt][hh] = 0.f;
 
@@ -140,11 +140,11 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
 
     // ---- S = Q K^T ----
     const uint8_t* ks = k_s + stage * Tr::kKBytes;
-    float s[2][8][4];
+    float s[Tr::kMTiles][8][4];
     {
-      int32_t acc[2][8][4];
+      int32_t acc[Tr::kMTiles][8][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -152,9 +152,9 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
       // Not unrolled: unrolled, ptxas hoists every k-step's Q fragments and spills at D = 128.
 #pragma unroll 1
       for (int kk = 0; kk < Tr::kQKSteps; ++kk) {
-        uint32_t af[2][4];
+        uint32_t af[Tr::kMTiles][4];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
+        for (int mt = 0; mt < Tr::kMTiles; ++mt) {
           const uint8_t* qa = q_s + q_frag_offset<Tr>(warp, mt, g, t, kk, 0);
 #pragma unroll
           for (int r = 0; r < 4; ++r) af[mt][r] = lds32(qa + frag_a_delta<Tr>(r));
@@ -164,7 +164,7 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
           const uint8_t* kb = ks + k_frag_offset<Tr>(nt, g, t, kk, 0);
           const uint32_t b0 = lds32(kb), b1 = lds32(kb + frag_b_delta(1));
 #pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
+          for (int mt = 0; mt < Tr::kMTiles; ++mt) {
             if constexpr (BITS == 4)
               mma_m16n8k64_s4_s32(acc[mt][nt], af[mt], b0, b1);
             else
@@ -175,7 +175,7 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
       const float dq = q_sc * k_sc[k_scale_in_slice(tile, t)];
       const int tile0 = tile * Tr::kCtaK;
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int lim = visible_keys[mt][hh] - tile0 - frag_c_col(t, 0);  // key nt*8 + e of this lane is visible iff < lim
@@ -197,7 +197,7 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
 
     // ---- online softmax (rows g and g + 8 of each m-tile; a row lives in the 4 lanes of a quad) ----
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         float mx = -INFINITY;
@@ -225,9 +225,9 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
     const uint8_t* vs = v_s + stage * Tr::kVBytes;
     if constexpr (FP8) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-      uint32_t pa[2][2][4];  // [m-tile][32-token k-step][a0..a3]: a0 row g, a1 row g + 8, a2/a3 the same +16 tokens
+      uint32_t pa[Tr::kMTiles][2][4];  // [m-tile][32-token k-step][a0..a3]: a0 row g, a1 row g + 8, a2/a3 the same +16 tokens
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk)
 #pragma unroll
@@ -247,15 +247,15 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
           const uint8_t* vb = vs + v_frag_offset<Tr>(dn, g, t, kk, 0);
           const uint32_t b0 = lds32(vb), b1 = lds32(vb + frag_b_delta(1));
 #pragma unroll
-          for (int mt = 0; mt < 2; ++mt) mma_m16n8k32_e4m3_add_f32(o[mt][dn], pa[mt][kk], b0, b1);
+          for (int mt = 0; mt < Tr::kMTiles; ++mt) mma_m16n8k32_e4m3_add_f32(o[mt][dn], pa[mt][kk], b0, b1);
         }
 #else
       __trap();  // the FP8 instantiation is only launched on sm89 (the glue checks the device and the build)
 #endif
     } else {
-      uint32_t pa[2][4][4];  // [m-tile][16-token k-step (n-tiles 2kk, 2kk + 1)][a0..a3]
+      uint32_t pa[Tr::kMTiles][4][4];  // [m-tile][16-token k-step (n-tiles 2kk, 2kk + 1)][a0..a3]
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
@@ -272,7 +272,7 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
           const uint8_t* vb = vs + v_frag_offset<Tr>(dn, g, t, kk, 0);
           const uint32_t b0 = lds32(vb), b1 = lds32(vb + frag_b_delta(1));
 #pragma unroll
-          for (int mt = 0; mt < 2; ++mt) Pack16<T16>::mma(o[mt][dn], pa[mt][kk], b0, b1);
+          for (int mt = 0; mt < Tr::kMTiles; ++mt) Pack16<T16>::mma(o[mt][dn], pa[mt][kk], b0, b1);
         }
     }
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
@@ -283,7 +283,7 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
   T16* out = static_cast<T16*>(a.out);
   const float* v_sc = a.v_scale + bkv * D;
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       float lsum = l[mt][hh];
@@ -317,7 +317,7 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
 }
 
 template <int D, bool FP8, int BITS, bool SMOOTH_Q, typename T16>
-__global__ void __launch_bounds__(128) sage_attn_kernel(const SageAttnArgs a) {
+__global__ void __launch_bounds__(SageAttnSm8xKernelTraits<D, FP8, BITS>::kThreads) sage_attn_kernel(const SageAttnArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if constexpr (BITS == 4) {
     __trap();  // no INT4 tensor cores on Hopper: the glue never launches INT4 on cc 9.0

@@ -412,26 +412,26 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
   // Per-lane registers of the 4 warps ([warp][lane]...). The warps share only shared memory, and the
   // kernel's __syncthreads sit between tiles, so running the warps one after another per tile is exact.
   struct Lane {
-    float o[2][Tr::kDTiles][4];
-    float m[2][2], l[2][2];
-    int visible[2][2];
+    float o[Tr::kMTiles][Tr::kDTiles][4];
+    float m[Tr::kMTiles][2], l[Tr::kMTiles][2];
+    int visible[Tr::kMTiles][2];
     float q_sc;
   };
-  std::vector<Lane> lanes(Tr::kWarps * kLanes);
-  for (int warp = 0; warp < Tr::kWarps; ++warp)
+  std::vector<Lane> lanes(Tr::kCtaWarps * kLanes);
+  for (int warp = 0; warp < Tr::kCtaWarps; ++warp)
     for (int lane = 0; lane < kLanes; ++lane) {
       Lane& L = lanes[warp * kLanes + lane];
       const int g = lane / 4;
-      const int64_t row_base = r0 + warp * Tr::kWarpQ;
+      const int64_t row_base = r0 + warp * Tr::kWarpRows;
       L.q_sc = bf.q_scale[q_scale_index(bh, d.len_q_pad, row_base, g)];
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < Tr::kMTiles; ++mt)
         for (int hh = 0; hh < 2; ++hh) {
           L.visible[mt][hh] = static_cast<int>(
               causal ? causal_visible_keys(row_base + mt * 16 + frag_c_row(g, 2 * hh), d.len_q, d.len_k) : d.len_k);
           L.m[mt][hh] = kNegInf;
           L.l[mt][hh] = 0.f;
         }
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < Tr::kMTiles; ++mt)
         for (int dn = 0; dn < Tr::kDTiles; ++dn)
           for (int i = 0; i < 4; ++i) L.o[mt][dn][i] = 0.f;
     }
@@ -445,14 +445,14 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
     if (tile + 1 < n_tiles) load_kv(tile + 1, stage ^ 1);
     const uint8_t* ks = k_s + stage * Tr::kKBytes;
     const uint8_t* vs = v_s + stage * Tr::kVBytes;
-    for (int warp = 0; warp < Tr::kWarps; ++warp) {
+    for (int warp = 0; warp < Tr::kCtaWarps; ++warp) {
       Lane* W = lanes.data() + warp * kLanes;
       // ---- S = Q K^T ----
-      int32_t acc[2][8][kLanes][4] = {};
+      int32_t acc[Tr::kMTiles][8][kLanes][4] = {};
       for (int kk = 0; kk < Tr::kQKSteps; ++kk) {
-        uint32_t af[2][kLanes][4];
+        uint32_t af[Tr::kMTiles][kLanes][4];
         for (int lane = 0; lane < kLanes; ++lane)
-          for (int mt = 0; mt < 2; ++mt)
+          for (int mt = 0; mt < Tr::kMTiles; ++mt)
             for (int r = 0; r < 4; ++r) {
               const int rr = fault == 1 && (r == 1 || r == 2) ? 3 - r : r;
               af[mt][lane][r] = lds32(q_s + q_frag_offset<Tr>(warp, mt, lane / 4, lane % 4, kk, rr));
@@ -461,7 +461,7 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
           uint32_t bfr[kLanes][2];
           for (int lane = 0; lane < kLanes; ++lane)
             for (int j = 0; j < 2; ++j) bfr[lane][j] = lds32(ks + k_frag_offset<Tr>(nt, lane / 4, lane % 4, kk, j));
-          for (int mt = 0; mt < 2; ++mt) {
+          for (int mt = 0; mt < Tr::kMTiles; ++mt) {
             if constexpr (BITS == 4)
               hw_mma_m16n8k64_s4(acc[mt][nt], af[mt], bfr);
             else
@@ -471,11 +471,11 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
       }
       const int tile0 = tile * Tr::kCtaK;
       const float* q_bias =
-          bf.smooth_q ? bf.q_bias.data() + q_bias_index(bh, d.len_q_pad, d.len_k_pad, r0 + warp * Tr::kWarpQ, 0) : nullptr;
+          bf.smooth_q ? bf.q_bias.data() + q_bias_index(bh, d.len_q_pad, d.len_k_pad, r0 + warp * Tr::kWarpRows, 0) : nullptr;
       for (int lane = 0; lane < kLanes; ++lane) {
         const int t = lane % 4;
         const float dq = W[lane].q_sc * k_sc[k_scale_in_slice(tile, fault == 4 ? t ^ 1 : t)];
-        for (int mt = 0; mt < 2; ++mt)
+        for (int mt = 0; mt < Tr::kMTiles; ++mt)
           for (int hh = 0; hh < 2; ++hh) {
             const int lim = W[lane].visible[mt][hh] - tile0 - frag_c_col(t, 0);
             for (int nt = 0; nt < 8; ++nt)
@@ -488,7 +488,7 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
           }
       }
       // ---- online softmax: a row lives in the 4 lanes of a quad ----
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < Tr::kMTiles; ++mt)
         for (int hh = 0; hh < 2; ++hh) {
           float mx[kLanes];
           for (int lane = 0; lane < kLanes; ++lane) {
@@ -513,10 +513,10 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
         }
       // ---- O += P V ----
       constexpr int kPSteps = FP8 ? 2 : 4;
-      uint32_t pa[2][kPSteps][kLanes][4];
+      uint32_t pa[Tr::kMTiles][kPSteps][kLanes][4];
       for (int lane = 0; lane < kLanes; ++lane) {
         Lane& L = W[lane];
-        for (int mt = 0; mt < 2; ++mt)
+        for (int mt = 0; mt < Tr::kMTiles; ++mt)
           for (int kk = 0; kk < kPSteps; ++kk)
             for (int r = 0; r < 4; ++r) {
               const int rr = fault == 3 ? r ^ 2 : r;
@@ -542,7 +542,7 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
           uint32_t bfr[kLanes][2];
           for (int lane = 0; lane < kLanes; ++lane)
             for (int j = 0; j < 2; ++j) bfr[lane][j] = lds32(vs + v_frag_offset<Tr>(dn, lane / 4, lane % 4, kk, j));
-          for (int mt = 0; mt < 2; ++mt) {
+          for (int mt = 0; mt < Tr::kMTiles; ++mt) {
             float c[kLanes][4];
             for (int lane = 0; lane < kLanes; ++lane) std::memcpy(c[lane], W[lane].o[mt][dn], sizeof(c[lane]));
             if constexpr (FP8)
@@ -557,10 +557,10 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
 
   // ---- epilogue ----
   const float* v_sc = bf.v_scale.data() + bkv * D;
-  for (int warp = 0; warp < Tr::kWarps; ++warp) {
+  for (int warp = 0; warp < Tr::kCtaWarps; ++warp) {
     Lane* W = lanes.data() + warp * kLanes;
-    const int64_t row_base = r0 + warp * Tr::kWarpQ;
-    for (int mt = 0; mt < 2; ++mt)
+    const int64_t row_base = r0 + warp * Tr::kWarpRows;
+    for (int mt = 0; mt < Tr::kMTiles; ++mt)
       for (int hh = 0; hh < 2; ++hh) {
         float lsum[kLanes];
         for (int lane = 0; lane < kLanes; ++lane) lsum[lane] = W[lane].l[mt][hh];

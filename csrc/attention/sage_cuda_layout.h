@@ -43,7 +43,7 @@ TERSOR_HD constexpr int frag_b_delta(int j) { return frag_k_byte(0, j); }  // B 
 // Q A-fragment register r of m-tile mt, k-step kk (32 head-dim bytes per step).
 template <typename Tr>
 TERSOR_HD constexpr int q_frag_offset(int warp, int mt, int g, int t, int kk, int r) {
-  return (warp * Tr::kWarpQ + mt * 16 + frag_a_row(g, 0)) * Tr::kQKRowBytes + kk * 32 + frag_k_byte(t, 0) +
+  return (warp * Tr::kWarpRows + mt * 16 + frag_a_row(g, 0)) * Tr::kQKRowBytes + kk * 32 + frag_k_byte(t, 0) +
          frag_a_delta<Tr>(r);
 }
 // K B-fragment register j of key n-tile nt (8 keys), k-step kk.

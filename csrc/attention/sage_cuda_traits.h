@@ -13,7 +13,15 @@ struct SageAttnSm8xKernelTraits : SageTraitsSm8x {
   static_assert(kQKBits == 8 || kQKBits == 4, "Q K^T is INT8 or INT4");
   static constexpr int kD = kHeadDim;
   static constexpr int kBits = kQKBits;
-  static constexpr int kThreads = kWarps * 32;
+  // Query rows per warp in the kernel. D = 128: 16 (one m-tile, 8 warps): O is then 64 fp32 per lane instead
+  // of 128 and the kernel fits in 255 registers without spilling, at the cost of each K / V fragment being
+  // loaded from shared memory by twice as many warps. D = 64: 32 (two m-tiles, 4 warps). The Q scale groups
+  // and smoothing blocks stay those of 32-row blocks (kWarpQ, part of the format): a 16-row warp reads the
+  // group scales and bias row of its enclosing block, so the numerics do not depend on this choice.
+  static constexpr int kWarpRows = kHeadDim == 128 ? 16 : 32;
+  static constexpr int kMTiles = kWarpRows / 16;
+  static constexpr int kCtaWarps = kCtaQ / kWarpRows;
+  static constexpr int kThreads = kCtaWarps * 32;
   static constexpr int kDTiles = kD / 8;        // 8-channel n-tiles of the output
   static constexpr int kQKRowDataBytes = kD * kQKBits / 8;  // one packed Q / K row in global memory
   static constexpr int kQKSteps = kQKRowDataBytes / 32;     // k-steps (32 bytes each) over the head dim
