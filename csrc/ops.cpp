@@ -159,9 +159,9 @@ TORCH_LIBRARY(tersor, m) {
   m.def("_sage_group_maps(int len_q, int len_k) -> int[]");
   // Token stored at each of the first n positions of the FP8 V^T layout (v_fp8_position_token).
   m.def("_sage_v_fp8_positions(int n) -> int[]");
-  // CPU lane-by-lane replay of the sm80/sm89 CUDA path (prologue + attention kernel, qk_bits 8, pv "fp8"/"fp16",
-  // no Q smoothing) for layout tests; fault > 0 injects a deliberate layout bug (tests only).
-  m.def("_sage_emulate_cuda_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, str pv, bool smooth_k, int fault=0) -> (Tensor, Tensor)");
+  // CPU lane-by-lane replay of the sm80/sm89 CUDA path (prologue + attention kernel, qk_bits 8 / 4, pv "fp8"/"fp16",
+  // optional Q smoothing) for layout tests; fault > 0 injects a deliberate layout bug (tests only).
+  m.def("_sage_emulate_cuda_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, str pv, bool smooth_k, int fault=0, int qk_bits=8, bool smooth_q=False) -> (Tensor, Tensor)");
   // CPU check of the sm90a kernel's addressing (tile-native relayout, bulk-copy stages, wgmma descriptors, register
   // fragments, scale groups) against an independent PTX model; returns mismatch counts (all 0 = consistent).
   // fault > 0 injects a deliberate layout bug (tests only).

@@ -185,3 +185,24 @@ for force in forced:
     os.environ.pop("TERSOR_SAGE_FORCE_SM8X", None)
 torch.cuda.synchronize()
 print(f"sanitize_smoke: ran {launches} attention calls (paths {sorted(paths)})")
+
+# quantized attention (sm8x kernels): INT8 / INT4 Q K^T, with and without Q smoothing, both P.V modes, both
+# head dims, tails in Lq and Lk (masked padding rows / keys), causal with Lq > Lk (fully masked rows), GQA.
+launches = 0
+cc = torch.cuda.get_device_capability()
+for bits in (8, 4):
+    if bits == 4 and cc >= (9, 0):
+        continue  # no INT4 tensor cores: the glue runs the CPU twin there
+    for smooth_q in (False, True):
+        for pv in ("fp8", "fp16"):
+            if pv == "fp8" and cc < (8, 9):
+                continue
+            for dtype in (torch.float16, torch.bfloat16):
+                for d, lq, lk, causal in [(64, 100, 77, False), (128, 130, 200, True), (64, 200, 150, True)]:
+                    q = torch.randn(1, 4, lq, d, device="cuda").to(dtype)
+                    k = torch.randn(1, 2, lk, d, device="cuda").to(dtype)
+                    v = torch.randn(1, 2, lk, d, device="cuda").to(dtype)
+                    ops.sage_attention_fwd(q, k, v, causal, d ** -0.5, bits, pv, True, smooth_q)
+                    launches += 1
+torch.cuda.synchronize()
+print(f"sanitize_smoke: ran {launches} sage attention calls")

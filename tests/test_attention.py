@@ -435,6 +435,9 @@ CUDA_MODES = [  # qk_bits, pv, smooth_k, smooth_q, dtype
     (8, "fp16", True, False, torch.float16),
     (8, "fp16", True, False, torch.bfloat16),
     (4, "fp8", True, True, torch.float16),
+    (4, "fp8", True, False, torch.float16),   # INT4 without Q smoothing
+    (4, "fp16", True, True, torch.bfloat16),  # INT4 + Q smoothing on sm80's 16-bit P.V
+    (8, "fp16", True, True, torch.float16),   # Q smoothing with INT8
 ]
 
 
@@ -465,6 +468,23 @@ def test_cuda_strided_bshd_and_accuracy():
     ref, _ = attention_fp64(q, k, v, True)
     cos, l1 = _cos_l1(sage_attention(q.cuda(), k.cuda(), v.cuda(), is_causal=True).cpu(), ref)
     assert cos >= 0.999 and l1 <= 0.03, (cos, l1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_cuda_int4_smooth_q_strided_and_accuracy(pv):
+    # INT4 Q K^T with Q smoothing on bshd-strided input: against the twin, and the INT4 accuracy floor of the
+    # twin's accuracy test (tests above) on the same synthetic outliers.
+    if pv == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 P.V needs sm89+")
+    q, k, v = _outlier_qkv(6, l=700)
+    qs, ks, vs = (t.transpose(1, 2).contiguous().cuda().transpose(1, 2) for t in (q, k, v))
+    out, lse = L.sage_attention_fwd(qs, ks, vs, True, 128 ** -0.5, 4, pv, True, True)
+    cpu_out, cpu_lse = L.sage_attention_fwd(q, k, v, True, 128 ** -0.5, 4, pv, True, True)
+    _assert_close_to_twin(out, lse, cpu_out, cpu_lse)
+    ref, _ = attention_fp64(q, k, v, True)
+    cos, l1 = _cos_l1(out.cpu(), ref)
+    assert cos >= 0.97 and l1 <= 0.16, (cos, l1)
 
 
 def test_route_sdpa_minilm_model():

@@ -1,5 +1,5 @@
 """Lane-by-lane CPU replay of the sm80/sm89 quantized-attention CUDA path (_sage_emulate_cuda_attention,
-csrc/attention/sage_cuda_emulate.cpp): it matches the CPU twin with the same numerics, it catches deliberately
+csrc/attention/sage_cuda_emulate.cpp; INT8 and INT4 Q K^T, with or without Q smoothing): it matches the CPU twin with the same numerics, it catches deliberately
 wrong fragment mappings (so the agreement is not vacuous), bad input, and (on a GPU) the kernel against it."""
 
 import pytest
@@ -126,7 +126,11 @@ def test_replay_bad_input():
     with pytest.raises(ValueError, match="pv must be"):
         L._sage_emulate_cuda_attention(q, k, v, False, 0.1, "int8", True)
     with pytest.raises(ValueError, match="fault"):
-        L._sage_emulate_cuda_attention(q, k, v, False, 0.1, "fp8", True, 5)
+        L._sage_emulate_cuda_attention(q, k, v, False, 0.1, "fp8", True, 7)
+    with pytest.raises(ValueError, match="qk_bits"):
+        L._sage_emulate_cuda_attention(q, k, v, False, 0.1, "fp8", True, 0, 2)
+    with pytest.raises(ValueError, match="qk_bits"):
+        L._sage_emulate_cuda_attention(q, k, v, False, 0.1, "fp8", True, 0, 0)
     with pytest.raises(TypeError):
         L._sage_emulate_cuda_attention(q.float(), k.float(), v.float(), False, 0.1, "fp8", True)
     with pytest.raises(ValueError, match="head_dim"):
@@ -136,6 +140,85 @@ def test_replay_bad_input():
                                        0.1, "fp8", True)
     out, lse = L._sage_emulate_cuda_attention(q[:, :, :0], k, v, False, 0.1, "fp8", True)
     assert out.shape == (1, 2, 0, 64) and lse.shape == (1, 2, 0)
+
+
+# INT4 Q K^T (mma.m16n8k64.s4, packed nibbles) and Q smoothing (per-32-row-block mean, q_mean . K' bias):
+# qk_bits, smooth_q, pv, dtype.
+INT4_SMOOTH_MODES = [
+    (4, True, "fp8", torch.float16),
+    (4, False, "fp16", torch.bfloat16),
+    (4, True, "fp16", torch.bfloat16),
+    (8, True, "fp8", torch.float16),
+]
+
+
+def _offset_q(q):
+    # A per-channel Q offset (what Q smoothing removes), so the smoothing bias carries real weight.
+    return (q.float() + torch.linspace(-2.0, 2.0, q.shape[-1])).to(q.dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", INT4_SMOOTH_MODES)
+def test_replay_int4_and_smooth_q_match_cpu_twin(shape, mode):
+    bits, sq, pv, dtype = mode
+    causal = shape[-1]
+    q, k, v = _inputs(shape, dtype, seed=2)
+    q = _offset_q(q)
+    out, lse = L._sage_emulate_cuda_attention(q, k, v, causal, 0.1, pv, True, 0, bits, sq)
+    ref, ref_lse = L.sage_attention_fwd(q, k, v, causal, 0.1, bits, pv, True, sq)
+    assert out.dtype == dtype and out.shape == ref.shape
+    problem = _mismatch(out, lse, ref, ref_lse)
+    assert problem is None, problem
+
+
+# fault 5 packs INT4 K with the even channel in the high nibble; 6 adds the smoothing bias of the other key
+# of the lane's column pair. Each must move the output far (and only in the mode it concerns).
+INT4_FAULTS = [(5, 4, False, "fp16"), (5, 4, True, "fp8"), (6, 4, True, "fp8"), (6, 8, True, "fp16")]
+
+
+@pytest.mark.parametrize("fault", INT4_FAULTS)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1]])
+def test_replay_catches_wrong_int4_and_bias_mapping(fault, shape):
+    f, bits, sq, pv = fault
+    causal = shape[-1]
+    q, k, v = _inputs(shape, torch.float16, seed=1)
+    q = _offset_q(q)
+    ref, ref_lse = L.sage_attention_fwd(q, k, v, causal, 0.1, bits, pv, True, sq)
+    good = L._sage_emulate_cuda_attention(q, k, v, causal, 0.1, pv, True, 0, bits, sq)
+    assert _mismatch(*good, ref, ref_lse) is None
+    out, lse = L._sage_emulate_cuda_attention(q, k, v, causal, 0.1, pv, True, f, bits, sq)
+    assert _mismatch(out, lse, ref, ref_lse) is not None
+    assert (out.float() - ref.float()).abs().max().item() > 0.1 * ref.float().abs().max().item()
+
+
+def test_replay_int4_faults_are_mode_specific():
+    # Fault 5 touches only INT4 packing, fault 6 only the smoothing bias.
+    shape = SHAPES[0]
+    q, k, v = _inputs(shape, torch.float16, seed=4)
+    q = _offset_q(q)
+    for f, bits, sq in [(5, 8, True), (6, 4, False)]:
+        a = L._sage_emulate_cuda_attention(q, k, v, False, 0.1, "fp16", True, 0, bits, sq)
+        b = L._sage_emulate_cuda_attention(q, k, v, False, 0.1, "fp16", True, f, bits, sq)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", INT4_SMOOTH_MODES)
+def test_cuda_int4_smooth_q_kernel_matches_replay(shape, mode):
+    bits, sq, pv, dtype = mode
+    cc = torch.cuda.get_device_capability()
+    if pv == "fp8" and cc < (8, 9):
+        pytest.skip("FP8 P.V needs sm89+")
+    if bits == 4 and cc >= (9, 0):
+        pytest.skip("no INT4 tensor cores on this device (the glue runs the CPU twin)")
+    causal = shape[-1]
+    q, k, v = _inputs(shape, dtype, seed=2)
+    q = _offset_q(q)
+    rep, rep_lse = L._sage_emulate_cuda_attention(q, k, v, causal, 0.1, pv, True, 0, bits, sq)
+    out, lse = L.sage_attention_fwd(q.cuda(), k.cuda(), v.cuda(), causal, 0.1, bits, pv, True, sq)
+    problem = _mismatch(out.cpu(), lse.cpu(), rep, rep_lse, mean_bound=5e-6, min_same=0.0)
+    assert problem is None, problem
 
 
 @pytest.mark.cuda

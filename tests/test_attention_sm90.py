@@ -125,9 +125,28 @@ def test_sm90_replay_bad_input():
     assert out.shape == (1, 2, 0, 64) and lse.shape == (1, 2, 0)
 
 
-def test_cuda_path_names():
+def test_cuda_path_names(monkeypatch):
     cpu = torch.device("cpu")
     assert attention.cuda_path_name(cpu, "int8", "fp8") == "cpu-twin"
+    # The routing table of sage_cuda_glue.cpp, per compute capability (no GPU needed to check the table).
+    cuda = torch.device("cuda", 0)
+    expected = {
+        (9, 0): {("int8", "fp8", False): "sm90a-wgmma", ("int8", "fp8", True): "sm8x-mma",
+                 ("int8", "fp16", False): "sm8x-mma", ("int4", "fp8", False): "host-twin",
+                 ("int8", "fp32", False): "host-twin"},
+        (8, 9): {("int8", "fp8", False): "sm8x-mma", ("int4", "fp8", True): "sm8x-mma",
+                 ("int4", "fp16", False): "sm8x-mma", ("none", "fp8", False): "host-twin"},
+        (8, 0): {("int8", "fp8", False): "host-twin", ("int8", "fp16", True): "sm8x-mma",
+                 ("int4", "fp16", False): "sm8x-mma"},
+        (7, 5): {("int8", "fp16", False): "host-twin"},
+    }
+    for cc, table in expected.items():
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cc=cc: cc)
+        for (qk, pv, smooth_q), name in table.items():
+            assert attention.cuda_path_name(cuda, qk, pv, smooth_q) == name, (cc, qk, pv, smooth_q)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("TERSOR_SAGE_FORCE_SM8X", "1")
+    assert attention.cuda_path_name(cuda, "int8", "fp8") == "sm8x-mma"
 
 
 # ---- on a Hopper GPU ----------------------------------------------------------------------------------

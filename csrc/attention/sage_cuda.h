@@ -33,15 +33,19 @@ struct SageQuantArgs {
   float scale;        // softmax scale (for the LSE correction)
   bool smooth_k;
   bool pv_fp8;
+  int qk_bits;        // 8 or 4 (4: two channels per byte, sage_cuda_layout.h)
+  bool smooth_q;      // Q smoothing per 32-row block (q_mean, q_bias)
   // outputs (device scratch, see sage_cuda_glue.cpp for the shapes)
   float* k_mean;      // [B, Hkv, D]
-  int8_t* q_int;      // [B, Hq, Lq_pad, D]
+  int8_t* q_int;      // [B, Hq, Lq_pad, D * qk_bits / 8]
   float* q_scale;     // [B, Hq, Lq_pad / 32 * 8]
   float* lse_corr;    // [B, Hq, Lq]: scale * q . k_mean
-  int8_t* k_int;      // [B, Hkv, Lk_pad, D]
+  int8_t* k_int;      // [B, Hkv, Lk_pad, D * qk_bits / 8]
   float* k_scale;     // [B, Hkv, Lk_pad / 64 * 4]
   void* v_t;          // [B, Hkv, D, Lk_pad]: e4m3 (token-permuted) or the 16-bit dtype (natural order)
   float* v_scale;     // [B, Hkv, D] (fp8 only)
+  float* q_mean;      // [B, Hq, Lq_pad / 32, D] (smooth_q only)
+  float* q_bias;      // [B, Hq, Lq_pad / 32, Lk_pad]: q_mean . (K - k_mean)_j in fp32 (smooth_q only)
 };
 
 struct SageAttnArgs {
@@ -49,6 +53,9 @@ struct SageAttnArgs {
   DType dtype;
   bool causal;
   bool pv_fp8;
+  int qk_bits;
+  bool smooth_q;
+  const float* q_bias;  // smooth_q only
   const int8_t* q_int;
   const float* q_scale;
   const float* lse_corr;

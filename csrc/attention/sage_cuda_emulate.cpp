@@ -18,7 +18,12 @@
 //
 // `fault` (tests only) injects a deliberate layout bug on the kernel side so tests can show the replay
 // catches it: 1 swaps Q A-fragment registers 1 and 2, 2 stores FP8 V^T without the token permutation,
-// 3 swaps the n-tiles of P's A fragment registers (r ^ 2), 4 uses K scale group t ^ 1.
+// 3 swaps the n-tiles of P's A fragment registers (r ^ 2), 4 uses K scale group t ^ 1, 5 packs INT4 K with
+// the even channel in the high nibble, 6 adds the Q-smoothing bias of the pair's other key (column 2t + 1 - e).
+//
+// INT4 (qk_bits 4) and Q smoothing (smooth_q) are replayed too: the packed-nibble prologue, the block mean and
+// q_bias kernels, mma.m16n8k64.s4 from its own PTX fragment rules, and the bias added (rounded, no FMA) to
+// the dequantized scores.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -109,6 +114,31 @@ void hw_mma_m16n8k32_s8(int32_t c[kLanes][4], const uint32_t a[kLanes][4], const
     }
 }
 
+// D = A B + C, m16n8k64 .s4 (PTX ISA "Matrix Fragments for mma.m16n8k64"): A reg r of lane (g, t) holds 8
+// signed nibbles, nibble x (bits 4x..4x+3) = row g (+8 if r is odd), k = 8t + x (+32 if r >= 2); B reg j =
+// column g, k = 8t + x + 32j; C as m16n8k32. Exact.
+void hw_mma_m16n8k64_s4(int32_t c[kLanes][4], const uint32_t a[kLanes][4], const uint32_t b[kLanes][2]) {
+  auto nib = [](uint32_t w, int x) {
+    const int v = static_cast<int>((w >> (4 * x)) & 15u);
+    return v >= 8 ? v - 16 : v;
+  };
+  int32_t A[16][64], B[64][8];
+  for (int lane = 0; lane < kLanes; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    for (int r = 0; r < 4; ++r)
+      for (int x = 0; x < 8; ++x) A[g + ((r & 1) ? 8 : 0)][8 * t + x + ((r & 2) ? 32 : 0)] = nib(a[lane][r], x);
+    for (int j = 0; j < 2; ++j)
+      for (int x = 0; x < 8; ++x) B[8 * t + x + 32 * j][g] = nib(b[lane][j], x);
+  }
+  for (int lane = 0; lane < kLanes; ++lane)
+    for (int i = 0; i < 4; ++i) {
+      const int row = lane / 4 + (i >= 2 ? 8 : 0), col = 2 * (lane % 4) + (i & 1);
+      int32_t s = 0;
+      for (int k = 0; k < 64; ++k) s += A[row][k] * B[k][col];
+      c[lane][i] += s;
+    }
+}
+
 // mma_m16n8k32_e4m3_add_f32: P = A B with a zero accumulator (e4m3 products are exact in fp64 and so is the
 // sum of 32 of them; the hardware's internal rounding differs slightly), then acc += P in fp32.
 void hw_mma_m16n8k32_e4m3_add(float c[kLanes][4], const uint32_t a[kLanes][4], const uint32_t b[kLanes][2]) {
@@ -163,8 +193,11 @@ struct SageDims {
 
 struct Buffers {
   SageDims d;
+  int bits = 8;           // Q / K codes: INT8, or INT4 packed two per byte
+  bool smooth_q = false;
   std::vector<float> k_mean, q_scale, lse_corr, k_scale, v_scale;
-  std::vector<int8_t> q_int, k_int;
+  std::vector<float> q_mean, q_bias;  // smooth_q: [B, Hq, Lq_pad / 32, D], [B, Hq, Lq_pad / 32, Lk_pad]
+  std::vector<uint8_t> q_int, k_int;  // rows of D * bits / 8 bytes
   std::vector<uint8_t> v_t;  // e4m3 codes or 16-bit bits (little endian), [B, Hkv, D, Lk_pad]
 };
 
@@ -175,12 +208,16 @@ void replay_prologue(const SageCall& c, const float* q, const float* k, const fl
   using Tr = SageTraitsSm8x;
   const SageDims& d = bf.d;
   const int D = static_cast<int>(d.head_dim);
+  const int bits = bf.bits, row_bytes = D * bits / 8;
   const float qk_mul = static_cast<float>(c.scale) * kLog2e, scale = static_cast<float>(c.scale);
   const int64_t n_kv = d.batch * d.heads_kv, n_q = d.batch * d.heads_q;
+  const int64_t q_blocks = d.len_q_pad / Tr::kWarpQ;
   bf.k_mean.assign(n_kv * D, 0.f);
-  bf.k_int.assign(n_kv * d.len_k_pad * D, 0);
+  bf.k_int.assign(n_kv * d.len_k_pad * row_bytes, 0);
   bf.k_scale.assign(n_kv * (d.len_k_pad / Tr::kCtaK * Tr::kKGroupsPerTile), 0.f);
-  bf.q_int.assign(n_q * d.len_q_pad * D, 0);
+  bf.q_int.assign(n_q * d.len_q_pad * row_bytes, 0);
+  bf.q_mean.assign(bf.smooth_q ? n_q * q_blocks * D : 0, 0.f);
+  bf.q_bias.assign(bf.smooth_q ? n_q * q_blocks * d.len_k_pad : 0, 0.f);
   bf.q_scale.assign(n_q * (d.len_q_pad / Tr::kWarpQ * Tr::kQGroupsPerWarp), 0.f);
   bf.lse_corr.assign(n_q * d.len_q, 0.f);
   bf.v_scale.assign(n_kv * (fp8 ? D : 1), 0.f);
@@ -213,13 +250,20 @@ void replay_prologue(const SageCall& c, const float* q, const float* k, const fl
             }
           }
           for (int o = 16; o > 0; o >>= 1) shfl_xor_apply(amax, o, [](float x, float y) { return std::fmax(x, y); });
-          const IntQuantParams qp = int_quant_params(amax[0], 8);
-          int8_t* out = bf.k_int.data() + bh * d.len_k_pad * D;
-          for (int idx = 0; idx < 16 * D; ++idx) {
-            const int64_t j = k_group_token(tile0, t, idx / D);
-            const int ch = idx % D;
-            out[j * D + ch] =
-                static_cast<int8_t>(j < d.len_k ? quantize_int(kh[j * D + ch] - mean[ch], qp.inv_scale, 8) : 0);
+          const IntQuantParams qp = int_quant_params(amax[0], bits);
+          auto code_of = [&](int64_t j, int ch) {
+            return j < d.len_k ? quantize_int(kh[j * D + ch] - mean[ch], qp.inv_scale, bits) : 0;
+          };
+          uint8_t* out = bf.k_int.data() + bh * d.len_k_pad * row_bytes;
+          for (int idx = 0; idx < 16 * row_bytes; ++idx) {
+            const int64_t j = k_group_token(tile0, t, idx / row_bytes);
+            const int byte = idx % row_bytes;
+            if (bits == 4) {
+              const int lo = code_of(j, 2 * byte), hi = code_of(j, 2 * byte + 1);
+              out[j * row_bytes + byte] = fault == 5 ? pack_int4_pair(hi, lo) : pack_int4_pair(lo, hi);
+            } else {
+              out[j * row_bytes + byte] = static_cast<uint8_t>(static_cast<int8_t>(code_of(j, byte)));
+            }
           }
           bf.k_scale[k_scale_index(bh, d.len_k_pad, tile, t)] = qp.scale;
         }
@@ -253,9 +297,22 @@ void replay_prologue(const SageCall& c, const float* q, const float* k, const fl
       const float* qh = q + bh * d.len_q * D;
       const float* mean = bf.k_mean.data() + bkv * D;
       // quant_q_kernel: block of 32 rows, warp g = Q group g (rows g + 8i), lanes strided over channels.
-      for (int64_t blk = 0; blk < d.len_q_pad / Tr::kWarpQ; ++blk)
+      for (int64_t blk = 0; blk < q_blocks; ++blk) {
+        const int64_t block0 = blk * Tr::kWarpQ;
+        // smooth_q: thread c, fp64 sum of the rounded Q * qk_mul over the block's rows < Lq, rounded once.
+        float* q_mean = bf.smooth_q ? bf.q_mean.data() + q_mean_index(bh, d.len_q_pad, block0, D, 0) : nullptr;
+        if (bf.smooth_q)
+          for (int ch = 0; ch < D; ++ch) {
+            double s = 0;
+            int64_t n = 0;
+            for (int64_t r = block0; r < block0 + Tr::kWarpQ && r < d.len_q; ++r, ++n) s += qh[r * D + ch] * qk_mul;
+            q_mean[ch] = n > 0 ? static_cast<float>(s / static_cast<double>(n)) : 0.f;
+          }
+        auto value = [&](int64_t r, int ch) {
+          const float x = qh[r * D + ch] * qk_mul;
+          return bf.smooth_q ? x - q_mean[ch] : x;
+        };
         for (int g = 0; g < 8; ++g) {
-          const int64_t block0 = blk * Tr::kWarpQ;
           float amax[kLanes] = {};
           for (int i = 0; i < 4; ++i) {
             const int64_t r = q_group_row(block0, g, i);
@@ -265,7 +322,7 @@ void replay_prologue(const SageCall& c, const float* q, const float* k, const fl
               dot[lane] = 0.f;
               for (int ch = lane; ch < D; ch += kLanes) {
                 const float x = qh[r * D + ch];
-                amax[lane] = std::fmax(amax[lane], std::fabs(x * qk_mul));
+                amax[lane] = std::fmax(amax[lane], std::fabs(value(r, ch)));
                 dot[lane] = std::fma(x, mean[ch], dot[lane]);  // nvcc contracts dot += x * mean
               }
             }
@@ -273,24 +330,44 @@ void replay_prologue(const SageCall& c, const float* q, const float* k, const fl
             bf.lse_corr[bh * d.len_q + r] = c.smooth_k ? dot[0] * scale : 0.f;
           }
           for (int o = 16; o > 0; o >>= 1) shfl_xor_apply(amax, o, [](float x, float y) { return std::fmax(x, y); });
-          const IntQuantParams qp = int_quant_params(amax[0], 8);
-          int8_t* out = bf.q_int.data() + bh * d.len_q_pad * D;
+          const IntQuantParams qp = int_quant_params(amax[0], bits);
+          auto code_of = [&](int64_t r, int ch) { return r < d.len_q ? quantize_int(value(r, ch), qp.inv_scale, bits) : 0; };
+          uint8_t* out = bf.q_int.data() + bh * d.len_q_pad * row_bytes;
           for (int i = 0; i < 4; ++i) {
             const int64_t r = q_group_row(block0, g, i);
-            for (int ch = 0; ch < D; ++ch)
-              out[r * D + ch] = static_cast<int8_t>(r < d.len_q ? quantize_int(qh[r * D + ch] * qk_mul, qp.inv_scale, 8) : 0);
+            for (int byte = 0; byte < row_bytes; ++byte)
+              out[r * row_bytes + byte] = bits == 4 ? pack_int4_pair(code_of(r, 2 * byte), code_of(r, 2 * byte + 1))
+                                                    : static_cast<uint8_t>(static_cast<int8_t>(code_of(r, byte)));
           }
           bf.q_scale[q_scale_index(bh, d.len_q_pad, block0, g)] = qp.scale;
         }
+        // q_bias_kernel: thread j, channel order, each step rounded.
+        if (bf.smooth_q) {
+          const float* kh = k + bkv * d.len_k * D;
+          const float* k_mean = bf.k_mean.data() + bkv * D;
+          float* out = bf.q_bias.data() + q_bias_index(bh, d.len_q_pad, d.len_k_pad, block0, 0);
+          for (int64_t j = 0; j < d.len_k_pad; ++j) {
+            float s = 0.f;
+            if (j < d.len_k)
+              for (int ch = 0; ch < D; ++ch) {
+                const float ks = kh[j * D + ch] - k_mean[ch];
+                const float prod = q_mean[ch] * ks;
+                s = s + prod;
+              }
+            out[j] = s;
+          }
+        }
+      }
     }
   });
 }
 
 // ---- sage_attn_kernel, one CTA ----
-template <int D, bool FP8, bool kBf16>
+template <int D, bool FP8, bool kBf16, int BITS>
 void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t cta, uint16_t* out, float* lse,
                 std::vector<uint8_t>& smem) {
-  using Tr = SageAttnSm8xKernelTraits<D, FP8>;
+  using Tr = SageAttnSm8xKernelTraits<D, FP8, BITS>;
+  constexpr int kRowBytes = Tr::kQKRowDataBytes;
   const SageDims& d = bf.d;
   // Poison: a fragment read from a byte no cp.async wrote shows up as garbage.
   smem.assign(Tr::kSmemBytes, 0x5A);
@@ -304,21 +381,21 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
   const int64_t last_row = std::min(r0 + Tr::kCtaQ - 1, d.len_q - 1);
   const int64_t kv_end = causal ? causal_visible_keys(last_row, d.len_q, d.len_k) : d.len_k;
   const int n_tiles = static_cast<int>((kv_end + Tr::kCtaK - 1) / Tr::kCtaK);
-  const int8_t* q_g = bf.q_int.data() + (bh * d.len_q_pad + r0) * D;
-  const int8_t* k_g = bf.k_int.data() + bkv * d.len_k_pad * D;
+  const uint8_t* q_g = bf.q_int.data() + (bh * d.len_q_pad + r0) * kRowBytes;
+  const uint8_t* k_g = bf.k_int.data() + bkv * d.len_k_pad * kRowBytes;
   const uint8_t* v_g = bf.v_t.data() + bkv * D * d.len_k_pad * Tr::kVElemBytes;
 
-  constexpr int kRowChunks = D / 16;
+  constexpr int kRowChunks = kRowBytes / 16;
   for (int i = 0; i < Tr::kCtaQ * kRowChunks; ++i) {  // all threads' chunks
     const int row = chunk_row(i, kRowChunks), cb = chunk_col_byte(i, kRowChunks);
-    std::memcpy(q_s + row * Tr::kQKRowBytes + cb, q_g + row * D + cb, 16);
+    std::memcpy(q_s + row * Tr::kQKRowBytes + cb, q_g + row * kRowBytes + cb, 16);
   }
   auto load_kv = [&](int tile, int stage) {
     uint8_t* ks = k_s + stage * Tr::kKBytes;
-    const int8_t* ksrc = k_g + static_cast<int64_t>(tile) * Tr::kCtaK * D;
+    const uint8_t* ksrc = k_g + static_cast<int64_t>(tile) * Tr::kCtaK * kRowBytes;
     for (int i = 0; i < Tr::kCtaK * kRowChunks; ++i) {
       const int row = chunk_row(i, kRowChunks), cb = chunk_col_byte(i, kRowChunks);
-      std::memcpy(ks + row * Tr::kQKRowBytes + cb, ksrc + row * D + cb, 16);
+      std::memcpy(ks + row * Tr::kQKRowBytes + cb, ksrc + row * kRowBytes + cb, 16);
     }
     uint8_t* vs = v_s + stage * Tr::kVBytes;
     constexpr int kVChunks = Tr::kCtaK * Tr::kVElemBytes / 16;
@@ -337,26 +414,26 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
   // Per-lane registers of the 4 warps ([warp][lane]...). The warps share only shared memory, and the
   // kernel's __syncthreads sit between tiles, so running the warps one after another per tile is exact.
   struct Lane {
-    float o[2][Tr::kDTiles][4];
-    float m[2][2], l[2][2];
-    int visible[2][2];
+    float o[Tr::kMTiles][Tr::kDTiles][4];
+    float m[Tr::kMTiles][2], l[Tr::kMTiles][2];
+    int visible[Tr::kMTiles][2];
     float q_sc;
   };
-  std::vector<Lane> lanes(Tr::kWarps * kLanes);
-  for (int warp = 0; warp < Tr::kWarps; ++warp)
+  std::vector<Lane> lanes(Tr::kCtaWarps * kLanes);
+  for (int warp = 0; warp < Tr::kCtaWarps; ++warp)
     for (int lane = 0; lane < kLanes; ++lane) {
       Lane& L = lanes[warp * kLanes + lane];
       const int g = lane / 4;
-      const int64_t row_base = r0 + warp * Tr::kWarpQ;
+      const int64_t row_base = r0 + warp * Tr::kWarpRows;
       L.q_sc = bf.q_scale[q_scale_index(bh, d.len_q_pad, row_base, g)];
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < Tr::kMTiles; ++mt)
         for (int hh = 0; hh < 2; ++hh) {
           L.visible[mt][hh] = static_cast<int>(
               causal ? causal_visible_keys(row_base + mt * 16 + frag_c_row(g, 2 * hh), d.len_q, d.len_k) : d.len_k);
           L.m[mt][hh] = kNegInf;
           L.l[mt][hh] = 0.f;
         }
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < Tr::kMTiles; ++mt)
         for (int dn = 0; dn < Tr::kDTiles; ++dn)
           for (int i = 0; i < 4; ++i) L.o[mt][dn][i] = 0.f;
     }
@@ -370,14 +447,14 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
     if (tile + 1 < n_tiles) load_kv(tile + 1, stage ^ 1);
     const uint8_t* ks = k_s + stage * Tr::kKBytes;
     const uint8_t* vs = v_s + stage * Tr::kVBytes;
-    for (int warp = 0; warp < Tr::kWarps; ++warp) {
+    for (int warp = 0; warp < Tr::kCtaWarps; ++warp) {
       Lane* W = lanes.data() + warp * kLanes;
       // ---- S = Q K^T ----
-      int32_t acc[2][8][kLanes][4] = {};
+      int32_t acc[Tr::kMTiles][8][kLanes][4] = {};
       for (int kk = 0; kk < Tr::kQKSteps; ++kk) {
-        uint32_t af[2][kLanes][4];
+        uint32_t af[Tr::kMTiles][kLanes][4];
         for (int lane = 0; lane < kLanes; ++lane)
-          for (int mt = 0; mt < 2; ++mt)
+          for (int mt = 0; mt < Tr::kMTiles; ++mt)
             for (int r = 0; r < 4; ++r) {
               const int rr = fault == 1 && (r == 1 || r == 2) ? 3 - r : r;
               af[mt][lane][r] = lds32(q_s + q_frag_offset<Tr>(warp, mt, lane / 4, lane % 4, kk, rr));
@@ -386,24 +463,34 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
           uint32_t bfr[kLanes][2];
           for (int lane = 0; lane < kLanes; ++lane)
             for (int j = 0; j < 2; ++j) bfr[lane][j] = lds32(ks + k_frag_offset<Tr>(nt, lane / 4, lane % 4, kk, j));
-          for (int mt = 0; mt < 2; ++mt) hw_mma_m16n8k32_s8(acc[mt][nt], af[mt], bfr);
+          for (int mt = 0; mt < Tr::kMTiles; ++mt) {
+            if constexpr (BITS == 4)
+              hw_mma_m16n8k64_s4(acc[mt][nt], af[mt], bfr);
+            else
+              hw_mma_m16n8k32_s8(acc[mt][nt], af[mt], bfr);
+          }
         }
       }
       const int tile0 = tile * Tr::kCtaK;
+      const float* q_bias =
+          bf.smooth_q ? bf.q_bias.data() + q_bias_index(bh, d.len_q_pad, d.len_k_pad, r0 + warp * Tr::kWarpRows, 0) : nullptr;
       for (int lane = 0; lane < kLanes; ++lane) {
         const int t = lane % 4;
         const float dq = W[lane].q_sc * k_sc[k_scale_in_slice(tile, fault == 4 ? t ^ 1 : t)];
-        for (int mt = 0; mt < 2; ++mt)
+        for (int mt = 0; mt < Tr::kMTiles; ++mt)
           for (int hh = 0; hh < 2; ++hh) {
             const int lim = W[lane].visible[mt][hh] - tile0 - frag_c_col(t, 0);
             for (int nt = 0; nt < 8; ++nt)
               for (int e = 0; e < 2; ++e)
-                S(lane, mt, nt, 2 * hh + e) =
-                    nt * 8 + e < lim ? static_cast<float>(acc[mt][nt][lane][2 * hh + e]) * dq : kNegInf;
+              {
+                float sv = static_cast<float>(acc[mt][nt][lane][2 * hh + e]) * dq;
+                if (q_bias) sv = sv + q_bias[tile0 + nt * 8 + frag_c_col(t, fault == 6 ? 1 - e : e)];
+                S(lane, mt, nt, 2 * hh + e) = nt * 8 + e < lim ? sv : kNegInf;
+              }
           }
       }
       // ---- online softmax: a row lives in the 4 lanes of a quad ----
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < Tr::kMTiles; ++mt)
         for (int hh = 0; hh < 2; ++hh) {
           float mx[kLanes];
           for (int lane = 0; lane < kLanes; ++lane) {
@@ -428,10 +515,10 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
         }
       // ---- O += P V ----
       constexpr int kPSteps = FP8 ? 2 : 4;
-      uint32_t pa[2][kPSteps][kLanes][4];
+      uint32_t pa[Tr::kMTiles][kPSteps][kLanes][4];
       for (int lane = 0; lane < kLanes; ++lane) {
         Lane& L = W[lane];
-        for (int mt = 0; mt < 2; ++mt)
+        for (int mt = 0; mt < Tr::kMTiles; ++mt)
           for (int kk = 0; kk < kPSteps; ++kk)
             for (int r = 0; r < 4; ++r) {
               const int rr = fault == 3 ? r ^ 2 : r;
@@ -457,7 +544,7 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
           uint32_t bfr[kLanes][2];
           for (int lane = 0; lane < kLanes; ++lane)
             for (int j = 0; j < 2; ++j) bfr[lane][j] = lds32(vs + v_frag_offset<Tr>(dn, lane / 4, lane % 4, kk, j));
-          for (int mt = 0; mt < 2; ++mt) {
+          for (int mt = 0; mt < Tr::kMTiles; ++mt) {
             float c[kLanes][4];
             for (int lane = 0; lane < kLanes; ++lane) std::memcpy(c[lane], W[lane].o[mt][dn], sizeof(c[lane]));
             if constexpr (FP8)
@@ -472,10 +559,10 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
 
   // ---- epilogue ----
   const float* v_sc = bf.v_scale.data() + bkv * D;
-  for (int warp = 0; warp < Tr::kWarps; ++warp) {
+  for (int warp = 0; warp < Tr::kCtaWarps; ++warp) {
     Lane* W = lanes.data() + warp * kLanes;
-    const int64_t row_base = r0 + warp * Tr::kWarpQ;
-    for (int mt = 0; mt < 2; ++mt)
+    const int64_t row_base = r0 + warp * Tr::kWarpRows;
+    for (int mt = 0; mt < Tr::kMTiles; ++mt)
       for (int hh = 0; hh < 2; ++hh) {
         float lsum[kLanes];
         for (int lane = 0; lane < kLanes; ++lane) lsum[lane] = W[lane].l[mt][hh];
@@ -513,13 +600,13 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
   }
 }
 
-template <int D, bool FP8, bool kBf16>
+template <int D, bool FP8, bool kBf16, int BITS>
 void replay_attention(const Buffers& bf, bool causal, int fault, uint16_t* out, float* lse) {
   const SageDims& d = bf.d;
   const int64_t ctas = d.len_q_pad / SageTraitsSm8x::kCtaQ;
   at::parallel_for(0, d.batch * d.heads_q * ctas, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> smem;
-    for (int64_t w = b0; w < b1; ++w) replay_cta<D, FP8, kBf16>(bf, causal, fault, w / ctas, w % ctas, out, lse, smem);
+    for (int64_t w = b0; w < b1; ++w) replay_cta<D, FP8, kBf16, BITS>(bf, causal, fault, w / ctas, w % ctas, out, lse, smem);
   });
 }
 
@@ -573,7 +660,7 @@ void replay_cta_sm90(const Buffers& bf, const std::vector<uint8_t>& k_tiles, con
     const int64_t wg_row0 = r0 + wg * Tr::kRowsPerWarpgroup;
     const int64_t wg_last = std::min(wg_row0 + Tr::kRowsPerWarpgroup - 1, d.len_q - 1);
     wg_kv_end[wg] = wg_row0 >= d.len_q ? 0 : causal ? causal_visible_keys(wg_last, d.len_q, d.len_k) : d.len_k;
-    const int8_t* q_g = bf.q_int.data() + (bh * d.len_q_pad + wg_row0) * D;
+    const int8_t* q_g = reinterpret_cast<const int8_t*>(bf.q_int.data()) + (bh * d.len_q_pad + wg_row0) * D;
     for (int tid = 0; tid < kWgThreads; ++tid) {
       Thread& T = th[wg * kWgThreads + tid];
       const int w = tid / 32, g = (tid % 32) / 4, t = tid % 4;
@@ -783,16 +870,34 @@ std::tuple<at::Tensor, at::Tensor> sage_emulate_sm90_attention(const at::Tensor&
   return {out, lse};
 }
 
+template <int BITS>
+void dispatch_replay(int key, const Buffers& bf, bool causal, int fault, uint16_t* out, float* lse) {
+  switch (key) {
+    case 0: replay_attention<64, false, false, BITS>(bf, causal, fault, out, lse); break;
+    case 1: replay_attention<64, false, true, BITS>(bf, causal, fault, out, lse); break;
+    case 2: replay_attention<64, true, false, BITS>(bf, causal, fault, out, lse); break;
+    case 3: replay_attention<64, true, true, BITS>(bf, causal, fault, out, lse); break;
+    case 4: replay_attention<128, false, false, BITS>(bf, causal, fault, out, lse); break;
+    case 5: replay_attention<128, false, true, BITS>(bf, causal, fault, out, lse); break;
+    case 6: replay_attention<128, true, false, BITS>(bf, causal, fault, out, lse); break;
+    default: replay_attention<128, true, true, BITS>(bf, causal, fault, out, lse); break;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> sage_emulate_cuda_attention(const at::Tensor& q, const at::Tensor& k,
                                                                const at::Tensor& v, bool is_causal, double scale,
-                                                               c10::string_view pv, bool smooth_k, int64_t fault) {
+                                                               c10::string_view pv, bool smooth_k, int64_t fault,
+                                                               int64_t qk_bits, bool smooth_q) {
   constexpr const char* op = "_sage_emulate_cuda_attention";
-  const SageCall c = check_call(q, k, v, is_causal, scale, 8, std::string(pv), smooth_k, false);
+  TORCH_CHECK_VALUE(qk_bits == 8 || qk_bits == 4, op, ": the CUDA kernel has qk_bits 8 or 4, got ", qk_bits);
+  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, std::string(pv), smooth_k, smooth_q);
   TORCH_CHECK_VALUE(c.pv != PVMode::kFp32, op, ": the CUDA kernel has pv \"fp8\" or \"fp16\" only");
-  TORCH_CHECK_VALUE(fault >= 0 && fault <= 4, op, ": fault must be in [0, 4], got ", fault);
+  TORCH_CHECK_VALUE(fault >= 0 && fault <= 6, op, ": fault must be in [0, 6], got ", fault);
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op, ": expects CPU tensors");
   const bool fp8 = c.pv == PVMode::kFp8, bf16 = q.scalar_type() == at::kBFloat16;
   Buffers bf;
+  bf.bits = static_cast<int>(qk_bits);
+  bf.smooth_q = smooth_q;
   bf.d = SageDims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,
                   (c.len_q + SageTraitsSm8x::kCtaQ - 1) / SageTraitsSm8x::kCtaQ * SageTraitsSm8x::kCtaQ,
                   (c.len_k + SageTraitsSm8x::kCtaK - 1) / SageTraitsSm8x::kCtaK * SageTraitsSm8x::kCtaK};
@@ -809,16 +914,10 @@ std::tuple<at::Tensor, at::Tensor> sage_emulate_cuda_attention(const at::Tensor&
   else
     replay_prologue<false>(c, qp, kp, vp, v16, fp8, fault, bf);
   const int key = (c.head_dim == 128 ? 4 : 0) + (fp8 ? 2 : 0) + (bf16 ? 1 : 0);
-  switch (key) {
-    case 0: replay_attention<64, false, false>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
-    case 1: replay_attention<64, false, true>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
-    case 2: replay_attention<64, true, false>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
-    case 3: replay_attention<64, true, true>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
-    case 4: replay_attention<128, false, false>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
-    case 5: replay_attention<128, false, true>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
-    case 6: replay_attention<128, true, false>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
-    default: replay_attention<128, true, true>(bf, c.causal, static_cast<int>(fault), op16, lp); break;
-  }
+  if (qk_bits == 4)
+    dispatch_replay<4>(key, bf, c.causal, static_cast<int>(fault), op16, lp);
+  else
+    dispatch_replay<8>(key, bf, c.causal, static_cast<int>(fault), op16, lp);
   return {out, lse};
 }
 

@@ -1,9 +1,10 @@
-// CUDA registration of sage_attention_fwd. Stage 1 kernels (sage_quant_cuda.cu + sage_attn_cuda.cu, built
-// for sm80/sm89/sm90a when the arch list has them: TERSOR_SAGE_SM8X) cover INT8 QK without Q smoothing, P.V
-// in fp8 (sm89+) or the 16-bit dtype, head dims 64/128. On sm90 they are correct but not the Hopper fast path
-// (mma.sync FP8 is emulated there; the wgmma+TMA kernel is a later stage). Every other case -- INT4 or Q
-// smoothing, pv="fp32", the exact mode, a device without a matching cubin -- runs the CPU twin on host copies
-// (correct, slow, warns once).
+// CUDA registration of sage_attention_fwd. The sm8x kernels (sage_quant_cuda.cu + sage_attn_cuda*.cu, built
+// for sm80/sm89/sm90a when the arch list has them: TERSOR_SAGE_SM8X) cover INT8 QK (and INT4 on sm80/sm89),
+// with or without Q smoothing, P.V in fp8 (sm89+) or the 16-bit dtype, head dims 64/128. On a compute-capability
+// 9.0 device INT8 + FP8 without Q smoothing runs the sm90a wgmma kernel (sage_attn_sm90.cu) after the same
+// prologue; the sm8x kernels still serve the other modes there (correct, not the fast path: FP8 mma.sync is
+// emulated on Hopper). Every other case -- INT4 on cc 9.0, pv="fp32", the exact mode, a device without a
+// matching cubin -- runs the CPU twin on host copies (correct, slow, warns once).
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -65,14 +66,15 @@ int sm8x_cubin_for(int major, int minor) {
 // Whether the sm8x kernels handle this call on this device.
 bool sm8x_kernels_apply(const SageCall& c, const at::Tensor& q) {
 #ifdef TERSOR_SAGE_SM8X
-  if (c.qk_bits != 8 || c.smooth_q || c.pv == PVMode::kFp32) return false;
+  if ((c.qk_bits != 8 && c.qk_bits != 4) || c.pv == PVMode::kFp32) return false;
   if (c.batch * c.heads_q > 65535 || c.batch * c.heads_kv > 65535) return false;  // grid.y
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
   const int cubin = sm8x_cubin_for(major, minor);
   if (cubin == 0) return false;
-  return c.pv != PVMode::kFp8 || cubin >= 89;  // FP8 mma.sync is compiled for sm89+ only
+  if (c.qk_bits == 4 && cubin >= 90) return false;  // no INT4 mma.sync on Hopper (the sm90a INT4 kernels trap)
+  return c.pv != PVMode::kFp8 || cubin >= 89;       // FP8 mma.sync is compiled for sm89+ only
 #else
   (void)c;
   (void)q;
@@ -85,7 +87,9 @@ bool sm8x_kernels_apply(const SageCall& c, const at::Tensor& q) {
 // such calls on the sm8x mma.sync kernels, so both paths can be compared with the twin on one Hopper GPU.
 bool sm90_kernel_applies(const SageCall& c, const at::Tensor& q) {
 #ifdef TERSOR_SAGE_SM90
-  if (c.pv != PVMode::kFp8 || !sm8x_kernels_apply(c, q)) return false;
+  // The sm90a kernel has no INT4 and no Q-smoothing bias: those calls stay on the sm8x kernels (INT8 + smooth_q)
+  // or the host twin (INT4 on cc 9.0).
+  if (c.pv != PVMode::kFp8 || c.qk_bits != 8 || c.smooth_q || !sm8x_kernels_apply(c, q)) return false;
   const char* force = std::getenv("TERSOR_SAGE_FORCE_SM8X");
   if (force != nullptr && force[0] == '1') return false;
   int major = 0, minor = 0;
@@ -120,13 +124,17 @@ std::tuple<at::Tensor, at::Tensor> run_sm8x(const SageCall& c, at::Tensor q, at:
   at::Tensor lse = at::empty({c.batch, c.heads_q, c.len_q}, f32);
   if (out.numel() == 0) return {out, lse};  // no rows: a zero-sized grid is a launch error
   at::Tensor k_mean = at::empty({c.batch, c.heads_kv, D}, f32);
-  at::Tensor q_int = at::empty({c.batch, c.heads_q, dims.len_q_pad, D}, i8);
+  const int64_t qk_row_bytes = D * c.qk_bits / 8;  // INT4: two channels per byte
+  at::Tensor q_int = at::empty({c.batch, c.heads_q, dims.len_q_pad, qk_row_bytes}, i8);
   at::Tensor q_scale = at::empty({c.batch, c.heads_q, dims.len_q_pad / SageTraitsSm8x::kWarpQ * 8}, f32);
   at::Tensor lse_corr = at::empty({c.batch, c.heads_q, c.len_q}, f32);
-  at::Tensor k_int = at::empty({c.batch, c.heads_kv, dims.len_k_pad, D}, i8);
+  at::Tensor k_int = at::empty({c.batch, c.heads_kv, dims.len_k_pad, qk_row_bytes}, i8);
   at::Tensor k_scale = at::empty({c.batch, c.heads_kv, dims.len_k_pad / SageTraitsSm8x::kCtaK * 4}, f32);
   at::Tensor v_t = at::empty({c.batch, c.heads_kv, D, dims.len_k_pad}, fp8 ? q.options().dtype(at::kByte) : q.options());
   at::Tensor v_scale = at::empty({c.batch, c.heads_kv, fp8 ? D : 1}, f32);
+  const int64_t q_blocks = dims.len_q_pad / SageTraitsSm8x::kWarpQ;
+  at::Tensor q_mean = at::empty({c.smooth_q ? c.batch * c.heads_q * q_blocks * D : 0}, f32);
+  at::Tensor q_bias = at::empty({c.smooth_q ? c.batch * c.heads_q * q_blocks * dims.len_k_pad : 0}, f32);
   const DType dt = q.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
 
   SageQuantArgs qa{};
@@ -142,6 +150,10 @@ std::tuple<at::Tensor, at::Tensor> run_sm8x(const SageCall& c, at::Tensor q, at:
   qa.scale = static_cast<float>(c.scale);
   qa.smooth_k = c.smooth_k;
   qa.pv_fp8 = fp8;
+  qa.qk_bits = static_cast<int>(c.qk_bits);
+  qa.smooth_q = c.smooth_q;
+  qa.q_mean = c.smooth_q ? q_mean.mutable_data_ptr<float>() : nullptr;
+  qa.q_bias = c.smooth_q ? q_bias.mutable_data_ptr<float>() : nullptr;
   qa.k_mean = k_mean.mutable_data_ptr<float>();
   qa.q_int = q_int.mutable_data_ptr<int8_t>();
   qa.q_scale = q_scale.mutable_data_ptr<float>();
@@ -156,6 +168,9 @@ std::tuple<at::Tensor, at::Tensor> run_sm8x(const SageCall& c, at::Tensor q, at:
   aa.dtype = dt;
   aa.causal = c.causal;
   aa.pv_fp8 = fp8;
+  aa.qk_bits = qa.qk_bits;
+  aa.smooth_q = c.smooth_q;
+  aa.q_bias = qa.q_bias;
   aa.q_int = qa.q_int;
   aa.q_scale = qa.q_scale;
   aa.lse_corr = qa.lse_corr;

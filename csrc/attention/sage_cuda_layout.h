@@ -20,7 +20,19 @@ TERSOR_HD constexpr int frag_k_byte(int t, int half) { return 4 * t + 16 * half;
 TERSOR_HD constexpr int frag_c_row(int g, int i) { return g + 8 * (i >> 1); }
 TERSOR_HD constexpr int frag_c_col(int t, int i) { return 2 * t + (i & 1); }
 
-// Shared-memory byte offsets of the fragment words (Tr = SageAttnSm8xKernelTraits<D, FP8>), each split into
+// INT4 (mma.m16n8k64.s4, PTX ISA "Matrix Fragments for mma.m16n8k64"): A register r of lane (g, t) holds
+// row g + 8 (r & 1), k = 8t + 32 (r >> 1) .. +7; B register j holds column g, k = 8t + 32 j .. +7; C as above.
+// Packed two channels per byte (channel 2i in the low nibble of byte i), k = 8t + x sits in byte 4t + x / 2:
+// the same bytes as the s8 rules, so every offset below serves both widths (a k-step is 32 bytes: 32 INT8 or
+// 64 INT4 channels) and the rows / columns a lane touches, hence the quantization groups, are unchanged.
+TERSOR_HD constexpr uint8_t pack_int4_pair(int lo, int hi) {
+  return static_cast<uint8_t>((lo & 15) | ((hi & 15) << 4));
+}
+// Byte of channel c in a packed Q / K row, and whether it is the high nibble.
+TERSOR_HD constexpr int int4_channel_byte(int c) { return c / 2; }
+TERSOR_HD constexpr int int4_channel_shift(int c) { return 4 * (c & 1); }
+
+// Shared-memory byte offsets of the fragment words (Tr = SageAttnSm8xKernelTraits<D, FP8, BITS>), each split into
 // the lane's base word (register 0) plus a compile-time delta per register, the shape the kernel uses (one
 // address register per fragment, immediate offsets: fewer live registers at D = 128).
 template <typename Tr>
@@ -31,7 +43,7 @@ TERSOR_HD constexpr int frag_b_delta(int j) { return frag_k_byte(0, j); }  // B 
 // Q A-fragment register r of m-tile mt, k-step kk (32 head-dim bytes per step).
 template <typename Tr>
 TERSOR_HD constexpr int q_frag_offset(int warp, int mt, int g, int t, int kk, int r) {
-  return (warp * Tr::kWarpQ + mt * 16 + frag_a_row(g, 0)) * Tr::kQKRowBytes + kk * 32 + frag_k_byte(t, 0) +
+  return (warp * Tr::kWarpRows + mt * 16 + frag_a_row(g, 0)) * Tr::kQKRowBytes + kk * 32 + frag_k_byte(t, 0) +
          frag_a_delta<Tr>(r);
 }
 // K B-fragment register j of key n-tile nt (8 keys), k-step kk.
@@ -77,6 +89,16 @@ TERSOR_HD constexpr int k_scale_in_slice(int tile, int t) { return tile * SageTr
 TERSOR_HD constexpr int64_t k_scale_index(int64_t bkv, int64_t len_k_pad, int64_t tile, int t) {
   return bkv * (len_k_pad / SageTraitsSm8x::kCtaK * SageTraitsSm8x::kKGroupsPerTile) +
          k_scale_in_slice(static_cast<int>(tile), t);
+}
+
+// Q smoothing: the bias q_mean . K'_j of the 32-row block holding `row`, key token `token`, in the scratch
+// [B, Hq, Lq_pad / 32, Lk_pad] fp32 (zero past Lk).
+TERSOR_HD constexpr int64_t q_bias_index(int64_t bh, int64_t len_q_pad, int64_t len_k_pad, int64_t row, int64_t token) {
+  return (bh * (len_q_pad / SageTraitsSm8x::kWarpQ) + row / SageTraitsSm8x::kWarpQ) * len_k_pad + token;
+}
+// Q smoothing: the per-block mean q_mean, [B, Hq, Lq_pad / 32, D] fp32.
+TERSOR_HD constexpr int64_t q_mean_index(int64_t bh, int64_t len_q_pad, int64_t row, int64_t head_dim, int c) {
+  return (bh * (len_q_pad / SageTraitsSm8x::kWarpQ) + row / SageTraitsSm8x::kWarpQ) * head_dim + c;
 }
 
 }  // namespace tersor::attention

@@ -1,4 +1,5 @@
-// Prologue kernels of the quantized attention (sm80+): K token mean, INT8 Q and K per fragment group,
+// Prologue kernels of the quantized attention (sm80+): K token mean, INT8 / packed INT4 Q and K per fragment
+// group, Q smoothing (per 32-row block mean and its q_mean . K' bias),
 // V to e4m3 per channel (token-permuted, transposed) or to a transposed 16-bit copy, LSE corrections.
 // Each reproduces the CPU twin's arithmetic (sage_cpu.cpp) with the shared sage_format.h functions; only
 // reduction orders differ (the K mean in fp64, so it rounds identically except on ties).
@@ -43,6 +44,7 @@ __global__ void k_mean_kernel(SageQuantArgs a) {
 }
 
 // grid (Lk_pad / 64, B * Hkv), block 128: warp t owns K group t of the tile (tokens 8i + 2t + {0, 1}).
+// INT8: one code per byte; INT4: two channels per byte (pack_int4_pair), rows of D / 2 bytes.
 template <typename T>
 __global__ void quant_k_kernel(SageQuantArgs a) {
   using Tr = SageTraitsSm8x;
@@ -50,6 +52,7 @@ __global__ void quant_k_kernel(SageQuantArgs a) {
   const int64_t bh = blockIdx.y, b = bh / d.heads_kv, h = bh % d.heads_kv;
   const int t = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int D = static_cast<int>(d.head_dim);
+  const int bits = a.qk_bits, row_bytes = D * bits / 8;
   const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * Tr::kCtaK;
   const T* k = static_cast<const T*>(a.k) + b * a.sk.b + h * a.sk.h;
   const float* mean = a.k_mean + bh * D;
@@ -61,18 +64,23 @@ __global__ void quant_k_kernel(SageQuantArgs a) {
     if (j < d.len_k) amax = fmaxf(amax, fabsf(to_f32(k[j * a.sk.l + c]) - mean[c]));
   }
   amax = warp_max(amax);
-  const IntQuantParams qp = int_quant_params(amax, 8);
-  int8_t* out = a.k_int + bh * d.len_k_pad * D;
-  for (int idx = lane; idx < 16 * D; idx += 32) {
-    const int64_t j = token_of(idx / D);
-    const int c = idx % D;
-    const int code = j < d.len_k ? quantize_int(to_f32(k[j * a.sk.l + c]) - mean[c], qp.inv_scale, 8) : 0;
-    out[j * D + c] = static_cast<int8_t>(code);
+  const IntQuantParams qp = int_quant_params(amax, bits);
+  auto code_of = [&](int64_t j, int c) {
+    return j < d.len_k ? quantize_int(to_f32(k[j * a.sk.l + c]) - mean[c], qp.inv_scale, bits) : 0;
+  };
+  uint8_t* out = reinterpret_cast<uint8_t*>(a.k_int) + bh * d.len_k_pad * row_bytes;
+  for (int idx = lane; idx < 16 * row_bytes; idx += 32) {
+    const int64_t j = token_of(idx / row_bytes);
+    const int byte = idx % row_bytes;
+    out[j * row_bytes + byte] = bits == 4 ? pack_int4_pair(code_of(j, 2 * byte), code_of(j, 2 * byte + 1))
+                                          : static_cast<uint8_t>(static_cast<int8_t>(code_of(j, byte)));
   }
   if (lane == 0) a.k_scale[k_scale_index(bh, d.len_k_pad, blockIdx.x, t)] = qp.scale;
 }
 
 // grid (Lq_pad / 32, B * Hq), block 256: warp g owns Q group g of the 32-row block (rows g + 8i).
+// smooth_q: first the block's mean of Q * qk_mul over its rows < Lq (fp64 in row order, rounded once, as the
+// twin), stored to q_mean; the codes are then of (Q * qk_mul) - mean, both steps rounded (no FMA).
 template <typename T>
 __global__ void quant_q_kernel(SageQuantArgs a) {
   using Tr = SageTraitsSm8x;
@@ -81,9 +89,27 @@ __global__ void quant_q_kernel(SageQuantArgs a) {
   const int64_t hkv = h / (d.heads_q / d.heads_kv);
   const int g = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int D = static_cast<int>(d.head_dim);
+  const int bits = a.qk_bits, row_bytes = D * bits / 8;
   const int64_t block0 = static_cast<int64_t>(blockIdx.x) * Tr::kWarpQ;
   const T* q = static_cast<const T*>(a.q) + b * a.sq.b + h * a.sq.h;
   const float* mean = a.k_mean + (b * d.heads_kv + hkv) * D;
+  __shared__ float q_mean_s[128];  // D <= 128
+  if (a.smooth_q) {
+    for (int c = threadIdx.x; c < D; c += blockDim.x) {
+      double s = 0;
+      int64_t n = 0;
+      for (int64_t r = block0; r < block0 + Tr::kWarpQ && r < d.len_q; ++r, ++n)
+        s += __fmul_rn(to_f32(q[r * a.sq.l + c]), a.qk_mul);
+      q_mean_s[c] = n > 0 ? static_cast<float>(s / static_cast<double>(n)) : 0.f;
+      a.q_mean[q_mean_index(bh, d.len_q_pad, block0, D, c)] = q_mean_s[c];
+    }
+    __syncthreads();
+  }
+  // The value quantized: Q * qk_mul, minus the block mean with smoothing.
+  auto value = [&](int64_t r, int c) {
+    const float x = __fmul_rn(to_f32(q[r * a.sq.l + c]), a.qk_mul);
+    return a.smooth_q ? __fsub_rn(x, q_mean_s[c]) : x;
+  };
   float amax = 0.f;
   for (int i = 0; i < 4; ++i) {
     const int64_t r = q_group_row(block0, g, i);
@@ -91,21 +117,51 @@ __global__ void quant_q_kernel(SageQuantArgs a) {
     float dot = 0.f;
     for (int c = lane; c < D; c += 32) {
       const float x = to_f32(q[r * a.sq.l + c]);
-      amax = fmaxf(amax, fabsf(x * a.qk_mul));
+      amax = fmaxf(amax, fabsf(value(r, c)));
       dot += x * mean[c];
     }
     dot = warp_sum(dot);
     if (lane == 0) a.lse_corr[bh * d.len_q + r] = a.smooth_k ? dot * a.scale : 0.f;
   }
   amax = warp_max(amax);
-  const IntQuantParams qp = int_quant_params(amax, 8);
-  int8_t* out = a.q_int + bh * d.len_q_pad * D;
+  const IntQuantParams qp = int_quant_params(amax, bits);
+  auto code_of = [&](int64_t r, int c) { return r < d.len_q ? quantize_int(value(r, c), qp.inv_scale, bits) : 0; };
+  uint8_t* out = reinterpret_cast<uint8_t*>(a.q_int) + bh * d.len_q_pad * row_bytes;
   for (int i = 0; i < 4; ++i) {
     const int64_t r = q_group_row(block0, g, i);
-    for (int c = lane; c < D; c += 32)
-      out[r * D + c] = static_cast<int8_t>(r < d.len_q ? quantize_int(to_f32(q[r * a.sq.l + c]) * a.qk_mul, qp.inv_scale, 8) : 0);
+    for (int byte = lane; byte < row_bytes; byte += 32)
+      out[r * row_bytes + byte] = bits == 4 ? pack_int4_pair(code_of(r, 2 * byte), code_of(r, 2 * byte + 1))
+                                            : static_cast<uint8_t>(static_cast<int8_t>(code_of(r, byte)));
   }
   if (lane == 0) a.q_scale[q_scale_index(bh, d.len_q_pad, block0, g)] = qp.scale;
+}
+
+// Q smoothing bias, grid (Lq_pad / 32, B * Hq), block 128: thread j (strided) writes
+// q_bias[block][j] = sum_c q_mean[c] * (K[j][c] - k_mean[c]) in channel order, each step rounded (the twin's
+// fp32 loop; no FMA), 0 past Lk. Runs after quant_q_kernel (q_mean) and k_mean_kernel.
+template <typename T>
+__global__ void q_bias_kernel(SageQuantArgs a) {
+  using Tr = SageTraitsSm8x;
+  const SageDims& d = a.dims;
+  const int64_t bh = blockIdx.y, b = bh / d.heads_q, h = bh % d.heads_q;
+  const int64_t bkv = b * d.heads_kv + h / (d.heads_q / d.heads_kv);
+  const int D = static_cast<int>(d.head_dim);
+  const int64_t block0 = static_cast<int64_t>(blockIdx.x) * Tr::kWarpQ;
+  __shared__ float q_mean_s[128], k_mean_s[128];
+  for (int c = threadIdx.x; c < D; c += blockDim.x) {
+    q_mean_s[c] = a.q_mean[q_mean_index(bh, d.len_q_pad, block0, D, c)];
+    k_mean_s[c] = a.k_mean[bkv * D + c];
+  }
+  __syncthreads();
+  const T* k = static_cast<const T*>(a.k) + (bkv / d.heads_kv) * a.sk.b + (bkv % d.heads_kv) * a.sk.h;
+  float* out = a.q_bias + q_bias_index(bh, d.len_q_pad, d.len_k_pad, block0, 0);
+  for (int64_t j = threadIdx.x; j < d.len_k_pad; j += blockDim.x) {
+    float s = 0.f;
+    if (j < d.len_k)
+      for (int c = 0; c < D; ++c)
+        s = __fadd_rn(s, __fmul_rn(q_mean_s[c], __fsub_rn(to_f32(k[j * a.sk.l + c]), k_mean_s[c])));
+    out[j] = s;
+  }
 }
 
 // grid (B * Hkv), block D: thread c writes row c of V^T. FP8: per-channel scale, e4m3 codes in the
@@ -141,6 +197,7 @@ cudaError_t launch_all(const SageQuantArgs& a, cudaStream_t stream) {
   k_mean_kernel<T><<<dim3(d.batch * d.heads_kv), D, 0, stream>>>(a);
   quant_k_kernel<T><<<dim3(d.len_k_pad / Tr::kCtaK, d.batch * d.heads_kv), 128, 0, stream>>>(a);
   quant_q_kernel<T><<<dim3(d.len_q_pad / Tr::kWarpQ, d.batch * d.heads_q), 256, 0, stream>>>(a);
+  if (a.smooth_q) q_bias_kernel<T><<<dim3(d.len_q_pad / Tr::kWarpQ, d.batch * d.heads_q), 128, 0, stream>>>(a);
   quant_v_kernel<T><<<dim3(d.batch * d.heads_kv), D, 0, stream>>>(a);
   return cudaGetLastError();
 }

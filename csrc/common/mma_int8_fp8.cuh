@@ -17,6 +17,18 @@ __device__ __forceinline__ void mma_m16n8k32_s8_s32(int32_t c[4], const uint32_t
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// D = A B + C, m16n8k64, s4 x s4 -> s32 (sm80 / sm89; Hopper has no INT4 tensor cores, the sm90a build
+// never launches it). INT4 Q K^T: twice the INT8 rate. The fragments are the s8 ones at the byte level (PTX
+// ISA "Matrix Fragments for mma.m16n8k64": a register holds 8 consecutive k, the lower k in the lower
+// nibble), so the INT8 kernel's addressing serves both; the s32 accumulation stays exact.
+__device__ __forceinline__ void mma_m16n8k64_s4_s32(int32_t c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
 // acc += (A B with a zero accumulator), m16n8k32, e4m3 x e4m3 -> f32 (sm89; emulated through FP16 on
 // sm90, which uses wgmma). The MMA's own f32 accumulator keeps only ~22 significant bits, so it is never

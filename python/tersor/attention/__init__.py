@@ -46,12 +46,16 @@ def cuda_path_name(device: torch.device, qk: str = "int8", pv: str = "fp8", smoo
     device = torch.device(device)
     if device.type != "cuda":
         return "cpu-twin"
-    if qk != "int8" or smooth_q or pv == "fp32":
+    if qk not in ("int8", "int4") or pv == "fp32":
         return "host-twin"
     cc = torch.cuda.get_device_capability(device)
-    if cc == (9, 0) and pv == "fp8" and os.environ.get("TERSOR_SAGE_FORCE_SM8X", "") != "1":
-        return "sm90a-wgmma"
-    if cc[0] == 8 or cc == (9, 0):
+    if cc == (9, 0):
+        if qk == "int4":
+            return "host-twin"  # no INT4 tensor cores on Hopper
+        if pv == "fp8" and not smooth_q and os.environ.get("TERSOR_SAGE_FORCE_SM8X", "") != "1":
+            return "sm90a-wgmma"
+        return "sm8x-mma"
+    if cc[0] == 8:
         return "host-twin" if pv == "fp8" and cc < (8, 9) else "sm8x-mma"
     return "host-twin"
 
