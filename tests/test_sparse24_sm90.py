@@ -7,28 +7,11 @@ import pytest
 import torch
 
 import tersor
-from tersor.sparse import compress_2_4, prune_2_4
+from tersor.sparse import compress_2_4
+from test_sparse24 import EPS, check_linear_close, random_2_4  # the 2:4 suite's data and error rule
 
 ops = torch.ops.tersor
 DTYPES = [torch.float16, torch.bfloat16]
-EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-
-
-def random_2_4(m, k, dtype, zero_frac=0.0):
-    w = prune_2_4(torch.randn(m, k, dtype=torch.float64).to(dtype))
-    if zero_frac:
-        w[torch.rand(m, k) < zero_frac] = 0
-    return w
-
-
-def check_linear_close(y, x, w, bias, dtype):
-    """|y - ref| <= 1 ulp of the output dtype at |ref| + fp32-accumulation slack (ref in float64)."""
-    xd, wd = x.double().reshape(-1, w.shape[1]), w.double()
-    ref = xd @ wd.T + (bias.double() if bias is not None else 0)
-    mag = xd.abs() @ wd.abs().T
-    err = (y.double().reshape(ref.shape) - ref).abs()
-    bound = EPS[dtype] * ref.abs() + 1e-6 * mag + 1e-7
-    assert bool((err <= bound).all()), f"max err {err.max().item():.3g}, worst ratio {(err / bound).max().item():.3g}"
 
 
 # ---- the x tile: what the copies store is what wgmma reads through the descriptor ----
