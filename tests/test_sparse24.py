@@ -218,6 +218,38 @@ def test_linear_cpu_vs_float64(dtype, lead, with_bias):
         check_linear_close(y, x, w, b, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_widens_subnormal_and_extreme_weights_exactly(dtype):
+    # The direct path widens whole tiles to fp32 (F16C for float16 where the CPU has it): subnormal, largest
+    # finite and signed values must come out exact, and an inf weight must give inf/nan where the reference does.
+    tiny = torch.finfo(dtype).tiny
+    w = random_2_4(32, 128, dtype)
+    nz = w != 0
+    special = torch.tensor([tiny / 4, -tiny / 2, tiny * 3 / 8, torch.finfo(dtype).max, -torch.finfo(dtype).max, 1.0])
+    w[nz] = special[torch.arange(int(nz.sum())) % len(special)].to(dtype)
+    p = compress_2_4(w)
+    assert torch.equal(decompress_2_4(p), w)
+    x = torch.randn(3, 128).to(dtype) / 16
+    y = ops.sparse24_linear(x, p.values, p.meta)
+    ref = (x.double() @ w.double().T).to(dtype)
+    finite = ref.isfinite()
+    assert torch.equal(y.isfinite(), finite)
+    check_linear_close(y[:, finite.all(0)], x, w[finite.all(0)], None, dtype)
+    # Subnormal weights alone, x scaled so their products are O(1): a flushed or mis-widened subnormal shows.
+    w_sub = torch.where(nz, special[torch.arange(w.numel()).view_as(w) % 3].to(dtype), torch.zeros((), dtype=dtype))
+    assert bool((w_sub[nz].abs() < tiny).all())
+    x_big = torch.randn(3, 128).to(dtype) * (2.0 ** (120 if dtype == torch.bfloat16 else 12))
+    ps = compress_2_4(w_sub)
+    y_sub = ops.sparse24_linear(x_big, ps.values, ps.meta)
+    assert y_sub.abs().max().item() > 1e-3
+    check_linear_close(y_sub, x_big, w_sub, None, dtype)
+    w_inf = w.clone()
+    w_inf[0, nz[0].nonzero()[0, 0]] = float("inf")
+    y_inf = ops.sparse24_linear(x, compress_2_4(w_inf).values, compress_2_4(w_inf).meta)
+    ref_inf = (x.double() @ w_inf.double().T)
+    assert torch.equal(y_inf[:, 0].isnan(), ref_inf[:, 0].isnan()) and torch.equal(y_inf[:, 0].isinf(), ref_inf[:, 0].isinf())
+
+
 def test_linear_noncontiguous_x():
     w = random_2_4(32, 128, torch.half)
     p = compress_2_4(w)
