@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "attention/sage_cuda.h"
+#include "common/cuda_glue.h"
 #include "attention/sage_format.h"
 #include "attention/sage_glue.h"
 
@@ -68,10 +69,8 @@ bool sm8x_kernels_apply(const SageCall& c, const at::Tensor& q) {
 #ifdef TERSOR_SAGE_SM8X
   if ((c.qk_bits != 8 && c.qk_bits != 4) || c.pv == PVMode::kFp32) return false;
   if (c.batch * c.heads_q > 65535 || c.batch * c.heads_kv > 65535) return false;  // grid.y
-  int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
-  const int cubin = sm8x_cubin_for(major, minor);
+  const int cc = compute_capability(q.get_device());
+  const int cubin = sm8x_cubin_for(cc / 10, cc % 10);
   if (cubin == 0) return false;
   if (c.qk_bits == 4 && cubin >= 90) return false;  // no INT4 mma.sync on Hopper (the sm90a INT4 kernels trap)
   return c.pv != PVMode::kFp8 || cubin >= 89;       // FP8 mma.sync is compiled for sm89+ only
@@ -87,15 +86,13 @@ bool sm8x_kernels_apply(const SageCall& c, const at::Tensor& q) {
 // such calls on the sm8x mma.sync kernels, so both paths can be compared with the twin on one Hopper GPU.
 bool sm90_kernel_applies(const SageCall& c, const at::Tensor& q) {
 #ifdef TERSOR_SAGE_SM90
-  // The sm90a kernel has no INT4 and no Q-smoothing bias: those calls stay on the sm8x kernels (INT8 + smooth_q)
-  // or the host twin (INT4 on cc 9.0).
-  if (c.pv != PVMode::kFp8 || c.qk_bits != 8 || c.smooth_q || !sm8x_kernels_apply(c, q)) return false;
+  // Called once sm8x_kernels_apply said yes (the sm90 path reuses the sm8x prologue). The sm90a kernel has
+  // no INT4 and no Q-smoothing bias: those calls stay on the sm8x kernels (INT8 + smooth_q) or the host twin
+  // (INT4 on cc 9.0).
+  if (c.pv != PVMode::kFp8 || c.qk_bits != 8 || c.smooth_q) return false;
   const char* force = std::getenv("TERSOR_SAGE_FORCE_SM8X");
   if (force != nullptr && force[0] == '1') return false;
-  int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
-  return major == 9 && minor == 0;
+  return compute_capability(q.get_device()) == 90;
 #else
   (void)c;
   (void)q;

@@ -8,13 +8,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
 
+#include "common/cuda_glue.h"
 #include "common/torch_glue.h"
 #include "sparse/sparse24_cuda.h"
 #include "sparse/sparse24_glue.h"
@@ -91,19 +91,7 @@ enum class LinearPath { kGemv, kGemm, kSm90 };
 
 bool sm90_kernel_usable(int device) {
 #ifdef TERSOR_SPARSE24_SM90
-  // Per device, asked once (an attribute query per call would cost more than a small GEMV). Concurrent
-  // first calls store the same answer.
-  static std::atomic<int8_t> cached[64] = {};
-  if (device < 0 || device >= 64) return false;
-  int8_t known = cached[device].load(std::memory_order_relaxed);
-  if (known == 0) {
-    int major = 0, minor = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-    known = major == 9 && minor == 0 ? 1 : -1;
-    cached[device].store(known, std::memory_order_relaxed);
-  }
-  return known == 1;
+  return compute_capability(device) == 90;
 #else
   (void)device;
   return false;
