@@ -101,17 +101,24 @@ void hw_gather_k32(const uint32_t a[kLanes][4], const uint32_t b[kLanes][2], Ele
   }
 }
 
-// D = A B + C, s8 x s8 -> s32 (exact).
-void hw_mma_m16n8k32_s8(int32_t c[kLanes][4], const uint32_t a[kLanes][4], const uint32_t b[kLanes][2]) {
-  int32_t A[16][32], B[32][8];
-  hw_gather_k32(a, b, A, B, [](uint8_t x) { return static_cast<int32_t>(static_cast<int8_t>(x)); });
+// C += A B for the m16n8 integer MMAs (exact): C register i of lane (g, t) is row g (+8 for i >= 2), column
+// 2t + (i & 1), whatever the k depth.
+template <int K>
+void hw_accumulate_s32(int32_t c[kLanes][4], const int32_t (&A)[16][K], const int32_t (&B)[K][8]) {
   for (int lane = 0; lane < kLanes; ++lane)
     for (int i = 0; i < 4; ++i) {
       const int row = lane / 4 + (i >= 2 ? 8 : 0), col = 2 * (lane % 4) + (i & 1);
       int32_t s = 0;
-      for (int k = 0; k < 32; ++k) s += A[row][k] * B[k][col];
+      for (int k = 0; k < K; ++k) s += A[row][k] * B[k][col];
       c[lane][i] += s;
     }
+}
+
+// D = A B + C, s8 x s8 -> s32 (exact).
+void hw_mma_m16n8k32_s8(int32_t c[kLanes][4], const uint32_t a[kLanes][4], const uint32_t b[kLanes][2]) {
+  int32_t A[16][32], B[32][8];
+  hw_gather_k32(a, b, A, B, [](uint8_t x) { return static_cast<int32_t>(static_cast<int8_t>(x)); });
+  hw_accumulate_s32<32>(c, A, B);
 }
 
 // D = A B + C, m16n8k64 .s4 (PTX ISA "Matrix Fragments for mma.m16n8k64"): A reg r of lane (g, t) holds 8
@@ -130,13 +137,7 @@ void hw_mma_m16n8k64_s4(int32_t c[kLanes][4], const uint32_t a[kLanes][4], const
     for (int j = 0; j < 2; ++j)
       for (int x = 0; x < 8; ++x) B[8 * t + x + 32 * j][g] = nib(b[lane][j], x);
   }
-  for (int lane = 0; lane < kLanes; ++lane)
-    for (int i = 0; i < 4; ++i) {
-      const int row = lane / 4 + (i >= 2 ? 8 : 0), col = 2 * (lane % 4) + (i & 1);
-      int32_t s = 0;
-      for (int k = 0; k < 64; ++k) s += A[row][k] * B[k][col];
-      c[lane][i] += s;
-    }
+  hw_accumulate_s32<64>(c, A, B);
 }
 
 // mma_m16n8k32_e4m3_add_f32: P = A B with a zero accumulator (e4m3 products are exact in fp64 and so is the
