@@ -836,6 +836,29 @@ void replay_attention_sm90(const Buffers& bf, bool causal, uint16_t* out, float*
   });
 }
 
+// The front both replays share: the outputs, fp32 copies of the inputs and the prologue replayed into `bf`
+// (whose dims the caller set: the sm90 path pads keys to 128). Empty outputs skip the prologue.
+struct ReplayOutputs {
+  at::Tensor out, lse;
+  uint16_t* out16() const { return reinterpret_cast<uint16_t*>(out.mutable_data_ptr()); }
+  float* lse_ptr() const { return lse.mutable_data_ptr<float>(); }
+};
+ReplayOutputs replay_front(const SageCall& c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool fp8,
+                           int64_t fault, Buffers& bf) {
+  ReplayOutputs r{at::empty({c.batch, c.heads_q, c.len_q, c.head_dim},
+                            q.options().memory_format(at::MemoryFormat::Contiguous)),
+                  at::empty({c.batch, c.heads_q, c.len_q}, q.options().dtype(at::kFloat))};
+  if (r.out.numel() == 0) return r;
+  const at::Tensor qf = q.to(at::kFloat).contiguous(), kf = k.to(at::kFloat).contiguous();
+  const at::Tensor vf = v.to(at::kFloat).contiguous(), v16 = v.contiguous();
+  const float *qp = qf.const_data_ptr<float>(), *kp = kf.const_data_ptr<float>(), *vp = vf.const_data_ptr<float>();
+  if (q.scalar_type() == at::kBFloat16)
+    replay_prologue<true>(c, qp, kp, vp, v16, fp8, static_cast<int>(fault), bf);
+  else
+    replay_prologue<false>(c, qp, kp, vp, v16, fp8, static_cast<int>(fault), bf);
+  return r;
+}
+
 // _sage_emulate_sm90_attention: the sm90a CUDA path (sm8x prologue with keys padded to 128, relayout, the
 // wgmma kernel) replayed on the CPU; pv "fp8", qk int8 only (what the glue routes to it).
 std::tuple<at::Tensor, at::Tensor> sage_emulate_sm90_attention(const at::Tensor& q, const at::Tensor& k,
@@ -849,18 +872,10 @@ std::tuple<at::Tensor, at::Tensor> sage_emulate_sm90_attention(const at::Tensor&
   bf.d = SageDims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,
                   (c.len_q + SageTraitsSm8x::kCtaQ - 1) / SageTraitsSm8x::kCtaQ * SageTraitsSm8x::kCtaQ,
                   (c.len_k + 127) / 128 * 128};
-  const at::Tensor qf = q.to(at::kFloat).contiguous(), kf = k.to(at::kFloat).contiguous();
-  const at::Tensor vf = v.to(at::kFloat).contiguous(), v16 = v.contiguous();
-  at::Tensor out = at::empty({c.batch, c.heads_q, c.len_q, c.head_dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = at::empty({c.batch, c.heads_q, c.len_q}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-  const float *qp = qf.const_data_ptr<float>(), *kp = kf.const_data_ptr<float>(), *vp = vf.const_data_ptr<float>();
-  uint16_t* op16 = reinterpret_cast<uint16_t*>(out.mutable_data_ptr());
-  float* lp = lse.mutable_data_ptr<float>();
-  if (bf16)
-    replay_prologue<true>(c, qp, kp, vp, v16, true, 0, bf);
-  else
-    replay_prologue<false>(c, qp, kp, vp, v16, true, 0, bf);
+  const ReplayOutputs r = replay_front(c, q, k, v, /*fp8=*/true, /*fault=*/0, bf);
+  if (r.out.numel() == 0) return {r.out, r.lse};
+  uint16_t* op16 = r.out16();
+  float* lp = r.lse_ptr();
   const int key = (c.head_dim == 128 ? 2 : 0) + (bf16 ? 1 : 0);
   switch (key) {
     case 0: replay_attention_sm90<64, false>(bf, c.causal, op16, lp); break;
@@ -868,7 +883,7 @@ std::tuple<at::Tensor, at::Tensor> sage_emulate_sm90_attention(const at::Tensor&
     case 2: replay_attention_sm90<128, false>(bf, c.causal, op16, lp); break;
     default: replay_attention_sm90<128, true>(bf, c.causal, op16, lp); break;
   }
-  return {out, lse};
+  return {r.out, r.lse};
 }
 
 template <int BITS>
@@ -902,24 +917,16 @@ std::tuple<at::Tensor, at::Tensor> sage_emulate_cuda_attention(const at::Tensor&
   bf.d = SageDims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,
                   (c.len_q + SageTraitsSm8x::kCtaQ - 1) / SageTraitsSm8x::kCtaQ * SageTraitsSm8x::kCtaQ,
                   (c.len_k + SageTraitsSm8x::kCtaK - 1) / SageTraitsSm8x::kCtaK * SageTraitsSm8x::kCtaK};
-  const at::Tensor qf = q.to(at::kFloat).contiguous(), kf = k.to(at::kFloat).contiguous();
-  const at::Tensor vf = v.to(at::kFloat).contiguous(), v16 = v.contiguous();
-  at::Tensor out = at::empty({c.batch, c.heads_q, c.len_q, c.head_dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = at::empty({c.batch, c.heads_q, c.len_q}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-  const float *qp = qf.const_data_ptr<float>(), *kp = kf.const_data_ptr<float>(), *vp = vf.const_data_ptr<float>();
-  uint16_t* op16 = reinterpret_cast<uint16_t*>(out.mutable_data_ptr());
-  float* lp = lse.mutable_data_ptr<float>();
-  if (bf16)
-    replay_prologue<true>(c, qp, kp, vp, v16, fp8, fault, bf);
-  else
-    replay_prologue<false>(c, qp, kp, vp, v16, fp8, fault, bf);
+  const ReplayOutputs r = replay_front(c, q, k, v, fp8, fault, bf);
+  if (r.out.numel() == 0) return {r.out, r.lse};
+  uint16_t* op16 = r.out16();
+  float* lp = r.lse_ptr();
   const int key = (c.head_dim == 128 ? 4 : 0) + (fp8 ? 2 : 0) + (bf16 ? 1 : 0);
   if (qk_bits == 4)
     dispatch_replay<4>(key, bf, c.causal, static_cast<int>(fault), op16, lp);
   else
     dispatch_replay<8>(key, bf, c.causal, static_cast<int>(fault), op16, lp);
-  return {out, lse};
+  return {r.out, r.lse};
 }
 
 }  // namespace
