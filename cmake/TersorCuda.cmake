@@ -28,15 +28,26 @@ function(tersor_parse_arch_list list out)
   set(${out} "${_archs}" PARENT_SCOPE)
 endfunction()
 
-# tersor_add_kernels(<target> NAME <name> ARCHS <ALL | 80 89 90a ...> SOURCES <.cu ...>)
+# tersor_add_kernels(<target> NAME <name> FAMILY <family> ARCHS <ALL | 80 89 90a ...> SOURCES <.cu ...>)
 # Compiles the sources for the intersection of ARCHS with TERSOR_CUDA_ARCHS (ALL: every listed
 # architecture; use it for portable kernels) into an OBJECT library and links it into <target>.
-# Nothing is built (and a status line says so) if the intersection is empty.
+# Nothing is built (and a status line says so) if the intersection is empty or FAMILY is not in
+# TERSOR_FAMILIES. ALL kernels also carry PTX of the newest listed architecture (compute_90 for 9.0a), so
+# a newer GPU can JIT them; arch-specific (90a) kernels never do: their features exist on no later arch.
 function(tersor_add_kernels target)
-  cmake_parse_arguments(K "" "NAME" "ARCHS;SOURCES" ${ARGN})
+  cmake_parse_arguments(K "" "NAME;FAMILY" "ARCHS;SOURCES" ${ARGN})
+  if(NOT K_FAMILY IN_LIST TERSOR_FAMILIES)
+    return()
+  endif()
   set(_sel "")
   if(K_ARCHS STREQUAL "ALL")
     set(_sel "${TERSOR_CUDA_ARCHS}")
+    set(_ptx "")
+    foreach(_entry IN LISTS TERSOR_CUDA_ARCHS)
+      string(REGEX REPLACE "[af]?-(real|virtual)$" "" _num "${_entry}")
+      set(_ptx "${_num}-virtual")
+    endforeach()
+    list(APPEND _sel "${_ptx}")
   endif()
   foreach(_entry IN LISTS TERSOR_CUDA_ARCHS)
     string(REGEX REPLACE "-(real|virtual)$" "" _num "${_entry}")
@@ -60,7 +71,7 @@ function(tersor_add_kernels target)
   set_target_properties(${_lib} PROPERTIES CUDA_ARCHITECTURES "${_sel}" POSITION_INDEPENDENT_CODE ON)
   target_include_directories(${_lib} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/csrc)
   target_compile_options(${_lib} PRIVATE
-    $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -lineinfo -Xptxas=-warn-spills>)
+    $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -lineinfo -Xptxas=-warn-spills --threads=0>)
   target_sources(${target} PRIVATE $<TARGET_OBJECTS:${_lib}>)
   message(STATUS "tersor: kernels '${K_NAME}' for ${_sel}")
 endfunction()

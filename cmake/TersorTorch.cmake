@@ -1,49 +1,40 @@
-# Locate torch through the Python interpreter and link against its libraries directly.
+# Locate torch through the Python interpreter; compile against its stable-ABI headers only.
 
 function(tersor_find_torch)
   execute_process(
     COMMAND "${Python_EXECUTABLE}" -c
-      "import os, torch; print(os.path.dirname(torch.__file__)); print(torch.version.cuda or ''); print(int(torch.compiled_with_cxx11_abi())); print(torch.__version__); print(int('ATen parallel backend: OpenMP' in torch.__config__.parallel_info()))"
+      "import os, torch; print(os.path.dirname(torch.__file__)); print(torch.version.cuda or ''); print(torch.__version__)"
     OUTPUT_VARIABLE _out RESULT_VARIABLE _rc ERROR_VARIABLE _err OUTPUT_STRIP_TRAILING_WHITESPACE)
   if(NOT _rc EQUAL 0)
     message(FATAL_ERROR "tersor: cannot import torch with ${Python_EXECUTABLE} (build with --no-build-isolation "
-                        "in an environment that has torch):\n${_err}")
+                        "in an environment that has torch >= 2.11):\n${_err}")
   endif()
   string(REPLACE "\n" ";" _lines "${_out}")
   list(GET _lines 0 _dir)
   list(GET _lines 1 _cuda)
-  list(GET _lines 2 _abi)
-  list(GET _lines 3 _ver)
-  list(GET _lines 4 _omp)
+  list(GET _lines 2 _ver)
+  if(_ver VERSION_LESS 2.11)
+    message(FATAL_ERROR "tersor: torch ${_ver} is older than the stable-ABI floor 2.11")
+  endif()
   set(TERSOR_TORCH_DIR "${_dir}" PARENT_SCOPE)
   set(TERSOR_TORCH_CUDA "${_cuda}" PARENT_SCOPE)
-  set(TERSOR_TORCH_CXX11_ABI "${_abi}" PARENT_SCOPE)
-  set(TERSOR_TORCH_OPENMP "${_omp}" PARENT_SCOPE)
-  message(STATUS "tersor: torch ${_ver} at ${_dir} (CUDA '${_cuda}', cxx11 abi ${_abi}, OpenMP parallel backend ${_omp})")
+  message(STATUS "tersor: torch ${_ver} at ${_dir} (its headers; the binary targets the 2.11 stable ABI)")
 endfunction()
 
-function(tersor_link_torch target)
-  target_include_directories(${target} SYSTEM PRIVATE
-    "${TERSOR_TORCH_DIR}/include"
-    "${TERSOR_TORCH_DIR}/include/torch/csrc/api/include")
-  target_compile_definitions(${target} PRIVATE _GLIBCXX_USE_CXX11_ABI=${TERSOR_TORCH_CXX11_ABI})
-  foreach(_lib c10 torch_cpu torch)
-    find_library(_path_${_lib} NAMES ${_lib} PATHS "${TERSOR_TORCH_DIR}/lib" NO_DEFAULT_PATH REQUIRED)
-    target_link_libraries(${target} PRIVATE "${_path_${_lib}}")
-  endforeach()
-  # at::parallel_for is a header template: with torch's OpenMP backend it only runs in parallel when *our*
-  # translation units are compiled with -fopenmp (ATen/ParallelOpenMP.h is guarded by _OPENMP); without it
-  # every CPU kernel silently runs on one thread. Linking -fopenmp records libgomp.so.1, the same soname as
-  # the copy torch bundles and has already loaded (torch is imported first), so one OpenMP runtime is used.
-  if(TERSOR_TORCH_OPENMP)
-    find_package(OpenMP REQUIRED COMPONENTS CXX)
-    target_link_libraries(${target} PRIVATE OpenMP::OpenMP_CXX)
-  endif()
-endfunction()
-
-function(tersor_link_torch_cuda target)
-  foreach(_lib c10_cuda torch_cuda)
-    find_library(_path_${_lib} NAMES ${_lib} PATHS "${TERSOR_TORCH_DIR}/lib" NO_DEFAULT_PATH REQUIRED)
-    target_link_libraries(${target} PRIVATE "${_path_${_lib}}")
-  endforeach()
+# Compile options and link line of a tersor extension module (tersor._C, tersor._C_testing).
+#  * TORCH_TARGET_VERSION = 2.11: the headers hide everything newer than the 2.11 stable ABI, so the one
+#    binary loads in torch 2.11 and every later release.
+#  * Only torch/csrc/stable and torch/headeronly are used (tests/test_wheel.py checks the undefined
+#    symbols); the C shim they call lives in libtorch_cpu, the only torch library linked. No RPATH:
+#    `import torch` has loaded it before tersor loads (tersor/__init__.py).
+#  * Python_add_library(... USE_SABI 3.10) sets Py_LIMITED_API: the module's one Python entry point uses the
+#    limited API (abi3, CPython >= 3.10).
+function(tersor_configure_extension target)
+  target_include_directories(${target} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/csrc)
+  target_include_directories(${target} SYSTEM PRIVATE "${TERSOR_TORCH_DIR}/include")
+  target_compile_definitions(${target} PRIVATE
+    TORCH_TARGET_VERSION=0x020b000000000000)
+  target_compile_options(${target} PRIVATE -Wall -Wno-unused-parameter -Wno-sign-compare)
+  find_library(_torch_cpu NAMES torch_cpu PATHS "${TERSOR_TORCH_DIR}/lib" NO_DEFAULT_PATH REQUIRED)
+  target_link_libraries(${target} PRIVATE "${_torch_cpu}")
 endfunction()

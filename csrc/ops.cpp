@@ -1,13 +1,15 @@
-// The tersor operator library: every schema lives here, once, each with a one-line comment.
+// The tersor operator library: every shipped schema lives here, once, each with a one-line comment.
 // Implementations register per dispatch key next to their kernels (csrc/<family>/*_cpu.cpp and
-// *_cuda_glue.cpp); fakes for torch.compile live in python/tersor/ops.py. See docs/ops.md.
+// *_cuda_glue.cpp); fakes for torch.compile live in python/tersor/ops.py. Test-only ops (lane-by-lane
+// replays, layout checks, fault injection) are not here: they live in tersor._C_testing
+// (csrc/testing_ops.cpp, namespace tersor_testing). See docs/ops.md.
+//
+// Everything goes through the libtorch stable ABI (common/torch_glue.h): one binary for torch >= 2.11.
 #include <Python.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
-#include <atomic>
 #include <string>
-#include <vector>
+
+#include "common/torch_glue.h"
 
 #ifndef TERSOR_CUDA_ARCHS_STR
 #define TERSOR_CUDA_ARCHS_STR ""
@@ -17,7 +19,7 @@ namespace {
 
 // "key=value;..." facts about this build, for tests and bug reports.
 std::string build_info() {
-  std::string s = "version=" TERSOR_VERSION_STR;
+  std::string s = "version=" TERSOR_VERSION_STR ";abi=stable-2.11";
 #ifdef TERSOR_WITH_CUDA
   s += ";cuda=1;cuda_archs=" TERSOR_CUDA_ARCHS_STR;
 #else
@@ -26,28 +28,12 @@ std::string build_info() {
   return s;
 }
 
-// How many threads at::parallel_for actually used for n single-item tasks. at::parallel_for is inlined
-// into our code, so whether it runs in parallel depends on how tersor._C was compiled (-fopenmp with
-// torch's OpenMP backend), not on torch: this is the test for that.
-int64_t parallel_probe(int64_t n) {
-  std::atomic<int64_t> max_tid{-1};
-  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
-    int64_t tid = at::get_thread_num();
-    int64_t seen = max_tid.load();
-    while (tid > seen && !max_tid.compare_exchange_weak(seen, tid)) {
-    }
-  });
-  return max_tid.load() + 1;
-}
-
 }  // namespace
 
-TORCH_LIBRARY(tersor, m) {
+STABLE_TORCH_LIBRARY(tersor, m) {
   // ---- build ----
-  // Facts about this build of tersor._C ("version=..;cuda=0|1;cuda_archs=..").
-  m.def("_build_info() -> str", &build_info);
-  // Number of threads at::parallel_for used inside tersor._C for n one-item tasks.
-  m.def("_parallel_probe(int n) -> int", &parallel_probe);
+  // Facts about this build of tersor._C ("version=..;abi=..;cuda=0|1;cuda_archs=..").
+  m.def("_build_info() -> str");
 
   // ---- hadamard (csrc/hadamard) ----
   // y = scale * H x over the last dim; n = 2^k (k <= 15) or K*2^k with H = H_K (x) H_{2^k};
@@ -57,10 +43,6 @@ TORCH_LIBRARY(tersor, m) {
   m.def("_hadamard_k_sizes() -> int[]");
   // (k, log_n) with n = k * 2^log_n, or an error naming the supported sizes.
   m.def("_hadamard_factor(int n) -> int[]");
-  // CUDA work plan of the power-of-two kernel (Pow2Plan fields, see hadamard_plan.h), for CPU tests.
-  m.def("_hadamard_plan(int log_n, int elem_bytes) -> int[]");
-  // Padded shared-memory offsets (in floats) of logical indices j, for CPU tests of the layout.
-  m.def("_hadamard_smem_index(int[] j) -> int[]");
 
   // ---- codec: lossless exponent-plane Huffman coding (csrc/codec; stream format: docs/formats.md) ----
   // A `header` argument is the list _codec_header returns for the same stream (the CUDA ops need the
@@ -80,26 +62,18 @@ TORCH_LIBRARY(tersor, m) {
   // y = x @ W^T (+ bias) with W the 2-d compressed weight [N, K] in `stream`; x [..., K] of W's dtype.
   // CPU: decode then at::linear (bit-identical to F.linear). CUDA: fused decode+GEMV for <= 8 rows of x
   // (fp32 accumulation, bf16/fp16), otherwise decode to a scratch and matmul.
-  // CUDA builds only: the CUDA decode kernel's per-lane code replayed on the CPU (for CPU tests).
-  m.def("_codec_emulate_cuda_decode(Tensor stream, Tensor table, int[] header) -> Tensor");
-  // CUDA builds only: the fused GEMV kernel's arithmetic (same order, same roundings) replayed on the CPU.
-  m.def("_codec_emulate_cuda_linear(Tensor x, Tensor stream, Tensor table, int[] header, Tensor? bias=None) -> Tensor");
   m.def("codec_linear(Tensor x, Tensor stream, Tensor table, int[] header, ScalarType dtype, SymInt[] shape, Tensor? bias=None) -> Tensor");
 
   // ---- codebook: QuIP# E8P12 and AQLM weights (csrc/codebook; layouts: docs/formats.md) ----
   // A `qidxs` argument is QuIP#'s packed E8P12 codes (int64 [m, n/32] 2-bit, [m, 3n/64] 3-bit E8P+E81B,
   // [m, n/16] 4-bit two-stage) of an [m, n] weight, n = in_features; resid_scale (RVQ: W^ = D1 + D2 /
   // resid_scale) defaults to QuIP#'s 3.45 (4-bit) / 2.04 (3-bit).
-  // QuIP#'s 1 KiB packed abs table (int32[256]; nibble j of entry a = 2 A[a][perm j] + 8), for tests.
-  m.def("_e8p_packed_abs_table() -> Tensor");
   // W^ [m, n], the codebook values of qidxs (before QuIP#'s rotations and scales), computed in fp32
   // (D1 + D2 / resid_scale) and rounded once to dtype (default float32). Bit-identical CPU and CUDA.
   m.def("e8p_decode(Tensor qidxs, int in_features, float? resid_scale=None, ScalarType? dtype=None) -> Tensor");
   // z = x @ W^^T (float32 [..., m]) for x [..., n] (float32/float16/bfloat16), fp32 accumulation. CUDA
   // rounds x to fp16 (the tensor-core MMA operand) and uses the fused decode GEMV for <= 8 rows of x.
   m.def("e8p_linear(Tensor x, Tensor qidxs, int in_features, float? resid_scale=None) -> Tensor");
-  // The CUDA E8P GEMV's fragment arithmetic replayed on the CPU (x: [1..8, n]), for CPU tests.
-  m.def("_e8p_emulate_cuda_linear(Tensor x, Tensor qidxs, int in_features, float? resid_scale=None) -> Tensor");
   // AQLM weights as AQLM checkpoints store them: codes int8/int16 [out, in/8, C] (signed; index = code
   // mod 2^nbits), codebooks [C, 2^nbits, 1, 8] (float32/float16/bfloat16), scales [out, 1, 1, 1].
   // W [out, in] = scales * sum_c codebooks[c][index_c], computed in fp32 (c = 0 first) and rounded once to
@@ -121,15 +95,6 @@ TORCH_LIBRARY(tersor, m) {
   // y = x @ W^T (+ bias) for x [..., K] of the weight's dtype; fp32 accumulation, rounded once.
   // CUDA: mma.sp GEMV for <= 16 rows of x, the tiled cp.async mma.sp GEMM beyond.
   m.def("sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
-  // The CUDA kernel sparse24_linear picks (GEMV or GEMM), replayed lane by lane on the CPU by the PTX
-  // fragment/ldmatrix rules, for tests.
-  m.def("_sparse24_emulate_cuda_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
-  // The sm90a wgmma.sp GEMM replayed lane by lane on the CPU (stage images built by the kernel's copy
-  // addressing, B read through its descriptor fields); fault = 1/2/3 injects a known mapping error (tests).
-  m.def("_sparse24_emulate_sm90_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None, int fault=0) -> Tensor");
-  // Checks the sm90 x tile's store offsets against the offsets wgmma reads through the B descriptor for
-  // every element of a stage: int64 [elements checked, mismatches]; fault = 1 swaps LBO and SBO (tests).
-  m.def("_sparse24_sm90_layout_check(int fault=0) -> Tensor");
   // ---- block-sparse: BSR weights (csrc/sparse; format: docs/formats.md, BSR v1) ----
   // y = x @ W^T (+ bias) for W [Mb * bs, in_features] stored as bs x bs blocks (bs in {16, 32, 64}):
   // crow_indices/col_indices int32, values [nnz_blocks, bs, bs] of x's dtype, schedule int32 (work items
@@ -137,9 +102,6 @@ TORCH_LIBRARY(tersor, m) {
   m.def("bsr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor schedule, int in_features, Tensor? bias=None) -> Tensor");
   // Validates a BSR weight and its schedule (CPU tensors); returns [version, bs, Mb, split_items, partials].
   m.def("_bsr_check(Tensor crow_indices, Tensor col_indices, Tensor values, Tensor schedule, int in_features) -> int[]");
-  // The CUDA BSR kernel's lane code (copy map, swizzle, ldmatrix, MMA fragments, schedule) replayed on the
-  // CPU for float16/bfloat16, for CPU tests of the layouts.
-  m.def("_bsr_emulate_cuda_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor schedule, int in_features, Tensor? bias=None) -> Tensor");
   // ---- attention: SageAttention2-style quantized attention (csrc/attention; docs/research/sage_attention.md) ----
   // q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (Hq % Hkv == 0, D in {64, 128}, float16/bfloat16) -> (out [B, Hq, Lq, D]
   // in q's dtype, lse float32 [B, Hq, Lq], natural log). is_causal is bottom-right aligned (key j visible to
@@ -149,32 +111,14 @@ TORCH_LIBRARY(tersor, m) {
   // per-32-row mean of Q (its q_mean.K^T added back in fp32). qk_bits=0 with pv="fp32" is exact (fp64; also
   // accepts float32).
   m.def("sage_attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, int qk_bits, str pv, bool smooth_k, bool smooth_q) -> (Tensor, Tensor)");
-  // float32 -> e4m3 bits (uint8), RNE, satfinite (= cvt.rn.satfinite.e4m3x2.f32), for tests.
-  m.def("_sage_float_to_e4m3(Tensor x) -> Tensor");
-  // e4m3 bits (uint8) -> float32, for tests.
-  m.def("_sage_e4m3_to_float(Tensor x) -> Tensor");
-  // int8 codes of x * inv_scale: round to nearest even, clamped to +-127 (bits 8) / +-7 (bits 4), for tests.
-  m.def("_sage_quantize_int(Tensor x, float inv_scale, int bits) -> Tensor");
-  // Quantization-group ids of query rows 0..len_q-1 then key tokens 0..len_k-1 (sm80/sm89 fragments).
-  m.def("_sage_group_maps(int len_q, int len_k) -> int[]");
-  // Token stored at each of the first n positions of the FP8 V^T layout (v_fp8_position_token).
-  m.def("_sage_v_fp8_positions(int n) -> int[]");
-  // CPU lane-by-lane replay of the sm80/sm89 CUDA path (prologue + attention kernel, qk_bits 8 / 4, pv "fp8"/"fp16",
-  // optional Q smoothing) for layout tests; fault > 0 injects a deliberate layout bug (tests only).
-  m.def("_sage_emulate_cuda_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, str pv, bool smooth_k, int fault=0, int qk_bits=8, bool smooth_q=False) -> (Tensor, Tensor)");
-  // CPU check of the sm90a kernel's addressing (tile-native relayout, bulk-copy stages, wgmma descriptors, register
-  // fragments, scale groups) against an independent PTX model; returns mismatch counts (all 0 = consistent).
-  // fault > 0 injects a deliberate layout bug (tests only).
-  m.def("_sage_sm90_layout_check(int head_dim, int fault=0) -> int[]");
-  // CPU lane-by-lane replay of the sm90a CUDA path (prologue, tile-native relayout, bulk-copy stages, wgmma through
-  // descriptors, softmax per 64-key half, epilogue); qk_bits 8, pv "fp8", no Q smoothing. For tests.
-  m.def("_sage_emulate_sm90_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, bool smooth_k) -> (Tensor, Tensor)");
 }
 
 // `import tersor._C` loads this library (and so runs the registrations above). It defines no Python
-// functions: everything is reached through torch.ops.tersor.
+// functions: everything is reached through torch.ops.tersor. Limited API only (abi3).
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "tersor operator library (see torch.ops.tersor)",
                                    -1, nullptr};
   return PyModule_Create(&module_def);
 }
+
+STABLE_TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) { m.impl("_build_info", TORCH_BOX(&build_info)); }

@@ -1,4 +1,5 @@
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -10,14 +11,34 @@ import tersor  # noqa: F401  -- registers torch.ops.tersor
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HAS_CUDA = torch.cuda.is_available()
 
+# The test-only ops (replays, layout checks, fault injection) live in tersor._C_testing, built with
+# TERSOR_TESTING=ON (scripts/run.sh, CI). Without it their tests skip; CI sets TERSOR_REQUIRE_TESTING_EXT=1
+# so that a build that lost the extension fails instead of skipping.
+try:
+    import tersor._testing  # noqa: F401  -- registers torch.ops.tersor_testing
+
+    HAS_TESTING_EXT = True
+except ImportError:
+    if os.environ.get("TERSOR_REQUIRE_TESTING_EXT") == "1":
+        raise
+    HAS_TESTING_EXT = False
+
+
+def load_testing_ops():
+    """``tersor._testing.lib`` (torch.ops.tersor_testing with tersor's error types), or a module-level skip."""
+    if not HAS_TESTING_EXT:
+        pytest.skip("needs tersor._C_testing (build with TERSOR_TESTING=ON)", allow_module_level=True)
+    return tersor._testing.lib
+
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_testing = pytest.mark.skip(reason="needs tersor._C_testing (build with TERSOR_TESTING=ON)")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+        if "testing_ext" in item.keywords and not HAS_TESTING_EXT:
+            item.add_marker(skip_testing)
 
 
 def load_script(name: str):

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import tersor  # noqa: F401  -- registers torch.ops.tersor
+from conftest import load_testing_ops
+
+T = load_testing_ops()  # torch.ops.tersor_testing
 
 from reference import fwht
 
@@ -21,12 +23,12 @@ CASES = [(lg, eb) for eb in (2, 4) for lg in range(16)]
 
 
 def plan(log_n, elem_bytes):
-    return dict(zip(FIELDS, torch.ops.tersor._hadamard_plan(log_n, elem_bytes)))
+    return dict(zip(FIELDS, T._hadamard_plan(log_n, elem_bytes)))
 
 
 def smem_index(j):
     j = np.asarray(j, dtype=np.int64)
-    return np.asarray(torch.ops.tersor._hadamard_smem_index(j.ravel().tolist()), dtype=np.int64).reshape(j.shape)
+    return np.asarray(T._hadamard_smem_index(j.ravel().tolist()), dtype=np.int64).reshape(j.shape)
 
 
 @pytest.mark.parametrize("log_n,elem_bytes", CASES)

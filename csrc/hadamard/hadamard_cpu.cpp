@@ -2,13 +2,7 @@
 // fallback users get. Per row: widen to fp32, in-place radix-2 butterflies on each of the K sub-rows
 // (the inner loop is contiguous, so it vectorizes for spans >= 8), then the K x K mix, then scale and
 // round once to the output dtype.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/matmul.h>
-#include <torch/library.h>
-
+#include <algorithm>
 #include <vector>
 
 #include "hadamard/hadamard_glue.h"
@@ -61,7 +55,7 @@ void load_and_fwht_subrows(const scalar_t* x, float* t, int64_t n, int k, int64_
 template <typename scalar_t>
 void hadamard_pow2_rows(const scalar_t* x, scalar_t* y, const HadamardCall& c) {
   const int64_t n = c.n;
-  at::parallel_for(0, c.rows, row_grain(n), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, c.rows, row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(n);
     for (int64_t r = begin; r < end; ++r) {
       load_and_fwht_subrows(x + r * n, buf.data(), n, 1, n);
@@ -72,36 +66,43 @@ void hadamard_pow2_rows(const scalar_t* x, scalar_t* y, const HadamardCall& c) {
 }
 
 // K > 1: sub-row transforms into an fp32 [rows, K, m] scratch, then the K x K mix as one batched
-// sgemm (H_K has +-1 entries, so every product is exact and only the sums round, as in the kernel).
+// sgemm (H_K has +-1 entries, so every product is exact and only the sums round, as in the kernel),
+// then scale and round once into y.
 template <typename scalar_t>
-at::Tensor hadamard_k_rows(const scalar_t* x, const HadamardCall& c, bool transpose) {
+void hadamard_k_rows(const scalar_t* x, scalar_t* y, const HadamardCall& c, bool transpose) {
   const int k = c.size.k;
   const int64_t m = int64_t{1} << c.size.log_n;
-  at::Tensor t = at::empty({c.rows, k, m}, at::TensorOptions().dtype(at::kFloat));
+  const Device cpu(DeviceType::CPU);
+  Tensor t = empty({c.rows, k, m}, ScalarType::Float, cpu);
   float* tp = t.mutable_data_ptr<float>();
-  at::parallel_for(0, c.rows, row_grain(c.n), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, c.rows, row_grain(c.n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) load_and_fwht_subrows(x + r * c.n, tp + r * c.n, c.n, k, m);
   });
-  at::Tensor hk = at::empty({k, k}, at::TensorOptions().dtype(at::kFloat));
+  Tensor hk = empty({k, k}, ScalarType::Float, cpu);
   const unsigned long long* bits = host_k_bits(k);
   float* hp = hk.mutable_data_ptr<float>();
   for (int a = 0; a < k; ++a)
     for (int b = 0; b < k; ++b)
       hp[a * k + b] = (transpose ? k_sign_bit(bits, k, b, a) : k_sign_bit(bits, k, a, b)) ? -1.f : 1.f;
-  return at::matmul(hk, t).mul_(c.scale);
+  const Tensor mixed = torch::stable::matmul(hk, t);  // contiguous [rows, K, m]
+  const float* mp = mixed.const_data_ptr<float>();
+  torch::stable::parallel_for(0, c.rows, row_grain(c.n), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * c.n; i < end * c.n; ++i) y[i] = static_cast<scalar_t>(mp[i] * c.scale);
+  });
 }
 
-at::Tensor hadamard_transform_cpu(const at::Tensor& x, std::optional<double> scale, bool transpose) {
-  TORCH_CHECK(x.device().is_cpu(), "hadamard_transform (CPU kernel): expected a CPU tensor, got ", x.device());
+Tensor hadamard_transform_cpu(const Tensor& x, std::optional<double> scale, bool transpose) {
+  TERSOR_CHECK(x.is_cpu(), "hadamard_transform (CPU kernel): expected a CPU tensor, got ", device_str(x));
   const HadamardCall c = check_hadamard_call(x, scale, "hadamard_transform");
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const Tensor xc = contiguous(x);
+  Tensor y = empty(x.sizes(), x.scalar_type(), x.device());
   if (c.rows == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hadamard_transform_cpu", [&] {
+  dispatch_float(x.scalar_type(), "hadamard_transform", [&](auto tag) {
+    using scalar_t = decltype(tag);
     if (c.size.k == 1) {
       hadamard_pow2_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), c);
     } else {
-      y.view({c.rows, c.size.k, -1}).copy_(hadamard_k_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), c, transpose));
+      hadamard_k_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), c, transpose);
     }
   });
   return y;
@@ -114,31 +115,14 @@ std::vector<int64_t> hadamard_factor(int64_t n) {
   return {f.k, f.log_n};
 }
 
-std::vector<int64_t> hadamard_plan(int64_t log_n, int64_t elem_bytes) {
-  const Pow2Plan p = make_pow2_plan(static_cast<int>(log_n), static_cast<int>(elem_bytes));
-  TORCH_CHECK_VALUE(p.ok, "_hadamard_plan: no plan for log_n=", log_n, " elem_bytes=", elem_bytes);
-  return {p.log_n, p.n, p.elem_bytes, p.ept, p.vec_bytes, p.tpr, p.wpr, p.lane_bits, p.rows_per_block,
-          p.block_threads, p.rounds, p.ept_round, p.groups, p.smem_bytes};
-}
-
-std::vector<int64_t> hadamard_smem_index(std::vector<int64_t> j) {
-  for (auto& v : j) {
-    TORCH_CHECK_VALUE(v >= 0 && v < (int64_t{1} << 20), "_hadamard_smem_index: index out of range: ", v);
-    v = smem_index(static_cast<int>(v));
-  }
-  return j;
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) { m.impl("hadamard_transform", &hadamard_transform_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(tersor, CPU, m) { m.impl("hadamard_transform", TORCH_BOX(&hadamard_transform_cpu)); }
 
 // Tensor-free helpers: no backend to dispatch on, so they register for every key.
-TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) {
-  m.impl("_hadamard_k_sizes", &hadamard_k_sizes);
-  m.impl("_hadamard_factor", &hadamard_factor);
-  m.impl("_hadamard_plan", &hadamard_plan);
-  m.impl("_hadamard_smem_index", &hadamard_smem_index);
+STABLE_TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) {
+  m.impl("_hadamard_k_sizes", TORCH_BOX(&hadamard_k_sizes));
+  m.impl("_hadamard_factor", TORCH_BOX(&hadamard_factor));
 }
 
 }  // namespace tersor::hadamard

@@ -1,8 +1,6 @@
 // Argument checking shared by the CPU and CUDA implementations of hadamard_transform (torch glue).
 #pragma once
 
-#include <ATen/core/Tensor.h>
-
 #include <cmath>
 #include <optional>
 #include <sstream>
@@ -23,7 +21,7 @@ inline std::string supported_sizes_message() {
 
 inline FactoredSize factor_or_throw(int64_t n, const char* op) {
   FactoredSize f;
-  TORCH_CHECK_VALUE(factor_size(n, &f), op, ": unsupported size n=", n, " of the last dimension; ",
+  TERSOR_CHECK_VALUE(factor_size(n, &f), op, ": unsupported size n=", n, " of the last dimension; ",
                     supported_sizes_message());
   return f;
 }
@@ -36,15 +34,15 @@ struct HadamardCall {
   DType dtype = DType::kFloat32;
 };
 
-inline HadamardCall check_hadamard_call(const at::Tensor& x, std::optional<double> scale, const char* op) {
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected a tensor with at least one dimension, got a 0-d tensor");
+inline HadamardCall check_hadamard_call(const Tensor& x, std::optional<double> scale, const char* op) {
+  TERSOR_CHECK_VALUE(x.dim() >= 1, op, ": expected a tensor with at least one dimension, got a 0-d tensor");
   HadamardCall c;
   c.dtype = to_kernel_dtype(x.scalar_type(), op);
   c.n = x.size(-1);
   c.size = factor_or_throw(c.n, op);
   c.rows = x.numel() / c.n;  // n >= 1 once factored
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(c.n));
-  TORCH_CHECK_VALUE(std::isfinite(s), op, ": scale must be finite, got ", s);
+  TERSOR_CHECK_VALUE(std::isfinite(s), op, ": scale must be finite, got ", s);
   c.scale = static_cast<float>(s);
   return c;
 }

@@ -19,7 +19,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-_lib = torch.ops.tersor
+from .ops import lib as _lib
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 _WIRE_TO_DTYPE = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.float8_e4m3fn, 5: torch.float8_e5m2}

@@ -13,7 +13,12 @@ from typing import Optional
 
 import torch
 
-_lib = torch.ops.tersor
+from ._errors import CheckedOps
+
+#: ``torch.ops.tersor`` whose C++ checks raise the Python error type they name (ValueError, TypeError,
+#: NotImplementedError; see tersor._errors). Every wrapper below calls its op through it.
+lib = CheckedOps(torch.ops.tersor)
+_lib = lib
 
 
 def build_info() -> dict:
@@ -278,21 +283,6 @@ def _sparse24_linear_fake(x, values, meta, bias=None):
     return _sparse24_linear_fake_impl(x, values, meta, bias, "sparse24_linear")
 
 
-@torch.library.register_fake("tersor::_sparse24_emulate_cuda_linear")
-def _sparse24_emulate_fake(x, values, meta, bias=None):
-    return _sparse24_linear_fake_impl(x, values, meta, bias, "_sparse24_emulate_cuda_linear")
-
-
-@torch.library.register_fake("tersor::_sparse24_emulate_sm90_linear")
-def _sparse24_emulate_sm90_fake(x, values, meta, bias=None, fault=0):
-    return _sparse24_linear_fake_impl(x, values, meta, bias, "_sparse24_emulate_sm90_linear")
-
-
-@torch.library.register_fake("tersor::_sparse24_sm90_layout_check")
-def _sparse24_sm90_layout_check_fake(fault=0):
-    return torch.empty(2, dtype=torch.int64)
-
-
 # ---------------------------------------------------------------------------------------------------
 # block-sparse: BSR weights (user-facing: tersor.sparse.to_bsr / BSRWeight / bsr_linear)
 
@@ -390,21 +380,3 @@ def _sage_attention_fwd_fake(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, s
     out = q.new_empty((b, hq, lq, d))
     lse = q.new_empty((b, hq, lq), dtype=torch.float32)
     return out, lse
-
-
-@torch.library.register_fake("tersor::_sage_float_to_e4m3")
-def _sage_float_to_e4m3_fake(x):
-    torch._check(x.dtype == torch.float32, lambda: "_sage_float_to_e4m3: expected float32")
-    return x.new_empty(x.shape, dtype=torch.uint8)
-
-
-@torch.library.register_fake("tersor::_sage_e4m3_to_float")
-def _sage_e4m3_to_float_fake(x):
-    torch._check(x.dtype == torch.uint8, lambda: "_sage_e4m3_to_float: expected uint8")
-    return x.new_empty(x.shape, dtype=torch.float32)
-
-
-@torch.library.register_fake("tersor::_sage_quantize_int")
-def _sage_quantize_int_fake(x, inv_scale, bits):
-    torch._check(x.dtype == torch.float32, lambda: "_sage_quantize_int: expected float32")
-    return x.new_empty(x.shape, dtype=torch.int8)

@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import codec
 
-_lib = torch.ops.tersor
+from tersor.ops import lib as _lib
 
 
 class CompressedLinear(nn.Module):

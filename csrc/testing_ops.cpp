@@ -1,0 +1,104 @@
+// tersor._C_testing: the test-only ops, in their own extension and op namespace (torch.ops.tersor_testing),
+// built when CMake's TERSOR_TESTING is on (development and CI), never in release wheels. Each schema is
+// here, once, with a one-line comment; implementations register next to the kernels they replay
+// (csrc/<family>/*_emulate.cpp, *_testing.cpp, *_check_cpu.cpp). A CPU tensor in, a CPU tensor out: they
+// replay CUDA code on the CPU, so they register for CPU (or, tensor-free, CompositeExplicitAutograd).
+#include <Python.h>
+
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "common/torch_glue.h"
+
+namespace {
+
+// How many distinct threads torch's parallel_for (through the stable ABI) used for n one-item tasks: a
+// CPU kernel that runs on one thread when it should not is a silent 2-16x slowdown, so this is tested.
+int64_t parallel_probe(int64_t n) {
+  std::mutex mu;
+  std::set<std::thread::id> seen;
+  torch::stable::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    // Long enough that one thread cannot drain every task before the others start.
+    volatile double sink = 0;
+    for (int i = 0; i < 200000; ++i) sink = sink + i;
+    std::lock_guard<std::mutex> lock(mu);
+    seen.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(seen.size());
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY(tersor_testing, m) {
+  // ---- build ----
+  // Number of distinct threads torch::stable::parallel_for used inside tersor for n one-item tasks.
+  m.def("_parallel_probe(int n) -> int");
+
+  // ---- hadamard (csrc/hadamard/hadamard_testing.cpp) ----
+  // CUDA work plan of the power-of-two kernel (Pow2Plan fields, see hadamard_plan.h).
+  m.def("_hadamard_plan(int log_n, int elem_bytes) -> int[]");
+  // Padded shared-memory offsets (in floats) of logical indices j, for tests of the layout.
+  m.def("_hadamard_smem_index(int[] j) -> int[]");
+
+  // ---- codec (csrc/codec/codec_cuda_emulate.cpp) ----
+  // The CUDA decode kernel's per-lane code replayed on the CPU.
+  m.def("_codec_emulate_cuda_decode(Tensor stream, Tensor table, int[] header) -> Tensor");
+  // The fused GEMV kernel's arithmetic (same order, same roundings) replayed on the CPU.
+  m.def("_codec_emulate_cuda_linear(Tensor x, Tensor stream, Tensor table, int[] header, Tensor? bias=None) -> Tensor");
+
+  // ---- codebook (csrc/codebook/e8p_cuda_emulate.cpp) ----
+  // QuIP#'s 1 KiB packed abs table (int32[256]; nibble j of entry a = 2 A[a][perm j] + 8).
+  m.def("_e8p_packed_abs_table() -> Tensor");
+  // The CUDA E8P GEMV's fragment arithmetic replayed on the CPU (x: [1..8, n]).
+  m.def("_e8p_emulate_cuda_linear(Tensor x, Tensor qidxs, int in_features, float? resid_scale=None) -> Tensor");
+
+  // ---- 2:4 sparsity (csrc/sparse/sparse24_cuda_emulate.cpp) ----
+  // The CUDA kernel sparse24_linear picks (GEMV or GEMM), replayed lane by lane on the CPU by the PTX
+  // fragment/ldmatrix rules.
+  m.def("_sparse24_emulate_cuda_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
+  // The sm90a wgmma.sp GEMM replayed lane by lane on the CPU (stage images built by the kernel's copy
+  // addressing, B read through its descriptor fields); fault = 1/2/3 injects a known mapping error.
+  m.def("_sparse24_emulate_sm90_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None, int fault=0) -> Tensor");
+  // Checks the sm90 x tile's store offsets against the offsets wgmma reads through the B descriptor for
+  // every element of a stage: int64 [elements checked, mismatches]; fault = 1 swaps LBO and SBO.
+  m.def("_sparse24_sm90_layout_check(int fault=0) -> Tensor");
+
+  // ---- block-sparse (csrc/sparse/bsr_cuda_emulate.cpp) ----
+  // The CUDA BSR kernel's lane code (copy map, swizzle, ldmatrix, MMA fragments, schedule) replayed on the
+  // CPU for float16/bfloat16.
+  m.def("_bsr_emulate_cuda_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor schedule, int in_features, Tensor? bias=None) -> Tensor");
+
+  // ---- attention (csrc/attention/sage_cuda_emulate.cpp, sage_sm90_check_cpu.cpp) ----
+  // float32 -> e4m3 bits (uint8), RNE, satfinite (= cvt.rn.satfinite.e4m3x2.f32).
+  m.def("_sage_float_to_e4m3(Tensor x) -> Tensor");
+  // e4m3 bits (uint8) -> float32.
+  m.def("_sage_e4m3_to_float(Tensor x) -> Tensor");
+  // int8 codes of x * inv_scale: round to nearest even, clamped to +-127 (bits 8) / +-7 (bits 4).
+  m.def("_sage_quantize_int(Tensor x, float inv_scale, int bits) -> Tensor");
+  // Quantization-group ids of query rows 0..len_q-1 then key tokens 0..len_k-1 (sm80/sm89 fragments).
+  m.def("_sage_group_maps(int len_q, int len_k) -> int[]");
+  // Token stored at each of the first n positions of the FP8 V^T layout (v_fp8_position_token).
+  m.def("_sage_v_fp8_positions(int n) -> int[]");
+  // CPU lane-by-lane replay of the sm80/sm89 CUDA path (prologue + attention kernel, qk_bits 8 / 4, pv
+  // "fp8"/"fp16", optional Q smoothing); fault > 0 injects a deliberate layout bug.
+  m.def("_sage_emulate_cuda_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, str pv, bool smooth_k, int fault=0, int qk_bits=8, bool smooth_q=False) -> (Tensor, Tensor)");
+  // CPU check of the sm90a kernel's addressing (tile-native relayout, bulk-copy stages, wgmma descriptors,
+  // register fragments, scale groups) against an independent PTX model; returns mismatch counts (all 0 =
+  // consistent). fault > 0 injects a deliberate layout bug.
+  m.def("_sage_sm90_layout_check(int head_dim, int fault=0) -> int[]");
+  // CPU lane-by-lane replay of the sm90a CUDA path (prologue, tile-native relayout, bulk-copy stages, wgmma
+  // through descriptors, softmax per 64-key half, epilogue); qk_bits 8, pv "fp8", no Q smoothing.
+  m.def("_sage_emulate_sm90_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, bool smooth_k) -> (Tensor, Tensor)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CompositeExplicitAutograd, m) {
+  m.impl("_parallel_probe", TORCH_BOX(&parallel_probe));
+}
+
+// `import tersor._C_testing` loads this library and so registers torch.ops.tersor_testing.*.
+extern "C" PyObject* PyInit__C_testing(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_testing",
+                                   "tersor test-only ops (see torch.ops.tersor_testing)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,50 @@
+"""Fakes for the test-only ops of ``tersor._C_testing`` (``torch.ops.tersor_testing``).
+
+The testing extension holds the lane-by-lane CPU replays of the CUDA kernels, layout checks and ops with
+fault injection. It is built when CMake's ``TERSOR_TESTING`` is on (development and CI, ``scripts/run.sh``)
+and never ships in a release wheel; importing this module without it raises ImportError.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C_testing  # noqa: F401  -- registers torch.ops.tersor_testing.*
+from ._errors import CheckedOps
+from .ops import _sparse24_linear_fake_impl
+
+#: ``torch.ops.tersor_testing`` whose C++ checks raise the Python error type they name (see tersor._errors).
+lib = CheckedOps(torch.ops.tersor_testing)
+
+
+@torch.library.register_fake("tersor_testing::_sparse24_emulate_cuda_linear")
+def _sparse24_emulate_fake(x, values, meta, bias=None):
+    return _sparse24_linear_fake_impl(x, values, meta, bias, "_sparse24_emulate_cuda_linear")
+
+
+@torch.library.register_fake("tersor_testing::_sparse24_emulate_sm90_linear")
+def _sparse24_emulate_sm90_fake(x, values, meta, bias=None, fault=0):
+    return _sparse24_linear_fake_impl(x, values, meta, bias, "_sparse24_emulate_sm90_linear")
+
+
+@torch.library.register_fake("tersor_testing::_sparse24_sm90_layout_check")
+def _sparse24_sm90_layout_check_fake(fault=0):
+    return torch.empty(2, dtype=torch.int64)
+
+
+@torch.library.register_fake("tersor_testing::_sage_float_to_e4m3")
+def _sage_float_to_e4m3_fake(x):
+    torch._check(x.dtype == torch.float32, lambda: "_sage_float_to_e4m3: expected float32")
+    return x.new_empty(x.shape, dtype=torch.uint8)
+
+
+@torch.library.register_fake("tersor_testing::_sage_e4m3_to_float")
+def _sage_e4m3_to_float_fake(x):
+    torch._check(x.dtype == torch.uint8, lambda: "_sage_e4m3_to_float: expected uint8")
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("tersor_testing::_sage_quantize_int")
+def _sage_quantize_int_fake(x, inv_scale, bits):
+    torch._check(x.dtype == torch.float32, lambda: "_sage_quantize_int: expected float32")
+    return x.new_empty(x.shape, dtype=torch.int8)
