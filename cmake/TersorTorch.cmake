@@ -34,7 +34,17 @@ function(tersor_configure_extension target)
   target_include_directories(${target} SYSTEM PRIVATE "${TERSOR_TORCH_DIR}/include")
   target_compile_definitions(${target} PRIVATE
     TORCH_TARGET_VERSION=0x020b000000000000)
-  target_compile_options(${target} PRIVATE -Wall -Wno-unused-parameter -Wno-sign-compare)
+  # -ffile-prefix-map: no checkout path in the binary (error messages carry __FILE__), so a wheel built
+  # twice from one commit is byte-identical wherever it is built.
+  target_compile_options(${target} PRIVATE -Wall -Wno-unused-parameter -Wno-sign-compare
+    "-ffile-prefix-map=${CMAKE_SOURCE_DIR}/=")
+  # manylinux_2_28 (scripts/build_wheel.sh, tests/test_wheel.py): the module may need no GLIBC newer than
+  # 2.28 and no GLIBCXX newer than 3.4.24, though it is built on a newer system. Host C++ is C++17 (the
+  # stable headers need no more; C++20 library calls add GLIBCXX_3.4.29 symbols), and
+  # common/manylinux_compat.cpp binds the two newer glibc symbols the headers reference to old versions.
+  set_target_properties(${target} PROPERTIES CXX_STANDARD 17 CXX_STANDARD_REQUIRED ON)
+  target_sources(${target} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/csrc/common/manylinux_compat.cpp)
+  target_link_options(${target} PRIVATE -Wl,--no-as-needed,-l:libdl.so.2,--as-needed)
   find_library(_torch_cpu NAMES torch_cpu PATHS "${TERSOR_TORCH_DIR}/lib" NO_DEFAULT_PATH REQUIRED)
   target_link_libraries(${target} PRIVATE "${_torch_cpu}")
 endfunction()

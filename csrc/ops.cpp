@@ -115,7 +115,7 @@ STABLE_TORCH_LIBRARY(tersor, m) {
 
 // `import tersor._C` loads this library (and so runs the registrations above). It defines no Python
 // functions: everything is reached through torch.ops.tersor. Limited API only (abi3).
-extern "C" PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "tersor operator library (see torch.ops.tersor)",
                                    -1, nullptr};
   return PyModule_Create(&module_def);

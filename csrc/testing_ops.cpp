@@ -97,7 +97,7 @@ STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CompositeExplicitAutograd, m) {
 }
 
 // `import tersor._C_testing` loads this library and so registers torch.ops.tersor_testing.*.
-extern "C" PyObject* PyInit__C_testing(void) {
+PyMODINIT_FUNC PyInit__C_testing(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_testing",
                                    "tersor test-only ops (see torch.ops.tersor_testing)", -1, nullptr};
   return PyModule_Create(&module_def);

@@ -1,23 +1,25 @@
 // Helpers for the CUDA torch glue (host C++ compiled only into CUDA builds; never included by kernels).
 //
-// tersor._C links the CUDA runtime statically and does not link libtorch_cuda: the one wheel then imports
-// in any torch >= 2.11, CPU or CUDA build, whatever CUDA runtime that torch carries. CUDA handles are
-// driver handles, so torch's streams and memory are used as they are (both runtimes use the device's
-// primary context). What tersor needs from torch's CUDA side (the current stream) is looked up at run
-// time in the libtorch_cuda that torch has already loaded.
+// A CUDA build of tersor._C links libtorch_cuda (for the C shim's current-stream query) and the shared CUDA
+// runtime libcudart.so.13, both already loaded by a CUDA 13 build of torch (the PyPI default for Linux
+// x86_64 since 2.11): the wheel carries neither (scripts/build_wheel.sh excludes them).
 #pragma once
 
 #include <cuda_runtime.h>
-#include <dlfcn.h>
 
 #include <atomic>
 #include <torch/csrc/stable/accelerator.h>
 
 #include "common/torch_glue.h"
 
+// Declared by torch/csrc/inductor/aoti_torch/c/shim.h only under USE_CUDA (a macro torch's own build sets);
+// the signature is part of the stable C shim.
+extern "C" AOTITorchError aoti_torch_get_current_cuda_stream(int32_t device_index, void** ret_stream);
+
 namespace tersor {
 
-// Throws a RuntimeError naming the CUDA error (the stable ABI's STD_CUDA_CHECK needs libtorch_cuda).
+// Throws a RuntimeError naming the CUDA error (STD_CUDA_CHECK would need the 2.10 torch_c10_cuda_check_msg
+// shim; this keeps the message and costs nothing on success).
 #define TERSOR_CUDA_CHECK(expr)                                                                      \
   do {                                                                                               \
     const cudaError_t tersor_err_ = (expr);                                                          \
@@ -26,23 +28,13 @@ namespace tersor {
                                                           " (", #expr, " at ", __FILE__, ":", __LINE__, ")")); \
   } while (0)
 
-// torch's current CUDA stream on `device` (what c10::cuda::getCurrentCUDAStream returns), through the C
-// shim aoti_torch_get_current_cuda_stream. At the 2.11 ABI floor this is the only stable route to the raw
-// stream (torch::stable::accelerator::Stream::nativeHandle needs 2.13). A CUDA tensor exists, so torch is a
-// CUDA build and libtorch_cuda is loaded: RTLD_NOLOAD finds it without loading anything.
+// torch's current CUDA stream on `device` (what c10::cuda::getCurrentCUDAStream returns). At the 2.11 ABI
+// floor the C shim's aoti_torch_get_current_cuda_stream is the only stable route to the raw stream
+// (torch::stable::accelerator::Stream::nativeHandle needs 2.13).
 inline cudaStream_t current_cuda_stream(int device) {
-  using GetStream = int32_t (*)(int32_t, void**);
-  static const GetStream get_stream = []() -> GetStream {
-    void* lib = dlopen("libtorch_cuda.so", RTLD_NOLOAD | RTLD_LAZY);
-    void* sym = lib ? dlsym(lib, "aoti_torch_get_current_cuda_stream") : nullptr;
-    return reinterpret_cast<GetStream>(sym);
-  }();
-  TERSOR_CHECK(get_stream != nullptr,
-               "tersor: aoti_torch_get_current_cuda_stream not found in a loaded libtorch_cuda.so (a CUDA tensor "
-               "on a torch without CUDA?)");
   void* stream = nullptr;
-  TERSOR_CHECK(get_stream(device, &stream) == 0, "tersor: could not get torch's current CUDA stream on device ",
-               device);
+  TERSOR_CHECK(aoti_torch_get_current_cuda_stream(device, &stream) == AOTI_TORCH_SUCCESS,
+               "tersor: could not get torch's current CUDA stream on device ", device);
   return static_cast<cudaStream_t>(stream);
 }
 

@@ -1,0 +1,51 @@
+// Keeps tersor's extensions within the manylinux_2_28 symbol policy (glibc >= 2.28) when they are built on
+// a newer glibc. Symbol versions are bound at link time, so a reference to a function glibc moved or added
+// after 2.28 would make the module fail to load on older systems; tests/test_wheel.py lists them.
+#include <cstddef>
+#include <new>
+#include <sstream>
+
+extern "C" {
+
+// libstdc++'s headers (gcc >= 11 on glibc >= 2.32) read __libc_single_threaded to skip atomic reference
+// counting in single-threaded processes (GLIBC_2.32). A hidden definition satisfies those references inside
+// this module only (it does not interpose on the process's glibc). 0 means "assume other threads exist":
+// reference counts always use atomics, which is always correct.
+__attribute__((visibility("hidden"))) char __libc_single_threaded = 0;
+
+// glibc 2.34 moved dlsym from libdl into libc under a new version (GLIBC_2.34); torch's stable headers call
+// it (torch/csrc/stable/macros.h) to find optional shim functions. Every reference in this module binds to
+// this hidden forwarder, which calls the GLIBC_2.2.5 version that every glibc since 2.2.5 provides (libdl
+// before 2.34, libc's compat symbol after; the module links libdl.so.2 for the former).
+void* tersor_dlsym_2_2_5(void* handle, const char* name);
+__asm__(".symver tersor_dlsym_2_2_5, dlsym@GLIBC_2.2.5");
+__attribute__((visibility("hidden"))) void* dlsym(void* handle, const char* name) {
+  return tersor_dlsym_2_2_5(handle, name);
+}
+
+// GCC 9 gave the string streams separate default constructors (GLIBCXX_3.4.26); torch's headers and ours
+// construct streams that way. These hidden definitions are those constructors, spelled as the C++98 ones
+// with the default open mode they are defined to use (in|out for stringstream, out for ostringstream), so
+// the module needs only GLIBCXX <= 3.4.24 (the manylinux_2_28 policy). The names are the complete-object
+// constructors' mangled names; references bind to these at link time.
+__attribute__((visibility("hidden"))) void _ZNSt7__cxx1118basic_stringstreamIcSt11char_traitsIcESaIcEEC1Ev(
+    std::stringstream* self) {
+  new (self) std::stringstream(std::ios_base::in | std::ios_base::out);
+}
+__attribute__((visibility("hidden"))) void _ZNSt7__cxx1119basic_ostringstreamIcSt11char_traitsIcESaIcEEC1Ev(
+    std::ostringstream* self) {
+  new (self) std::ostringstream(std::ios_base::out);
+}
+
+}  // extern "C"
+
+// gcc >= 11's std::allocator throws through std::__throw_bad_array_new_length (GLIBCXX_3.4.29) when an
+// allocation size overflows. libstdc++ declares it with default visibility, so the definition is an
+// assembler alias marked hidden: it throws the same exception, and no reference leaves the module.
+extern "C" [[noreturn]] __attribute__((visibility("hidden"), used)) void tersor_throw_bad_array_new_length() {
+  throw std::bad_array_new_length();
+}
+__asm__(
+    ".globl _ZSt28__throw_bad_array_new_lengthv\n"
+    ".hidden _ZSt28__throw_bad_array_new_lengthv\n"
+    ".set _ZSt28__throw_bad_array_new_lengthv, tersor_throw_bad_array_new_length\n");
