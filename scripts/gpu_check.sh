@@ -2,14 +2,20 @@
 # The one command for a lent GPU machine (H100/H200; no network; torch, cmake, ninja, scikit-build-core
 # and pytest already installed; the repository copied over without .git):
 #
-#   TERSOR_COMMIT=<sha> bash scripts/gpu_check.sh OUTDIR
+#   TERSOR_COMMIT=<sha> bash scripts/gpu_check.sh [--wheel PATH] OUTDIR
 #
-# Builds tersor against that machine's torch for TORCH_CUDA_ARCH_LIST (default 9.0a) on all cores, runs
+# With --wheel, installs that prebuilt wheel (scripts/build_wheel.sh --testing, carried over with the tree)
+# instead of compiling, so a short GPU loan goes to tests and benchmarks. Otherwise builds tersor against
+# that machine's torch for TORCH_CUDA_ARCH_LIST (default 9.0a) on all cores. Then runs
 # the whole test suite (CUDA tests included), runs compute-sanitizer over every kernel on small inputs,
 # then `tersor bench --device cuda` writing OUTDIR/bench.json and OUTDIR/bench.png, and prints a summary.
 # Commit OUTDIR/bench.json as benchmarks/results/<record_name>.json (the name is inside the JSON).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+WHEEL=""
+if [ "${1:-}" = "--wheel" ]; then
+  WHEEL=$(realpath "$2"); shift 2
+fi
 OUT=$(mkdir -p "${1:-gpu_out}" && cd "${1:-gpu_out}" && pwd)
 PY=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
@@ -22,17 +28,24 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 cat "$OUT/gpu.txt"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-echo "== build (arch $TORCH_CUDA_ARCH_LIST, $CMAKE_BUILD_PARALLEL_LEVEL jobs)"
-if ! "$PY" -m pip install -v --no-build-isolation --no-deps --no-index . > "$OUT/build.log" 2>&1; then
-  tail -n 80 "$OUT/build.log"
-  echo "BUILD FAILED"
-  exit 1
+if [ -n "$WHEEL" ]; then
+  echo "== install $WHEEL (no build)"
+  if ! "$PY" -m pip install --no-deps --no-index --force-reinstall "$WHEEL" > "$OUT/build.log" 2>&1; then
+    tail -n 40 "$OUT/build.log"; echo "INSTALL FAILED"; exit 1
+  fi
+else
+  echo "== build (arch $TORCH_CUDA_ARCH_LIST, $CMAKE_BUILD_PARALLEL_LEVEL jobs)"
+  if ! TERSOR_TESTING=ON "$PY" -m pip install -v --no-build-isolation --no-deps --no-index . > "$OUT/build.log" 2>&1; then
+    tail -n 80 "$OUT/build.log"
+    echo "BUILD FAILED"
+    exit 1
+  fi
+  grep -E "^ *-- tersor:" "$OUT/build.log"
 fi
-grep -E "^ *-- tersor:" "$OUT/build.log"
-echo "build took $(( $(date +%s) - t0 )) s"
+echo "tersor ready in $(( $(date +%s) - t0 )) s"
 
 echo "== tests"
-(cd /tmp && "$PY" -c "import tersor, torch; print(tersor.build_info()); assert torch.cuda.is_available()") || status=1
+(cd /tmp && "$PY" -c "import tersor, tersor._testing, torch; print(tersor.build_info()); assert torch.cuda.is_available()") || status=1
 # No -x: the first GPU run of a family should report every failing kernel, not just the first.
 timeout 360 "$PY" -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 | tail -n 60 | tee "$OUT/pytest.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
