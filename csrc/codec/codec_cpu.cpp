@@ -270,8 +270,8 @@ Tensor codec_encode_cpu(const Tensor& x, int64_t chunk_elems) {
   const WireDType dt = wire_dtype_of(x.scalar_type(), "codec.compress");
   TERSOR_CHECK_VALUE(x.dim() <= kMaxNdim, "codec.compress: at most 8 dims, got ", x.dim());
   TERSOR_CHECK_VALUE(chunk_elems == 0 || (chunk_elems >= 128 && chunk_elems <= kMaxChunkElems / 4),
-                    "codec.compress: chunk_elems must be 0 (auto) or in [128, ", kMaxChunkElems / 4, "], got ",
-                    chunk_elems);
+                     "codec.compress: chunk_elems must be 0 (auto) or in [128, ", kMaxChunkElems / 4, "], got ",
+                     chunk_elems);
   TERSOR_CHECK(x.is_cpu(), "codec.compress (CPU kernel): expected a CPU tensor, got ", device_str(x));
   const Tensor xc = contiguous(x);  // a copy when x is strided; x itself is never written
   switch (wire_dtype_bytes(dt)) {
@@ -290,7 +290,7 @@ StreamInfo parse_or_throw(const Tensor& stream, const char* op) {
   StreamInfo s;
   std::string err;
   TERSOR_CHECK_VALUE(parse_stream(stream.const_data_ptr<uint8_t>(), stream.numel(), &s, &err), op,
-                    ": corrupt codec stream: ", err);
+                     ": corrupt codec stream: ", err);
   return s;
 }
 
@@ -303,7 +303,7 @@ Tensor codec_decode_table_cpu(const Tensor& stream) {
   Tensor t = zeros({kLutSize}, ScalarType::Int, stream.device());
   if (s.mode == Mode::kHuffman) {
     TERSOR_CHECK_VALUE(build_decode_lut(s.code_len, reinterpret_cast<uint32_t*>(t.mutable_data_ptr<int32_t>())),
-                      "codec: corrupt codec stream: invalid code lengths");
+                       "codec: corrupt codec stream: invalid code lengths");
   }
   return t;
 }
@@ -444,8 +444,7 @@ Tensor codec_decode_cpu(const Tensor& stream, const Tensor& table, std::vector<i
                         std::vector<int64_t> shape, bool verify) {
   check_decode_call(stream, table, header, dtype, shape, "codec_decode");
   const StreamInfo s = parse_or_throw(stream, "codec_decode");
-  TERSOR_CHECK_VALUE(header_list(s) == header,
-                    "codec_decode: header does not belong to this stream");
+  TERSOR_CHECK_VALUE(header_list(s) == header, "codec_decode: header does not belong to this stream");
   Tensor out = empty(shape, dtype, stream.device());
   const uint8_t* p = stream.const_data_ptr<uint8_t>();
   uint8_t* o = static_cast<uint8_t*>(out.mutable_data_ptr());
@@ -453,7 +452,7 @@ Tensor codec_decode_cpu(const Tensor& stream, const Tensor& table, std::vector<i
   if (s.mode == Mode::kStored) {
     if (verify)
       TERSOR_CHECK(crc32c(p + s.raw_pos, s.raw_bytes) == rd<uint32_t>(p + s.crc_pos),
-                  "codec_decode: corrupt codec stream: data checksum mismatch");
+                   "codec_decode: corrupt codec stream: data checksum mismatch");
     std::memcpy(o, p + s.raw_pos, s.numel * eb);
     return out;
   }

@@ -62,7 +62,7 @@ void emulate(const KStream& s, uint8_t* out) {
       std::fill(scratch.begin(), scratch.end(), 0xCDCDCDCDu);  // stale bytes must never be emitted
       for (int l = 0; l < kLanes; ++l)
         TERSOR_CHECK(decode_segment(st[l], tables, seg, scratch.data() + l * Traits::kRowWords),
-                    "emulated decode: invalid bit pattern");
+                     "emulated decode: invalid bit pattern");
       for (int lane = 0; lane < kLanes; ++lane)
         emit_segment<kEB>(s, out, scratch.data(), start, len, seg * Traits::kSegment, start % 4 == 0, lane);
     }
@@ -112,7 +112,7 @@ void emulate_gemv(const KStream& s, const uint16_t* x, const uint16_t* bias, uin
     for (uint32_t seg = 0; seg < segs; ++seg) {
       for (int l = 0; l < kLanes; ++l)
         TERSOR_CHECK(decode_segment(st[l], tables, seg, scratch.data() + l * Traits::kRowWords),
-                    "emulated gemv: invalid bit pattern");
+                     "emulated gemv: invalid bit pattern");
       const uint32_t first = seg * Traits::kSegment;
       for (int l = 0; l < kLanes; ++l) {
         const uint32_t n = segment_count(len, s.lane_run, l, first);
@@ -206,9 +206,9 @@ Tensor emulate_cuda_linear(const Tensor& x, const Tensor& stream, const Tensor& 
   const EmulatedCall e = prepare(stream, table, header, op);
   TERSOR_CHECK(x.is_cpu(), op, " runs on the CPU");
   TERSOR_CHECK_VALUE(x.dim() == 2 && e.shape.size() == 2 && x.size(1) == e.shape[1] && x.scalar_type() == e.dtype,
-                    op, ": x must be [B, K] of the weight's dtype");
+                     op, ": x must be [B, K] of the weight's dtype");
   TERSOR_CHECK_VALUE(gemv_fused_eligible(e.view, static_cast<int>(x.size(0))), op,
-                    ": the fused GEMV would not take this call");
+                     ": the fused GEMV would not take this call");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
     TERSOR_CHECK_VALUE(bias->is_cpu() && bias->scalar_type() == e.dtype && bias->dim() == 1 &&
