@@ -22,8 +22,7 @@ import torch.nn.functional as F
 
 from tersor import codec
 from tersor.bench import Result, register, time_fn
-
-_ops = torch.ops.tersor
+from tersor.ops import lib as _ops
 
 
 def _minilm_weights():
@@ -174,7 +173,8 @@ def _linear_rows(ctx) -> list[Result]:
                                   accuracy={"max_abs_err": (ours - truth).abs().max().item(),
                                             "dense_max_abs_err": (dense - truth).abs().max().item()},
                                   extra={"weight_ratio": ct.ratio,
-                                         "byte_limit_speedup": 1.0 / ct.ratio}))
+                                         "byte_limit_speedup": 1.0 / ct.ratio,
+                                         "path": codec.linear_path(ct, b) if ctx.is_cuda else "decode_matmul"}))
     return results
 
 

@@ -60,9 +60,12 @@ STABLE_TORCH_LIBRARY(tersor, m) {
   // on CUDA this synchronizes), raising on any mismatch.
   m.def("codec_decode(Tensor stream, Tensor table, int[] header, ScalarType dtype, SymInt[] shape, bool verify=True) -> Tensor");
   // y = x @ W^T (+ bias) with W the 2-d compressed weight [N, K] in `stream`; x [..., K] of W's dtype.
-  // CPU: decode then at::linear (bit-identical to F.linear). CUDA: fused decode+GEMV for <= 8 rows of x
-  // (fp32 accumulation, bf16/fp16), otherwise decode to a scratch and matmul.
+  // CPU: decode then aten::linear (bit-identical to F.linear). CUDA: fused decode+GEMV for <= 8 rows of x
+  // (fp32 accumulation, bf16/fp16), otherwise decode to a scratch and matmul (see _codec_route).
   m.def("codec_linear(Tensor x, Tensor stream, Tensor table, int[] header, ScalarType dtype, SymInt[] shape, Tensor? bias=None) -> Tensor");
+  // The CUDA codec_linear's path for this weight header and `rows` rows of x: "fused_gemv" or
+  // "decode_matmul" (codec_view.h, choose_linear_path; the same on every architecture).
+  m.def("_codec_route(int[] header, int rows) -> str");
 
   // ---- codebook: QuIP# E8P12 and AQLM weights (csrc/codebook; layouts: docs/formats.md) ----
   // A `qidxs` argument is QuIP#'s packed E8P12 codes (int64 [m, n/32] 2-bit, [m, 3n/64] 3-bit E8P+E81B,

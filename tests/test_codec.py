@@ -10,10 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import codec_reference as ref
+import tersor
+from conftest import HAS_TESTING_EXT
 from tersor import codec
 from tersor.nn import CompressedLinear, compress_linears
 
-ops = torch.ops.tersor
+ops = tersor.ops.lib  # torch.ops.tersor with tersor's error types (ValueError/TypeError/NotImplementedError)
+# The CUDA kernels' CPU replays are test-only ops (tersor._C_testing, built with TERSOR_TESTING=ON).
+T = tersor._testing.lib if HAS_TESTING_EXT else None
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
@@ -443,8 +447,7 @@ def test_compressed_linear_rejects_bad_state_dict():
     assert torch.equal(cl.table, codec.CompressedTensor.from_bytes(cl.stream).table)
 
 
-@pytest.mark.skipif(not torch._C._dispatch_has_kernel_for_dispatch_key("tersor::_codec_emulate_cuda_decode", "CPU"),
-                    reason="CPU-only build (the emulation is built with the CUDA kernels)")
+@pytest.mark.testing_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,chunk", [((33, 384), 0), ((3, 40960), 0), ((5, 1001), 0), ((7,), 0), ((3, 70000), 1000),
                                          ((2, 3, 130), 128), ((4096,), 4096), ((1, 131), 0)])
@@ -457,10 +460,9 @@ def test_cuda_decode_kernel_emulated_on_cpu(dtype, shape, chunk):
     ct = codec.compress(x, chunk_elems=chunk)
     if ct.header[2] != 1:
         pytest.skip("stored stream")
-    assert_same_bits(ops._codec_emulate_cuda_decode(ct.stream, ct.table, ct.header), x)
+    assert_same_bits(T._codec_emulate_cuda_decode(ct.stream, ct.table, ct.header), x)
 
 
-_HAS_EMULATION = torch._C._dispatch_has_kernel_for_dispatch_key("tersor::_codec_emulate_cuda_linear", "CPU")
 def _gemv_case(dtype, n, k, batch):
     w = weights((n, k), dtype, std=0.05)
     return w, codec.compress(w), torch.randn(batch, k).to(dtype), torch.randn(n).to(dtype)
@@ -469,7 +471,7 @@ def _gemv_case(dtype, n, k, batch):
 GEMV_SHAPES = [(96, 384), (1536, 384), (384, 1536), (256, 4096), (16, 40960), (200, 128), (3, 8200)]
 
 
-@pytest.mark.skipif(not _HAS_EMULATION, reason="CPU-only build (the emulation is built with the CUDA kernels)")
+@pytest.mark.testing_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", GEMV_SHAPES)
 @pytest.mark.parametrize("batch", [1, 3, 8])
@@ -477,30 +479,31 @@ def test_cuda_gemv_kernel_emulated_on_cpu(dtype, n, k, batch):
     # The fused GEMV kernel's per-lane strip code and reduction order, replayed on the CPU: within 2x
     # torch's own error of a float64 reference (the FlashAttention rule).
     w, ct, x, bias = _gemv_case(dtype, n, k, batch)
-    got = ops._codec_emulate_cuda_linear(x, ct.stream, ct.table, ct.header, bias).double()
+    got = T._codec_emulate_cuda_linear(x, ct.stream, ct.table, ct.header, bias).double()
     truth = F.linear(x.double(), w.double(), bias.double())
     dense = F.linear(x, w, bias).double()
     assert (got - truth).abs().max().item() <= 2 * (dense - truth).abs().max().item() + 1e-6
 
 
-@pytest.mark.skipif(not _HAS_EMULATION, reason="CPU-only build")
+@pytest.mark.testing_ext
 def test_cuda_gemv_emulation_refuses_ineligible_calls():
     ct = codec.compress(weights((100, 200), torch.bfloat16))  # 40 rows per chunk of 200: strips straddle rows
     with pytest.raises(ValueError, match="would not take"):
-        ops._codec_emulate_cuda_linear(torch.randn(1, 200).bfloat16(), ct.stream, ct.table, ct.header)
+        T._codec_emulate_cuda_linear(torch.randn(1, 200).bfloat16(), ct.stream, ct.table, ct.header)
     ct = codec.compress(weights((64, 256), torch.bfloat16))
     with pytest.raises(ValueError, match="would not take"):
-        ops._codec_emulate_cuda_linear(torch.randn(9, 256).bfloat16(), ct.stream, ct.table, ct.header)
+        T._codec_emulate_cuda_linear(torch.randn(9, 256).bfloat16(), ct.stream, ct.table, ct.header)
 
 
 @cuda
+@pytest.mark.testing_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", GEMV_SHAPES)
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_cuda_gemv_equals_its_cpu_emulation(dtype, n, k, batch):
     # Same arithmetic in the same order: the GPU result must match the CPU replay bit for bit.
     _, ct, x, bias = _gemv_case(dtype, n, k, batch)
-    want = ops._codec_emulate_cuda_linear(x, ct.stream, ct.table, ct.header, bias)
+    want = T._codec_emulate_cuda_linear(x, ct.stream, ct.table, ct.header, bias)
     g = ct.cuda()
     got = ops.codec_linear(x.cuda(), g.stream, g.table, g.header, dtype, [n, k], bias.cuda()).cpu()
     assert_same_bits(got, want)
@@ -514,8 +517,86 @@ def test_malformed_header_lists_are_refused(field, delta):
     ct = codec.compress(weights((8, 4096), torch.bfloat16))
     bad = list(ct.header)
     bad[field] += delta
-    op = ops._codec_emulate_cuda_decode if _HAS_EMULATION else None
+    op = T._codec_emulate_cuda_decode if T is not None else None
     with pytest.raises((ValueError, TypeError)):
         if op is not None:
             op(ct.stream, ct.table, bad)
         ops.codec_decode(ct.stream, ct.table, bad, torch.bfloat16, [8, 4096])
+
+
+# ------------------------------------------------------------------------------------------- errors, routing
+def test_direct_op_calls_raise_runtime_error_naming_the_type():
+    # The contract for direct torch.ops callers: through the stable ABI every C++ error is a RuntimeError
+    # whose message starts with the Python type it means (tersor.ops.lib re-raises it as that type).
+    ct = codec.compress(weights((8, 64), torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"^ValueError: codec_decode: shape"):
+        torch.ops.tersor.codec_decode(ct.stream, ct.table, ct.header, torch.bfloat16, [64, 8])
+    with pytest.raises(RuntimeError, match=r"^TypeError: codec_decode: dtype"):
+        torch.ops.tersor.codec_decode(ct.stream, ct.table, ct.header, torch.float16, [8, 64])
+    with pytest.raises(ValueError, match="shape"):
+        ops.codec_decode(ct.stream, ct.table, ct.header, torch.bfloat16, [64, 8])
+
+
+def _expected_route(ct, rows):
+    """choose_linear_path (csrc/codec/codec_view.h: gemv_fused_eligible, gemv_geom_ok), restated from the
+    stream's own fields."""
+    h = ref.parse(ct.to_bytes())
+    if h["mode"] != 1 or ct.dtype not in (torch.bfloat16, torch.float16) or not 1 <= rows <= 8 or h["numel"] == 0:
+        return "decode_matmul"
+    e, k = h["chunk_elems"], h["row_len"]
+    if e % 4 or k % 8:
+        return "decode_matmul"
+    if e % k == 0:  # chunks of whole rows: at most 64 of them, and 128-element strips that stay in one row
+        lane_elems = (e + 127) // 128 * 4
+        if e // k > 64 or (e != k and (k % 128 or lane_elems % 128)):
+            return "decode_matmul"
+    return "fused_gemv"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
+@pytest.mark.parametrize("n,k,chunk", [(96, 384, 0), (1536, 384, 0), (384, 1536, 0), (256, 4096, 0), (16, 40960, 0),
+                                       (200, 128, 0), (3, 8200, 0), (100, 200, 0), (64, 256, 128), (4, 4096, 1000),
+                                       (2, 2, 0), (512, 8, 0)])
+def test_codec_route(dtype, n, k, chunk):
+    ct = codec.compress(weights((n, k), dtype, std=0.05), chunk_elems=chunk)
+    for rows in (0, 1, 2, 3, 8, 9, 64):
+        got = codec.linear_path(ct, rows)
+        assert got == ops._codec_route(ct.header, rows)
+        assert got == _expected_route(ct, rows), (ref.parse(ct.to_bytes())["chunk_elems"], rows)
+    if dtype == torch.bfloat16 and chunk == 0 and (n, k) in GEMV_SHAPES:
+        assert codec.linear_path(ct, 1) == "fused_gemv"  # the shapes the fused-GEMV tests rely on
+    if T is not None and dtype in (torch.bfloat16, torch.float16) and ct.header[2] == 1:
+        # The CPU replay of the fused kernel takes exactly the calls the route sends to it.
+        for rows in (1, 8, 9):
+            x = torch.randn(rows, k).to(dtype)
+            if codec.linear_path(ct, rows) == "fused_gemv":
+                T._codec_emulate_cuda_linear(x, ct.stream, ct.table, ct.header)
+            else:
+                with pytest.raises(ValueError, match="would not take"):
+                    T._codec_emulate_cuda_linear(x, ct.stream, ct.table, ct.header)
+
+
+def test_codec_route_refuses_bad_arguments():
+    ct = codec.compress(weights((8, 4096), torch.bfloat16))
+    assert codec.linear_path(ct, 1) == "fused_gemv"
+    with pytest.raises(ValueError, match="rows"):
+        ops._codec_route(ct.header, -1)
+    bad = list(ct.header)
+    bad[5] += 4
+    with pytest.raises(ValueError, match="malformed header"):
+        ops._codec_route(bad, 1)
+    with pytest.raises(ValueError, match="2-d"):
+        codec.linear_path(codec.compress(weights((2, 4, 4096), torch.bfloat16)), 1)
+    with pytest.raises(TypeError):
+        codec.linear_path(weights((8, 8), torch.bfloat16), 1)
+
+
+@cuda
+@pytest.mark.parametrize("batch", [9, 64])
+def test_cuda_linear_decode_matmul_path_is_bit_identical(batch):
+    # Calls the route sends to decode + matmul run F.linear on the decoded weight: bit-identical to it.
+    lin = torch.nn.Linear(384, 96).to(torch.bfloat16).cuda()
+    cl = CompressedLinear.from_linear(lin, fused=True)
+    assert codec.linear_path(cl.compressed_weight, batch) == "decode_matmul"
+    x = torch.randn(batch, 384, device="cuda").to(torch.bfloat16)
+    assert torch.equal(cl(x), F.linear(x, lin.weight, lin.bias))

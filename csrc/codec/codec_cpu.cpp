@@ -1,12 +1,5 @@
 // CPU implementation of the codec ops: the encoder (the only one there is), the metadata/table
 // helpers, and the decoder and linear that are the reference for the CUDA kernels.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/linear.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -18,6 +11,7 @@
 #include "codec/codec_glue.h"
 #include "codec/codec_host.h"
 #include "codec/codec_lane.h"
+#include "common/torch_glue.h"
 
 namespace tersor::codec {
 namespace {
@@ -63,32 +57,41 @@ uint8_t* thread_sym_buffer(size_t n) {
 
 template <int EB>
 void histogram(const uint8_t* data, uint64_t numel, uint64_t* hist) {
-  const int nthreads = at::get_num_threads();
-  std::vector<std::array<uint64_t, 256>> part(nthreads);
+  // Fixed parts (a few per thread, each >= 2^16 elements), one histogram each: no thread index needed
+  // (the stable ABI's parallel_for does not say which thread runs a range), and the sum is the same
+  // whatever the thread count.
+  constexpr int64_t kGrain = 1 << 16;
+  const int64_t n = static_cast<int64_t>(numel);
+  const int64_t nthreads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  const int64_t nparts = std::max<int64_t>(1, std::min<int64_t>(4 * nthreads, (n + kGrain - 1) / kGrain));
+  std::vector<std::array<uint64_t, 256>> part(nparts);
   for (auto& h : part) h.fill(0);
-  at::parallel_for(0, static_cast<int64_t>(numel), 1 << 16, [&](int64_t b, int64_t e) {
-    auto& h = part[at::get_thread_num()];
+  torch::stable::parallel_for(0, nparts, 1, [&](int64_t pb, int64_t pe) {
     constexpr int64_t kBlock = 1 << 14;
     uint8_t* sym = thread_sym_buffer(kBlock);
-    // Four u32 sub-histograms (flushed every 2^20 elements) break the store-to-load dependency when
-    // neighbouring values share a symbol, which in weights they mostly do.
-    uint32_t h4[4][256];
-    for (int64_t b0 = b; b0 < e; b0 += 1 << 20) {
-      const int64_t e0 = std::min<int64_t>(e, b0 + (1 << 20));
-      std::memset(h4, 0, sizeof(h4));
-      for (int64_t i0 = b0; i0 < e0; i0 += kBlock) {
-        const uint32_t n = static_cast<uint32_t>(std::min<int64_t>(kBlock, e0 - i0));
-        split_symbols<EB>(data + i0 * EB, n, sym);
-        uint32_t j = 0;
-        for (; j + 4 <= n; j += 4) {
-          ++h4[0][sym[j]];
-          ++h4[1][sym[j + 1]];
-          ++h4[2][sym[j + 2]];
-          ++h4[3][sym[j + 3]];
+    for (int64_t pi = pb; pi < pe; ++pi) {
+      auto& h = part[pi];
+      const int64_t b = n * pi / nparts, e = n * (pi + 1) / nparts;
+      // Four u32 sub-histograms (flushed every 2^20 elements) break the store-to-load dependency when
+      // neighbouring values share a symbol, which in weights they mostly do.
+      uint32_t h4[4][256];
+      for (int64_t b0 = b; b0 < e; b0 += 1 << 20) {
+        const int64_t e0 = std::min<int64_t>(e, b0 + (1 << 20));
+        std::memset(h4, 0, sizeof(h4));
+        for (int64_t i0 = b0; i0 < e0; i0 += kBlock) {
+          const uint32_t cnt = static_cast<uint32_t>(std::min<int64_t>(kBlock, e0 - i0));
+          split_symbols<EB>(data + i0 * EB, cnt, sym);
+          uint32_t j = 0;
+          for (; j + 4 <= cnt; j += 4) {
+            ++h4[0][sym[j]];
+            ++h4[1][sym[j + 1]];
+            ++h4[2][sym[j + 2]];
+            ++h4[3][sym[j + 3]];
+          }
+          for (; j < cnt; ++j) ++h4[0][sym[j]];
         }
-        for (; j < n; ++j) ++h4[0][sym[j]];
+        for (int s = 0; s < 256; ++s) h[s] += static_cast<uint64_t>(h4[0][s]) + h4[1][s] + h4[2][s] + h4[3][s];
       }
-      for (int s = 0; s < 256; ++s) h[s] += static_cast<uint64_t>(h4[0][s]) + h4[1][s] + h4[2][s] + h4[3][s];
     }
   });
   for (int s = 0; s < 256; ++s) {
@@ -184,9 +187,10 @@ void write_fixed_header(uint8_t* p, WireDType dt, Mode mode, int ndim, const int
 }
 
 template <int EB>
-at::Tensor encode_impl(const at::Tensor& xc, WireDType dt, int64_t chunk_target) {
+Tensor encode_impl(const Tensor& xc, WireDType dt, int64_t chunk_target) {
   const uint8_t* data = static_cast<const uint8_t*>(xc.const_data_ptr());
   const int ndim = static_cast<int>(xc.dim());
+  const std::vector<int64_t> shape = sizes_vec(xc);
   const uint64_t numel = static_cast<uint64_t>(xc.numel());
   const uint64_t row_len =
       ndim >= 2 ? std::max<int64_t>(xc.size(-1), 1) : std::max<uint64_t>(numel, 1);
@@ -211,10 +215,10 @@ at::Tensor encode_impl(const at::Tensor& xc, WireDType dt, int64_t chunk_target)
 
   if (mode == Mode::kStored) {
     const Layout L = layout_for(ndim, mode, 0);
-    at::Tensor out = at::empty({static_cast<int64_t>(L.exp_pos + numel * EB)}, xc.options().dtype(at::kByte));
+    Tensor out = empty({static_cast<int64_t>(L.exp_pos + numel * EB)}, ScalarType::Byte, xc.device());
     uint8_t* p = out.mutable_data_ptr<uint8_t>();
     std::memset(p, 0, L.exp_pos);
-    write_fixed_header(p, dt, mode, ndim, xc.sizes().data(), 0, numel, row_len, 0, L.exp_pos, 0, L.exp_pos,
+    write_fixed_header(p, dt, mode, ndim, shape.data(), 0, numel, row_len, 0, L.exp_pos, 0, L.exp_pos,
                        numel * EB);
     std::memcpy(p + L.exp_pos, data, numel * EB);
     wr<uint32_t>(p + L.crc_pos, crc32c(data, numel * EB));
@@ -224,7 +228,7 @@ at::Tensor encode_impl(const at::Tensor& xc, WireDType dt, int64_t chunk_target)
 
   // Pass 1: every chunk's record, into its own buffer (sizes are only known afterwards).
   std::vector<std::vector<uint8_t>> records(n_chunks);
-  at::parallel_for(0, static_cast<int64_t>(n_chunks), 4, [&](int64_t b, int64_t e) {
+  torch::stable::parallel_for(0, static_cast<int64_t>(n_chunks), 4, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) encode_record<EB>(data, g, c, plan, records[c]);
   });
   std::vector<uint64_t> offsets(n_chunks + 1, 0);
@@ -233,16 +237,16 @@ at::Tensor encode_impl(const at::Tensor& xc, WireDType dt, int64_t chunk_target)
   const uint64_t exp_bytes = offsets[n_chunks];
   const uint64_t raw_pos = align_up(L.exp_pos + exp_bytes, kAlign);
   const uint64_t raw_bytes = numel * (EB - 1);
-  at::Tensor out = at::empty({static_cast<int64_t>(raw_pos + raw_bytes)}, xc.options().dtype(at::kByte));
+  Tensor out = empty({static_cast<int64_t>(raw_pos + raw_bytes)}, ScalarType::Byte, xc.device());
   uint8_t* p = out.mutable_data_ptr<uint8_t>();
   std::memset(p, 0, L.exp_pos);
   std::memset(p + L.exp_pos + exp_bytes, 0, raw_pos - L.exp_pos - exp_bytes);
-  write_fixed_header(p, dt, mode, ndim, xc.sizes().data(), E, numel, row_len, n_chunks, L.exp_pos, exp_bytes,
+  write_fixed_header(p, dt, mode, ndim, shape.data(), E, numel, row_len, n_chunks, L.exp_pos, exp_bytes,
                      raw_pos, raw_bytes);
   std::memcpy(p + L.code_len_pos, plan.code_len, 256);
   std::memcpy(p + L.offsets_pos, offsets.data(), 8 * (n_chunks + 1));
   // Pass 2: records into place, raw bytes, CRCs (chunks write disjoint bytes).
-  at::parallel_for(0, static_cast<int64_t>(n_chunks), 4, [&](int64_t b, int64_t e) {
+  torch::stable::parallel_for(0, static_cast<int64_t>(n_chunks), 4, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       uint64_t start;
       uint32_t len;
@@ -262,13 +266,14 @@ at::Tensor encode_impl(const at::Tensor& xc, WireDType dt, int64_t chunk_target)
   return out;
 }
 
-at::Tensor codec_encode_cpu(const at::Tensor& x, int64_t chunk_elems) {
+Tensor codec_encode_cpu(const Tensor& x, int64_t chunk_elems) {
   const WireDType dt = wire_dtype_of(x.scalar_type(), "codec.compress");
-  TORCH_CHECK_VALUE(x.dim() <= kMaxNdim, "codec.compress: at most 8 dims, got ", x.dim());
-  TORCH_CHECK_VALUE(chunk_elems == 0 || (chunk_elems >= 128 && chunk_elems <= kMaxChunkElems / 4),
-                    "codec.compress: chunk_elems must be 0 (auto) or in [128, ", kMaxChunkElems / 4, "], got ",
-                    chunk_elems);
-  const at::Tensor xc = x.contiguous();  // a copy when x is strided; x itself is never written
+  TERSOR_CHECK_VALUE(x.dim() <= kMaxNdim, "codec.compress: at most 8 dims, got ", x.dim());
+  TERSOR_CHECK_VALUE(chunk_elems == 0 || (chunk_elems >= 128 && chunk_elems <= kMaxChunkElems / 4),
+                     "codec.compress: chunk_elems must be 0 (auto) or in [128, ", kMaxChunkElems / 4, "], got ",
+                     chunk_elems);
+  TERSOR_CHECK(x.is_cpu(), "codec.compress (CPU kernel): expected a CPU tensor, got ", device_str(x));
+  const Tensor xc = contiguous(x);  // a copy when x is strided; x itself is never written
   switch (wire_dtype_bytes(dt)) {
     case 1: return encode_impl<1>(xc, dt, chunk_elems);
     case 2: return encode_impl<2>(xc, dt, chunk_elems);
@@ -277,27 +282,28 @@ at::Tensor codec_encode_cpu(const at::Tensor& x, int64_t chunk_elems) {
 }
 
 // ---------------------------------------------------------------- metadata ops
-StreamInfo parse_or_throw(const at::Tensor& stream, const char* op) {
-  TORCH_CHECK(stream.device().is_cpu(), op, ": expected a CPU stream, got ", stream.device());
-  TORCH_CHECK_TYPE(stream.scalar_type() == at::kByte, op, ": stream must be uint8, got ", stream.scalar_type());
-  TORCH_CHECK_VALUE(stream.dim() == 1 && stream.is_contiguous(), op, ": stream must be a contiguous 1-d tensor");
+StreamInfo parse_or_throw(const Tensor& stream, const char* op) {
+  TERSOR_CHECK(stream.is_cpu(), op, ": expected a CPU stream, got ", device_str(stream));
+  TERSOR_CHECK_TYPE(stream.scalar_type() == ScalarType::Byte, op, ": stream must be uint8, got ",
+                    dtype_name(stream.scalar_type()));
+  TERSOR_CHECK_VALUE(stream.dim() == 1 && stream.is_contiguous(), op, ": stream must be a contiguous 1-d tensor");
   StreamInfo s;
   std::string err;
-  TORCH_CHECK_VALUE(parse_stream(stream.const_data_ptr<uint8_t>(), stream.numel(), &s, &err), op,
-                    ": corrupt codec stream: ", err);
+  TERSOR_CHECK_VALUE(parse_stream(stream.const_data_ptr<uint8_t>(), stream.numel(), &s, &err), op,
+                     ": corrupt codec stream: ", err);
   return s;
 }
 
-std::vector<int64_t> codec_header_cpu(const at::Tensor& stream) {
+std::vector<int64_t> codec_header_cpu(const Tensor& stream) {
   return header_list(parse_or_throw(stream, "codec._codec_header"));
 }
 
-at::Tensor codec_decode_table_cpu(const at::Tensor& stream) {
+Tensor codec_decode_table_cpu(const Tensor& stream) {
   const StreamInfo s = parse_or_throw(stream, "codec._codec_decode_table");
-  at::Tensor t = at::zeros({kLutSize}, stream.options().dtype(at::kInt));
+  Tensor t = zeros({kLutSize}, ScalarType::Int, stream.device());
   if (s.mode == Mode::kHuffman) {
-    TORCH_CHECK_VALUE(build_decode_lut(s.code_len, reinterpret_cast<uint32_t*>(t.mutable_data_ptr<int32_t>())),
-                      "codec: corrupt codec stream: invalid code lengths");
+    TERSOR_CHECK_VALUE(build_decode_lut(s.code_len, reinterpret_cast<uint32_t*>(t.mutable_data_ptr<int32_t>())),
+                       "codec: corrupt codec stream: invalid code lengths");
   }
   return t;
 }
@@ -434,32 +440,31 @@ const char* decode_chunk(const uint8_t* p, const StreamInfo& s, const uint32_t* 
   return "";
 }
 
-at::Tensor codec_decode_cpu(const at::Tensor& stream, const at::Tensor& table, c10::IntArrayRef header,
-                            c10::ScalarType dtype, c10::IntArrayRef shape, bool verify) {
+Tensor codec_decode_cpu(const Tensor& stream, const Tensor& table, std::vector<int64_t> header, ScalarType dtype,
+                        std::vector<int64_t> shape, bool verify) {
   check_decode_call(stream, table, header, dtype, shape, "codec_decode");
   const StreamInfo s = parse_or_throw(stream, "codec_decode");
-  TORCH_CHECK_VALUE(header_list(s) == std::vector<int64_t>(header.begin(), header.end()),
-                    "codec_decode: header does not belong to this stream");
-  at::Tensor out = at::empty(shape, stream.options().dtype(dtype));
+  TERSOR_CHECK_VALUE(header_list(s) == header, "codec_decode: header does not belong to this stream");
+  Tensor out = empty(shape, dtype, stream.device());
   const uint8_t* p = stream.const_data_ptr<uint8_t>();
   uint8_t* o = static_cast<uint8_t*>(out.mutable_data_ptr());
   const int eb = s.elem_bytes();
   if (s.mode == Mode::kStored) {
     if (verify)
-      TORCH_CHECK(crc32c(p + s.raw_pos, s.raw_bytes) == rd<uint32_t>(p + s.crc_pos),
-                  "codec_decode: corrupt codec stream: data checksum mismatch");
+      TERSOR_CHECK(crc32c(p + s.raw_pos, s.raw_bytes) == rd<uint32_t>(p + s.crc_pos),
+                   "codec_decode: corrupt codec stream: data checksum mismatch");
     std::memcpy(o, p + s.raw_pos, s.numel * eb);
     return out;
   }
   // The lane reader loads aligned u32 words; a stream view at an odd address gets an aligned copy.
-  at::Tensor aligned = reinterpret_cast<uintptr_t>(p) % kAlign ? stream.clone() : stream;
+  Tensor aligned = reinterpret_cast<uintptr_t>(p) % kAlign ? torch::stable::clone(stream) : stream;
   p = aligned.const_data_ptr<uint8_t>();
   uint32_t lut[kLutSize];
-  TORCH_CHECK(build_decode_lut(p + s.code_len_pos(), lut), "codec_decode: corrupt codec stream: invalid code lengths");
+  TERSOR_CHECK(build_decode_lut(p + s.code_len_pos(), lut), "codec_decode: corrupt codec stream: invalid code lengths");
   StreamInfo sa = s;
   sa.code_len = p + s.code_len_pos();
   std::atomic<const char*> error{nullptr};
-  at::parallel_for(0, static_cast<int64_t>(s.n_chunks), 1, [&](int64_t b, int64_t e) {
+  torch::stable::parallel_for(0, static_cast<int64_t>(s.n_chunks), 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e && !error.load(std::memory_order_relaxed); ++c) {
       const char* msg = eb == 1   ? decode_chunk<1>(p, sa, lut, c, verify, o)
                         : eb == 2 ? decode_chunk<2>(p, sa, lut, c, verify, o)
@@ -470,29 +475,44 @@ at::Tensor codec_decode_cpu(const at::Tensor& stream, const at::Tensor& table, c
       }
     }
   });
-  if (const char* msg = error.load()) TORCH_CHECK(false, "codec_decode: corrupt codec stream: ", msg);
+  if (const char* msg = error.load()) TERSOR_CHECK(false, "codec_decode: corrupt codec stream: ", msg);
   return out;
 }
 
-at::Tensor codec_linear_cpu(const at::Tensor& x, const at::Tensor& stream, const at::Tensor& table,
-                            c10::IntArrayRef header, c10::ScalarType dtype, c10::IntArrayRef shape,
-                            const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(shape.size() == 2, "codec_linear: the compressed weight must be 2-d [out, in], got shape ", shape);
-  TORCH_CHECK_TYPE(x.scalar_type() == dtype, "codec_linear: x is ", x.scalar_type(), ", the weight is ", dtype);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == shape[1], "codec_linear: x has ", x.dim() ? x.size(-1) : 0,
-                    " features, the weight expects ", shape[1]);
-  const at::Tensor w = codec_decode_cpu(stream, table, header, dtype, shape, /*verify=*/false);
-  return at::linear(x, w, bias);
+Tensor codec_linear_cpu(const Tensor& x, const Tensor& stream, const Tensor& table, std::vector<int64_t> header,
+                        ScalarType dtype, std::vector<int64_t> shape, const std::optional<Tensor>& bias) {
+  TERSOR_CHECK_VALUE(shape.size() == 2, "codec_linear: the compressed weight must be 2-d [out, in], got shape ",
+                     list_str(shape));
+  TERSOR_CHECK_TYPE(x.scalar_type() == dtype, "codec_linear: x is ", dtype_name(x.scalar_type()), ", the weight is ",
+                    dtype_name(dtype));
+  TERSOR_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == shape[1], "codec_linear: x has ", x.dim() ? x.size(-1) : 0,
+                     " features, the weight expects ", shape[1]);
+  const Tensor w = codec_decode_cpu(stream, table, std::move(header), dtype, std::move(shape), /*verify=*/false);
+  return linear(x, w, bias);
+}
+
+// The CUDA codec_linear's path ("fused_gemv" or "decode_matmul") for a weight stream with this header
+// list and `rows` rows of x (the product of x's leading dims): choose_linear_path, for tests and
+// benchmarks. Tensor-free, so the same answer on every device.
+std::string codec_route(std::vector<int64_t> header, int64_t rows) {
+  const DecodeCall c = check_header(header, "_codec_route");
+  TERSOR_CHECK_VALUE(c.info.ndim == 2, "_codec_route: the weight must be 2-d [N, K], got a ", c.info.ndim,
+                     "-d stream");
+  TERSOR_CHECK_VALUE(rows >= 0, "_codec_route: rows must be >= 0, got ", rows);
+  return linear_path_name(linear_path(c, rows));
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) {
-  m.impl("_codec_encode", &codec_encode_cpu);
-  m.impl("_codec_header", &codec_header_cpu);
-  m.impl("_codec_decode_table", &codec_decode_table_cpu);
-  m.impl("codec_decode", &codec_decode_cpu);
-  m.impl("codec_linear", &codec_linear_cpu);
+STABLE_TORCH_LIBRARY_IMPL(tersor, CPU, m) {
+  m.impl("_codec_encode", TORCH_BOX(&codec_encode_cpu));
+  m.impl("_codec_header", TORCH_BOX(&codec_header_cpu));
+  m.impl("_codec_decode_table", TORCH_BOX(&codec_decode_table_cpu));
+  m.impl("codec_decode", TORCH_BOX(&codec_decode_cpu));
+  m.impl("codec_linear", TORCH_BOX(&codec_linear_cpu));
 }
+
+// Tensor-free: no backend to dispatch on, so it registers for every key.
+STABLE_TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) { m.impl("_codec_route", TORCH_BOX(&codec_route)); }
 
 }  // namespace tersor::codec

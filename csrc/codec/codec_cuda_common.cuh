@@ -10,22 +10,42 @@
 //            of a per-warp shared scratch;
 //   phase 2: the warp walks the 32 rows and handles 128 consecutive elements at a time, lane t
 //            taking 4 of them, so raw-byte loads and output stores are coalesced.
+//
+// Host compilers (the CPU replay in codec_cuda_emulate.cpp, built in every TERSOR_TESTING build) see no
+// CUDA header: codec_host_shim.h supplies the few CUDA types and conversions the host-callable parts use,
+// bit-exact with the device intrinsics.
 #pragma once
 
+#if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "codec/codec_cuda.h"
+#else
+#include "codec/codec_host_shim.h"
+#endif
+
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#include "codec/codec_cuda.h"
 #include "codec/codec_format.h"
 #include "codec/codec_lane.h"
+#include "codec/codec_view.h"
 #include "common/macros.h"
 
 namespace tersor::codec::cuda_detail {
+
+#if defined(__CUDACC__)
+using ::make_uint2;
+using ::make_uint4;
+using ::uint2;
+using ::uint4;
+#else
+using namespace host_shim;
+#endif
 
 using Traits = CodecCudaTraits;
 inline constexpr unsigned kFullMask = 0xffffffffu;
@@ -217,19 +237,24 @@ TERSOR_HD inline float f32_from_bits(uint32_t u) {
 // bf16 / fp16 as raw 16-bit patterns: 2 values per u32 (low half first, as in memory).
 template <bool kF16>
 struct Half16;
+#if defined(__CUDACC__)
+TERSOR_HD inline uint16_t bf16_bits_rn(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+TERSOR_HD inline uint16_t f16_bits_rn(float v) { return __half_as_ushort(__float2half_rn(v)); }
+TERSOR_HD inline float f16_bits_to_float(uint16_t u) { return __half2float(__ushort_as_half(u)); }
+#endif
 template <>
 struct Half16<false> {  // bfloat16: the value is the top half of an fp32
   static TERSOR_HD float lo(uint32_t p) { return f32_from_bits(p << 16); }
   static TERSOR_HD float hi(uint32_t p) { return f32_from_bits(p & 0xffff0000u); }
   static TERSOR_HD float one(uint16_t u) { return f32_from_bits(static_cast<uint32_t>(u) << 16); }
-  static TERSOR_HD uint16_t round(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+  static TERSOR_HD uint16_t round(float v) { return bf16_bits_rn(v); }
 };
 template <>
 struct Half16<true> {
-  static TERSOR_HD float lo(uint32_t p) { return __half2float(__ushort_as_half(static_cast<unsigned short>(p & 0xffffu))); }
-  static TERSOR_HD float hi(uint32_t p) { return __half2float(__ushort_as_half(static_cast<unsigned short>(p >> 16))); }
-  static TERSOR_HD float one(uint16_t u) { return __half2float(__ushort_as_half(u)); }
-  static TERSOR_HD uint16_t round(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  static TERSOR_HD float lo(uint32_t p) { return f16_bits_to_float(static_cast<uint16_t>(p & 0xffffu)); }
+  static TERSOR_HD float hi(uint32_t p) { return f16_bits_to_float(static_cast<uint16_t>(p >> 16)); }
+  static TERSOR_HD float one(uint16_t u) { return f16_bits_to_float(u); }
+  static TERSOR_HD uint16_t round(float v) { return f16_bits_rn(v); }
 };
 
 TERSOR_HD inline uint2 ld_x_u2(const uint16_t* p) {

@@ -1,11 +1,9 @@
 // _codec_emulate_cuda_decode / _linear: replay the CUDA decode and GEMV kernels' per-lane code on the CPU (phase 1
 // decode_segment into the padded scratch rows, phase 2 emit_segment with its SWAR merges and alignment
 // paths), one lane after another, so CPU tests check the kernel's data movement bit-exactly without a
-// GPU. Built only with the CUDA kernels (it includes the kernels' shared header).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
-
+// GPU. Test-only (tersor._C_testing), built in every TERSOR_TESTING build, CPU-only ones included: it
+// compiles the kernels' shared header with the host compiler and no CUDA header (codec_host_shim.h).
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -45,7 +43,7 @@ void open_chunk_host(const KStream& s, const uint64_t* offs, uint64_t c, uint32_
     st[l].rd.init(reinterpret_cast<const uint32_t*>(rec), static_cast<uint32_t>(rec_bytes / 4),
                   kLaneTableBytes + incl - lb);
   }
-  TORCH_CHECK(align_up(kLaneTableBytes + incl, kAlign) == rec_bytes, "codec emulation: bad chunk record");
+  TERSOR_CHECK(align_up(kLaneTableBytes + incl, kAlign) == rec_bytes, "codec emulation: bad chunk record");
 }
 
 template <int kEB>
@@ -63,13 +61,13 @@ void emulate(const KStream& s, uint8_t* out) {
     for (uint32_t seg = 0; seg < segs; ++seg) {
       std::fill(scratch.begin(), scratch.end(), 0xCDCDCDCDu);  // stale bytes must never be emitted
       for (int l = 0; l < kLanes; ++l)
-        TORCH_CHECK(decode_segment(st[l], tables, seg, scratch.data() + l * Traits::kRowWords),
-                    "emulated decode: invalid bit pattern");
+        TERSOR_CHECK(decode_segment(st[l], tables, seg, scratch.data() + l * Traits::kRowWords),
+                     "emulated decode: invalid bit pattern");
       for (int lane = 0; lane < kLanes; ++lane)
         emit_segment<kEB>(s, out, scratch.data(), start, len, seg * Traits::kSegment, start % 4 == 0, lane);
     }
     for (int l = 0; l < kLanes; ++l)
-      TORCH_CHECK(lane_length_matches(st[l].rd.consumed, st[l].bytes), "emulated decode: lane length mismatch");
+      TERSOR_CHECK(lane_length_matches(st[l].rd.consumed, st[l].bytes), "emulated decode: lane length mismatch");
   }
 }
 
@@ -113,8 +111,8 @@ void emulate_gemv(const KStream& s, const uint16_t* x, const uint16_t* bias, uin
     const uint32_t segs = chunk_segments(len, s.lane_run);
     for (uint32_t seg = 0; seg < segs; ++seg) {
       for (int l = 0; l < kLanes; ++l)
-        TORCH_CHECK(decode_segment(st[l], tables, seg, scratch.data() + l * Traits::kRowWords),
-                    "emulated gemv: invalid bit pattern");
+        TERSOR_CHECK(decode_segment(st[l], tables, seg, scratch.data() + l * Traits::kRowWords),
+                     "emulated gemv: invalid bit pattern");
       const uint32_t first = seg * Traits::kSegment;
       for (int l = 0; l < kLanes; ++l) {
         const uint32_t n = segment_count(len, s.lane_run, l, first);
@@ -134,7 +132,7 @@ void emulate_gemv(const KStream& s, const uint16_t* x, const uint16_t* bias, uin
     }
     if (cur != kNoRow) flush(cur);
     for (int l = 0; l < kLanes; ++l)
-      TORCH_CHECK(lane_length_matches(st[l].rd.consumed, st[l].bytes), "emulated gemv: lane length mismatch");
+      TERSOR_CHECK(lane_length_matches(st[l].rd.consumed, st[l].bytes), "emulated gemv: lane length mismatch");
     if (whole) {
       for (uint32_t r = 0; r < rows; ++r)
         for (int b = 0; b < kB; ++b) {
@@ -176,57 +174,63 @@ void emulate_gemv_batch(const KStream& s, int batch, const uint16_t* x, const ui
 // 16-byte aligned, as the CUDA glue guarantees for the kernels).
 struct EmulatedCall {
   DecodeCall call;
-  c10::ScalarType dtype;
+  ScalarType dtype = ScalarType::Undefined;
   std::vector<int64_t> shape;
-  at::Tensor stream;
+  Tensor stream;
   DeviceStreamView view;
 };
 
-EmulatedCall prepare(const at::Tensor& stream, const at::Tensor& table, c10::IntArrayRef header, const char* op) {
-  TORCH_CHECK(stream.device().is_cpu() && table.device().is_cpu(), op, " runs on the CPU");
-  TORCH_CHECK_VALUE(header.size() > kHShape0 - 1 && wire_dtype_valid(static_cast<uint8_t>(header[kHDtype])), op,
-                    ": malformed header list");
+EmulatedCall prepare(const Tensor& stream, const Tensor& table, const std::vector<int64_t>& header, const char* op) {
+  TERSOR_CHECK(stream.is_cpu() && table.is_cpu(), op, " runs on the CPU");
+  TERSOR_CHECK_VALUE(header.size() > kHShape0 - 1 && header[kHDtype] >= 0 && header[kHDtype] <= 255 &&
+                         wire_dtype_valid(static_cast<uint8_t>(header[kHDtype])),
+                     op, ": malformed header list");
   EmulatedCall e;
   e.shape.assign(header.begin() + kHShape0, header.end());
   e.dtype = scalar_type_of(static_cast<WireDType>(header[kHDtype]));
   e.call = check_decode_call(stream, table, header, e.dtype, e.shape, op);
   StreamInfo parsed;
   std::string err;
-  TORCH_CHECK_VALUE(parse_stream(stream.const_data_ptr<uint8_t>(), stream.numel(), &parsed, &err), op, ": ", err);
-  TORCH_CHECK_VALUE(e.call.info.mode == Mode::kHuffman, op, ": a Huffman stream is needed");
-  e.stream = stream.clone();
+  TERSOR_CHECK_VALUE(parse_stream(stream.const_data_ptr<uint8_t>(), stream.numel(), &parsed, &err), op, ": ", err);
+  TERSOR_CHECK_VALUE(e.call.info.mode == Mode::kHuffman, op, ": a Huffman stream is needed");
+  e.stream = torch::stable::clone(stream);
   e.view = make_stream_view(e.call.info, e.call.code_len_pos, e.stream.const_data_ptr<uint8_t>(),
                             reinterpret_cast<const uint32_t*>(table.const_data_ptr<int32_t>()));
-  TORCH_CHECK(view_ok(e.view), op, ": the kernels' view_ok rejects this stream");
+  TERSOR_CHECK(view_ok(e.view), op, ": the kernels' view_ok rejects this stream");
   return e;
 }
 
-at::Tensor emulate_cuda_linear(const at::Tensor& x, const at::Tensor& stream, const at::Tensor& table,
-                               c10::IntArrayRef header, const std::optional<at::Tensor>& bias) {
+Tensor emulate_cuda_linear(const Tensor& x, const Tensor& stream, const Tensor& table, std::vector<int64_t> header,
+                           const std::optional<Tensor>& bias) {
   constexpr const char* op = "_codec_emulate_cuda_linear";
   const EmulatedCall e = prepare(stream, table, header, op);
-  TORCH_CHECK(x.device().is_cpu(), op, " runs on the CPU");
-  TORCH_CHECK_VALUE(x.dim() == 2 && e.shape.size() == 2 && x.size(1) == e.shape[1] && x.scalar_type() == e.dtype,
-                    op, ": x must be [B, K] of the weight's dtype");
-  TORCH_CHECK_VALUE(gemv_fused_eligible(e.view, static_cast<int>(x.size(0))), op,
-                    ": the fused GEMV would not take this call");
-  const at::Tensor xc = x.contiguous().clone();
-  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  at::Tensor y = at::empty({x.size(0), e.shape[0]}, x.options());
+  TERSOR_CHECK(x.is_cpu(), op, " runs on the CPU");
+  TERSOR_CHECK_VALUE(x.dim() == 2 && e.shape.size() == 2 && x.size(1) == e.shape[1] && x.scalar_type() == e.dtype,
+                     op, ": x must be [B, K] of the weight's dtype");
+  TERSOR_CHECK_VALUE(gemv_fused_eligible(e.view, static_cast<int>(x.size(0))), op,
+                     ": the fused GEMV would not take this call");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
+    TERSOR_CHECK_VALUE(bias->is_cpu() && bias->scalar_type() == e.dtype && bias->dim() == 1 &&
+                           bias->size(0) == e.shape[0],
+                       op, ": bias must be a CPU [N] tensor of the weight's dtype");
+  const Tensor xc = torch::stable::clone(contiguous(x));
+  const Tensor b = has_bias ? contiguous(*bias) : Tensor();
+  Tensor y = empty({x.size(0), e.shape[0]}, x.scalar_type(), x.device());
   const KStream s = make_kstream(e.view);
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr());
-  const auto* bp = b.defined() ? reinterpret_cast<const uint16_t*>(b.const_data_ptr()) : nullptr;
+  const auto* bp = has_bias ? reinterpret_cast<const uint16_t*>(b.const_data_ptr()) : nullptr;
   auto* yp = reinterpret_cast<uint16_t*>(y.mutable_data_ptr());
-  if (e.dtype == c10::ScalarType::Half)
+  if (e.dtype == ScalarType::Half)
     emulate_gemv_batch<true>(s, static_cast<int>(x.size(0)), xp, bp, yp);
   else
     emulate_gemv_batch<false>(s, static_cast<int>(x.size(0)), xp, bp, yp);
   return y;
 }
 
-at::Tensor emulate_cuda_decode(const at::Tensor& stream, const at::Tensor& table, c10::IntArrayRef header) {
+Tensor emulate_cuda_decode(const Tensor& stream, const Tensor& table, std::vector<int64_t> header) {
   const EmulatedCall e = prepare(stream, table, header, "_codec_emulate_cuda_decode");
-  at::Tensor out = at::empty(e.shape, stream.options().dtype(e.dtype));
+  Tensor out = empty(e.shape, e.dtype, stream.device());
   const KStream s = make_kstream(e.view);
   uint8_t* o = static_cast<uint8_t*>(out.mutable_data_ptr());
   switch (wire_dtype_bytes(e.view.dtype)) {
@@ -239,9 +243,9 @@ at::Tensor emulate_cuda_decode(const at::Tensor& stream, const at::Tensor& table
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) {
-  m.impl("_codec_emulate_cuda_decode", &emulate_cuda_decode);
-  m.impl("_codec_emulate_cuda_linear", &emulate_cuda_linear);
+STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CPU, m) {
+  m.impl("_codec_emulate_cuda_decode", TORCH_BOX(&emulate_cuda_decode));
+  m.impl("_codec_emulate_cuda_linear", TORCH_BOX(&emulate_cuda_linear));
 }
 
 }  // namespace tersor::codec

@@ -48,3 +48,30 @@ def _sage_e4m3_to_float_fake(x):
 def _sage_quantize_int_fake(x, inv_scale, bits):
     torch._check(x.dtype == torch.float32, lambda: "_sage_quantize_int: expected float32")
     return x.new_empty(x.shape, dtype=torch.int8)
+
+
+# codec: the CPU replays of the CUDA decode and fused-GEMV kernels (header list: csrc/codec/codec_glue.h)
+_CODEC_WIRE_DTYPES = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.float8_e4m3fn,
+                      5: torch.float8_e5m2}
+
+
+def _codec_emulate_header_fake(stream, table, header, op):
+    torch._check(stream.dtype == torch.uint8 and stream.dim() == 1, lambda: f"{op}: stream must be 1-d uint8")
+    torch._check(table.dtype == torch.int32 and table.shape == (4096,), lambda: f"{op}: bad decode table")
+    torch._check(len(header) >= 13 and header[1] in _CODEC_WIRE_DTYPES and len(header) == 13 + header[12],
+                 lambda: f"{op}: malformed header list")
+    return _CODEC_WIRE_DTYPES[header[1]], list(header[13:])
+
+
+@torch.library.register_fake("tersor_testing::_codec_emulate_cuda_decode")
+def _codec_emulate_cuda_decode_fake(stream, table, header):
+    dtype, shape = _codec_emulate_header_fake(stream, table, header, "_codec_emulate_cuda_decode")
+    return stream.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("tersor_testing::_codec_emulate_cuda_linear")
+def _codec_emulate_cuda_linear_fake(x, stream, table, header, bias=None):
+    dtype, shape = _codec_emulate_header_fake(stream, table, header, "_codec_emulate_cuda_linear")
+    torch._check(x.dim() == 2 and len(shape) == 2 and x.shape[1] == shape[1] and x.dtype == dtype,
+                 lambda: "_codec_emulate_cuda_linear: x must be [B, K] of the weight's dtype")
+    return x.new_empty((x.shape[0], shape[0]))

@@ -131,6 +131,18 @@ def decompress(ct: CompressedTensor) -> torch.Tensor:
     return ct._decode(verify=False)
 
 
+def linear_path(ct: CompressedTensor, rows: int) -> str:
+    """How ``codec_linear`` on CUDA computes ``x @ W.T`` for this 2-d weight and ``rows`` rows of ``x`` (the
+    product of its leading dims): ``"fused_gemv"`` (one kernel decodes on chip and multiplies, fp32
+    accumulation: bf16/fp16 Huffman streams, 1-8 rows, chunk layouts the kernel takes) or ``"decode_matmul"``
+    (decode to a scratch weight, then ``F.linear``; bit-identical to the CPU). The C++ glue's own choice
+    (``_codec_route``), the same on every GPU architecture. On the CPU it is always decode + ``F.linear``.
+    """
+    if not isinstance(ct, CompressedTensor):
+        raise TypeError(f"linear_path: expected a CompressedTensor, got {type(ct).__name__}")
+    return _lib._codec_route(ct.header, rows)
+
+
 def save_file(tensors: Mapping[str, Union[CompressedTensor, torch.Tensor]], path: str,
               metadata: Optional[Mapping[str, str]] = None) -> None:
     """Saves compressed (and plain) tensors into one safetensors file.

@@ -19,7 +19,8 @@ class CompressedLinear(nn.Module):
     bit-identical to the original ``nn.Linear`` on every device. ``fused=True``: on CUDA, for bf16/fp16
     and at most 8 rows of ``x``, one kernel decodes the weight in on-chip memory and computes the product
     with fp32 accumulation (never materializing ``W``); results then match ``F.linear`` to fp32-accumulate
-    rounding, not bitwise. Other cases fall back to decode + ``F.linear``.
+    rounding, not bitwise. Other cases decode on the GPU and run ``F.linear`` (``tersor.codec.linear_path``
+    names the path a call takes).
 
     The stream and table are buffers, so ``.to(device)``, ``state_dict()`` and safetensors round-trips work.
     """
