@@ -325,8 +325,9 @@ def _bsr_linear_fake(x, crow_indices, col_indices, values, schedule, in_features
 
 SAGE_HEAD_DIMS = (64, 128)
 SAGE_PV_MODES = ("fp8", "fp16", "fp32")
-#: Values of ``sage_attention_fwd``'s ``kernel`` argument: ``"auto"`` (the sm90a wgmma kernel where it applies,
-#: else the mma.sync kernels), ``"sm8x"`` (the mma.sync kernels only), ``"sm90"`` (the sm90a wgmma kernel only).
+#: Values of ``sage_attention_fwd``'s ``kernel`` argument (the schema's ``cuda_kernel``): ``"auto"`` (the sm90a
+#: wgmma kernel where it applies, else the mma.sync kernels), ``"sm8x"`` (the mma.sync kernels only), ``"sm90"``
+#: (the sm90a wgmma kernel only).
 SAGE_KERNELS = ("auto", "sm8x", "sm90")
 
 
@@ -345,11 +346,11 @@ def sage_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_cau
     or "fp32". ``smooth_k``/``smooth_q``: subtract K's token mean / each 32-row block's Q mean before
     quantizing (exactly compensated). ``qk_bits=0, pv="fp32"`` computes in fp64 (the exact reference mode).
 
-    ``kernel`` (``SAGE_KERNELS``) chooses the CUDA kernel; the CPU (the twin of every kernel's numerics)
-    checks it and ignores it. On CUDA a mode without a kernel on the device raises ``NotImplementedError``
-    naming the modes the device supports (:func:`sage_route`): ``qk_bits=0`` and ``pv="fp32"`` never have
-    one (CPU only), INT4 has none on compute capability 9.0+, FP8 P.V none before 8.9. There is no CPU
-    fallback. Most callers want :func:`tersor.attention.sage_attention`.
+    ``kernel`` (``SAGE_KERNELS``; the op schema calls it ``cuda_kernel``, as inductor reserves ``kernel``)
+    chooses the CUDA kernel; the CPU (the twin of every kernel's numerics) checks it and ignores it. On
+    CUDA a mode without a kernel on the device raises ``NotImplementedError`` naming the modes the device
+    supports (:func:`sage_route`): ``qk_bits=0`` and ``pv="fp32"`` never have one (CPU only), INT4 has none
+    on compute capability 9.0+, FP8 P.V none before 8.9. There is no CPU fallback. Most callers want :func:`tersor.attention.sage_attention`.
     """
     return _lib.sage_attention_fwd(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, kernel)
 
@@ -393,10 +394,10 @@ def _sage_check_fake(q, k, v, scale, qk_bits, pv, kernel="auto"):
 
 
 @torch.library.register_fake("tersor::sage_attention_fwd")
-def _sage_attention_fwd_fake(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, kernel="auto"):
+def _sage_attention_fwd_fake(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cuda_kernel="auto"):
     # The NotImplementedError of a mode without a CUDA kernel depends on the device's compute capability and is
     # raised by the real kernel only.
-    _sage_check_fake(q, k, v, scale, qk_bits, pv, kernel)
+    _sage_check_fake(q, k, v, scale, qk_bits, pv, cuda_kernel)
     b, hq, lq, d = q.shape
     out = q.new_empty((b, hq, lq, d))
     lse = q.new_empty((b, hq, lq), dtype=torch.float32)
