@@ -112,8 +112,14 @@ STABLE_TORCH_LIBRARY(tersor, m) {
   // pv "fp8" (e4m3 P~ with the log2(448) offset, per-channel e4m3 V, two-level accumulation), "fp16" (P and V
   // in the inputs' 16-bit dtype) or "fp32". smooth_k subtracts K's token mean (LSE corrected); smooth_q the
   // per-32-row mean of Q (its q_mean.K^T added back in fp32). qk_bits=0 with pv="fp32" is exact (fp64; also
-  // accepts float32).
-  m.def("sage_attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, int qk_bits, str pv, bool smooth_k, bool smooth_q) -> (Tensor, Tensor)");
+  // accepts float32). cuda_kernel picks the CUDA kernel: "auto", "sm8x" (mma.sync) or "sm90" (sm90a wgmma); a
+  // mode with no CUDA kernel on the device (qk_bits=0 and pv="fp32" never have one) raises NotImplementedError.
+  // CPU: the twin of every kernel's numerics (cuda_kernel is checked, then unused). (Not named `kernel`:
+  // inductor's FallbackKernel.create takes a `kernel` parameter of its own.)
+  m.def("sage_attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, int qk_bits, str pv, bool smooth_k, bool smooth_q, str cuda_kernel=\"auto\") -> (Tensor, Tensor)");
+  // The CUDA kernel sage_attention_fwd runs for these modes on compute capability cc (10 * major + minor) in
+  // this build: "sm8x-mma" or "sm90a-wgmma"; NotImplementedError (naming what cc supports) where none applies.
+  m.def("_sage_route(int cc, int qk_bits, str pv, bool smooth_q, str kernel=\"auto\") -> str");
 }
 
 // `import tersor._C` loads this library (and so runs the registrations above). It defines no Python

@@ -69,7 +69,7 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   // CPU for float16/bfloat16.
   m.def("_bsr_emulate_cuda_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor schedule, int in_features, Tensor? bias=None) -> Tensor");
 
-  // ---- attention (csrc/attention/sage_cuda_emulate.cpp, sage_sm90_check_cpu.cpp) ----
+  // ---- attention (csrc/attention/sage_testing.cpp, sage_cuda_emulate.cpp, sage_sm90_check_cpu.cpp) ----
   // float32 -> e4m3 bits (uint8), RNE, satfinite (= cvt.rn.satfinite.e4m3x2.f32).
   m.def("_sage_float_to_e4m3(Tensor x) -> Tensor");
   // e4m3 bits (uint8) -> float32.
@@ -80,6 +80,10 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   m.def("_sage_group_maps(int len_q, int len_k) -> int[]");
   // Token stored at each of the first n positions of the FP8 V^T layout (v_fp8_position_token).
   m.def("_sage_v_fp8_positions(int n) -> int[]");
+  // tersor::_sage_route for an explicit set of cubins ("prologue=80-real,89-real;s8_f16=...;s8_e4m3=...;
+  // s4_f16=...;s4_e4m3=...;sm90=90a-real", sage_route.h) instead of this build's: the whole routing table on
+  // the CPU.
+  m.def("_sage_route_for(int cc, int qk_bits, str pv, bool smooth_q, str kernel, str cubins) -> str");
   // CPU lane-by-lane replay of the sm80/sm89 CUDA path (prologue + attention kernel, qk_bits 8 / 4, pv
   // "fp8"/"fp16", optional Q smoothing); fault > 0 injects a deliberate layout bug.
   m.def("_sage_emulate_cuda_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, str pv, bool smooth_k, int fault=0, int qk_bits=8, bool smooth_q=False) -> (Tensor, Tensor)");

@@ -157,18 +157,23 @@ torch.cuda.synchronize()
 print(f"sanitize_smoke: ran {launches} bsr launches")
 
 # quantized attention: the CUDA paths of this device (sm8x mma.sync; on compute capability 9.0 also the sm90a
-# wgmma kernel and, forced with TERSOR_SAGE_FORCE_SM8X=1, the sm8x kernels), head dims 64/128, causal with
-# Lq < Lk and Lq > Lk (fully masked rows), GQA, tails of the 64/128-token tiles, both 16-bit dtypes.
-import os  # noqa: E402
-
+# wgmma kernel and, with kernel="sm8x", the sm8x kernels), head dims 64/128, causal with Lq < Lk and Lq > Lk
+# (fully masked rows), GQA, tails of the 64/128-token tiles, both 16-bit dtypes. Modes without a kernel on
+# this device (tersor.attention.cuda_path_name raises NotImplementedError) are skipped.
 from tersor.attention import cuda_path_name  # noqa: E402
+
+
+def _sage_path(qk, pv, smooth_q, kernel="auto"):
+    try:
+        return cuda_path_name(torch.device("cuda"), qk, pv, smooth_q, kernel=kernel)
+    except NotImplementedError:
+        return None
+
 
 launches = 0
 paths = set()
-forced = [False, True] if torch.cuda.get_device_capability() == (9, 0) else [False]
-for force in forced:
-    if force:
-        os.environ["TERSOR_SAGE_FORCE_SM8X"] = "1"
+kernels = ["auto", "sm8x"] if torch.cuda.get_device_capability() == (9, 0) else ["auto"]
+for kernel in kernels:
     for d in (64, 128):
         for b, hq, hkv, lq, lk, causal in ((1, 2, 2, 1, 1, False), (1, 4, 2, 100, 300, True),
                                            (2, 2, 1, 300, 129, True), (1, 2, 2, 257, 255, False)):
@@ -177,32 +182,30 @@ for force in forced:
                 k = torch.randn(b, hkv, lk, d, device="cuda").to(dt)
                 v = torch.randn(b, hkv, lk, d, device="cuda").to(dt)
                 for pv in ("fp8", "fp16"):
-                    if pv == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+                    path = _sage_path("int8", pv, False, kernel)
+                    if path is None:
                         continue
-                    ops.sage_attention_fwd(q, k, v, causal, d ** -0.5, 8, pv, True, False)
-                    paths.add(cuda_path_name(q.device, "int8", pv))
+                    tersor.ops.sage_attention_fwd(q, k, v, causal, d ** -0.5, 8, pv, True, False, kernel)
+                    paths.add(path)
                     launches += 1
-    os.environ.pop("TERSOR_SAGE_FORCE_SM8X", None)
 torch.cuda.synchronize()
 print(f"sanitize_smoke: ran {launches} attention calls (paths {sorted(paths)})")
 
 # quantized attention (sm8x kernels): INT8 / INT4 Q K^T, with and without Q smoothing, both P.V modes, both
 # head dims, tails in Lq and Lk (masked padding rows / keys), causal with Lq > Lk (fully masked rows), GQA.
+# kernel="sm8x"; the modes this device has no kernel for (INT4 on sm90, FP8 before sm89) are skipped.
 launches = 0
-cc = torch.cuda.get_device_capability()
 for bits in (8, 4):
-    if bits == 4 and cc >= (9, 0):
-        continue  # no INT4 tensor cores: the glue runs the CPU twin there
     for smooth_q in (False, True):
         for pv in ("fp8", "fp16"):
-            if pv == "fp8" and cc < (8, 9):
+            if _sage_path({8: "int8", 4: "int4"}[bits], pv, smooth_q, "sm8x") is None:
                 continue
             for dtype in (torch.float16, torch.bfloat16):
                 for d, lq, lk, causal in [(64, 100, 77, False), (128, 130, 200, True), (64, 200, 150, True)]:
                     q = torch.randn(1, 4, lq, d, device="cuda").to(dtype)
                     k = torch.randn(1, 2, lk, d, device="cuda").to(dtype)
                     v = torch.randn(1, 2, lk, d, device="cuda").to(dtype)
-                    ops.sage_attention_fwd(q, k, v, causal, d ** -0.5, bits, pv, True, smooth_q)
+                    tersor.ops.sage_attention_fwd(q, k, v, causal, d ** -0.5, bits, pv, True, smooth_q, "sm8x")
                     launches += 1
 torch.cuda.synchronize()
 print(f"sanitize_smoke: ran {launches} sage attention calls")

@@ -111,17 +111,28 @@ def _bsr_linear(device):
 
 
 def _sage_attention_fwd(device):
+    from tersor import attention
+
     cases = []
-    for (b, hq, hkv, lq, lk, d, causal), dtype, bits, pv, sk, sq in [
-        ((1, 4, 2, 70, 90, 64, True), torch.float16, 8, "fp8", True, False),
-        ((2, 2, 2, 33, 20, 128, False), torch.bfloat16, 4, "fp16", True, True),
-        ((1, 2, 1, 40, 40, 64, True), torch.float32, 0, "fp32", False, False),
-        ((1, 2, 2, 50, 30, 64, True), torch.float16, 8, "fp32", False, False),
+    for (b, hq, hkv, lq, lk, d, causal), dtype, bits, pv, sk, sq, kwargs in [
+        ((1, 4, 2, 70, 90, 64, True), torch.float16, 8, "fp8", True, False, {}),
+        ((2, 2, 2, 33, 20, 128, False), torch.bfloat16, 4, "fp16", True, True, {}),
+        ((1, 2, 2, 40, 50, 64, False), torch.bfloat16, 8, "fp16", False, True, {"cuda_kernel": "sm8x"}),
+        ((1, 2, 1, 40, 40, 64, True), torch.float32, 0, "fp32", False, False, {}),
+        ((1, 2, 2, 50, 30, 64, True), torch.float16, 8, "fp32", False, False, {}),
     ]:
+        if torch.device(device).type == "cuda":
+            # Only the modes with a CUDA kernel on this device (the others raise NotImplementedError; the
+            # fp32 / exact modes run on the CPU only).
+            try:
+                attention.cuda_path_name(torch.device(device), {8: "int8", 4: "int4", 0: "none"}[bits], pv, sq,
+                                         kwargs.get("cuda_kernel", "auto"))
+            except NotImplementedError:
+                continue
         q = torch.randn(b, hq, lq, d, device=device).to(dtype)
         k = torch.randn(b, hkv, lk, d, device=device).to(dtype)
         v = torch.randn(b, hkv, lk, d, device=device).to(dtype)
-        cases.append(((q, k, v, causal, d ** -0.5, bits, pv, sk, sq), {}))
+        cases.append(((q, k, v, causal, d ** -0.5, bits, pv, sk, sq), kwargs))
     return cases
 
 

@@ -13,8 +13,13 @@ import tersor
 from tersor import attention
 from tersor.attention import route_sdpa, sage_attention
 from attention_reference import attention_fp64, causal_mask, sage_emulate
+from conftest import HAS_TESTING_EXT
 
-L = torch.ops.tersor
+L = tersor.ops.lib  # torch.ops.tersor with tersor's error types
+if HAS_TESTING_EXT:
+    import tersor._testing
+
+    T = tersor._testing.lib  # torch.ops.tersor_testing (tests marked testing_ext)
 
 
 def _cos_l1(out, ref):
@@ -28,10 +33,11 @@ def _all_16bit(dtype):
     return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).float()
 
 
+@pytest.mark.testing_ext
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_e4m3_every_16bit_value_matches_torch(dtype):
     x = _all_16bit(dtype)
-    mine = L._sage_float_to_e4m3(x)
+    mine = T._sage_float_to_e4m3(x)
     inrange = x.isfinite() & (x.abs() < 464)
     ref = x[inrange].to(torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(mine[inrange], ref)
@@ -41,53 +47,58 @@ def test_e4m3_every_16bit_value_matches_torch(dtype):
     assert (mine[x.isnan()] == 0x7F).all()
 
 
+@pytest.mark.testing_ext
 def test_e4m3_codes_roundtrip_and_decode():
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-    vals = L._sage_e4m3_to_float(codes)
+    vals = T._sage_e4m3_to_float(codes)
     ref = codes.view(torch.float8_e4m3fn).float()
     assert torch.equal(vals.isnan(), ref.isnan())
     ok = ~ref.isnan()
     assert torch.equal(vals[ok], ref[ok])
-    back = L._sage_float_to_e4m3(vals[ok])
+    back = T._sage_float_to_e4m3(vals[ok])
     # -0.0 -> 0x80, the rest round-trip exactly
     assert torch.equal(back, codes[ok])
 
 
+@pytest.mark.testing_ext
 def test_e4m3_midpoints_round_to_even():
-    pos = L._sage_e4m3_to_float(torch.arange(0, 0x7F, dtype=torch.int32).to(torch.uint8)).double()
+    pos = T._sage_e4m3_to_float(torch.arange(0, 0x7F, dtype=torch.int32).to(torch.uint8)).double()
     mid = ((pos[:-1] + pos[1:]) / 2).float()  # exact in fp32
     assert torch.equal(mid.double(), (pos[:-1] + pos[1:]) / 2)
     lo_code = torch.arange(0, 0x7E)
-    got = L._sage_float_to_e4m3(mid).long()
+    got = T._sage_float_to_e4m3(mid).long()
     expect = torch.where(lo_code % 2 == 0, lo_code, lo_code + 1)
     assert torch.equal(got, expect)
-    assert torch.equal(L._sage_float_to_e4m3(torch.nextafter(mid, torch.zeros_like(mid))).long(), lo_code)
-    assert torch.equal(L._sage_float_to_e4m3(torch.nextafter(mid, torch.full_like(mid, 1e9))).long(), lo_code + 1)
-    assert torch.equal(L._sage_float_to_e4m3(-mid).long(), expect | 0x80)
+    assert torch.equal(T._sage_float_to_e4m3(torch.nextafter(mid, torch.zeros_like(mid))).long(), lo_code)
+    assert torch.equal(T._sage_float_to_e4m3(torch.nextafter(mid, torch.full_like(mid, 1e9))).long(), lo_code + 1)
+    assert torch.equal(T._sage_float_to_e4m3(-mid).long(), expect | 0x80)
 
 
+@pytest.mark.testing_ext
 def test_e4m3_random_fp32_matches_torch():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1 << 20, generator=g) * torch.exp2(torch.randint(-14, 10, (1 << 20,), generator=g).float())
     x = torch.cat([x, torch.tensor([0.0, -0.0, 2.0**-10, 2.0**-10 * 1.0000001, 463.99, 448.0, 2.0**-9 * 0.5])])
     ok = x.abs() < 464
-    assert torch.equal(L._sage_float_to_e4m3(x)[ok], x[ok].to(torch.float8_e4m3fn).view(torch.uint8))
-    assert torch.equal(L._sage_float_to_e4m3(torch.tensor([math.inf, -math.inf, 1e30])),
+    assert torch.equal(T._sage_float_to_e4m3(x)[ok], x[ok].to(torch.float8_e4m3fn).view(torch.uint8))
+    assert torch.equal(T._sage_float_to_e4m3(torch.tensor([math.inf, -math.inf, 1e30])),
                        torch.tensor([0x7E, 0xFE, 0x7E], dtype=torch.uint8))
 
 
 # ---- integer rounding and groups ------------------------------------------------------------------
 
+@pytest.mark.testing_ext
 def test_int_rounding_is_nearest_even_and_clamped():
     x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.4, 200.0, -300.0, 3.49, 6.5, 7.6, -9.0])
-    assert L._sage_quantize_int(x, 1.0, 8).tolist() == [0, 2, 2, 0, -2, -2, 126, 127, 127, -127, 3, 6, 8, -9]
-    assert L._sage_quantize_int(x, 1.0, 4).tolist() == [0, 2, 2, 0, -2, -2, 7, 7, 7, -7, 3, 6, 7, -7]
-    assert L._sage_quantize_int(x, 0.0, 8).abs().sum().item() == 0
+    assert T._sage_quantize_int(x, 1.0, 8).tolist() == [0, 2, 2, 0, -2, -2, 126, 127, 127, -127, 3, 6, 8, -9]
+    assert T._sage_quantize_int(x, 1.0, 4).tolist() == [0, 2, 2, 0, -2, -2, 7, 7, 7, -7, 3, 6, 7, -7]
+    assert T._sage_quantize_int(x, 0.0, 8).abs().sum().item() == 0
 
 
+@pytest.mark.testing_ext
 def test_group_maps_follow_mma_fragments():
     lq, lk = 300, 200
-    maps = L._sage_group_maps(lq, lk)
+    maps = T._sage_group_maps(lq, lk)
     qg, kg = maps[:lq], maps[lq:]
     # m16n8k32 A fragment: lane owns rows lane/4 and lane/4 + 8 of each 16-row m-tile; a warp has 2 m-tiles.
     for warp_block in range(lq // 32):
@@ -246,6 +257,43 @@ def test_bad_input_op_shapes():
         L.sage_attention_fwd(q, torch.cat([k, k]), torch.cat([v, v]), False, 0.1, 8, "fp8", True, False)
 
 
+def test_direct_op_call_error_contract():
+    # Direct torch.ops callers get RuntimeError whose message names the Python type (tersor.ops.lib and the
+    # wrappers re-raise it as that type).
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="^ValueError: sage_attention_fwd: head_dim must be 64 or 128"):
+        torch.ops.tersor.sage_attention_fwd(*_qkv(d=96), False, 0.1, 8, "fp8", True, False)
+    with pytest.raises(RuntimeError, match="^TypeError: sage_attention_fwd: expected float16 or bfloat16"):
+        torch.ops.tersor.sage_attention_fwd(*_qkv(dtype=torch.float32), False, 0.1, 8, "fp8", True, False)
+    with pytest.raises(RuntimeError, match="^ValueError: sage_attention_fwd: kernel must be"):
+        torch.ops.tersor.sage_attention_fwd(q, k, v, False, 0.1, 8, "fp8", True, False, "sm75")
+
+
+@pytest.mark.parametrize("fn", ["op", "fake"])
+def test_kernel_argument_cpu(fn):
+    # The CPU twin reproduces every CUDA kernel's numerics: kernel is checked, then makes no difference.
+    q, k, v = _qkv()
+    if fn == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode() as mode:
+            fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+            for kernel in ("auto", "sm8x", "sm90"):
+                out, lse = L.sage_attention_fwd(fq, fk, fv, True, 0.1, 8, "fp8", True, False, kernel)
+                assert out.shape == q.shape and lse.shape == q.shape[:3]
+            with pytest.raises(ValueError, match="kernel must be"):
+                L.sage_attention_fwd(fq, fk, fv, True, 0.1, 8, "fp8", True, False, "sm100")
+        return
+    ref = L.sage_attention_fwd(q, k, v, True, 0.1, 8, "fp8", True, False)
+    for kernel in ("auto", "sm8x", "sm90"):
+        out = L.sage_attention_fwd(q, k, v, True, 0.1, 8, "fp8", True, False, kernel)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert torch.equal(sage_attention(q, k, v, kernel="sm90"), sage_attention(q, k, v))
+    with pytest.raises(ValueError, match="kernel must be"):
+        L.sage_attention_fwd(q, k, v, True, 0.1, 8, "fp8", True, False, "sm100")
+    with pytest.raises(ValueError, match="kernel must be"):
+        sage_attention(q, k, v, kernel="fast")
+
+
 def test_bad_input_wrapper():
     q, k, v = _qkv(d=160)
     with pytest.raises(ValueError, match="head_dim"):
@@ -309,7 +357,11 @@ def test_module_matches_function():
     mod = tersor.nn.SageAttention(layout="bshd", qk="int8", pv="fp8")
     q, k, v = (torch.randn(1, 70, 2, 64).half() for _ in range(3))
     assert torch.equal(mod(q, k, v, is_causal=True), sage_attention(q, k, v, layout="bshd", is_causal=True))
-    assert "layout='bshd'" in repr(mod)
+    assert "layout='bshd'" in repr(mod) and "kernel='auto'" in repr(mod)
+    mod8 = tersor.nn.SageAttention(layout="bshd", kernel="sm8x")
+    assert mod8.kernel == "sm8x" and torch.equal(mod8(q, k, v), sage_attention(q, k, v, layout="bshd"))
+    with pytest.raises(ValueError, match="kernel must be"):
+        tersor.nn.SageAttention(kernel="tma")(q, k, v)
 
 
 # ---- SDPA routing ---------------------------------------------------------------------------------
@@ -413,8 +465,9 @@ def test_accuracy_minilm_real_qkv():
 
 
 # ---- CUDA vs the CPU twin ----------------------------------------------------------------------------
-# INT8 QK without Q smoothing runs the mma.sync kernels (sm80: 16-bit P.V; sm89/sm90: also FP8); the other
-# modes run the twin on host copies on CUDA (equal by construction) until their kernels exist.
+# The mma.sync kernels (sm80: 16-bit P.V; sm89: also FP8 and INT4 + FP8; sm90: INT8 only) and, on compute
+# capability 9.0, the wgmma kernel. A mode without a kernel on the device is a NotImplementedError (no
+# silent CPU fallback): tersor.attention.cuda_path_name says which, from the build's routing table.
 
 def _assert_close_to_twin(out, lse, cpu_out, cpu_lse):
     diff = (out.cpu().float() - cpu_out.float()).abs()
@@ -427,6 +480,14 @@ def _assert_close_to_twin(out, lse, cpu_out, cpu_lse):
     assert torch.equal(lse.cpu().isinf(), cpu_lse.isinf())
     fin = cpu_lse.isfinite()
     torch.testing.assert_close(lse.cpu()[fin], cpu_lse[fin], rtol=0, atol=1e-3)
+
+
+def _cuda_has_kernel(bits, pv, smooth_q, kernel="auto"):
+    try:
+        attention.cuda_path_name(torch.device("cuda"), {8: "int8", 4: "int4", 0: "none"}[bits], pv, smooth_q, kernel)
+    except NotImplementedError:
+        return False
+    return True
 
 
 CUDA_MODES = [  # qk_bits, pv, smooth_k, smooth_q, dtype
@@ -447,11 +508,13 @@ CUDA_MODES = [  # qk_bits, pv, smooth_k, smooth_q, dtype
 def test_cuda_matches_cpu_twin(shape, mode):
     b, hq, hkv, lq, lk, d, causal = shape
     bits, pv, sk, sq, dtype = mode
-    if pv == "fp8" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("FP8 P.V needs sm89+")
     q = torch.randn(b, hq, lq, d).to(dtype)
     k = (torch.randn(b, hkv, lk, d) + 1.0).to(dtype)
     v = torch.randn(b, hkv, lk, d).to(dtype)
+    if not _cuda_has_kernel(bits, pv, sq):  # e.g. FP8 before sm89, INT4 on sm90
+        with pytest.raises(NotImplementedError, match="supported on compute capability"):
+            L.sage_attention_fwd(q.cuda(), k.cuda(), v.cuda(), causal, 0.1, bits, pv, sk, sq)
+        return
     cpu_out, cpu_lse = L.sage_attention_fwd(q, k, v, causal, 0.1, bits, pv, sk, sq)
     out, lse = L.sage_attention_fwd(q.cuda(), k.cuda(), v.cuda(), causal, 0.1, bits, pv, sk, sq)
     assert out.is_cuda and out.dtype == dtype and lse.is_cuda
@@ -475,8 +538,8 @@ def test_cuda_strided_bshd_and_accuracy():
 def test_cuda_int4_smooth_q_strided_and_accuracy(pv):
     # INT4 Q K^T with Q smoothing on bshd-strided input: against the twin, and the INT4 accuracy floor of the
     # twin's accuracy test (tests above) on the same synthetic outliers.
-    if pv == "fp8" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("FP8 P.V needs sm89+")
+    if not _cuda_has_kernel(4, pv, True):
+        pytest.skip("no INT4 / FP8 kernel on this device (NotImplementedError: test_cuda_matches_cpu_twin)")
     q, k, v = _outlier_qkv(6, l=700)
     qs, ks, vs = (t.transpose(1, 2).contiguous().cuda().transpose(1, 2) for t in (q, k, v))
     out, lse = L.sage_attention_fwd(qs, ks, vs, True, 128 ** -0.5, 4, pv, True, True)
@@ -485,6 +548,23 @@ def test_cuda_int4_smooth_q_strided_and_accuracy(pv):
     ref, _ = attention_fp64(q, k, v, True)
     cos, l1 = _cos_l1(out.cpu(), ref)
     assert cos >= 0.97 and l1 <= 0.16, (cos, l1)
+
+
+@pytest.mark.cuda
+def test_cuda_modes_without_kernel_raise():
+    # qk_bits=0 and pv="fp32" (the exact mode included) have no CUDA kernel: NotImplementedError, no fallback.
+    q, k, v = (t.cuda() for t in _qkv())
+    for bits, pv in ((0, "fp32"), (8, "fp32"), (0, "fp8"), (0, "fp16")):
+        with pytest.raises(NotImplementedError, match="CPU only"):
+            L.sage_attention_fwd(q, k, v, False, 0.1, bits, pv, True, False)
+    with pytest.raises(NotImplementedError, match="CPU only"):
+        sage_attention(q, k, v, qk="none", pv="fp32")
+    with pytest.raises(RuntimeError, match="^NotImplementedError: sage_attention_fwd: "):
+        torch.ops.tersor.sage_attention_fwd(q, k, v, False, 0.1, 0, "fp32", True, False)
+    cc = torch.cuda.get_device_capability()
+    if cc != (9, 0):
+        with pytest.raises(NotImplementedError, match='kernel="sm90"'):
+            L.sage_attention_fwd(q, k, v, False, 0.1, 8, "fp8", True, False, "sm90")
 
 
 def test_route_sdpa_minilm_model():

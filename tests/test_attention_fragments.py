@@ -1,11 +1,13 @@
-"""The sm8x attention kernel's register packing (sage_attn_cuda.cu) checked against the PTX fragment
+"""The sm8x attention kernel's register packing (sage_attn_kernel.cuh) checked against the PTX fragment
 definitions, on the CPU: the P operand is built from the QK accumulator layout exactly as the kernel packs
 it, V^T is stored in the layout the kernel reads (FP8: tersor's v_fp8_position_token order), the MMA is
 evaluated from the PTX ISA's fragment tables, and the result must be P @ V."""
 
 import torch
 
-L = torch.ops.tersor
+from conftest import load_testing_ops
+
+T = load_testing_ops()  # torch.ops.tersor_testing
 
 
 def lanes():
@@ -50,7 +52,7 @@ def mma_m16n8k16_16bit(a_regs, b_regs):
 
 
 def test_v_fp8_positions_is_a_permutation_of_each_16():
-    pos = L._sage_v_fp8_positions(64)
+    pos = T._sage_v_fp8_positions(64)
     assert pos[:16] == [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15]
     for blk in range(4):
         assert sorted(pos[16 * blk:16 * blk + 16]) == list(range(16 * blk, 16 * blk + 16))
@@ -62,7 +64,7 @@ def test_fp8_pv_packing_matches_ptx_fragments():
     v = torch.randint(-50, 50, (64, 8), generator=g_).double()   # one 8-channel n-tile of V
     # s[nt] for nt in 0..7: the QK accumulator fragments of the 8 n-tiles
     s = [acc_layout(p[:, 8 * nt:8 * nt + 8]) for nt in range(8)]
-    pos = L._sage_v_fp8_positions(64)
+    pos = T._sage_v_fp8_positions(64)
     v_t = torch.stack([v[pos[q]] for q in range(64)], 1)  # V^T [8 channels][64 positions]
     out = torch.zeros(16, 8, dtype=torch.float64)
     for kk in range(2):
@@ -106,7 +108,7 @@ def test_qk_int8_fragments_and_scale_groups():
     g_ = torch.Generator().manual_seed(2)
     q = torch.randint(-127, 128, (32, 64), generator=g_).double()  # one warp's rows, D = 64
     k = torch.randint(-127, 128, (64, 64), generator=g_).double()  # one 64-key tile
-    maps = L._sage_group_maps(32, 64)
+    maps = T._sage_group_maps(32, 64)
     qg, kg = maps[:32], maps[32:]
     for mt in range(2):
         for nt in range(8):

@@ -1,5 +1,7 @@
-// The sm80/sm89 quantized attention kernel, shared by the translation units that instantiate it
-// (sage_attn_cuda.cu: INT8 Q K^T, sage_attn_cuda_int4.cu: INT4), so the instantiations compile in parallel.
+// The sm80/sm89 quantized attention kernel, shared by the translation units that instantiate it, one per
+// instruction set (sage_attn_{s8,s4}_{f16,e4m3}.cu), each compiled only for the architectures that have
+// its instructions (FP8 mma: sm_89, sm_90a; INT4 mma: sm_80, sm_89), so the instantiations compile in
+// parallel and no cubin carries code its architecture cannot run (a static_assert in the kernel enforces it).
 // Quantized attention forward, sm80/sm89 (mma.sync + cp.async). One CTA = 128 query rows of one (batch,
 // head), 4 warps x 32 rows (D = 64) or 8 warps x 16 rows (D = 128, sage_cuda_traits.h); keys in 64-token tiles, double-buffered in shared memory. Per tile:
 //   S = INT8 Q K^T (m16n8k32 s8) or INT4 (m16n8k64 s4), exact s32, * (q_scale * k_scale) -- one scale pair per
@@ -224,6 +226,8 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
     // P is packed for the whole tile first, so the 64 fp32 scores die before the V loop (register pressure).
     const uint8_t* vs = v_s + stage * Tr::kVBytes;
     if constexpr (FP8) {
+      // Compiled for sm_89 / sm_90a only (sage_attn_kernel's static_assert); the guard hides the FP8 PTX
+      // wrappers (common/mma_int8_fp8.cuh) from nvcc's host pass.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
       uint32_t pa[Tr::kMTiles][2][4];  // [m-tile][32-token k-step][a0..a3]: a0 row g, a1 row g + 8, a2/a3 the same +16 tokens
 #pragma unroll
@@ -249,8 +253,6 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
 #pragma unroll
           for (int mt = 0; mt < Tr::kMTiles; ++mt) mma_m16n8k32_e4m3_add_f32(o[mt][dn], pa[mt][kk], b0, b1);
         }
-#else
-      __trap();  // the FP8 instantiation is only launched on sm89 (the glue checks the device and the build)
 #endif
     } else {
       uint32_t pa[Tr::kMTiles][4][4];  // [m-tile][16-token k-step (n-tiles 2kk, 2kk + 1)][a0..a3]
@@ -318,15 +320,13 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
 
 template <int D, bool FP8, int BITS, bool SMOOTH_Q, typename T16>
 __global__ void __launch_bounds__(SageAttnSm8xKernelTraits<D, FP8, BITS>::kThreads) sage_attn_kernel(const SageAttnArgs a) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (BITS == 4) {
-    __trap();  // no INT4 tensor cores on Hopper: the glue never launches INT4 on cc 9.0
-  } else {
-    sage_attn_body<D, FP8, BITS, SMOOTH_Q, T16>(a);
-  }
-#else
-  sage_attn_body<D, FP8, BITS, SMOOTH_Q, T16>(a);
+#if defined(__CUDA_ARCH__)
+  // Each instantiation is compiled only where its instructions exist (CMakeLists.txt, sage_route.h): FP8 mma
+  // from sm_89, INT4 mma on sm_80..sm_89 (none from sm_90 on).
+  static_assert(!FP8 || __CUDA_ARCH__ >= 890, "FP8 P.V (mma e4m3) needs sm_89+: compile this TU for 89 / 90a only");
+  static_assert(BITS != 4 || __CUDA_ARCH__ < 900, "INT4 Q.K^T (mma s4) does not exist from sm_90 on: 80 / 89 only");
 #endif
+  sage_attn_body<D, FP8, BITS, SMOOTH_Q, T16>(a);
 }
 
 template <int D, bool FP8, int BITS, bool SMOOTH_Q, typename T16>
@@ -340,22 +340,20 @@ cudaError_t launch(const SageAttnArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Launch for one QK width, all head dims / P.V modes / smoothing choices (defined per translation unit).
-template <int BITS>
-cudaError_t dispatch_bits(const SageAttnArgs& a, cudaStream_t stream);
-
-template <int BITS, typename T16>
+// Launch for one Q.K^T width and P.V type: every head dim, 16-bit dtype and Q-smoothing choice (each
+// instantiating translation unit calls it for its own BITS / FP8 only).
+template <int BITS, bool FP8, typename T16>
 cudaError_t dispatch_dtype(const SageAttnArgs& a, cudaStream_t stream) {
   const bool sq = a.smooth_q;
-  if (a.dims.head_dim == 64) {
-    if (a.pv_fp8) return sq ? launch<64, true, BITS, true, T16>(a, stream) : launch<64, true, BITS, false, T16>(a, stream);
-    return sq ? launch<64, false, BITS, true, T16>(a, stream) : launch<64, false, BITS, false, T16>(a, stream);
-  }
-  if (a.dims.head_dim == 128) {
-    if (a.pv_fp8) return sq ? launch<128, true, BITS, true, T16>(a, stream) : launch<128, true, BITS, false, T16>(a, stream);
-    return sq ? launch<128, false, BITS, true, T16>(a, stream) : launch<128, false, BITS, false, T16>(a, stream);
-  }
+  if (a.dims.head_dim == 64) return sq ? launch<64, FP8, BITS, true, T16>(a, stream) : launch<64, FP8, BITS, false, T16>(a, stream);
+  if (a.dims.head_dim == 128) return sq ? launch<128, FP8, BITS, true, T16>(a, stream) : launch<128, FP8, BITS, false, T16>(a, stream);
   return cudaErrorInvalidValue;
+}
+
+template <int BITS, bool FP8>
+cudaError_t dispatch(const SageAttnArgs& a, cudaStream_t stream) {
+  return a.dtype == DType::kBFloat16 ? dispatch_dtype<BITS, FP8, __nv_bfloat16>(a, stream)
+                                     : dispatch_dtype<BITS, FP8, __half>(a, stream);
 }
 
 }  // namespace sm8x_detail

@@ -25,6 +25,11 @@
 #include "common/wgmma.cuh"
 #include "common/wgmma_int8_fp8.cuh"
 
+// wgmma, setmaxnreg and the bulk copies exist on sm_90a only: CMakeLists.txt compiles this TU for 90a alone.
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "sage_attn_sm90.cu is sm_90a code: compile it for 90a only"
+#endif
+
 namespace tersor::attention {
 namespace {
 

@@ -9,13 +9,9 @@
 // docs/research/sage_attention.md (ex2.approx vs exp2f, FP8-MMA accumulator width, summation order).
 //
 // qk_bits == 0 with pv == "fp32" is the exact mode: everything in fp64, rounded once to the output dtype.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
+//
+// Also here: _sage_route, the CUDA routing table (sage_route.h) of this build as an op (tensor-free, so it
+// registers for CompositeExplicitAutograd and answers on any machine).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -32,8 +28,8 @@ namespace {
 using Traits = SageTraitsSm8x;
 
 // Rounds to the 16-bit dtype of the inputs (the sm80 P.V operand type).
-inline float round_to(float x, at::ScalarType t) {
-  return t == at::kBFloat16 ? static_cast<float>(c10::BFloat16(x)) : static_cast<float>(c10::Half(x));
+inline float round_to(float x, ScalarType t) {
+  return t == ScalarType::BFloat16 ? static_cast<float>(BFloat16(x)) : static_cast<float>(Half(x));
 }
 
 // Per (batch, kv head) data derived from K and V once, shared by every query head of the group (GQA).
@@ -100,7 +96,7 @@ void prepare_kv(const SageCall& c, const float* k, const float* v, KVPrepared& p
 }
 
 // The quantized pipeline for query rows [r0, r1) of one (batch, head): the kernel's CTA (128 rows).
-void quantized_rows(const SageCall& c, at::ScalarType in_t, const float* q, const KVPrepared& kv, int64_t r0,
+void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KVPrepared& kv, int64_t r0,
                     int64_t r1, float* out, float* lse) {
   const int64_t D = c.head_dim, Lk = c.len_k;
   const int64_t rows = r1 - r0;
@@ -302,33 +298,33 @@ void exact_rows(const SageCall& c, const float* q, const float* k, const float* 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> sage_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, bool is_causal, double scale,
-                                                          int64_t qk_bits, c10::string_view pv, bool smooth_k,
-                                                          bool smooth_q) {
-  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, std::string(pv), smooth_k, smooth_q);
-  const at::Tensor qf = q.to(at::kFloat).contiguous();
-  const at::Tensor kf = k.to(at::kFloat).contiguous();
-  const at::Tensor vf = v.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({c.batch, c.heads_q, c.len_q, c.head_dim}, qf.options());
-  at::Tensor lse = at::empty({c.batch, c.heads_q, c.len_q}, qf.options());
+std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal,
+                                                  double scale, int64_t qk_bits, std::string pv, bool smooth_k,
+                                                  bool smooth_q, std::string kernel) {
+  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q);
+  parse_kernel(kernel);  // selects a CUDA kernel; the CPU twin reproduces all of them (checked, then unused)
+  const Tensor qf = contiguous(torch::stable::to(q, ScalarType::Float));
+  const Tensor kf = contiguous(torch::stable::to(k, ScalarType::Float));
+  const Tensor vf = contiguous(torch::stable::to(v, ScalarType::Float));
+  Tensor out = empty({c.batch, c.heads_q, c.len_q, c.head_dim}, ScalarType::Float, qf.device());
+  Tensor lse = empty({c.batch, c.heads_q, c.len_q}, ScalarType::Float, qf.device());
   const int64_t D = c.head_dim, group = c.heads_q / c.heads_kv;
   const float* qp = qf.const_data_ptr<float>();
   const float* kp = kf.const_data_ptr<float>();
   const float* vp = vf.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   float* lp = lse.mutable_data_ptr<float>();
-  const at::ScalarType in_t = q.scalar_type();
+  const ScalarType in_t = q.scalar_type();
 
   std::vector<KVPrepared> kv(c.exact() ? 0 : c.batch * c.heads_kv);
   if (!c.exact()) {
-    at::parallel_for(0, c.batch * c.heads_kv, 1, [&](int64_t b, int64_t e) {
+    torch::stable::parallel_for(0, c.batch * c.heads_kv, 1, [&](int64_t b, int64_t e) {
       for (int64_t bh = b; bh < e; ++bh)
         prepare_kv(c, kp + bh * c.len_k * D, vp + bh * c.len_k * D, kv[bh]);
     });
   }
   const int64_t tiles = (c.len_q + Traits::kCtaQ - 1) / Traits::kCtaQ;
-  at::parallel_for(0, c.batch * c.heads_q * tiles, 1, [&](int64_t b, int64_t e) {
+  torch::stable::parallel_for(0, c.batch * c.heads_q * tiles, 1, [&](int64_t b, int64_t e) {
     for (int64_t w = b; w < e; ++w) {
       const int64_t bh = w / tiles, tile = w % tiles;
       const int64_t bkv = (bh / c.heads_q) * c.heads_kv + (bh % c.heads_q) / group;
@@ -342,75 +338,21 @@ std::tuple<at::Tensor, at::Tensor> sage_attention_fwd_cpu(const at::Tensor& q, c
         quantized_rows(c, in_t, qh, kv[bkv], r0, r1, oh, lh);
     }
   });
-  return {in_t == at::kFloat ? out : out.to(in_t), lse};
+  return {in_t == ScalarType::Float ? out : torch::stable::to(out, in_t), lse};
 }
 
-// ---- test helpers ----
-at::Tensor sage_float_to_e4m3_cpu(const at::Tensor& x) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "_sage_float_to_e4m3: expected float32, got ", x.scalar_type());
-  const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kByte));
-  const float* src = xc.const_data_ptr<float>();
-  uint8_t* dst = out.mutable_data_ptr<uint8_t>();
-  at::parallel_for(0, xc.numel(), 1 << 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) dst[i] = float_to_e4m3(src[i]);
-  });
-  return out;
-}
-
-at::Tensor sage_e4m3_to_float_cpu(const at::Tensor& x) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kByte, "_sage_e4m3_to_float: expected uint8, got ", x.scalar_type());
-  const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kFloat));
-  const uint8_t* src = xc.const_data_ptr<uint8_t>();
-  float* dst = out.mutable_data_ptr<float>();
-  for (int64_t i = 0; i < xc.numel(); ++i) dst[i] = e4m3_to_float(src[i]);
-  return out;
-}
-
-// Symmetric integer codes of x (float32, any shape) with one given scale reciprocal: the kernels' rounding.
-at::Tensor sage_quantize_int_cpu(const at::Tensor& x, double inv_scale, int64_t bits) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "_sage_quantize_int: expected float32, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(bits == 4 || bits == 8, "_sage_quantize_int: bits must be 4 or 8, got ", bits);
-  const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kChar));
-  const float* src = xc.const_data_ptr<float>();
-  int8_t* dst = out.mutable_data_ptr<int8_t>();
-  const float inv = static_cast<float>(inv_scale);
-  for (int64_t i = 0; i < xc.numel(); ++i) dst[i] = static_cast<int8_t>(quantize_int(src[i], inv, static_cast<int>(bits)));
-  return out;
-}
-
-// [q_group of each row < len_q, k_group of each token < len_k] concatenated, for layout tests.
-std::vector<int64_t> sage_group_maps(int64_t len_q, int64_t len_k) {
-  TORCH_CHECK_VALUE(len_q >= 0 && len_k >= 0, "_sage_group_maps: lengths must be >= 0");
-  std::vector<int64_t> r;
-  r.reserve(len_q + len_k);
-  for (int64_t i = 0; i < len_q; ++i) r.push_back(q_group(i));
-  for (int64_t j = 0; j < len_k; ++j) r.push_back(k_group(j));
-  return r;
-}
-
-std::vector<int64_t> sage_v_fp8_positions(int64_t n) {
-  TORCH_CHECK_VALUE(n >= 0 && n % 16 == 0, "_sage_v_fp8_positions: n must be a non-negative multiple of 16, got ", n);
-  std::vector<int64_t> r(n);
-  for (int64_t p = 0; p < n; ++p) r[p] = v_fp8_position_token(p);
-  return r;
+// The CUDA kernel sage_attention_fwd runs for these modes on a device of compute capability cc in this build
+// ("sm8x-mma" or "sm90a-wgmma"), or the NotImplementedError such a call raises.
+std::string sage_route_op(int64_t cc, int64_t qk_bits, std::string pv, bool smooth_q, std::string kernel) {
+  return sage_path_name(
+      route_or_throw(static_cast<int>(cc), qk_bits, pv, smooth_q, kernel, built_sage_cubins(), "_sage_route").path);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) {
-  m.impl("sage_attention_fwd", &sage_attention_fwd_cpu);
-  m.impl("_sage_float_to_e4m3", &sage_float_to_e4m3_cpu);
-  m.impl("_sage_e4m3_to_float", &sage_e4m3_to_float_cpu);
-  m.impl("_sage_quantize_int", &sage_quantize_int_cpu);
-}
+STABLE_TORCH_LIBRARY_IMPL(tersor, CPU, m) { m.impl("sage_attention_fwd", TORCH_BOX(&sage_attention_fwd_cpu)); }
 
-// Tensor-free helper: no backend to dispatch on, so it registers for every key.
-TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) {
-  m.impl("_sage_group_maps", &sage_group_maps);
-  m.impl("_sage_v_fp8_positions", &sage_v_fp8_positions);
-}
+// Tensor-free: no backend to dispatch on, so it registers for every key.
+STABLE_TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) { m.impl("_sage_route", TORCH_BOX(&sage_route_op)); }
 
 }  // namespace tersor::attention

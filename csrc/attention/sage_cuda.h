@@ -1,6 +1,7 @@
 // Launchers of the quantized attention CUDA kernels (no torch headers). Numerics: sage_format.h and
-// docs/research/sage_attention.md. Stage 1 kernels: sm80/sm89 mma.sync, INT8 Q K^T (no Q smoothing),
-// P.V in FP8 e4m3 (sm89) or in the inputs' 16-bit type (sm80+).
+// docs/research/sage_attention.md. Each launcher is defined in its own translation unit, compiled only for
+// the architectures whose instructions it uses (sage_route.h lists them); the glue calls one only where the
+// build defines TERSOR_SAGE_<GROUP>_ARCHS.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -67,8 +68,14 @@ struct SageAttnArgs {
   float* lse;  // [B, Hq, Lq]
 };
 
+// Prologue (sage_quant_cuda.cu; sm_80, sm_89, sm_90a).
 cudaError_t sage_quantize_sm8x(const SageQuantArgs& a, cudaStream_t stream);
-cudaError_t sage_attention_sm8x(const SageAttnArgs& a, cudaStream_t stream);
+// mma.sync attention (sage_attn_kernel.cuh), one launcher per (Q.K^T width, P.V type); each takes every
+// head dim, both 16-bit dtypes, with or without Q smoothing.
+cudaError_t sage_attention_sm8x_s8_f16(const SageAttnArgs& a, cudaStream_t stream);   // sm_80, sm_89, sm_90a
+cudaError_t sage_attention_sm8x_s8_e4m3(const SageAttnArgs& a, cudaStream_t stream);  // sm_89, sm_90a
+cudaError_t sage_attention_sm8x_s4_f16(const SageAttnArgs& a, cudaStream_t stream);   // sm_80, sm_89
+cudaError_t sage_attention_sm8x_s4_e4m3(const SageAttnArgs& a, cudaStream_t stream);  // sm_89
 // sm90a (sage_attn_sm90.cu): the same prologue outputs (pv_fp8 only, len_q_pad and len_k_pad multiples of
 // 128), first rewritten into tile-native K / V^T blocks in k_tiles / v_tiles (scratch of k_int's / v_t's
 // size, sage_sm90_layout.h), then the wgmma attention kernel.

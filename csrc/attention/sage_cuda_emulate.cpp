@@ -24,13 +24,6 @@
 // INT4 (qk_bits 4) and Q smoothing (smooth_q) are replayed too: the packed-nibble prologue, the block mean and
 // q_bias kernels, mma.m16n8k64.s4 from its own PTX fragment rules, and the bias added (rounded, no FMA) to
 // the dequantized scores.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -56,17 +49,17 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 template <bool kBf16>
 float bits16_to_float(uint16_t b) {
   if constexpr (kBf16)
-    return static_cast<float>(c10::BFloat16(b, c10::BFloat16::from_bits()));
+    return static_cast<float>(BFloat16(b, BFloat16::from_bits()));
   else
-    return static_cast<float>(c10::Half(b, c10::Half::from_bits()));
+    return static_cast<float>(Half(b, Half::from_bits()));
 }
 // Round to nearest even, as __floats2half2_rn / __floats2bfloat162_rn.
 template <bool kBf16>
 uint16_t float_to_bits16(float x) {
   if constexpr (kBf16)
-    return c10::BFloat16(x).x;
+    return BFloat16(x).x;
   else
-    return c10::Half(x).x;
+    return Half(x).x;
 }
 
 // ex2.approx.ftz.f32: exp2 with subnormal inputs and results flushed to zero (the approximation's <= 2 ulp
@@ -204,7 +197,7 @@ struct Buffers {
 
 // q/k/v: fp32 copies of the 16-bit inputs (exact), contiguous [B, H, L, D].
 template <bool kBf16>
-void replay_prologue(const SageCall& c, const float* q, const float* k, const float* v, const at::Tensor& v16,
+void replay_prologue(const SageCall& c, const float* q, const float* k, const float* v, const Tensor& v16,
                      bool fp8, int fault, Buffers& bf) {
   using Tr = SageTraitsSm8x;
   const SageDims& d = bf.d;
@@ -225,7 +218,7 @@ void replay_prologue(const SageCall& c, const float* q, const float* k, const fl
   bf.v_t.assign(n_kv * D * d.len_k_pad * (fp8 ? 1 : 2), 0);
   const uint16_t* v_bits = reinterpret_cast<const uint16_t*>(v16.const_data_ptr());
 
-  at::parallel_for(0, n_kv, 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, n_kv, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bh = b0; bh < b1; ++bh) {
       const float* kh = k + bh * d.len_k * D;
       const float* vh = v + bh * d.len_k * D;
@@ -291,7 +284,7 @@ void replay_prologue(const SageCall& c, const float* q, const float* k, const fl
     }
   });
 
-  at::parallel_for(0, n_q, 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, n_q, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bh = b0; bh < b1; ++bh) {
       const int64_t b = bh / d.heads_q, h = bh % d.heads_q;
       const int64_t bkv = b * d.heads_kv + h / (d.heads_q / d.heads_kv);
@@ -605,7 +598,7 @@ template <int D, bool FP8, bool kBf16, int BITS>
 void replay_attention(const Buffers& bf, bool causal, int fault, uint16_t* out, float* lse) {
   const SageDims& d = bf.d;
   const int64_t ctas = d.len_q_pad / SageTraitsSm8x::kCtaQ;
-  at::parallel_for(0, d.batch * d.heads_q * ctas, 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, d.batch * d.heads_q * ctas, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> smem;
     for (int64_t w = b0; w < b1; ++w) replay_cta<D, FP8, kBf16, BITS>(bf, causal, fault, w / ctas, w % ctas, out, lse, smem);
   });
@@ -629,7 +622,7 @@ void hw_wgmma_gather(const uint32_t (*a)[4], const std::vector<uint8_t>& smem, u
   for (int k = 0; k < 32; ++k)
     for (int n = 0; n < 64; ++n) {
       const uint32_t addr = start + (n / 8) * sbo + (k / 16) * lbo + (n % 8) * 16 + k % 16;
-      TORCH_CHECK(addr < smem.size(), "_sage_emulate_sm90_attention: descriptor reads past shared memory");
+      TERSOR_CHECK(addr < smem.size(), "_sage_emulate_sm90_attention: descriptor reads past shared memory");
       B[k][n] = smem[addr];
     }
 }
@@ -829,7 +822,7 @@ void replay_attention_sm90(const Buffers& bf, bool causal, uint16_t* out, float*
       }
     }
   const int64_t ctas = d.len_q_pad / SageAttnSm90KernelTraits<D>::kCtaQ;
-  at::parallel_for(0, d.batch * d.heads_q * ctas, 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, d.batch * d.heads_q * ctas, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> smem;
     for (int64_t w = b0; w < b1; ++w)
       replay_cta_sm90<D, kBf16>(bf, k_tiles, v_tiles, causal, w / ctas, w % ctas, out, lse, smem);
@@ -839,20 +832,20 @@ void replay_attention_sm90(const Buffers& bf, bool causal, uint16_t* out, float*
 // The front both replays share: the outputs, fp32 copies of the inputs and the prologue replayed into `bf`
 // (whose dims the caller set: the sm90 path pads keys to 128). Empty outputs skip the prologue.
 struct ReplayOutputs {
-  at::Tensor out, lse;
+  Tensor out, lse;
   uint16_t* out16() const { return reinterpret_cast<uint16_t*>(out.mutable_data_ptr()); }
   float* lse_ptr() const { return lse.mutable_data_ptr<float>(); }
 };
-ReplayOutputs replay_front(const SageCall& c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool fp8,
+ReplayOutputs replay_front(const SageCall& c, const Tensor& q, const Tensor& k, const Tensor& v, bool fp8,
                            int64_t fault, Buffers& bf) {
-  ReplayOutputs r{at::empty({c.batch, c.heads_q, c.len_q, c.head_dim},
-                            q.options().memory_format(at::MemoryFormat::Contiguous)),
-                  at::empty({c.batch, c.heads_q, c.len_q}, q.options().dtype(at::kFloat))};
+  ReplayOutputs r{empty({c.batch, c.heads_q, c.len_q, c.head_dim}, q.scalar_type(), q.device()),
+                  empty({c.batch, c.heads_q, c.len_q}, ScalarType::Float, q.device())};
   if (r.out.numel() == 0) return r;
-  const at::Tensor qf = q.to(at::kFloat).contiguous(), kf = k.to(at::kFloat).contiguous();
-  const at::Tensor vf = v.to(at::kFloat).contiguous(), v16 = v.contiguous();
+  const Tensor qf = contiguous(torch::stable::to(q, ScalarType::Float));
+  const Tensor kf = contiguous(torch::stable::to(k, ScalarType::Float));
+  const Tensor vf = contiguous(torch::stable::to(v, ScalarType::Float)), v16 = contiguous(v);
   const float *qp = qf.const_data_ptr<float>(), *kp = kf.const_data_ptr<float>(), *vp = vf.const_data_ptr<float>();
-  if (q.scalar_type() == at::kBFloat16)
+  if (q.scalar_type() == ScalarType::BFloat16)
     replay_prologue<true>(c, qp, kp, vp, v16, fp8, static_cast<int>(fault), bf);
   else
     replay_prologue<false>(c, qp, kp, vp, v16, fp8, static_cast<int>(fault), bf);
@@ -861,13 +854,12 @@ ReplayOutputs replay_front(const SageCall& c, const at::Tensor& q, const at::Ten
 
 // _sage_emulate_sm90_attention: the sm90a CUDA path (sm8x prologue with keys padded to 128, relayout, the
 // wgmma kernel) replayed on the CPU; pv "fp8", qk int8 only (what the glue routes to it).
-std::tuple<at::Tensor, at::Tensor> sage_emulate_sm90_attention(const at::Tensor& q, const at::Tensor& k,
-                                                               const at::Tensor& v, bool is_causal, double scale,
-                                                               bool smooth_k) {
+std::tuple<Tensor, Tensor> sage_emulate_sm90_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                       bool is_causal, double scale, bool smooth_k) {
   constexpr const char* op = "_sage_emulate_sm90_attention";
   const SageCall c = check_call(q, k, v, is_causal, scale, 8, "fp8", smooth_k, false);
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op, ": expects CPU tensors");
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  TERSOR_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), op, ": expects CPU tensors");
+  const bool bf16 = q.scalar_type() == ScalarType::BFloat16;
   Buffers bf;
   bf.d = SageDims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,
                   (c.len_q + SageTraitsSm8x::kCtaQ - 1) / SageTraitsSm8x::kCtaQ * SageTraitsSm8x::kCtaQ,
@@ -900,17 +892,16 @@ void dispatch_replay(int key, const Buffers& bf, bool causal, int fault, uint16_
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> sage_emulate_cuda_attention(const at::Tensor& q, const at::Tensor& k,
-                                                               const at::Tensor& v, bool is_causal, double scale,
-                                                               c10::string_view pv, bool smooth_k, int64_t fault,
-                                                               int64_t qk_bits, bool smooth_q) {
+std::tuple<Tensor, Tensor> sage_emulate_cuda_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                       bool is_causal, double scale, std::string pv, bool smooth_k,
+                                                       int64_t fault, int64_t qk_bits, bool smooth_q) {
   constexpr const char* op = "_sage_emulate_cuda_attention";
-  TORCH_CHECK_VALUE(qk_bits == 8 || qk_bits == 4, op, ": the CUDA kernel has qk_bits 8 or 4, got ", qk_bits);
-  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, std::string(pv), smooth_k, smooth_q);
-  TORCH_CHECK_VALUE(c.pv != PVMode::kFp32, op, ": the CUDA kernel has pv \"fp8\" or \"fp16\" only");
-  TORCH_CHECK_VALUE(fault >= 0 && fault <= 6, op, ": fault must be in [0, 6], got ", fault);
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op, ": expects CPU tensors");
-  const bool fp8 = c.pv == PVMode::kFp8, bf16 = q.scalar_type() == at::kBFloat16;
+  TERSOR_CHECK_VALUE(qk_bits == 8 || qk_bits == 4, op, ": the CUDA kernel has qk_bits 8 or 4, got ", qk_bits);
+  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q);
+  TERSOR_CHECK_VALUE(c.pv != PVMode::kFp32, op, ": the CUDA kernel has pv \"fp8\" or \"fp16\" only");
+  TERSOR_CHECK_VALUE(fault >= 0 && fault <= 6, op, ": fault must be in [0, 6], got ", fault);
+  TERSOR_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), op, ": expects CPU tensors");
+  const bool fp8 = c.pv == PVMode::kFp8, bf16 = q.scalar_type() == ScalarType::BFloat16;
   Buffers bf;
   bf.bits = static_cast<int>(qk_bits);
   bf.smooth_q = smooth_q;
@@ -931,9 +922,9 @@ std::tuple<at::Tensor, at::Tensor> sage_emulate_cuda_attention(const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) {
-  m.impl("_sage_emulate_cuda_attention", &sage_emulate_cuda_attention);
-  m.impl("_sage_emulate_sm90_attention", &sage_emulate_sm90_attention);
+STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CPU, m) {
+  m.impl("_sage_emulate_cuda_attention", TORCH_BOX(&sage_emulate_cuda_attention));
+  m.impl("_sage_emulate_sm90_attention", TORCH_BOX(&sage_emulate_sm90_attention));
 }
 
 }  // namespace tersor::attention

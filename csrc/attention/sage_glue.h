@@ -1,16 +1,14 @@
 // Argument checks of sage_attention_fwd shared by the CPU and CUDA registrations (the same errors on
-// every device). Host C++ only.
+// every device), and the checks of the `kernel` argument. Host C++ only (stable ABI, common/torch_glue.h).
 #pragma once
-
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
 
 #include <cmath>
 #include <string>
 
-namespace tersor::attention {
+#include "attention/sage_route.h"
+#include "common/torch_glue.h"
 
-enum class PVMode { kFp8, kFp16, kFp32 };
+namespace tersor::attention {
 
 struct SageCall {
   int64_t batch, heads_q, heads_kv, len_q, len_k, head_dim;
@@ -22,33 +20,45 @@ struct SageCall {
   bool exact() const { return qk_bits == 0 && pv == PVMode::kFp32; }
 };
 
-inline PVMode parse_pv(const std::string& pv) {
-  if (pv == "fp8") return PVMode::kFp8;
-  if (pv == "fp16") return PVMode::kFp16;
-  if (pv == "fp32") return PVMode::kFp32;
-  TORCH_CHECK_VALUE(false, "sage_attention_fwd: pv must be \"fp8\", \"fp16\" or \"fp32\", got \"", pv, "\"");
+inline PVMode parse_pv(const std::string& pv, const char* op = "sage_attention_fwd") {
+  PVMode m{};
+  TERSOR_CHECK_VALUE(parse_pv_mode(pv, &m), op, ": pv must be \"fp8\", \"fp16\" or \"fp32\", got \"", pv, "\"");
+  return m;
 }
 
-inline SageCall check_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool is_causal, double scale,
-                    int64_t qk_bits, const std::string& pv, bool smooth_k, bool smooth_q) {
+inline SageKernel parse_kernel(const std::string& kernel, const char* op = "sage_attention_fwd") {
+  SageKernel k{};
+  TERSOR_CHECK_VALUE(parse_sage_kernel(kernel, &k), op, ": kernel must be ", kSageKernelChoices, ", got \"", kernel,
+                     "\"");
+  return k;
+}
+
+inline std::string sizes_str(const Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+  return s + "]";
+}
+
+inline SageCall check_call(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal, double scale,
+                           int64_t qk_bits, const std::string& pv, bool smooth_k, bool smooth_q) {
   const char* op = "sage_attention_fwd";
-  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
-                    ": q, k, v must be 4-d [batch, heads, seq, head_dim], got ", q.dim(), "-d, ", k.dim(), "-d, ",
-                    v.dim(), "-d");
-  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
-                   ": q, k, v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-                   v.scalar_type());
-  TORCH_CHECK_VALUE(qk_bits == 0 || qk_bits == 4 || qk_bits == 8, op, ": qk_bits must be 0, 4 or 8, got ", qk_bits);
+  TERSOR_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+                     ": q, k, v must be 4-d [batch, heads, seq, head_dim], got ", q.dim(), "-d, ", k.dim(), "-d, ",
+                     v.dim(), "-d");
+  TERSOR_CHECK_TYPE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+                    ": q, k, v must have the same dtype, got ", dtype_name(q.scalar_type()), ", ",
+                    dtype_name(k.scalar_type()), ", ", dtype_name(v.scalar_type()));
+  TERSOR_CHECK_VALUE(qk_bits == 0 || qk_bits == 4 || qk_bits == 8, op, ": qk_bits must be 0, 4 or 8, got ", qk_bits);
   SageCall c{};
   c.pv = parse_pv(pv);
   c.qk_bits = static_cast<int>(qk_bits);
-  const auto t = q.scalar_type();
+  const ScalarType t = q.scalar_type();
   if (c.exact()) {
-    TORCH_CHECK_TYPE(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat, op,
-                     ": expected float16, bfloat16 or (exact mode only) float32, got ", t);
+    TERSOR_CHECK_TYPE(t == ScalarType::Half || t == ScalarType::BFloat16 || t == ScalarType::Float, op,
+                      ": expected float16, bfloat16 or (exact mode only) float32, got ", dtype_name(t));
   } else {
-    TORCH_CHECK_TYPE(t == at::kHalf || t == at::kBFloat16, op, ": expected float16 or bfloat16, got ", t,
-                     " (float32 only in the exact mode qk_bits=0, pv=\"fp32\")");
+    TERSOR_CHECK_TYPE(t == ScalarType::Half || t == ScalarType::BFloat16, op, ": expected float16 or bfloat16, got ",
+                      dtype_name(t), " (float32 only in the exact mode qk_bits=0, pv=\"fp32\")");
   }
   c.batch = q.size(0);
   c.heads_q = q.size(1);
@@ -56,22 +66,36 @@ inline SageCall check_call(const at::Tensor& q, const at::Tensor& k, const at::T
   c.head_dim = q.size(3);
   c.heads_kv = k.size(1);
   c.len_k = k.size(2);
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ",
-                    v.sizes());
-  TORCH_CHECK_VALUE(k.size(0) == c.batch, op, ": batch of k/v (", k.size(0), ") differs from q (", c.batch, ")");
-  TORCH_CHECK_VALUE(k.size(3) == c.head_dim, op, ": head_dim of k/v (", k.size(3), ") differs from q (", c.head_dim,
-                    ")");
-  TORCH_CHECK_VALUE(c.head_dim == 64 || c.head_dim == 128, op, ": head_dim must be 64 or 128, got ", c.head_dim,
-                    " (tersor.attention.sage_attention pads smaller head dims)");
-  TORCH_CHECK_VALUE(c.heads_kv >= 1 && c.heads_q % c.heads_kv == 0, op, ": query heads (", c.heads_q,
-                    ") must be a multiple of key/value heads (", c.heads_kv, ")");
-  TORCH_CHECK_VALUE(c.len_k >= 1, op, ": needs at least one key");
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be finite and positive, got ", scale);
+  bool same_kv = true;
+  for (int64_t d = 0; d < 4; ++d) same_kv = same_kv && k.size(d) == v.size(d);
+  TERSOR_CHECK_VALUE(same_kv, op, ": k and v must have the same shape, got ", sizes_str(k), " and ", sizes_str(v));
+  TERSOR_CHECK_VALUE(k.size(0) == c.batch, op, ": batch of k/v (", k.size(0), ") differs from q (", c.batch, ")");
+  TERSOR_CHECK_VALUE(k.size(3) == c.head_dim, op, ": head_dim of k/v (", k.size(3), ") differs from q (", c.head_dim,
+                     ")");
+  TERSOR_CHECK_VALUE(c.head_dim == 64 || c.head_dim == 128, op, ": head_dim must be 64 or 128, got ", c.head_dim,
+                     " (tersor.attention.sage_attention pads smaller head dims)");
+  TERSOR_CHECK_VALUE(c.heads_kv >= 1 && c.heads_q % c.heads_kv == 0, op, ": query heads (", c.heads_q,
+                     ") must be a multiple of key/value heads (", c.heads_kv, ")");
+  TERSOR_CHECK_VALUE(c.len_k >= 1, op, ": needs at least one key");
+  TERSOR_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be finite and positive, got ", scale);
   c.causal = is_causal;
   c.scale = scale;
   c.smooth_k = smooth_k;
   c.smooth_q = smooth_q;
   return c;
+}
+
+// The route of a CUDA call (sage_route.h) with the tersor error contract: a bad kernel/qk_bits/pv is a
+// ValueError, a mode without a kernel here a NotImplementedError naming what this device supports.
+inline SageRoute route_or_throw(int cc, int64_t qk_bits, const std::string& pv, bool smooth_q,
+                                const std::string& kernel, const SageCubins& cubins, const char* op) {
+  TERSOR_CHECK_VALUE(cc >= 0, op, ": compute capability must be >= 0 (10 * major + minor), got ", cc);
+  TERSOR_CHECK_VALUE(qk_bits == 0 || qk_bits == 4 || qk_bits == 8, op, ": qk_bits must be 0, 4 or 8, got ", qk_bits);
+  const PVMode pv_mode = parse_pv(pv, op);
+  const SageKernel k = parse_kernel(kernel, op);
+  const SageRoute r = sage_route(cc, static_cast<int>(qk_bits), pv_mode, smooth_q, k, cubins);
+  TERSOR_CHECK_NOT_IMPL(r.path != SagePath::kNone, op, ": ", r.why);
+  return r;
 }
 
 }  // namespace tersor::attention

@@ -10,9 +10,6 @@
 // Products are of integer bytes (the layout is what is checked, not fp8 rounding). Returns mismatch counts:
 // [k tile bijection, v tile bijection, Q K^T elements, P V elements, Q scale groups, K scale groups,
 //  P fragment rows/tokens]. `fault` injects a kernel-side bug (tests show each one is caught).
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include <array>
 #include <cstdint>
@@ -23,6 +20,7 @@
 #include "attention/sage_format.h"
 #include "attention/sage_sm90_layout.h"
 #include "attention/sage_sm90_traits.h"
+#include "common/torch_glue.h"
 
 namespace tersor::attention {
 namespace {
@@ -54,7 +52,7 @@ void hw_wgmma_m64n64k32(const std::vector<std::array<uint32_t, 4>>& a, const std
       for (int k = 0; k < 32; ++k) {
         // K-major, no swizzle: core matrix (n / 8, k / 16), row n % 8 at 16 bytes, k % 16 within the row.
         const uint32_t addr = start + (n / 8) * sbo + (k / 16) * lbo + (n % 8) * 16 + k % 16;
-        TORCH_CHECK(addr < smem.size(), "_sage_sm90_layout_check: descriptor reads past the stage");
+        TERSOR_CHECK(addr < smem.size(), "_sage_sm90_layout_check: descriptor reads past the stage");
         s += static_cast<int64_t>(A[m][k]) * static_cast<int8_t>(smem[addr]);
       }
       d[m * 64 + n] += s;
@@ -204,16 +202,16 @@ std::vector<int64_t> check(int64_t fault) {
 }
 
 std::vector<int64_t> sage_sm90_layout_check(int64_t head_dim, int64_t fault) {
-  TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 128, "_sage_sm90_layout_check: head_dim must be 64 or 128, got ",
+  TERSOR_CHECK_VALUE(head_dim == 64 || head_dim == 128, "_sage_sm90_layout_check: head_dim must be 64 or 128, got ",
                     head_dim);
-  TORCH_CHECK_VALUE(fault >= 0 && fault <= 6, "_sage_sm90_layout_check: fault must be in [0, 6], got ", fault);
+  TERSOR_CHECK_VALUE(fault >= 0 && fault <= 6, "_sage_sm90_layout_check: fault must be in [0, 6], got ", fault);
   return head_dim == 64 ? check<64>(fault) : check<128>(fault);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) {
-  m.impl("_sage_sm90_layout_check", &sage_sm90_layout_check);
+STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CompositeExplicitAutograd, m) {
+  m.impl("_sage_sm90_layout_check", TORCH_BOX(&sage_sm90_layout_check));
 }
 
 }  // namespace tersor::attention

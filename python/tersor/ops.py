@@ -325,10 +325,15 @@ def _bsr_linear_fake(x, crow_indices, col_indices, values, schedule, in_features
 
 SAGE_HEAD_DIMS = (64, 128)
 SAGE_PV_MODES = ("fp8", "fp16", "fp32")
+#: Values of ``sage_attention_fwd``'s ``kernel`` argument (the schema's ``cuda_kernel``): ``"auto"`` (the sm90a
+#: wgmma kernel where it applies, else the mma.sync kernels), ``"sm8x"`` (the mma.sync kernels only), ``"sm90"``
+#: (the sm90a wgmma kernel only).
+SAGE_KERNELS = ("auto", "sm8x", "sm90")
 
 
 def sage_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float,
-                       qk_bits: int, pv: str, smooth_k: bool, smooth_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       qk_bits: int, pv: str, smooth_k: bool, smooth_q: bool,
+                       kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized attention on ``bhsd`` tensors; returns ``(out, lse)``.
 
     ``q [B, Hq, Lq, D]``, ``k``/``v [B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` and ``D`` in ``SAGE_HEAD_DIMS``,
@@ -340,12 +345,25 @@ def sage_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_cau
     (e4m3 P and per-channel e4m3 V, two-level accumulation), "fp16" (P and V in the inputs' 16-bit dtype)
     or "fp32". ``smooth_k``/``smooth_q``: subtract K's token mean / each 32-row block's Q mean before
     quantizing (exactly compensated). ``qk_bits=0, pv="fp32"`` computes in fp64 (the exact reference mode).
-    Most callers want :func:`tersor.attention.sage_attention`.
+
+    ``kernel`` (``SAGE_KERNELS``; the op schema calls it ``cuda_kernel``, as inductor reserves ``kernel``)
+    chooses the CUDA kernel; the CPU (the twin of every kernel's numerics) checks it and ignores it. On
+    CUDA a mode without a kernel on the device raises ``NotImplementedError`` naming the modes the device
+    supports (:func:`sage_route`): ``qk_bits=0`` and ``pv="fp32"`` never have one (CPU only), INT4 has none
+    on compute capability 9.0+, FP8 P.V none before 8.9. There is no CPU fallback. Most callers want :func:`tersor.attention.sage_attention`.
     """
-    return _lib.sage_attention_fwd(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q)
+    return _lib.sage_attention_fwd(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, kernel)
 
 
-def _sage_check_fake(q, k, v, scale, qk_bits, pv):
+def sage_route(cc: int, qk_bits: int, pv: str, smooth_q: bool, kernel: str = "auto") -> str:
+    """The CUDA kernel ``sage_attention_fwd`` runs for these modes on a device of compute capability ``cc``
+    (``10 * major + minor``) in this build: ``"sm8x-mma"`` or ``"sm90a-wgmma"``. Raises ``NotImplementedError``
+    (naming what ``cc`` supports) where the call would, ``ValueError`` for a bad ``qk_bits``/``pv``/``kernel``.
+    The table itself is csrc/attention/sage_route.h."""
+    return _lib._sage_route(int(cc), int(qk_bits), pv, bool(smooth_q), kernel)
+
+
+def _sage_check_fake(q, k, v, scale, qk_bits, pv, kernel="auto"):
     op = "sage_attention_fwd"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{op}: q, k, v must be 4-d [batch, heads, seq, head_dim], got {q.dim()}-d, {k.dim()}-d, "
@@ -371,11 +389,15 @@ def _sage_check_fake(q, k, v, scale, qk_bits, pv):
     torch._check(k.shape[2] >= 1, lambda: f"{op}: needs at least one key")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"{op}: scale must be finite and positive, got {scale}")
+    if kernel not in SAGE_KERNELS:
+        raise ValueError(f"{op}: kernel must be \"auto\", \"sm8x\" or \"sm90\", got \"{kernel}\"")
 
 
 @torch.library.register_fake("tersor::sage_attention_fwd")
-def _sage_attention_fwd_fake(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q):
-    _sage_check_fake(q, k, v, scale, qk_bits, pv)
+def _sage_attention_fwd_fake(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cuda_kernel="auto"):
+    # The NotImplementedError of a mode without a CUDA kernel depends on the device's compute capability and is
+    # raised by the real kernel only.
+    _sage_check_fake(q, k, v, scale, qk_bits, pv, cuda_kernel)
     b, hq, lq, d = q.shape
     out = q.new_empty((b, hq, lq, d))
     lse = q.new_empty((b, hq, lq), dtype=torch.float32)

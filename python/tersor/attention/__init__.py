@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from collections import Counter
 from typing import Optional
 
@@ -24,10 +23,10 @@ from .. import ops
 __all__ = ["SdpaRouteStats", "pick_modes", "route_sdpa", "sage_attention", "sage_supported"]
 
 _QK_BITS = {"int8": 8, "int4": 4, "none": 0}
-# The sm80/sm89 mma.sync kernels (also built for sm90a) are compiled but have not yet run on a GPU: until a
-# GPU session has passed tests/test_attention.py's CUDA tests, route_sdpa keeps CUDA calls on SDPA and the
-# benchmark skips CUDA rows. Direct sage_attention calls on CUDA do use them (INT8 QK without Q smoothing;
-# other modes run the CPU twin on host copies, see sage_cuda_glue.cpp).
+# The CUDA kernels (mma.sync for sm80/sm89, also built for sm90a, and the sm90a wgmma kernel) are compiled
+# but have not yet run on a GPU: until a GPU session has passed tests/test_attention.py's CUDA tests,
+# route_sdpa keeps CUDA calls on SDPA and the benchmark skips CUDA rows. Direct sage_attention calls on CUDA
+# do use them; a mode without a kernel on the device raises NotImplementedError (see cuda_path_name).
 CUDA_KERNELS_READY = False
 _SDPA = F.scaled_dot_product_attention  # the original, kept even while route_sdpa patches F
 
@@ -37,27 +36,21 @@ def _has_kernel(device: torch.device) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("tersor::sage_attention_fwd", key)
 
 
-def cuda_path_name(device: torch.device, qk: str = "int8", pv: str = "fp8", smooth_q: bool = False) -> str:
-    """Names the implementation ``sage_attention_fwd`` is expected to run for these (resolved) modes on
-    ``device``, as sage_cuda_glue.cpp routes them (assuming the default arch list 8.0;8.9;9.0a was built):
-    ``"cpu-twin"``, ``"host-twin"`` (the twin on host copies), ``"sm8x-mma"`` (mma.sync kernels) or
-    ``"sm90a-wgmma"`` (INT8 + FP8 on compute capability 9.0, unless ``TERSOR_SAGE_FORCE_SM8X=1`` keeps it on
-    the sm8x kernels). For benchmark rows and tests."""
+def cuda_path_name(device: torch.device, qk: str = "int8", pv: str = "fp8", smooth_q: bool = False,
+                   kernel: str = "auto") -> str:
+    """Names the implementation ``sage_attention_fwd`` runs for these (resolved) modes on ``device``:
+    ``"cpu-twin"`` on the CPU; on CUDA what this build's routing table (csrc/attention/sage_route.h, through
+    :func:`tersor.ops.sage_route`) says for the device's compute capability and ``kernel``: ``"sm8x-mma"``
+    (mma.sync kernels) or ``"sm90a-wgmma"`` (INT8 + FP8 without Q smoothing on compute capability 9.0, unless
+    ``kernel="sm8x"``). Raises ``NotImplementedError`` where the call would (no CUDA kernel for the mode on
+    this device; the message names the supported modes). For benchmark rows and tests."""
     device = torch.device(device)
     if device.type != "cuda":
         return "cpu-twin"
-    if qk not in ("int8", "int4") or pv == "fp32":
-        return "host-twin"
-    cc = torch.cuda.get_device_capability(device)
-    if cc == (9, 0):
-        if qk == "int4":
-            return "host-twin"  # no INT4 tensor cores on Hopper
-        if pv == "fp8" and not smooth_q and os.environ.get("TERSOR_SAGE_FORCE_SM8X", "") != "1":
-            return "sm90a-wgmma"
-        return "sm8x-mma"
-    if cc[0] == 8:
-        return "host-twin" if pv == "fp8" and cc < (8, 9) else "sm8x-mma"
-    return "host-twin"
+    if qk not in _QK_BITS:
+        raise ValueError(f"sage_attention: qk must be 'int8', 'int4' or 'none', got {qk!r}")
+    major, minor = torch.cuda.get_device_capability(device)
+    return ops.sage_route(10 * major + minor, _QK_BITS[qk], pv, smooth_q, kernel)
 
 
 def pick_modes(device: torch.device, qk: str = "auto", pv: str = "auto") -> tuple[str, str]:
@@ -87,7 +80,8 @@ def _padded_head_dim(d: int) -> int:
 
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
                    scale: Optional[float] = None, layout: str = "bhsd", qk: str = "auto", pv: str = "auto",
-                   smooth_k: bool = True, smooth_q: Optional[bool] = None, return_lse: bool = False):
+                   smooth_k: bool = True, smooth_q: Optional[bool] = None, return_lse: bool = False,
+                   kernel: str = "auto"):
     """Quantized attention with SageAttention2 numerics; output like ``F.scaled_dot_product_attention``.
 
     ``q [B, Hq, Lq, D]`` and ``k``/``v [B, Hkv, Lk, D]`` (``layout="bhsd"``) or ``[B, L, H, D]``
@@ -103,6 +97,13 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     subtracts K's mean over tokens (exact for the softmax; the LSE is corrected). ``smooth_q`` defaults to
     True for INT4 only. Returns ``out`` in the layout and dtype of ``q``, and ``lse`` float32 ``[B, Hq, Lq]``
     (natural log) when ``return_lse``.
+
+    ``kernel`` chooses the CUDA kernel (ignored on the CPU, whose twin reproduces every kernel's numerics):
+    ``"auto"`` (the sm90a wgmma kernel where it applies, else the mma.sync kernels), ``"sm8x"`` (the mma.sync
+    kernels only) or ``"sm90"`` (the wgmma kernel only: compute capability 9.0, int8 + fp8, no Q smoothing).
+    On CUDA a mode without a kernel on the device raises ``NotImplementedError`` naming the supported modes
+    (:func:`cuda_path_name`): ``qk="none"`` and ``pv="fp32"`` (so the exact mode) run on the CPU only, INT4 has
+    no kernel on compute capability 9.0+ and FP8 P.V none before 8.9. There is no silent CPU fallback.
     """
     if layout not in ("bhsd", "bshd"):
         raise ValueError(f"sage_attention: layout must be 'bhsd' or 'bshd', got {layout!r}")
@@ -131,7 +132,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     if smooth_q is None:
         smooth_q = qk_bits == 4
     out, lse = ops.sage_attention_fwd(q, k, v, bool(is_causal), float(scale), qk_bits, pv_mode, bool(smooth_k),
-                                      bool(smooth_q))
+                                      bool(smooth_q), kernel)
     if dp != d:
         out = out[..., :d]
     if layout == "bshd":
