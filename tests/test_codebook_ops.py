@@ -1,5 +1,6 @@
 """The codebook ops (E8P12 / AQLM decode and linear): CPU against independent references, the CPU replay of
-the CUDA E8P GEMV's fragment code, bad inputs, and (with a GPU) CUDA against CPU."""
+the CUDA E8P GEMV's fragment code (tersor._C_testing), bad inputs, the CUDA routing table for every compute
+capability, and (with a GPU) CUDA against CPU."""
 
 import hashlib
 
@@ -12,7 +13,14 @@ from tersor.quant import quipsharp
 from tersor.quant.e8p12 import e8p12_decode
 
 cuda = pytest.mark.cuda
-lib = torch.ops.tersor
+needs_testing_ext = pytest.mark.testing_ext
+
+
+def _testing_lib():
+    """torch.ops.tersor_testing with tersor's error types (tests marked testing_ext only)."""
+    import tersor._testing
+
+    return tersor._testing.lib
 
 QUIPSHARP_PACKED_ABS_SHA256 = "efc2c03c60acd955dc812ff2bade9ec6cc31259807e48473506161f3a9a230ce"
 
@@ -40,8 +48,9 @@ def reference_w_hat(qidxs, n, resid_scale=None):
 # ----------------------------------------------------------------------------------------------- E8P
 
 
+@needs_testing_ext
 def test_packed_abs_table_is_quipsharps():
-    t = lib._e8p_packed_abs_table()
+    t = torch.ops.tersor_testing._e8p_packed_abs_table()
     assert t.dtype == torch.int32 and t.shape == (256,)
     assert hashlib.sha256(t.numpy().astype("<i4").tobytes()).hexdigest() == QUIPSHARP_PACKED_ABS_SHA256
 
@@ -95,6 +104,7 @@ def test_e8p_linear_leading_dims_and_dtypes():
     assert ops.e8p_linear(torch.randn(0, 128), q, 128).shape == (0, 32)
 
 
+@needs_testing_ext
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("m,n,batch", [(16, 64, 1), (32, 192, 3), (48, 640, 8), (64, 1024, 5)])
 def test_cuda_gemv_replay_matches_reference(bits, m, n, batch):
@@ -102,16 +112,17 @@ def test_cuda_gemv_replay_matches_reference(bits, m, n, batch):
     # C back to rows) and warp split, replayed on the CPU: any layout slip gives a wrong product.
     q = random_qidxs(m, n, bits, seed=m + n + bits)
     x = torch.randn(batch, n)
-    got = lib._e8p_emulate_cuda_linear(x, q, n)
+    got = torch.ops.tersor_testing._e8p_emulate_cuda_linear(x, q, n)
     w = reference_w_hat(q, n).double()
     ref = x.half().double() @ w.t()  # the kernel multiplies fp16 x
     bound = 4 * n * 2.0**-24 * (x.half().double().abs() @ w.abs().t())
     assert ((got.double() - ref).abs() <= bound + 1e-30).all()
 
 
+@needs_testing_ext
 def test_cuda_gemv_replay_rejects_big_batch():
     with pytest.raises(ValueError, match=r"x must be \[1\.\.8"):
-        lib._e8p_emulate_cuda_linear(torch.randn(9, 64), random_qidxs(16, 64, 2), 64)
+        _testing_lib()._e8p_emulate_cuda_linear(torch.randn(9, 64), random_qidxs(16, 64, 2), 64)
 
 
 @pytest.mark.parametrize(
@@ -232,6 +243,74 @@ def test_aqlm_bad_inputs():
         ops.aqlm_linear(torch.randn(2, 64), codes, cb, sc, torch.randn(3))
 
 
+def test_direct_torch_ops_call_states_the_error_kind():
+    # Through the stable ABI a direct torch.ops call raises RuntimeError; its message starts with the Python
+    # type the check means (tersor.ops.lib re-raises it as that type).
+    with pytest.raises(RuntimeError) as e:
+        torch.ops.tersor.e8p_decode(torch.zeros(16, 5, dtype=torch.int64), 64)
+    assert str(e.value).startswith("ValueError: e8p_decode: Qidxs has 5 words per row")
+    codes, cb, sc = aqlm_random(16, 64, 2, 8)
+    with pytest.raises(RuntimeError) as e:
+        torch.ops.tersor.aqlm_linear(torch.randn(2, 32), codes, cb, sc)
+    assert str(e.value).startswith("ValueError: aqlm_linear: x must be [..., 64]")
+    with pytest.raises(RuntimeError) as e:
+        torch.ops.tersor.aqlm_decode(codes.int(), cb, sc)
+    assert str(e.value).startswith("TypeError: aqlm_decode: codes must be int8")
+
+
+# ------------------------------------------------------------------------------------- CUDA routing
+
+ROUTE_CCS = [80, 86, 89, 90, 100, 120]
+
+
+@pytest.mark.parametrize("cc", ROUTE_CCS)
+def test_codebook_route_every_arch(cc):
+    # The glue's one routing function, asked on the CPU: the fused GEMVs for <= 8 rows of x, decode + a
+    # cuBLAS matmul beyond, the same on every architecture the kernels support.
+    route = ops.codebook_cuda_path
+    assert route("e8p_decode", cc) == "e8p_decode"
+    assert route("aqlm_decode", cc) == "aqlm_decode"
+    for rows in (1, 2, 5, 8):
+        assert route("e8p_linear", cc, rows) == "e8p_gemv_mma"
+        assert route("aqlm_linear", cc, rows, 2 * 256) == "aqlm_gemv_smem"  # 2x8: 16 KiB of fp32 codebooks
+        assert route("aqlm_linear", cc, rows, 1024) == "aqlm_gemv_smem"
+        assert route("aqlm_linear", cc, rows, 1025) == "aqlm_gemv_l2"
+        assert route("aqlm_linear", cc, rows, 1 << 16) == "aqlm_gemv_l2"  # 1x16: 2 MiB, through L2
+    for rows in (9, 16, 64, 4096):
+        assert route("e8p_linear", cc, rows) == "e8p_decode+mm_fp32out"
+        assert route("aqlm_linear", cc, rows, 2 * 256) == "aqlm_decode+linear"
+        assert route("aqlm_linear", cc, rows, 1 << 16) == "aqlm_decode+linear"
+    assert route("e8p_linear", cc, 0) == "empty"
+    assert route("aqlm_linear", cc, 0, 512) == "empty"
+
+
+@pytest.mark.parametrize("cc", [50, 61, 70, 75])
+@pytest.mark.parametrize("op", ["e8p_decode", "e8p_linear", "aqlm_decode", "aqlm_linear"])
+def test_codebook_route_pre_ampere_not_implemented(cc, op):
+    # No codebook kernel exists below sm80 (mma.sync m16n8k16): NotImplementedError, never a host fallback.
+    with pytest.raises(NotImplementedError, match=rf"{op}: no CUDA kernel for compute capability "
+                                                  rf"{cc // 10}\.{cc % 10}.*8\.0 or newer"):
+        ops.codebook_cuda_path(op, cc, 1, 512)
+    with pytest.raises(RuntimeError, match=r"^NotImplementedError: "):
+        torch.ops.tersor._codebook_route(op, cc, 1, 512)
+
+
+def test_codebook_route_bad_arguments():
+    with pytest.raises(ValueError, match="unknown op 'e8p_gemm'"):
+        ops.codebook_cuda_path("e8p_gemm", 90)
+    with pytest.raises(ValueError, match="rows must be >= 0"):
+        ops.codebook_cuda_path("e8p_linear", 90, -1)
+    with pytest.raises(ValueError, match="cc must be"):
+        ops.codebook_cuda_path("e8p_linear", 9)
+
+
+@cuda
+def test_cuda_route_of_this_device():
+    dev = torch.device("cuda")
+    major, minor = torch.cuda.get_device_capability(dev)
+    assert ops.codebook_cuda_path("e8p_linear", dev, 1) == ops.codebook_cuda_path("e8p_linear", 10 * major + minor, 1)
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 
 
@@ -244,13 +323,14 @@ def test_cuda_e8p_decode_bit_exact(bits, dtype):
 
 
 @cuda
+@needs_testing_ext
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("m,n,batch", [(16, 64, 1), (48, 640, 3), (256, 1024, 8), (128, 4096, 1)])
 def test_cuda_e8p_linear_vs_replay(bits, m, n, batch):
     q = random_qidxs(m, n, bits, seed=n + batch)
     x = torch.randn(batch, n)
     got = ops.e8p_linear(x.cuda(), q.cuda(), n).cpu()
-    replay = lib._e8p_emulate_cuda_linear(x, q, n)
+    replay = torch.ops.tersor_testing._e8p_emulate_cuda_linear(x, q, n)
     w = reference_w_hat(q, n).double()
     bound = 4 * n * 2.0**-24 * (x.half().double().abs() @ w.abs().t())
     assert ((got.double() - replay.double()).abs() <= 2 * bound + 1e-30).all()

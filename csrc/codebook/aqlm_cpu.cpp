@@ -4,12 +4,6 @@
 // Numerics (both devices): a group's 8 weights are (sum over codebooks c = 0.. of codebook[c][index_c])
 // in fp32, in that order, times the row's scale in fp32; decode rounds that once to the output dtype.
 // AQLM's own PyTorch dequantization rounds in the codebooks' dtype after each step; docs/ops.md.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/linear.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstring>
 #include <optional>
@@ -23,11 +17,12 @@ namespace {
 
 // The codebooks as fp32 [C, entries, 8] and the scales as fp32 [out].
 struct AQLMHostTensors {
-  at::Tensor codes, codebooks, scales;
+  Tensor codes, codebooks, scales;
 };
 
-AQLMHostTensors host_tensors(const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales) {
-  return {codes.contiguous(), codebooks.to(at::kFloat).contiguous(), scales.to(at::kFloat).reshape({-1}).contiguous()};
+AQLMHostTensors host_tensors(const Tensor& codes, const Tensor& codebooks, const Tensor& scales) {
+  return {contiguous(codes), contiguous(torch::stable::to(codebooks, ScalarType::Float)),
+          contiguous(torch::stable::reshape(torch::stable::to(scales, ScalarType::Float), {-1}))};
 }
 
 template <typename CodeT>
@@ -43,13 +38,13 @@ void decode_rows(const AQLMCall& c, const CodeT* codes, const float* cb, const f
   }
 }
 
-at::Tensor decode_fp32(const AQLMCall& c, const AQLMHostTensors& t) {
-  at::Tensor out = at::empty({c.out, c.in}, t.codebooks.options());
+Tensor decode_fp32(const AQLMCall& c, const AQLMHostTensors& t) {
+  Tensor out = empty({c.out, c.in}, ScalarType::Float, t.codebooks.device());
   const float* cb = t.codebooks.const_data_ptr<float>();
   const float* sc = t.scales.const_data_ptr<float>();
   float* o = out.mutable_data_ptr<float>();
-  at::parallel_for(0, c.out, 16, [&](int64_t b, int64_t e) {
-    if (t.codes.scalar_type() == at::kChar)
+  torch::stable::parallel_for(0, c.out, 16, [&](int64_t b, int64_t e) {
+    if (t.codes.scalar_type() == ScalarType::Char)
       decode_rows(c, t.codes.const_data_ptr<int8_t>(), cb, sc, b, e, o);
     else
       decode_rows(c, t.codes.const_data_ptr<int16_t>(), cb, sc, b, e, o);
@@ -57,12 +52,12 @@ at::Tensor decode_fp32(const AQLMCall& c, const AQLMHostTensors& t) {
   return out;
 }
 
-at::Tensor aqlm_decode_cpu(const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales,
-                           std::optional<c10::ScalarType> dtype) {
+Tensor aqlm_decode_cpu(const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
+                       std::optional<ScalarType> dtype) {
   const AQLMCall c = check_aqlm_call(codes, codebooks, scales, "aqlm_decode");
-  const c10::ScalarType out_t = decode_dtype(dtype, codebooks.scalar_type(), "aqlm_decode");
-  const at::Tensor w = decode_fp32(c, host_tensors(codes, codebooks, scales));
-  return out_t == at::kFloat ? w : w.to(out_t);
+  const ScalarType out_t = decode_dtype(dtype, codebooks.scalar_type(), "aqlm_decode");
+  const Tensor w = decode_fp32(c, host_tensors(codes, codebooks, scales));
+  return out_t == ScalarType::Float ? w : torch::stable::to(w, out_t);
 }
 
 // ---- GEMV kernels ----
@@ -262,8 +257,9 @@ void gemv_default(const GemvArgs& a, const void* codes, int64_t ob, int64_t oe) 
 void gemv(const GemvArgs& a, const void* codes) {
   // Each thread takes one contiguous range of outputs (and builds its own tables), so that every lookup
   // table is built as few times as possible.
-  const int64_t grain = std::max<int64_t>(64, a.c->out / std::max<int64_t>(1, at::get_num_threads()));
-  at::parallel_for(0, a.c->out, grain, [&](int64_t ob, int64_t oe) {
+  const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
+  const int64_t grain = std::max<int64_t>(64, a.c->out / std::max<int64_t>(1, threads));
+  torch::stable::parallel_for(0, a.c->out, grain, [&](int64_t ob, int64_t oe) {
 #if defined(__x86_64__) || defined(_M_X64)
     if (cpu_has_avx2_fma()) return gemv_avx2(a, codes, ob, oe);
 #endif
@@ -273,23 +269,25 @@ void gemv(const GemvArgs& a, const void* codes) {
 
 constexpr int64_t kGemvMaxBatch = 16;
 
-at::Tensor aqlm_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
-                           const at::Tensor& scales, const std::optional<at::Tensor>& bias) {
+Tensor aqlm_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
+                       const std::optional<Tensor>& bias) {
   constexpr const char* op = "aqlm_linear";
   const AQLMCall c = check_aqlm_call(codes, codebooks, scales, op);
   const std::vector<int64_t> out_shape = check_linear_inputs(x, bias, codes, c.in, c.out, op);
-  const at::Tensor xf = x.reshape({-1, c.in}).to(at::kFloat).contiguous();
+  const Tensor xf = contiguous(torch::stable::to(torch::stable::reshape(x, {-1, c.in}), ScalarType::Float));
   const int64_t B = xf.size(0);
   const AQLMHostTensors t = host_tensors(codes, codebooks, scales);
-  std::optional<at::Tensor> bias_f;
-  if (bias) bias_f = bias->to(at::kFloat);
-  at::Tensor y;
+  std::optional<Tensor> bias_f;
+  if (bias) bias_f = torch::stable::to(*bias, ScalarType::Float);
+  Tensor y;
   if (B > kGemvMaxBatch) {
-    y = at::linear(xf, decode_fp32(c, t), bias_f);
+    y = linear(xf, decode_fp32(c, t), bias_f);
   } else {
-    y = at::empty({B, c.out}, xf.options());
-    at::Tensor cbT;  // lookup tables are built over entries: the codebooks transposed to [C, 8, entries]
-    if (c.nbits <= 8) cbT = t.codebooks.reshape({c.num_codebooks, -1, 8}).transpose(1, 2).contiguous();
+    y = empty({B, c.out}, ScalarType::Float, xf.device());
+    Tensor cbT;  // lookup tables are built over entries: the codebooks transposed to [C, 8, entries]
+    if (c.nbits <= 8) {
+      cbT = contiguous(torch::stable::transpose(torch::stable::reshape(t.codebooks, {c.num_codebooks, -1, 8}), 1, 2));
+    }
     const GemvArgs a{&c,
                      t.codebooks.const_data_ptr<float>(),
                      c.nbits <= 8 ? cbT.const_data_ptr<float>() : nullptr,
@@ -298,16 +296,22 @@ at::Tensor aqlm_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const a
                      B,
                      y.mutable_data_ptr<float>()};
     gemv(a, t.codes.const_data_ptr());
-    if (bias_f) y.add_(*bias_f);
+    if (bias_f) {  // y += bias (fp32), as aten::add_ of the fp32 bias does
+      const Tensor bc = contiguous(*bias_f);
+      const float* bp = bc.const_data_ptr<float>();
+      float* yp = y.mutable_data_ptr<float>();
+      for (int64_t r = 0; r < B; ++r)
+        for (int64_t o = 0; o < c.out; ++o) yp[r * c.out + o] += bp[o];
+    }
   }
-  return y.to(x.scalar_type()).reshape(out_shape);
+  return torch::stable::reshape(torch::stable::to(y, x.scalar_type()), out_shape);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) {
-  m.impl("aqlm_decode", &aqlm_decode_cpu);
-  m.impl("aqlm_linear", &aqlm_linear_cpu);
+STABLE_TORCH_LIBRARY_IMPL(tersor, CPU, m) {
+  m.impl("aqlm_decode", TORCH_BOX(&aqlm_decode_cpu));
+  m.impl("aqlm_linear", TORCH_BOX(&aqlm_linear_cpu));
 }
 
 }  // namespace tersor::codebook

@@ -104,7 +104,7 @@ template <typename CodeT, typename XT>
 cudaError_t gemv_for(const AQLMKernelArgs& a, const XT* x, int batch, const float* bias, XT* y, cudaStream_t stream) {
   const int64_t entries = (int64_t{1} << a.nbits) * a.num_codebooks;
   const dim3 grid(static_cast<unsigned>((a.out + AQLMGemvTraits::kWarps - 1) / AQLMGemvTraits::kWarps));
-  if (entries <= AQLMGemvTraits::kSmemMaxEntries) {
+  if (aqlm_gemv_uses_smem(entries)) {
     const size_t smem = static_cast<size_t>(entries) * 8 * sizeof(float);
     aqlm_gemv_kernel<CodeT, XT, true><<<grid, AQLMGemvTraits::kThreads, smem, stream>>>(a, x, batch, bias, y);
   } else {

@@ -32,6 +32,10 @@ struct AQLMGemvTraits {
   static constexpr int64_t kSmemMaxEntries = 1024;
 };
 
+// Whether the AQLM GEMV stages the codebooks (`entries` rows of 8 in total over all codebooks) in shared
+// memory: the launcher's choice, and the route name _codebook_route reports (codebook_route.h).
+constexpr bool aqlm_gemv_uses_smem(int64_t entries) { return entries <= AQLMGemvTraits::kSmemMaxEntries; }
+
 struct AQLMDecodeTraits {
   static constexpr int kThreads = 256;  // one 8-weight group per thread
 };

@@ -1,12 +1,5 @@
 // CPU implementation of the E8P12 (QuIP#) ops: the packed table, decode, and the lookup GEMV that is
 // both the CPU fallback and the reference the CUDA kernels are judged against.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/matmul.h>
-#include <ATen/ops/div.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -53,25 +46,19 @@ void e8p_decode_rows(const E8PCall& c, const int64_t* q, int64_t I, float* out) 
   }
 }
 
-at::Tensor e8p_packed_abs_table() {
-  at::Tensor t = at::empty({256}, at::TensorOptions().dtype(at::kInt));
-  std::memcpy(t.mutable_data_ptr<int32_t>(), kE8PTables.packed_abs, sizeof kE8PTables.packed_abs);
-  return t;
-}
-
-at::Tensor e8p_decode_cpu(const at::Tensor& qidxs, int64_t in_features, std::optional<double> resid_scale,
-                          std::optional<c10::ScalarType> dtype) {
+Tensor e8p_decode_cpu(const Tensor& qidxs, int64_t in_features, std::optional<double> resid_scale,
+                      std::optional<ScalarType> dtype) {
   constexpr const char* op = "e8p_decode";
   const E8PCall c = check_e8p_call(qidxs, in_features, resid_scale, op);
-  const c10::ScalarType out_t = decode_dtype(dtype, at::kFloat, op);
-  const at::Tensor q = qidxs.contiguous();
-  at::Tensor out = at::empty({c.m, c.n}, q.options().dtype(at::kFloat));
+  const ScalarType out_t = decode_dtype(dtype, ScalarType::Float, op);
+  const Tensor q = contiguous(qidxs);
+  Tensor out = empty({c.m, c.n}, ScalarType::Float, q.device());
   const int64_t* qp = q.const_data_ptr<int64_t>();
   float* op_ = out.mutable_data_ptr<float>();
-  at::parallel_for(0, c.m / 16, 1, [&](int64_t b, int64_t e) {
+  torch::stable::parallel_for(0, c.m / 16, 1, [&](int64_t b, int64_t e) {
     for (int64_t I = b; I < e; ++I) e8p_decode_rows(c, qp, I, op_);
   });
-  return out_t == at::kFloat ? out : out.to(out_t);
+  return out_t == ScalarType::Float ? out : torch::stable::to(out, out_t);
 }
 
 // ---------------------------------------------------------------- lookup GEMV
@@ -411,7 +398,7 @@ template <int kBits>
 TERSOR_AVX2 void gemv_avx2(const Avx2Gemv& a, int64_t B) {
   const SlotDecoder d;
   // Rows of x are taken 4 at a time (2 weight rows x 4 = 8 accumulators), the rest at once.
-  at::parallel_for(0, a.m / 2, 4, [&](int64_t pb, int64_t pe) {
+  torch::stable::parallel_for(0, a.m / 2, 4, [&](int64_t pb, int64_t pe) {
     for (int64_t p = pb; p < pe; ++p) {
       const int64_t I = p / 8;
       const int g = static_cast<int>(p % 8);
@@ -487,20 +474,20 @@ bool cpu_has_avx2_fma() {
 }
 #endif
 
-at::Tensor e8p_linear_cpu(const at::Tensor& x, const at::Tensor& qidxs, int64_t in_features,
-                          std::optional<double> resid_scale) {
+Tensor e8p_linear_cpu(const Tensor& x, const Tensor& qidxs, int64_t in_features, std::optional<double> resid_scale) {
   constexpr const char* op = "e8p_linear";
   const E8PCall c = check_e8p_call(qidxs, in_features, resid_scale, op);
   const std::vector<int64_t> out_shape = check_linear_inputs(x, std::nullopt, qidxs, c.n, c.m, op);
-  const at::Tensor xf = x.reshape({-1, c.n}).to(at::kFloat).contiguous();
+  const Tensor xf = contiguous(torch::stable::to(torch::stable::reshape(x, {-1, c.n}), ScalarType::Float));
   const int64_t B = xf.size(0);
-  if (B == 0) return at::empty(out_shape, x.options().dtype(at::kFloat));
+  if (B == 0) return empty(out_shape, ScalarType::Float, x.device());
   if (B > kLutBatch) {
     // Decoding once and a BLAS matmul win when the weight is reused by many rows.
-    return at::matmul(xf, e8p_decode_cpu(qidxs, in_features, resid_scale, at::kFloat).t()).reshape(out_shape);
+    const Tensor w = e8p_decode_cpu(qidxs, in_features, resid_scale, ScalarType::Float);
+    return torch::stable::reshape(torch::stable::matmul(xf, torch::stable::transpose(w, 0, 1)), out_shape);
   }
-  const at::Tensor q = qidxs.contiguous();
-  at::Tensor z = at::empty({B, c.m}, xf.options());
+  const Tensor q = contiguous(qidxs);
+  Tensor z = empty({B, c.m}, ScalarType::Float, xf.device());
 #if TERSOR_X86
   if (cpu_has_avx2_fma()) {
     Avx2Gemv a{};
@@ -517,14 +504,20 @@ at::Tensor e8p_linear_cpu(const at::Tensor& x, const at::Tensor& qidxs, int64_t 
       case 3: gemv_avx2<3>(a, B); break;
       default: gemv_avx2<4>(a, B); break;
     }
-    return z.reshape(out_shape);
+    return torch::stable::reshape(z, out_shape);
   }
 #endif
-  at::Tensor x2;
-  if (c.bits > 2) x2 = at::div(xf, static_cast<double>(c.resid_scale)).contiguous();
-  GemvArgs a{&c, q.const_data_ptr<int64_t>(), xf.const_data_ptr<float>(),
-             c.bits > 2 ? x2.const_data_ptr<float>() : nullptr, B, z.mutable_data_ptr<float>()};
-  at::parallel_for(0, c.m / 2, 4, [&](int64_t pb, int64_t pe) {
+  // x / resid_scale (RVQ stage 2): float32 x divided by the fp32 scale, as aten::div by a Python float does.
+  std::vector<float> x2;
+  if (c.bits > 2) {
+    const float* xp = xf.const_data_ptr<float>();
+    const float rs = c.resid_scale;
+    x2.resize(static_cast<size_t>(B * c.n));
+    for (size_t i = 0; i < x2.size(); ++i) x2[i] = xp[i] / rs;
+  }
+  GemvArgs a{&c, q.const_data_ptr<int64_t>(), xf.const_data_ptr<float>(), c.bits > 2 ? x2.data() : nullptr, B,
+             z.mutable_data_ptr<float>()};
+  torch::stable::parallel_for(0, c.m / 2, 4, [&](int64_t pb, int64_t pe) {
     for (int64_t p = pb; p < pe; ++p) {
       const int64_t I = p / 8;
       const int g = static_cast<int>(p % 8);
@@ -538,16 +531,14 @@ at::Tensor e8p_linear_cpu(const at::Tensor& x, const at::Tensor& qidxs, int64_t 
       }
     }
   });
-  return z.reshape(out_shape);
+  return torch::stable::reshape(z, out_shape);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) {
-  m.impl("e8p_decode", &e8p_decode_cpu);
-  m.impl("e8p_linear", &e8p_linear_cpu);
+STABLE_TORCH_LIBRARY_IMPL(tersor, CPU, m) {
+  m.impl("e8p_decode", TORCH_BOX(&e8p_decode_cpu));
+  m.impl("e8p_linear", TORCH_BOX(&e8p_linear_cpu));
 }
-
-TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) { m.impl("_e8p_packed_abs_table", &e8p_packed_abs_table); }
 
 }  // namespace tersor::codebook

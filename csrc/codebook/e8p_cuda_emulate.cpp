@@ -3,13 +3,7 @@
 // e8p_format.h functions the kernel calls, assembles each MMA's A and B tiles from the lanes'
 // registers by the PTX fragment rules of mma.m16n8k16, multiplies them in fp32, and reduces the warps
 // in the kernel's order. (The hardware's summation order inside one MMA is unspecified, so the
-// kernel agrees with this replay to fp32 rounding, not bitwise.)
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
+// kernel agrees with this replay to fp32 rounding, not bitwise.) Also the test-only _e8p_packed_abs_table.
 #include <cstring>
 #include <optional>
 
@@ -22,7 +16,7 @@ namespace tersor::codebook {
 namespace {
 
 float half_bits_to_float(uint32_t bits16) {
-  return static_cast<float>(c10::Half(static_cast<uint16_t>(bits16), c10::Half::from_bits()));
+  return static_cast<float>(Half(static_cast<uint16_t>(bits16), Half::from_bits()));
 }
 float half2_lo(uint32_t h2) { return half_bits_to_float(h2 & 0xffffu); }
 float half2_hi(uint32_t h2) { return half_bits_to_float(h2 >> 16); }
@@ -53,20 +47,27 @@ void scatter_a(float a[16][16], int g, int q, const uint32_t regs[4], const uint
   }
 }
 
-at::Tensor emulate_cuda_linear(const at::Tensor& x, const at::Tensor& qidxs, int64_t in_features,
-                               std::optional<double> resid_scale) {
+// QuIP#'s packed abs table as the kernels use it (int32[256]).
+Tensor e8p_packed_abs_table() {
+  Tensor t = empty({256}, ScalarType::Int, Device(DeviceType::CPU));
+  std::memcpy(t.mutable_data_ptr<int32_t>(), kE8PTables.packed_abs, sizeof kE8PTables.packed_abs);
+  return t;
+}
+
+Tensor emulate_cuda_linear(const Tensor& x, const Tensor& qidxs, int64_t in_features,
+                           std::optional<double> resid_scale) {
   constexpr const char* op = "_e8p_emulate_cuda_linear";
   const E8PCall c = check_e8p_call(qidxs, in_features, resid_scale, op);
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == c.n && x.size(0) >= 1 && x.size(0) <= Traits::kMaxBatch, op,
-                    ": x must be [1..", Traits::kMaxBatch, ", ", c.n, "], got ", x.sizes());
+  TERSOR_CHECK_VALUE(x.dim() == 2 && x.size(1) == c.n && x.size(0) >= 1 && x.size(0) <= Traits::kMaxBatch, op,
+                     ": x must be [1..", Traits::kMaxBatch, ", ", c.n, "], got ", shape_str(x));
   // The kernel multiplies fp16 x (the glue rounds x to fp16 first).
-  const at::Tensor x16 = x.to(at::kHalf).contiguous();
-  const at::Tensor q = qidxs.contiguous();
+  const Tensor x16 = contiguous(torch::stable::to(x, ScalarType::Half));
+  const Tensor q = contiguous(qidxs);
   const int64_t B = x.size(0), n = c.n, m = c.m;
-  const c10::Half* xh = x16.const_data_ptr<c10::Half>();
+  const Half* xh = x16.const_data_ptr<Half>();
   const int64_t* qp = q.const_data_ptr<int64_t>();
   const uint8_t* qbytes = reinterpret_cast<const uint8_t*>(qp);
-  at::Tensor out = at::empty({B, m}, x.options().dtype(at::kFloat));
+  Tensor out = empty({B, m}, ScalarType::Float, x.device());
   float* outp = out.mutable_data_ptr<float>();
   auto x_half2 = [&](int64_t b, int64_t col) -> uint32_t {  // the 32-bit word (x[col], x[col+1]) of row b
     if (b >= B) return 0u;  // the kernel loads zeros for rows of x past B
@@ -75,7 +76,7 @@ at::Tensor emulate_cuda_linear(const at::Tensor& x, const at::Tensor& qidxs, int
     return w;
   };
 
-  at::parallel_for(0, m / 16, 1, [&](int64_t ib, int64_t ie) {
+  torch::stable::parallel_for(0, m / 16, 1, [&](int64_t ib, int64_t ie) {
     for (int64_t I = ib; I < ie; ++I) {
       float partial[Traits::kWarps][16][8];
       for (int w = 0; w < Traits::kWarps; ++w) {
@@ -140,6 +141,13 @@ at::Tensor emulate_cuda_linear(const at::Tensor& x, const at::Tensor& qidxs, int
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) { m.impl("_e8p_emulate_cuda_linear", &emulate_cuda_linear); }
+STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CPU, m) {
+  m.impl("_e8p_emulate_cuda_linear", TORCH_BOX(&emulate_cuda_linear));
+}
+
+// Tensor-free: no backend to dispatch on, so it registers for every key.
+STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CompositeExplicitAutograd, m) {
+  m.impl("_e8p_packed_abs_table", TORCH_BOX(&e8p_packed_abs_table));
+}
 
 }  // namespace tersor::codebook

@@ -211,6 +211,20 @@ def _aqlm_linear_fake(x, codes, codebooks, scales, bias=None):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
+def codebook_cuda_path(op: str, device_or_cc, rows: int = 1, codebook_entries: int = 0) -> str:
+    """The CUDA kernel path ``op`` (``"e8p_decode"``, ``"e8p_linear"``, ``"aqlm_decode"``, ``"aqlm_linear"``)
+    takes for ``rows`` rows of x (AQLM: ``codebook_entries`` = num_codebooks * 2^nbits) on a CUDA device or a
+    compute capability ``10 * major + minor``: the glue's own routing function (``_codebook_route``), e.g.
+    ``"e8p_gemv_mma"`` or ``"aqlm_decode+linear"``. NotImplementedError where that architecture has no
+    codebook kernel (compute capability < 8.0)."""
+    if isinstance(device_or_cc, int):
+        cc = device_or_cc
+    else:
+        major, minor = torch.cuda.get_device_capability(torch.device(device_or_cc))
+        cc = 10 * major + minor
+    return _lib._codebook_route(op, cc, rows, codebook_entries)
+
+
 # ---------------------------------------------------------------------------------------------------
 # 2:4 semi-structured sparsity (format v1, docs/formats.md; user API: tersor.sparse, tersor.nn.SparseLinear)
 
