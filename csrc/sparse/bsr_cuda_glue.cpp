@@ -27,7 +27,7 @@ Tensor aligned16(const Tensor& t) {
 // stream), so the only sound check is one that reads the indices as they are now:
 //
 //  * Every call outside CUDA-graph capture copies crow_indices, col_indices and schedule to the host (one
-//    stream sync; the index arrays are ~1/(2 bs^2) of the weight's bytes) and runs the full _bsr_check rules
+//    stream sync; col_indices is 2/bs^2 of the 16-bit weight's bytes) and runs the full _bsr_check rules
 //    on them (check_bsr_indices_cpu + check_bsr_schedule_cpu) before anything is launched. A bad index, a
 //    fresh bad tensor or one modified in place since an earlier call is a ValueError, never a kernel read.
 //  * A CUDA-graph capture cannot read device memory (no sync is allowed), and a graph replays whatever the
@@ -35,7 +35,9 @@ Tensor aligned16(const Tensor& t) {
 //    accepts only index tensors that are, by identity (device, data pointers, element counts), among the
 //    last kCapacity sets that passed the full check on an uncaptured call; otherwise it refuses to capture
 //    (call the op once before capturing: graph warm-up does). Their contents at capture time are the
-//    caller's responsibility, as for every input of a captured graph.
+//    caller's responsibility, as for every input of a captured graph. (Identity is weaker than the old weak
+//    reference: index tensors freed and replaced by others at the same addresses and sizes between the
+//    warm-up and the capture would pass. Outside capture nothing is trusted.)
 //
 // The float32 path needs each block's linear position (row * Kb + col) on the device; it is computed on the
 // host from the copies made for the check and kept with the identity entry for captures.
@@ -111,25 +113,21 @@ class BsrIndexCheck {
     return torch::stable::to(pos, device);
   }
 
+  // entries_ runs from the least to the most recently checked set, each key at most once.
   void forget(const Key& key) {
     const std::lock_guard<std::mutex> lock(mu_);
-    for (Entry& e : entries_)
-      if (e.key == key) e = Entry{};  // device -1 matches no tensor
+    std::erase_if(entries_, [&](const Entry& e) { return e.key == key; });
   }
 
   void remember(Entry e) {
     const std::lock_guard<std::mutex> lock(mu_);
-    if (entries_.size() < kCapacity) {
-      entries_.push_back(std::move(e));
-    } else {
-      entries_[next_] = std::move(e);
-      next_ = (next_ + 1) % kCapacity;
-    }
+    std::erase_if(entries_, [&](const Entry& old) { return old.key == e.key; });
+    if (entries_.size() >= kCapacity) entries_.erase(entries_.begin());
+    entries_.push_back(std::move(e));
   }
 
   std::mutex mu_;
   std::vector<Entry> entries_;
-  size_t next_ = 0;
 };
 
 // The dense [out_features, in_features] weight: blocks scattered to their (row, col) positions.
