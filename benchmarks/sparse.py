@@ -16,13 +16,12 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from tersor import ops
 from tersor.bench import Result, register, time_fn
 from tersor.sparse import compress_2_4, prune_2_4
+from tersor.sparse.semi_structured import cuda_path_2_4
 
 
 def _semi_structured_ms(w, x, ctx):
@@ -37,14 +36,12 @@ def _semi_structured_ms(w, x, ctx):
         return None, f"{type(e).__name__}: {str(e)[:120]}"
 
 
+_KERNEL_NAMES = {"gemv": "mma.sp GEMV", "gemm": "mma.sp cp.async GEMM", "sm90": "wgmma.sp sm90a GEMM"}
+
+
 def _cuda_path(rows: int) -> str:
-    """The kernel sparse24_linear runs for this many rows of x (the rule in sparse24_cuda_glue.cpp)."""
-    if rows <= 16:
-        return "mma.sp GEMV"
-    archs = ops.build_info().get("cuda_archs", "").split(",")
-    if rows >= 128 and torch.cuda.get_device_capability() == (9, 0) and any(a.startswith("90") for a in archs):
-        return "wgmma.sp sm90a GEMM"
-    return "mma.sp cp.async GEMM"
+    """The kernel sparse24_linear runs for this many rows of x, as the op's routing table says."""
+    return _KERNEL_NAMES[cuda_path_2_4(rows)]
 
 
 def _speed(ctx) -> list[Result]:
@@ -71,11 +68,7 @@ def _speed(ctx) -> list[Result]:
                      ("direct sparse loop" if b <= 16 else "decompress + fp32 GEMM")}
             if ctx.is_cuda and extra["path"].startswith("wgmma.sp"):
                 # The sm80 mma.sp GEMM on the same shape, for the Hopper kernel's gain over it.
-                os.environ["TERSOR_SPARSE24_PATH"] = "gemm"
-                try:
-                    extra["mma_sp_gemm_ms"] = time_fn(lambda: ops.sparse24_linear(x, p.values, p.meta), ctx)
-                finally:
-                    del os.environ["TERSOR_SPARSE24_PATH"]
+                extra["mma_sp_gemm_ms"] = time_fn(lambda: ops.sparse24_linear(x, p.values, p.meta, path="gemm"), ctx)
             if ctx.is_cuda:
                 extra["achieved_GBps"] = p.nbytes() / t / 1e6
                 ms, name = _semi_structured_ms(w, x, ctx)

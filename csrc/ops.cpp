@@ -98,8 +98,15 @@ STABLE_TORCH_LIBRARY(tersor, m) {
   // The dense weight [M, K] (values' dtype, zeros at pruned positions); bit-exact on CPU and CUDA.
   m.def("sparse24_decompress(Tensor values, Tensor meta) -> Tensor");
   // y = x @ W^T (+ bias) for x [..., K] of the weight's dtype; fp32 accumulation, rounded once.
-  // CUDA: mma.sp GEMV for <= 16 rows of x, the tiled cp.async mma.sp GEMM beyond.
-  m.def("sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
+  // CUDA: mma.sp GEMV for <= 16 rows of x, the tiled cp.async mma.sp GEMM beyond (the sm90a wgmma.sp GEMM
+  // from 128 rows on compute capability 9.0). path = auto | gemv | gemm | sm90 forces one CUDA kernel
+  // (NotImplementedError where it cannot run); the CPU checks it and computes the same product. (Not named
+  // `kernel`: inductor's fallback lowering passes the op as FallbackKernel.create's `kernel` argument.)
+  m.def("sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None, str path=\"auto\") -> Tensor");
+  // The CUDA kernel ("gemv", "gemm" or "sm90") sparse24_linear runs for `rows` rows of x and `path` on a
+  // device of compute capability cc (10 * major + minor); has_sm90_cubin defaults to this build's. Raises as
+  // sparse24_linear would (ValueError, NotImplementedError naming what that architecture supports).
+  m.def("_sparse24_route(int cc, int rows, str path=\"auto\", bool? has_sm90_cubin=None) -> str");
   // ---- block-sparse: BSR weights (csrc/sparse; format: docs/formats.md, BSR v1) ----
   // y = x @ W^T (+ bias) for W [Mb * bs, in_features] stored as bs x bs blocks (bs in {16, 32, 64}):
   // crow_indices/col_indices int32, values [nnz_blocks, bs, bs] of x's dtype, schedule int32 (work items

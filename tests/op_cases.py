@@ -176,6 +176,9 @@ def _sparse24_linear(device):
         x = torch.randn(*lead, k, device=device).to(dt)
         cases.append(((x, values, meta), {"bias": torch.randn(m, device=device).to(dt)}))
         cases.append(((x, values, meta), {}))
+        # A forced kernel (every GPU from sm80 runs gemv and gemm; sm90 is tested where it can run).
+        rows = x.numel() // k
+        cases.append(((x, values, meta), {"path": "gemv" if rows <= 16 else "gemm"}))
     return cases
 
 

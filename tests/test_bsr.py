@@ -5,8 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tersor
+from conftest import HAS_TESTING_EXT
 from tersor.sparse import BSRWeight, bsr_linear, to_bsr
 from tersor.sparse.bsr import bsr_schedule, load_bsr
+
+ops = tersor.ops.lib  # torch.ops.tersor with tersor's error types (ValueError, TypeError, NotImplementedError)
+# The CPU replay of the CUDA kernel is a test-only op (tersor._C_testing); its tests are marked testing_ext.
+T = tersor._testing.lib if HAS_TESTING_EXT else None
 
 LOW = (torch.float16, torch.bfloat16)
 
@@ -99,7 +105,7 @@ def test_schedule_is_valid_for_random_structures(bs, chunk):
     for seed in range(4):
         w = random_block_sparse(9 * bs, 11 * bs, bs, [0.0, 0.1, 0.5, 1.0][seed], seed=seed, empty_rows=(3,))
         b = to_bsr(w, bs, chunk_blocks=chunk)
-        version, bsz, mb, n_split, n_partials = torch.ops.tersor._bsr_check(
+        version, bsz, mb, n_split, n_partials = ops._bsr_check(
             b.crow_indices, b.col_indices, b.values, b.schedule, 11 * bs)
         assert (version, bsz, mb) == (1, bs, 9)
         c = chunk or 16384 // (bs * bs)
@@ -202,7 +208,7 @@ def test_bsr_linear_compiles_with_the_weight_object():
 def test_bsr_linear_bad_input():
     w = random_block_sparse(64, 128, 32, 0.5, torch.float16)
     b = to_bsr(w, 32)
-    op = torch.ops.tersor.bsr_linear
+    op = ops.bsr_linear
     x = torch.randn(3, 128).half()
     with pytest.raises(TypeError, match="dtype"):
         bsr_linear(x.float(), b)
@@ -230,8 +236,26 @@ def test_bsr_linear_bad_input():
         op(x, crow, b.col_indices, b.values, b.schedule, 128)
 
 
+def test_bsr_direct_op_calls_raise_runtime_error_naming_the_type():
+    # The contract for callers of torch.ops.tersor.* (no tersor wrapper): RuntimeError whose message starts
+    # with the Python type the check means.
+    b = to_bsr(random_block_sparse(64, 128, 32, 0.5, torch.float16), 32)
+    x = torch.randn(3, 128).half()
+    col = b.col_indices.clone()
+    col[-1] = 4
+    with pytest.raises(RuntimeError, match=r"^ValueError: bsr_linear: col_indices\["):
+        torch.ops.tersor.bsr_linear(x, b.crow_indices, col, b.values, b.schedule, 128)
+    with pytest.raises(RuntimeError, match=r"^TypeError: bsr_linear: values"):
+        torch.ops.tersor.bsr_linear(x.float(), b.crow_indices, b.col_indices, b.values, b.schedule, 128)
+    sched = b.schedule.clone()
+    sched[0] = 7
+    with pytest.raises(RuntimeError, match=r"^ValueError: _bsr_check: schedule row item 0"):
+        torch.ops.tersor._bsr_check(b.crow_indices, b.col_indices, b.values, sched, 128)
+
+
 # ---- the CUDA kernel replayed on the CPU ----
 
+@pytest.mark.testing_ext
 @pytest.mark.parametrize("bs", [16, 32, 64])
 @pytest.mark.parametrize("dtype", LOW)
 # tokens: one small tile; a large tile in split mode (partials); the whole-row mode with a ragged last tile.
@@ -242,11 +266,12 @@ def test_cuda_replay_vs_reference(bs, dtype, tokens):
     b = to_bsr(w, bs, chunk_blocks=2)  # long rows are split: exercises the partial pass
     x = torch.randn(tokens, k).to(dtype)
     bias = torch.randn(n).to(dtype)
-    got = torch.ops.tersor._bsr_emulate_cuda_linear(x, b.crow_indices, b.col_indices, b.values, b.schedule, k, bias)
+    got = T._bsr_emulate_cuda_linear(x, b.crow_indices, b.col_indices, b.values, b.schedule, k, bias)
     assert_within_torch_error(got, x, w, bias, reference_linear(x, w, bias))
     assert torch.equal(got[:, bs: 2 * bs], bias[bs: 2 * bs].expand(tokens, bs))
 
 
+@pytest.mark.testing_ext
 def test_cuda_replay_catches_a_wrong_layout():
     # The replay really reads the blocks through the layout: transposed values give a different answer.
     bs = 32
@@ -254,16 +279,17 @@ def test_cuda_replay_catches_a_wrong_layout():
     b = to_bsr(w, bs)
     x = torch.randn(3, 128).half()
     vt = b.values.transpose(1, 2).contiguous()
-    good = torch.ops.tersor._bsr_emulate_cuda_linear(x, b.crow_indices, b.col_indices, b.values, b.schedule, 128)
-    bad = torch.ops.tersor._bsr_emulate_cuda_linear(x, b.crow_indices, b.col_indices, vt, b.schedule, 128)
+    good = T._bsr_emulate_cuda_linear(x, b.crow_indices, b.col_indices, b.values, b.schedule, 128)
+    bad = T._bsr_emulate_cuda_linear(x, b.crow_indices, b.col_indices, vt, b.schedule, 128)
     ref = reference_linear(x, w)
     assert (good.double() - ref).abs().max() < 0.01 < (bad.double() - ref).abs().max()
 
 
+@pytest.mark.testing_ext
 def test_cuda_replay_rejects_fp32_and_bad_schedule():
     w = random_block_sparse(64, 128, 32, 0.5)
     b = to_bsr(w, 32, chunk_blocks=1)
-    op = torch.ops.tersor._bsr_emulate_cuda_linear
+    op = T._bsr_emulate_cuda_linear
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         op(torch.randn(2, 128), b.crow_indices, b.col_indices, b.values, b.schedule, 128)
     bh = b.to(dtype=torch.float16)
@@ -276,6 +302,7 @@ def test_cuda_replay_rejects_fp32_and_bad_schedule():
 # ---- CUDA ----
 
 @pytest.mark.cuda
+@pytest.mark.testing_ext
 @pytest.mark.parametrize("bs", [16, 32, 64])
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("tokens", [1, 8, 13, 64, 65, 300])
@@ -289,7 +316,7 @@ def test_cuda_bsr_linear_vs_reference(bs, dtype, tokens):
     for bb in (None, bias):
         got = bsr_linear(x.cuda(), bc, None if bb is None else bb.cuda()).cpu()
         assert_within_torch_error(got, x, w, bb, reference_linear(x, w, bb))
-        replay = torch.ops.tersor._bsr_emulate_cuda_linear(x, b.crow_indices, b.col_indices, b.values, b.schedule,
+        replay = T._bsr_emulate_cuda_linear(x, b.crow_indices, b.col_indices, b.values, b.schedule,
                                                            k, bb)
         # Same schedule and roundings: at most one 16-bit ulp apart (MMA summation order).
         ulp = torch.finfo(dtype).eps * replay.double().abs().clamp(min=2**-14)
@@ -325,11 +352,12 @@ def test_cuda_bsr_linear_device_mismatch():
 def test_cuda_bsr_linear_rejects_bad_indices_on_direct_calls(dtype):
     # The kernel reads x and values at offsets taken from col_indices/schedule: the CUDA op must refuse
     # indices that never went through to_bsr/load_bsr, and re-check them after an in-place change.
+    # (ops.bsr_linear is the op itself, torch.ops.tersor.bsr_linear, with its RuntimeErrors typed.)
     w = random_block_sparse(64, 128, 32, 0.5, dtype)
     b = to_bsr(w, 32).to("cuda")
-    op = torch.ops.tersor.bsr_linear
+    op = ops.bsr_linear
     x = torch.randn(3, 128, dtype=dtype, device="cuda")
-    good = op(x, b.crow_indices, b.col_indices, b.values, b.schedule, 128)  # validated and remembered
+    good = op(x, b.crow_indices, b.col_indices, b.values, b.schedule, 128)  # validated
     col = b.col_indices.clone()
     col[-1] = 1000
     with pytest.raises(ValueError, match="col_indices"):
@@ -339,8 +367,35 @@ def test_cuda_bsr_linear_rejects_bad_indices_on_direct_calls(dtype):
     with pytest.raises(ValueError, match="schedule"):
         op(x, b.crow_indices, b.col_indices, b.values, sched, 128)
     saved = b.col_indices.clone()
-    b.col_indices[-1] = 1000  # in place: the version counter moves, the cached check no longer applies
+    b.col_indices[-1] = 1000  # in place, same tensor: the op reads the indices again on every call
     with pytest.raises(ValueError, match="col_indices"):
         op(x, b.crow_indices, b.col_indices, b.values, b.schedule, 128)
     b.col_indices.copy_(saved)
     torch.testing.assert_close(op(x, b.crow_indices, b.col_indices, b.values, b.schedule, 128), good, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"^ValueError: bsr_linear: col_indices"):
+        torch.ops.tersor.bsr_linear(x, b.crow_indices, col, b.values, b.schedule, 128)
+
+
+@pytest.mark.cuda
+def test_cuda_bsr_linear_graph_capture_after_warm_up():
+    # Inside a CUDA-graph capture the host check cannot run: the op accepts index tensors an uncaptured call
+    # validated (warm-up), and refuses others.
+    w = random_block_sparse(128, 256, 32, 0.5, torch.float16)
+    b = to_bsr(w, 32).to("cuda")
+    x = torch.randn(4, 256, dtype=torch.float16, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ref = bsr_linear(x, b)  # warm-up: validated
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = bsr_linear(x, b)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, ref)
+    fresh = to_bsr(w, 32).to("cuda")  # never seen: cannot be checked inside the capture
+    g2 = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="captured"):
+        with torch.cuda.graph(g2):
+            bsr_linear(x, fresh)

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 import tersor
+from conftest import HAS_TESTING_EXT
 from tersor import sparse
 from tersor.sparse import compress_2_4, decompress_2_4, load_2_4, prune_2_4
 
-ops = torch.ops.tersor
+ops = tersor.ops.lib  # torch.ops.tersor with tersor's error types (ValueError, TypeError, NotImplementedError)
+# The CPU replays of the CUDA kernels are test-only ops (tersor._C_testing); their tests are marked testing_ext.
+T = tersor._testing.lib if HAS_TESTING_EXT else None
 DTYPES = [torch.float16, torch.bfloat16]
 EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
@@ -183,12 +186,14 @@ def test_loader_rejects_corrupt_or_mismatched_tensors():
         load_2_4(p.values, p.meta.long())
 
 
-@pytest.mark.parametrize("op", ["sparse24_decompress", "sparse24_linear", "_sparse24_emulate_cuda_linear"])
+@pytest.mark.parametrize("op", ["sparse24_decompress", "sparse24_linear",
+                                pytest.param("_sparse24_emulate_cuda_linear", marks=pytest.mark.testing_ext)])
 def test_ops_reject_bad_packed_shapes(op):
     p = compress_2_4(random_2_4(32, 128, torch.half))
     x = torch.randn(2, 128).half()
-    f = (lambda v, m: getattr(ops, op)(v, m)) if op == "sparse24_decompress" else \
-        (lambda v, m: getattr(ops, op)(x, v, m))
+    lib = T if op.startswith("_") else ops
+    f = (lambda v, m: getattr(lib, op)(v, m)) if op == "sparse24_decompress" else \
+        (lambda v, m: getattr(lib, op)(x, v, m))
     with pytest.raises(ValueError, match="does not match"):
         f(p.values, p.meta[:, :1].contiguous())
     with pytest.raises(ValueError, match=r"\[M/16, K/32, 256\]"):
@@ -269,8 +274,68 @@ def test_linear_bad_inputs():
         ops.sparse24_linear(torch.randn(2, 128).half(), p.values, p.meta, torch.randn(32))
 
 
+def test_direct_op_calls_raise_runtime_error_naming_the_type():
+    # The contract for callers of torch.ops.tersor.* (no tersor wrapper): RuntimeError whose message starts
+    # with the Python type the check means.
+    p = compress_2_4(random_2_4(32, 128, torch.half))
+    with pytest.raises(RuntimeError, match=r"^ValueError: sparse24_linear: x's last dim must be in_features = 128"):
+        torch.ops.tersor.sparse24_linear(torch.randn(2, 64).half(), p.values, p.meta)
+    with pytest.raises(RuntimeError, match=r"^TypeError: sparse24_linear: x must have the weight's dtype"):
+        torch.ops.tersor.sparse24_linear(torch.randn(2, 128), p.values, p.meta)
+    with pytest.raises(RuntimeError, match=r"^ValueError: sparse24_linear: path must be auto, gemv, gemm or sm90"):
+        torch.ops.tersor.sparse24_linear(torch.randn(2, 128).half(), p.values, p.meta, None, "fast")
+    with pytest.raises(RuntimeError, match=r"^ValueError: sparse24_compress: the weight is not 2:4 sparse"):
+        torch.ops.tersor.sparse24_compress(torch.ones(16, 64).half())
+
+
+# ---- the path argument (a CUDA kernel choice; the CPU checks it and computes the same product) ----
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 16, 17, 40])
+def test_linear_cpu_same_product_for_every_path(dtype, rows):
+    w = random_2_4(48, 192, dtype)
+    p = compress_2_4(w)
+    x = torch.randn(rows, 192).to(dtype)
+    b = torch.randn(48).to(dtype)
+    ref = ops.sparse24_linear(x, p.values, p.meta, b)
+    check_linear_close(ref, x, w, b, dtype)
+    for kernel in ("auto", "gemm", "sm90") + (("gemv",) if rows <= 16 else ()):
+        assert torch.equal(ops.sparse24_linear(x, p.values, p.meta, b, kernel), ref), kernel
+        assert torch.equal(tersor.ops.sparse24_linear(x, p.values, p.meta, b, path=kernel), ref), kernel
+        assert torch.equal(sparse.linear_2_4(x, p, b, path=kernel), ref), kernel
+
+
+def test_linear_cpu_rejects_bad_path_arguments():
+    p = compress_2_4(random_2_4(16, 64, torch.half))
+    with pytest.raises(ValueError, match="path must be auto, gemv, gemm or sm90, got 'fast'"):
+        ops.sparse24_linear(torch.randn(2, 64).half(), p.values, p.meta, None, "fast")
+    with pytest.raises(ValueError, match="path='gemv' takes at most 16 rows of x, got 17"):
+        ops.sparse24_linear(torch.randn(17, 64).half(), p.values, p.meta, None, "gemv")
+    with pytest.raises(ValueError, match="at most 16 rows of x, got 18"):
+        sparse.linear_2_4(torch.randn(3, 6, 64).half(), p, path="gemv")
+
+
+def test_linear_path_argument_in_the_fake():
+    # torch.compile traces through the fake: it accepts what the op accepts and raises the same types.
+    p = compress_2_4(random_2_4(16, 64, torch.half))
+    x = torch.randn(4, 64).half()
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, kernel: tersor.ops.sparse24_linear(x, p.values, p.meta, path=kernel), fullgraph=True)
+    assert torch.equal(f(x, "gemv"), ops.sparse24_linear(x, p.values, p.meta))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fx, fv, fm = (mode.from_tensor(t) for t in (torch.randn(17, 64).half(), p.values, p.meta))
+        assert torch.ops.tersor.sparse24_linear(fx, fv, fm, None, "gemm").shape == (17, 16)
+        with pytest.raises(ValueError, match="path must be"):
+            torch.ops.tersor.sparse24_linear(fx, fv, fm, None, "fast")
+        with pytest.raises(ValueError, match="at most 16"):
+            torch.ops.tersor.sparse24_linear(fx, fv, fm, None, "gemv")
+
+
 # ---- the CUDA GEMV's lane-by-lane replay (catches fragment/metadata layout bugs on a CPU) ----
 
+@pytest.mark.testing_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k", [(16, 64), (48, 192), (32, 64 * 9), (16, 64 * 17)])
 @pytest.mark.parametrize("rows", [1, 5, 8, 9, 16])
@@ -279,11 +344,12 @@ def test_emulated_cuda_gemv_vs_float64(dtype, m, k, rows):
     p = compress_2_4(w)
     x = torch.randn(rows, k).to(dtype)
     b = torch.randn(m).to(dtype)
-    y = ops._sparse24_emulate_cuda_linear(x, p.values, p.meta, b)
+    y = T._sparse24_emulate_cuda_linear(x, p.values, p.meta, b)
     assert y.shape == (rows, m)
     check_linear_close(y, x, w, b, dtype)
 
 
+@pytest.mark.testing_ext
 def test_emulated_gemv_sees_every_metadata_position():
     # One non-zero per row at a chosen position: a wrong lane/bit in the metadata mapping moves it.
     m, k = 16, 128
@@ -294,12 +360,13 @@ def test_emulated_gemv_sees_every_metadata_position():
                 w[r, 4 * ch + (pos + r + ch) % 4] = float((r * 7 + ch) % 11 + 1)
         p = compress_2_4(w)
         x = torch.eye(k)[:16].half()  # picks columns 0..15 of W
-        y = ops._sparse24_emulate_cuda_linear(x, p.values, p.meta)
+        y = T._sparse24_emulate_cuda_linear(x, p.values, p.meta)
         assert torch.equal(y.float(), w[:, :16].float().T)
         x = torch.eye(k)[k - 16:].half()
-        assert torch.equal(ops._sparse24_emulate_cuda_linear(x, p.values, p.meta).float(), w[:, k - 16:].float().T)
+        assert torch.equal(T._sparse24_emulate_cuda_linear(x, p.values, p.meta).float(), w[:, k - 16:].float().T)
 
 
+@pytest.mark.testing_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,rows", [(16, 64, 17), (144, 128, 40), (32, 192, 130), (272, 64, 21)])
 def test_emulated_cuda_gemm_vs_float64(dtype, m, k, rows):
@@ -308,18 +375,19 @@ def test_emulated_cuda_gemm_vs_float64(dtype, m, k, rows):
     p = compress_2_4(w)
     x = torch.randn(rows, k).to(dtype)
     b = torch.randn(m).to(dtype)
-    y = ops._sparse24_emulate_cuda_linear(x, p.values, p.meta, b)
+    y = T._sparse24_emulate_cuda_linear(x, p.values, p.meta, b)
     assert y.shape == (rows, m)
     check_linear_close(y, x, w, b, dtype)
 
 
+@pytest.mark.testing_ext
 def test_emulated_gemm_sees_every_x_column():
     # x = identity rows: a swizzle/ldmatrix mix-up moves a column of W to the wrong output.
     m, k = 32, 128
     w = random_2_4(m, k, torch.half)
     p = compress_2_4(w)
     x = torch.eye(k).half()
-    y = ops._sparse24_emulate_cuda_linear(x, p.values, p.meta)
+    y = T._sparse24_emulate_cuda_linear(x, p.values, p.meta)
     assert torch.equal(y, w.T.contiguous())
 
 
@@ -331,6 +399,7 @@ def _torch_lowp_err(x, w, b, ref):
 
 
 @pytest.mark.cuda
+@pytest.mark.testing_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k", [(16, 64), (256, 1024), (4096, 4096), (48, 64 * 9), (272, 128)])
 @pytest.mark.parametrize("rows", [1, 4, 8, 9, 16, 33, 130])
@@ -348,7 +417,7 @@ def test_cuda_linear_vs_reference(dtype, m, k, rows):
         return  # the lane-by-lane replay is too slow for the big shapes
     # The kernel (GEMV or GEMM) agrees with its CPU replay up to fp32 summation order + one rounding.
     pc = compress_2_4(w)
-    e = ops._sparse24_emulate_cuda_linear(x, pc.values, pc.meta, b)
+    e = T._sparse24_emulate_cuda_linear(x, pc.values, pc.meta, b)
     assert (y.double() - e.double()).abs().max().item() <= 2 * EPS[dtype] * e.double().abs().max().item()
 
 

@@ -2,13 +2,6 @@
 // fp32 accumulation, one rounding at the end (16-bit types); the reference the CUDA kernel is judged
 // against. Parallel over (block row, token tile of 32); each weight block is widened to fp32 once per
 // token tile; products in block_dot / block_tile4 below.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
 #include <immintrin.h>
 
 #include <algorithm>
@@ -17,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/torch_glue.h"
 #include "sparse/bsr_format.h"
 #include "sparse/bsr_glue.h"
 
@@ -117,22 +111,22 @@ TERSOR_AVX2_FN void block_tile4(const float* __restrict__ wt, const float* __res
 #undef TERSOR_BSR_KERNELS
 
 // Widening a 16-bit block to fp32 (once per block and token tile): bf16 is a shift (vectorizes as is);
-// fp16 uses F16C where the CPU has it (c10::Half's portable conversion costs ~20x the block's products).
-void widen_bf16(const c10::BFloat16* src, float* dst, int64_t n) {
+// fp16 uses F16C where the CPU has it (Half's portable conversion costs ~20x the block's products).
+void widen_bf16(const BFloat16* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t u = static_cast<uint32_t>(src[i].x) << 16;
     std::memcpy(dst + i, &u, 4);
   }
 }
-void widen_f16_portable(const c10::Half* src, float* dst, int64_t n) {
+void widen_f16_portable(const Half* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
-__attribute__((target("avx,f16c"))) void widen_f16_f16c(const c10::Half* src, float* dst, int64_t n) {
+__attribute__((target("avx,f16c"))) void widen_f16_f16c(const Half* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; i += 8)  // n is a multiple of 256
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
 }
-void widen(const c10::BFloat16* src, float* dst, int64_t n) { widen_bf16(src, dst, n); }
-void widen(const c10::Half* src, float* dst, int64_t n) {
+void widen(const BFloat16* src, float* dst, int64_t n) { widen_bf16(src, dst, n); }
+void widen(const Half* src, float* dst, int64_t n) {
   static const bool f16c = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
   if (f16c)
     widen_f16_f16c(src, dst, n);
@@ -162,7 +156,7 @@ void bsr_linear_kernel(const BsrCall& c, const float* x32, const T* values, cons
   const int64_t T_ = c.tokens, K = c.in_features, N = c.out_features;
   const int64_t n_tt = (T_ + kCpuTokenTile - 1) / kCpuTokenTile;
   const BlockKernels<BS> kern = block_kernels<BS>();
-  at::parallel_for(0, c.mb * n_tt, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, c.mb * n_tt, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> wblock(BS * BS), wt(BS * BS), acc(kCpuTokenTile * BS);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / n_tt, t0 = (task % n_tt) * kCpuTokenTile;
@@ -206,19 +200,20 @@ void bsr_linear_dispatch(const BsrCall& c, const float* x32, const T* values, co
   }
 }
 
-at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                          const at::Tensor& values, const at::Tensor& schedule, int64_t in_features,
-                          const std::optional<at::Tensor>& bias) {
+Tensor bsr_linear_cpu(const Tensor& x, const Tensor& crow_indices, const Tensor& col_indices, const Tensor& values,
+                      const Tensor& schedule, int64_t in_features, const std::optional<Tensor>& bias) {
   constexpr const char* op = "bsr_linear";
   const BsrCall c = check_bsr_call(x, crow_indices, col_indices, values, schedule, in_features, bias, op);
-  const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous();
+  TERSOR_CHECK(x.is_cpu(), op, " (CPU kernel): expected CPU tensors, got ", device_str(x));
+  const Tensor crow = contiguous(crow_indices), col = contiguous(col_indices);
   check_bsr_indices_cpu(c, crow, col, op);
-  at::Tensor y = at::empty({c.tokens, c.out_features}, x.options());
-  if (c.tokens == 0) return y.reshape(c.out_shape);
-  const at::Tensor x32 = x.reshape({c.tokens, c.in_features}).to(at::kFloat).contiguous();
-  const at::Tensor v = values.contiguous();
-  std::optional<at::Tensor> b;
-  if (bias) b = bias->contiguous();
+  Tensor y = empty({c.tokens, c.out_features}, x.scalar_type(), x.device());
+  if (c.tokens == 0) return torch::stable::reshape(y, c.out_shape);
+  const Tensor x32 =
+      contiguous(torch::stable::to(torch::stable::reshape(x, {c.tokens, c.in_features}), ScalarType::Float));
+  const Tensor v = contiguous(values);
+  std::optional<Tensor> b;
+  if (bias) b = contiguous(*bias);
   auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
     bsr_linear_dispatch<scalar_t>(c, x32.const_data_ptr<float>(), v.const_data_ptr<scalar_t>(),
@@ -226,22 +221,23 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
                                   b ? b->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>());
   };
   switch (x.scalar_type()) {  // check_bsr_call admitted exactly these
-    case at::kFloat: run(float{}); break;
-    case at::kHalf: run(c10::Half{}); break;
-    default: run(c10::BFloat16{}); break;
+    case ScalarType::Float: run(float{}); break;
+    case ScalarType::Half: run(Half{}); break;
+    default: run(BFloat16{}); break;
   }
-  return y.reshape(c.out_shape);
+  return torch::stable::reshape(y, c.out_shape);
 }
 
 // Validates a schedule (and the index arrays) against the format; returns [version, bs, Mb, S, n_partials].
-std::vector<int64_t> bsr_check_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                                   const at::Tensor& values, const at::Tensor& schedule, int64_t in_features) {
+std::vector<int64_t> bsr_check_cpu(const Tensor& crow_indices, const Tensor& col_indices, const Tensor& values,
+                                   const Tensor& schedule, int64_t in_features) {
   constexpr const char* op = "_bsr_check";
-  TORCH_CHECK(crow_indices.device().is_cpu(), op, ": expects CPU tensors");
-  const at::Tensor x = at::empty({0, in_features}, values.options());
+  TERSOR_CHECK(crow_indices.is_cpu(), op, ": expects CPU tensors");
+  TERSOR_CHECK_VALUE(in_features >= 0, op, ": in_features must be non-negative, got ", in_features);
+  const Tensor x = empty({0, in_features}, values.scalar_type(), values.device());
   const BsrCall c = check_bsr_call(x, crow_indices, col_indices, values, schedule, in_features, std::nullopt, op);
-  const at::Tensor crow = crow_indices.contiguous(), sched = schedule.contiguous();
-  check_bsr_indices_cpu(c, crow, col_indices.contiguous(), op);
+  const Tensor crow = contiguous(crow_indices), sched = contiguous(schedule);
+  check_bsr_indices_cpu(c, crow, contiguous(col_indices), op);
   check_bsr_schedule_cpu(c, crow, sched, op);
   const int64_t n_partials = sched.const_data_ptr<int32_t>()[bsr_partial_ptr_offset(c.mb, c.n_split) + c.mb];
   return {kBsrFormatVersion, c.bs, c.mb, c.n_split, n_partials};
@@ -249,9 +245,9 @@ std::vector<int64_t> bsr_check_cpu(const at::Tensor& crow_indices, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) {
-  m.impl("bsr_linear", &bsr_linear_cpu);
-  m.impl("_bsr_check", &bsr_check_cpu);
+STABLE_TORCH_LIBRARY_IMPL(tersor, CPU, m) {
+  m.impl("bsr_linear", TORCH_BOX(&bsr_linear_cpu));
+  m.impl("_bsr_check", TORCH_BOX(&bsr_check_cpu));
 }
 
 }  // namespace tersor::sparse

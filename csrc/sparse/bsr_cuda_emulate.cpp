@@ -7,18 +7,13 @@
 // kernel's epilogue map (direct or to the partial slots, then the partial pass in slot order).
 // The hardware's summation order inside one MMA is unspecified, so the kernel agrees with this replay
 // to fp32 rounding (then one 16-bit rounding), not bitwise.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
 #include <cstdint>
 #include <array>
 #include <cstring>
 #include <optional>
 #include <vector>
 
+#include "common/torch_glue.h"
 #include "sparse/bsr_cuda_traits.h"
 #include "sparse/bsr_format.h"
 #include "sparse/bsr_glue.h"
@@ -180,22 +175,22 @@ void emulate_dtype(const EmuInputs& in) {
   }
 }
 
-at::Tensor emulate_cuda_linear(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                               const at::Tensor& values, const at::Tensor& schedule, int64_t in_features,
-                               const std::optional<at::Tensor>& bias) {
+Tensor emulate_cuda_linear(const Tensor& x, const Tensor& crow_indices, const Tensor& col_indices,
+                           const Tensor& values, const Tensor& schedule, int64_t in_features,
+                           const std::optional<Tensor>& bias) {
   constexpr const char* op = "_bsr_emulate_cuda_linear";
   const BsrCall c = check_bsr_call(x, crow_indices, col_indices, values, schedule, in_features, bias, op);
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
-                   ": the tensor-core kernel takes float16 or bfloat16, got ", x.scalar_type());
-  const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous(), sched = schedule.contiguous();
+  TERSOR_CHECK_TYPE(x.scalar_type() == ScalarType::Half || x.scalar_type() == ScalarType::BFloat16, op,
+                    ": the tensor-core kernel takes float16 or bfloat16, got ", dtype_name(x.scalar_type()));
+  const Tensor crow = contiguous(crow_indices), col = contiguous(col_indices), sched = contiguous(schedule);
   check_bsr_indices_cpu(c, crow, col, op);
   check_bsr_schedule_cpu(c, crow, sched, op);
-  at::Tensor y = at::empty({c.tokens, c.out_features}, x.options());
-  if (c.tokens == 0) return y.reshape(c.out_shape);
-  const at::Tensor x16 = x.reshape({c.tokens, c.in_features}).contiguous();
-  const at::Tensor v = values.contiguous();
-  std::optional<at::Tensor> b;
-  if (bias) b = bias->contiguous();
+  Tensor y = empty({c.tokens, c.out_features}, x.scalar_type(), x.device());
+  if (c.tokens == 0) return torch::stable::reshape(y, c.out_shape);
+  const Tensor x16 = contiguous(torch::stable::reshape(x, {c.tokens, c.in_features}));
+  const Tensor v = contiguous(values);
+  std::optional<Tensor> b;
+  if (bias) b = contiguous(*bias);
   const bool split = bsr_use_split(c.tokens);
   const int32_t* s = sched.const_data_ptr<int32_t>();
   std::vector<float> partial;
@@ -211,15 +206,15 @@ at::Tensor emulate_cuda_linear(const at::Tensor& x, const at::Tensor& crow_indic
   in.bias = b ? static_cast<const uint16_t*>(b->const_data_ptr()) : nullptr;
   in.y = static_cast<uint16_t*>(y.mutable_data_ptr());
   in.partial = split ? partial.data() : nullptr;
-  if (x.scalar_type() == at::kHalf)
-    emulate_dtype<c10::Half>(in);
+  if (x.scalar_type() == ScalarType::Half)
+    emulate_dtype<Half>(in);
   else
-    emulate_dtype<c10::BFloat16>(in);
-  return y.reshape(c.out_shape);
+    emulate_dtype<BFloat16>(in);
+  return torch::stable::reshape(y, c.out_shape);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) { m.impl("_bsr_emulate_cuda_linear", &emulate_cuda_linear); }
+STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CPU, m) { m.impl("_bsr_emulate_cuda_linear", TORCH_BOX(&emulate_cuda_linear)); }
 
 }  // namespace tersor::sparse

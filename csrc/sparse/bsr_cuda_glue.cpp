@@ -1,24 +1,12 @@
 // CUDA implementation of bsr_linear (torch glue; kernel in bsr_cuda_kernel.cuh). float16/bfloat16 run the
-// tensor-core kernel; float32 builds the dense weight on the device and calls at::linear (no fp32 kernel).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/arange.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/linear.h>
-#include <ATen/ops/repeat_interleave.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/core/TensorImpl.h>
-#include <c10/util/intrusive_ptr.h>
-#include <cuda_runtime.h>
-#include <torch/library.h>
-
+// tensor-core kernel; float32 builds the dense weight on the device and calls aten::linear (no fp32 kernel).
 #include <array>
+#include <cstdint>
 #include <mutex>
 #include <optional>
 #include <vector>
 
+#include "common/cuda_glue.h"
 #include "common/torch_glue.h"
 #include "sparse/bsr_cuda.h"
 #include "sparse/bsr_glue.h"
@@ -26,116 +14,152 @@
 namespace tersor::sparse {
 namespace {
 
-at::Tensor aligned16(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  return is_aligned(c.const_data_ptr(), 16) ? c : c.clone();
+Tensor aligned16(const Tensor& t) {
+  Tensor c = contiguous(t);
+  return is_aligned(c.const_data_ptr(), 16) ? c : torch::stable::clone(c);
 }
 
-// The kernel reads x and values at offsets taken from col_indices and schedule, so indices that were never
-// validated would be out-of-bounds reads. Validation needs the indices on the host (one copy and a stream
-// sync), so it is done once per index tensor state and remembered: an entry matches while the three
-// tensors' storages are alive (weak references: a freed and reused address never matches), their offsets
-// and sizes are unchanged and their version counters (bumped by every in-place write) have not moved.
-// SparseLinear's buffers hit the cache on every call after the first; a fresh or modified weight pays one
-// host check. Inference tensors have no version counter, so they are checked on every call.
-class ValidatedBsrIndices {
+// Index validation. The kernel (and the float32 path's index_copy_) reads x and values at offsets taken
+// from col_indices and schedule, so an index that was never validated, or was changed after it was, would
+// be an out-of-bounds read. Before the stable ABI the op validated once per index tensor *state* and
+// remembered it (weak storage reference + version counter). The stable ABI at the 2.11 floor exposes neither,
+// and nothing else tells the host that device memory was written (an in-place write is just a kernel on the
+// stream), so the only sound check is one that reads the indices as they are now:
+//
+//  * Every call outside CUDA-graph capture copies crow_indices, col_indices and schedule to the host (one
+//    stream sync; col_indices is 2/bs^2 of the 16-bit weight's bytes) and runs the full _bsr_check rules
+//    on them (check_bsr_indices_cpu + check_bsr_schedule_cpu) before anything is launched. A bad index, a
+//    fresh bad tensor or one modified in place since an earlier call is a ValueError, never a kernel read.
+//  * A CUDA-graph capture cannot read device memory (no sync is allowed), and a graph replays whatever the
+//    index memory holds at replay time anyway: no host check can see a replay. So inside a capture the op
+//    accepts only index tensors that are, by identity (device, data pointers, element counts), among the
+//    last kCapacity sets that passed the full check on an uncaptured call; otherwise it refuses to capture
+//    (call the op once before capturing: graph warm-up does). Their contents at capture time are the
+//    caller's responsibility, as for every input of a captured graph. (Identity is weaker than the old weak
+//    reference: index tensors freed and replaced by others at the same addresses and sizes between the
+//    warm-up and the capture would pass. Outside capture nothing is trusted.)
+//
+// The float32 path needs each block's linear position (row * Kb + col) on the device; it is computed on the
+// host from the copies made for the check and kept with the identity entry for captures.
+class BsrIndexCheck {
  public:
-  static ValidatedBsrIndices& instance() {
-    static ValidatedBsrIndices cache;
-    return cache;
+  static BsrIndexCheck& instance() {
+    static BsrIndexCheck* cache = new BsrIndexCheck();  // never destroyed: holds tensors past torch's teardown
+    return *cache;
   }
 
-  void check(const BsrCall& c, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& schedule,
-             const char* op) {
-    const std::array<const at::Tensor*, 3> ts{&crow, &col, &schedule};
-    const bool cacheable = !crow.is_inference() && !col.is_inference() && !schedule.is_inference();
-    if (cacheable) {
+  // Validates the indices (or, inside a capture, finds them validated); returns the device int64 block
+  // positions when `want_block_index` (float32 path), else nullopt.
+  std::optional<Tensor> check(const BsrCall& c, const Tensor& crow, const Tensor& col, const Tensor& schedule,
+                              bool want_block_index, const char* op) {
+    const Key key = key_of(crow, col, schedule);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    TERSOR_CUDA_CHECK(cudaStreamIsCapturing(current_cuda_stream(key.device), &capture));
+    if (capture != cudaStreamCaptureStatusNone) {
       const std::lock_guard<std::mutex> lock(mu_);
       for (const Entry& e : entries_)
-        if (e.matches(ts)) return;
+        if (e.key == key && (!want_block_index || e.block_index.has_value())) return e.block_index;
+      TERSOR_CHECK(false, op,
+                   ": these BSR index tensors have not passed the index check on an uncaptured call, and it "
+                   "cannot run while a CUDA graph is being captured (it reads them on the host); call the op "
+                   "once with them before capturing (graph warm-up does)");
     }
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture));
-    TORCH_CHECK(capture == cudaStreamCaptureStatusNone, op,
-                ": these BSR indices have not been validated yet and cannot be while a CUDA graph is being "
-                "captured; call the op once before capturing (graph warm-up does)");
-    const at::Tensor crow_h = crow.cpu().contiguous(), col_h = col.cpu().contiguous();
-    const at::Tensor sched_h = schedule.cpu().contiguous();
+    forget(key);  // a set that fails now must not stay trusted for captures
+    const Device cpu(DeviceType::CPU);
+    const Tensor crow_h = contiguous(torch::stable::to(crow, cpu));
+    const Tensor col_h = contiguous(torch::stable::to(col, cpu));
+    const Tensor sched_h = contiguous(torch::stable::to(schedule, cpu));
     check_bsr_indices_cpu(c, crow_h, col_h, op);
     check_bsr_schedule_cpu(c, crow_h, sched_h, op);
-    if (!cacheable) return;
-    Entry e;
-    for (size_t i = 0; i < ts.size(); ++i) e.set(i, *ts[i]);
-    const std::lock_guard<std::mutex> lock(mu_);
-    if (entries_.size() < kCapacity) {
-      entries_.push_back(std::move(e));
-    } else {
-      entries_[next_] = std::move(e);
-      next_ = (next_ + 1) % kCapacity;
-    }
+    std::optional<Tensor> block_index;
+    if (want_block_index) block_index = block_positions(c, crow_h, col_h, crow.device());
+    remember(Entry{key, block_index});
+    return block_index;
   }
 
  private:
-  static constexpr size_t kCapacity = 256;  // live BSR layers of a large model; older entries are re-checked
+  static constexpr size_t kCapacity = 256;  // live BSR layers of a large model; older sets must be re-run
 
-  struct Entry {
-    std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> storage;
-    std::array<int64_t, 3> offset{}, numel{};
-    std::array<uint32_t, 3> version{};
-
-    void set(size_t i, const at::Tensor& t) {
-      storage.push_back(t.storage().getWeakStorageImpl());
-      offset[i] = t.storage_offset();
-      numel[i] = t.numel();
-      version[i] = t.unsafeGetTensorImpl()->version_counter().current_version();
-    }
-    bool matches(const std::array<const at::Tensor*, 3>& ts) const {
-      for (size_t i = 0; i < ts.size(); ++i) {
-        const at::Tensor& t = *ts[i];
-        const c10::intrusive_ptr<c10::StorageImpl> alive = storage[i].lock();
-        if (!alive || alive.get() != t.storage().unsafeGetStorageImpl() || offset[i] != t.storage_offset() ||
-            numel[i] != t.numel() || version[i] != t.unsafeGetTensorImpl()->version_counter().current_version())
-          return false;
-      }
-      return true;
-    }
+  struct Key {
+    int device = -1;
+    std::array<const void*, 3> ptr{};
+    std::array<int64_t, 3> numel{};
+    bool operator==(const Key& o) const { return device == o.device && ptr == o.ptr && numel == o.numel; }
   };
+  struct Entry {
+    Key key;
+    std::optional<Tensor> block_index;
+  };
+
+  static Key key_of(const Tensor& crow, const Tensor& col, const Tensor& schedule) {
+    Key k;
+    k.device = crow.get_device_index();
+    const std::array<const Tensor*, 3> ts{&crow, &col, &schedule};
+    for (size_t i = 0; i < ts.size(); ++i) {
+      k.ptr[i] = ts[i]->const_data_ptr();
+      k.numel[i] = ts[i]->numel();
+    }
+    return k;
+  }
+
+  // row * Kb + col of every stored block, int64 on `device` (indices already checked).
+  static Tensor block_positions(const BsrCall& c, const Tensor& crow_h, const Tensor& col_h, Device device) {
+    Tensor pos = empty({c.nnzb}, ScalarType::Long, Device(DeviceType::CPU));
+    const int32_t* cr = crow_h.const_data_ptr<int32_t>();
+    const int32_t* ci = col_h.const_data_ptr<int32_t>();
+    int64_t* p = pos.mutable_data_ptr<int64_t>();
+    for (int64_t r = 0; r < c.mb; ++r)
+      for (int64_t j = cr[r]; j < cr[r + 1]; ++j) p[j] = r * c.kb + ci[j];
+    return torch::stable::to(pos, device);
+  }
+
+  // entries_ runs from the least to the most recently checked set, each key at most once.
+  void forget(const Key& key) {
+    const std::lock_guard<std::mutex> lock(mu_);
+    std::erase_if(entries_, [&](const Entry& e) { return e.key == key; });
+  }
+
+  void remember(Entry e) {
+    const std::lock_guard<std::mutex> lock(mu_);
+    std::erase_if(entries_, [&](const Entry& old) { return old.key == e.key; });
+    if (entries_.size() >= kCapacity) entries_.erase(entries_.begin());
+    entries_.push_back(std::move(e));
+  }
 
   std::mutex mu_;
   std::vector<Entry> entries_;
-  size_t next_ = 0;
 };
 
-at::Tensor dense_weight(const BsrCall& c, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values) {
-  const at::Tensor counts = crow.slice(0, 1).sub(crow.slice(0, 0, c.mb));
-  const at::Tensor rows = at::repeat_interleave(at::arange(c.mb, crow.options().dtype(at::kLong)),
-                                                counts.to(at::kLong), /*dim=*/0, /*output_size=*/c.nnzb);
-  at::Tensor blocks = at::zeros({c.mb, c.kb, c.bs, c.bs}, values.options());
-  blocks.index_put_({rows, col.to(at::kLong)}, values);
-  return blocks.permute({0, 2, 1, 3}).reshape({c.out_features, c.in_features});
+// The dense [out_features, in_features] weight: blocks scattered to their (row, col) positions.
+Tensor dense_weight(const BsrCall& c, const Tensor& block_index, const Tensor& values) {
+  Tensor blocks = zeros({c.mb * c.kb, c.bs, c.bs}, values.scalar_type(), values.device());
+  if (c.nnzb > 0) call_aten("aten::index_copy_", "", blocks, int64_t{0}, block_index, values);
+  const Tensor grid = torch::stable::view(blocks, {c.mb, c.kb, c.bs, c.bs});
+  return torch::stable::reshape(torch::stable::permute(grid, {0, 2, 1, 3}), {c.out_features, c.in_features});
 }
 
-at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                           const at::Tensor& values, const at::Tensor& schedule, int64_t in_features,
-                           const std::optional<at::Tensor>& bias) {
+Tensor bsr_linear_cuda(const Tensor& x, const Tensor& crow_indices, const Tensor& col_indices, const Tensor& values,
+                       const Tensor& schedule, int64_t in_features, const std::optional<Tensor>& bias) {
   constexpr const char* op = "bsr_linear";
   const BsrCall c = check_bsr_call(x, crow_indices, col_indices, values, schedule, in_features, bias, op);
-  TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
-  const c10::cuda::CUDAGuard guard(x.device());
-  if (c.tokens == 0) return at::empty(c.out_shape, x.options());
-  ValidatedBsrIndices::instance().check(c, crow_indices, col_indices, schedule, op);
-  if (x.scalar_type() == at::kFloat)
-    return at::linear(x, dense_weight(c, crow_indices, col_indices, values), bias);
-  TORCH_CHECK_VALUE(c.tokens <= int64_t{65535} * kBsrLargeTokens, op, ": too many tokens for one launch: ", c.tokens);
-  const at::Tensor x2 = aligned16(x.reshape({c.tokens, c.in_features}));
-  const at::Tensor v = aligned16(values);
-  const at::Tensor col = col_indices.contiguous(), sched = schedule.contiguous();
-  std::optional<at::Tensor> b;
-  if (bias) b = bias->contiguous();
-  at::Tensor y = at::empty({c.tokens, c.out_features}, x.options());
+  TERSOR_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  const CudaDeviceGuard guard(x);
+  if (c.tokens == 0) return empty(c.out_shape, x.scalar_type(), x.device());
+  const bool fp32 = x.scalar_type() == ScalarType::Float;
+  const std::optional<Tensor> block_index =
+      BsrIndexCheck::instance().check(c, crow_indices, col_indices, schedule, fp32, op);
+  if (fp32) return linear(x, dense_weight(c, *block_index, values), bias);
+  TERSOR_CHECK_VALUE(c.tokens <= int64_t{65535} * kBsrLargeTokens, op, ": too many tokens for one launch: ",
+                     c.tokens);
+  const Tensor x2 = aligned16(torch::stable::reshape(x, {c.tokens, c.in_features}));
+  const Tensor v = aligned16(values);
+  const Tensor col = contiguous(col_indices), sched = contiguous(schedule);
+  std::optional<Tensor> b;
+  if (bias) b = contiguous(*bias);
+  Tensor y = empty({c.tokens, c.out_features}, x.scalar_type(), x.device());
   const int64_t scratch_n = bsr_scratch_floats(c.bs, c.mb, c.n_split, c.tokens);
-  at::Tensor scratch;
-  if (scratch_n > 0) scratch = at::empty({scratch_n}, x.options().dtype(at::kFloat));
+  std::optional<Tensor> scratch;
+  if (scratch_n > 0) scratch = empty({scratch_n}, ScalarType::Float, x.device());
   BsrKernelArgs a;
   a.x = x2.const_data_ptr();
   a.values = v.const_data_ptr();
@@ -143,19 +167,20 @@ at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
   a.schedule = sched.const_data_ptr<int32_t>();
   a.bias = b ? b->const_data_ptr() : nullptr;
   a.y = y.mutable_data_ptr();
-  a.partial = scratch_n > 0 ? scratch.mutable_data_ptr<float>() : nullptr;
+  a.partial = scratch ? scratch->mutable_data_ptr<float>() : nullptr;
   a.tokens = c.tokens;
   a.in_features = c.in_features;
   a.out_features = c.out_features;
   a.mb = c.mb;
   a.n_split = c.n_split;
   a.bs = static_cast<int>(c.bs);
-  C10_CUDA_CHECK(launch_bsr_linear(a, to_kernel_dtype(x.scalar_type(), op), c10::cuda::getCurrentCUDAStream()));
-  return y.reshape(c.out_shape);
+  TERSOR_CUDA_CHECK(
+      launch_bsr_linear(a, to_kernel_dtype(x.scalar_type(), op), current_cuda_stream(x.get_device_index())));
+  return torch::stable::reshape(y, c.out_shape);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CUDA, m) { m.impl("bsr_linear", &bsr_linear_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(tersor, CUDA, m) { m.impl("bsr_linear", TORCH_BOX(&bsr_linear_cuda)); }
 
 }  // namespace tersor::sparse

@@ -1,14 +1,5 @@
 // CPU implementations of the 2:4 ops: compress (dense -> format v1), decompress, and the linear
 // y = x @ W^T + bias (fp32 accumulation, rounded once). The reference the CUDA kernels are judged against.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/linear.h>
-#include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <atomic>
 #if defined(__x86_64__)
@@ -17,17 +8,20 @@
 #include <bit>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
+#include "common/torch_glue.h"
 #include "sparse/sparse24_format.h"
 #include "sparse/sparse24_glue.h"
+#include "sparse/sparse24_route.h"
 
 namespace tersor::sparse24 {
 namespace {
 
 // Rows of x up to which the linear runs the direct sparse loop; beyond, the product is compute-bound
-// and decompressing once to fp32 + the BLAS GEMM (at::linear) is the faster route on a CPU.
+// and decompressing once to fp32 + the BLAS GEMM (aten::linear) is the faster route on a CPU.
 constexpr int64_t kDirectMaxRows = 16;
 
 template <typename T>
@@ -64,16 +58,16 @@ void decode_row_block(const uint16_t* values, const uint32_t* meta, int64_t K, i
 }
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> compress_impl(const at::Tensor& weight) {
-  const at::Tensor W = weight.contiguous();
+std::tuple<Tensor, Tensor> compress_impl(const Tensor& weight) {
+  const Tensor W = contiguous(weight);
   const int64_t M = W.size(0), K = W.size(1), chunks = K / 4;
-  at::Tensor values = at::empty({M / kRowAlign, K / kTileK, kTileElems}, W.options());
-  at::Tensor meta = at::zeros({M / kRowAlign, K / kColAlign, 32}, W.options().dtype(at::kInt));
+  Tensor values = empty({M / kRowAlign, K / kTileK, kTileElems}, W.scalar_type(), W.device());
+  Tensor meta = zeros({M / kRowAlign, K / kColAlign, 32}, ScalarType::Int, W.device());
   const T* w = W.const_data_ptr<T>();
   T* v = values.mutable_data_ptr<T>();
   uint32_t* mw = reinterpret_cast<uint32_t*>(meta.mutable_data_ptr<int32_t>());
   std::atomic<bool> bad{false};
-  at::parallel_for(0, M / kRowAlign, 1, [&](int64_t b, int64_t e) {
+  torch::stable::parallel_for(0, M / kRowAlign, 1, [&](int64_t b, int64_t e) {
     for (int64_t rb = b; rb < e; ++rb)
       for (int64_t row = rb * kRowAlign; row < (rb + 1) * kRowAlign; ++row)
         for (int64_t ch = 0; ch < chunks; ++ch) {
@@ -91,44 +85,36 @@ std::tuple<at::Tensor, at::Tensor> compress_impl(const at::Tensor& weight) {
           mw[mp.word] |= static_cast<uint32_t>(nib) << mp.shift;
         }
   });
-  if (bad.load()) {  // name the first offending chunk (serial rescan: errors are the rare path)
-    for (int64_t i = 0; i < M * chunks; ++i) {
-      const T* c = w + (i / chunks) * K + 4 * (i % chunks);
-      int n = 0;
-      for (int j = 0; j < 4; ++j) n += (bits16(c[j]) & 0x7fffu) != 0;
-      TORCH_CHECK_VALUE(n <= 2, "sparse24_compress: the weight is not 2:4 sparse: row ", i / chunks, ", columns ",
-                        4 * (i % chunks), "..", 4 * (i % chunks) + 3, " hold ", n,
-                        " non-zeros (at most 2 of every 4 along K are allowed; prune with tersor.sparse.prune_2_4)");
-    }
-  }
+  // Names the first offending chunk (a serial rescan: errors are the rare path).
+  if (bad.load()) throw_first_bad_chunk(reinterpret_cast<const uint16_t*>(w), M, K);
   return {values, meta};
 }
 
-std::tuple<at::Tensor, at::Tensor> compress_cpu(const at::Tensor& weight) {
+std::tuple<Tensor, Tensor> compress_cpu(const Tensor& weight) {
   constexpr const char* op = "sparse24_compress";
   check_value_dtype(weight.scalar_type(), op, "weight");
-  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-d [out_features, in_features], got shape ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(weight.size(0) > 0 && weight.size(0) % kRowAlign == 0 && weight.size(1) > 0 &&
-                        weight.size(1) % kColAlign == 0,
-                    op, ": weight [M, K] needs M a positive multiple of ", kRowAlign, " and K a positive multiple of ",
-                    kColAlign, " (format v1 tiles), got shape ", weight.sizes());
-  if (weight.scalar_type() == at::kHalf) return compress_impl<c10::Half>(weight);
-  return compress_impl<c10::BFloat16>(weight);
+  TERSOR_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-d [out_features, in_features], got shape ",
+                     shape_str(weight));
+  TERSOR_CHECK_VALUE(weight.size(0) > 0 && weight.size(0) % kRowAlign == 0 && weight.size(1) > 0 &&
+                         weight.size(1) % kColAlign == 0,
+                     op, ": weight [M, K] needs M a positive multiple of ", kRowAlign,
+                     " and K a positive multiple of ", kColAlign, " (format v1 tiles), got shape ", shape_str(weight));
+  if (weight.scalar_type() == ScalarType::Half) return compress_impl<Half>(weight);
+  return compress_impl<BFloat16>(weight);
 }
 
-void decompress_into(const at::Tensor& values, const at::Tensor& meta, const Shape& s, uint16_t* out) {
+void decompress_into(const Tensor& values, const Tensor& meta, const Shape& s, uint16_t* out) {
   const uint16_t* v = reinterpret_cast<const uint16_t*>(values.const_data_ptr());
   const uint32_t* mw = reinterpret_cast<const uint32_t*>(meta.const_data_ptr<int32_t>());
-  at::parallel_for(0, s.M / kRowAlign, 1, [&](int64_t b, int64_t e) {
+  torch::stable::parallel_for(0, s.M / kRowAlign, 1, [&](int64_t b, int64_t e) {
     for (int64_t rb = b; rb < e; ++rb) decode_row_block(v, mw, s.K, rb, out + rb * kRowAlign * s.K);
   });
 }
 
-at::Tensor decompress_cpu(const at::Tensor& values_in, const at::Tensor& meta_in) {
+Tensor decompress_cpu(const Tensor& values_in, const Tensor& meta_in) {
   const Shape s = check_packed(values_in, meta_in, "sparse24_decompress");
-  const at::Tensor values = values_in.contiguous(), meta = meta_in.contiguous();
-  at::Tensor out = at::empty({s.M, s.K}, values.options());
+  const Tensor values = contiguous(values_in), meta = contiguous(meta_in);
+  Tensor out = empty({s.M, s.K}, values.scalar_type(), values.device());
   decompress_into(values, meta, s, reinterpret_cast<uint16_t*>(out.mutable_data_ptr()));
   return out;
 }
@@ -136,21 +122,21 @@ at::Tensor decompress_cpu(const at::Tensor& values_in, const at::Tensor& meta_in
 // A tile's stored values widened to fp32 in one contiguous loop before the scatter-multiply. bfloat16 is a
 // shift (vectorizes with SSE2). float16 uses the F16C conversion instruction when the CPU has it (x86-64
 // since 2012; this file is built for baseline x86-64, so the instruction is enabled per function and chosen
-// at run time), else c10's exact scalar conversion. The F16C form was 2x faster for the whole op at batch 1.
-inline void widen_tile(const c10::BFloat16* src, float* dst) {
+// at run time), else the exact scalar conversion of torch's header-only Half. The F16C form was 2x faster for the whole op at batch 1.
+inline void widen_tile(const BFloat16* src, float* dst) {
   for (int i = 0; i < kTileElems; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(src[i].x) << 16);
 }
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-__attribute__((target("avx,f16c"))) void widen_tile_f16c(const c10::Half* src, float* dst) {
+__attribute__((target("avx,f16c"))) void widen_tile_f16c(const Half* src, float* dst) {
   for (int i = 0; i < kTileElems; i += 8)
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
 }
 const bool kCpuHasF16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
 #else
 constexpr bool kCpuHasF16c = false;
-void widen_tile_f16c(const c10::Half*, float*) {}
+void widen_tile_f16c(const Half*, float*) {}
 #endif
-inline void widen_tile(const c10::Half* src, float* dst) {
+inline void widen_tile(const Half* src, float* dst) {
   if (kCpuHasF16c) return widen_tile_f16c(src, dst);
   for (int i = 0; i < kTileElems; ++i) dst[i] = static_cast<float>(src[i]);
 }
@@ -177,12 +163,12 @@ static_assert(hoisted_maps_match_format(), "linear_direct's hoisted lane maps di
 // compile-time constant) so the update of one chunk is a contiguous kB-wide multiply-add that
 // vectorizes; the 16 x kB fp32 accumulators of a row block stay in L1.
 template <typename T, int kB>
-void linear_direct(const at::Tensor& values, const at::Tensor& meta, const Shape& s, const float* xt, int64_t B,
+void linear_direct(const Tensor& values, const Tensor& meta, const Shape& s, const float* xt, int64_t B,
                    const float* bias, T* y) {
   const int64_t K = s.K, ktiles = K / kTileK;
   const T* v = values.const_data_ptr<T>();
   const uint32_t* mw = reinterpret_cast<const uint32_t*>(meta.const_data_ptr<int32_t>());
-  at::parallel_for(0, s.M / kRowAlign, 1, [&](int64_t b, int64_t e) {
+  torch::stable::parallel_for(0, s.M / kRowAlign, 1, [&](int64_t b, int64_t e) {
     alignas(64) float acc[kRowAlign][kB];
     for (int64_t rb = b; rb < e; ++rb) {
       std::fill(&acc[0][0], &acc[0][0] + kRowAlign * kB, 0.f);
@@ -221,12 +207,13 @@ void linear_direct(const at::Tensor& values, const at::Tensor& meta, const Shape
 }
 
 template <typename T>
-void linear_direct_dispatch(const at::Tensor& values, const at::Tensor& meta, const Shape& s, const at::Tensor& xf,
+void linear_direct_dispatch(const Tensor& values, const Tensor& meta, const Shape& s, const Tensor& xf,
                             const float* bias, T* y) {
   const int64_t B = xf.size(0);
   const int64_t kb = B <= 1 ? 1 : B <= 4 ? 4 : B <= 8 ? 8 : 16;
-  at::Tensor xt = at::zeros({s.K, kb}, xf.options());
-  xt.narrow(1, 0, B).copy_(xf.t());
+  Tensor xt = zeros({s.K, kb}, ScalarType::Float, xf.device());
+  Tensor xt_cols = torch::stable::narrow(xt, 1, 0, B);
+  torch::stable::copy_(xt_cols, torch::stable::transpose(xf, 0, 1));
   const float* xp = xt.const_data_ptr<float>();
   switch (kb) {
     case 1: return linear_direct<T, 1>(values, meta, s, xp, B, bias, y);
@@ -236,38 +223,50 @@ void linear_direct_dispatch(const at::Tensor& values, const at::Tensor& meta, co
   }
 }
 
-at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& values_in, const at::Tensor& meta_in,
-                      const std::optional<at::Tensor>& bias) {
+// `path` names a CUDA kernel (auto | gemv | gemm | sm90): the CPU checks it as the CUDA op does (a known
+// name; gemv only up to its row limit) and computes the same product whichever is named.
+Tensor linear_cpu(const Tensor& x, const Tensor& values_in, const Tensor& meta_in, const std::optional<Tensor>& bias,
+                  std::string path) {
   constexpr const char* op = "sparse24_linear";
   const Shape s = check_packed(values_in, meta_in, op);
   const std::vector<int64_t> out_shape = check_linear_inputs(x, bias, values_in, s, op);
-  const at::Tensor values = values_in.contiguous(), meta = meta_in.contiguous();
-  const at::Tensor xf = x.reshape({-1, s.K}).to(at::kFloat).contiguous();
+  parse_path(path, x.numel() / s.K, op);
+  const Tensor values = contiguous(values_in), meta = contiguous(meta_in);
+  const Tensor xf = contiguous(torch::stable::to(torch::stable::reshape(x, {-1, s.K}), ScalarType::Float));
   const int64_t B = xf.size(0);
-  if (B == 0) return at::empty(out_shape, x.options());
-  const std::optional<at::Tensor> bf =
-      bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous()) : std::nullopt;
+  if (B == 0) return empty(out_shape, x.scalar_type(), x.device());
+  const std::optional<Tensor> bf =
+      bias.has_value() ? std::optional<Tensor>(contiguous(torch::stable::to(*bias, ScalarType::Float))) : std::nullopt;
   if (B > kDirectMaxRows) {
-    at::Tensor w = at::empty({s.M, s.K}, values.options());
+    Tensor w = empty({s.M, s.K}, values.scalar_type(), values.device());
     decompress_into(values, meta, s, reinterpret_cast<uint16_t*>(w.mutable_data_ptr()));
-    const at::Tensor wf = w.to(at::kFloat);  // exact widening; the fp32 GEMM accumulates in fp32
-    return at::linear(xf, wf, bf).to(x.scalar_type()).reshape(out_shape);
+    const Tensor wf = torch::stable::to(w, ScalarType::Float);  // exact widening; the fp32 GEMM accumulates in fp32
+    return torch::stable::reshape(torch::stable::to(linear(xf, wf, bf), x.scalar_type()), out_shape);
   }
-  at::Tensor y = at::empty({B, s.M}, x.options());
+  Tensor y = empty({B, s.M}, x.scalar_type(), x.device());
   const float* bp = bf.has_value() ? bf->const_data_ptr<float>() : nullptr;
-  if (values.scalar_type() == at::kHalf)
-    linear_direct_dispatch<c10::Half>(values, meta, s, xf, bp, y.mutable_data_ptr<c10::Half>());
+  if (values.scalar_type() == ScalarType::Half)
+    linear_direct_dispatch<Half>(values, meta, s, xf, bp, y.mutable_data_ptr<Half>());
   else
-    linear_direct_dispatch<c10::BFloat16>(values, meta, s, xf, bp, y.mutable_data_ptr<c10::BFloat16>());
-  return y.reshape(out_shape);
+    linear_direct_dispatch<BFloat16>(values, meta, s, xf, bp, y.mutable_data_ptr<BFloat16>());
+  return torch::stable::reshape(y, out_shape);
+}
+
+// The CUDA routing table (sparse24_route.h) for any compute capability, on any machine: the kernel name
+// sparse24_linear runs for `rows` rows of x with argument `path`; has_sm90_cubin defaults to this build's.
+std::string route(int64_t cc, int64_t rows, std::string path, std::optional<bool> has_sm90_cubin) {
+  return kernel_name(route_linear(cc, rows, path, has_sm90_cubin.value_or(kBuildHasSm90Cubin), "_sparse24_route"));
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) {
-  m.impl("sparse24_compress", &compress_cpu);
-  m.impl("sparse24_decompress", &decompress_cpu);
-  m.impl("sparse24_linear", &linear_cpu);
+STABLE_TORCH_LIBRARY_IMPL(tersor, CPU, m) {
+  m.impl("sparse24_compress", TORCH_BOX(&compress_cpu));
+  m.impl("sparse24_decompress", TORCH_BOX(&decompress_cpu));
+  m.impl("sparse24_linear", TORCH_BOX(&linear_cpu));
 }
+
+// Tensor-free: no backend to dispatch on, so it registers for every key.
+STABLE_TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) { m.impl("_sparse24_route", TORCH_BOX(&route)); }
 
 }  // namespace tersor::sparse24

@@ -8,14 +8,6 @@
 // placement and the hardware's reading disagree, the replay disagrees with the dense reference. The
 // warps are reduced in the kernel's order. (The hardware's summation order inside one MMA is
 // unspecified, so the kernel agrees with this replay to fp32 rounding, not bitwise.)
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -23,6 +15,7 @@
 #include <optional>
 #include <vector>
 
+#include "common/torch_glue.h"
 #include "sparse/sparse24_cuda_traits.h"
 #include "sparse/sparse24_format.h"
 #include "sparse/sparse24_glue.h"
@@ -81,17 +74,17 @@ void mma_sp_replay(const uint16_t a[32][8], const uint16_t b[32][8], const uint3
 }
 
 template <typename T>
-at::Tensor emulate_impl(const at::Tensor& x2, const at::Tensor& values, const at::Tensor& meta, const Shape& s,
-                        const std::optional<at::Tensor>& bias) {
+Tensor emulate_impl(const Tensor& x2, const Tensor& values, const Tensor& meta, const Shape& s,
+                        const std::optional<Tensor>& bias) {
   const int64_t B = x2.size(0), M = s.M, K = s.K, pairs = K / kColAlign;
   const int ntiles = B <= 8 ? 1 : 2;
   const uint16_t* v = reinterpret_cast<const uint16_t*>(values.const_data_ptr());
   const uint32_t* mw = reinterpret_cast<const uint32_t*>(meta.const_data_ptr<int32_t>());
   const uint16_t* x = reinterpret_cast<const uint16_t*>(x2.const_data_ptr());
   const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->const_data_ptr()) : nullptr;
-  at::Tensor y = at::empty({B, M}, x2.options());
+  Tensor y = empty({B, M}, x2.scalar_type(), x2.device());
   T* yp = y.mutable_data_ptr<T>();
-  at::parallel_for(0, M / kRowAlign, 1, [&](int64_t rb0, int64_t rb1) {
+  torch::stable::parallel_for(0, M / kRowAlign, 1, [&](int64_t rb0, int64_t rb1) {
     std::vector<float> partial(Traits::kWarps * 2 * 16 * 8);
     for (int64_t rb = rb0; rb < rb1; ++rb) {
       std::fill(partial.begin(), partial.end(), 0.f);
@@ -138,18 +131,18 @@ at::Tensor emulate_impl(const at::Tensor& x2, const at::Tensor& values, const at
 // matrix i, row t / 4 at elements 2 (t % 4), +1, where matrix i's row r is the address lane 8 i + r gave),
 // and the D fragments are stored as the kernel stores them.
 template <typename T>
-at::Tensor emulate_gemm(const at::Tensor& x2, const at::Tensor& values, const at::Tensor& meta, const Shape& s,
-                        const std::optional<at::Tensor>& bias) {
+Tensor emulate_gemm(const Tensor& x2, const Tensor& values, const Tensor& meta, const Shape& s,
+                        const std::optional<Tensor>& bias) {
   using G = Sparse24GemmTraits;
   const int64_t N = x2.size(0), M = s.M, K = s.K, row_blocks = M / kRowAlign, ksteps = K / G::kBK;
   const uint16_t* v = reinterpret_cast<const uint16_t*>(values.const_data_ptr());
   const uint32_t* mw = reinterpret_cast<const uint32_t*>(meta.const_data_ptr<int32_t>());
   const uint16_t* x = reinterpret_cast<const uint16_t*>(x2.const_data_ptr());
   const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->const_data_ptr()) : nullptr;
-  at::Tensor y = at::empty({N, M}, x2.options());
+  Tensor y = empty({N, M}, x2.scalar_type(), x2.device());
   T* yp = y.mutable_data_ptr<T>();
   const int64_t grid_m = (row_blocks + G::kRowBlocks - 1) / G::kRowBlocks, grid_n = (N + G::kBN - 1) / G::kBN;
-  at::parallel_for(0, grid_m * grid_n, 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, grid_m * grid_n, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> stage(G::kStageBytes);
     std::vector<float> acc(G::kWarps * G::kMTiles * G::kNTiles * 128);  // [warp][mt][nt][16 x 8]
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -233,8 +226,8 @@ at::Tensor emulate_gemm(const at::Tensor& x2, const at::Tensor& values, const at
 // (sm90_d_pos). Faults for the tests: 1 = selector 0 for both k-tiles, 2 = LBO and SBO swapped in the
 // descriptor, 3 = warps take their neighbour's row block (warp ^ 1).
 template <typename T>
-at::Tensor emulate_sm90(const at::Tensor& x2, const at::Tensor& values, const at::Tensor& meta, const Shape& s,
-                        const std::optional<at::Tensor>& bias, int64_t fault) {
+Tensor emulate_sm90(const Tensor& x2, const Tensor& values, const Tensor& meta, const Shape& s,
+                        const std::optional<Tensor>& bias, int64_t fault) {
   using S = Sparse24Sm90Traits;
   const int64_t N = x2.size(0), M = s.M, K = s.K, row_blocks = M / kRowAlign, ksteps = K / S::kBK;
   const uint16_t* v = reinterpret_cast<const uint16_t*>(values.const_data_ptr());
@@ -242,11 +235,12 @@ at::Tensor emulate_sm90(const at::Tensor& x2, const at::Tensor& values, const at
   const uint16_t* x = reinterpret_cast<const uint16_t*>(x2.const_data_ptr());
   const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->const_data_ptr()) : nullptr;
   // NaN-filled: an output no block writes (a launch-order mapping that is not a bijection) shows.
-  at::Tensor y = at::full({N, M}, std::numeric_limits<float>::quiet_NaN(), x2.options());
+  Tensor y = torch::stable::full({N, M}, std::numeric_limits<double>::quiet_NaN(), x2.scalar_type(), std::nullopt,
+                                x2.device());
   T* yp = y.mutable_data_ptr<T>();
   const int64_t grid_m = (row_blocks + S::kRowBlocks - 1) / S::kRowBlocks, grid_n = (N + S::kBN - 1) / S::kBN;
   constexpr int kAccPerThread = S::kNInstr * S::kAccPerInstr;
-  at::parallel_for(0, grid_m * grid_n, 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, grid_m * grid_n, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> stage(S::kStageBytes);
     std::vector<float> acc(static_cast<size_t>(S::kThreads) * kAccPerThread);  // [thread][ni][i]
     std::vector<float> C(16 * S::kInstrN), Bm(32 * S::kInstrN);
@@ -335,27 +329,27 @@ at::Tensor emulate_sm90(const at::Tensor& x2, const at::Tensor& values, const at
   return y;
 }
 
-at::Tensor emulate_sm90_linear(const at::Tensor& x, const at::Tensor& values_in, const at::Tensor& meta_in,
-                               const std::optional<at::Tensor>& bias, int64_t fault) {
+Tensor emulate_sm90_linear(const Tensor& x, const Tensor& values_in, const Tensor& meta_in,
+                               const std::optional<Tensor>& bias, int64_t fault) {
   constexpr const char* op = "_sparse24_emulate_sm90_linear";
-  TORCH_CHECK_VALUE(fault >= 0 && fault <= 3, op, ": fault must be 0 (none) or 1..3, got ", fault);
+  TERSOR_CHECK_VALUE(fault >= 0 && fault <= 3, op, ": fault must be 0 (none) or 1..3, got ", fault);
   const Shape s = check_packed(values_in, meta_in, op);
   const std::vector<int64_t> out_shape = check_linear_inputs(x, bias, values_in, s, op);
-  const at::Tensor x2 = x.reshape({-1, s.K}).contiguous();
-  const at::Tensor values = values_in.contiguous(), meta = meta_in.contiguous();
-  if (x2.size(0) == 0) return at::empty(out_shape, x.options());
-  std::optional<at::Tensor> b;
-  if (bias.has_value()) b = bias->contiguous();
-  const at::Tensor y = values.scalar_type() == at::kHalf ? emulate_sm90<c10::Half>(x2, values, meta, s, b, fault)
-                                                         : emulate_sm90<c10::BFloat16>(x2, values, meta, s, b, fault);
-  return y.reshape(out_shape);
+  const Tensor x2 = contiguous(torch::stable::reshape(x, {-1, s.K}));
+  const Tensor values = contiguous(values_in), meta = contiguous(meta_in);
+  if (x2.size(0) == 0) return empty(out_shape, x.scalar_type(), x.device());
+  std::optional<Tensor> b;
+  if (bias.has_value()) b = contiguous(*bias);
+  const Tensor y = values.scalar_type() == ScalarType::Half ? emulate_sm90<Half>(x2, values, meta, s, b, fault)
+                                                            : emulate_sm90<BFloat16>(x2, values, meta, s, b, fault);
+  return torch::stable::reshape(y, out_shape);
 }
 
 // Every element of a stage's x tile: stored by the copy (each 16-byte chunk once, inside the tile), then
 // read back through every wgmma's descriptor fields at the element the PTX layout says it is.
-at::Tensor sm90_layout_check(int64_t fault) {
+Tensor sm90_layout_check(int64_t fault) {
   using S = Sparse24Sm90Traits;
-  TORCH_CHECK_VALUE(fault == 0 || fault == 1, "_sparse24_sm90_layout_check: fault must be 0 or 1, got ", fault);
+  TERSOR_CHECK_VALUE(fault == 0 || fault == 1, "_sparse24_sm90_layout_check: fault must be 0 or 1, got ", fault);
   constexpr int kElems = S::kXStageBytes / 2;
   std::vector<int32_t> image(kElems, -1);
   int64_t checked = 0, bad = 0;
@@ -387,40 +381,40 @@ at::Tensor sm90_layout_check(int64_t fault) {
             ++bad;
         }
     }
-  at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kLong));
+  Tensor out = empty({2}, ScalarType::Long, Device(DeviceType::CPU));
   out.mutable_data_ptr<int64_t>()[0] = checked;
   out.mutable_data_ptr<int64_t>()[1] = bad;
   return out;
 }
 
-at::Tensor emulate_cuda_linear(const at::Tensor& x, const at::Tensor& values_in, const at::Tensor& meta_in,
-                               const std::optional<at::Tensor>& bias) {
+Tensor emulate_cuda_linear(const Tensor& x, const Tensor& values_in, const Tensor& meta_in,
+                               const std::optional<Tensor>& bias) {
   constexpr const char* op = "_sparse24_emulate_cuda_linear";
   const Shape s = check_packed(values_in, meta_in, op);
   const std::vector<int64_t> out_shape = check_linear_inputs(x, bias, values_in, s, op);
-  const at::Tensor x2 = x.reshape({-1, s.K}).contiguous();
-  const at::Tensor values = values_in.contiguous(), meta = meta_in.contiguous();
-  if (x2.size(0) == 0) return at::empty(out_shape, x.options());
-  std::optional<at::Tensor> b;
-  if (bias.has_value()) b = bias->contiguous();
-  const bool half = values.scalar_type() == at::kHalf;
+  const Tensor x2 = contiguous(torch::stable::reshape(x, {-1, s.K}));
+  const Tensor values = contiguous(values_in), meta = contiguous(meta_in);
+  if (x2.size(0) == 0) return empty(out_shape, x.scalar_type(), x.device());
+  std::optional<Tensor> b;
+  if (bias.has_value()) b = contiguous(*bias);
+  const bool half = values.scalar_type() == ScalarType::Half;
   // The kernel the CUDA op picks for this many rows of x.
-  const at::Tensor y = x2.size(0) >= Sparse24GemmTraits::kMinBatch
-                           ? (half ? emulate_gemm<c10::Half>(x2, values, meta, s, b)
-                                   : emulate_gemm<c10::BFloat16>(x2, values, meta, s, b))
-                           : (half ? emulate_impl<c10::Half>(x2, values, meta, s, b)
-                                   : emulate_impl<c10::BFloat16>(x2, values, meta, s, b));
-  return y.reshape(out_shape);
+  const Tensor y = x2.size(0) >= Sparse24GemmTraits::kMinBatch
+                       ? (half ? emulate_gemm<Half>(x2, values, meta, s, b) : emulate_gemm<BFloat16>(x2, values, meta, s, b))
+                       : (half ? emulate_impl<Half>(x2, values, meta, s, b) : emulate_impl<BFloat16>(x2, values, meta, s, b));
+  return torch::stable::reshape(y, out_shape);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tersor, CPU, m) {
-  m.impl("_sparse24_emulate_cuda_linear", &emulate_cuda_linear);
-  m.impl("_sparse24_emulate_sm90_linear", &emulate_sm90_linear);
+STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CPU, m) {
+  m.impl("_sparse24_emulate_cuda_linear", TORCH_BOX(&emulate_cuda_linear));
+  m.impl("_sparse24_emulate_sm90_linear", TORCH_BOX(&emulate_sm90_linear));
 }
 
-// No tensor argument: registered for every dispatch key (CompositeExplicitAutograd would need an input).
-TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) { m.impl("_sparse24_sm90_layout_check", &sm90_layout_check); }
+// No tensor argument: registered for every dispatch key.
+STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CompositeExplicitAutograd, m) {
+  m.impl("_sparse24_sm90_layout_check", TORCH_BOX(&sm90_layout_check));
+}
 
 }  // namespace tersor::sparse24

@@ -1,13 +1,13 @@
 // Argument checking shared by the 2:4 family's CPU ops, CUDA glue and CPU replay (host C++ only).
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
-
 #include <cstdint>
 #include <optional>
+#include <sstream>
+#include <string>
 #include <vector>
 
+#include "common/torch_glue.h"
 #include "sparse/sparse24_format.h"
 
 namespace tersor::sparse24 {
@@ -16,53 +16,79 @@ struct Shape {
   int64_t M = 0, K = 0;
 };
 
-inline void check_value_dtype(c10::ScalarType t, const char* op, const char* what) {
-  TORCH_CHECK_TYPE(t == at::kHalf || t == at::kBFloat16, op, ": ", what, " must be float16 or bfloat16, got ", t);
+// "[2, 3, 4]" (torch's way of printing a shape, for error messages).
+inline std::string shape_str(const Tensor& t) {
+  std::ostringstream os;
+  os << "[";
+  for (int64_t d = 0; d < t.dim(); ++d) os << (d ? ", " : "") << t.size(d);
+  os << "]";
+  return os.str();
+}
+
+inline void check_value_dtype(ScalarType t, const char* op, const char* what) {
+  TERSOR_CHECK_TYPE(t == ScalarType::Half || t == ScalarType::BFloat16, op, ": ", what,
+                    " must be float16 or bfloat16, got ", dtype_name(t));
 }
 
 // The weight's geometry from values [M/16, K/32, 256] and meta [M/16, K/64, 32] (format v1), with
 // every shape/dtype/device rule checked; contents are validated by tersor.sparse.load_2_4.
-inline Shape check_packed(const at::Tensor& values, const at::Tensor& meta, const char* op) {
+inline Shape check_packed(const Tensor& values, const Tensor& meta, const char* op) {
   check_value_dtype(values.scalar_type(), op, "values");
-  TORCH_CHECK_TYPE(meta.scalar_type() == at::kInt, op, ": meta must be int32, got ", meta.scalar_type());
-  TORCH_CHECK_VALUE(values.dim() == 3 && values.size(2) == kTileElems, op,
-                    ": values must be [M/16, K/32, 256] (2:4 format v1), got shape ", values.sizes());
-  TORCH_CHECK_VALUE(meta.dim() == 3 && meta.size(2) == 32, op,
-                    ": meta must be [M/16, K/64, 32] (2:4 format v1), got shape ", meta.sizes());
+  TERSOR_CHECK_TYPE(meta.scalar_type() == ScalarType::Int, op, ": meta must be int32, got ",
+                    dtype_name(meta.scalar_type()));
+  TERSOR_CHECK_VALUE(values.dim() == 3 && values.size(2) == kTileElems, op,
+                     ": values must be [M/16, K/32, 256] (2:4 format v1), got shape ", shape_str(values));
+  TERSOR_CHECK_VALUE(meta.dim() == 3 && meta.size(2) == 32, op,
+                     ": meta must be [M/16, K/64, 32] (2:4 format v1), got shape ", shape_str(meta));
   Shape s;
   s.M = values.size(0) * kRowAlign;
   s.K = values.size(1) * kTileK;
-  TORCH_CHECK_VALUE(s.M > 0 && s.K > 0 && s.K % kColAlign == 0, op,
-                    ": values must hold a positive number of 16-row blocks and an even number of 32-column k-tiles "
-                    "(K % 64 == 0), got shape ", values.sizes());
-  TORCH_CHECK_VALUE(meta.size(0) == values.size(0) && meta.size(1) * kColAlign == s.K, op, ": meta shape ",
-                    meta.sizes(), " does not match values shape ", values.sizes(), " (expected [", values.size(0), ", ",
-                    s.K / kColAlign, ", 32])");
-  TORCH_CHECK(values.device() == meta.device(), op, ": values and meta must be on the same device, got ",
-              values.device(), " and ", meta.device());
-  TORCH_CHECK_VALUE(s.K < (int64_t{1} << 31) && s.M < (int64_t{1} << 31), op, ": weight too large");
+  TERSOR_CHECK_VALUE(s.M > 0 && s.K > 0 && s.K % kColAlign == 0, op,
+                     ": values must hold a positive number of 16-row blocks and an even number of 32-column "
+                     "k-tiles (K % 64 == 0), got shape ", shape_str(values));
+  TERSOR_CHECK_VALUE(meta.size(0) == values.size(0) && meta.size(1) * kColAlign == s.K, op, ": meta shape ",
+                     shape_str(meta), " does not match values shape ", shape_str(values), " (expected [",
+                     values.size(0), ", ", s.K / kColAlign, ", 32])");
+  TERSOR_CHECK(values.device() == meta.device(), op, ": values and meta must be on the same device, got ",
+               device_str(values), " and ", device_str(meta));
+  TERSOR_CHECK_VALUE(s.K < (int64_t{1} << 31) && s.M < (int64_t{1} << 31), op, ": weight too large");
   return s;
 }
 
 // Checks x [..., K] (values' dtype, same device) and bias [M] and returns y's shape [..., M].
-inline std::vector<int64_t> check_linear_inputs(const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                                                const at::Tensor& values, const Shape& s, const char* op) {
-  TORCH_CHECK_TYPE(x.scalar_type() == values.scalar_type(), op, ": x must have the weight's dtype ",
-                   values.scalar_type(), ", got ", x.scalar_type());
-  TORCH_CHECK(x.device() == values.device(), op, ": x must be on the weight's device ", values.device(), ", got ",
-              x.device());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == s.K, op, ": x's last dim must be in_features = ", s.K,
-                    ", got shape ", x.sizes());
+inline std::vector<int64_t> check_linear_inputs(const Tensor& x, const std::optional<Tensor>& bias,
+                                                const Tensor& values, const Shape& s, const char* op) {
+  TERSOR_CHECK_TYPE(x.scalar_type() == values.scalar_type(), op, ": x must have the weight's dtype ",
+                    dtype_name(values.scalar_type()), ", got ", dtype_name(x.scalar_type()));
+  TERSOR_CHECK(x.device() == values.device(), op, ": x must be on the weight's device ", device_str(values),
+               ", got ", device_str(x));
+  TERSOR_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == s.K, op, ": x's last dim must be in_features = ", s.K,
+                     ", got shape ", shape_str(x));
   if (bias.has_value()) {
-    TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), op, ": bias must have the weight's dtype ",
-                     values.scalar_type(), ", got ", bias->scalar_type());
-    TORCH_CHECK(bias->device() == values.device(), op, ": bias must be on the weight's device");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.M, op, ": bias must be [out_features = ", s.M,
-                      "], got shape ", bias->sizes());
+    TERSOR_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), op, ": bias must have the weight's dtype ",
+                      dtype_name(values.scalar_type()), ", got ", dtype_name(bias->scalar_type()));
+    TERSOR_CHECK(bias->device() == values.device(), op, ": bias must be on the weight's device");
+    TERSOR_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.M, op, ": bias must be [out_features = ", s.M,
+                       "], got shape ", shape_str(*bias));
   }
-  std::vector<int64_t> out(x.sizes().begin(), x.sizes().end());
+  std::vector<int64_t> out = sizes_vec(x);
   out.back() = s.M;
   return out;
+}
+
+// The error for a weight that is not 2:4: names the first chunk of 4 along K (row-major order) holding more
+// than 2 non-zeros (16-bit patterns w [M, K], row-major, on the host; -0.0 counts as zero). Serial: compress
+// runs it only once its parallel pass (CPU) or kernel (CUDA) has found a bad chunk.
+inline void throw_first_bad_chunk(const uint16_t* w, int64_t M, int64_t K) {
+  const int64_t chunks = K / 4;
+  for (int64_t i = 0; i < M * chunks; ++i) {
+    const uint16_t* c = w + (i / chunks) * K + 4 * (i % chunks);
+    int n = 0;
+    for (int j = 0; j < 4; ++j) n += (c[j] & 0x7fffu) != 0;
+    TERSOR_CHECK_VALUE(n <= 2, "sparse24_compress: the weight is not 2:4 sparse: row ", i / chunks, ", columns ",
+                       4 * (i % chunks), "..", 4 * (i % chunks) + 3, " hold ", n,
+                       " non-zeros (at most 2 of every 4 along K are allowed; prune with tersor.sparse.prune_2_4)");
+  }
 }
 
 }  // namespace tersor::sparse24

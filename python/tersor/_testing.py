@@ -11,7 +11,7 @@ import torch
 
 from . import _C_testing  # noqa: F401  -- registers torch.ops.tersor_testing.*
 from ._errors import CheckedOps
-from .ops import _sparse24_linear_fake_impl
+from .ops import _bsr_linear_fake, _sparse24_linear_fake_impl
 
 #: ``torch.ops.tersor_testing`` whose C++ checks raise the Python error type they name (see tersor._errors).
 lib = CheckedOps(torch.ops.tersor_testing)
@@ -30,6 +30,14 @@ def _sparse24_emulate_sm90_fake(x, values, meta, bias=None, fault=0):
 @torch.library.register_fake("tersor_testing::_sparse24_sm90_layout_check")
 def _sparse24_sm90_layout_check_fake(fault=0):
     return torch.empty(2, dtype=torch.int64)
+
+
+@torch.library.register_fake("tersor_testing::_bsr_emulate_cuda_linear")
+def _bsr_emulate_cuda_linear_fake(x, crow_indices, col_indices, values, schedule, in_features, bias=None):
+    y = _bsr_linear_fake(x, crow_indices, col_indices, values, schedule, in_features, bias)
+    torch._check_type(x.dtype in (torch.float16, torch.bfloat16), lambda: "_bsr_emulate_cuda_linear: the "
+                      f"tensor-core kernel takes float16 or bfloat16, got {x.dtype}")
+    return y
 
 
 @torch.library.register_fake("tersor_testing::_sage_float_to_e4m3")

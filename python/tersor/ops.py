@@ -244,12 +244,30 @@ def sparse24_decompress(values: torch.Tensor, meta: torch.Tensor) -> torch.Tenso
     return _lib.sparse24_decompress(values, meta)
 
 
+#: Values of sparse24_linear's ``path`` argument: "auto" (the routing rule) or one forced CUDA kernel.
+SPARSE24_PATHS = ("auto", "gemv", "gemm", "sm90")
+#: Most rows of x the ``mma.sp`` GEMV takes (Sparse24GemvTraits::kMaxBatch), so ``path="gemv"`` beyond is a ValueError.
+SPARSE24_GEMV_MAX_ROWS = 16
+
+
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    bias: Optional[torch.Tensor] = None, path: str = "auto") -> torch.Tensor:
     """``x @ W.T + bias`` for a format v1 2:4 weight ``W [M, K]``, ``x [..., K]`` of W's dtype; fp32
     accumulation, rounded once. CUDA: the ``mma.sp`` GEMV for at most 16 rows of x, the tiled
-    ``cp.async`` ``mma.sp`` GEMM beyond."""
-    return _lib.sparse24_linear(x, values, meta, bias)
+    ``cp.async`` ``mma.sp`` GEMM beyond, on compute capability 9.0 (sm90a build) the ``wgmma.sp`` GEMM from
+    128 rows (:func:`sparse24_route` says which). ``path`` (one of ``SPARSE24_PATHS``) forces one CUDA
+    kernel: ``"gemv"`` for more than 16 rows is a ``ValueError`` (on every device), a kernel the GPU cannot run
+    a ``NotImplementedError`` naming the paths it can. The CPU checks ``path`` and computes the same product.
+    (It is not called ``kernel``: inductor's fallback lowering of custom ops reserves that keyword.)"""
+    return _lib.sparse24_linear(x, values, meta, bias, path)
+
+
+def sparse24_route(cc: int, rows: int, path: str = "auto", has_sm90_cubin: Optional[bool] = None) -> str:
+    """The CUDA kernel (``"gemv"``, ``"gemm"`` or ``"sm90"``) :func:`sparse24_linear` runs for ``rows`` rows of x
+    and ``path`` on a GPU of compute capability ``cc`` (``10 * major + minor``), from the C++ routing table
+    itself (csrc/sparse/sparse24_route.h). ``has_sm90_cubin`` defaults to this build's. Raises what the op
+    would raise there (``ValueError``, ``NotImplementedError``)."""
+    return _lib._sparse24_route(cc, rows, path, has_sm90_cubin)
 
 
 def _sparse24_shape_fake(values, meta, op):
@@ -293,8 +311,15 @@ def _sparse24_linear_fake_impl(x, values, meta, bias, op):
 
 
 @torch.library.register_fake("tersor::sparse24_linear")
-def _sparse24_linear_fake(x, values, meta, bias=None):
-    return _sparse24_linear_fake_impl(x, values, meta, bias, "sparse24_linear")
+def _sparse24_linear_fake(x, values, meta, bias=None, path="auto"):
+    op = "sparse24_linear"
+    y = _sparse24_linear_fake_impl(x, values, meta, bias, op)
+    torch._check_value(path in SPARSE24_PATHS, lambda: f"{op}: path must be auto, gemv, gemm or sm90, got '{path}'")
+    if path == "gemv":
+        rows = x.numel() // x.shape[-1]
+        torch._check_value(rows <= SPARSE24_GEMV_MAX_ROWS, lambda: f"{op}: path='gemv' takes at most "
+                           f"{SPARSE24_GEMV_MAX_ROWS} rows of x, got {rows}")
+    return y
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .. import ops as _ops  # noqa: F401  -- registers the fake kernels
+from .. import ops as _ops  # also registers the fake kernels
 
 BSR_FORMAT_VERSION = 1
 BLOCKSIZES = (16, 32, 64)
@@ -139,7 +139,7 @@ def load_bsr(state: dict) -> BSRWeight:
     # The C++ check (metadata, index ranges, schedule coverage), then column order within rows.
     # (values' data is never read: a zero-stride CPU stand-in carries its shape and dtype)
     values_meta = torch.empty_strided(tuple(values.shape), (0, 0, 0), dtype=values.dtype)
-    torch.ops.tersor._bsr_check(crow.cpu(), col.cpu(), values_meta, schedule.cpu(), k)
+    _ops.lib._bsr_check(crow.cpu(), col.cpu(), values_meta, schedule.cpu(), k)
     c64, r64 = col.cpu().to(torch.int64), crow.cpu().to(torch.int64)
     if c64.numel() > 1:
         same_row = torch.repeat_interleave(torch.arange(n // bs), r64[1:] - r64[:-1])
@@ -249,6 +249,7 @@ def _make(crow, cols, values, shape, chunk_blocks):
 def bsr_linear(x: torch.Tensor, bsr: BSRWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for a :class:`BSRWeight` ``W [N, K]`` and ``x [..., K]`` of W's dtype (float32,
     float16, bfloat16): fp32 accumulation, rounded once to x's dtype; empty block rows give ``bias`` (or 0).
-    CUDA: a tensor-core kernel (fp16/bf16) that skips the absent blocks; deterministic."""
-    return torch.ops.tersor.bsr_linear(x, bsr.crow_indices, bsr.col_indices, bsr.values, bsr.schedule,
-                                       bsr.shape[1], bias)
+    CUDA: a tensor-core kernel (fp16/bf16) that skips the absent blocks; deterministic. The CUDA op reads the
+    index arrays on the host on every call (one stream sync) to validate them before the kernel uses them; inside
+    a CUDA-graph capture it accepts only index tensors an earlier uncaptured call validated (warm up first)."""
+    return _ops.lib.bsr_linear(x, bsr.crow_indices, bsr.col_indices, bsr.values, bsr.schedule, bsr.shape[1], bias)

@@ -140,6 +140,17 @@ def decompress_2_4(w: Sparse24Weight) -> torch.Tensor:
     return ops.sparse24_decompress(w.values, w.meta)
 
 
-def linear_2_4(x: torch.Tensor, w: Sparse24Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ W.T + bias`` (fp32 accumulation, output in x's dtype = W's dtype)."""
-    return ops.sparse24_linear(x, w.values, w.meta, bias)
+def linear_2_4(x: torch.Tensor, w: Sparse24Weight, bias: Optional[torch.Tensor] = None,
+               path: str = "auto") -> torch.Tensor:
+    """``x @ W.T + bias`` (fp32 accumulation, output in x's dtype = W's dtype). ``path`` forces one CUDA
+    kernel (``"gemv"``, ``"gemm"``, ``"sm90"``; default ``"auto"``), see :func:`tersor.ops.sparse24_linear`."""
+    return ops.sparse24_linear(x, w.values, w.meta, bias, path)
+
+
+def cuda_path_2_4(rows: int, path: str = "auto", device=None) -> str:
+    """The CUDA kernel (``"gemv"``, ``"gemm"`` or ``"sm90"``) :func:`linear_2_4` runs for ``rows`` rows of x on
+    ``device`` (default: the current CUDA device), as the op's own routing table decides
+    (:func:`tersor.ops.sparse24_route`); raises what the op would (e.g. ``NotImplementedError`` for
+    ``path="sm90"`` off compute capability 9.0)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return ops.sparse24_route(10 * major + minor, rows, path)
