@@ -1,7 +1,6 @@
 // CPU implementation of the E8P12 (QuIP#) ops: the packed table, decode, and the lookup GEMV that is
 // both the CPU fallback and the reference the CUDA kernels are judged against.
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -132,7 +131,7 @@ void gemv_rowpair_scalar(const GemvArgs& a, int64_t I, int g, int64_t b0) {
 // For the helpers of the hot loop: a call would spill every accumulator (all xmm registers are caller-saved).
 #define TERSOR_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
 
-constexpr uint16_t bf16_bits(float v) { return static_cast<uint16_t>(std::bit_cast<uint32_t>(v) >> 16); }
+constexpr uint16_t bf16_bits(float v) { return static_cast<uint16_t>(__builtin_bit_cast(uint32_t, v) >> 16); }
 
 // The two per-code tables are separate objects, each at offset 0, so that a scaled index addresses a row
 // without an extra add (GCC folds a member offset into the index instead).

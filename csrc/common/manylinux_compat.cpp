@@ -49,3 +49,22 @@ __asm__(
     ".globl _ZSt28__throw_bad_array_new_lengthv\n"
     ".hidden _ZSt28__throw_bad_array_new_lengthv\n"
     ".set _ZSt28__throw_bad_array_new_lengthv, tersor_throw_bad_array_new_length\n");
+
+// glibc 2.29 gave exp, exp2, log, log2 and pow new implementations under new symbol versions (GLIBC_2.29).
+// The GLIBC_2.2.5 versions remain in every glibc: on glibc >= 2.29 they are wrappers around the same new code
+// that only add the old SVID error handling, so results here are unchanged; on glibc 2.28 they are that
+// release's implementations (results may differ in the last ulp, as any two libms may). Each name below is
+// a hidden alias of a forwarder to the old version, so the module's calls bind to it at link time.
+#define TERSOR_OLD_LIBM(name, sig, args)                                                            \
+  extern "C" double tersor_glibc_2_2_5_##name sig;                                                 \
+  __asm__(".symver tersor_glibc_2_2_5_" #name ", " #name "@GLIBC_2.2.5");                          \
+  extern "C" __attribute__((visibility("hidden"), used)) double tersor_forward_##name sig {          \
+    return tersor_glibc_2_2_5_##name args;                                                         \
+  }                                                                                                \
+  __asm__(".globl " #name "\n.hidden " #name "\n.set " #name ", tersor_forward_" #name "\n");
+TERSOR_OLD_LIBM(exp, (double x), (x))
+TERSOR_OLD_LIBM(exp2, (double x), (x))
+TERSOR_OLD_LIBM(log, (double x), (x))
+TERSOR_OLD_LIBM(log2, (double x), (x))
+TERSOR_OLD_LIBM(pow, (double x, double y), (x, y))
+#undef TERSOR_OLD_LIBM

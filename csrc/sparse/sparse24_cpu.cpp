@@ -5,7 +5,6 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
-#include <bit>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -124,7 +123,7 @@ Tensor decompress_cpu(const Tensor& values_in, const Tensor& meta_in) {
 // since 2012; this file is built for baseline x86-64, so the instruction is enabled per function and chosen
 // at run time), else the exact scalar conversion of torch's header-only Half. The F16C form was 2x faster for the whole op at batch 1.
 inline void widen_tile(const BFloat16* src, float* dst) {
-  for (int i = 0; i < kTileElems; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(src[i].x) << 16);
+  for (int i = 0; i < kTileElems; ++i) dst[i] = __builtin_bit_cast(float, static_cast<uint32_t>(src[i].x) << 16);
 }
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 __attribute__((target("avx,f16c"))) void widen_tile_f16c(const Half* src, float* dst) {
