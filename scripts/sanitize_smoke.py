@@ -113,15 +113,13 @@ for dtype in (torch.float16, torch.bfloat16):
 # 256- and 128-row x tiles, one k-step (shorter than the pipeline) and several.
 if torch.cuda.get_device_capability() == (9, 0) and any(
         a.startswith("90") for a in tersor.ops.build_info().get("cuda_archs", "").split(",")):
-    os.environ["TERSOR_SPARSE24_PATH"] = "sm90"
     for dtype in (torch.float16, torch.bfloat16):
         for m, k in ((16, 64), (144, 576), (272, 128)):
             p = compress_2_4(prune_2_4(torch.randn(m, k, device="cuda").to(dtype)))
             for b in (1, 130, 257):
                 ops.sparse24_linear(torch.randn(b, k, device="cuda").to(dtype), p.values, p.meta,
-                                    torch.randn(m, device="cuda").to(dtype))
+                                    torch.randn(m, device="cuda").to(dtype), path="sm90")
                 launches += 1
-    del os.environ["TERSOR_SPARSE24_PATH"]
 bad = torch.ones(16, 64, device="cuda", dtype=torch.float16)
 try:
     compress_2_4(bad)
