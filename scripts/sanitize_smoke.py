@@ -2,7 +2,6 @@
 including the codec decoders on corrupted and forged streams: they must fail cleanly, never touch memory
 out of bounds."""
 
-import os
 import random
 import struct
 import sys
