@@ -1,5 +1,6 @@
 // CUDA implementation of bsr_linear (torch glue; kernel in bsr_cuda_kernel.cuh). float16/bfloat16 run the
 // tensor-core kernel; float32 builds the dense weight on the device and calls aten::linear (no fp32 kernel).
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <mutex>
@@ -116,14 +117,20 @@ class BsrIndexCheck {
   // entries_ runs from the least to the most recently checked set, each key at most once.
   void forget(const Key& key) {
     const std::lock_guard<std::mutex> lock(mu_);
-    std::erase_if(entries_, [&](const Entry& e) { return e.key == key; });
+    erase_key(key);
   }
 
   void remember(Entry e) {
     const std::lock_guard<std::mutex> lock(mu_);
-    std::erase_if(entries_, [&](const Entry& old) { return old.key == e.key; });
+    erase_key(e.key);
     if (entries_.size() >= kCapacity) entries_.erase(entries_.begin());
     entries_.push_back(std::move(e));
+  }
+
+  // Caller holds mu_.
+  void erase_key(const Key& key) {
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [&](const Entry& e) { return e.key == key; }),
+                   entries_.end());
   }
 
   std::mutex mu_;
