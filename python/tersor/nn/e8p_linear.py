@@ -24,6 +24,10 @@ class E8PLinear(nn.Module):
     GEMV (:func:`tersor.ops.e8p_linear`: fused decode + tensor-core GEMV on CUDA for <= 8 rows, x in
     fp16 there; lookup GEMV or decode + matmul on CPU), the output transform, ``* SV * Wscale`` and bias
     in fp32, returned in ``x``'s dtype. ``resid_scale`` (3/4-bit RVQ) defaults to QuIP#'s 2.04 / 3.45.
+
+    Every argument is checked here (TypeError for dtypes, ValueError for shapes and values). ``Qidxs``,
+    ``SU`` and ``SV`` are kept as given (aliased, no copy); ``Wscale`` becomes an fp32 scalar; ``bias`` is
+    always copied.
     """
 
     tersor_format = "e8p"
