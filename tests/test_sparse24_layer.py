@@ -62,6 +62,25 @@ def test_load_rejects_corrupt_metadata():
         SparseLinear(64, 16).load_state_dict(sd)
 
 
+def test_fp32_layer_stores_bfloat16_and_returns_fp32():
+    # An fp32 nn.Linear gives an fp32 layer (issue 13): values in bfloat16, x rounded to bfloat16, fp32 bias/output.
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 32)
+    layer = SparseLinear.from_linear(lin)
+    assert layer.values.dtype == torch.bfloat16 and layer.bias.dtype == torch.float32
+    x = torch.randn(3, 128)
+    w = prune_2_4(lin.weight.detach()).bfloat16().float()
+    ref = x.bfloat16().float() @ w.T + lin.bias.detach()
+    y = layer(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
+    with pytest.raises(TypeError, match="float32"):
+        layer(x.half())
+    fresh = SparseLinear(128, 32, dtype=torch.float32)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x), y)
+
+
 def test_fresh_layer_is_zero_and_valid():
     layer = SparseLinear(64, 32, bias=False, dtype=torch.bfloat16)
     assert torch.equal(layer(torch.randn(2, 64).bfloat16()), torch.zeros(2, 32).bfloat16())
@@ -73,7 +92,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="pattern"):
         SparseLinear.from_linear(nn.Linear(64, 16), pattern="4:8")
     with pytest.raises(TypeError, match="float16 or bfloat16"):
-        SparseLinear.from_linear(nn.Linear(64, 16))  # fp32 weight, no dtype given
+        SparseLinear.from_linear(nn.Linear(64, 16).double())  # fp64 weight, no dtype given
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        SparseLinear(64, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="in_features % 64"):
         SparseLinear.from_linear(nn.Linear(48, 16), dtype=torch.half)
     with pytest.raises(TypeError, match="nn.Linear"):

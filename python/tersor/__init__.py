@@ -12,4 +12,9 @@ from .ops import build_info, hadamard_transform
 
 __version__ = build_info()["version"]
 
-__all__ = ["attention", "build_info", "codec", "hadamard_transform", "nn", "ops", "quant", "sparse"]
+from .api import (AQLMConfig, BlockSparseConfig, E8PConfig, LosslessConfig, QuantizeReport,  # noqa: E402
+                  Sparse24Config, load, quantize_, save)
+
+__all__ = ["AQLMConfig", "BlockSparseConfig", "E8PConfig", "LosslessConfig", "QuantizeReport", "Sparse24Config",
+           "attention", "build_info", "codec", "hadamard_transform", "load", "nn", "ops", "quant", "quantize_",
+           "save", "sparse"]

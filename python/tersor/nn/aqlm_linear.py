@@ -2,13 +2,57 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from ..ops import aqlm_decode, aqlm_linear
 from ..quant import aqlm as aqlm_quant
+from ._common import FLOATS, bias_param, check_bias, check_tensor, nbytes
+
+MAX_CODEBOOKS = 8  # what the CPU and CUDA kernels take (csrc/codebook/codebook_glue.h)
+_OWNER = "AQLMLinear"
+
+
+def _validate(codes, codebooks, scales, bias):
+    """The tensors the layer will hold (converted where the kernels need another layout) after checking
+    every one of them: TypeError for dtypes, ValueError for shapes and values, RuntimeError for devices."""
+    check_tensor(codes, "codes", _OWNER, dtypes=(torch.int8, torch.int16), dim=3)
+    check_tensor(codebooks, "codebooks", _OWNER, dtypes=FLOATS, dim=4)
+    out, groups, num_codebooks = (int(s) for s in codes.shape)
+    if out <= 0 or groups <= 0:
+        raise ValueError(f"{_OWNER}: codes must be [out_features, in_features / 8, num_codebooks] with positive "
+                         f"sizes, got {list(codes.shape)}")
+    c, entries, og, ig = (int(s) for s in codebooks.shape)
+    if (og, ig) != (1, 8):
+        raise ValueError(f"{_OWNER}: codebooks must be [num_codebooks, 2^nbits, 1, 8] (out_group_size 1, "
+                         f"in_group_size 8), got {list(codebooks.shape)}")
+    if not 1 <= c <= MAX_CODEBOOKS:
+        raise ValueError(f"{_OWNER}: codebooks must be [num_codebooks, 2^nbits, 1, 8] with 1 <= num_codebooks <= "
+                         f"{MAX_CODEBOOKS}, got {c} codebooks")
+    if entries < 2 or entries > 65536 or entries & (entries - 1):
+        raise ValueError(f"{_OWNER}: codebooks must be [num_codebooks, 2^nbits, 1, 8] with 1 <= nbits <= 16, got "
+                         f"{entries} entries per codebook")
+    if num_codebooks != c:
+        raise ValueError(f"{_OWNER}: codes must be [{out}, {groups}, {c}] (one column per codebook), got "
+                         f"{list(codes.shape)}")
+    nbits = entries.bit_length() - 1
+    if codes.dtype == torch.int8 and nbits > 8:
+        raise TypeError(f"{_OWNER}: codes must be int16 for {entries}-entry codebooks, got int8")
+    check_tensor(scales, "scales", _OWNER, dtypes=FLOATS)
+    if tuple(scales.shape) == (1, 1, 1, 1) and out != 1:
+        scales = scales.expand(out, 1, 1, 1)  # AQLM's broadcast scale: one per output row, as the kernels read it
+    check_tensor(scales, "scales", _OWNER, shape=(out, 1, 1, 1))
+    check_bias(bias, out, _OWNER)
+    for name, t in (("codebooks", codebooks), ("scales", scales), ("bias", bias)):
+        if t is not None and t.device != codes.device:
+            raise RuntimeError(f"{_OWNER}: {name} is on {t.device}, codes on {codes.device}")
+    if codes.dtype == torch.int16 and nbits <= 8:
+        # AQLM may store <= 8-bit codes as int16; the kernels read int8 (index = code mod 2^nbits either way).
+        idx = codes.to(torch.int32) & (entries - 1)
+        codes = torch.where(idx >= 128, idx - 256, idx).to(torch.int8)
+    return codes.contiguous(), codebooks.contiguous(), scales.contiguous(), nbits
 
 
 class AQLMLinear(nn.Module):
@@ -16,35 +60,82 @@ class AQLMLinear(nn.Module):
     tensors named and shaped as AQLM checkpoints store them (``codes`` int8/int16 [out, in/8, C],
     ``codebooks`` [C, 2^b, 1, 8], ``scales`` [out, 1, 1, 1]). Forward: :func:`tersor.ops.aqlm_linear` (a
     lookup-table / fused decode GEMV for few rows of x, decode + matmul otherwise; fp32 accumulation,
-    output in x's dtype)."""
+    output in x's dtype, so one layer serves float32, float16 and bfloat16 models).
+
+    Every argument is checked here (TypeError for dtypes, ValueError for shapes and values): a layer that
+    constructs runs. The layer keeps ``codes``, ``codebooks`` and ``scales`` as given (aliased, no copy)
+    unless the kernels need another layout (non-contiguous tensors, int16 codes of <= 8-bit codebooks,
+    broadcast ``[1, 1, 1, 1]`` scales: then a converted copy); ``bias`` is always copied.
+    """
+
+    tersor_format = "aqlm"
 
     def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                  bias: Optional[torch.Tensor] = None):
         super().__init__()
-        self.register_buffer("codes", codes.contiguous())
-        self.register_buffer("codebooks", codebooks.contiguous())
-        self.register_buffer("scales", scales.contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        # Validates shapes and dtypes once, with the op's own messages (meta tensors: no data touched).
-        aqlm_decode(codes.to("meta"), codebooks.to("meta"), scales.to("meta"))
+        codes, codebooks, scales, nbits = _validate(codes, codebooks, scales, bias)
+        self.register_buffer("codes", codes)
+        self.register_buffer("codebooks", codebooks)
+        self.register_buffer("scales", scales)
+        self.bias = bias_param(bias)
         self.out_features, self.in_features = codes.shape[0], codes.shape[1] * 8
-        self.num_codebooks, self.nbits = codebooks.shape[0], codebooks.shape[1].bit_length() - 1
+        self.num_codebooks, self.nbits = codebooks.shape[0], nbits
 
     @classmethod
-    def from_aqlm(cls, *, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+    def from_aqlm(cls, layer: Any = None, *, codes: Optional[torch.Tensor] = None,
+                  codebooks: Optional[torch.Tensor] = None, scales: Optional[torch.Tensor] = None,
                   bias: Optional[torch.Tensor] = None) -> "AQLMLinear":
-        """A layer from one AQLM ``QuantizedLinear``'s tensors (out_group_size 1, in_group_size 8)."""
+        """A layer from one AQLM ``QuantizedLinear`` (out_group_size 1, in_group_size 8): either the layer
+        object itself (anything with attributes ``codes``, ``codebooks``, ``scales``, ``bias`` and optionally
+        ``in_features``, ``out_features``, ``in_group_size``, ``out_group_size``, ``num_codebooks``,
+        ``nbits_per_codebook``, which are checked against the tensors), or its tensors as keywords."""
+        if layer is not None:
+            if any(t is not None for t in (codes, codebooks, scales, bias)):
+                raise ValueError("AQLMLinear.from_aqlm: pass either an AQLM layer or codes=/codebooks=/scales=/bias=, "
+                                 "not both")
+            missing = [a for a in ("codes", "codebooks", "scales") if getattr(layer, a, None) is None]
+            if missing:
+                raise TypeError(f"AQLMLinear.from_aqlm: expected an AQLM QuantizedLinear-like object, "
+                                f"{type(layer).__name__} has no {', '.join(missing)}")
+
+            def plain(t):
+                return t.detach() if isinstance(t, torch.Tensor) else t
+
+            codes, codebooks, scales = plain(layer.codes), plain(layer.codebooks), plain(layer.scales)
+            bias = plain(getattr(layer, "bias", None))
+            out = cls(codes, codebooks, scales, bias)
+            expect = {"in_group_size": 8, "out_group_size": 1, "in_features": out.in_features,
+                      "out_features": out.out_features, "num_codebooks": out.num_codebooks,
+                      "nbits_per_codebook": out.nbits}
+            for attr, want in expect.items():
+                got = getattr(layer, attr, None)
+                if got is not None and int(got) != want:
+                    raise ValueError(f"AQLMLinear.from_aqlm: the layer's {attr} is {int(got)}, its tensors (codes "
+                                     f"{list(codes.shape)}, codebooks {list(codebooks.shape)}) need {want}")
+            return out
+        if codes is None or codebooks is None or scales is None:
+            raise ValueError("AQLMLinear.from_aqlm: needs an AQLM layer or codes=, codebooks= and scales=")
         return cls(codes, codebooks, scales, bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, num_codebooks: int = 2, nbits: int = 8, **quantize_kwargs) -> "AQLMLinear":
         """Quantizes ``linear.weight`` with :func:`tersor.quant.quantize_aqlm` (1x16: ``num_codebooks=1,
-        nbits=16``; 2x8: the default), groups of 8 inputs."""
+        nbits=16``; 2x8: the default), groups of 8 inputs. ``codebook_dtype`` defaults to bfloat16 for a
+        bfloat16 layer, float16 otherwise (AQLM's own choice; the layer still returns x's dtype)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear: expected nn.Linear, got {type(linear).__name__}")
+        if linear.weight.dtype not in FLOATS:
+            raise TypeError(f"AQLMLinear.from_linear: the weight must be float32, float16 or bfloat16, got "
+                            f"{linear.weight.dtype}")
+        quantize_kwargs.setdefault("codebook_dtype", torch.bfloat16 if linear.weight.dtype == torch.bfloat16
+                                   else torch.float16)
         q = aqlm_quant.quantize_aqlm(linear.weight.detach().float(), num_codebooks=num_codebooks, nbits=nbits,
                                      in_group_size=8, out_group_size=1, **quantize_kwargs)
         return cls(q["codes"], q["codebooks"], q["scales"], linear.bias)
+
+    def layer_config(self) -> dict:
+        """What tersor checkpoints record about this layer (docs/formats.md, tersor checkpoint v1)."""
+        return {"num_codebooks": self.num_codebooks, "nbits": self.nbits, "in_group_size": 8, "out_group_size": 1}
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense weight [out, in] (fp32 arithmetic, rounded once to ``dtype``; default the codebooks')."""
@@ -56,5 +147,5 @@ class AQLMLinear(nn.Module):
         return aqlm_linear(x, self.codes, self.codebooks, self.scales, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"codebooks={self.num_codebooks}x{self.nbits}, bias={self.bias is not None}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format='aqlm', "
+                f"codebooks={self.num_codebooks}x{self.nbits}, bias={self.bias is not None}, nbytes={nbytes(self)}")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import codec
+from ._common import bias_param, check_bias, nbytes
 
 from tersor.ops import lib as _lib
 
@@ -25,8 +26,12 @@ class CompressedLinear(nn.Module):
     The stream and table are buffers, so ``.to(device)``, ``state_dict()`` and safetensors round-trips work.
     """
 
+    tersor_format = "codec"
+
     def __init__(self, weight: codec.CompressedTensor, bias: Optional[torch.Tensor] = None, fused: bool = False):
         super().__init__()
+        if not isinstance(weight, codec.CompressedTensor):
+            raise TypeError(f"CompressedLinear: weight must be a tersor.codec.CompressedTensor, got {type(weight).__name__}")
         if len(weight.shape) != 2:
             raise ValueError(f"CompressedLinear: the weight must be 2-d, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
@@ -35,9 +40,8 @@ class CompressedLinear(nn.Module):
         self.register_buffer("table", weight.table)
         self._header = list(weight.header)
         self._dtype = weight.dtype
-        if bias is not None:
-            bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.bias = bias
+        check_bias(bias, self.out_features, "CompressedLinear")
+        self.bias = bias_param(bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fused: bool = False, chunk_elems: int = 0) -> "CompressedLinear":
@@ -74,6 +78,10 @@ class CompressedLinear(nn.Module):
             with torch.no_grad():
                 self.table.copy_(ct.table)
 
+    def layer_config(self) -> dict:
+        """What tersor checkpoints record about this layer (docs/formats.md, tersor checkpoint v1)."""
+        return {"dtype": str(self._dtype).replace("torch.", ""), "fused": bool(self.fused)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = [self.out_features, self.in_features]
         if self.fused:
@@ -82,8 +90,8 @@ class CompressedLinear(nn.Module):
         return nn.functional.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"dtype={self._dtype}, nbytes={self.stream.numel()}, fused={self.fused}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format='codec', "
+                f"bias={self.bias is not None}, dtype={self._dtype}, fused={self.fused}, nbytes={nbytes(self)}")
 
 
 def compress_linears(model: nn.Module, fused: bool = False, predicate: Optional[Callable[[str, nn.Linear], bool]] = None,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..ops import e8p_decode, e8p_linear, hadamard_factor, hadamard_transform
+from ..ops import _hadamard_size_ok, e8p_decode, e8p_linear, hadamard_factor, hadamard_transform
 from ..quant import quipsharp
+from ._common import FLOATS, bias_param, check_bias, check_tensor, nbytes
 
 # QuIP#'s codebook_id of each bit width (lib/codebook/__init__.py): E8P12, E8P12RVQ3B, E8P12RVQ4B.
 QUIPSHARP_CODEBOOK_ID = {2: 7, 3: 18, 4: 17}
@@ -22,21 +24,51 @@ class E8PLinear(nn.Module):
     GEMV (:func:`tersor.ops.e8p_linear`: fused decode + tensor-core GEMV on CUDA for <= 8 rows, x in
     fp16 there; lookup GEMV or decode + matmul on CPU), the output transform, ``* SV * Wscale`` and bias
     in fp32, returned in ``x``'s dtype. ``resid_scale`` (3/4-bit RVQ) defaults to QuIP#'s 2.04 / 3.45.
+
+    Every argument is checked here (TypeError for dtypes, ValueError for shapes and values). ``Qidxs``,
+    ``SU`` and ``SV`` are kept as given (aliased, no copy); ``Wscale`` becomes an fp32 scalar; ``bias`` is
+    always copied.
     """
+
+    tersor_format = "e8p"
 
     def __init__(self, state: dict[str, torch.Tensor], bias: Optional[torch.Tensor] = None,
                  resid_scale: Optional[float] = None):
         super().__init__()
-        self.in_features, self.out_features = state["SU"].numel(), state["SV"].numel()
-        self.register_buffer("Qidxs", state["Qidxs"])
-        self.register_buffer("SU", state["SU"])
-        self.register_buffer("SV", state["SV"])
-        self.register_buffer("Wscale", state.get("Wscale", torch.ones(())).reshape(()).float())
+        if not isinstance(state, dict):
+            raise TypeError(f"E8PLinear: state must be a dict of tensors (Qidxs, SU, SV, Wscale), got "
+                            f"{type(state).__name__}")
+        for key in ("Qidxs", "SU", "SV"):
+            if key not in state:
+                raise ValueError(f"E8PLinear: state is missing tensor {key!r} (have {sorted(state)})")
+        su = check_tensor(state["SU"], "SU", "E8PLinear", dtypes=FLOATS, dim=1)
+        sv = check_tensor(state["SV"], "SV", "E8PLinear", dtypes=FLOATS, dim=1)
+        self.in_features, self.out_features = su.numel(), sv.numel()
+        n, m = self.in_features, self.out_features
+        for what, k in (("in_features (len(SU))", n), ("out_features (len(SV))", m)):
+            if not _hadamard_size_ok(k):
+                raise ValueError(f"E8PLinear: {what} = {k} is not a size tersor.hadamard_transform supports "
+                                 f"(2^k or K * 2^k, K in {tersor_k_sizes()})")
+        if m % 16 or n % 64:
+            raise ValueError(f"E8PLinear: QuIP#'s E8P layout needs out_features % 16 == 0 and in_features % 64 == 0, "
+                             f"got out_features = {m}, in_features = {n}")
+        check_tensor(state["Qidxs"], "Qidxs", "E8PLinear", dtypes=(torch.int64,), dim=2)
+        wscale = state.get("Wscale", torch.ones(()))
+        check_tensor(wscale, "Wscale", "E8PLinear", dtypes=FLOATS)
+        if wscale.numel() != 1:
+            raise ValueError(f"E8PLinear: Wscale must be a scalar (shape [] or [1]), got {list(wscale.shape)}")
         bias = state.get("bias") if bias is None else bias  # a saved state dict carries it
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        check_bias(bias, m, "E8PLinear")
+        self.register_buffer("Qidxs", state["Qidxs"])
+        self.register_buffer("SU", su)
+        self.register_buffer("SV", sv)
+        self.register_buffer("Wscale", wscale.reshape(()).float())
+        self.bias = bias_param(bias)
         self.bits = self._bits()
         if resid_scale is None and "resid_scale" in state:
             resid_scale = float(state["resid_scale"])
+        if resid_scale is not None and not (math.isfinite(float(resid_scale)) and float(resid_scale) > 0):
+            raise ValueError(f"E8PLinear: resid_scale must be positive and finite, got {resid_scale}")
         default = quipsharp.RESID_SCALE.get(self.bits, 1.0)
         self.register_buffer("resid_scale", torch.tensor(float(default if resid_scale is None else resid_scale)))
         self._resid = float(self.resid_scale)  # a Python float for forward: no device sync, no graph break
@@ -46,12 +78,11 @@ class E8PLinear(nn.Module):
         self._resid = float(self.resid_scale)
 
     def _bits(self) -> int:
-        if self.Qidxs.shape[0] != self.out_features:
-            raise ValueError(f"E8PLinear: Qidxs has {self.Qidxs.shape[0]} rows, SV has {self.out_features}")
-        try:
-            return quipsharp.qidxs_bits(self.Qidxs, self.in_features)
-        except ValueError as e:
-            raise ValueError(f"E8PLinear: {e}") from None
+        m, n = self.out_features, self.in_features
+        if self.Qidxs.shape[0] != m or self.Qidxs.shape[1] not in (n // 32, 3 * n // 64, n // 16):
+            raise ValueError(f"E8PLinear: Qidxs must be [{m}, {n // 32}] (2 bits), [{m}, {3 * n // 64}] (3 bits) or "
+                             f"[{m}, {n // 16}] (4 bits) for len(SV) = {m}, len(SU) = {n}; got {list(self.Qidxs.shape)}")
+        return quipsharp.qidxs_bits(self.Qidxs, n)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 2, hessian: Optional[torch.Tensor] = None,
@@ -60,6 +91,9 @@ class E8PLinear(nn.Module):
         moment ``E[x x^T]`` for LDLQ)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear: expected nn.Linear, got {type(linear).__name__}")
+        if linear.weight.dtype not in FLOATS:
+            raise TypeError(f"E8PLinear.from_linear: the weight must be float32, float16 or bfloat16, got "
+                            f"{linear.weight.dtype}")
         state = quipsharp.quantize_e8p(linear.weight.detach().float(), bits=bits, hessian=hessian, seed=seed)
         return cls(state, linear.bias)
 
@@ -93,6 +127,10 @@ class E8PLinear(nn.Module):
                              f"{layer.bits}-bit layout of Qidxs (expected {QUIPSHARP_CODEBOOK_ID[layer.bits]})")
         return layer
 
+    def layer_config(self) -> dict:
+        """What tersor checkpoints record about this layer (docs/formats.md, tersor checkpoint v1)."""
+        return {"bits": self.bits, "resid_scale": self._resid}
+
     def decoded_codes(self) -> torch.Tensor:
         """``W^`` (fp32 [m, n]): the codebook values before the rotations and scales."""
         return e8p_decode(self.Qidxs, self.in_features, self._resid)
@@ -112,4 +150,11 @@ class E8PLinear(nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format='e8p', bits={self.bits}, "
+                f"bias={self.bias is not None}, nbytes={nbytes(self)}")
+
+
+def tersor_k_sizes() -> str:
+    from ..ops import HADAMARD_K_SIZES
+
+    return ", ".join(map(str, HADAMARD_K_SIZES))

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..sparse import bsr as bsr_mod
 from ..sparse import semi_structured as s24
+from ._common import FLOATS, check_bias, check_int, nbytes
 
 PATTERNS = ("2:4", "bsr")
 
@@ -18,7 +19,11 @@ class SparseLinear(nn.Module):
 
     ``pattern="2:4"``: W is stored in 2:4 format v1 (buffers ``values`` and ``meta``, see
     :mod:`tersor.sparse`), 9/16 of the dense bytes; forward is :func:`tersor.ops.sparse24_linear`
-    (fp32 accumulation, output in the weight's dtype, float16/bfloat16). ``state_dict()`` holds only
+    (fp32 accumulation, output in the weight's dtype, float16/bfloat16). A **float32** layer
+    (``dtype=torch.float32``, or ``from_linear`` of an fp32 ``nn.Linear``) stores its values in bfloat16
+    (the 2:4 kernels take 16-bit operands; bfloat16 keeps fp32's range, so no overflow): forward rounds x
+    to bfloat16, multiplies with fp32 accumulation, adds the fp32 bias in fp32 and returns float32
+    (``compute_dtype`` is bfloat16, ``io_dtype`` float32). ``state_dict()`` holds only
     tensors (``values``, ``meta``, ``bias``), so it round-trips through safetensors; loading validates the
     metadata (:func:`tersor.sparse.load_2_4`).
 
@@ -29,20 +34,30 @@ class SparseLinear(nn.Module):
     the buffers and validating the weight (:func:`tersor.sparse.load_bsr`).
     """
 
+    tersor_format = "sparse"
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, pattern: str = "2:4",
                  dtype: torch.dtype = torch.float16, device=None, blocksize: int = 64):
         super().__init__()
         if pattern not in PATTERNS:
             raise ValueError(f"SparseLinear: pattern must be one of {PATTERNS}, got {pattern!r}")
+        check_int(in_features, "in_features", "SparseLinear")
+        check_int(out_features, "out_features", "SparseLinear")
+        if not isinstance(bias, bool):
+            raise TypeError(f"SparseLinear: bias must be a bool (whether the layer has one), got {type(bias).__name__}")
+        if dtype not in FLOATS:
+            raise TypeError(f"SparseLinear: dtype must be float32, float16 or bfloat16, got {dtype}")
         self.pattern = pattern
         self.in_features, self.out_features = in_features, out_features
+        self.io_dtype = dtype  # the dtype of x, the output and the bias
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
         if pattern == "bsr":
+            self.compute_dtype = dtype
             self._init_bsr(blocksize, dtype, device)
             return
-        if dtype not in s24.DTYPES:
-            raise TypeError(f"SparseLinear: dtype must be float16 or bfloat16 for pattern '2:4', got {dtype}")
+        # float32 layers keep their 2:4 values in bfloat16 (the kernels take 16-bit operands)
+        self.compute_dtype = dtype = torch.bfloat16 if dtype == torch.float32 else dtype
         if out_features <= 0 or out_features % s24.ROW_ALIGN or in_features <= 0 or in_features % s24.COL_ALIGN:
             raise ValueError(f"SparseLinear: 2:4 needs out_features % {s24.ROW_ALIGN} == 0 and in_features % "
                              f"{s24.COL_ALIGN} == 0, got out={out_features}, in={in_features}")
@@ -75,7 +90,8 @@ class SparseLinear(nn.Module):
         """``pattern="2:4"``: prunes ``linear.weight`` with :func:`tersor.sparse.prune_2_4` (``method`` ``"magnitude"`` or
         ``"wanda"`` with ``act_norm [in]``; scores from the original-precision weight) and packs it; the
         layer then equals ``F.linear(x, pruned_weight.to(dtype), bias.to(dtype))`` up to fp32-accumulation
-        rounding. ``dtype`` defaults to the weight's dtype (must then be float16/bfloat16).
+        rounding. ``dtype`` defaults to the weight's dtype; float32 gives a float32 layer whose values are
+        stored in bfloat16 (see the class docstring: x rounded to bfloat16, fp32 bias and output).
 
         ``pattern="bsr"``: with ``density`` given, keeps that fraction of the ``blocksize x blocksize`` blocks
         (:func:`tersor.sparse.prune_blocks`, ``method``/``act_norm`` as above); with ``density=None`` the
@@ -88,6 +104,8 @@ class SparseLinear(nn.Module):
             raise ValueError(f"SparseLinear: pattern must be one of {PATTERNS}, got {pattern!r}")
         w = linear.weight.detach()
         dtype = dtype or w.dtype
+        if w.dtype not in FLOATS:
+            raise TypeError(f"SparseLinear.from_linear: the weight must be float32, float16 or bfloat16, got {w.dtype}")
         if pattern == "bsr":
             layer = cls(linear.in_features, linear.out_features, linear.bias is not None, pattern, dtype, w.device,
                         blocksize=blocksize)
@@ -102,7 +120,7 @@ class SparseLinear(nn.Module):
         if density is not None:
             raise ValueError("SparseLinear.from_linear: density is for pattern 'bsr' (2:4 keeps exactly half)")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, pattern, dtype, w.device)
-        packed = s24.compress_2_4(s24.prune_2_4(w, method, act_norm).to(dtype))
+        packed = s24.compress_2_4(s24.prune_2_4(w, method, act_norm).to(layer.compute_dtype))
         layer.values.copy_(packed.values)
         layer.meta.copy_(packed.meta)
         if linear.bias is not None:
@@ -152,9 +170,22 @@ class SparseLinear(nn.Module):
             raise ValueError(f"SparseLinear: x has {x.shape[-1]} features, the layer expects {self.in_features}")
         if self.pattern == "bsr":
             return bsr_mod.bsr_linear(x, self.weight_bsr, self.bias)
+        if self.io_dtype != self.compute_dtype:  # a float32 layer over bfloat16 values
+            if x.dtype != self.io_dtype:
+                raise TypeError(f"SparseLinear: x must be {self.io_dtype} (the layer's dtype), got {x.dtype}")
+            y = s24.linear_2_4(x.to(self.compute_dtype), self.weight_2_4).to(self.io_dtype)
+            return y if self.bias is None else y + self.bias
         return s24.linear_2_4(x, self.weight_2_4, self.bias)
+
+    def layer_config(self) -> dict:
+        """What tersor checkpoints record about this layer (docs/formats.md, tersor checkpoint v1)."""
+        cfg = {"pattern": self.pattern, "dtype": str(self.io_dtype).replace("torch.", "")}
+        if self.pattern == "bsr":
+            cfg["blocksize"] = self.blocksize
+        return cfg
 
     def extra_repr(self) -> str:
         extra = f", blocksize={self.blocksize}, density={self.weight_bsr.density:.3f}" if self.pattern == "bsr" else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern!r}"
-                f"{extra}, dtype={self.values.dtype}, bias={self.bias is not None}")
+        stored = f", values={self.values.dtype}" if self.values.dtype != self.io_dtype else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.pattern!r}"
+                f"{extra}, dtype={self.io_dtype}{stored}, bias={self.bias is not None}, nbytes={nbytes(self)}")

@@ -1,0 +1,10 @@
+"""Whole-model API: :func:`quantize_` (compress a model's linears in place), :func:`save` / :func:`load`
+(tersor checkpoint v1) and one config class per method. Re-exported as ``tersor.quantize_`` etc.; see
+docs/usage.md."""
+
+from .checkpoint import load, save
+from .configs import AQLMConfig, BlockSparseConfig, E8PConfig, LosslessConfig, Sparse24Config
+from .quantize import LayerReport, QuantizeReport, find_block_list, quantize_
+
+__all__ = ["AQLMConfig", "BlockSparseConfig", "E8PConfig", "LayerReport", "LosslessConfig", "QuantizeReport",
+           "Sparse24Config", "find_block_list", "load", "quantize_", "save"]

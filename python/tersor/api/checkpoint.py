@@ -1,0 +1,269 @@
+"""``tersor.save`` / ``tersor.load``: a compressed model as ``model.safetensors`` + ``tersor_manifest.json``
+(docs/formats.md, "tersor checkpoint v1"). Loading reads only JSON and safetensors: no code from the files
+runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..nn import AQLMLinear, CompressedLinear, E8PLinear, SparseLinear
+
+FORMAT = "tersor-checkpoint"
+VERSION = 1
+MANIFEST = "tersor_manifest.json"
+WEIGHTS = "model.safetensors"
+LAYER_CLASSES = {"e8p": E8PLinear, "aqlm": AQLMLinear, "sparse": SparseLinear, "codec": CompressedLinear}
+_DTYPES = {str(d).replace("torch.", ""): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)}
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    return [(fqn, m, fmt) for fqn, m in model.named_modules()
+            for fmt in [next((f for f, c in LAYER_CLASSES.items() if type(m) is c), None)] if fmt is not None]
+
+
+def save(model: nn.Module, directory: Union[str, os.PathLike]) -> None:
+    """Writes ``directory/model.safetensors`` (every tensor of ``model.state_dict()`` plus the model's
+    non-persistent buffers, so that a ``meta``-built skeleton can be completed) and
+    ``directory/tersor_manifest.json`` (format version; per tersor layer: fqn, format, config, shapes and
+    dtypes of its tensors). Tensors shared by several names (tied weights) are stored once. ``model`` is not
+    modified."""
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    os.makedirs(directory, exist_ok=True)
+    state = model.state_dict()
+    nonpersistent = {}
+    for prefix, mod in model.named_modules():
+        for name in mod._non_persistent_buffers_set:
+            buf = mod._buffers.get(name)
+            if buf is not None:
+                nonpersistent[f"{prefix}.{name}" if prefix else name] = buf
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set = set()
+    for name, t in list(state.items()) + list(nonpersistent.items()):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"tersor.save: state entry {name!r} is not a tensor ({type(t).__name__})")
+        if t.device.type == "meta":
+            raise ValueError(f"tersor.save: tensor {name!r} is on the meta device (no data to save)")
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if t.numel():
+            seen[key] = name
+        c = t.to("cpu").contiguous()
+        ptr = c.untyped_storage().data_ptr()
+        if ptr in storages or c.untyped_storage().nbytes() != c.numel() * c.element_size():
+            c = c.clone()  # safetensors stores each storage once: give partial views their own
+        storages.add(c.untyped_storage().data_ptr())
+        out[name] = c
+    layers = []
+    for fqn, mod, fmt in _layers(model):
+        prefix = fqn + "."
+        names = sorted(n[len(prefix):] for n in state if n.startswith(prefix) and "." not in n[len(prefix):])
+        layers.append({
+            "fqn": fqn, "format": fmt, "in_features": int(mod.in_features), "out_features": int(mod.out_features),
+            "bias": mod.bias is not None, "config": mod.layer_config(),
+            "tensors": {n: {"dtype": _dtype_name(state[prefix + n].dtype), "shape": list(state[prefix + n].shape)}
+                        for n in names},
+        })
+    manifest = {
+        "format": FORMAT, "version": VERSION, "tersor_version": __version__,
+        "torch_version": torch.__version__.split("+")[0], "weights": WEIGHTS, "layers": layers,
+        "tensors": {n: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for n, t in out.items()},
+        "aliases": aliases, "nonpersistent_buffers": sorted(nonpersistent),
+    }
+    save_file(out, os.path.join(directory, WEIGHTS), metadata={"format": "pt", FORMAT: str(VERSION)})
+    with open(os.path.join(directory, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+
+
+def _owner(name: str, layer_fqns: set) -> str:
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:i]) in layer_fqns:
+            return ".".join(parts[:i])
+    return ".".join(parts[:-1]) or "<root>"
+
+
+def _mismatch(name: str, layer_fqns: set, what: str) -> ValueError:
+    return ValueError(f"tersor.load: layer {_owner(name, layer_fqns)!r}, tensor {name!r}: {what}")
+
+
+def _read_manifest(directory) -> dict:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise ValueError(f"tersor.load: {path} not found (not a tersor checkpoint directory)")
+    with open(path) as f:
+        manifest = json.load(f)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"tersor.load: {path} is not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise ValueError(f"tersor.load: {path} has version {manifest.get('version')!r}; this tersor reads version "
+                         f"{VERSION}")
+    for key in ("layers", "tensors", "aliases", "nonpersistent_buffers"):
+        if key not in manifest:
+            raise ValueError(f"tersor.load: {path} has no {key!r}")
+    return manifest
+
+
+def _build(spec: dict, tensors: dict[str, torch.Tensor], device) -> nn.Module:
+    fmt, cfg, fqn = spec["format"], spec.get("config", {}), spec["fqn"]
+    bias = tensors.get("bias")
+    if fmt == "e8p":
+        layer = E8PLinear(dict(tensors))
+        if layer.bits != cfg.get("bits"):
+            raise ValueError(f"Qidxs {list(tensors['Qidxs'].shape)} holds {layer.bits}-bit codes, the manifest says "
+                             f"bits={cfg.get('bits')}")
+        return layer
+    if fmt == "aqlm":
+        for key in ("codes", "codebooks", "scales"):
+            if key not in tensors:
+                raise ValueError(f"tensor {key!r} is missing")
+        return AQLMLinear(tensors["codes"], tensors["codebooks"], tensors["scales"], bias)
+    if fmt == "sparse":
+        dtype = _DTYPES.get(cfg.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"config dtype {cfg.get('dtype')!r} is not a dtype")
+        layer = SparseLinear(spec["in_features"], spec["out_features"], bias=bias is not None,
+                             pattern=cfg.get("pattern"), dtype=dtype, device=device,
+                             blocksize=int(cfg.get("blocksize", 64)))
+        layer.load_state_dict(tensors, strict=True)
+        return layer
+    if fmt == "codec":
+        from .. import codec
+
+        if "stream" not in tensors:
+            raise ValueError("tensor 'stream' is missing")
+        ct = codec.CompressedTensor.from_bytes(tensors["stream"])
+        if list(ct.shape) != [spec["out_features"], spec["in_features"]] or _dtype_name(ct.dtype) != cfg.get("dtype"):
+            raise ValueError(f"tensor 'stream' holds a {_dtype_name(ct.dtype)} {list(ct.shape)} weight, the manifest "
+                             f"says {cfg.get('dtype')} [{spec['out_features']}, {spec['in_features']}]")
+        return CompressedLinear(ct, bias, fused=bool(cfg.get("fused", False)))
+    raise ValueError(f"unknown format {fmt!r} (this tersor reads {sorted(LAYER_CLASSES)})")
+
+
+def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Optional[Union[str, torch.device]] = None
+         ) -> nn.Module:
+    """Loads a :func:`save` checkpoint into ``model`` (same architecture; its weights may be on ``meta``, e.g.
+    built under ``torch.device("meta")``), in place, and returns it: each layer the manifest lists is
+    replaced by a tersor layer built from the file's tensors, then every other tensor is loaded (meta
+    tensors materialised). ``device``: where the tensors go (default: the model's device, CPU for a
+    meta model). Any mismatch between the manifest, the tensors and the model raises ValueError naming the
+    layer and the tensor. Reads JSON and safetensors only."""
+    from safetensors import safe_open
+
+    manifest = _read_manifest(directory)
+    if device is None:
+        device = next((t.device for t in list(model.parameters()) + list(model.buffers()) if t.device.type != "meta"),
+                      torch.device("cpu"))
+    device = torch.device(device)
+    layer_specs = manifest["layers"]
+    layer_fqns = {s["fqn"] for s in layer_specs}
+    path = os.path.join(directory, manifest.get("weights", WEIGHTS))
+    if not os.path.isfile(path):
+        raise ValueError(f"tersor.load: {path} not found")
+    expected = manifest["tensors"]
+    with safe_open(path, framework="pt", device="cpu") as f:
+        keys = set(f.keys())
+        for name in sorted(keys ^ set(expected)):
+            raise _mismatch(name, layer_fqns, "in the safetensors file but not in the manifest" if name in keys
+                            else "in the manifest but not in the safetensors file")
+        tensors = {}
+        for name in sorted(keys):
+            t = f.get_tensor(name)
+            spec = expected[name]
+            if list(t.shape) != list(spec["shape"]) or _dtype_name(t.dtype) != spec["dtype"]:
+                raise _mismatch(name, layer_fqns, f"the file holds {_dtype_name(t.dtype)} {list(t.shape)}, the manifest "
+                                f"says {spec['dtype']} {spec['shape']}")
+            tensors[name] = t.to(device)
+    for alias, target in manifest["aliases"].items():
+        if target not in tensors:
+            raise _mismatch(alias, layer_fqns, f"alias of {target!r}, which the file does not hold")
+        tensors[alias] = tensors[target]
+
+    # 1. the tersor layers
+    for spec in layer_specs:
+        fqn = spec["fqn"]
+        try:
+            mod = model.get_submodule(fqn)
+        except AttributeError:
+            raise ValueError(f"tersor.load: layer {fqn!r}: the model has no such module") from None
+        shape = (spec["out_features"], spec["in_features"])
+        if not isinstance(mod, (nn.Linear,) + tuple(LAYER_CLASSES.values())):
+            raise ValueError(f"tersor.load: layer {fqn!r}: the model has a {type(mod).__name__} there, not an nn.Linear")
+        if (mod.out_features, mod.in_features) != shape:
+            raise ValueError(f"tersor.load: layer {fqn!r}, tensor {fqn + '.weight'!r}: the model's layer is "
+                             f"[{mod.out_features}, {mod.in_features}], the checkpoint's {list(shape)}")
+        if (getattr(mod, "bias", None) is not None) != spec["bias"]:
+            raise ValueError(f"tersor.load: layer {fqn!r}, tensor {fqn + '.bias'!r}: the model's layer "
+                             f"{'has' if mod.bias is not None else 'has no'} bias, the checkpoint's "
+                             f"{'has' if spec['bias'] else 'has none'}")
+        prefix = fqn + "."
+        own = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix) and "." not in n[len(prefix):]}
+        for n, t in own.items():
+            if n not in spec["tensors"]:
+                raise ValueError(f"tersor.load: layer {fqn!r}, tensor {prefix + n!r}: not listed for the layer")
+        for n in spec["tensors"]:
+            if n not in own:
+                raise ValueError(f"tersor.load: layer {fqn!r}, tensor {prefix + n!r}: listed for the layer, not in the file")
+        try:
+            new = _build(spec, own, device)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise ValueError(f"tersor.load: layer {fqn!r} ({spec.get('format')}): {e}") from None
+        parent, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+
+    # 2. everything else
+    nonpersistent = set(manifest["nonpersistent_buffers"])
+    model_state = model.state_dict(keep_vars=True)
+    rest = {n: t for n, t in tensors.items() if n not in nonpersistent and _owner(n, layer_fqns) not in layer_fqns}
+    for name in sorted(set(model_state) - set(tensors)):
+        raise _mismatch(name, layer_fqns, "the model has it, the checkpoint does not")
+    for name in sorted(set(tensors) - set(model_state) - nonpersistent):
+        raise _mismatch(name, layer_fqns, "the checkpoint has it, the model does not")
+    for name, t in rest.items():
+        have = model_state[name]
+        if tuple(have.shape) != tuple(t.shape):
+            raise _mismatch(name, layer_fqns, f"the model's is {list(have.shape)}, the checkpoint's {list(t.shape)}")
+        if have.device.type != "meta" and have.dtype != t.dtype:
+            raise _mismatch(name, layer_fqns, f"the model's is {_dtype_name(have.dtype)}, the checkpoint's "
+                            f"{_dtype_name(t.dtype)} (convert the model's dtype first, or build it on meta)")
+    result = model.load_state_dict(rest, strict=False, assign=True)
+    leftover = [k for k in result.missing_keys if _owner(k, layer_fqns) not in layer_fqns]
+    if leftover or result.unexpected_keys:
+        name = (leftover + list(result.unexpected_keys))[0]
+        raise _mismatch(name, layer_fqns, "not loaded")
+    for name in sorted(nonpersistent):
+        prefix, _, attr = name.rpartition(".")
+        try:
+            mod = model.get_submodule(prefix) if prefix else model
+        except AttributeError:
+            raise _mismatch(name, layer_fqns, "the model has no such module") from None
+        if attr not in mod._buffers:
+            raise _mismatch(name, layer_fqns, "the model has no such buffer")
+        old = mod._buffers[attr]
+        if old is not None and tuple(old.shape) != tuple(tensors[name].shape):
+            raise _mismatch(name, layer_fqns, f"the model's is {list(old.shape)}, the checkpoint's "
+                            f"{list(tensors[name].shape)}")
+        mod._buffers[attr] = tensors[name]
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise _mismatch(name, layer_fqns, "still on the meta device after loading (the checkpoint lacks it)")
+    return model

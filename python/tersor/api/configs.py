@@ -1,0 +1,243 @@
+"""One small config class per compression method of :func:`tersor.quantize_` (docs/usage.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Stats:
+    """Statistics of one linear's calibration inputs, accumulated batch by batch in float64:
+    ``hessian`` (``E[x x^T]``, for LDLQ) and/or ``act_norm`` (per-input-channel L2 norms, for Wanda)."""
+
+    def __init__(self, in_features: int, kinds: tuple[str, ...], device):
+        self.kinds, self.count = kinds, 0
+        self._xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) \
+            if "hessian" in kinds else None
+        self._sq = torch.zeros(in_features, dtype=torch.float64, device=device) if "act_norm" in kinds else None
+
+    def add(self, x: torch.Tensor):
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if self._xtx is not None:
+            self._xtx.addmm_(x.t(), x)
+        if self._sq is not None:
+            self._sq.add_(x.square().sum(0))
+        self.count += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self._xtx / max(1, self.count)
+
+    @property
+    def act_norm(self) -> torch.Tensor:
+        return self._sq.sqrt().float()
+
+
+def _choice(owner, name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{owner}: {name} must be one of {allowed}, got {value!r}")
+
+
+def _int(owner, name, value, lo, hi=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{owner}: {name} must be in [{lo}, {'...' if hi is None else hi}], got {value}")
+
+
+class _Config:
+    """Common interface: ``stats`` (what calibration data the method needs; empty = data-free),
+    ``unsupported(linear)`` (why the format cannot take a layer, or None) and ``convert(linear, stats)``."""
+
+    stats: tuple[str, ...] = ()
+    name = "?"
+
+    def unsupported(self, linear: nn.Linear) -> Optional[str]:
+        return None
+
+    def convert(self, linear: nn.Linear, stats: Optional[Stats]) -> nn.Module:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"config": type(self).__name__, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class E8PConfig(_Config):
+    """QuIP#-style E8P12 lattice codes with the randomized Hadamard transform, 2, 3 or 4 bits per weight
+    (:class:`tersor.nn.E8PLinear`). ``ldlq=True`` (QuIP#'s default) rounds with block LDLQ against each
+    layer's calibration Hessian ``E[x x^T]`` and so needs ``calibration``; ``ldlq=False`` rounds greedily,
+    data-free. Layers need ``out_features % 16 == 0``, ``in_features % 64 == 0`` and sizes
+    ``tersor.hadamard_transform`` supports (2^k or K * 2^k)."""
+
+    bits: int = 2
+    ldlq: bool = True
+    seed: int = 0
+    name = "e8p"
+
+    def __post_init__(self):
+        _choice("E8PConfig", "bits", self.bits, (2, 3, 4))
+        if not isinstance(self.ldlq, bool):
+            raise TypeError(f"E8PConfig: ldlq must be a bool, got {type(self.ldlq).__name__}")
+        _int("E8PConfig", "seed", self.seed, 0)
+
+    @property
+    def stats(self):
+        return ("hessian",) if self.ldlq else ()
+
+    def unsupported(self, linear):
+        from ..ops import _hadamard_size_ok
+
+        m, n = linear.out_features, linear.in_features
+        if m % 16 or n % 64:
+            return f"E8P needs out_features % 16 == 0 and in_features % 64 == 0, got [{m}, {n}]"
+        for what, k in (("in_features", n), ("out_features", m)):
+            if not _hadamard_size_ok(k):
+                return f"{what} = {k} is not a Hadamard size (2^k or K * 2^k)"
+        return None
+
+    def convert(self, linear, stats):
+        from ..nn import E8PLinear
+
+        return E8PLinear.from_linear(linear, bits=self.bits, hessian=stats.hessian if self.ldlq else None,
+                                     seed=self.seed)
+
+
+@dataclass(frozen=True)
+class AQLMConfig(_Config):
+    """AQLM additive codebooks (:class:`tersor.nn.AQLMLinear`): ``num_codebooks`` codebooks of ``2^nbits``
+    entries over groups of ``in_group_size`` = 8 inputs (2x8: 2 bits per weight, 1x16: 2 bits). Data-free:
+    tersor's quantizer (:func:`tersor.quant.quantize_aqlm`) minimises the weight error (AQLM's data-aware
+    objective is not implemented yet). ``iters``, ``kmeans_iters``, ``beam_size`` and ``seed`` go to it
+    (fewer iterations: faster, slightly worse). Layers need ``in_features % 8 == 0``."""
+
+    num_codebooks: int = 2
+    nbits: int = 8
+    in_group_size: int = 8
+    iters: int = 6
+    kmeans_iters: int = 20
+    beam_size: int = 4
+    seed: int = 0
+    name = "aqlm"
+
+    def __post_init__(self):
+        from ..nn.aqlm_linear import MAX_CODEBOOKS
+
+        _int("AQLMConfig", "num_codebooks", self.num_codebooks, 1, MAX_CODEBOOKS)
+        _int("AQLMConfig", "nbits", self.nbits, 1, 16)
+        _choice("AQLMConfig", "in_group_size", self.in_group_size, (8,))
+        _int("AQLMConfig", "iters", self.iters, 0)
+        _int("AQLMConfig", "kmeans_iters", self.kmeans_iters, 0)
+        _int("AQLMConfig", "beam_size", self.beam_size, 1)
+        _int("AQLMConfig", "seed", self.seed, 0)
+
+    def unsupported(self, linear):
+        if linear.in_features % self.in_group_size:
+            return f"AQLM needs in_features % {self.in_group_size} == 0, got {linear.in_features}"
+        return None
+
+    def convert(self, linear, stats):
+        from ..nn import AQLMLinear
+
+        return AQLMLinear.from_linear(linear, num_codebooks=self.num_codebooks, nbits=self.nbits, iters=self.iters,
+                                      kmeans_iters=self.kmeans_iters, beam_size=self.beam_size, seed=self.seed)
+
+
+_PRUNE_METHODS = ("magnitude", "wanda")
+
+
+@dataclass(frozen=True)
+class Sparse24Config(_Config):
+    """2:4 semi-structured sparsity (:class:`tersor.nn.SparseLinear`, pattern ``"2:4"``): half of every 4
+    consecutive weights pruned by ``method`` ``"magnitude"`` (data-free) or ``"wanda"`` (``|w| * ||x||``,
+    needs ``calibration``). float16/bfloat16 layers keep their dtype; **float32 layers store bfloat16
+    values** and round x to bfloat16 (fp32 accumulation, fp32 bias and output), the 2:4 kernels taking
+    16-bit operands. Layers need ``out_features % 16 == 0`` and ``in_features % 64 == 0``."""
+
+    method: str = "magnitude"
+    name = "2:4"
+
+    def __post_init__(self):
+        _choice("Sparse24Config", "method", self.method, _PRUNE_METHODS)
+
+    @property
+    def stats(self):
+        return ("act_norm",) if self.method == "wanda" else ()
+
+    def unsupported(self, linear):
+        m, n = linear.out_features, linear.in_features
+        if m % 16 or n % 64:
+            return f"2:4 needs out_features % 16 == 0 and in_features % 64 == 0, got [{m}, {n}]"
+        return None
+
+    def convert(self, linear, stats):
+        from ..nn import SparseLinear
+
+        return SparseLinear.from_linear(linear, pattern="2:4", method=self.method,
+                                        act_norm=stats.act_norm if self.method == "wanda" else None)
+
+
+@dataclass(frozen=True)
+class BlockSparseConfig(_Config):
+    """Block sparsity (:class:`tersor.nn.SparseLinear`, pattern ``"bsr"``): keeps the fraction ``density`` of
+    the ``blocksize x blocksize`` blocks (16, 32 or 64) with the highest ``method`` score (``"magnitude"``,
+    data-free, or ``"wanda"``, needs ``calibration``); float32, float16 and bfloat16 layers keep their dtype.
+    Layers need both dimensions to be multiples of ``blocksize``."""
+
+    blocksize: int = 64
+    density: float = 0.5
+    method: str = "magnitude"
+    name = "bsr"
+
+    def __post_init__(self):
+        _choice("BlockSparseConfig", "blocksize", self.blocksize, (16, 32, 64))
+        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
+            raise TypeError(f"BlockSparseConfig: density must be a float, got {type(self.density).__name__}")
+        if not 0.0 < float(self.density) <= 1.0:
+            raise ValueError(f"BlockSparseConfig: density must be in (0, 1], got {self.density}")
+        _choice("BlockSparseConfig", "method", self.method, _PRUNE_METHODS)
+
+    @property
+    def stats(self):
+        return ("act_norm",) if self.method == "wanda" else ()
+
+    def unsupported(self, linear):
+        m, n, bs = linear.out_features, linear.in_features, self.blocksize
+        if m % bs or n % bs:
+            return f"blocksize {bs} needs both dimensions to be multiples of it, got [{m}, {n}]"
+        return None
+
+    def convert(self, linear, stats):
+        from ..nn import SparseLinear
+
+        return SparseLinear.from_linear(linear, pattern="bsr", method=self.method, blocksize=self.blocksize,
+                                        density=float(self.density),
+                                        act_norm=stats.act_norm if self.method == "wanda" else None)
+
+
+@dataclass(frozen=True)
+class LosslessConfig(_Config):
+    """Lossless exponent coding (:class:`tersor.nn.CompressedLinear`, codec v1): bit-identical outputs,
+    about 67% of a bf16 weight's bytes (less saving for fp32/fp16). Data-free; any float layer.
+    ``fused=True``: the fused decode + GEMV on CUDA (fp32-accumulation rounding instead of bit-identical)."""
+
+    fused: bool = False
+    name = "lossless"
+
+    def __post_init__(self):
+        if not isinstance(self.fused, bool):
+            raise TypeError(f"LosslessConfig: fused must be a bool, got {type(self.fused).__name__}")
+
+    def convert(self, linear, stats):
+        from ..nn import CompressedLinear
+
+        return CompressedLinear.from_linear(linear, fused=self.fused)
+
+
+CONFIGS = (E8PConfig, AQLMConfig, Sparse24Config, BlockSparseConfig, LosslessConfig)
