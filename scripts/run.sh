@@ -48,7 +48,7 @@ mkdir -p build
 start=$(date +%s)
 if [ -n "$wheel" ]; then
   # Installing a wheel compiles nothing: PATH holds only the venv (no gcc, no nvcc) to prove it.
-  echo "[run.sh] installing $wheel (PATH without compilers: $(env PATH="$VENV/bin" bash -c 'command -v gcc cc c++ nvcc' || echo none))"
+  echo "[run.sh] installing $wheel; compilers on the install's PATH: $(env PATH="$VENV/bin" /bin/bash -c 'command -v gcc cc c++ nvcc' || echo none)"
   env PATH="$VENV/bin" "$PY" -m pip install -q --no-deps --force-reinstall --only-binary=:all: "$wheel"
 elif [ "${TERSOR_EXPECT_WHEEL:-0}" = 1 ]; then
   echo "[run.sh] TERSOR_EXPECT_WHEEL=1 but dist/ has no wheel built from these sources (scripts/build_wheel.sh)" >&2
