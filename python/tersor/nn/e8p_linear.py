@@ -80,8 +80,9 @@ class E8PLinear(nn.Module):
     def _bits(self) -> int:
         m, n = self.out_features, self.in_features
         if self.Qidxs.shape[0] != m or self.Qidxs.shape[1] not in (n // 32, 3 * n // 64, n // 16):
-            raise ValueError(f"E8PLinear: Qidxs {list(self.Qidxs.shape)} does not fit len(SV) = {m}, len(SU) = {n}: it "
-                             f"must be [{m}, {n // 32}] (2 bits), [{m}, {3 * n // 64}] (3 bits) or [{m}, {n // 16}] (4 bits)")
+            raise ValueError(f"E8PLinear: Qidxs must be [{m}, {n // 32}] (2 bits), [{m}, {3 * n // 64}] (3 bits) or "
+                             f"[{m}, {n // 16}] (4 bits) for len(SV) = {m}, len(SU) = {n}; Qidxs "
+                             f"{list(self.Qidxs.shape)} does not fit")
         return quipsharp.qidxs_bits(self.Qidxs, n)
 
     @classmethod
