@@ -111,6 +111,14 @@ def test_save_pretrained_from_pretrained(dense_dir, tmp_path, method, dtype):
     assert torch.equal(logits(again), ref)
     again.save_pretrained(tmp_path / "again")
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "again")), ref)
+    if dtype == torch.float32:
+        # into the model without its head (AutoModel from a *ForCausalLM checkpoint): names without "model."
+        from transformers import AutoModel
+
+        base = AutoModel.from_pretrained(tmp_path)
+        assert isinstance(base.layers[0].mlp.up_proj, layer_cls)
+        with torch.no_grad():
+            assert torch.equal(base(IDS).last_hidden_state, loaded.model(IDS).last_hidden_state)
 
 
 def test_import_does_not_import_transformers_and_registers_on_use(dense_dir, tmp_path):
