@@ -270,3 +270,37 @@ def test_quipsharp_hook_without_loader(tmp_path):
                                                       "quantization_config": {"quant_method": "QuIP#"}}))
     with pytest.raises(NotImplementedError, match="load_quipsharp_layers"):
         tersor.from_pretrained(tmp_path)
+
+
+def test_quipsharp_dispatch_plumbing(dense_dir, tmp_path, monkeypatch):
+    """The QuIP# route with a stand-in ``load_quipsharp_layers`` (the real one lives in
+    tersor.api.quipsharp_ckpt): the skeleton it gets has its parameters on meta and its computed buffers
+    real, and what it leaves is loaded from the checkpoint."""
+    import types
+
+    from safetensors.torch import save_file
+
+    model = load_dense(dense_dir, torch.float32)
+    tersor.quantize_(model, tersor.E8PConfig(2, ldlq=False), progress=False)
+    ref = logits(model)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = {"quant_method": "QuIP#", "codebook": "E8P12"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    seen = {}
+
+    def load_quipsharp_layers(skeleton, state_dict, quant_config):
+        seen["config"] = quant_config
+        seen["meta"] = skeleton.model.layers[0].self_attn.q_proj.weight.device.type
+        for fqn in sorted({k.rpartition(".")[0] for k in state_dict if k.endswith(".Qidxs")}):
+            layer = E8PLinear({n: state_dict.pop(f"{fqn}.{n}") for n in ("Qidxs", "SU", "SV", "Wscale", "resid_scale")})
+            parent, _, child = fqn.rpartition(".")
+            setattr(skeleton.get_submodule(parent), child, layer)
+
+    monkeypatch.setitem(sys.modules, "tersor.api.quipsharp_ckpt",
+                        types.SimpleNamespace(load_quipsharp_layers=load_quipsharp_layers))
+    loaded = tersor.from_pretrained(tmp_path)
+    assert seen == {"config": {"quant_method": "QuIP#", "codebook": "E8P12"}, "meta": "meta"}
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, E8PLinear)
+    assert torch.equal(logits(loaded), ref)

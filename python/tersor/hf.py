@@ -298,7 +298,10 @@ def maybe_attach(model: nn.Module) -> None:
     from .api.checkpoint import _layers
 
     if _layers(model):
-        attach(model)
+        try:
+            attach(model)
+        except (ImportError, ValueError) as e:  # the model itself is fine; only save_pretrained is affected
+            warnings.warn(f"tersor: save_pretrained will not write a tersor quantization_config: {e}", stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -323,7 +326,8 @@ def _dtype_of(name: str, spec: dict, tensor: str) -> torch.dtype:
 
     d = _DTYPES.get(name)
     if d is None:
-        raise ValueError(f"tersor: layer {spec['fqn']!r}, tensor {spec['fqn'] + '.' + tensor!r}: unknown dtype {name!r}")
+        key = f"{spec['fqn']}.{tensor}"
+        raise ValueError(f"tersor: layer {spec['fqn']!r}, tensor {key!r}: unknown dtype {name!r}")
     return d
 
 
