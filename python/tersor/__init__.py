@@ -14,7 +14,11 @@ __version__ = build_info()["version"]
 
 from .api import (AQLMConfig, BlockSparseConfig, E8PConfig, LosslessConfig, QuantizeReport,  # noqa: E402
                   Sparse24Config, load, quantize_, save)
+from . import hf  # noqa: E402  -- Hugging Face integration; never imports transformers here
+from .hf import from_pretrained  # noqa: E402
+
+hf._install()  # registers quant_method "tersor" with transformers, now or when transformers loads its quantizers
 
 __all__ = ["AQLMConfig", "BlockSparseConfig", "E8PConfig", "LosslessConfig", "QuantizeReport", "Sparse24Config",
-           "attention", "build_info", "codec", "hadamard_transform", "load", "nn", "ops", "quant", "quantize_",
+           "attention", "build_info", "codec", "from_pretrained", "hf", "hadamard_transform", "load", "nn", "ops", "quant", "quantize_",
            "save", "sparse"]

@@ -32,6 +32,40 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
             for fmt in [next((f for f, c in LAYER_CLASSES.items() if type(m) is c), None)] if fmt is not None]
 
 
+def layer_entries(model: nn.Module, state: Optional[dict] = None) -> list[dict]:
+    """The manifest's ``layers`` list for ``model``'s tersor layers (per layer: fqn, format, in/out features,
+    bias, config, and the dtype and shape of each of its tensors). Shared by :func:`save` and the Hugging
+    Face ``quantization_config`` (tersor.hf), so that both carry the same per-layer format."""
+    state = model.state_dict() if state is None else state
+    layers = []
+    for fqn, mod, fmt in _layers(model):
+        prefix = fqn + "."
+        names = sorted(n[len(prefix):] for n in state if n.startswith(prefix) and "." not in n[len(prefix):])
+        layers.append({
+            "fqn": fqn, "format": fmt, "in_features": int(mod.in_features), "out_features": int(mod.out_features),
+            "bias": mod.bias is not None, "config": mod.layer_config(),
+            "tensors": {n: {"dtype": _dtype_name(state[prefix + n].dtype), "shape": list(state[prefix + n].shape)}
+                        for n in names},
+        })
+    return layers
+
+
+def check_target(mod: nn.Module, spec: dict, who: str = "tersor.load") -> None:
+    """Raises ValueError (naming the layer and the tensor) unless ``mod`` can be replaced by the layer ``spec``
+    describes: an ``nn.Linear`` (or tersor layer) of the same shape and bias."""
+    fqn = spec["fqn"]
+    shape = (spec["out_features"], spec["in_features"])
+    if not isinstance(mod, (nn.Linear,) + tuple(LAYER_CLASSES.values())):
+        raise ValueError(f"{who}: layer {fqn!r}: the model has a {type(mod).__name__} there, not an nn.Linear")
+    if (mod.out_features, mod.in_features) != shape:
+        raise ValueError(f"{who}: layer {fqn!r}, tensor {fqn + '.weight'!r}: the model's layer is "
+                         f"[{mod.out_features}, {mod.in_features}], the checkpoint's {list(shape)}")
+    if (getattr(mod, "bias", None) is not None) != spec["bias"]:
+        raise ValueError(f"{who}: layer {fqn!r}, tensor {fqn + '.bias'!r}: the model's layer "
+                         f"{'has' if mod.bias is not None else 'has no'} bias, the checkpoint's "
+                         f"{'has' if spec['bias'] else 'has none'}")
+
+
 def save(model: nn.Module, directory: Union[str, os.PathLike]) -> None:
     """Writes ``directory/model.safetensors`` (every tensor of ``model.state_dict()`` plus the model's
     non-persistent buffers, so that a ``meta``-built skeleton can be completed) and
@@ -72,16 +106,7 @@ def save(model: nn.Module, directory: Union[str, os.PathLike]) -> None:
             c = c.clone()  # safetensors stores each storage once: give partial views their own
         storages.add(c.untyped_storage().data_ptr())
         out[name] = c
-    layers = []
-    for fqn, mod, fmt in _layers(model):
-        prefix = fqn + "."
-        names = sorted(n[len(prefix):] for n in state if n.startswith(prefix) and "." not in n[len(prefix):])
-        layers.append({
-            "fqn": fqn, "format": fmt, "in_features": int(mod.in_features), "out_features": int(mod.out_features),
-            "bias": mod.bias is not None, "config": mod.layer_config(),
-            "tensors": {n: {"dtype": _dtype_name(state[prefix + n].dtype), "shape": list(state[prefix + n].shape)}
-                        for n in names},
-        })
+    layers = layer_entries(model, state)
     manifest = {
         "format": FORMAT, "version": VERSION, "tersor_version": __version__,
         "torch_version": torch.__version__.split("+")[0], "weights": WEIGHTS, "layers": layers,
@@ -123,7 +148,9 @@ def _read_manifest(directory) -> dict:
     return manifest
 
 
-def _build(spec: dict, tensors: dict[str, torch.Tensor], device) -> nn.Module:
+def build_layer(spec: dict, tensors: dict[str, torch.Tensor], device) -> nn.Module:
+    """The tersor layer a manifest entry describes, built from its tensors through the layer's own
+    constructor and validators (ValueError/TypeError on a mismatch)."""
     fmt, cfg, fqn = spec["format"], spec.get("config", {}), spec["fqn"]
     bias = tensors.get("bias")
     if fmt == "e8p":
@@ -205,16 +232,7 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
             mod = model.get_submodule(fqn)
         except AttributeError:
             raise ValueError(f"tersor.load: layer {fqn!r}: the model has no such module") from None
-        shape = (spec["out_features"], spec["in_features"])
-        if not isinstance(mod, (nn.Linear,) + tuple(LAYER_CLASSES.values())):
-            raise ValueError(f"tersor.load: layer {fqn!r}: the model has a {type(mod).__name__} there, not an nn.Linear")
-        if (mod.out_features, mod.in_features) != shape:
-            raise ValueError(f"tersor.load: layer {fqn!r}, tensor {fqn + '.weight'!r}: the model's layer is "
-                             f"[{mod.out_features}, {mod.in_features}], the checkpoint's {list(shape)}")
-        if (getattr(mod, "bias", None) is not None) != spec["bias"]:
-            raise ValueError(f"tersor.load: layer {fqn!r}, tensor {fqn + '.bias'!r}: the model's layer "
-                             f"{'has' if mod.bias is not None else 'has no'} bias, the checkpoint's "
-                             f"{'has' if spec['bias'] else 'has none'}")
+        check_target(mod, spec)
         prefix = fqn + "."
         own = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix) and "." not in n[len(prefix):]}
         for n, t in own.items():
@@ -224,7 +242,7 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
             if n not in own:
                 raise ValueError(f"tersor.load: layer {fqn!r}, tensor {prefix + n!r}: listed for the layer, not in the file")
         try:
-            new = _build(spec, own, device)
+            new = build_layer(spec, own, device)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"tersor.load: layer {fqn!r} ({spec.get('format')}): {e}") from None
         parent, _, child = fqn.rpartition(".")
@@ -266,4 +284,7 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.device.type == "meta":
             raise _mismatch(name, layer_fqns, "still on the meta device after loading (the checkpoint lacks it)")
+    from ..hf import maybe_attach
+
+    maybe_attach(model)  # a transformers model then saves with quantization_config {"quant_method": "tersor"}
     return model

@@ -306,6 +306,9 @@ def quantize_(model: nn.Module, config: _Config, filter_fn: Optional[Callable[[n
         bar.close()
         model.train(was_training)
     report.seconds = time.perf_counter() - t_start
+    from ..hf import maybe_attach
+
+    maybe_attach(model)  # a transformers model then saves with quantization_config {"quant_method": "tersor"}
     return report
 
 
