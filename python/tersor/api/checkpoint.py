@@ -127,7 +127,7 @@ def _build(spec: dict, tensors: dict[str, torch.Tensor], device) -> nn.Module:
     fmt, cfg, fqn = spec["format"], spec.get("config", {}), spec["fqn"]
     bias = tensors.get("bias")
     if fmt == "e8p":
-        layer = E8PLinear(dict(tensors))
+        layer = E8PLinear(dict(tensors), hadamard=cfg.get("hadamard", "tersor"))
         if layer.bits != cfg.get("bits"):
             raise ValueError(f"Qidxs {list(tensors['Qidxs'].shape)} holds {layer.bits}-bit codes, the manifest says "
                              f"bits={cfg.get('bits')}")
