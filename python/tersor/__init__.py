@@ -14,7 +14,8 @@ __version__ = build_info()["version"]
 
 from .api import (AQLMConfig, BlockSparseConfig, E8PConfig, LosslessConfig, QuantizeReport,  # noqa: E402
                   Sparse24Config, load, quantize_, save)
+from .api import load_quipsharp_layers  # noqa: E402  (existing QuIP# checkpoints)
 
 __all__ = ["AQLMConfig", "BlockSparseConfig", "E8PConfig", "LosslessConfig", "QuantizeReport", "Sparse24Config",
            "attention", "build_info", "codec", "hadamard_transform", "load", "nn", "ops", "quant", "quantize_",
-           "save", "sparse"]
+           "save", "sparse", "load_quipsharp_layers"]
