@@ -140,6 +140,19 @@ def test_k_times_power_of_two_llama_loads_with_registered_matrix():
     torch.testing.assert_close(logits(fresh, ids), logits(src, ids), rtol=1e-5, atol=1e-5)
 
 
+def test_compile_fullgraph_on_fused_parts_and_k_mix():
+    transformers = _transformers()  # noqa: F841
+    model, cfg = tiny_llama(192)
+    sd, qc, _ = write_quipsharp(model)
+    fresh = transformers.LlamaForCausalLM(cfg).eval()
+    with registered(12, tersor_hk(12)):
+        load_quipsharp_layers(fresh, sd, qc)
+    mlp = fresh.model.layers[0].mlp  # up/gate parts of upgate_proj (384 = 12 * 32 rows), down_proj (192 inputs)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(mlp, fullgraph=True)(x), mlp(x), rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ the QuIP# transform
 @pytest.mark.parametrize("k,n,m", [(12, 192, 384), (20, 320, 64), (12, 128, 96)])
 def test_quipsharp_transform_equals_dense_kronecker(k, n, m):
