@@ -245,6 +245,19 @@ def test_shipped_matrices_are_hadamard():
         assert torch.equal(h @ h.t(), k * torch.eye(k)), k
 
 
+def test_quipsharp_layer_through_tersor_save_load(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    st = quipsharp.quantize_e8p(torch.randn(96, 192, generator=g), bits=2)
+    with registered(12, other_hk(12, seed=2)):
+        layer = E8PLinear.from_quipsharp({"Qidxs": st["Qidxs"], "SU": st["SU"], "SV": st["SV"].float() * 0.1})
+        tersor.save(torch.nn.Sequential(layer), tmp_path)
+        back = torch.nn.Sequential(torch.nn.Linear(192, 96, bias=False))
+        tersor.load(back, tmp_path)
+    assert back[0].hadamard == "quipsharp" and torch.equal(back[0].had_in, layer.had_in)
+    x = torch.randn(2, 192, generator=g)
+    assert torch.equal(back[0](x), layer(x))
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_load_errors_name_layer_and_tensor():
     transformers = _transformers()

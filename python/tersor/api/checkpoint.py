@@ -199,6 +199,7 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
         tensors[alias] = tensors[target]
 
     # 1. the tersor layers
+    nonpersistent = set(manifest["nonpersistent_buffers"])
     for spec in layer_specs:
         fqn = spec["fqn"]
         try:
@@ -216,7 +217,8 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
                              f"{'has' if mod.bias is not None else 'has no'} bias, the checkpoint's "
                              f"{'has' if spec['bias'] else 'has none'}")
         prefix = fqn + "."
-        own = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix) and "." not in n[len(prefix):]}
+        own = {n[len(prefix):]: t for n, t in tensors.items()
+               if n.startswith(prefix) and "." not in n[len(prefix):] and n not in nonpersistent}
         for n, t in own.items():
             if n not in spec["tensors"]:
                 raise ValueError(f"tersor.load: layer {fqn!r}, tensor {prefix + n!r}: not listed for the layer")
@@ -231,7 +233,6 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
         setattr(model.get_submodule(parent) if parent else model, child, new)
 
     # 2. everything else
-    nonpersistent = set(manifest["nonpersistent_buffers"])
     model_state = model.state_dict(keep_vars=True)
     rest = {n: t for n, t in tensors.items() if n not in nonpersistent and _owner(n, layer_fqns) not in layer_fqns}
     for name in sorted(set(model_state) - set(tensors)):
