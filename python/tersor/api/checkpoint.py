@@ -154,7 +154,7 @@ def build_layer(spec: dict, tensors: dict[str, torch.Tensor], device) -> nn.Modu
     fmt, cfg, fqn = spec["format"], spec.get("config", {}), spec["fqn"]
     bias = tensors.get("bias")
     if fmt == "e8p":
-        layer = E8PLinear(dict(tensors))
+        layer = E8PLinear(dict(tensors), hadamard=cfg.get("hadamard", "tersor"))
         if layer.bits != cfg.get("bits"):
             raise ValueError(f"Qidxs {list(tensors['Qidxs'].shape)} holds {layer.bits}-bit codes, the manifest says "
                              f"bits={cfg.get('bits')}")
@@ -226,6 +226,7 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
         tensors[alias] = tensors[target]
 
     # 1. the tersor layers
+    nonpersistent = set(manifest["nonpersistent_buffers"])
     for spec in layer_specs:
         fqn = spec["fqn"]
         try:
@@ -234,7 +235,8 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
             raise ValueError(f"tersor.load: layer {fqn!r}: the model has no such module") from None
         check_target(mod, spec)
         prefix = fqn + "."
-        own = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix) and "." not in n[len(prefix):]}
+        own = {n[len(prefix):]: t for n, t in tensors.items()
+               if n.startswith(prefix) and "." not in n[len(prefix):] and n not in nonpersistent}
         for n, t in own.items():
             if n not in spec["tensors"]:
                 raise ValueError(f"tersor.load: layer {fqn!r}, tensor {prefix + n!r}: not listed for the layer")
@@ -249,7 +251,6 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
         setattr(model.get_submodule(parent) if parent else model, child, new)
 
     # 2. everything else
-    nonpersistent = set(manifest["nonpersistent_buffers"])
     model_state = model.state_dict(keep_vars=True)
     rest = {n: t for n, t in tensors.items() if n not in nonpersistent and _owner(n, layer_fqns) not in layer_fqns}
     for name in sorted(set(model_state) - set(tensors)):

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..ops import _hadamard_size_ok, e8p_decode, e8p_linear, hadamard_factor, hadamard_transform
 from ..quant import quipsharp
+from ..quant import quipsharp_hadamard as qh
 from ._common import FLOATS, bias_param, check_bias, check_tensor, nbytes
 
 # QuIP#'s codebook_id of each bit width (lib/codebook/__init__.py): E8P12, E8P12RVQ3B, E8P12RVQ4B.
@@ -25,6 +26,12 @@ class E8PLinear(nn.Module):
     fp16 there; lookup GEMV or decode + matmul on CPU), the output transform, ``* SV * Wscale`` and bias
     in fp32, returned in ``x``'s dtype. ``resid_scale`` (3/4-bit RVQ) defaults to QuIP#'s 2.04 / 3.45.
 
+    ``hadamard`` chooses ``U_k`` for a dimension ``k = K * 2^j`` that is not a power of two: ``"tersor"`` (the
+    default; tersor's own ``H_K``, what tersor's quantizer uses) or ``"quipsharp"`` (QuIP#'s ``H_K`` from
+    :mod:`tersor.quant.quipsharp_hadamard`: the FWHT of tersor.hadamard_transform on the 2^j axis, then a dense
+    K x K matmul, about K * k extra multiply-adds per row; QuipSharpHadamardUnavailable, a NotImplementedError
+    and ValueError, when that matrix is not available). For powers of two both are the same Sylvester transform.
+
     Every argument is checked here (TypeError for dtypes, ValueError for shapes and values). ``Qidxs``,
     ``SU`` and ``SV`` are kept as given (aliased, no copy); ``Wscale`` becomes an fp32 scalar; ``bias`` is
     always copied.
@@ -33,8 +40,10 @@ class E8PLinear(nn.Module):
     tersor_format = "e8p"
 
     def __init__(self, state: dict[str, torch.Tensor], bias: Optional[torch.Tensor] = None,
-                 resid_scale: Optional[float] = None):
+                 resid_scale: Optional[float] = None, hadamard: str = "tersor"):
         super().__init__()
+        if hadamard not in ("tersor", "quipsharp"):
+            raise ValueError(f"E8PLinear: hadamard must be 'tersor' or 'quipsharp', got {hadamard!r}")
         if not isinstance(state, dict):
             raise TypeError(f"E8PLinear: state must be a dict of tensors (Qidxs, SU, SV, Wscale), got "
                             f"{type(state).__name__}")
@@ -46,7 +55,18 @@ class E8PLinear(nn.Module):
         self.in_features, self.out_features = su.numel(), sv.numel()
         n, m = self.in_features, self.out_features
         for what, k in (("in_features (len(SU))", n), ("out_features (len(SV))", m)):
-            if not _hadamard_size_ok(k):
+            if hadamard == "quipsharp":
+                try:
+                    kk = qh.quipsharp_factor(k)[0]
+                except ValueError as err:
+                    raise ValueError(f"E8PLinear: {what}: {err}") from None
+                if kk > 1 and kk not in qh.available_quipsharp_k():
+                    try:
+                        qh.quipsharp_hadamard_k(kk)
+                    except qh.QuipSharpHadamardUnavailable as err:
+                        raise qh.QuipSharpHadamardUnavailable(
+                            f"E8PLinear: {what} = {k} = {kk} * {k // kk} is not a power of two; {err}") from None
+            elif not _hadamard_size_ok(k):
                 raise ValueError(f"E8PLinear: {what} = {k} is not a size tersor.hadamard_transform supports "
                                  f"(2^k or K * 2^k, K in {tersor_k_sizes()})")
         if m % 16 or n % 64:
@@ -63,6 +83,20 @@ class E8PLinear(nn.Module):
         self.register_buffer("SU", su)
         self.register_buffer("SV", sv)
         self.register_buffer("Wscale", wscale.reshape(()).float())
+        self.hadamard = hadamard
+        # QuIP#'s H_K of each side (None: a power of two, or tersor's own transform). Not saved: like QuIP#'s
+        # had_left_T / had_right they follow from the sizes.
+        self._k_in = self._k_out = 1
+        had = {}
+        if hadamard == "quipsharp":
+            for side, k in (("in", n), ("out", m)):
+                kk = qh.quipsharp_factor(k)[0]
+                if kk > 1:
+                    had[side] = qh.quipsharp_hadamard_k(kk)
+            self._k_in = qh.quipsharp_factor(n)[0]
+            self._k_out = qh.quipsharp_factor(m)[0]
+        self.register_buffer("had_in", had.get("in"), persistent=False)
+        self.register_buffer("had_out", had.get("out"), persistent=False)
         self.bias = bias_param(bias)
         self.bits = self._bits()
         if resid_scale is None and "resid_scale" in state:
@@ -102,35 +136,64 @@ class E8PLinear(nn.Module):
     def from_quipsharp(cls, state: dict[str, torch.Tensor], resid_scale_override: Optional[float] = None) -> "E8PLinear":
         """A layer from one QuIP# ``QuantizedLinear``'s tensors (``Qidxs``, ``SU``, ``SV``, optional ``Wscale``,
         ``bias``, ``scaleWH``, ``codebook_id``; the prefix already stripped), computing QuIP#'s
-        ``y = SV Wscale U_m W^ U_n^T (SU x / scaleWH) + bias``. ``resid_scale_override``: the checkpoint's
-        ``quip_params.resid_scale_override`` when > 0. Limits, each a clear error: fused layers
-        (``fuse_scales``: split them first) and dimensions that are not powers of two (QuIP# then uses its
-        own Hadamard matrices H_K, which differ from tersor's)."""
+        ``y = SV Wscale U_m W^ U_n^T (SU x / scaleWH) + bias`` with QuIP#'s transforms (``hadamard="quipsharp"``).
+        ``resid_scale_override``: the checkpoint's ``quip_params.resid_scale_override`` when > 0. Fused layers
+        (``fuse_scales``: qkv_proj, upgate_proj) are :class:`tersor.api.quipsharp_ckpt.E8PFusedLinear`'s (and
+        :func:`tersor.load_quipsharp_layers`'); a dimension K * 2^k that is not a power of two needs QuIP#'s
+        ``H_K`` (:mod:`tersor.quant.quipsharp_hadamard`), else QuipSharpHadamardUnavailable."""
+        layer = cls(**cls._quipsharp_args(state, resid_scale_override, "from_quipsharp"))
+        layer._check_codebook_id(state, "from_quipsharp")
+        return layer
+
+    def _check_codebook_id(self, state: dict, what: str) -> None:
+        if "codebook_id" in state and int(state["codebook_id"]) != QUIPSHARP_CODEBOOK_ID[self.bits]:
+            raise ValueError(f"{what}: codebook_id {int(state['codebook_id'])} does not match the {self.bits}-bit "
+                             f"layout of Qidxs (expected {QUIPSHARP_CODEBOOK_ID[self.bits]})")
+
+    @classmethod
+    def _quipsharp_args(cls, state: dict, resid_scale_override: Optional[float], what: str,
+                        allow_fused: bool = False) -> dict:
+        if not isinstance(state, dict):
+            raise TypeError(f"{what}: state must be a dict of tensors, got {type(state).__name__}")
         for key in ("Qidxs", "SU", "SV"):
             if key not in state:
-                raise ValueError(f"from_quipsharp: missing tensor {key!r} (have {sorted(state)})")
-        if "fuse_scales" in state:
-            raise ValueError("from_quipsharp: fused QuIP# layers (fuse_scales: qkv_proj, upgate_proj) are not "
-                             "supported; split the output rows per part first")
-        n, m = state["SU"].numel(), state["SV"].numel()
-        for what, k in (("in_features", n), ("out_features", m)):
-            if hadamard_factor(k)[0] != 1:
-                raise ValueError(f"from_quipsharp: {what} = {k} is not a power of two; QuIP# rotates such sizes "
-                                 "with its own H_K matrices, which tersor.hadamard_transform does not reproduce")
+                raise ValueError(f"{what}: missing tensor {key!r} (have {sorted(state)})")
+        if "fuse_scales" in state and not allow_fused:
+            raise ValueError(f"{what}: fused QuIP# layers (fuse_scales: qkv_proj, upgate_proj) are not single "
+                             "layers; load them with tersor.load_quipsharp_layers (E8PFusedLinear)")
+        for key in ("SU", "SV"):
+            check_tensor(state[key], key, what, dtypes=FLOATS, dim=1)
+        check_tensor(state["Qidxs"], "Qidxs", what, dtypes=(torch.int64, torch.int32, torch.int16), dim=2)
         su = state["SU"].float()
         if "scaleWH" in state:
-            su = su / state["scaleWH"].float()  # QuIP# divides x by scaleWH before the SU multiply
-        layer = cls({"Qidxs": state["Qidxs"].to(torch.int64), "SU": su, "SV": state["SV"].float(),
-                     "Wscale": state.get("Wscale", torch.ones(())).float()},
-                    state.get("bias"), resid_scale=resid_scale_override if resid_scale_override else None)
-        if "codebook_id" in state and int(state["codebook_id"]) != QUIPSHARP_CODEBOOK_ID[layer.bits]:
-            raise ValueError(f"from_quipsharp: codebook_id {int(state['codebook_id'])} does not match the "
-                             f"{layer.bits}-bit layout of Qidxs (expected {QUIPSHARP_CODEBOOK_ID[layer.bits]})")
-        return layer
+            swh = check_tensor(state["scaleWH"], "scaleWH", what, dtypes=FLOATS, shape=(su.numel(),))
+            su = su / swh.float()  # QuIP# divides x by scaleWH before the SU multiply
+        if "Wscale" in state:
+            check_tensor(state["Wscale"], "Wscale", what, dtypes=FLOATS)
+        args = {"state": {"Qidxs": state["Qidxs"].to(torch.int64), "SU": su, "SV": state["SV"].float(),
+                          "Wscale": state.get("Wscale", torch.ones(())).float()},
+                "bias": state.get("bias"), "resid_scale": resid_scale_override if resid_scale_override else None,
+                "hadamard": "quipsharp"}
+        return args
 
     def layer_config(self) -> dict:
         """What tersor checkpoints record about this layer (docs/formats.md, tersor checkpoint v1)."""
-        return {"bits": self.bits, "resid_scale": self._resid}
+        cfg = {"bits": self.bits, "resid_scale": self._resid}
+        if self.hadamard != "tersor":
+            cfg["hadamard"] = self.hadamard
+        return cfg
+
+    def _rot_in(self, x: torch.Tensor) -> torch.Tensor:
+        # U_n^T x over the last dimension, fp32
+        if self.had_in is None:
+            return hadamard_transform(x.float(), transpose=True)
+        return qh.quipsharp_hadamard(x, self.had_in, transpose=True)
+
+    def _rot_out(self, z: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        # U_m z over the last dimension, fp32
+        if self.had_out is None:
+            return hadamard_transform(z.float(), transpose=transpose)
+        return qh.quipsharp_hadamard(z, self.had_out, transpose=transpose)
 
     def decoded_codes(self) -> torch.Tensor:
         """``W^`` (fp32 [m, n]): the codebook values before the rotations and scales."""
@@ -138,21 +201,30 @@ class E8PLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The dense fp32 weight [m, n] this layer multiplies by."""
-        return quipsharp.unrht(self.decoded_codes() * self.Wscale, self.SU, self.SV)
+        if self.had_in is None and self.had_out is None:
+            return quipsharp.unrht(self.decoded_codes() * self.Wscale, self.SU, self.SV)
+        a = self.decoded_codes() * self.Wscale
+        if self.had_in is None:
+            a = hadamard_transform(a)  # rows: W^ U_n^T
+        else:
+            a = qh.quipsharp_hadamard(a, self.had_in)
+        a = self._rot_out(a.t().contiguous()).t()  # U_m (W^ U_n^T)
+        return a * self.SU.float()[None, :] * self.SV.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"E8PLinear: x has {x.shape[-1]} features, the layer expects {self.in_features}")
-        xr = hadamard_transform(x.float() * self.SU.float(), transpose=True)  # U_n^T diag(SU) x
+        xr = self._rot_in(x.float() * self.SU.float())  # U_n^T diag(SU) x
         z = e8p_linear(xr, self.Qidxs, self.in_features, self._resid)
-        y = hadamard_transform(z) * (self.SV.float() * self.Wscale)  # diag(SV Wscale) U_m z
+        y = self._rot_out(z) * (self.SV.float() * self.Wscale)  # diag(SV Wscale) U_m z
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
+        had = "" if self.hadamard == "tersor" else f", hadamard='{self.hadamard}'"
         return (f"in_features={self.in_features}, out_features={self.out_features}, format='e8p', bits={self.bits}, "
-                f"bias={self.bias is not None}, nbytes={nbytes(self)}")
+                f"bias={self.bias is not None}{had}, nbytes={nbytes(self)}")
 
 
 def tersor_k_sizes() -> str:

@@ -1,0 +1,290 @@
+"""Existing QuIP# checkpoints: tersor.load_quipsharp_layers on a tiny Llama written in QuIP#'s layout, the
+QuIP#-transform option of E8PLinear (hadamard="quipsharp") against explicit dense Kronecker matrices, and
+QuIP#'s Hadamard data file (scripts/gen_quipsharp_hadamard.py, sha256-checked at load).
+
+tersor ships none of QuIP#'s own H_K (the matrices were not available; docs/usage.md). The K * 2^k tests
+register a stand-in matrix explicitly and remove it afterwards: they test the transform and the loading path,
+not that the stand-in is QuIP#'s matrix."""
+
+import contextlib
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tersor
+from tersor.api.quipsharp_ckpt import E8PFusedLinear, E8PFusedPart, load_quipsharp_layers
+from tersor.nn import E8PLinear
+from tersor.quant import quipsharp
+from tersor.quant import quipsharp_hadamard as qh
+
+sys.path.insert(0, os.path.dirname(__file__))
+from quipsharp_layout import tiny_llama, write_quipsharp  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tersor_hk(k):
+    """tersor's own H_K (hadamard_transform applies scale * x @ H^T)."""
+    return tersor.hadamard_transform(torch.eye(k), scale=1.0).t().contiguous()
+
+
+def other_hk(k, seed=0):
+    """A Hadamard matrix of order K that is neither tersor's nor symmetric: rows permuted, columns sign-flipped."""
+    g = torch.Generator().manual_seed(seed)
+    h = tersor_hk(k)[torch.randperm(k, generator=g)]
+    return h * (torch.randint(0, 2, (k,), generator=g) * 2 - 1).float()[None, :]
+
+
+@contextlib.contextmanager
+def registered(k, h):
+    qh.register_quipsharp_hadamard(k, h)
+    try:
+        yield
+    finally:
+        qh.unregister_quipsharp_hadamard(k)
+
+
+def sylvester(n):
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def quipsharp_u(n, hk):
+    """QuIP#'s U_n = (H_K (x) S_{n/K}) / sqrt(n) as an explicit dense matrix (docs/research/e8p12.md section 4)."""
+    if hk is None:
+        return sylvester(n) / n**0.5
+    k = hk.shape[0]
+    return torch.kron(hk.double(), sylvester(n // k)) / n**0.5
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _transformers():
+    return pytest.importorskip("transformers")
+
+
+# ------------------------------------------------------------------------------------------ whole model
+def test_power_of_two_llama_loads_with_equal_logits():
+    transformers = _transformers()
+    model, cfg = tiny_llama(128)
+    sd, qc, src = write_quipsharp(model)
+    before = {k: v.clone() for k, v in sd.items()}
+    fresh = transformers.LlamaForCausalLM(cfg).eval()  # other random weights: all must be overwritten
+    rep = load_quipsharp_layers(fresh, sd, qc)
+    assert all(torch.equal(before[k], sd[k]) for k in sd) and set(before) == set(sd)  # input not mutated
+    assert len(rep["layers"]) == 8 and rep["missing_keys"] == []
+    assert rep["fused"]["model.layers.0.self_attn.qkv_proj"] == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+    attn, mlp = fresh.model.layers[1].self_attn, fresh.model.layers[1].mlp
+    assert isinstance(attn.qkv_proj, E8PFusedLinear) and isinstance(attn.k_proj, E8PFusedPart)
+    assert attn.k_proj.fused is attn.qkv_proj and mlp.gate_proj.index == 1  # QuIP#'s order: (up, gate)
+    assert isinstance(attn.o_proj, E8PLinear) and attn.o_proj.hadamard == "quipsharp"
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+    ref = logits(src, ids)
+    torch.testing.assert_close(logits(fresh, ids), ref, rtol=1e-5, atol=1e-5)
+    # module protocols on the loaded model: deepcopy, state_dict round trip, print
+    twin = copy.deepcopy(fresh)
+    assert twin.model.layers[0].self_attn.q_proj.fused is twin.model.layers[0].self_attn.qkv_proj
+    assert twin.model.layers[0].self_attn.q_proj.fused is not attn.qkv_proj
+    state = fresh.state_dict()
+    assert "model.layers.0.self_attn.qkv_proj.fuse_scales" in state
+    assert not any(k.startswith("model.layers.0.self_attn.q_proj") for k in state)
+    twin.load_state_dict(state)
+    assert torch.equal(logits(twin, ids), logits(fresh, ids))
+    assert "part 0 of qkv_proj" in repr(fresh)
+
+
+def test_k_times_power_of_two_llama_refused_without_quipsharp_matrix():
+    transformers = _transformers()
+    # intermediate 192 = 12 * 16: upgate_proj has 384 = 12 * 32 rows, down_proj 192 inputs
+    model, cfg = tiny_llama(192)
+    sd, qc, _ = write_quipsharp(model)
+    assert 12 not in qh.available_quipsharp_k()
+    fresh = transformers.LlamaForCausalLM(cfg).eval()
+    linears_before = [n for n, m in fresh.named_modules() if type(m) is torch.nn.Linear]
+    with pytest.raises(NotImplementedError, match="H_12"):
+        load_quipsharp_layers(fresh, sd, qc)
+    # nothing was swapped: the model is left as it was
+    assert [n for n, m in fresh.named_modules() if type(m) is torch.nn.Linear] == linears_before
+
+
+def test_k_times_power_of_two_llama_loads_with_registered_matrix():
+    transformers = _transformers()
+    # Stand-in for QuIP#'s H_12: tersor's own, because the source was quantized with tersor's transform.
+    model, cfg = tiny_llama(192)
+    sd, qc, src = write_quipsharp(model)
+    fresh = transformers.LlamaForCausalLM(cfg).eval()
+    with registered(12, tersor_hk(12)):
+        load_quipsharp_layers(fresh, sd, qc)
+    mlp = fresh.model.layers[0].mlp
+    assert mlp.upgate_proj.had_out is not None and mlp.down_proj.had_in is not None
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logits(fresh, ids), logits(src, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_fullgraph_on_fused_parts_and_k_mix():
+    transformers = _transformers()  # noqa: F841
+    model, cfg = tiny_llama(192)
+    sd, qc, _ = write_quipsharp(model)
+    fresh = transformers.LlamaForCausalLM(cfg).eval()
+    with registered(12, tersor_hk(12)):
+        load_quipsharp_layers(fresh, sd, qc)
+    mlp = fresh.model.layers[0].mlp  # up/gate parts of upgate_proj (384 = 12 * 32 rows), down_proj (192 inputs)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(mlp, fullgraph=True)(x), mlp(x), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ the QuIP# transform
+@pytest.mark.parametrize("k,n,m", [(12, 192, 384), (20, 320, 64), (12, 128, 96)])
+def test_quipsharp_transform_equals_dense_kronecker(k, n, m):
+    hk = other_hk(k, seed=k)
+    assert not torch.equal(hk, hk.t())
+    g = torch.Generator().manual_seed(n + m)
+    # any valid codes for these shapes (quantized with tersor's transform; the layer reads them with QuIP#'s)
+    st = quipsharp.quantize_e8p(torch.randn(m, n, generator=g), bits=2)
+    state = {"Qidxs": st["Qidxs"], "SU": torch.randn(n, generator=g).half(), "SV": torch.randn(m, generator=g).half(),
+             "Wscale": torch.tensor(0.75).half(), "bias": torch.randn(m, generator=g)}
+    with registered(k, hk):
+        layer = E8PLinear.from_quipsharp(state)
+    w_hat = quipsharp.decode_qidxs(st["Qidxs"], n).double()
+    kn = qh.quipsharp_factor(n)[0]
+    km = qh.quipsharp_factor(m)[0]
+    un = quipsharp_u(n, hk if kn > 1 else None)
+    um = quipsharp_u(m, hk if km > 1 else None)
+    dense = (state["SV"].double() * 0.75)[:, None] * (um @ w_hat @ un.T) * state["SU"].double()[None, :]
+    x = torch.randn(5, n, generator=g)
+    ref = x.double() @ dense.T + state["bias"].double()
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.dequantize().double(), dense, rtol=1e-5, atol=1e-6)
+    # the quipsharp rotation itself: U x and U^T x
+    v = torch.randn(3, n, generator=g)
+    hn = hk if kn > 1 else None
+    torch.testing.assert_close(qh.quipsharp_hadamard(v, hn).double(), v.double() @ un.T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(qh.quipsharp_hadamard(v, hn, transpose=True).double(), v.double() @ un,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_quipsharp_factor_follows_get_hadk():
+    assert qh.quipsharp_factor(11008) == (172, 64)
+    assert qh.quipsharp_factor(4096) == (1, 4096)
+    assert qh.quipsharp_factor(13824) == (108, 128)
+    with pytest.raises(ValueError, match="does not support n = 100"):
+        qh.quipsharp_factor(100)
+    assert sorted(qh.QUIPSHARP_K_SIZES) == sorted(tersor.ops.HADAMARD_K_SIZES)
+
+
+def test_hadamard_option_errors():
+    st = quipsharp.quantize_e8p(torch.randn(16, 64), bits=2)
+    with pytest.raises(ValueError, match="hadamard must be"):
+        E8PLinear(st, hadamard="sloane")
+    with pytest.raises(ValueError, match="is not a Hadamard matrix"):
+        qh.register_quipsharp_hadamard(12, torch.ones(12, 12))
+    with pytest.raises(ValueError, match="not one of QuIP#'s sizes"):
+        qh.register_quipsharp_hadamard(8, tersor_hk(12)[:8, :8])
+    with pytest.raises(qh.QuipSharpHadamardUnavailable, match="ships none"):
+        qh.quipsharp_hadamard_k(172)
+
+
+# --------------------------------------------------------------------------------------- the data file
+def _write_sloane(path, h):
+    path.write_text("\n".join("".join("+" if v > 0 else "-" for v in row) for row in h.tolist()) + "\n")
+
+
+def test_data_file_generation_and_checked_load(tmp_path):
+    for k in (12, 20):
+        _write_sloane(tmp_path / f"had.{k}.txt", other_hk(k, seed=1))
+    out = tmp_path / "quipsharp_hadamard.json"
+    script = os.path.join(ROOT, "scripts", "gen_quipsharp_hadamard.py")
+    subprocess.run([sys.executable, script, "--matrix", f"12={tmp_path / 'had.12.txt'}", "--matrix",
+                    f"20={tmp_path / 'had.20.txt'}", "--out", str(out)], check=True, capture_output=True)
+    subprocess.run([sys.executable, script, "--check", str(out)], check=True, capture_output=True)
+    mats = qh.load_data_file(str(out))
+    assert sorted(mats) == [12, 20]
+    for k, h in mats.items():
+        assert torch.equal(h, other_hk(k, seed=1))
+        assert torch.equal(h @ h.t(), k * torch.eye(k))
+    doc = json.loads(out.read_text())
+    assert doc["matrices"]["12"]["sha256"] == qh.matrix_sha256(other_hk(12, seed=1))
+    # a flipped sign is caught by the recorded hash (and would still be a Hadamard matrix after a column flip)
+    row = doc["matrices"]["12"]["rows"][0]
+    doc["matrices"]["12"]["rows"][0] = ("-" if row[0] == "+" else "+") + row[1:]
+    out.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="sha256"):
+        qh.load_data_file(str(out))
+    # a non-Hadamard input is refused by the script
+    (tmp_path / "bad.txt").write_text("\n".join(["+" * 12] * 12))
+    r = subprocess.run([sys.executable, script, "--matrix", f"12={tmp_path / 'bad.txt'}", "--out",
+                        str(tmp_path / "x.json")], capture_output=True, text=True)
+    assert r.returncode != 0 and "not a Hadamard matrix" in r.stderr
+
+
+def test_shipped_matrices_are_hadamard():
+    shipped = qh.load_data_file()  # {} while tersor ships none
+    if not os.path.isfile(qh.DATA_FILE):
+        assert shipped == {}
+    for k, h in shipped.items():
+        assert torch.equal(h @ h.t(), k * torch.eye(k)), k
+
+
+def test_quipsharp_layer_through_tersor_save_load(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    st = quipsharp.quantize_e8p(torch.randn(96, 192, generator=g), bits=2)
+    with registered(12, other_hk(12, seed=2)):
+        layer = E8PLinear.from_quipsharp({"Qidxs": st["Qidxs"], "SU": st["SU"], "SV": st["SV"].float() * 0.1})
+        tersor.save(torch.nn.Sequential(layer), tmp_path)
+        back = torch.nn.Sequential(torch.nn.Linear(192, 96, bias=False))
+        tersor.load(back, tmp_path)
+    assert back[0].hadamard == "quipsharp" and torch.equal(back[0].had_in, layer.had_in)
+    x = torch.randn(2, 192, generator=g)
+    assert torch.equal(back[0](x), layer(x))
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_load_errors_name_layer_and_tensor():
+    transformers = _transformers()
+    model, cfg = tiny_llama(128)
+    sd, qc, _ = write_quipsharp(model)
+
+    def load(sd2, qc2=qc):
+        return load_quipsharp_layers(transformers.LlamaForCausalLM(cfg).eval(), sd2, qc2)
+
+    p = "model.layers.0.self_attn.qkv_proj"
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.self_attn.qkv_proj.A'"):
+        load({**sd, p + ".A": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"qkv_proj.fuse_scales"):
+        load({**sd, p + ".fuse_scales": torch.ones(2).half()})
+    with pytest.raises(ValueError, match=r"qkv_proj.fuse_scales' is missing"):
+        load({k: v for k, v in sd.items() if k != p + ".fuse_scales"})
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.down_proj', tensor .*down_proj.SU'"):
+        load({**sd, "model.layers.0.mlp.down_proj.SU": torch.ones(64).half()})
+    with pytest.raises(ValueError, match="the model has nothing there"):
+        load({**sd, "model.layers.0.mlp.extra.Qidxs": sd["model.layers.0.mlp.down_proj.Qidxs"]})
+    with pytest.raises(ValueError, match="not in the model"):
+        load({**sd, "model.unknown.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="codebook 'E8P12RVQ4B'"):
+        load(sd, {"quip_params": {**qc["quip_params"], "codebook": "E8P12RVQ4B"}})
+    with pytest.raises(NotImplementedError, match="lora_rank"):
+        load(sd, {"quip_params": {**qc["quip_params"], "lora_rank": 8}})
+    with pytest.raises(TypeError, match="SV must be"):
+        load({**sd, "model.layers.0.self_attn.o_proj.SV": torch.ones(64, dtype=torch.int32)})
+    with pytest.raises(TypeError, match="quant_config"):
+        load(sd, "E8P12")
