@@ -53,6 +53,16 @@ def load_script(name: str):
     return mod
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: the model-level tests quantize whole models, and on a loaded 2-core
+    machine two threads made the quantizers 10x slower. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

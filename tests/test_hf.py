@@ -18,19 +18,12 @@ import torch
 import tersor
 from tersor.nn import AQLMLinear, E8PLinear
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers"),
+              pytest.mark.usefixtures("one_thread")]
 
 AQLM = tersor.AQLMConfig(2, 8, iters=1, kmeans_iters=2, beam_size=1)
 AQLM_SOURCE = {"quant_method": "aqlm", "nbits_per_codebook": 8, "num_codebooks": 2, "in_group_size": 8,
                "out_group_size": 1, "linear_weights_not_to_quantize": ["model.embed_tokens.weight", "lm_head.weight"]}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny_config():
