@@ -14,7 +14,11 @@ __version__ = build_info()["version"]
 
 from .api import (AQLMConfig, BlockSparseConfig, E8PConfig, LosslessConfig, QuantizeReport,  # noqa: E402
                   Sparse24Config, load, quantize_, save)
+from .api import SageAttentionConfig  # noqa: E402
 
-__all__ = ["AQLMConfig", "BlockSparseConfig", "E8PConfig", "LosslessConfig", "QuantizeReport", "Sparse24Config",
+if "transformers" in __import__("sys").modules:  # already imported: make attn_implementation="tersor_sage" known
+    attention.register_transformers()
+
+__all__ = ["AQLMConfig", "BlockSparseConfig", "E8PConfig", "LosslessConfig", "QuantizeReport", "SageAttentionConfig", "Sparse24Config",
            "attention", "build_info", "codec", "hadamard_transform", "load", "nn", "ops", "quant", "quantize_",
            "save", "sparse"]

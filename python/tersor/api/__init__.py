@@ -3,8 +3,8 @@
 docs/usage.md."""
 
 from .checkpoint import load, save
-from .configs import AQLMConfig, BlockSparseConfig, E8PConfig, LosslessConfig, Sparse24Config
+from .configs import AQLMConfig, BlockSparseConfig, E8PConfig, LosslessConfig, SageAttentionConfig, Sparse24Config
 from .quantize import LayerReport, QuantizeReport, find_block_list, quantize_
 
 __all__ = ["AQLMConfig", "BlockSparseConfig", "E8PConfig", "LayerReport", "LosslessConfig", "QuantizeReport",
-           "Sparse24Config", "find_block_list", "load", "quantize_", "save"]
+           "SageAttentionConfig", "Sparse24Config", "find_block_list", "load", "quantize_", "save"]
