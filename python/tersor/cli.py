@@ -21,7 +21,7 @@ def _bench(args) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("tersor bench: --device cuda but no CUDA GPU is available", file=sys.stderr)
         return 2
-    ctx = BenchContext(device=device, quick=args.quick)
+    ctx = BenchContext(device=device, quick=args.quick, families=tuple(args.family or ()))
     results = report.run(args.family, ctx)
     record = report.to_record(results, ctx)
     print()

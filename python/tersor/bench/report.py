@@ -42,7 +42,8 @@ def current_commit() -> str:
 def _progress_line(r: Result) -> str:
     acc = next(iter(r.accuracy.items()), None)
     tail = f", {acc[0]}={acc[1]:.4g}" if acc and isinstance(acc[1], float) else ""
-    return f"{r.family} {r.op} [{r.shape}] {r.dtype}: {r.tersor_ms:.4g} ms vs {r.baseline_ms:.4g} ms{tail}"
+    return (f"{r.family} {r.op} [{r.shape}] {r.dtype}: {r.tersor_ms:.4g} ms vs {r.baseline_ms:.4g} ms "
+            f"({r.baseline}){tail}")
 
 
 def run(families: list[str] | None, ctx: BenchContext, progress: bool = True) -> list[Result]:
