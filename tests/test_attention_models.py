@@ -228,3 +228,15 @@ def test_minilm_fp16_bidirectional_head_dim_32():
         out = m(**x).last_hidden_state.float().mean(1)
     assert hf.stats.routed == before + 6
     assert F.cosine_similarity(out, ref).item() > 0.999
+
+
+@needs_transformers
+def test_import_tersor_after_transformers_registers():
+    import subprocess
+    import sys
+
+    code = ("import transformers, tersor\n"
+            "from transformers import AttentionInterface\n"
+            "assert 'tersor_sage' in AttentionInterface._global_mapping\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

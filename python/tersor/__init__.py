@@ -17,7 +17,10 @@ from .api import (AQLMConfig, BlockSparseConfig, E8PConfig, LosslessConfig, Quan
 from .api import SageAttentionConfig  # noqa: E402
 
 if "transformers" in __import__("sys").modules:  # already imported: make attn_implementation="tersor_sage" known
-    attention.register_transformers()
+    try:
+        attention.register_transformers()
+    except Exception:  # noqa: BLE001 -- e.g. transformers half-imported; SageAttentionConfig registers later
+        pass
 
 __all__ = ["AQLMConfig", "BlockSparseConfig", "E8PConfig", "LosslessConfig", "QuantizeReport", "SageAttentionConfig", "Sparse24Config",
            "attention", "build_info", "codec", "hadamard_transform", "load", "nn", "ops", "quant", "quantize_",

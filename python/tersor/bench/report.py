@@ -152,7 +152,7 @@ MODEL_PLOT = os.path.join("bench_out", "model-size-fidelity.png")
 
 
 def _size_fidelity(ax, rows: list[Result], record: dict) -> None:
-    """The ``model`` family: model bytes (log x) against the embedding cosine, one labelled point per method,
+    """The ``model`` family: model bytes against the embedding cosine, one labelled point per method,
     the dense model as a reference line; points whose save -> load in a fresh process was not bit-identical
     are drawn as red crosses."""
     dense = next((r.extra.get("dense_model_bytes") for r in rows if r.extra.get("dense_model_bytes")), None)
@@ -166,7 +166,6 @@ def _size_fidelity(ax, rows: list[Result], record: dict) -> None:
         ax.axvline(dense / 1e6, color="gray", linewidth=0.8, linestyle="--")
         ax.scatter([dense / 1e6], [1.0], marker="s", color="black")
         ax.annotate("dense fp32", (dense / 1e6, 1.0), textcoords="offset points", xytext=(-50, -10), fontsize=7)
-    ax.set_xscale("log")
     ax.set_xlabel("model bytes (MB, every tensor tersor.save writes)")
     ax.set_ylabel("embedding cosine vs original")
     src = rows[0].extra.get("source", "model") if rows else "model"
