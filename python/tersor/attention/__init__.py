@@ -3,6 +3,9 @@
 * :func:`sage_attention` -- the user entry point (layouts, head-dim padding, per-device defaults).
 * :func:`route_sdpa` -- a context manager that sends a model's SDPA calls to :func:`sage_attention` where
   that is supported and to SDPA otherwise, counting both (:class:`SdpaRouteStats`).
+* :func:`sageattn` -- SageAttention's public signature (``tensor_layout="HND"|"NHD"``, ``sm_scale``, ...).
+* :mod:`tersor.attention.hf` -- ``attn_implementation="tersor_sage"`` for transformers models
+  (:func:`register_transformers`).
 
 Numerics, defaults and what differs from thu-ml/SageAttention: docs/research/sage_attention.md.
 """
@@ -20,7 +23,8 @@ import torch.nn.functional as F
 
 from .. import ops
 
-__all__ = ["SdpaRouteStats", "pick_modes", "route_sdpa", "sage_attention", "sage_supported"]
+__all__ = ["SdpaRouteStats", "pick_modes", "register_transformers", "route_sdpa", "sage_attention", "sage_supported",
+           "sageattn"]
 
 _QK_BITS = {"int8": 8, "int4": 4, "none": 0}
 # The CUDA kernels (mma.sync for sm80/sm89, also built for sm90a, and the sm90a wgmma kernel) are compiled
@@ -212,3 +216,13 @@ def route_sdpa(qk: str = "auto", pv: str = "auto", stats: Optional[SdpaRouteStat
         yield stats
     finally:
         F.scaled_dot_product_attention = saved
+
+
+from ._sageattn import sageattn  # noqa: E402
+
+
+def register_transformers() -> str:
+    """Registers ``attn_implementation="tersor_sage"`` with transformers (see :mod:`tersor.attention.hf`)."""
+    from .hf import register_transformers as _register
+
+    return _register()

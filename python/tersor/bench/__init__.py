@@ -16,6 +16,7 @@ from typing import Callable
 from .timing import BenchContext, time_fn  # noqa: F401
 
 _REGISTRY: dict[str, list[Callable]] = {}
+_on_result: Callable | None = None  # set by report.run: called with every Result as it is made (progress lines)
 
 
 @dataclasses.dataclass
@@ -34,6 +35,10 @@ class Result:
     def ratio(self) -> float:
         """Speed-up over the baseline: baseline time / tersor time (> 1 means tersor is faster)."""
         return self.baseline_ms / self.tersor_ms if self.tersor_ms > 0 else float("nan")
+
+    def __post_init__(self):
+        if _on_result is not None:
+            _on_result(self)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

@@ -39,19 +39,51 @@ def current_commit() -> str:
         return "unknown"
 
 
+def _progress_line(r: Result) -> str:
+    acc = next(iter(r.accuracy.items()), None)
+    tail = f", {acc[0]}={acc[1]:.4g}" if acc and isinstance(acc[1], float) else ""
+    return (f"{r.family} {r.op} [{r.shape}] {r.dtype}: {r.tersor_ms:.4g} ms vs {r.baseline_ms:.4g} ms "
+            f"({r.baseline}){tail}")
+
+
 def run(families: list[str] | None, ctx: BenchContext, progress: bool = True) -> list[Result]:
+    """Runs the registered benchmarks of ``families`` (all when None). With ``progress``, writes to stderr
+    one line when each benchmark starts, one per result row as it is made, and one when the benchmark ends,
+    each with the elapsed time since the start of the run."""
+    import sys
+    import time
+
+    from .. import bench
+
     registry = load_all()
     unknown = set(families or []) - set(registry)
     if unknown:
         raise SystemExit(f"unknown benchmark family {sorted(unknown)}; known: {sorted(registry)}")
+    t_start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[tersor bench {time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
     results: list[Result] = []
-    for family in sorted(registry):
-        if families and family not in families:
-            continue
-        for fn in registry[family]:
-            if progress:
-                print(f"[tersor bench] {family}: {fn.__name__} on {ctx.device}", flush=True)
-            results.extend(fn(ctx))
+    saved = bench._on_result
+    if progress:
+        bench._on_result = lambda r: say("  " + _progress_line(r))
+    try:
+        for family in sorted(registry):
+            if families and family not in families:
+                continue
+            for fn in registry[family]:
+                t0 = time.perf_counter()
+                if progress:
+                    say(f"{family}: {fn.__name__} on {ctx.device}{' (quick)' if ctx.quick else ''}")
+                rows = fn(ctx)
+                results.extend(rows)
+                if progress:
+                    say(f"{family}: {fn.__name__} done, {len(rows)} rows in {time.perf_counter() - t0:.1f} s")
+    finally:
+        bench._on_result = saved
+    if progress:
+        say(f"all done: {len(results)} rows")
     return results
 
 
@@ -97,6 +129,9 @@ def write_plot(results: list[Result], record: dict, path: str) -> None:
     fig, axes = plt.subplots(len(families), 1, figsize=(11, 3.2 * max(1, len(families))), squeeze=False)
     for ax, fam in zip(axes[:, 0], families):
         rows = [r for r in results if r.family == fam]
+        if fam == "model":
+            _size_fidelity(ax, rows, record)
+            continue
         labels = [f"{r.op}\n{r.shape} {r.dtype}" for r in rows]
         ratios = [r.ratio for r in rows]
         colors = ["tab:green" if x >= 1 else "tab:red" for x in ratios]
@@ -110,3 +145,49 @@ def write_plot(results: list[Result], record: dict, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+MODEL_PLOT = os.path.join("bench_out", "model-size-fidelity.png")
+"""Where ``tersor bench`` draws the ``model`` family's size-against-fidelity plot when ``--plot`` is not given."""
+
+
+def _size_fidelity(ax, rows: list[Result], record: dict) -> None:
+    """The ``model`` family: model bytes against the embedding cosine, one labelled point per method,
+    the dense model as a reference line; points whose save -> load in a fresh process was not bit-identical
+    are drawn as red crosses."""
+    dense = next((r.extra.get("dense_model_bytes") for r in rows if r.extra.get("dense_model_bytes")), None)
+    for r in rows:
+        mb = r.extra.get("model_bytes", 0) / 1e6
+        cos = r.accuracy.get("embedding_cosine_mean", float("nan"))
+        ok = r.accuracy.get("reload_identical", 1)
+        ax.scatter([mb], [cos], marker="o" if ok else "x", color="tab:blue" if ok else "tab:red")
+        ax.annotate(r.dtype, (mb, cos), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    if dense:
+        ax.axvline(dense / 1e6, color="gray", linewidth=0.8, linestyle="--")
+        ax.scatter([dense / 1e6], [1.0], marker="s", color="black")
+        ax.annotate("dense fp32", (dense / 1e6, 1.0), textcoords="offset points", xytext=(-50, -10), fontsize=7)
+    ax.set_xlabel("model bytes (MB, every tensor tersor.save writes)")
+    ax.set_ylabel("embedding cosine vs original")
+    src = rows[0].extra.get("source", "model") if rows else "model"
+    ax.set_title(f"{src}: size against fidelity on {record['device']} (torch {record['torch']}, "
+                 f"{record['commit'][:10]})", fontsize=9)
+    ax.grid(True, which="both", linewidth=0.3)
+
+
+def write_model_plot(results: list[Result], record: dict, path: str = MODEL_PLOT) -> bool:
+    """Draws the ``model`` rows of ``results`` (size against fidelity) into ``path``; False when there are none."""
+    rows = [r for r in results if r.family == "model"]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    _size_fidelity(ax, rows, record)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

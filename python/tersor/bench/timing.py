@@ -16,6 +16,7 @@ class BenchContext:
     device: str  # "cpu" or "cuda"
     quick: bool = False  # fewer shapes and repeats (CI smoke runs)
     budget_s: float = 0.25  # target measuring time per timed function
+    families: tuple = ()  # the families named on the command line (empty: all); a benchmark may do more when named
 
     @property
     def is_cuda(self) -> bool:

@@ -1,0 +1,112 @@
+"""transformers integration: ``attn_implementation="tersor_sage"``.
+
+:func:`register_transformers` adds :func:`tersor_sage_attention` to transformers' ``AttentionInterface`` (and
+SDPA's mask builder to ``AttentionMaskInterface``) under the name ``"tersor_sage"``. A model whose attention
+goes through that interface (Llama, Mistral, Qwen2, BERT, ... in transformers 5) then runs tersor's quantized
+attention with ``model.set_attn_implementation("tersor_sage")`` or
+``from_pretrained(..., attn_implementation="tersor_sage")``. ``tersor.quantize_(model, SageAttentionConfig())``
+does both steps. Calls tersor's kernel cannot take go to transformers' own SDPA function (see
+:func:`tersor_sage_attention`), with a warning once per reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import SdpaRouteStats, sage_attention, sage_supported
+
+NAME = "tersor_sage"
+stats = SdpaRouteStats()
+"""Process-wide counts of the ``tersor_sage`` calls: ``routed`` to tersor, ``fell_back`` to SDPA by reason."""
+
+_warned: set = set()
+_registered = False
+
+
+def _fallback_reason(module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> Optional[str]:
+    if kwargs.get("softcap") is not None:
+        return "softcap"
+    if kwargs.get("position_bias") is not None:
+        return "position_bias"
+    if kwargs.get("s_aux") is not None:
+        return "attention sinks"
+    return sage_supported(query, key, value, attention_mask, dropout, is_causal, enable_gqa=True)
+
+
+def tersor_sage_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                          scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    """The ``AttentionInterface`` function behind ``"tersor_sage"``: transformers' ``sdpa_attention_forward``
+    signature (``query [B, Hq, Lq, D]``, ``key``/``value [B, Hkv, Lk, D]``), returns ``(out [B, Lq, Hq, D], None)``.
+
+    Routed to :func:`tersor.attention.sage_attention` (GQA natively, ``scale=scaling``) when: no attention
+    mask (transformers passes none for unpadded causal or bidirectional batches), no dropout, float16/bfloat16,
+    head dim <= 128 (padded to 64 or 128 like SageAttention), ``Lq == Lk`` when causal, a device with
+    validated kernels (the CPU twin; CUDA once ``CUDA_KERNELS_READY``), no autograd, no softcap / position
+    bias / sinks. Everything else runs transformers' ``sdpa_attention_forward`` unchanged and warns once per
+    reason (``stats`` counts both). Quantization modes: ``module.config.tersor_sage`` (set by
+    ``SageAttentionConfig``), else ``qk="auto", pv="auto"``.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(query.shape[2] > 1 and attention_mask is None and causal)  # as sdpa_attention_forward decides
+    reason = _fallback_reason(module, query, key, value, attention_mask, dropout, causal, kwargs)
+    if reason is not None:
+        stats.fell_back[reason] += 1
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"tersor_sage attention: falling back to SDPA for {reason} (shown once per reason; "
+                          f"tersor.attention.hf.stats counts the calls)", stacklevel=2)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    modes = getattr(getattr(module, "config", None), "tersor_sage", None) or {}
+    stats.routed += 1
+    out = sage_attention(query, key, value, is_causal=causal, scale=scaling, qk=modes.get("qk", "auto"),
+                         pv=modes.get("pv", "auto"))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_transformers() -> str:
+    """Registers ``"tersor_sage"`` with transformers' ``AttentionInterface`` and ``AttentionMaskInterface``
+    (idempotent; imports transformers) and returns the name. Needed before
+    ``from_pretrained(..., attn_implementation="tersor_sage")``; ``import tersor`` calls it when transformers is
+    already imported, and ``SageAttentionConfig`` calls it itself."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(NAME, tersor_sage_attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks SDPA gets: None when nothing is masked
+        _registered = True
+    return NAME
+
+
+def apply(model: nn.Module, qk: str = "auto", pv: str = "auto") -> str:
+    """Sets ``attn_implementation="tersor_sage"`` on a transformers model (and its sub-models) and stores the
+    modes in each config as ``config.tersor_sage``. Returns a one-line description. Raises TypeError for a
+    model that is not a transformers ``PreTrainedModel`` and ValueError for one whose attention does not go
+    through ``AttentionInterface``."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as e:
+        raise TypeError("SageAttentionConfig: needs transformers (a PreTrainedModel); for other models use "
+                        "tersor.attention.route_sdpa") from e
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"SageAttentionConfig: needs a transformers PreTrainedModel, got {type(model).__name__}; "
+                        f"for other models use tersor.attention.route_sdpa or tersor.nn.SageAttention")
+    register_transformers()
+    model.set_attn_implementation(NAME)
+    configs = {id(m.config): m.config for m in model.modules() if isinstance(m, PreTrainedModel)}
+    for cfg in configs.values():
+        if getattr(cfg, "_attn_implementation", None) != NAME:
+            raise ValueError(f"SageAttentionConfig: {type(model).__name__} does not take attn_implementation="
+                             f"{NAME!r} (its attention does not go through transformers' AttentionInterface)")
+        cfg.tersor_sage = {"qk": qk, "pv": pv}
+    n_attn = sum(1 for m in model.modules() if hasattr(m, "is_causal") and hasattr(m, "config"))
+    return f"attn_implementation={NAME!r} (qk={qk!r}, pv={pv!r}) on {type(model).__name__}, {n_attn} attention modules"
