@@ -303,9 +303,9 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor&
                                                   bool smooth_q, std::string kernel) {
   const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q);
   parse_kernel(kernel);  // selects a CUDA kernel; the CPU twin reproduces all of them (checked, then unused)
-  const Tensor qf = contiguous(torch::stable::to(q, ScalarType::Float));
-  const Tensor kf = contiguous(torch::stable::to(k, ScalarType::Float));
-  const Tensor vf = contiguous(torch::stable::to(v, ScalarType::Float));
+  const Tensor qf = as_contiguous(as_dtype(q, ScalarType::Float));
+  const Tensor kf = as_contiguous(as_dtype(k, ScalarType::Float));
+  const Tensor vf = as_contiguous(as_dtype(v, ScalarType::Float));
   Tensor out = empty({c.batch, c.heads_q, c.len_q, c.head_dim}, ScalarType::Float, qf.device());
   Tensor lse = empty({c.batch, c.heads_q, c.len_q}, ScalarType::Float, qf.device());
   const int64_t D = c.head_dim, group = c.heads_q / c.heads_kv;
@@ -338,7 +338,7 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor&
         quantized_rows(c, in_t, qh, kv[bkv], r0, r1, oh, lh);
     }
   });
-  return {in_t == ScalarType::Float ? out : torch::stable::to(out, in_t), lse};
+  return {in_t == ScalarType::Float ? out : as_dtype(out, in_t), lse};
 }
 
 // The CUDA kernel sage_attention_fwd runs for these modes on a device of compute capability cc in this build

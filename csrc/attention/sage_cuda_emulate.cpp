@@ -841,9 +841,9 @@ ReplayOutputs replay_front(const SageCall& c, const Tensor& q, const Tensor& k, 
   ReplayOutputs r{empty({c.batch, c.heads_q, c.len_q, c.head_dim}, q.scalar_type(), q.device()),
                   empty({c.batch, c.heads_q, c.len_q}, ScalarType::Float, q.device())};
   if (r.out.numel() == 0) return r;
-  const Tensor qf = contiguous(torch::stable::to(q, ScalarType::Float));
-  const Tensor kf = contiguous(torch::stable::to(k, ScalarType::Float));
-  const Tensor vf = contiguous(torch::stable::to(v, ScalarType::Float)), v16 = contiguous(v);
+  const Tensor qf = as_contiguous(as_dtype(q, ScalarType::Float));
+  const Tensor kf = as_contiguous(as_dtype(k, ScalarType::Float));
+  const Tensor vf = as_contiguous(as_dtype(v, ScalarType::Float)), v16 = as_contiguous(v);
   const float *qp = qf.const_data_ptr<float>(), *kp = kf.const_data_ptr<float>(), *vp = vf.const_data_ptr<float>();
   if (q.scalar_type() == ScalarType::BFloat16)
     replay_prologue<true>(c, qp, kp, vp, v16, fp8, static_cast<int>(fault), bf);

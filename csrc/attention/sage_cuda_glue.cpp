@@ -50,9 +50,9 @@ cudaError_t launch_sm8x(const SageAttnArgs& a, cudaStream_t stream) {
 std::tuple<Tensor, Tensor> run(const SageCall& c, Tensor q, Tensor k, Tensor v, SagePath path) {
   const bool sm90 = path == SagePath::kSm90aWgmma;
   // The kernels read the head dim contiguously; other strides are free.
-  if (q.stride(3) != 1) q = contiguous(q);
-  if (k.stride(3) != 1) k = contiguous(k);
-  if (v.stride(3) != 1) v = contiguous(v);
+  if (q.stride(3) != 1) q = as_contiguous(q);
+  if (k.stride(3) != 1) k = as_contiguous(k);
+  if (v.stride(3) != 1) v = as_contiguous(v);
   SageDims dims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,
                 (c.len_q + SageTraitsSm8x::kCtaQ - 1) / SageTraitsSm8x::kCtaQ * SageTraitsSm8x::kCtaQ,
                 (c.len_k + SageTraitsSm8x::kCtaK - 1) / SageTraitsSm8x::kCtaK * SageTraitsSm8x::kCtaK};

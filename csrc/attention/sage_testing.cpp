@@ -15,7 +15,7 @@ namespace {
 Tensor sage_float_to_e4m3(const Tensor& x) {
   TERSOR_CHECK_TYPE(x.scalar_type() == ScalarType::Float, "_sage_float_to_e4m3: expected float32, got ",
                     dtype_name(x.scalar_type()));
-  const Tensor xc = contiguous(x);
+  const Tensor xc = as_contiguous(x);
   Tensor out = empty(xc.sizes(), ScalarType::Byte, xc.device());
   const float* src = xc.const_data_ptr<float>();
   uint8_t* dst = out.mutable_data_ptr<uint8_t>();
@@ -28,7 +28,7 @@ Tensor sage_float_to_e4m3(const Tensor& x) {
 Tensor sage_e4m3_to_float(const Tensor& x) {
   TERSOR_CHECK_TYPE(x.scalar_type() == ScalarType::Byte, "_sage_e4m3_to_float: expected uint8, got ",
                     dtype_name(x.scalar_type()));
-  const Tensor xc = contiguous(x);
+  const Tensor xc = as_contiguous(x);
   Tensor out = empty(xc.sizes(), ScalarType::Float, xc.device());
   const uint8_t* src = xc.const_data_ptr<uint8_t>();
   float* dst = out.mutable_data_ptr<float>();
@@ -41,7 +41,7 @@ Tensor sage_quantize_int(const Tensor& x, double inv_scale, int64_t bits) {
   TERSOR_CHECK_TYPE(x.scalar_type() == ScalarType::Float, "_sage_quantize_int: expected float32, got ",
                     dtype_name(x.scalar_type()));
   TERSOR_CHECK_VALUE(bits == 4 || bits == 8, "_sage_quantize_int: bits must be 4 or 8, got ", bits);
-  const Tensor xc = contiguous(x);
+  const Tensor xc = as_contiguous(x);
   Tensor out = empty(xc.sizes(), ScalarType::Char, xc.device());
   const float* src = xc.const_data_ptr<float>();
   int8_t* dst = out.mutable_data_ptr<int8_t>();

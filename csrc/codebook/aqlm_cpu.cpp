@@ -21,8 +21,8 @@ struct AQLMHostTensors {
 };
 
 AQLMHostTensors host_tensors(const Tensor& codes, const Tensor& codebooks, const Tensor& scales) {
-  return {contiguous(codes), contiguous(torch::stable::to(codebooks, ScalarType::Float)),
-          contiguous(torch::stable::reshape(torch::stable::to(scales, ScalarType::Float), {-1}))};
+  return {as_contiguous(codes), as_contiguous(as_dtype(codebooks, ScalarType::Float)),
+          as_contiguous(torch::stable::reshape(as_dtype(scales, ScalarType::Float), {-1}))};
 }
 
 template <typename CodeT>
@@ -57,7 +57,7 @@ Tensor aqlm_decode_cpu(const Tensor& codes, const Tensor& codebooks, const Tenso
   const AQLMCall c = check_aqlm_call(codes, codebooks, scales, "aqlm_decode");
   const ScalarType out_t = decode_dtype(dtype, codebooks.scalar_type(), "aqlm_decode");
   const Tensor w = decode_fp32(c, host_tensors(codes, codebooks, scales));
-  return out_t == ScalarType::Float ? w : torch::stable::to(w, out_t);
+  return out_t == ScalarType::Float ? w : as_dtype(w, out_t);
 }
 
 // ---- GEMV kernels ----
@@ -274,11 +274,11 @@ Tensor aqlm_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& codeb
   constexpr const char* op = "aqlm_linear";
   const AQLMCall c = check_aqlm_call(codes, codebooks, scales, op);
   const std::vector<int64_t> out_shape = check_linear_inputs(x, bias, codes, c.in, c.out, op);
-  const Tensor xf = contiguous(torch::stable::to(torch::stable::reshape(x, {-1, c.in}), ScalarType::Float));
+  const Tensor xf = as_contiguous(as_dtype(torch::stable::reshape(x, {-1, c.in}), ScalarType::Float));
   const int64_t B = xf.size(0);
   const AQLMHostTensors t = host_tensors(codes, codebooks, scales);
   std::optional<Tensor> bias_f;
-  if (bias) bias_f = torch::stable::to(*bias, ScalarType::Float);
+  if (bias) bias_f = as_dtype(*bias, ScalarType::Float);
   Tensor y;
   if (B > kGemvMaxBatch) {
     y = linear(xf, decode_fp32(c, t), bias_f);
@@ -286,7 +286,7 @@ Tensor aqlm_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& codeb
     y = empty({B, c.out}, ScalarType::Float, xf.device());
     Tensor cbT;  // lookup tables are built over entries: the codebooks transposed to [C, 8, entries]
     if (c.nbits <= 8) {
-      cbT = contiguous(torch::stable::transpose(torch::stable::reshape(t.codebooks, {c.num_codebooks, -1, 8}), 1, 2));
+      cbT = as_contiguous(torch::stable::transpose(torch::stable::reshape(t.codebooks, {c.num_codebooks, -1, 8}), 1, 2));
     }
     const GemvArgs a{&c,
                      t.codebooks.const_data_ptr<float>(),
@@ -297,14 +297,14 @@ Tensor aqlm_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& codeb
                      y.mutable_data_ptr<float>()};
     gemv(a, t.codes.const_data_ptr());
     if (bias_f) {  // y += bias (fp32), as aten::add_ of the fp32 bias does
-      const Tensor bc = contiguous(*bias_f);
+      const Tensor bc = as_contiguous(*bias_f);
       const float* bp = bc.const_data_ptr<float>();
       float* yp = y.mutable_data_ptr<float>();
       for (int64_t r = 0; r < B; ++r)
         for (int64_t o = 0; o < c.out; ++o) yp[r * c.out + o] += bp[o];
     }
   }
-  return torch::stable::reshape(torch::stable::to(y, x.scalar_type()), out_shape);
+  return torch::stable::reshape(as_dtype(y, x.scalar_type()), out_shape);
 }
 
 }  // namespace

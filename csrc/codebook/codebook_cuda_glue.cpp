@@ -13,7 +13,7 @@ namespace tersor::codebook {
 namespace {
 
 Tensor aligned16(const Tensor& t) {
-  Tensor c = contiguous(t);
+  Tensor c = as_contiguous(t);
   return is_aligned(c.const_data_ptr(), 16) ? c : torch::stable::clone(c);
 }
 
@@ -67,7 +67,7 @@ Tensor e8p_linear_cuda(const Tensor& x, const Tensor& qidxs, int64_t in_features
   const CodebookPath path = route_or_throw(CodebookOp::kE8PLinear, qidxs, B);
   if (path == CodebookPath::kEmpty) return empty(out_shape, ScalarType::Float, x.device());
   // The tensor cores multiply fp16 x (QuIP#'s kernels do the same).
-  const Tensor x16 = aligned16(torch::stable::to(torch::stable::reshape(x, {-1, c.n}), ScalarType::Half));
+  const Tensor x16 = aligned16(as_dtype(torch::stable::reshape(x, {-1, c.n}), ScalarType::Half));
   const Tensor q = aligned16(qidxs);
   const cudaStream_t stream = current_cuda_stream(qidxs.get_device_index());
   if (path == CodebookPath::kE8PDecodeMatmul) {
@@ -86,8 +86,8 @@ struct AQLMDeviceTensors {
 };
 
 AQLMDeviceTensors aqlm_tensors(const Tensor& codes, const Tensor& codebooks, const Tensor& scales) {
-  return {aligned16(codes), aligned16(torch::stable::to(codebooks, ScalarType::Float)),
-          contiguous(torch::stable::reshape(torch::stable::to(scales, ScalarType::Float), {-1}))};
+  return {aligned16(codes), aligned16(as_dtype(codebooks, ScalarType::Float)),
+          as_contiguous(torch::stable::reshape(as_dtype(scales, ScalarType::Float), {-1}))};
 }
 
 AQLMKernelArgs aqlm_args(const AQLMCall& c, const AQLMDeviceTensors& t) {
@@ -137,12 +137,12 @@ Tensor aqlm_linear_cuda(const Tensor& x, const Tensor& codes, const Tensor& code
     Tensor w = empty({c.out, c.in}, x.scalar_type(), x.device());
     TERSOR_CUDA_CHECK(launch_aqlm_decode(aqlm_args(c, t), w.mutable_data_ptr(), xt, stream));
     std::optional<Tensor> b;
-    if (bias) b = torch::stable::to(*bias, x.scalar_type());
+    if (bias) b = as_dtype(*bias, x.scalar_type());
     return torch::stable::reshape(linear(x2, w, b), out_shape);
   }
   // kAQLMGemvSmem / kAQLMGemvL2: the launcher stages the codebooks by the same aqlm_gemv_uses_smem.
   std::optional<Tensor> bias_f;
-  if (bias) bias_f = contiguous(torch::stable::to(*bias, ScalarType::Float));
+  if (bias) bias_f = as_contiguous(as_dtype(*bias, ScalarType::Float));
   Tensor y = empty({B, c.out}, x.scalar_type(), x.device());
   TERSOR_CUDA_CHECK(launch_aqlm_gemv(aqlm_args(c, t), x2.const_data_ptr(), xt, static_cast<int>(B),
                                      bias_f ? bias_f->const_data_ptr<float>() : nullptr, y.mutable_data_ptr(),

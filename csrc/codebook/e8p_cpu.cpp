@@ -50,14 +50,14 @@ Tensor e8p_decode_cpu(const Tensor& qidxs, int64_t in_features, std::optional<do
   constexpr const char* op = "e8p_decode";
   const E8PCall c = check_e8p_call(qidxs, in_features, resid_scale, op);
   const ScalarType out_t = decode_dtype(dtype, ScalarType::Float, op);
-  const Tensor q = contiguous(qidxs);
+  const Tensor q = as_contiguous(qidxs);
   Tensor out = empty({c.m, c.n}, ScalarType::Float, q.device());
   const int64_t* qp = q.const_data_ptr<int64_t>();
   float* op_ = out.mutable_data_ptr<float>();
   torch::stable::parallel_for(0, c.m / 16, 1, [&](int64_t b, int64_t e) {
     for (int64_t I = b; I < e; ++I) e8p_decode_rows(c, qp, I, op_);
   });
-  return out_t == ScalarType::Float ? out : torch::stable::to(out, out_t);
+  return out_t == ScalarType::Float ? out : as_dtype(out, out_t);
 }
 
 // ---------------------------------------------------------------- lookup GEMV
@@ -477,7 +477,7 @@ Tensor e8p_linear_cpu(const Tensor& x, const Tensor& qidxs, int64_t in_features,
   constexpr const char* op = "e8p_linear";
   const E8PCall c = check_e8p_call(qidxs, in_features, resid_scale, op);
   const std::vector<int64_t> out_shape = check_linear_inputs(x, std::nullopt, qidxs, c.n, c.m, op);
-  const Tensor xf = contiguous(torch::stable::to(torch::stable::reshape(x, {-1, c.n}), ScalarType::Float));
+  const Tensor xf = as_contiguous(as_dtype(torch::stable::reshape(x, {-1, c.n}), ScalarType::Float));
   const int64_t B = xf.size(0);
   if (B == 0) return empty(out_shape, ScalarType::Float, x.device());
   if (B > kLutBatch) {
@@ -485,7 +485,7 @@ Tensor e8p_linear_cpu(const Tensor& x, const Tensor& qidxs, int64_t in_features,
     const Tensor w = e8p_decode_cpu(qidxs, in_features, resid_scale, ScalarType::Float);
     return torch::stable::reshape(torch::stable::matmul(xf, torch::stable::transpose(w, 0, 1)), out_shape);
   }
-  const Tensor q = contiguous(qidxs);
+  const Tensor q = as_contiguous(qidxs);
   Tensor z = empty({B, c.m}, ScalarType::Float, xf.device());
 #if TERSOR_X86
   if (cpu_has_avx2_fma()) {

@@ -61,8 +61,8 @@ Tensor emulate_cuda_linear(const Tensor& x, const Tensor& qidxs, int64_t in_feat
   TERSOR_CHECK_VALUE(x.dim() == 2 && x.size(1) == c.n && x.size(0) >= 1 && x.size(0) <= Traits::kMaxBatch, op,
                      ": x must be [1..", Traits::kMaxBatch, ", ", c.n, "], got ", shape_str(x));
   // The kernel multiplies fp16 x (the glue rounds x to fp16 first).
-  const Tensor x16 = contiguous(torch::stable::to(x, ScalarType::Half));
-  const Tensor q = contiguous(qidxs);
+  const Tensor x16 = as_contiguous(as_dtype(x, ScalarType::Half));
+  const Tensor q = as_contiguous(qidxs);
   const int64_t B = x.size(0), n = c.n, m = c.m;
   const Half* xh = x16.const_data_ptr<Half>();
   const int64_t* qp = q.const_data_ptr<int64_t>();

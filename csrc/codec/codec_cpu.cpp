@@ -273,7 +273,7 @@ Tensor codec_encode_cpu(const Tensor& x, int64_t chunk_elems) {
                      "codec.compress: chunk_elems must be 0 (auto) or in [128, ", kMaxChunkElems / 4, "], got ",
                      chunk_elems);
   TERSOR_CHECK(x.is_cpu(), "codec.compress (CPU kernel): expected a CPU tensor, got ", device_str(x));
-  const Tensor xc = contiguous(x);  // a copy when x is strided; x itself is never written
+  const Tensor xc = as_contiguous(x);  // a copy when x is strided; x itself is never written
   switch (wire_dtype_bytes(dt)) {
     case 1: return encode_impl<1>(xc, dt, chunk_elems);
     case 2: return encode_impl<2>(xc, dt, chunk_elems);

@@ -214,8 +214,8 @@ Tensor emulate_cuda_linear(const Tensor& x, const Tensor& stream, const Tensor& 
     TERSOR_CHECK_VALUE(bias->is_cpu() && bias->scalar_type() == e.dtype && bias->dim() == 1 &&
                            bias->size(0) == e.shape[0],
                        op, ": bias must be a CPU [N] tensor of the weight's dtype");
-  const Tensor xc = torch::stable::clone(contiguous(x));
-  const Tensor b = has_bias ? contiguous(*bias) : Tensor();
+  const Tensor xc = torch::stable::clone(as_contiguous(x));
+  const Tensor b = has_bias ? as_contiguous(*bias) : Tensor();
   Tensor y = empty({x.size(0), e.shape[0]}, x.scalar_type(), x.device());
   const KStream s = make_kstream(e.view);
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr());

@@ -12,7 +12,7 @@ namespace {
 // Kernels read the stream and the table with aligned 16-byte (table) and up-to-16-byte (stream)
 // loads relative to the start of the tensor; a view at an odd storage offset gets a fresh copy.
 Tensor aligned16(const Tensor& t) {
-  Tensor c = contiguous(t);
+  Tensor c = as_contiguous(t);
   return is_aligned(c.const_data_ptr(), 16) ? c : torch::stable::clone(c);
 }
 
@@ -100,7 +100,7 @@ Tensor codec_linear_cuda(const Tensor& x, const Tensor& stream, const Tensor& ta
   const Tensor sa = aligned16(stream), ta = aligned16(table);
   const DeviceStreamView v = make_view(c, sa, ta);
   const Tensor x2 = aligned16(torch::stable::reshape(x, {rows, K}));
-  const std::optional<Tensor> b = has_bias ? std::optional<Tensor>(contiguous(*bias)) : std::nullopt;
+  const std::optional<Tensor> b = has_bias ? std::optional<Tensor>(as_contiguous(*bias)) : std::nullopt;
   Tensor y = empty({rows, N}, x.scalar_type(), x.device());
   const uint64_t np = gemv_partials_floats(v, static_cast<int>(rows));
   std::optional<Tensor> partials;

@@ -139,7 +139,13 @@ inline Tensor zeros(IntArrayRef sizes, ScalarType dtype, Device device) {
   torch::stable::zero_(t);
   return t;
 }
-using torch::stable::contiguous;
+// The stable ABI reaches aten through boxed dispatcher calls, a few microseconds each (ATen's inlined fast
+// paths cost ~0.1 us). A small-batch GEMV makes a dozen such calls, so these skip the call where it would
+// be a no-op (aten returns the tensor itself then, so the result is the same either way).
+inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+inline Tensor as_dtype(const Tensor& t, ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
+}
 inline std::vector<int64_t> sizes_vec(const Tensor& t) { return t.sizes().vec(); }
 
 // Any aten op through the dispatcher, for what torch/csrc/stable/ops.h does not wrap at the 2.11 floor

@@ -94,7 +94,7 @@ void hadamard_k_rows(const scalar_t* x, scalar_t* y, const HadamardCall& c, bool
 Tensor hadamard_transform_cpu(const Tensor& x, std::optional<double> scale, bool transpose) {
   TERSOR_CHECK(x.is_cpu(), "hadamard_transform (CPU kernel): expected a CPU tensor, got ", device_str(x));
   const HadamardCall c = check_hadamard_call(x, scale, "hadamard_transform");
-  const Tensor xc = contiguous(x);
+  const Tensor xc = as_contiguous(x);
   Tensor y = empty(x.sizes(), x.scalar_type(), x.device());
   if (c.rows == 0) return y;
   dispatch_float(x.scalar_type(), "hadamard_transform", [&](auto tag) {

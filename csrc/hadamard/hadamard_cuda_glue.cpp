@@ -10,7 +10,7 @@ Tensor hadamard_transform_cuda(const Tensor& x, std::optional<double> scale, boo
   TERSOR_CHECK(x.is_cuda(), "hadamard_transform (CUDA kernel): expected a CUDA tensor, got ", device_str(x));
   const HadamardCall c = check_hadamard_call(x, scale, "hadamard_transform");
   const CudaDeviceGuard guard(x);
-  Tensor xc = contiguous(x);
+  Tensor xc = as_contiguous(x);
   // Kernels use up to 16-byte vector accesses; a view with an odd storage offset gets a fresh copy.
   if (!is_aligned(xc.const_data_ptr(), 16)) xc = torch::stable::clone(xc);
   Tensor y = empty(x.sizes(), x.scalar_type(), x.device());

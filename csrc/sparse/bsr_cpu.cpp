@@ -205,15 +205,15 @@ Tensor bsr_linear_cpu(const Tensor& x, const Tensor& crow_indices, const Tensor&
   constexpr const char* op = "bsr_linear";
   const BsrCall c = check_bsr_call(x, crow_indices, col_indices, values, schedule, in_features, bias, op);
   TERSOR_CHECK(x.is_cpu(), op, " (CPU kernel): expected CPU tensors, got ", device_str(x));
-  const Tensor crow = contiguous(crow_indices), col = contiguous(col_indices);
+  const Tensor crow = as_contiguous(crow_indices), col = as_contiguous(col_indices);
   check_bsr_indices_cpu(c, crow, col, op);
   Tensor y = empty({c.tokens, c.out_features}, x.scalar_type(), x.device());
   if (c.tokens == 0) return torch::stable::reshape(y, c.out_shape);
   const Tensor x32 =
-      contiguous(torch::stable::to(torch::stable::reshape(x, {c.tokens, c.in_features}), ScalarType::Float));
-  const Tensor v = contiguous(values);
+      as_contiguous(as_dtype(torch::stable::reshape(x, {c.tokens, c.in_features}), ScalarType::Float));
+  const Tensor v = as_contiguous(values);
   std::optional<Tensor> b;
-  if (bias) b = contiguous(*bias);
+  if (bias) b = as_contiguous(*bias);
   auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
     bsr_linear_dispatch<scalar_t>(c, x32.const_data_ptr<float>(), v.const_data_ptr<scalar_t>(),
@@ -236,8 +236,8 @@ std::vector<int64_t> bsr_check_cpu(const Tensor& crow_indices, const Tensor& col
   TERSOR_CHECK_VALUE(in_features >= 0, op, ": in_features must be non-negative, got ", in_features);
   const Tensor x = empty({0, in_features}, values.scalar_type(), values.device());
   const BsrCall c = check_bsr_call(x, crow_indices, col_indices, values, schedule, in_features, std::nullopt, op);
-  const Tensor crow = contiguous(crow_indices), sched = contiguous(schedule);
-  check_bsr_indices_cpu(c, crow, contiguous(col_indices), op);
+  const Tensor crow = as_contiguous(crow_indices), sched = as_contiguous(schedule);
+  check_bsr_indices_cpu(c, crow, as_contiguous(col_indices), op);
   check_bsr_schedule_cpu(c, crow, sched, op);
   const int64_t n_partials = sched.const_data_ptr<int32_t>()[bsr_partial_ptr_offset(c.mb, c.n_split) + c.mb];
   return {kBsrFormatVersion, c.bs, c.mb, c.n_split, n_partials};

@@ -182,15 +182,15 @@ Tensor emulate_cuda_linear(const Tensor& x, const Tensor& crow_indices, const Te
   const BsrCall c = check_bsr_call(x, crow_indices, col_indices, values, schedule, in_features, bias, op);
   TERSOR_CHECK_TYPE(x.scalar_type() == ScalarType::Half || x.scalar_type() == ScalarType::BFloat16, op,
                     ": the tensor-core kernel takes float16 or bfloat16, got ", dtype_name(x.scalar_type()));
-  const Tensor crow = contiguous(crow_indices), col = contiguous(col_indices), sched = contiguous(schedule);
+  const Tensor crow = as_contiguous(crow_indices), col = as_contiguous(col_indices), sched = as_contiguous(schedule);
   check_bsr_indices_cpu(c, crow, col, op);
   check_bsr_schedule_cpu(c, crow, sched, op);
   Tensor y = empty({c.tokens, c.out_features}, x.scalar_type(), x.device());
   if (c.tokens == 0) return torch::stable::reshape(y, c.out_shape);
-  const Tensor x16 = contiguous(torch::stable::reshape(x, {c.tokens, c.in_features}));
-  const Tensor v = contiguous(values);
+  const Tensor x16 = as_contiguous(torch::stable::reshape(x, {c.tokens, c.in_features}));
+  const Tensor v = as_contiguous(values);
   std::optional<Tensor> b;
-  if (bias) b = contiguous(*bias);
+  if (bias) b = as_contiguous(*bias);
   const bool split = bsr_use_split(c.tokens);
   const int32_t* s = sched.const_data_ptr<int32_t>();
   std::vector<float> partial;

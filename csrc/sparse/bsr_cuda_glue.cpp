@@ -16,7 +16,7 @@ namespace tersor::sparse {
 namespace {
 
 Tensor aligned16(const Tensor& t) {
-  Tensor c = contiguous(t);
+  Tensor c = as_contiguous(t);
   return is_aligned(c.const_data_ptr(), 16) ? c : torch::stable::clone(c);
 }
 
@@ -67,9 +67,9 @@ class BsrIndexCheck {
     }
     forget(key);  // a set that fails now must not stay trusted for captures
     const Device cpu(DeviceType::CPU);
-    const Tensor crow_h = contiguous(torch::stable::to(crow, cpu));
-    const Tensor col_h = contiguous(torch::stable::to(col, cpu));
-    const Tensor sched_h = contiguous(torch::stable::to(schedule, cpu));
+    const Tensor crow_h = as_contiguous(torch::stable::to(crow, cpu));
+    const Tensor col_h = as_contiguous(torch::stable::to(col, cpu));
+    const Tensor sched_h = as_contiguous(torch::stable::to(schedule, cpu));
     check_bsr_indices_cpu(c, crow_h, col_h, op);
     check_bsr_schedule_cpu(c, crow_h, sched_h, op);
     std::optional<Tensor> block_index;
@@ -160,9 +160,9 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& crow_indices, const Tensor
                      c.tokens);
   const Tensor x2 = aligned16(torch::stable::reshape(x, {c.tokens, c.in_features}));
   const Tensor v = aligned16(values);
-  const Tensor col = contiguous(col_indices), sched = contiguous(schedule);
+  const Tensor col = as_contiguous(col_indices), sched = as_contiguous(schedule);
   std::optional<Tensor> b;
-  if (bias) b = contiguous(*bias);
+  if (bias) b = as_contiguous(*bias);
   Tensor y = empty({c.tokens, c.out_features}, x.scalar_type(), x.device());
   const int64_t scratch_n = bsr_scratch_floats(c.bs, c.mb, c.n_split, c.tokens);
   std::optional<Tensor> scratch;

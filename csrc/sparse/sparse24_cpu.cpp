@@ -58,7 +58,7 @@ void decode_row_block(const uint16_t* values, const uint32_t* meta, int64_t K, i
 
 template <typename T>
 std::tuple<Tensor, Tensor> compress_impl(const Tensor& weight) {
-  const Tensor W = contiguous(weight);
+  const Tensor W = as_contiguous(weight);
   const int64_t M = W.size(0), K = W.size(1), chunks = K / 4;
   Tensor values = empty({M / kRowAlign, K / kTileK, kTileElems}, W.scalar_type(), W.device());
   Tensor meta = zeros({M / kRowAlign, K / kColAlign, 32}, ScalarType::Int, W.device());
@@ -112,7 +112,7 @@ void decompress_into(const Tensor& values, const Tensor& meta, const Shape& s, u
 
 Tensor decompress_cpu(const Tensor& values_in, const Tensor& meta_in) {
   const Shape s = check_packed(values_in, meta_in, "sparse24_decompress");
-  const Tensor values = contiguous(values_in), meta = contiguous(meta_in);
+  const Tensor values = as_contiguous(values_in), meta = as_contiguous(meta_in);
   Tensor out = empty({s.M, s.K}, values.scalar_type(), values.device());
   decompress_into(values, meta, s, reinterpret_cast<uint16_t*>(out.mutable_data_ptr()));
   return out;
@@ -230,17 +230,17 @@ Tensor linear_cpu(const Tensor& x, const Tensor& values_in, const Tensor& meta_i
   const Shape s = check_packed(values_in, meta_in, op);
   const std::vector<int64_t> out_shape = check_linear_inputs(x, bias, values_in, s, op);
   parse_path(path, x.numel() / s.K, op);
-  const Tensor values = contiguous(values_in), meta = contiguous(meta_in);
-  const Tensor xf = contiguous(torch::stable::to(torch::stable::reshape(x, {-1, s.K}), ScalarType::Float));
+  const Tensor values = as_contiguous(values_in), meta = as_contiguous(meta_in);
+  const Tensor xf = as_contiguous(as_dtype(torch::stable::reshape(x, {-1, s.K}), ScalarType::Float));
   const int64_t B = xf.size(0);
   if (B == 0) return empty(out_shape, x.scalar_type(), x.device());
   const std::optional<Tensor> bf =
-      bias.has_value() ? std::optional<Tensor>(contiguous(torch::stable::to(*bias, ScalarType::Float))) : std::nullopt;
+      bias.has_value() ? std::optional<Tensor>(as_contiguous(as_dtype(*bias, ScalarType::Float))) : std::nullopt;
   if (B > kDirectMaxRows) {
     Tensor w = empty({s.M, s.K}, values.scalar_type(), values.device());
     decompress_into(values, meta, s, reinterpret_cast<uint16_t*>(w.mutable_data_ptr()));
-    const Tensor wf = torch::stable::to(w, ScalarType::Float);  // exact widening; the fp32 GEMM accumulates in fp32
-    return torch::stable::reshape(torch::stable::to(linear(xf, wf, bf), x.scalar_type()), out_shape);
+    const Tensor wf = as_dtype(w, ScalarType::Float);  // exact widening; the fp32 GEMM accumulates in fp32
+    return torch::stable::reshape(as_dtype(linear(xf, wf, bf), x.scalar_type()), out_shape);
   }
   Tensor y = empty({B, s.M}, x.scalar_type(), x.device());
   const float* bp = bf.has_value() ? bf->const_data_ptr<float>() : nullptr;

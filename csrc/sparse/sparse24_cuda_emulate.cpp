@@ -335,11 +335,11 @@ Tensor emulate_sm90_linear(const Tensor& x, const Tensor& values_in, const Tenso
   TERSOR_CHECK_VALUE(fault >= 0 && fault <= 3, op, ": fault must be 0 (none) or 1..3, got ", fault);
   const Shape s = check_packed(values_in, meta_in, op);
   const std::vector<int64_t> out_shape = check_linear_inputs(x, bias, values_in, s, op);
-  const Tensor x2 = contiguous(torch::stable::reshape(x, {-1, s.K}));
-  const Tensor values = contiguous(values_in), meta = contiguous(meta_in);
+  const Tensor x2 = as_contiguous(torch::stable::reshape(x, {-1, s.K}));
+  const Tensor values = as_contiguous(values_in), meta = as_contiguous(meta_in);
   if (x2.size(0) == 0) return empty(out_shape, x.scalar_type(), x.device());
   std::optional<Tensor> b;
-  if (bias.has_value()) b = contiguous(*bias);
+  if (bias.has_value()) b = as_contiguous(*bias);
   const Tensor y = values.scalar_type() == ScalarType::Half ? emulate_sm90<Half>(x2, values, meta, s, b, fault)
                                                             : emulate_sm90<BFloat16>(x2, values, meta, s, b, fault);
   return torch::stable::reshape(y, out_shape);
@@ -392,11 +392,11 @@ Tensor emulate_cuda_linear(const Tensor& x, const Tensor& values_in, const Tenso
   constexpr const char* op = "_sparse24_emulate_cuda_linear";
   const Shape s = check_packed(values_in, meta_in, op);
   const std::vector<int64_t> out_shape = check_linear_inputs(x, bias, values_in, s, op);
-  const Tensor x2 = contiguous(torch::stable::reshape(x, {-1, s.K}));
-  const Tensor values = contiguous(values_in), meta = contiguous(meta_in);
+  const Tensor x2 = as_contiguous(torch::stable::reshape(x, {-1, s.K}));
+  const Tensor values = as_contiguous(values_in), meta = as_contiguous(meta_in);
   if (x2.size(0) == 0) return empty(out_shape, x.scalar_type(), x.device());
   std::optional<Tensor> b;
-  if (bias.has_value()) b = contiguous(*bias);
+  if (bias.has_value()) b = as_contiguous(*bias);
   const bool half = values.scalar_type() == ScalarType::Half;
   // The kernel the CUDA op picks for this many rows of x.
   const Tensor y = x2.size(0) >= Sparse24GemmTraits::kMinBatch

@@ -16,7 +16,7 @@ namespace tersor::sparse24 {
 namespace {
 
 Tensor aligned16(const Tensor& t) {
-  Tensor c = contiguous(t);
+  Tensor c = as_contiguous(t);
   return is_aligned(c.const_data_ptr(), 16) ? c : torch::stable::clone(c);
 }
 
@@ -93,7 +93,7 @@ Tensor linear_cuda(const Tensor& x, const Tensor& values, const Tensor& meta, co
   const DevicePacked d = device_packed(values, meta, s, op);
   const cudaStream_t stream = current_cuda_stream(device);
   std::optional<Tensor> b;
-  if (bias.has_value()) b = contiguous(*bias);
+  if (bias.has_value()) b = as_contiguous(*bias);
   const void* bp = b.has_value() ? b->const_data_ptr() : nullptr;
   Tensor y = empty({B, s.M}, x.scalar_type(), x.device());
   switch (kernel) {
