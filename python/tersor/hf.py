@@ -449,8 +449,7 @@ def _install_placeholders(model: nn.Module, qc, checkpoint_files) -> None:
                 if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in spec["tensors"]:
                     raise ValueError(f"{who}: layer {fqn!r}, tensor {key!r}: in the safetensors files, not listed for "
                                      "the layer in quantization_config")
-        parent, _, child = target.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, _Placeholder(spec, target))
+        model.set_submodule(target, _Placeholder(spec, target))
 
 
 def _build_from_placeholders(model: nn.Module) -> None:
@@ -470,8 +469,7 @@ def _build_from_placeholders(model: nn.Module) -> None:
             new = build_layer(spec, tensors, device)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"tersor.from_pretrained: layer {spec['fqn']!r} ({spec['format']}): {e}") from None
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, new)
 
 
 def _read_config(path) -> dict:

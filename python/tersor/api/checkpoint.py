@@ -247,8 +247,7 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
             new = build_layer(spec, own, device)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"tersor.load: layer {fqn!r} ({spec.get('format')}): {e}") from None
-        parent, _, child = fqn.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(fqn, new)
 
     # 2. everything else
     model_state = model.state_dict(keep_vars=True)

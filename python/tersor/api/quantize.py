@@ -130,11 +130,6 @@ def layer_format(module: nn.Module) -> str:
     return module.pattern if fmt == "sparse" else fmt
 
 
-def _swap(model: nn.Module, fqn: str, new: nn.Module):
-    parent, _, child = fqn.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 # ------------------------------------------------------------------------------------------- running
 class _StopForward(Exception):
     """Raised by the capture hook once the first block's inputs are recorded."""
@@ -298,7 +293,7 @@ def quantize_(model: nn.Module, config: _Config, filter_fn: Optional[Callable[[n
         with torch.no_grad():
             new = config.convert(lin, stats)
         seconds = time.perf_counter() - t0
-        _swap(model, fqn, new)
+        model.set_submodule(fqn, new)
         originals[fqn] = lin
         report.layers.append(LayerReport(fqn, layer_format(new),
                                          (lin.out_features, lin.in_features), str(lin.weight.dtype).replace("torch.", ""),

@@ -130,11 +130,6 @@ def _get(model: nn.Module, name: str) -> Optional[nn.Module]:
         return None
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def load_quipsharp_layers(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                           quant_config: Optional[Mapping[str, Any]] = None) -> dict:
     """Loads a QuIP# checkpoint's ``state_dict`` into ``model`` (built from the checkpoint's config, with
@@ -233,10 +228,10 @@ def load_quipsharp_layers(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     for p, layer, parts in built:
         if parts:
             for name, part in parts:
-                _set(model, name, part)
-            _set(model, p, layer)
+                model.set_submodule(name, part)
+            model.set_submodule(p, layer)
         else:
-            _set(model, p, layer)
+            model.set_submodule(p, layer)
 
     quant_keys = {k for k in model.state_dict() if k.rpartition(".")[0] in groups}
     assign = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))

@@ -109,7 +109,5 @@ def compress_linears(model: nn.Module, fused: bool = False, predicate: Optional[
 
         it = tqdm(targets, desc="compressing linears", unit="layer")
     for name, lin in it:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, CompressedLinear.from_linear(lin, fused=fused))
+        model.set_submodule(name, CompressedLinear.from_linear(lin, fused=fused))
     return model
