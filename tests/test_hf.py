@@ -256,13 +256,25 @@ def test_from_pretrained_dispatch_errors(tmp_path):
         tersor.from_pretrained(tmp_path, trust_remote_code=True)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tersor.api.quipsharp_ckpt") is not None,
-                    reason="the QuIP# loader is present (tested in its own tests)")
-def test_quipsharp_hook_without_loader(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                                                      "quantization_config": {"quant_method": "QuIP#"}}))
-    with pytest.raises(NotImplementedError, match="load_quipsharp_layers"):
-        tersor.from_pretrained(tmp_path)
+def test_from_pretrained_quipsharp_layout_end_to_end(tmp_path):
+    """A tiny Llama written in QuIP#'s layout (fused qkv/upgate, fuse_scales) loads through
+    tersor.from_pretrained with the real tersor.api.quipsharp_ckpt loader, logits equal to the source."""
+    from quipsharp_layout import tiny_llama, write_quipsharp
+    from safetensors.torch import save_file
+
+    model, cfg = tiny_llama(128)
+    sd, qc, src = write_quipsharp(model)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = cfg.to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]  # as QuIP#'s Hugging Face checkpoints declare it
+    config["quantization_config"] = qc
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = tersor.from_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, ref = loaded(ids).logits, src(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_quipsharp_dispatch_plumbing(dense_dir, tmp_path, monkeypatch):

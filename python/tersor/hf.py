@@ -587,14 +587,16 @@ def _from_quipsharp(path, cfg, qc, cls, dtype=None, device=None, **kwargs):
     torch.set_default_dtype(dtype)
     try:
         with _ParamsOnMeta():
-            model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls(config)
+            # a model class has _from_config; an Auto* class only from_config
+            build = getattr(cls, "_from_config", None) or getattr(cls, "from_config", None)
+            model = build(config, dtype=dtype) if build is not None else cls(config)
     finally:
         torch.set_default_dtype(old)
+    # The loader swaps the quantized layers in place (and may load other tensors); it returns a report, or a
+    # new model. Whatever it left on meta is loaded from the file below.
     out = load_quipsharp_layers(model, state, dict(qc))
     if isinstance(out, nn.Module):
         model = out
-    elif isinstance(out, dict):
-        state = out
     _load_rest(model, state, "tersor.from_pretrained")
     if device is not None:
         model.to(device)
