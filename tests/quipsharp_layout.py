@@ -29,16 +29,18 @@ def _quantize(w: torch.Tensor, bits: int, seed: int, legacy_wscale: bool) -> dic
     return out
 
 
-def _tersor_layer(st: dict[str, torch.Tensor]) -> E8PLinear:
-    # The same tensors in a tersor layer (tersor's own transforms): the "tersor-quantized source".
+def _tersor_layer(st: dict[str, torch.Tensor], hadamard: str = "tersor") -> E8PLinear:
+    # The same tensors in a tersor layer: the "tersor-quantized source". hadamard="tersor" (tersor's own H_K)
+    # or "quipsharp" (QuIP#'s shipped H_K, what a K*2^k QuIP# checkpoint means).
     return E8PLinear({"Qidxs": st["Qidxs"], "SU": st["SU"].float(), "SV": st["SV"].float(),
-                      "Wscale": st.get("Wscale", torch.ones(())).float()})
+                      "Wscale": st.get("Wscale", torch.ones(())).float()}, hadamard=hadamard)
 
 
-def write_quipsharp(model: nn.Module, bits: int = 2, seed: int = 0):
+def write_quipsharp(model: nn.Module, bits: int = 2, seed: int = 0, hadamard: str = "tersor"):
     """``(state_dict, quant_config, source)``: ``model``'s weights in QuIP#'s layout (the input is not modified)
-    and a copy of ``model`` computing exactly what those tensors mean with tersor's own Hadamard matrices:
-    E8PLinear for o_proj / down_proj, dense fuse_scales * dequantized rows for the fused parts."""
+    and a copy of ``model`` computing exactly what those tensors mean with the ``hadamard`` transform (tersor's
+    own H_K, or QuIP#'s): E8PLinear for o_proj / down_proj, dense fuse_scales * dequantized rows for the fused
+    parts."""
     source = copy.deepcopy(model)
     sd = {}
     plain = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -52,7 +54,7 @@ def write_quipsharp(model: nn.Module, bits: int = 2, seed: int = 0):
             st["fuse_scales"] = torch.stack(rms).half()
             for k, v in st.items():
                 sd[f"{prefix}.{fused_name}.{k}"] = v
-            dense = _tersor_layer(st).dequantize()
+            dense = _tersor_layer(st, hadamard).dequantize()
             start = 0
             for i, p in enumerate(parts):
                 lin = getattr(parent, p)
@@ -68,7 +70,7 @@ def write_quipsharp(model: nn.Module, bits: int = 2, seed: int = 0):
                 st = _quantize(getattr(parent, name).weight.detach(), bits, seed + 100 + li, legacy_wscale=True)
                 for k, v in st.items():
                     sd[f"{prefix}.{name}.{k}"] = v
-                setattr(parent, name, _tersor_layer(st))
+                setattr(parent, name, _tersor_layer(st, hadamard))
                 del plain[f"{prefix}.{name}.weight"]
     sd.update(plain)
     quant_config = {"quant_method": "quip#", "quip_params": {

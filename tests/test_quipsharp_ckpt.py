@@ -107,7 +107,13 @@ def test_power_of_two_llama_loads_with_equal_logits():
     assert "part 0 of qkv_proj" in repr(fresh)
 
 
-def test_k_times_power_of_two_llama_refused_without_quipsharp_matrix():
+@pytest.fixture
+def no_shipped_matrices(monkeypatch):
+    """A tersor without the data file (python/tersor/data/quipsharp_hadamard.json)."""
+    monkeypatch.setattr(qh, "_shipped", {})
+
+
+def test_k_times_power_of_two_llama_refused_without_quipsharp_matrix(no_shipped_matrices):
     transformers = _transformers()
     # intermediate 192 = 12 * 16: upgate_proj has 384 = 12 * 32 rows, down_proj 192 inputs
     model, cfg = tiny_llama(192)
@@ -121,7 +127,7 @@ def test_k_times_power_of_two_llama_refused_without_quipsharp_matrix():
     assert [n for n, m in fresh.named_modules() if type(m) is torch.nn.Linear] == linears_before
 
 
-def test_k_times_power_of_two_llama_loads_with_registered_matrix():
+def test_k_times_power_of_two_llama_loads_with_registered_matrix(no_shipped_matrices):
     transformers = _transformers()
     # Stand-in for QuIP#'s H_12: tersor's own, because the source was quantized with tersor's transform.
     model, cfg = tiny_llama(192)
@@ -187,7 +193,7 @@ def test_quipsharp_factor_follows_get_hadk():
     assert sorted(qh.QUIPSHARP_K_SIZES) == sorted(tersor.ops.HADAMARD_K_SIZES)
 
 
-def test_hadamard_option_errors():
+def test_hadamard_option_errors(no_shipped_matrices):
     st = quipsharp.quantize_e8p(torch.randn(16, 64), bits=2)
     with pytest.raises(ValueError, match="hadamard must be"):
         E8PLinear(st, hadamard="sloane")
@@ -283,3 +289,49 @@ def test_load_errors_name_layer_and_tensor():
         load({**sd, "model.layers.0.self_attn.o_proj.SV": torch.ones(64, dtype=torch.int32)})
     with pytest.raises(TypeError, match="quant_config"):
         load(sd, "E8P12")
+
+
+# ------------------------------------------------------------------------- the shipped matrices, 11008 wide
+
+
+def test_every_quipsharp_matrix_is_shipped():
+    # python/tersor/data/quipsharp_hadamard.json: QuIP#'s get_hadK matrices (quip-sharp 1d8f873), hash- and
+    # orthogonality-checked at load.
+    assert qh.available_quipsharp_k() == sorted(qh.QUIPSHARP_K_SIZES)
+    for k in qh.QUIPSHARP_K_SIZES:
+        h = qh.quipsharp_hadamard_k(k)
+        torch.testing.assert_close(h @ h.T, k * torch.eye(k), rtol=0, atol=0)
+    # spot check against QuIP#'s get_had12 as printed in its source: first two rows
+    h12 = qh.quipsharp_hadamard_k(12)
+    assert h12[0].tolist() == [1] + [-1] * 11
+    assert h12[1].tolist() == [1, 1, -1, 1, -1, -1, -1, 1, 1, 1, -1, 1]
+
+
+def test_llama_with_11008_wide_mlp_loads_through_from_pretrained(tmp_path):
+    """Llama-2-7B's MLP width 11008 = 172 * 64 (QuIP#'s H_172): the QuIP#-layout checkpoint loads through
+    tersor.from_pretrained with logits equal to the tersor-quantized source using QuIP#'s transform."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model, cfg = tiny_llama(11008)
+    sd, qc, src = write_quipsharp(model, hadamard="quipsharp")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    config = cfg.to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]
+    config["quantization_config"] = qc
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = tersor.from_pretrained(tmp_path)
+    mlp = loaded.model.layers[0].mlp
+    assert mlp.down_proj.hadamard == "quipsharp" and mlp.down_proj.had_in is not None  # K = 172 on its input
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(logits(loaded, ids), logits(src, ids), rtol=1e-5, atol=1e-5)
+    # QuIP#'s U_n for n = 11008 is (H_172 (x) S_64) / sqrt(n); x @ U for the basis rows e_i (i = a*64 + b) is
+    # row i of U, H_172[a] (x) S_64[b] / sqrt(n): checked on rows of both factors without the dense 11008^2 matrix
+    h172, s64 = qh.quipsharp_hadamard_k(172), sylvester(64)
+    for i in (0, 1, 63, 64, 5000, 11007):
+        x = torch.zeros(1, 11008)
+        x[0, i] = 1.0
+        row = torch.kron(h172[i // 64].double(), s64[i % 64]) / 11008**0.5
+        torch.testing.assert_close(qh.quipsharp_hadamard(x, h172, transpose=True)[0].double(), row,
+                                   rtol=1e-5, atol=1e-6)
