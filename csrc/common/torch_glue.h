@@ -53,26 +53,19 @@ std::string cat(const Args&... args) {
 
 }  // namespace detail
 
+// Throws the error a failed check means; `kind` (or nullptr) becomes the message's first word.
+#define TERSOR_CHECK_KIND_(kind, cond, ...)                                              \
+  do {                                                                                   \
+    if (!(cond)) ::tersor::detail::fail(kind, ::tersor::detail::cat(__VA_ARGS__));       \
+  } while (0)
 // A bad argument value or shape (Python: ValueError).
-#define TERSOR_CHECK_VALUE(cond, ...) \
-  do {                                \
-    if (!(cond)) ::tersor::detail::fail("ValueError", ::tersor::detail::cat(__VA_ARGS__)); \
-  } while (0)
+#define TERSOR_CHECK_VALUE(cond, ...) TERSOR_CHECK_KIND_("ValueError", cond, __VA_ARGS__)
 // A bad dtype (Python: TypeError).
-#define TERSOR_CHECK_TYPE(cond, ...) \
-  do {                               \
-    if (!(cond)) ::tersor::detail::fail("TypeError", ::tersor::detail::cat(__VA_ARGS__)); \
-  } while (0)
+#define TERSOR_CHECK_TYPE(cond, ...) TERSOR_CHECK_KIND_("TypeError", cond, __VA_ARGS__)
 // A mode with no kernel here (Python: NotImplementedError).
-#define TERSOR_CHECK_NOT_IMPL(cond, ...) \
-  do {                                   \
-    if (!(cond)) ::tersor::detail::fail("NotImplementedError", ::tersor::detail::cat(__VA_ARGS__)); \
-  } while (0)
+#define TERSOR_CHECK_NOT_IMPL(cond, ...) TERSOR_CHECK_KIND_("NotImplementedError", cond, __VA_ARGS__)
 // Anything else: a wrong device, corrupted data, an internal invariant (Python: RuntimeError).
-#define TERSOR_CHECK(cond, ...) \
-  do {                          \
-    if (!(cond)) ::tersor::detail::fail(nullptr, ::tersor::detail::cat(__VA_ARGS__)); \
-  } while (0)
+#define TERSOR_CHECK(cond, ...) TERSOR_CHECK_KIND_(nullptr, cond, __VA_ARGS__)
 
 // ---- dtypes ----
 
