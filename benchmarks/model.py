@@ -28,13 +28,13 @@ import torch
 
 from tersor.bench import Result, register, time_fn
 
-METHODS = ["lossless", "2:4", "bsr:0.5", "aqlm-2x8", "aqlm-1x16", "e8p2", "e8p3", "e8p4"]
+METHODS = ["lossless", "2:4", "2:4-bf16", "bsr:0.5", "aqlm-2x8", "aqlm-1x16", "e8p2", "e8p3", "e8p4"]
 """``tersor bench --family model``: every ``tersor compress`` method."""
-DEFAULT_METHODS = ["lossless", "2:4", "bsr:0.5", "aqlm-2x8", "e8p2", "e8p4"]
+DEFAULT_METHODS = ["lossless", "2:4", "2:4-bf16", "bsr:0.5", "aqlm-2x8", "e8p2", "e8p4"]
 """In the all-families run (``tersor bench`` without ``--family``), which must fit 10 minutes on 2 cores:
 without ``e8p3`` (~60 s of quantization on one busy core) and ``aqlm-1x16`` (~90-160 s: its 65536-entry
 codebook search over MiniLM's 1536-wide layers)."""
-QUICK_METHODS = ["lossless", "2:4", "bsr:0.5", "aqlm-2x8"]
+QUICK_METHODS = ["lossless", "2:4", "2:4-bf16", "bsr:0.5", "aqlm-2x8"]
 AQLM_OPTIONS = {"aqlm-2x8": {"iters": 1, "kmeans_iters": 2, "beam_size": 1},
                 "aqlm-1x16": {"iters": 0, "kmeans_iters": 0, "beam_size": 1}}
 QUICK_AQLM_OPTIONS = {"aqlm-2x8": {"iters": 0, "kmeans_iters": 1, "beam_size": 1}}

@@ -14,7 +14,10 @@ ops = tersor.ops.lib  # torch.ops.tersor with tersor's error types (ValueError, 
 # The CPU replays of the CUDA kernels are test-only ops (tersor._C_testing); their tests are marked testing_ext.
 T = tersor._testing.lib if HAS_TESTING_EXT else None
 DTYPES = [torch.float16, torch.bfloat16]
-EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+# float32 2:4 weights: the CPU ops only (the exact path of a float32 SparseLinear)
+CPU_DTYPES = DTYPES + [torch.float32]
+EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-24}
+BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
 # ---- independent references (no tersor calls) ----
@@ -120,7 +123,7 @@ def test_prune_bad_inputs():
 
 # ---- format v1 ----
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m,k", [(16, 64), (32, 128), (48, 192)])
 def test_compress_matches_documented_layout(dtype, m, k):
     w = random_2_4(m, k, dtype, zero_frac=0.2)  # also chunks with 0 or 1 non-zeros
@@ -128,19 +131,20 @@ def test_compress_matches_documented_layout(dtype, m, k):
     v, meta = ops.sparse24_compress(w)
     rv, rmeta = ref_pack(w)
     assert v.shape == (m // 16, k // 32, 256) and meta.shape == (m // 16, k // 64, 32)
-    assert torch.equal(v.view(torch.int16), rv.view(torch.int16))
+    assert torch.equal(v.view(BITS[dtype]), rv.view(BITS[dtype]))
     assert torch.equal(meta, rmeta)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_round_trip_bit_exact(dtype):
     w = random_2_4(64, 256, dtype, zero_frac=0.3)
     w[5, 16:20] = torch.tensor([0.0, -0.0, 0.0, 0.0]).to(dtype)
     w[7, 0:4] = torch.tensor([float("inf"), 0, float("nan"), 0]).to(dtype)
     packed = compress_2_4(w)
-    assert packed.shape == w.shape and packed.nbytes() * 16 == w.numel() * 2 * 9
+    # values: half the elements; meta: 4 bits per chunk of 4 (2 bits per kept value)
+    assert packed.shape == w.shape and packed.nbytes() * 32 == w.numel() * (16 * w.element_size() + 4)
     d = decompress_2_4(packed)
-    assert torch.equal(d.view(torch.int16)[:, :16], w.view(torch.int16)[:, :16])
+    assert torch.equal(d.view(BITS[dtype])[:, :16], w.view(BITS[dtype])[:, :16])
     assert torch.equal(d.isnan(), w.isnan())
     assert torch.equal(torch.nan_to_num(d), torch.nan_to_num(w))
     load_2_4(packed.values, packed.meta, (64, 256))  # compress output passes the loader
@@ -155,8 +159,8 @@ def test_compress_refuses_dense_weight_naming_first_chunk():
 
 
 @pytest.mark.parametrize("bad,exc,msg", [
-    (torch.zeros(16, 64), TypeError, "float16 or bfloat16"),
-    (torch.zeros(16, 64, dtype=torch.int16), TypeError, "float16 or bfloat16"),
+    (torch.zeros(16, 64, dtype=torch.float64), TypeError, "float16, bfloat16 or float32"),
+    (torch.zeros(16, 64, dtype=torch.int16), TypeError, "float16, bfloat16 or float32"),
     (torch.zeros(8, 64, dtype=torch.half), ValueError, "multiple of 16"),
     (torch.zeros(16, 32, dtype=torch.half), ValueError, "multiple of 64"),
     (torch.zeros(64, dtype=torch.half), ValueError, "2-d"),
@@ -181,7 +185,7 @@ def test_loader_rejects_corrupt_or_mismatched_tensors():
     with pytest.raises(ValueError, match="meta must be"):
         load_2_4(p.values, p.meta[:, :1])
     with pytest.raises(TypeError):
-        load_2_4(p.values.float(), p.meta)
+        load_2_4(p.values.double(), p.meta)
     with pytest.raises(TypeError):
         load_2_4(p.values, p.meta.long())
 
@@ -202,13 +206,16 @@ def test_ops_reject_bad_packed_shapes(op):
         f(p.values[:, :3].contiguous(), p.meta[:, :1].contiguous())
     with pytest.raises(TypeError, match="int32"):
         f(p.values, p.meta.long())
-    with pytest.raises(TypeError, match="float16 or bfloat16"):
-        f(p.values.float(), p.meta)
+    with pytest.raises(TypeError, match="must be float16"):
+        f(p.values.double(), p.meta)
+    if lib is T:  # the replay of a CUDA kernel: float32 values are CPU-only
+        with pytest.raises(TypeError, match="float32 2:4 weights are CPU-only"):
+            f(p.values.float(), p.meta)
 
 
 # ---- linear ----
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("lead", [(1,), (3,), (2, 4), (16,), (17,), (40,), (0,)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_cpu_vs_float64(dtype, lead, with_bias):
@@ -223,7 +230,7 @@ def test_linear_cpu_vs_float64(dtype, lead, with_bias):
         check_linear_close(y, x, w, b, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_linear_widens_subnormal_and_extreme_weights_exactly(dtype):
     # The direct path widens whole tiles to fp32 (F16C for float16 where the CPU has it): subnormal, largest
     # finite and signed values must come out exact, and an inf weight must give inf/nan where the reference does.
@@ -243,7 +250,7 @@ def test_linear_widens_subnormal_and_extreme_weights_exactly(dtype):
     # Subnormal weights alone, x scaled so their products are O(1): a flushed or mis-widened subnormal shows.
     w_sub = torch.where(nz, special[torch.arange(w.numel()).view_as(w) % 3].to(dtype), torch.zeros((), dtype=dtype))
     assert bool((w_sub[nz].abs() < tiny).all())
-    x_big = torch.randn(3, 128).to(dtype) * (2.0 ** (120 if dtype == torch.bfloat16 else 12))
+    x_big = torch.randn(3, 128).to(dtype) * (2.0 ** (12 if dtype == torch.float16 else 120))
     ps = compress_2_4(w_sub)
     y_sub = ops.sparse24_linear(x_big, ps.values, ps.meta)
     assert y_sub.abs().max().item() > 1e-3

@@ -62,11 +62,43 @@ def test_load_rejects_corrupt_metadata():
         SparseLinear(64, 16).load_state_dict(sd)
 
 
-def test_fp32_layer_stores_bfloat16_and_returns_fp32():
-    # An fp32 nn.Linear gives an fp32 layer (issue 13): values in bfloat16, x rounded to bfloat16, fp32 bias/output.
+def test_fp32_layer_is_exact_on_cpu():
+    # An fp32 nn.Linear gives an fp32 layer with fp32 values (issue 13: "2:4 in fp32: CPU exact"): no operand
+    # rounding, the product of F.linear with the pruned weight up to fp32 summation order.
     torch.manual_seed(0)
     lin = nn.Linear(128, 32)
     layer = SparseLinear.from_linear(lin)
+    assert layer.values.dtype == torch.float32 and layer.bias.dtype == torch.float32
+    w = prune_2_4(lin.weight.detach())
+    assert torch.equal(layer.dense_weight(), w)
+    for rows in (1, 3, 40):  # the direct loop (<= 16 rows) and decompress + GEMM
+        x = torch.randn(rows, 128)
+        y = layer(x)
+        ref = (x.double() @ w.double().T + lin.bias.detach().double())
+        assert y.dtype == torch.float32
+        # fp32 accumulation of 64 non-zero products: a few ulp of the magnitudes, far below bf16's 2^-8
+        mag = x.double().abs() @ w.double().abs().T + lin.bias.detach().double().abs()
+        assert bool(((y.double() - ref).abs() <= 2.0**-20 * mag).all())
+        if rows > 16:
+            assert torch.equal(y, torch.nn.functional.linear(x, w, lin.bias.detach()))
+    with pytest.raises(TypeError, match="float32"):
+        layer(torch.randn(3, 128).half())
+    assert layer.layer_config()["values_dtype"] == "float32"
+    fresh = SparseLinear(128, 32, dtype=torch.float32)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 128)
+    assert torch.equal(fresh(x), layer(x))
+    # a state of another values dtype is refused, not converted silently by load_state_dict's copy_
+    compact = SparseLinear.from_linear(lin, values_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="values_dtype"):
+        fresh.load_state_dict(compact.state_dict())
+
+
+def test_fp32_layer_compact_bfloat16_values():
+    # values_dtype=bfloat16: 9/32 of the dense fp32 bytes; x rounded to bfloat16, fp32 bias/output.
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 32)
+    layer = SparseLinear.from_linear(lin, values_dtype=torch.bfloat16)
     assert layer.values.dtype == torch.bfloat16 and layer.bias.dtype == torch.float32
     x = torch.randn(3, 128)
     w = prune_2_4(lin.weight.detach()).bfloat16().float()
@@ -74,11 +106,37 @@ def test_fp32_layer_stores_bfloat16_and_returns_fp32():
     y = layer(x)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
+    exact = SparseLinear.from_linear(lin)
+    assert exact.values.nbytes == 2 * layer.values.nbytes
     with pytest.raises(TypeError, match="float32"):
         layer(x.half())
-    fresh = SparseLinear(128, 32, dtype=torch.float32)
+    fresh = SparseLinear(128, 32, dtype=torch.float32, values_dtype=torch.bfloat16)
     fresh.load_state_dict(layer.state_dict())
     assert torch.equal(fresh(x), y)
+    with pytest.raises(TypeError, match="values_dtype"):
+        SparseLinear(128, 32, dtype=torch.float16, values_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="values_dtype is for pattern"):
+        SparseLinear.from_linear(nn.Linear(64, 64), pattern="bsr", values_dtype=torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_fp32_layer_on_cuda_uses_the_documented_bfloat16_conversion():
+    # On a GPU a float32 layer computes through a cached bfloat16 copy of its values, x rounded to bfloat16
+    # (tersor.sparse.linear_2_4); the cache follows in-place changes of the values.
+    torch.manual_seed(1)
+    lin = nn.Linear(128, 32)
+    layer = SparseLinear.from_linear(lin)
+    compact = SparseLinear.from_linear(lin, values_dtype=torch.bfloat16)  # the same product on the CPU
+    x = torch.randn(3, 128)
+    want = compact(x)
+    gpu = layer.cuda()
+    got = gpu(x.cuda()).cpu()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        gpu.values.mul_(2)
+        gpu.bias.mul_(2)
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), 2 * want, rtol=1e-5, atol=1e-5)
 
 
 def test_fresh_layer_is_zero_and_valid():
@@ -112,3 +170,30 @@ def test_cuda_layer_matches_cpu_layer():
     y_cpu = layer(x)
     y_gpu = layer.cuda()(x.cuda()).cpu()
     torch.testing.assert_close(y_gpu, y_cpu, rtol=2e-3, atol=2e-3)
+
+
+def test_checkpoint_keeps_values_dtype_and_reads_older_fp32_checkpoints(tmp_path):
+    # tersor.save records values_dtype; a checkpoint written before it existed (float32 layer, bfloat16
+    # values, no values_dtype in the manifest) still loads as the compact layer it was.
+    import json
+
+    import tersor
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 128)
+    for compact in (False, True):
+        model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+        tersor.quantize_(model, tersor.Sparse24Config(compact=compact), progress=False)
+        want = model(x)
+        d = tmp_path / f"c{int(compact)}"
+        tersor.save(model, d)
+        manifest = json.loads((d / "tersor_manifest.json").read_text())
+        cfgs = [layer["config"] for layer in manifest["layers"]]
+        assert [c["values_dtype"] for c in cfgs] == ["bfloat16" if compact else "float32"] * 2
+        if compact:  # as an older tersor wrote it
+            for c in cfgs:
+                del c["values_dtype"]
+            (d / "tersor_manifest.json").write_text(json.dumps(manifest))
+        fresh = tersor.load(nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)), d)
+        assert fresh[0].values.dtype == (torch.bfloat16 if compact else torch.float32)
+        assert torch.equal(fresh(x), want)

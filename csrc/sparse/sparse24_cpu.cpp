@@ -1,5 +1,6 @@
 // CPU implementations of the 2:4 ops: compress (dense -> format v1), decompress, and the linear
 // y = x @ W^T + bias (fp32 accumulation, rounded once). The reference the CUDA kernels are judged against.
+// float32 values (CPU-only) take the same paths with 4-byte elements: an exact fp32 2:4 layer.
 #include <algorithm>
 #include <atomic>
 #if defined(__x86_64__)
@@ -9,6 +10,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/torch_glue.h"
@@ -23,11 +25,22 @@ namespace {
 // and decompressing once to fp32 + the BLAS GEMM (aten::linear) is the faster route on a CPU.
 constexpr int64_t kDirectMaxRows = 16;
 
+// The bit pattern of a stored value (uint16_t for float16/bfloat16, uint32_t for float32): the format
+// moves values as opaque patterns, so packing and unpacking are exact for every value, NaN included.
 template <typename T>
-uint16_t bits16(T v) {
-  uint16_t b;
-  std::memcpy(&b, &v, 2);
+using BitsOf = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;
+
+template <typename T>
+BitsOf<T> bits_of(T v) {
+  BitsOf<T> b;
+  std::memcpy(&b, &v, sizeof b);
   return b;
+}
+
+// Whether a value counts as a non-zero of its chunk: any pattern but +-0.0.
+template <typename T>
+bool is_nonzero(T v) {
+  return (bits_of(v) & (static_cast<BitsOf<T>>(~BitsOf<T>{0}) >> 1)) != 0;
 }
 
 // The dense 4-element chunk (16-bit patterns, lowest address in the low bits) holding kept values v0, v1
@@ -37,20 +50,32 @@ inline uint64_t dense_chunk_bits(uint32_t nib, uint16_t v0, uint16_t v1) {
   return (static_cast<uint64_t>(v0) << (16 * nibble_idx0(nib))) | (static_cast<uint64_t>(v1) << (16 * nibble_idx1(nib)));
 }
 
-// Decodes row block rb (all k-tiles) into 16 dense rows of 16-bit patterns at w (row stride K).
-void decode_row_block(const uint16_t* values, const uint32_t* meta, int64_t K, int64_t rb, uint16_t* w) {
+// The dense chunk of 32-bit patterns: four scalar stores of one 16-byte chunk (float32 values).
+inline void store_dense_chunk(uint32_t* dst, uint32_t nib, uint32_t v0, uint32_t v1) {
+  uint32_t c[4] = {0, 0, 0, 0};
+  c[nibble_idx0(nib)] = v0;
+  c[nibble_idx1(nib)] = v1;
+  std::memcpy(dst, c, sizeof c);
+}
+inline void store_dense_chunk(uint16_t* dst, uint32_t nib, uint16_t v0, uint16_t v1) {
+  const uint64_t chunk = dense_chunk_bits(nib, v0, v1);
+  std::memcpy(dst, &chunk, 8);
+}
+
+// Decodes row block rb (all k-tiles) into 16 dense rows of bit patterns at w (row stride K).
+template <typename U>
+void decode_row_block(const U* values, const uint32_t* meta, int64_t K, int64_t rb, U* w) {
   for (int64_t kt = 0; kt < K / kTileK; ++kt) {
-    const uint16_t* tile = values + tile_offset(K, rb, kt);
+    const U* tile = values + tile_offset(K, rb, kt);
     const uint32_t* words = meta + (rb * (K / kColAlign) + kt / 2) * 32;
     for (int lane = 0; lane < 32; ++lane) {
-      const uint16_t* src = tile + lane * 8;
-      // Slots (2j, 2j + 1) are both kept values of one chunk (tile_row_col): written as one 8-byte chunk.
+      const U* src = tile + lane * 8;
+      // Slots (2j, 2j + 1) are both kept values of one chunk (tile_row_col): written as one dense chunk.
       for (int j = 0; j < 4; ++j) {
         const RowCol rc = tile_row_col(lane, 2 * j);
         const int ct = rc.kc >> 1, cip = static_cast<int>(kt & 1) * 8 + ct;
         const uint32_t nib = (words[meta_lane(rc.r, cip)] >> meta_shift(rc.r, cip)) & 0xfu;
-        const uint64_t chunk = dense_chunk_bits(nib, src[2 * j], src[2 * j + 1]);
-        std::memcpy(w + rc.r * K + kt * kTileK + 4 * ct, &chunk, 8);
+        store_dense_chunk(w + rc.r * K + kt * kTileK + 4 * ct, nib, src[2 * j], src[2 * j + 1]);
       }
     }
   }
@@ -72,7 +97,7 @@ std::tuple<Tensor, Tensor> compress_impl(const Tensor& weight) {
         for (int64_t ch = 0; ch < chunks; ++ch) {
           const T* c = w + row * K + 4 * ch;
           uint32_t mask = 0;
-          for (int i = 0; i < 4; ++i) mask |= uint32_t{(bits16(c[i]) & 0x7fffu) != 0} << i;  // -0.0 counts as 0
+          for (int i = 0; i < 4; ++i) mask |= uint32_t{is_nonzero(c[i])} << i;  // -0.0 counts as 0
           const int nib = chunk_nibble_from_mask(mask);
           if (nib < 0) {
             bad.store(true, std::memory_order_relaxed);
@@ -85,13 +110,13 @@ std::tuple<Tensor, Tensor> compress_impl(const Tensor& weight) {
         }
   });
   // Names the first offending chunk (a serial rescan: errors are the rare path).
-  if (bad.load()) throw_first_bad_chunk(reinterpret_cast<const uint16_t*>(w), M, K);
+  if (bad.load()) throw_first_bad_chunk(reinterpret_cast<const BitsOf<T>*>(w), M, K);
   return {values, meta};
 }
 
 std::tuple<Tensor, Tensor> compress_cpu(const Tensor& weight) {
   constexpr const char* op = "sparse24_compress";
-  check_value_dtype(weight.scalar_type(), op, "weight");
+  check_value_dtype(weight.scalar_type(), op, "weight", /*allow_float32=*/true);
   TERSOR_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-d [out_features, in_features], got shape ",
                      shape_str(weight));
   TERSOR_CHECK_VALUE(weight.size(0) > 0 && weight.size(0) % kRowAlign == 0 && weight.size(1) > 0 &&
@@ -99,22 +124,32 @@ std::tuple<Tensor, Tensor> compress_cpu(const Tensor& weight) {
                      op, ": weight [M, K] needs M a positive multiple of ", kRowAlign,
                      " and K a positive multiple of ", kColAlign, " (format v1 tiles), got shape ", shape_str(weight));
   if (weight.scalar_type() == ScalarType::Half) return compress_impl<Half>(weight);
+  if (weight.scalar_type() == ScalarType::Float) return compress_impl<float>(weight);
   return compress_impl<BFloat16>(weight);
 }
 
-void decompress_into(const Tensor& values, const Tensor& meta, const Shape& s, uint16_t* out) {
-  const uint16_t* v = reinterpret_cast<const uint16_t*>(values.const_data_ptr());
+template <typename U>
+void decompress_into(const Tensor& values, const Tensor& meta, const Shape& s, U* out) {
+  const U* v = reinterpret_cast<const U*>(values.const_data_ptr());
   const uint32_t* mw = reinterpret_cast<const uint32_t*>(meta.const_data_ptr<int32_t>());
   torch::stable::parallel_for(0, s.M / kRowAlign, 1, [&](int64_t b, int64_t e) {
     for (int64_t rb = b; rb < e; ++rb) decode_row_block(v, mw, s.K, rb, out + rb * kRowAlign * s.K);
   });
 }
 
+// values' dtype decides the element width; out is a contiguous [M, K] tensor of that dtype.
+void decompress_into(const Tensor& values, const Tensor& meta, const Shape& s, Tensor& out) {
+  if (values.scalar_type() == ScalarType::Float)
+    decompress_into(values, meta, s, reinterpret_cast<uint32_t*>(out.mutable_data_ptr()));
+  else
+    decompress_into(values, meta, s, reinterpret_cast<uint16_t*>(out.mutable_data_ptr()));
+}
+
 Tensor decompress_cpu(const Tensor& values_in, const Tensor& meta_in) {
-  const Shape s = check_packed(values_in, meta_in, "sparse24_decompress");
+  const Shape s = check_packed(values_in, meta_in, "sparse24_decompress", /*allow_float32=*/true);
   const Tensor values = as_contiguous(values_in), meta = as_contiguous(meta_in);
   Tensor out = empty({s.M, s.K}, values.scalar_type(), values.device());
-  decompress_into(values, meta, s, reinterpret_cast<uint16_t*>(out.mutable_data_ptr()));
+  decompress_into(values, meta, s, out);
   return out;
 }
 
@@ -139,6 +174,7 @@ inline void widen_tile(const Half* src, float* dst) {
   if (kCpuHasF16c) return widen_tile_f16c(src, dst);
   for (int i = 0; i < kTileElems; ++i) dst[i] = static_cast<float>(src[i]);
 }
+inline void widen_tile(const float* src, float* dst) { std::memcpy(dst, src, kTileElems * sizeof(float)); }
 
 // The direct loop below hoists the format's per-lane maps (tile_row_col, meta_lane, meta_shift) into
 // closed forms; this proves at compile time that they are the same maps for every lane, pair and k-tile parity.
@@ -227,7 +263,7 @@ void linear_direct_dispatch(const Tensor& values, const Tensor& meta, const Shap
 Tensor linear_cpu(const Tensor& x, const Tensor& values_in, const Tensor& meta_in, const std::optional<Tensor>& bias,
                   std::string path) {
   constexpr const char* op = "sparse24_linear";
-  const Shape s = check_packed(values_in, meta_in, op);
+  const Shape s = check_packed(values_in, meta_in, op, /*allow_float32=*/true);
   const std::vector<int64_t> out_shape = check_linear_inputs(x, bias, values_in, s, op);
   parse_path(path, x.numel() / s.K, op);
   const Tensor values = as_contiguous(values_in), meta = as_contiguous(meta_in);
@@ -238,7 +274,7 @@ Tensor linear_cpu(const Tensor& x, const Tensor& values_in, const Tensor& meta_i
       bias.has_value() ? std::optional<Tensor>(as_contiguous(as_dtype(*bias, ScalarType::Float))) : std::nullopt;
   if (B > kDirectMaxRows) {
     Tensor w = empty({s.M, s.K}, values.scalar_type(), values.device());
-    decompress_into(values, meta, s, reinterpret_cast<uint16_t*>(w.mutable_data_ptr()));
+    decompress_into(values, meta, s, w);
     const Tensor wf = as_dtype(w, ScalarType::Float);  // exact widening; the fp32 GEMM accumulates in fp32
     return torch::stable::reshape(as_dtype(linear(xf, wf, bf), x.scalar_type()), out_shape);
   }
@@ -246,6 +282,8 @@ Tensor linear_cpu(const Tensor& x, const Tensor& values_in, const Tensor& meta_i
   const float* bp = bf.has_value() ? bf->const_data_ptr<float>() : nullptr;
   if (values.scalar_type() == ScalarType::Half)
     linear_direct_dispatch<Half>(values, meta, s, xf, bp, y.mutable_data_ptr<Half>());
+  else if (values.scalar_type() == ScalarType::Float)
+    linear_direct_dispatch<float>(values, meta, s, xf, bp, y.mutable_data_ptr<float>());
   else
     linear_direct_dispatch<BFloat16>(values, meta, s, xf, bp, y.mutable_data_ptr<BFloat16>());
   return torch::stable::reshape(y, out_shape);

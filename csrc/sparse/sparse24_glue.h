@@ -25,15 +25,20 @@ inline std::string shape_str(const Tensor& t) {
   return os.str();
 }
 
-inline void check_value_dtype(ScalarType t, const char* op, const char* what) {
+// float32 values (format v1 allows them: same element layout, 4-byte elements) are a CPU-only case: the
+// sparse tensor-core MMA takes 16-bit A operands for 2:4 (its tf32 form is 1:2 sparsity, another format).
+inline void check_value_dtype(ScalarType t, const char* op, const char* what, bool allow_float32 = false) {
+  if (allow_float32 && t == ScalarType::Float) return;
   TERSOR_CHECK_TYPE(t == ScalarType::Half || t == ScalarType::BFloat16, op, ": ", what,
-                    " must be float16 or bfloat16, got ", dtype_name(t));
+                    allow_float32 ? " must be float16, bfloat16 or float32, got "
+                                  : " must be float16 or bfloat16 (float32 2:4 weights are CPU-only), got ",
+                    dtype_name(t));
 }
 
 // The weight's geometry from values [M/16, K/32, 256] and meta [M/16, K/64, 32] (format v1), with
 // every shape/dtype/device rule checked; contents are validated by tersor.sparse.load_2_4.
-inline Shape check_packed(const Tensor& values, const Tensor& meta, const char* op) {
-  check_value_dtype(values.scalar_type(), op, "values");
+inline Shape check_packed(const Tensor& values, const Tensor& meta, const char* op, bool allow_float32 = false) {
+  check_value_dtype(values.scalar_type(), op, "values", allow_float32);
   TERSOR_CHECK_TYPE(meta.scalar_type() == ScalarType::Int, op, ": meta must be int32, got ",
                     dtype_name(meta.scalar_type()));
   TERSOR_CHECK_VALUE(values.dim() == 3 && values.size(2) == kTileElems, op,
@@ -77,14 +82,16 @@ inline std::vector<int64_t> check_linear_inputs(const Tensor& x, const std::opti
 }
 
 // The error for a weight that is not 2:4: names the first chunk of 4 along K (row-major order) holding more
-// than 2 non-zeros (16-bit patterns w [M, K], row-major, on the host; -0.0 counts as zero). Serial: compress
-// runs it only once its parallel pass (CPU) or kernel (CUDA) has found a bad chunk.
-inline void throw_first_bad_chunk(const uint16_t* w, int64_t M, int64_t K) {
+// than 2 non-zeros (bit patterns w [M, K], uint16_t or uint32_t, row-major, on the host; -0.0 counts as
+// zero). Serial: compress runs it only once its parallel pass (CPU) or kernel (CUDA) has found a bad chunk.
+template <typename Bits>
+inline void throw_first_bad_chunk(const Bits* w, int64_t M, int64_t K) {
+  constexpr Bits kMagnitude = static_cast<Bits>(~Bits{0}) >> 1;  // every bit but the sign
   const int64_t chunks = K / 4;
   for (int64_t i = 0; i < M * chunks; ++i) {
-    const uint16_t* c = w + (i / chunks) * K + 4 * (i % chunks);
+    const Bits* c = w + (i / chunks) * K + 4 * (i % chunks);
     int n = 0;
-    for (int j = 0; j < 4; ++j) n += (c[j] & 0x7fffu) != 0;
+    for (int j = 0; j < 4; ++j) n += (c[j] & kMagnitude) != 0;
     TERSOR_CHECK_VALUE(n <= 2, "sparse24_compress: the weight is not 2:4 sparse: row ", i / chunks, ", columns ",
                        4 * (i % chunks), "..", 4 * (i % chunks) + 3, " hold ", n,
                        " non-zeros (at most 2 of every 4 along K are allowed; prune with tersor.sparse.prune_2_4)");

@@ -229,10 +229,16 @@ def codebook_cuda_path(op: str, device_or_cc, rows: int = 1, codebook_entries: i
 # 2:4 semi-structured sparsity (format v1, docs/formats.md; user API: tersor.sparse, tersor.nn.SparseLinear)
 
 _SPARSE24_DTYPES = (torch.float16, torch.bfloat16)
+#: float32 2:4 weights are CPU-only (the sparse tensor-core MMA takes 16-bit operands for 2:4).
+_SPARSE24_CPU_DTYPES = _SPARSE24_DTYPES + (torch.float32,)
+
+
+def _sparse24_dtypes(device: torch.device) -> tuple:
+    return _SPARSE24_CPU_DTYPES if device.type == "cpu" else _SPARSE24_DTYPES
 
 
 def sparse24_compress(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packs a dense 2:4 weight ``[M, K]`` (float16/bfloat16, ``M % 16 == 0``, ``K % 64 == 0``, at most 2
+    """Packs a dense 2:4 weight ``[M, K]`` (float16/bfloat16; float32 on the CPU only, ``M % 16 == 0``, ``K % 64 == 0``, at most 2
     non-zeros in every 4 consecutive entries along K) into format v1 ``(values [M/16, K/32, 256],
     meta [M/16, K/64, 32] int32)``. A weight that is not 2:4 raises ``ValueError`` naming the first bad
     chunk. CPU and CUDA give identical bytes; the CUDA kernel synchronizes to report a bad weight."""
@@ -240,7 +246,8 @@ def sparse24_compress(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def sparse24_decompress(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """The dense weight ``[M, K]`` of a format v1 pair (zeros at pruned positions); bit-exact on CPU and CUDA."""
+    """The dense weight ``[M, K]`` of a format v1 pair (zeros at pruned positions); bit-exact on CPU and CUDA
+    (float32 values: CPU only)."""
     return _lib.sparse24_decompress(values, meta)
 
 
@@ -253,7 +260,8 @@ SPARSE24_GEMV_MAX_ROWS = 16
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                     bias: Optional[torch.Tensor] = None, path: str = "auto") -> torch.Tensor:
     """``x @ W.T + bias`` for a format v1 2:4 weight ``W [M, K]``, ``x [..., K]`` of W's dtype; fp32
-    accumulation, rounded once. CUDA: the ``mma.sp`` GEMV for at most 16 rows of x, the tiled
+    accumulation, rounded once. float32 weights run on the CPU only (no operand rounding: the product of
+    ``F.linear`` with the dense pruned weight, up to fp32 summation order). CUDA: the ``mma.sp`` GEMV for at most 16 rows of x, the tiled
     ``cp.async`` ``mma.sp`` GEMM beyond, on compute capability 9.0 (sm90a build) the ``wgmma.sp`` GEMM from
     128 rows (:func:`sparse24_route` says which). ``path`` (one of ``SPARSE24_PATHS``) forces one CUDA
     kernel: ``"gemv"`` for more than 16 rows is a ``ValueError`` (on every device), a kernel the GPU cannot run
@@ -271,7 +279,8 @@ def sparse24_route(cc: int, rows: int, path: str = "auto", has_sm90_cubin: Optio
 
 
 def _sparse24_shape_fake(values, meta, op):
-    torch._check(values.dtype in _SPARSE24_DTYPES, lambda: f"{op}: values must be float16 or bfloat16, got {values.dtype}")
+    torch._check(values.dtype in _sparse24_dtypes(values.device),
+                 lambda: f"{op}: values must be float16 or bfloat16 (float32 on the CPU), got {values.dtype}")
     torch._check(meta.dtype == torch.int32, lambda: f"{op}: meta must be int32, got {meta.dtype}")
     torch._check(values.dim() == 3 and values.shape[2] == 256, lambda: f"{op}: values must be [M/16, K/32, 256]")
     torch._check(meta.dim() == 3 and meta.shape[2] == 32, lambda: f"{op}: meta must be [M/16, K/64, 32]")
@@ -284,8 +293,8 @@ def _sparse24_shape_fake(values, meta, op):
 
 @torch.library.register_fake("tersor::sparse24_compress")
 def _sparse24_compress_fake(weight):
-    torch._check(weight.dtype in _SPARSE24_DTYPES,
-                 lambda: f"sparse24_compress: weight must be float16 or bfloat16, got {weight.dtype}")
+    torch._check(weight.dtype in _sparse24_dtypes(weight.device),
+                 lambda: f"sparse24_compress: weight must be float16 or bfloat16 (float32 on the CPU), got {weight.dtype}")
     torch._check(weight.dim() == 2, lambda: "sparse24_compress: weight must be 2-d")
     m, k = weight.shape
     torch._check(m > 0 and m % 16 == 0 and k > 0 and k % 64 == 0,

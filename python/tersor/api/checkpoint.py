@@ -168,9 +168,17 @@ def build_layer(spec: dict, tensors: dict[str, torch.Tensor], device) -> nn.Modu
         dtype = _DTYPES.get(cfg.get("dtype"))
         if dtype is None:
             raise ValueError(f"config dtype {cfg.get('dtype')!r} is not a dtype")
+        values_dtype = None
+        if cfg.get("pattern") == "2:4":
+            # Written since values_dtype existed: the config says. Before, a float32 layer stored bfloat16
+            # values and the config did not say: the tensor's own dtype is the answer then.
+            values_dtype = _DTYPES.get(cfg["values_dtype"]) if "values_dtype" in cfg else \
+                getattr(tensors.get("values"), "dtype", None)
+            if "values_dtype" in cfg and values_dtype is None:
+                raise ValueError(f"config values_dtype {cfg['values_dtype']!r} is not a dtype")
         layer = SparseLinear(spec["in_features"], spec["out_features"], bias=bias is not None,
                              pattern=cfg.get("pattern"), dtype=dtype, device=device,
-                             blocksize=int(cfg.get("blocksize", 64)))
+                             blocksize=int(cfg.get("blocksize", 64)), values_dtype=values_dtype)
         layer.load_state_dict(tensors, strict=True)
         return layer
     if fmt == "codec":

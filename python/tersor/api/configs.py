@@ -156,15 +156,20 @@ _PRUNE_METHODS = ("magnitude", "wanda")
 class Sparse24Config(_Config):
     """2:4 semi-structured sparsity (:class:`tersor.nn.SparseLinear`, pattern ``"2:4"``): half of every 4
     consecutive weights pruned by ``method`` ``"magnitude"`` (data-free) or ``"wanda"`` (``|w| * ||x||``,
-    needs ``calibration``). float16/bfloat16 layers keep their dtype; **float32 layers store bfloat16
-    values** and round x to bfloat16 (fp32 accumulation, fp32 bias and output), the 2:4 kernels taking
-    16-bit operands. Layers need ``out_features % 16 == 0`` and ``in_features % 64 == 0``."""
+    needs ``calibration``). Layers keep their dtype: float16/bfloat16 values, and float32 layers store
+    float32 values, exact on the CPU (on a GPU they compute through a bfloat16 copy, see SparseLinear).
+    ``compact=True`` stores a float32 layer's values in bfloat16 instead (9/32 of the dense bytes instead of
+    17/32; x is then rounded to bfloat16 on every device); it changes nothing for 16-bit layers.
+    Layers need ``out_features % 16 == 0`` and ``in_features % 64 == 0``."""
 
     method: str = "magnitude"
+    compact: bool = False
     name = "2:4"
 
     def __post_init__(self):
         _choice("Sparse24Config", "method", self.method, _PRUNE_METHODS)
+        if not isinstance(self.compact, bool):
+            raise TypeError(f"Sparse24Config: compact must be a bool, got {type(self.compact).__name__}")
 
     @property
     def stats(self):
@@ -179,8 +184,10 @@ class Sparse24Config(_Config):
     def convert(self, linear, stats):
         from ..nn import SparseLinear
 
+        compact = self.compact and linear.weight.dtype == torch.float32
         return SparseLinear.from_linear(linear, pattern="2:4", method=self.method,
-                                        act_norm=stats.act_norm if self.method == "wanda" else None)
+                                        act_norm=stats.act_norm if self.method == "wanda" else None,
+                                        values_dtype=torch.bfloat16 if compact else None)
 
 
 @dataclass(frozen=True)
@@ -266,3 +273,20 @@ class SageAttentionConfig(_Config):
 
 
 CONFIGS = (E8PConfig, AQLMConfig, Sparse24Config, BlockSparseConfig, LosslessConfig, SageAttentionConfig)
+
+
+def config_from_dict(d: dict) -> _Config:
+    """The config a :meth:`_Config.to_dict` dict describes (``{"config": class name, **fields}``); ValueError for
+    an unknown class or fields, TypeError/ValueError from the class's own checks."""
+    if not isinstance(d, dict) or not isinstance(d.get("config"), str):
+        raise ValueError(f"tersor config: expected a dict with a 'config' class name, got {d!r}")
+    by_name = {c.__name__: c for c in CONFIGS}
+    cls = by_name.get(d["config"])
+    if cls is None:
+        raise ValueError(f"tersor config: unknown config {d['config']!r} (one of {sorted(by_name)})")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    args = {k: v for k, v in d.items() if k != "config"}
+    unknown = sorted(set(args) - fields)
+    if unknown:
+        raise ValueError(f"tersor config: {d['config']} has no field(s) {unknown} (fields: {sorted(fields)})")
+    return cls(**args)

@@ -18,14 +18,17 @@ class SparseLinear(nn.Module):
     """``y = x W^T + b`` with a structurally sparse ``W [out, in]``.
 
     ``pattern="2:4"``: W is stored in 2:4 format v1 (buffers ``values`` and ``meta``, see
-    :mod:`tersor.sparse`), 9/16 of the dense bytes; forward is :func:`tersor.ops.sparse24_linear`
-    (fp32 accumulation, output in the weight's dtype, float16/bfloat16). A **float32** layer
-    (``dtype=torch.float32``, or ``from_linear`` of an fp32 ``nn.Linear``) stores its values in bfloat16
-    (the 2:4 kernels take 16-bit operands; bfloat16 keeps fp32's range, so no overflow): forward rounds x
-    to bfloat16, multiplies with fp32 accumulation, adds the fp32 bias in fp32 and returns float32
-    (``compute_dtype`` is bfloat16, ``io_dtype`` float32). ``state_dict()`` holds only
-    tensors (``values``, ``meta``, ``bias``), so it round-trips through safetensors; loading validates the
-    metadata (:func:`tersor.sparse.load_2_4`).
+    :mod:`tersor.sparse`); forward is :func:`tersor.sparse.linear_2_4` (fp32 accumulation, output in the
+    layer's dtype). ``values_dtype`` (default: the layer's ``dtype``) is the dtype of the stored values:
+    float16/bfloat16 layers store their own dtype (9/16 of the dense bytes). A **float32** layer stores float32
+    values by default (17/32 of the dense bytes) and is **exact on the CPU**: x is not rounded, the product is
+    ``F.linear`` with the pruned weight up to fp32 summation order. On a GPU the 2:4 tensor-core kernels take
+    16-bit operands, so a float32 layer there computes with a cached bfloat16 copy of its values and x rounded
+    to bfloat16 (fp32 accumulation, bias and output; documented conversion, :func:`tersor.sparse.linear_2_4`).
+    ``values_dtype=torch.bfloat16`` on a float32 layer stores bfloat16 values (9/32 of the dense bytes; x is
+    then rounded to bfloat16 on every device). ``state_dict()`` holds only tensors (``values``, ``meta``,
+    ``bias``), so it round-trips through safetensors; loading validates the metadata
+    (:func:`tersor.sparse.load_2_4`).
 
     ``pattern="bsr"``: W is stored as ``blocksize x blocksize`` blocks in BSR v1 (buffers ``crow_indices``,
     ``col_indices``, ``values``, ``schedule``, see :mod:`tersor.sparse.bsr`); forward is
@@ -37,7 +40,8 @@ class SparseLinear(nn.Module):
     tersor_format = "sparse"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, pattern: str = "2:4",
-                 dtype: torch.dtype = torch.float16, device=None, blocksize: int = 64):
+                 dtype: torch.dtype = torch.float16, device=None, blocksize: int = 64,
+                 values_dtype: Optional[torch.dtype] = None):
         super().__init__()
         if pattern not in PATTERNS:
             raise ValueError(f"SparseLinear: pattern must be one of {PATTERNS}, got {pattern!r}")
@@ -56,8 +60,13 @@ class SparseLinear(nn.Module):
             self.compute_dtype = dtype
             self._init_bsr(blocksize, dtype, device)
             return
-        # float32 layers keep their 2:4 values in bfloat16 (the kernels take 16-bit operands)
-        self.compute_dtype = dtype = torch.bfloat16 if dtype == torch.float32 else dtype
+        if values_dtype is None:
+            values_dtype = dtype
+        if values_dtype != dtype and not (dtype == torch.float32 and values_dtype == torch.bfloat16):
+            raise TypeError(f"SparseLinear: values_dtype must be the layer's dtype {dtype} (or torch.bfloat16 for a "
+                            f"float32 layer), got {values_dtype}")
+        self.compute_dtype = dtype = values_dtype  # the stored values' dtype
+        self._cuda_values = None  # (key, bfloat16 copy) for a float32 layer on a GPU, see forward
         if out_features <= 0 or out_features % s24.ROW_ALIGN or in_features <= 0 or in_features % s24.COL_ALIGN:
             raise ValueError(f"SparseLinear: 2:4 needs out_features % {s24.ROW_ALIGN} == 0 and in_features % "
                              f"{s24.COL_ALIGN} == 0, got out={out_features}, in={in_features}")
@@ -86,12 +95,13 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, pattern: str = "2:4", method: str = "magnitude",
                     act_norm: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
-                    blocksize: int = 64, density: Optional[float] = None) -> "SparseLinear":
+                    blocksize: int = 64, density: Optional[float] = None,
+                    values_dtype: Optional[torch.dtype] = None) -> "SparseLinear":
         """``pattern="2:4"``: prunes ``linear.weight`` with :func:`tersor.sparse.prune_2_4` (``method`` ``"magnitude"`` or
         ``"wanda"`` with ``act_norm [in]``; scores from the original-precision weight) and packs it; the
         layer then equals ``F.linear(x, pruned_weight.to(dtype), bias.to(dtype))`` up to fp32-accumulation
-        rounding. ``dtype`` defaults to the weight's dtype; float32 gives a float32 layer whose values are
-        stored in bfloat16 (see the class docstring: x rounded to bfloat16, fp32 bias and output).
+        rounding. ``dtype`` defaults to the weight's dtype; ``values_dtype`` (float32 layers only:
+        ``torch.bfloat16`` for the compact form) as in the class docstring.
 
         ``pattern="bsr"``: with ``density`` given, keeps that fraction of the ``blocksize x blocksize`` blocks
         (:func:`tersor.sparse.prune_blocks`, ``method``/``act_norm`` as above); with ``density=None`` the
@@ -107,6 +117,8 @@ class SparseLinear(nn.Module):
         if w.dtype not in FLOATS:
             raise TypeError(f"SparseLinear.from_linear: the weight must be float32, float16 or bfloat16, got {w.dtype}")
         if pattern == "bsr":
+            if values_dtype is not None:
+                raise ValueError("SparseLinear.from_linear: values_dtype is for pattern '2:4'")
             layer = cls(linear.in_features, linear.out_features, linear.bias is not None, pattern, dtype, w.device,
                         blocksize=blocksize)
             if density is not None:
@@ -119,7 +131,8 @@ class SparseLinear(nn.Module):
             return layer
         if density is not None:
             raise ValueError("SparseLinear.from_linear: density is for pattern 'bsr' (2:4 keeps exactly half)")
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, pattern, dtype, w.device)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, pattern, dtype, w.device,
+                    values_dtype=values_dtype)
         packed = s24.compress_2_4(s24.prune_2_4(w, method, act_norm).to(layer.compute_dtype))
         layer.values.copy_(packed.values)
         layer.meta.copy_(packed.meta)
@@ -163,6 +176,9 @@ class SparseLinear(nn.Module):
             values, meta = state_dict.get(prefix + "values"), state_dict.get(prefix + "meta")
             if values is not None and meta is not None:
                 s24.load_2_4(values, meta, (self.out_features, self.in_features))
+                if values.dtype != self.values.dtype:  # load_state_dict's copy_ would convert it silently
+                    raise TypeError(f"SparseLinear: state {prefix}values is {values.dtype}, the layer stores "
+                                    f"{self.values.dtype} values (values_dtype)")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,13 +191,31 @@ class SparseLinear(nn.Module):
                 raise TypeError(f"SparseLinear: x must be {self.io_dtype} (the layer's dtype), got {x.dtype}")
             y = s24.linear_2_4(x.to(self.compute_dtype), self.weight_2_4).to(self.io_dtype)
             return y if self.bias is None else y + self.bias
+        if self.values.dtype == torch.float32 and self.values.device.type != "cpu":
+            return s24.linear_2_4(x, self.weight_2_4, self.bias, cuda_values=self._bf16_values())
         return s24.linear_2_4(x, self.weight_2_4, self.bias)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cuda_values = None  # .to() / .cuda() / .half(): the cached copy belongs to the old tensor
+        return super()._apply(fn, *args, **kwargs)
+
+    def _bf16_values(self) -> torch.Tensor:
+        # The bfloat16 copy a float32 layer computes with on a GPU, converted once per (storage, version) of
+        # `values` rather than on every forward (a GEMV's worth of memory traffic). Traced code converts inline.
+        if torch.compiler.is_compiling():
+            return self.values.to(torch.bfloat16)
+        key = (self.values.data_ptr(), self.values.device, self.values._version)
+        if self._cuda_values is None or self._cuda_values[0] != key:
+            self._cuda_values = (key, self.values.to(torch.bfloat16))
+        return self._cuda_values[1]
 
     def layer_config(self) -> dict:
         """What tersor checkpoints record about this layer (docs/formats.md, tersor checkpoint v1)."""
         cfg = {"pattern": self.pattern, "dtype": str(self.io_dtype).replace("torch.", "")}
         if self.pattern == "bsr":
             cfg["blocksize"] = self.blocksize
+        else:
+            cfg["values_dtype"] = str(self.compute_dtype).replace("torch.", "")
         return cfg
 
     def extra_repr(self) -> str:

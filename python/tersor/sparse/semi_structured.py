@@ -1,7 +1,7 @@
 """2:4 semi-structured sparsity: pruning (magnitude, Wanda), the format v1 container and its one loader.
 
 Format v1 (docs/formats.md, "2:4 semi-structured"): ``values [M/16, K/32, 256]`` (float16/bfloat16,
-``mma.sp`` A-fragment order) and ``meta [M/16, K/64, 32]`` (int32, one metadata register per lane).
+or float32 for the CPU's exact path; ``mma.sp`` A-fragment order) and ``meta [M/16, K/64, 32]`` (int32, one metadata register per lane).
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from .. import ops
 FORMAT_VERSION = 1
 ROW_ALIGN = 16  # M (out_features) must be a multiple of this
 COL_ALIGN = 64  # K (in_features) must be a multiple of this
-DTYPES = (torch.float16, torch.bfloat16)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: What the CUDA kernels take: float32 weights go through a bfloat16 copy there (:func:`linear_2_4`).
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def prune_2_4(weight: torch.Tensor, method: str = "magnitude", act_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -104,7 +106,7 @@ def load_2_4(values: torch.Tensor, meta: torch.Tensor, shape: Optional[tuple[int
     that every metadata nibble is a valid ordered pair ``idx0 < idx1`` (what ``mma.sp::ordered_metadata``
     requires; anything else is undefined behaviour on the GPU). Raises TypeError/ValueError otherwise."""
     if values.dtype not in DTYPES:
-        raise TypeError(f"load_2_4: values must be float16 or bfloat16, got {values.dtype}")
+        raise TypeError(f"load_2_4: values must be float16, bfloat16 or float32, got {values.dtype}")
     if meta.dtype != torch.int32:
         raise TypeError(f"load_2_4: meta must be int32, got {meta.dtype}")
     if values.dim() != 3 or values.shape[2] != 256 or values.shape[0] == 0 or values.shape[1] == 0 \
@@ -125,25 +127,46 @@ def load_2_4(values: torch.Tensor, meta: torch.Tensor, shape: Optional[tuple[int
 
 
 def compress_2_4(weight: torch.Tensor) -> Sparse24Weight:
-    """Packs a dense 2:4 weight ``[M, K]`` (float16/bfloat16, ``M % 16 == 0``, ``K % 64 == 0``) into format
-    v1 on the weight's device. Refuses (``ValueError``) a weight with more than 2 non-zeros in any group
+    """Packs a dense 2:4 weight ``[M, K]`` (float16/bfloat16/float32, ``M % 16 == 0``, ``K % 64 == 0``) into
+    format v1 on the weight's device. Refuses (``ValueError``) a weight with more than 2 non-zeros in any group
     of 4 along K: prune it first with :func:`prune_2_4`. A group with fewer than 2 non-zeros stores
     explicit zeros at its lowest free positions. CPU and CUDA produce identical bytes (the CUDA op
-    synchronizes to report a weight that is not 2:4)."""
-    values, meta = ops.sparse24_compress(weight.detach())
+    synchronizes to report a weight that is not 2:4); a float32 weight on a GPU is packed on the CPU (the
+    CUDA op takes 16-bit values) and the result moved back."""
+    weight = weight.detach()
+    if weight.dtype == torch.float32 and weight.device.type != "cpu":
+        values, meta = ops.sparse24_compress(weight.cpu())
+        return Sparse24Weight(values.to(weight.device), meta.to(weight.device))
+    values, meta = ops.sparse24_compress(weight)
     return Sparse24Weight(values, meta)
 
 
 def decompress_2_4(w: Sparse24Weight) -> torch.Tensor:
     """The dense ``[M, K]`` weight of ``w`` (zeros at pruned positions); ``decompress_2_4(compress_2_4(W))``
-    equals ``W`` bit for bit."""
+    equals ``W`` bit for bit. (float32 values on a GPU are unpacked on the CPU and moved back.)"""
+    if w.values.dtype == torch.float32 and w.values.device.type != "cpu":
+        return ops.sparse24_decompress(w.values.cpu(), w.meta.cpu()).to(w.values.device)
     return ops.sparse24_decompress(w.values, w.meta)
 
 
 def linear_2_4(x: torch.Tensor, w: Sparse24Weight, bias: Optional[torch.Tensor] = None,
-               path: str = "auto") -> torch.Tensor:
+               path: str = "auto", cuda_values: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W.T + bias`` (fp32 accumulation, output in x's dtype = W's dtype). ``path`` forces one CUDA
-    kernel (``"gemv"``, ``"gemm"``, ``"sm90"``; default ``"auto"``), see :func:`tersor.ops.sparse24_linear`."""
+    kernel (``"gemv"``, ``"gemm"``, ``"sm90"``; default ``"auto"``), see :func:`tersor.ops.sparse24_linear`.
+
+    A float32 ``W`` is exact on the CPU (no operand rounding). On a GPU the 2:4 tensor-core kernels take
+    16-bit operands, so a float32 ``W`` runs through the documented conversion: values and x rounded to
+    bfloat16 (fp32's range, so nothing overflows), the bfloat16 kernel with fp32 accumulation, output and bias in
+    float32. ``cuda_values``: the bfloat16 copy of ``W.values`` to use there (a layer caches it; default:
+    converted on every call)."""
+    if w.values.dtype == torch.float32 and w.values.device.type != "cpu":
+        if x.dtype != torch.float32:
+            raise TypeError(f"linear_2_4: x must have the weight's dtype torch.float32, got {x.dtype}")
+        if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (w.shape[0],)):
+            raise ValueError(f"linear_2_4: bias must be float32 [{w.shape[0]}], got {bias.dtype} {list(bias.shape)}")
+        vb = w.values.to(torch.bfloat16) if cuda_values is None else cuda_values
+        y = ops.sparse24_linear(x.to(torch.bfloat16), vb, w.meta, None, path).float()
+        return y if bias is None else y + bias
     return ops.sparse24_linear(x, w.values, w.meta, bias, path)
 
 
