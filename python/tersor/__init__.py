@@ -14,7 +14,7 @@ __version__ = build_info()["version"]
 
 from .api import (AQLMConfig, BlockSparseConfig, E8PConfig, LosslessConfig, QuantizeReport,  # noqa: E402
                   Sparse24Config, load, quantize_, save)
-from .api import SageAttentionConfig, load_quipsharp_layers  # noqa: E402
+from .api import SageAttentionConfig, dequantize_, load_quipsharp_layers  # noqa: E402
 from . import hf  # noqa: E402  -- Hugging Face integration; never imports transformers here
 from .hf import from_pretrained  # noqa: E402
 
@@ -26,5 +26,5 @@ if "transformers" in __import__("sys").modules:  # already imported: make attn_i
         pass
 
 __all__ = ["AQLMConfig", "BlockSparseConfig", "E8PConfig", "LosslessConfig", "QuantizeReport", "SageAttentionConfig",
-           "Sparse24Config", "attention", "build_info", "codec", "from_pretrained", "hadamard_transform", "hf", "load",
+           "Sparse24Config", "attention", "build_info", "codec", "dequantize_", "from_pretrained", "hadamard_transform", "hf", "load",
            "load_quipsharp_layers", "nn", "ops", "quant", "quantize_", "save", "sparse"]

@@ -99,12 +99,20 @@ def _classes() -> dict[str, Any]:
             (``format``, ``version``, ``tersor_version``, ``layers``: one entry per tersor layer, as in
             ``tersor_manifest.json``). ``layout="aqlm"`` (with ``source``: AQLM's own config) is the
             transient form :func:`tersor.from_pretrained` uses to load AQLM's Hugging Face layout; once
-            loaded, the config describes the model in the tersor layout."""
+            loaded, the config describes the model in the tersor layout.
+
+            ``quantize``: quantize while loading a dense checkpoint,
+            ``AutoModel*.from_pretrained(dense_dir, quantization_config=TersorConfig(quantize=tersor.E8PConfig(4,
+            ldlq=False)))``: the dense weights load as usual, then :func:`tersor.quantize_` runs with that config
+            (default filter) before ``from_pretrained`` returns. Data-free configs only (no calibration
+            data reaches a loader): E8P with ``ldlq=False``, AQLM, magnitude 2:4 / BSR, lossless. Afterwards the
+            config describes the compressed layers, so ``save_pretrained`` writes a pre-quantized checkpoint."""
 
             def __init__(self, layers: Optional[list] = None, format: Optional[str] = None,
                          version: Optional[int] = None, tersor_version: Optional[str] = None,
-                         layout: str = "tersor", source: Optional[dict] = None, **kwargs):
+                         layout: str = "tersor", source: Optional[dict] = None, quantize: Any = None, **kwargs):
                 from .api.checkpoint import FORMAT, VERSION
+                from .api.configs import _Config, config_from_dict
 
                 self.quant_method = QUANT_METHOD
                 self.format = FORMAT if format is None else format
@@ -126,6 +134,28 @@ def _classes() -> dict[str, Any]:
                                                                 for s in self.layers):
                     raise ValueError("tersor quantization_config: layers must be a list of layer entries "
                                      "(docs/formats.md, tersor checkpoint v1)")
+                # kept in its dict form so that the config stays JSON-serializable
+                self.quantize = None
+                if quantize is not None:
+                    cfg = quantize if isinstance(quantize, _Config) else config_from_dict(quantize)
+                    if type(cfg).__name__ == "SageAttentionConfig":
+                        raise ValueError("TersorConfig(quantize=...): SageAttentionConfig routes attention; pass "
+                                         "attn_implementation='tersor_sage' to from_pretrained instead")
+                    if cfg.stats:
+                        raise ValueError(f"TersorConfig(quantize={cfg!r}) needs calibration data "
+                                         f"({', '.join(cfg.stats)}), which a loader does not have: use a data-free "
+                                         "config (E8PConfig(ldlq=False), magnitude pruning), or load the dense model "
+                                         "and call tersor.quantize_(model, config, calibration=...)")
+                    if self.layers:
+                        raise ValueError("TersorConfig: quantize= is for dense checkpoints; this config already lists "
+                                         "compressed layers")
+                    self.quantize = cfg.to_dict()
+
+            def quantize_config(self):
+                """The tersor config to quantize with while loading (None: a pre-quantized checkpoint)."""
+                from .api.configs import config_from_dict
+
+                return None if self.quantize is None else config_from_dict(self.quantize)
 
             def refresh(self, model: nn.Module) -> None:
                 """Describes ``model``'s tersor layers as they are now (tersor layout)."""
@@ -134,29 +164,48 @@ def _classes() -> dict[str, Any]:
 
                 self.layers = layer_entries(model)
                 self.tersor_version = __version__
+                self.quantize = None  # done: the layers are what the config describes now
                 if self.layout != "tersor":
                     self.layout = "tersor"
                     self.__dict__.pop("source", None)
 
         class TersorHfQuantizer(HfQuantizer):
-            """Loads pre-quantized tersor models (and AQLM's layout, through :func:`tersor.from_pretrained`);
-            makes ``save_pretrained`` write the tersor ``quantization_config``. Quantizing while loading
-            (``from_pretrained(dense, quantization_config=TersorConfig())``) is not supported: use
-            :func:`tersor.quantize_` on the loaded model."""
+            """Loads pre-quantized tersor models (and AQLM's layout, through :func:`tersor.from_pretrained`),
+            quantizes dense checkpoints while loading (``TersorConfig(quantize=...)``), makes ``save_pretrained``
+            write the tersor ``quantization_config`` and ``model.dequantize()`` give ``nn.Linear`` layers back
+            (:func:`tersor.dequantize_`)."""
 
-            requires_calibration = True  # pre-quantized checkpoints only
+            requires_calibration = False  # both: pre-quantized checkpoints, and dense ones with quantize=...
+
+            def __init__(self, quantization_config, **kwargs):
+                super().__init__(quantization_config, **kwargs)
+                if not self.pre_quantized and quantization_config.quantize is None:
+                    raise ValueError("tersor: this checkpoint is not tersor-quantized; to quantize it while loading "
+                                     "pass quantization_config=TersorConfig(quantize=<a data-free tersor config>), e.g. "
+                                     "tersor.hf.TersorConfig(quantize=tersor.E8PConfig(4, ldlq=False))")
 
             def validate_environment(self, *args, **kwargs):
                 return
 
             def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-                _install_placeholders(model, self.quantization_config, checkpoint_files)
+                if self.pre_quantized:
+                    _install_placeholders(model, self.quantization_config, checkpoint_files)
                 return model
 
             def _process_model_after_weight_loading(self, model, **kwargs):
-                _build_from_placeholders(model)
+                if self.pre_quantized:
+                    _build_from_placeholders(model)
+                else:
+                    from .api.quantize import quantize_
+
+                    quantize_(model, self.quantization_config.quantize_config())
                 self.quantization_config.refresh(model)
                 return model
+
+            def _dequantize(self, model, dtype=None):
+                from .api.dequantize import dequantize_
+
+                return dequantize_(model, dtype)
 
             def get_state_dict_and_metadata(self, model):
                 # save_pretrained calls this before writing config.json: describe the layers as they are now

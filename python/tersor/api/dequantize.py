@@ -1,0 +1,79 @@
+"""``tersor.dequantize_``: tersor layers back to ``nn.Linear`` (the dense weight each one multiplies by)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..nn import AQLMLinear, CompressedLinear, E8PLinear, SparseLinear
+
+
+def _dense(layer: nn.Module) -> tuple[torch.Tensor, Optional[torch.dtype]]:
+    """The layer's dense weight [out, in] and the dtype it computes in, where it has one (E8P and AQLM layers
+    serve any input dtype: None)."""
+    if isinstance(layer, SparseLinear):
+        return layer.dense_weight(), layer.io_dtype
+    if isinstance(layer, CompressedLinear):
+        w = layer.weight
+        return w, w.dtype
+    if isinstance(layer, AQLMLinear):
+        return layer.dequantize(torch.float32), None
+    return layer.dequantize(), None  # E8PLinear, E8PFusedPart: fp32
+
+
+def _is_fused(m: nn.Module) -> bool:
+    from .quipsharp_ckpt import E8PFusedLinear
+
+    return isinstance(m, E8PFusedLinear)
+
+
+def _is_fused_part(m: nn.Module) -> bool:
+    from .quipsharp_ckpt import E8PFusedPart
+
+    return isinstance(m, E8PFusedPart)
+
+
+def _is_layer(m: nn.Module) -> bool:
+    from .quipsharp_ckpt import E8PFusedPart
+
+    return isinstance(m, (AQLMLinear, CompressedLinear, E8PLinear, SparseLinear, E8PFusedPart)) and not _is_fused(m)
+
+
+def dequantize_(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Replaces every tersor linear layer of ``model`` (E8P, AQLM, 2:4, BSR, lossless, and the parts of fused
+    QuIP# layers) **in place** by an ``nn.Linear`` holding the dense weight it multiplies by, and returns
+    ``model``. ``dtype``: the new layers' dtype (default: the layer's own for 2:4, BSR and lossless layers, which
+    have one; float32 for E8P and AQLM layers, which serve any input dtype). The weights are computed in fp32
+    and rounded once. Fused QuIP# layers (``qkv_proj``, ``upgate_proj``) are removed once their parts are
+    replaced. Lossless layers come back bit-identical; the others give the weight their codes stand for (the
+    compression error stays). Attention routing (``SageAttentionConfig``) is not undone."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"dequantize_: model must be an nn.Module, got {type(model).__name__}")
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dequantize_: dtype must be float32, float16 or bfloat16, got {dtype}")
+    todo = [(fqn, m) for fqn, m in model.named_modules() if fqn and _is_layer(m)]
+    fused = [fqn for fqn, m in model.named_modules() if fqn and _is_fused(m)]
+    new_layers = []
+    with torch.no_grad():
+        for fqn, layer in todo:
+            w, own = _dense(layer)
+            dt = dtype or own or torch.float32
+            bias = getattr(layer, "bias", None)
+            if _is_fused_part(layer):  # the bias of its rows, scaled as the fused forward does
+                fb = layer.fused.bias
+                if fb is not None:
+                    start = sum(layer.fused.fuse_sizes[:layer.index])
+                    bias = fb[start:start + layer.out_features] * layer.fused.fuse_scales[layer.index]
+            lin = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, dtype=dt, device=w.device)
+            lin.weight.copy_(w.to(torch.float32).to(dt))
+            if bias is not None:
+                lin.bias.copy_(bias.to(torch.float32).to(dt))
+            new_layers.append((fqn, lin))
+    for fqn, lin in new_layers:
+        model.set_submodule(fqn, lin)
+    for fqn in fused:
+        parent, _, leaf = fqn.rpartition(".")
+        delattr(model.get_submodule(parent) if parent else model, leaf)
+    return model
