@@ -235,3 +235,25 @@ def test_import_tersor_after_transformers_registers():
             "assert 'tersor_sage' in AttentionInterface._global_mapping\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@needs_transformers
+def test_tersor_sage_compiles_fullgraph_and_matches_eager():
+    # torch.compile(fullgraph=True) through the tersor_sage route (issue 13): the attention function, its checks
+    # and the op's fake trace without a graph break, and the compiled model gives eager's logits.
+    from tersor.attention import hf
+
+    m = _tiny_llama()
+    x = torch.randint(0, 128, (2, 48))
+    with torch.no_grad():
+        sdpa = m(x).logits
+    tersor.quantize_(m, tersor.SageAttentionConfig())
+    with torch.no_grad():
+        eager = m(x).logits
+        before = hf.stats.routed
+        compiled = torch.compile(m, fullgraph=True, dynamic=False)(x).logits
+    assert hf.stats.routed >= before + 2  # both layers took the tersor route while tracing, no SDPA fallback
+    assert not torch.equal(compiled, sdpa)
+    # The quantized attention is the same op in both; what differs is inductor's fusion of the fp32/bf16 glue
+    # around it (RMSNorm, RoPE), which can move a bf16 rounding.
+    _logits_close(compiled, eager)

@@ -36,7 +36,14 @@ _SDPA = F.scaled_dot_product_attention  # the original, kept even while route_sd
 
 
 def _has_kernel(device: torch.device) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return _has_kernel_for(device.type)
+
+
+@torch.compiler.assume_constant_result
+def _has_kernel_for(device_type: str) -> bool:
+    # A fact of this build, fixed for the process: a constant to torch.compile (the dispatcher query returns a
+    # bool, which dynamo cannot put in a graph: without this, the tersor_sage route broke fullgraph=True).
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("tersor::sage_attention_fwd", key)
 
 
