@@ -388,6 +388,27 @@ def test_emulated_cuda_gemm_vs_float64(dtype, m, k, rows):
 
 
 @pytest.mark.testing_ext
+def test_gemm_padding_rows_feed_valid_metadata():
+    # Issue 17.5: both GEMMs pad a CTA tile past M by loading the last valid row block again
+    # (gemm_stage_row_block), never zeros: a zero nibble is not an ordered pair, undefined for
+    # mma.sp::ordered_metadata. The replays check every nibble an MMA reads, so a tile with padding rows
+    # (M = 48: 3 of the 8 row blocks of a 128-row tile; sm90: of a 128-row tile too) passes only under that rule.
+    w = random_2_4(48, 128, torch.half)
+    p = compress_2_4(w)
+    x = torch.randn(40, 128).half()
+    check_linear_close(T._sparse24_emulate_cuda_linear(x, p.values, p.meta), x, w, None, torch.half)
+    xs = torch.randn(130, 128).half()  # the sm90 replay's tile path (>= 128 rows of x)
+    check_linear_close(T._sparse24_emulate_sm90_linear(xs, p.values, p.meta), xs, w, None, torch.half)
+    # ... and the check itself fires on a nibble that is not an ordered pair (bypassing load_2_4)
+    meta = p.meta.clone()
+    meta[1, 0, 5] &= ~0xF0
+    with pytest.raises(RuntimeError, match="ordered pair"):
+        T._sparse24_emulate_cuda_linear(x, p.values, meta)
+    with pytest.raises(RuntimeError, match="ordered pair"):
+        T._sparse24_emulate_cuda_linear(x[:3], p.values, meta)  # the GEMV replay reads it too
+
+
+@pytest.mark.testing_ext
 def test_emulated_gemm_sees_every_x_column():
     # x = identity rows: a swizzle/ldmatrix mix-up moves a column of W to the wrong output.
     m, k = 32, 128

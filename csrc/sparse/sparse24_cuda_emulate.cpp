@@ -50,6 +50,10 @@ void decode_sparse_a(const uint16_t a[32][8], const uint32_t e[32], int sel, flo
       // covers chunks 0..3, the second 4..7; bits [15:0] for rows 0..7, [31:16] for rows 8..15.
       const uint32_t word = e[4 * (row & 7) + 2 * sel + (chunk >> 2)];
       const uint32_t nib = (word >> (16 * (row >> 3) + 4 * (chunk & 3))) & 0xfu;
+      // ::ordered_metadata needs idx0 < idx1 in every nibble an MMA reads (padding rows included);
+      // anything else is undefined on the GPU, so the replay refuses it instead of guessing.
+      TERSOR_CHECK(nibble_idx0(nib) < nibble_idx1(nib), "sparse24 replay: lane ", lane, " feeds mma.sp the metadata "
+                   "nibble ", nib, " for row ", row, ", chunk ", chunk, " (not an ordered pair idx0 < idx1)");
       const int pos = (i & 1) ? static_cast<int>(nib >> 2) : static_cast<int>(nib & 3u);
       A[row][4 * chunk + pos] = bits_to_float<T>(a[lane][i]);
     }
@@ -154,17 +158,13 @@ Tensor emulate_gemm(const Tensor& x2, const Tensor& values, const Tensor& meta, 
         uint8_t* xs = ms + G::kMetaStageBytes;
         for (int c = 0; c < G::kValueStageBytes / 16; ++c) {
           const int rbl = c >> 6, off = c & 63;
-          if (rb0 + rbl < row_blocks)
-            std::memcpy(vs + c * 16, v + tile_offset(K, rb0 + rbl, 2 * kp) + off * 8, 16);
-          else
-            std::memset(vs + c * 16, 0, 16);
+          const int64_t rb = gemm_stage_row_block(rb0 + rbl, row_blocks);
+          std::memcpy(vs + c * 16, v + tile_offset(K, rb, 2 * kp) + off * 8, 16);
         }
         for (int t = 0; t < G::kMetaStageBytes / 16; ++t) {
           const int rbl = t >> 3, off = t & 7;
-          if (rb0 + rbl < row_blocks)
-            std::memcpy(ms + t * 16, mw + ((rb0 + rbl) * (K / kColAlign) + kp) * 32 + off * 4, 16);
-          else
-            std::memset(ms + t * 16, 0, 16);
+          const int64_t rb = gemm_stage_row_block(rb0 + rbl, row_blocks);
+          std::memcpy(ms + t * 16, mw + (rb * (K / kColAlign) + kp) * 32 + off * 4, 16);
         }
         for (int c = 0; c < G::kXStageBytes / 16; ++c) {
           const int n = c >> 3, ch = c & 7;
@@ -249,7 +249,6 @@ Tensor emulate_sm90(const Tensor& x2, const Tensor& values, const Tensor& meta, 
       const int64_t rb0 = tile.tm * S::kRowBlocks, n0 = tile.tn * S::kBN;
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t kp = 0; kp < ksteps; ++kp) {
-        const int64_t last_rb = row_blocks - 1;
         for (int t = 0; t < S::kThreads; ++t) {  // load_stage, thread by thread
           for (int i = 0; i < S::kXStageBytes / 16 / S::kThreads; ++i) {
             const XChunk c = sm90_x_chunk(t + i * S::kThreads);
@@ -259,12 +258,12 @@ Tensor emulate_sm90(const Tensor& x2, const Tensor& values, const Tensor& meta, 
           }
           for (int i = 0; i < S::kValueStageBytes / 16 / S::kThreads; ++i) {
             const int c = t + i * S::kThreads, rbl = c >> 6, off = c & 63;
-            const int64_t rb = rb0 + rbl < last_rb ? rb0 + rbl : last_rb;
+            const int64_t rb = gemm_stage_row_block(rb0 + rbl, row_blocks);
             std::memcpy(stage.data() + S::kValueOffset + c * 16, v + tile_offset(K, rb, 2 * kp) + off * 8, 16);
           }
           if (t < S::kMetaStageBytes / 16) {
             const int rbl = t >> 3, off = t & 7;
-            const int64_t rb = rb0 + rbl < last_rb ? rb0 + rbl : last_rb;
+            const int64_t rb = gemm_stage_row_block(rb0 + rbl, row_blocks);
             std::memcpy(stage.data() + S::kMetaOffset + t * 16, mw + (rb * (K / kColAlign) + kp) * 32 + off * 4, 16);
           }
         }

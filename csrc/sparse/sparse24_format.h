@@ -57,6 +57,14 @@ TERSOR_HD constexpr int64_t tile_offset(int64_t K, int64_t rb, int64_t kt) {
   return (rb * (K / kTileK) + kt) * kTileElems;
 }
 
+// The one padding rule of both 2:4 GEMMs (mma.sp and wgmma.sp): a CTA tile that runs past the weight's last
+// row block (M not a multiple of the tile's rows) loads the last valid row block again in its place. Not
+// zeros: a zero metadata nibble (idx0 = idx1 = 0) is not an ordered pair, which ::ordered_metadata leaves
+// undefined; a copied block has valid metadata, and its rows only reach outputs the epilogue masks.
+TERSOR_HD constexpr int64_t gemm_stage_row_block(int64_t rb, int64_t row_blocks) {
+  return rb < row_blocks ? rb : row_blocks - 1;
+}
+
 // Where the nibble of (row, dense chunk ch) (ch = k / 4) lives in `meta`: word index and bit shift.
 // PTX metadata rule for m16n8k32 16-bit: with selector s, lanes 4g+2s and 4g+2s+1 supply it; the first
 // of the pair covers chunks 0..3 of the k-tile, the second chunks 4..7; bits [15:0] are row g and bits

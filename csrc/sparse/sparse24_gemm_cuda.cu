@@ -32,15 +32,13 @@ __device__ __forceinline__ void load_stage(uint8_t* stage, const uint16_t* __res
 #pragma unroll
   for (int i = 0; i < G::kValueStageBytes / 16 / G::kThreads; ++i) {
     const int c = t + i * G::kThreads, rbl = c >> 6, off = c & 63;
-    const bool ok = rb0 + rbl < row_blocks;
-    const uint16_t* src = ok ? values + tile_offset(K, rb0 + rbl, 2 * kp) + off * 8 : values;
-    cp_async_16(vs + c * 16, src, ok ? 16 : 0);
+    const int64_t rb = gemm_stage_row_block(rb0 + rbl, row_blocks);  // past M: the last block (valid metadata)
+    cp_async_16(vs + c * 16, values + tile_offset(K, rb, 2 * kp) + off * 8, 16);
   }
   if (t < G::kMetaStageBytes / 16) {
     const int rbl = t >> 3, off = t & 7;
-    const bool ok = rb0 + rbl < row_blocks;
-    const uint32_t* src = ok ? meta + ((rb0 + rbl) * (K / kColAlign) + kp) * 32 + off * 4 : meta;
-    cp_async_16(ms + t * 16, src, ok ? 16 : 0);
+    const int64_t rb = gemm_stage_row_block(rb0 + rbl, row_blocks);
+    cp_async_16(ms + t * 16, meta + (rb * (K / kColAlign) + kp) * 32 + off * 4, 16);
   }
 #pragma unroll
   for (int i = 0; i < G::kXStageBytes / 16 / G::kThreads; ++i) {

@@ -24,13 +24,13 @@ namespace {
 using S = Sparse24Sm90Traits;
 
 // Issues the cp.async copies of k-step `kp` (dense columns 64 kp .. + 63) into one stage. Rows of W past
-// M and rows of x past N copy the last valid row block / row instead of zeros: zero metadata nibbles are
-// not valid ::ordered_metadata, and the extra rows and columns only reach outputs the epilogue masks.
+// M copy the last valid row block (gemm_stage_row_block, the rule the mma.sp GEMM shares: zero metadata is
+// not valid ::ordered_metadata) and rows of x past N the last valid row; both only reach masked outputs.
 __device__ __forceinline__ void load_stage(uint8_t* stage, const uint16_t* __restrict__ values,
                                            const uint32_t* __restrict__ meta, const uint16_t* __restrict__ x,
                                            int64_t M, int64_t K, int64_t N, int64_t rb0, int64_t n0, int64_t kp) {
   const int t = threadIdx.x;
-  const int64_t last_rb = M / kRowAlign - 1;
+  const int64_t row_blocks = M / kRowAlign;
 #pragma unroll
   for (int i = 0; i < S::kXStageBytes / 16 / S::kThreads; ++i) {
     const XChunk c = sm90_x_chunk(t + i * S::kThreads);
@@ -40,12 +40,12 @@ __device__ __forceinline__ void load_stage(uint8_t* stage, const uint16_t* __res
 #pragma unroll
   for (int i = 0; i < S::kValueStageBytes / 16 / S::kThreads; ++i) {
     const int c = t + i * S::kThreads, rbl = c >> 6, off = c & 63;  // 64 chunks = two k-tiles of a row block
-    const int64_t rb = rb0 + rbl < last_rb ? rb0 + rbl : last_rb;
+    const int64_t rb = gemm_stage_row_block(rb0 + rbl, row_blocks);
     cp_async_16(stage + S::kValueOffset + c * 16, values + tile_offset(K, rb, 2 * kp) + off * 8);
   }
   if (t < S::kMetaStageBytes / 16) {
     const int rbl = t >> 3, off = t & 7;
-    const int64_t rb = rb0 + rbl < last_rb ? rb0 + rbl : last_rb;
+    const int64_t rb = gemm_stage_row_block(rb0 + rbl, row_blocks);
     cp_async_16(stage + S::kMetaOffset + t * 16, meta + (rb * (K / kColAlign) + kp) * 32 + off * 4);
   }
 }
