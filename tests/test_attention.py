@@ -311,9 +311,9 @@ def test_bad_input_wrapper():
     with pytest.raises(ValueError, match="pv must be"):
         sage_attention(*_qkv(), pv="fp4")
     q, k, v = _qkv()
-    with pytest.raises(RuntimeError, match="one device"):
+    with pytest.raises(ValueError, match="one device"):  # the error contract (issue 17): not a bare RuntimeError
         sage_attention(q, k.to("meta"), v)
-    with pytest.raises(RuntimeError, match="no kernel for device meta"):
+    with pytest.raises(NotImplementedError, match="no kernel for device meta"):
         sage_attention(*(t.to("meta") for t in (q, k, v)))
 
 

@@ -342,7 +342,7 @@ def test_cuda_bsr_linear_fp32_and_large():
 @pytest.mark.cuda
 def test_cuda_bsr_linear_device_mismatch():
     b = to_bsr(random_block_sparse(64, 64, 32, 1.0, torch.float16), 32)
-    with pytest.raises(RuntimeError, match="device"):
+    with pytest.raises(ValueError, match="device"):  # the error contract (issue 17): not a bare RuntimeError
         bsr_linear(torch.randn(2, 64).half().cuda(), b)
 
 

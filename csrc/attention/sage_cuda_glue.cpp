@@ -145,10 +145,10 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cuda(const Tensor& q, const Tensor
                                                    bool smooth_q, std::string kernel) {
   const char* op = "sage_attention_fwd";
   const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q);
-  TERSOR_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && q.get_device_index() == k.get_device_index() &&
-                   q.get_device_index() == v.get_device_index(),
-               op, ": q, k, v must be on the same device, got ", device_str(q), ", ", device_str(k), ", ",
-               device_str(v));
+  TERSOR_CHECK_VALUE(q.is_cuda() && k.is_cuda() && v.is_cuda() && q.get_device_index() == k.get_device_index() &&
+                         q.get_device_index() == v.get_device_index(),
+                     op, ": q, k, v must be on the same device, got ", device_str(q), ", ", device_str(k), ", ",
+                     device_str(v));
   const CudaDeviceGuard guard(q);
   const int cc = compute_capability(q.get_device_index());
   const SageRoute route = route_or_throw(cc, qk_bits, pv, smooth_q, kernel, built_sage_cubins(), op);

@@ -139,11 +139,11 @@ inline std::vector<int64_t> check_linear_inputs(const Tensor& x, const std::opti
                     dtype_name(x.scalar_type()));
   TERSOR_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, op, ": x must be [..., ", in_features, "], got shape ",
                      shape_str(x));
-  TERSOR_CHECK(same_device(x, weight), op, ": x is on ", device_str(x), ", the weight on ", device_str(weight));
+  TERSOR_CHECK_VALUE(same_device(x, weight), op, ": x is on ", device_str(x), ", the weight on ", device_str(weight));
   if (bias) {
     TERSOR_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must be [", out_features,
                        "], got ", shape_str(*bias));
-    TERSOR_CHECK(same_device(*bias, x), op, ": bias is on ", device_str(*bias), ", x on ", device_str(x));
+    TERSOR_CHECK_VALUE(same_device(*bias, x), op, ": bias is on ", device_str(*bias), ", x on ", device_str(x));
   }
   std::vector<int64_t> out_shape = sizes_vec(x);
   out_shape.back() = out_features;

@@ -64,7 +64,7 @@ Tensor codec_linear_cuda(const Tensor& x, const Tensor& stream, const Tensor& ta
                          ScalarType dtype, std::vector<int64_t> shape, const std::optional<Tensor>& bias) {
   constexpr const char* op = "codec_linear";
   TERSOR_CHECK(stream.is_cuda(), op, " (CUDA kernel): expected a CUDA stream tensor, got ", device_str(stream));
-  TERSOR_CHECK(x.device() == stream.device(), op, ": x is on ", device_str(x), ", the stream on ",
+  TERSOR_CHECK_VALUE(x.device() == stream.device(), op, ": x is on ", device_str(x), ", the stream on ",
                device_str(stream));
   const DecodeCall c = check_decode_call(stream, table, header, dtype, shape, op);
   const StreamInfo& s = c.info;
@@ -76,7 +76,7 @@ Tensor codec_linear_cuda(const Tensor& x, const Tensor& stream, const Tensor& ta
                      "] weight, got ", sizes_str(x));
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
-    TERSOR_CHECK(bias->device() == stream.device(), op, ": bias is on ", device_str(*bias), ", the stream on ",
+    TERSOR_CHECK_VALUE(bias->device() == stream.device(), op, ": bias is on ", device_str(*bias), ", the stream on ",
                  device_str(stream));
     TERSOR_CHECK_TYPE(bias->scalar_type() == dtype, op, ": bias has dtype ", dtype_name(bias->scalar_type()),
                       ", the weight ", dtype_name(dtype));

@@ -154,7 +154,7 @@ inline DecodeCall check_decode_call(const Tensor& stream, const Tensor& table, c
   TERSOR_CHECK_TYPE(table.scalar_type() == ScalarType::Int, op, ": table must be int32 (_codec_decode_table)");
   TERSOR_CHECK_VALUE(table.dim() == 1 && table.numel() == kLutSize && table.is_contiguous(), op,
                      ": table must be the 4096-entry _codec_decode_table of the stream");
-  TERSOR_CHECK(table.device() == stream.device(), op, ": table is on ", device_str(table), ", stream on ",
+  TERSOR_CHECK_VALUE(table.device() == stream.device(), op, ": table is on ", device_str(table), ", stream on ",
                device_str(stream));
   DecodeCall c = parse_header(header, op);
   const StreamInfo& s = c.info;

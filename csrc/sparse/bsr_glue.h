@@ -67,10 +67,10 @@ inline BsrCall check_bsr_call(const Tensor& x, const Tensor& crow, const Tensor&
                      "], got shape ", bsr_shape_str(x));
   const Device dev = x.device();
   for (const Tensor* t : {&crow, &col, &values, &schedule})
-    TERSOR_CHECK(t->device() == dev, op, ": all tensors must be on x's device (", device_str(x), "), got one on ",
+    TERSOR_CHECK_VALUE(t->device() == dev, op, ": all tensors must be on x's device (", device_str(x), "), got one on ",
                  device_str(*t));
   if (bias) {
-    TERSOR_CHECK(bias->device() == dev, op, ": bias must be on x's device (", device_str(x), "), got ",
+    TERSOR_CHECK_VALUE(bias->device() == dev, op, ": bias must be on x's device (", device_str(x), "), got ",
                  device_str(*bias));
     TERSOR_CHECK_TYPE(bias->scalar_type() == st, op, ": bias (", dtype_name(bias->scalar_type()),
                       ") must have x's dtype (", dtype_name(st), ")");

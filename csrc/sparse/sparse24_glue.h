@@ -54,7 +54,7 @@ inline Shape check_packed(const Tensor& values, const Tensor& meta, const char* 
   TERSOR_CHECK_VALUE(meta.size(0) == values.size(0) && meta.size(1) * kColAlign == s.K, op, ": meta shape ",
                      shape_str(meta), " does not match values shape ", shape_str(values), " (expected [",
                      values.size(0), ", ", s.K / kColAlign, ", 32])");
-  TERSOR_CHECK(values.device() == meta.device(), op, ": values and meta must be on the same device, got ",
+  TERSOR_CHECK_VALUE(values.device() == meta.device(), op, ": values and meta must be on the same device, got ",
                device_str(values), " and ", device_str(meta));
   TERSOR_CHECK_VALUE(s.K < (int64_t{1} << 31) && s.M < (int64_t{1} << 31), op, ": weight too large");
   return s;
@@ -65,14 +65,14 @@ inline std::vector<int64_t> check_linear_inputs(const Tensor& x, const std::opti
                                                 const Tensor& values, const Shape& s, const char* op) {
   TERSOR_CHECK_TYPE(x.scalar_type() == values.scalar_type(), op, ": x must have the weight's dtype ",
                     dtype_name(values.scalar_type()), ", got ", dtype_name(x.scalar_type()));
-  TERSOR_CHECK(x.device() == values.device(), op, ": x must be on the weight's device ", device_str(values),
+  TERSOR_CHECK_VALUE(x.device() == values.device(), op, ": x must be on the weight's device ", device_str(values),
                ", got ", device_str(x));
   TERSOR_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == s.K, op, ": x's last dim must be in_features = ", s.K,
                      ", got shape ", shape_str(x));
   if (bias.has_value()) {
     TERSOR_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), op, ": bias must have the weight's dtype ",
                       dtype_name(values.scalar_type()), ", got ", dtype_name(bias->scalar_type()));
-    TERSOR_CHECK(bias->device() == values.device(), op, ": bias must be on the weight's device");
+    TERSOR_CHECK_VALUE(bias->device() == values.device(), op, ": bias must be on the weight's device");
     TERSOR_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.M, op, ": bias must be [out_features = ", s.M,
                        "], got shape ", shape_str(*bias));
   }

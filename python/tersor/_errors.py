@@ -18,11 +18,22 @@ _KINDS: dict[str, type[Exception]] = {
 }
 
 
+# What torch's dispatcher says when an argument does not match the op's schema (a list for a Tensor, a str
+# for a float, ...): it raises RuntimeError before any tersor code runs, and it is a caller's type mistake.
+_SCHEMA_TYPE_ERROR = "Expected a value of type"
+
+
 def translate(err: RuntimeError) -> Exception | None:
-    """The ValueError/TypeError/NotImplementedError a tersor C++ check meant, or None for other errors."""
-    kind, sep, rest = str(err).partition(": ")
+    """The ValueError/TypeError/NotImplementedError a tersor C++ check meant (or TypeError for an argument the
+    op's schema refuses), or None for other errors."""
+    msg = str(err)
+    kind, sep, rest = msg.partition(": ")
     cls = _KINDS.get(kind)
-    return cls(rest) if cls is not None and sep else None
+    if cls is not None and sep:
+        return cls(rest)
+    if msg.startswith("tersor") and _SCHEMA_TYPE_ERROR in msg.split("\n", 1)[0]:
+        return TypeError(msg.split("\n", 1)[0])
+    return None
 
 
 def _checked(op):

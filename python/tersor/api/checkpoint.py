@@ -76,6 +76,8 @@ def save(model: nn.Module, directory: Union[str, os.PathLike]) -> None:
 
     from .. import __version__
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"tersor.save: model must be an nn.Module, got {type(model).__name__}")
     os.makedirs(directory, exist_ok=True)
     state = model.state_dict()
     nonpersistent = {}

@@ -122,10 +122,10 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
         if t.dim() != 4:
             raise ValueError(f"sage_attention: {name} must be 4-d ({layout}), got {t.dim()}-d")
     if not (q.device == k.device == v.device):
-        raise RuntimeError(f"sage_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"sage_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not _has_kernel(q.device):
-        raise RuntimeError(f"sage_attention: no kernel for device {q.device} in this build "
-                           f"(CUDA kernels: later stage); use F.scaled_dot_product_attention or route_sdpa")
+        raise NotImplementedError(f"sage_attention: no kernel for device {q.device} in this build; use "
+                                  f"F.scaled_dot_product_attention or route_sdpa")
     qk_mode, pv_mode = pick_modes(q.device, qk, pv)
     qk_bits = _QK_BITS[qk_mode]
     if q.dtype not in (torch.float16, torch.bfloat16) and not (qk_bits == 0 and pv_mode == "fp32"):

@@ -83,6 +83,11 @@ class CompressedLinear(nn.Module):
         return {"dtype": str(self._dtype).replace("torch.", ""), "fused": bool(self.fused)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"CompressedLinear: x has {x.shape[-1] if x.dim() else 0} features, the layer expects "
+                             f"{self.in_features}")
+        if x.dtype != self._dtype:
+            raise TypeError(f"CompressedLinear: x must be {self._dtype} (the weight's dtype), got {x.dtype}")
         shape = [self.out_features, self.in_features]
         if self.fused:
             return _lib.codec_linear(x, self.stream, self.table, self._header, self._dtype, shape, self.bias)
