@@ -465,8 +465,8 @@ Tensor codec_decode_cpu(const Tensor& stream, const Tensor& table, std::vector<i
   advise_huge_pages(o, static_cast<size_t>(s.numel) * eb);  // a fresh buffer: fault it in 2 MiB pages
   if (s.mode == Mode::kStored) {
     if (verify)
-      TERSOR_CHECK(crc32c(p + s.raw_pos, s.raw_bytes) == rd<uint32_t>(p + s.crc_pos),
-                   "codec_decode: corrupt codec stream: data checksum mismatch");
+      TERSOR_CHECK_VALUE(crc32c(p + s.raw_pos, s.raw_bytes) == rd<uint32_t>(p + s.crc_pos),
+                         "codec_decode: corrupt codec stream: data checksum mismatch");
     std::memcpy(o, p + s.raw_pos, s.numel * eb);
     return out;
   }
@@ -474,7 +474,7 @@ Tensor codec_decode_cpu(const Tensor& stream, const Tensor& table, std::vector<i
   Tensor aligned = reinterpret_cast<uintptr_t>(p) % kAlign ? torch::stable::clone(stream) : stream;
   p = aligned.const_data_ptr<uint8_t>();
   uint32_t lut[kLutSize];
-  TERSOR_CHECK(build_decode_lut(p + s.code_len_pos(), lut), "codec_decode: corrupt codec stream: invalid code lengths");
+  TERSOR_CHECK_VALUE(build_decode_lut(p + s.code_len_pos(), lut), "codec_decode: corrupt codec stream: invalid code lengths");
   StreamInfo sa = s;
   sa.code_len = p + s.code_len_pos();
   std::atomic<const char*> error{nullptr};
@@ -489,7 +489,7 @@ Tensor codec_decode_cpu(const Tensor& stream, const Tensor& table, std::vector<i
       }
     }
   });
-  if (const char* msg = error.load()) TERSOR_CHECK(false, "codec_decode: corrupt codec stream: ", msg);
+  if (const char* msg = error.load()) TERSOR_CHECK_VALUE(false, "codec_decode: corrupt codec stream: ", msg);
   return out;
 }
 
