@@ -136,7 +136,8 @@ def _round(t: torch.Tensor, bits: int) -> tuple[list[torch.Tensor], torch.Tensor
     return [c1, c2], d1 + table[c2.long()] / rs
 
 
-TUNE_PASSES = 2  # quantize_e8p's default number of guarded passes after LDLQ (docs/ops.md: why 2)
+TUNE_PASSES = 0  # quantize_e8p's default: off. The passes overfit a Hessian from few calibration tokens
+# (fewer than ~4x in_features: MiniLM's embedding cosine dropped); docs/ops.md has the numbers.
 
 
 def _tune_passes(tgt: torch.Tensor, err: torch.Tensor, h: torch.Tensor, stages: list[torch.Tensor], bits: int,
@@ -211,8 +212,10 @@ def quantize_e8p(w: torch.Tensor, bits: int = 2, hessian: torch.Tensor | None = 
     (QuIP#'s order; ``sigma_reg * mean(diag H)`` is added to the diagonal, as QuIP# does). Then
     ``tune_passes`` guarded coordinate-descent passes (:func:`_tune_passes`): each 8-block of each row is
     re-rounded at its conditional optimum given all the other blocks and the new code is kept only where
-    that row's proxy loss drops, so the proxy never rises above LDLQ's. ``tune_passes=0`` is plain LDLQ;
-    without ``hessian`` the passes would change nothing (H = I) and are skipped.
+    that row's proxy loss drops, so the proxy never rises above LDLQ's. ``tune_passes=0`` (the default) is
+    plain LDLQ; without ``hessian`` the passes would change nothing (H = I) and are skipped. The proxy is
+    only as good as the Hessian: 2 passes lowered the true proxy 9-16% when H came from >= 4x n tokens, and
+    raised it up to 10% from <= n tokens (docs/ops.md).
 
     Returns QuIP#-named tensors: ``Qidxs`` (int64, QuIP#'s layouts: [m, n/32] for 2 bits, [stage 1 |
     stage 2] = [m, n/16] for 4 bits and [m, 3n/64] for 3 bits), ``SU`` [n] and ``SV`` [m] (fp16 random
