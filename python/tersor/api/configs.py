@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..quant.quipsharp import TUNE_PASSES as _E8P_TUNE_PASSES  # quantize_e8p's default
+
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -73,12 +75,14 @@ class E8PConfig(_Config):
     """QuIP#-style E8P12 lattice codes with the randomized Hadamard transform, 2, 3 or 4 bits per weight
     (:class:`tersor.nn.E8PLinear`). ``ldlq=True`` (QuIP#'s default) rounds with block LDLQ against each
     layer's calibration Hessian ``E[x x^T]`` and so needs ``calibration``; ``ldlq=False`` rounds greedily,
-    data-free. Layers need ``out_features % 16 == 0``, ``in_features % 64 == 0`` and sizes
-    ``tersor.hadamard_transform`` supports (2^k or K * 2^k)."""
+    data-free. ``tune_passes`` guarded coordinate-descent passes follow LDLQ (:func:`tersor.quant.quantize_e8p`;
+    0 = LDLQ alone; no effect with ``ldlq=False``). Layers need ``out_features % 16 == 0``,
+    ``in_features % 64 == 0`` and sizes ``tersor.hadamard_transform`` supports (2^k or K * 2^k)."""
 
     bits: int = 2
     ldlq: bool = True
     seed: int = 0
+    tune_passes: int = _E8P_TUNE_PASSES
     name = "e8p"
 
     def __post_init__(self):
@@ -86,6 +90,7 @@ class E8PConfig(_Config):
         if not isinstance(self.ldlq, bool):
             raise TypeError(f"E8PConfig: ldlq must be a bool, got {type(self.ldlq).__name__}")
         _int("E8PConfig", "seed", self.seed, 0)
+        _int("E8PConfig", "tune_passes", self.tune_passes, 0)
 
     @property
     def stats(self):
@@ -106,7 +111,7 @@ class E8PConfig(_Config):
         from ..nn import E8PLinear
 
         return E8PLinear.from_linear(linear, bits=self.bits, hessian=stats.hessian if self.ldlq else None,
-                                     seed=self.seed)
+                                     seed=self.seed, tune_passes=self.tune_passes)
 
 
 @dataclass(frozen=True)

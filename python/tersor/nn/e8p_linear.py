@@ -121,7 +121,7 @@ class E8PLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 2, hessian: Optional[torch.Tensor] = None,
-                    seed: int = 0) -> "E8PLinear":
+                    seed: int = 0, tune_passes: int = quipsharp.TUNE_PASSES) -> "E8PLinear":
         """Quantizes ``linear.weight`` with :func:`tersor.quant.quantize_e8p` (``hessian``: the input second
         moment ``E[x x^T]`` for LDLQ)."""
         if not isinstance(linear, nn.Linear):
@@ -129,7 +129,8 @@ class E8PLinear(nn.Module):
         if linear.weight.dtype not in FLOATS:
             raise TypeError(f"E8PLinear.from_linear: the weight must be float32, float16 or bfloat16, got "
                             f"{linear.weight.dtype}")
-        state = quipsharp.quantize_e8p(linear.weight.detach().float(), bits=bits, hessian=hessian, seed=seed)
+        state = quipsharp.quantize_e8p(linear.weight.detach().float(), bits=bits, hessian=hessian, seed=seed,
+                                       tune_passes=tune_passes)
         return cls(state, linear.bias)
 
     @classmethod
