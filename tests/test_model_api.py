@@ -353,7 +353,7 @@ def test_aqlm_validates_at_construction():
         AQLMLinear(torch.zeros(32, 8, 16, dtype=torch.int8), torch.zeros(16, 256, 1, 8, dtype=torch.float16), scales)
     with pytest.raises(ValueError, match=r"bias must have shape \[32\], got \[31\]"):
         AQLMLinear(codes, books, scales, torch.zeros(31))
-    with pytest.raises(TypeError, match="codes must be int8, int16, got float32"):
+    with pytest.raises(TypeError, match="codes must be int8, int16, int32, int64, got float32"):
         AQLMLinear(codes.float(), books, scales)
     with pytest.raises(TypeError, match="codebooks must be"):
         AQLMLinear(codes, books.to(torch.int16), scales)
