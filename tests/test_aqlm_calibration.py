@@ -54,11 +54,14 @@ def test_hessian_rounds_never_raise_the_damped_loss():
     assert losses[0] < init and all(b <= a * (1 + 1e-3) for a, b in zip(losses, losses[1:])), (init, losses)
 
 
-def test_code_search_with_a_full_beam_is_exhaustive():
+@pytest.mark.parametrize("span", [1, 2, 16])
+def test_code_search_with_a_full_beam_is_exhaustive(monkeypatch, span):
     """With a beam as wide as every code combination, the beam search must find each row's optimum: this
-    checks the exact loss change of a step (the groups coupled through H) and the hypothesis bookkeeping."""
+    checks the exact loss change of a step (the groups coupled through H), the lazy gradient update across
+    spans of groups and the hypothesis bookkeeping."""
+    monkeypatch.setattr(A, "_SPAN", span)
     g = torch.Generator().manual_seed(5)
-    out, inn, num_books, k = 6, 16, 2, 4
+    out, inn, num_books, k = 6, 24, 2, 3
     w, h = correlated(out, inn, seed=5)
     books = torch.randn(num_books, k, 8, generator=g)
     codes = torch.randint(0, k, (out, inn // 8, num_books), generator=g)

@@ -270,6 +270,7 @@ def _update_codebooks(x: torch.Tensor, weight: torch.Tensor, books: torch.Tensor
 # ------------------------------------------------------------------ data-aware (Hessian) refinement
 _CG_ITERS = 50  # most preconditioned CG steps of the codebook least squares (stops at 1e-4 relative residual)
 _BEAM_SCORES = 1 << 22  # candidate scores alive at once in the Hessian beam search (16 MiB of float32)
+_SPAN = 16  # input groups whose gradient columns the Hessian code search updates after every step
 
 
 def _h_loss(w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -342,7 +343,7 @@ def _codes_under_h(w, h, books, codes, scales, beam):
     hypotheses per output row) over the (input group, codebook) positions in order, each step trying every
     entry at one position. The groups of a row are coupled through H: with the row's gradient
     g = (s q - w) H, replacing the entry at group j by one that changes the weight by D (8 values) changes
-    the loss by exactly 2 D.g_j + D^T H_jj D; g is updated after every step. The current codes are one of
+    the loss by exactly 2 D.g_j + D^T H_jj D; g is kept current (lazily, see below). The current codes are one of
     the hypotheses, so the best loss never grows. Rows are independent and done in chunks."""
     num_books, k, d = books.shape
     out, n_in, _ = codes.shape
@@ -363,28 +364,50 @@ def _codes_under_h(w, h, books, codes, scales, beam):
         grad = ((s[:, None] * _decode_rows(books, codes[sl]) - w[sl]) @ h).unsqueeze(1)  # [n, b, in]
         loss = _h_loss(w[sl], _decode_rows(books, codes[sl]), s, h).float().unsqueeze(1)  # [n, b]
         s1, s2 = s[:, None, None], (s * s)[:, None, None]
-        for j in range(n_in):
-            for c in range(num_books):
-                b = hyp.shape[1]
-                v = books[c][hyp[:, :, j, c]]  # [n, b, d] the current entries
-                g = grad[:, :, j * d:(j + 1) * d]
-                vh = v @ hjj[j]
-                e_he = ehe[c, j] if ehe is not None else ((books[c] @ hjj[j]) * books[c]).sum(-1)
-                # loss change for entry e: s^2 e.H_jj.e + e.(2 s g - 2 s^2 H_jj v) + s^2 v.H_jj.v - 2 s v.g
-                lin = 2 * s1 * g - 2 * s2 * vh
-                const = s2[..., 0] * (vh * v).sum(-1) - 2 * s1[..., 0] * (v * g).sum(-1)
-                total = torch.baddbmm((s2 * e_he).expand(n, b, k), lin, books[c].t().expand(n, d, k))
-                total += (loss + const)[:, :, None]
-                if beam == 1:
-                    loss, entry = total.min(-1)
-                else:
-                    loss, idx = total.reshape(n, b * k).topk(min(beam, b * k), dim=1, largest=False)
-                    parent, entry = idx // k, idx % k
-                    hyp = hyp.gather(1, parent[:, :, None, None].expand(-1, -1, n_in, num_books))
-                    grad = grad.gather(1, parent[:, :, None].expand(-1, -1, inn))
-                    v = v.gather(1, parent[:, :, None].expand(-1, -1, d))
-                hyp[:, :, j, c] = entry
-                grad = grad + torch.matmul(s1 * (books[c][entry] - v), hrows[j])
+        # The gradient is brought up to date lazily: within a span of groups, only the span's columns are
+        # updated after each step (a [d, span] product); the changes made in the span reach the other
+        # columns in one product at its end. Hypotheses are re-parented within the span through `origin`.
+        for j0 in range(0, n_in, _SPAN):
+            j1 = min(n_in, j0 + _SPAN)
+            cols = slice(j0 * d, j1 * d)
+            local = grad[:, :, cols].clone()  # [n, b, span*d], always current
+            pend = torch.zeros_like(local)  # the weight changes (times s) made in this span
+            span_codes = hyp[:, :, j0:j1].clone()  # [n, b, span, C]
+            origin = torch.arange(hyp.shape[1], device=hyp.device).expand(n, -1)
+            h_span = h[cols, cols]
+            for j in range(j0, j1):
+                jl = slice((j - j0) * d, (j - j0 + 1) * d)
+                for c in range(num_books):
+                    b = span_codes.shape[1]
+                    v = books[c][span_codes[:, :, j - j0, c]]  # [n, b, d] the current entries
+                    g = local[:, :, jl]
+                    vh = v @ hjj[j]
+                    e_he = ehe[c, j] if ehe is not None else ((books[c] @ hjj[j]) * books[c]).sum(-1)
+                    # loss change for entry e: s^2 e.H_jj.e + e.(2 s g - 2 s^2 H_jj v) + s^2 v.H_jj.v - 2 s v.g
+                    lin = 2 * s1 * g - 2 * s2 * vh
+                    const = s2[..., 0] * (vh * v).sum(-1) - 2 * s1[..., 0] * (v * g).sum(-1)
+                    total = torch.baddbmm((s2 * e_he).expand(n, b, k), lin, books[c].t().expand(n, d, k))
+                    total += (loss + const)[:, :, None]
+                    if beam == 1:
+                        loss, entry = total.min(-1)
+                    else:
+                        loss, idx = total.reshape(n, b * k).topk(min(beam, b * k), dim=1, largest=False)
+                        parent, entry = idx // k, idx % k
+                        span_codes = span_codes.gather(1, parent[:, :, None, None].expand(
+                            -1, -1, j1 - j0, num_books))
+                        local = local.gather(1, parent[:, :, None].expand(-1, -1, local.shape[2]))
+                        pend = pend.gather(1, parent[:, :, None].expand(-1, -1, pend.shape[2]))
+                        v = v.gather(1, parent[:, :, None].expand(-1, -1, d))
+                        origin = origin.gather(1, parent)
+                    span_codes[:, :, j - j0, c] = entry
+                    change = s1 * (books[c][entry] - v)
+                    pend[:, :, jl] += change
+                    local = local + torch.matmul(change, h_span[jl])
+            if beam > 1:  # re-parent the hypotheses as the span's steps chose
+                hyp = hyp.gather(1, origin[:, :, None, None].expand(-1, -1, n_in, num_books))
+                grad = grad.gather(1, origin[:, :, None].expand(-1, -1, inn))
+            hyp[:, :, j0:j1] = span_codes
+            grad = grad + torch.matmul(pend, hrows[j0:j1].reshape((j1 - j0) * d, inn))
         best[sl] = hyp[torch.arange(n, device=hyp.device), loss.argmin(1)]
     return best
 
