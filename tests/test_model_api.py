@@ -53,7 +53,8 @@ CASES = {
     "e8p2-ldlq-fp32": (torch.float32, [(tersor.E8PConfig(2, ldlq=True), only(*ATTN))], True, 0.8),
     "e8p4-fp16": (torch.float16, [(tersor.E8PConfig(4, ldlq=False), only("attention.self.query"))], False, 0.98),
     # AQLM 2x8 on every linear, few iterations (the quantizer's own options) to stay fast
-    "aqlm2x8-fp32": (torch.float32, [(tersor.AQLMConfig(2, 8, iters=1, kmeans_iters=2, beam_size=1), None)], True, 0.5),
+    # with calibration AQLMConfig is data-aware: min cosine measured 0.680 (data_aware=False: 0.622)
+    "aqlm2x8-fp32": (torch.float32, [(tersor.AQLMConfig(2, 8, iters=1, kmeans_iters=2, beam_size=1), None)], True, 0.65),
     "aqlm2x8-bf16": (torch.bfloat16, [(tersor.AQLMConfig(2, 8, iters=1, kmeans_iters=2, beam_size=1),
                                        only("attention.self.value"))], False, 0.8),
 }
