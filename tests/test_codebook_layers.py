@@ -144,3 +144,116 @@ def test_aqlm_layer_bad_inputs():
     layer = AQLMLinear(codes, torch.zeros(2, 256, 1, 8, dtype=torch.float16), torch.ones(16, 1, 1, 1))
     with pytest.raises(ValueError, match="expects 64"):
         layer(torch.randn(2, 32))
+
+
+def _aqlm_tensors(out, in_features, books, nbits, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ct = torch.int8 if nbits <= 8 else torch.int16
+    codes = torch.randint(-(1 << (nbits - 1)), 1 << (nbits - 1), (out, in_features // 8, books), generator=g).to(ct)
+    codebooks = (torch.randn(books, 1 << nbits, 1, 8, generator=g) * 0.1).half()
+    scales = (torch.rand(out, 1, 1, 1, generator=g) + 0.5).half()
+    return codes, codebooks, scales
+
+
+class _AQLMLayerLike:
+    """The attributes of AQLM's QuantizedLinear that from_aqlm reads (its tensors are parameters there)."""
+
+    def __init__(self, codes, codebooks, scales):
+        self.codes = torch.nn.Parameter(codes, requires_grad=False)
+        self.codebooks = torch.nn.Parameter(codebooks, requires_grad=False)
+        self.scales = torch.nn.Parameter(scales, requires_grad=False)
+        self.bias = None
+
+
+@pytest.mark.parametrize("how", ["keywords", "layer", "constructor"])
+def test_aqlm_layer_does_not_alias_the_callers_tensors(how):
+    """Issue 19.6: AQLM's CPU forward rewrites its codes in place (a transposed layout, same shape when
+    in/8 == out); a layer built from those tensors must keep computing with the values it was given."""
+    codes, codebooks, scales = _aqlm_tensors(16, 128, 2, 8)
+    if how == "keywords":
+        layer = AQLMLinear.from_aqlm(codes=codes, codebooks=codebooks, scales=scales)
+    elif how == "layer":
+        src = _AQLMLayerLike(codes, codebooks, scales)
+        codes, codebooks, scales = src.codes.data, src.codebooks.data, src.scales.data
+        layer = AQLMLinear.from_aqlm(src)
+    else:
+        layer = AQLMLinear(codes, codebooks, scales)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1)).half()
+    want = F.linear(x.float(), aqlm_dequantize_reference(codes.clone(), codebooks.clone(), scales.clone()).float())
+    y0 = layer(x)
+    torch.testing.assert_close(y0.float(), want, rtol=4e-3, atol=4e-3 * want.abs().max().item())
+    with torch.no_grad():
+        codes.copy_(codes.transpose(0, 1).clone())  # what AQLM's CPU path does to codes [16, 16, 2]
+        codebooks.mul_(-3)
+        scales.add_(1)
+    assert torch.equal(layer(x), y0)
+    for name in ("codes", "codebooks", "scales"):
+        given = {"codes": codes, "codebooks": codebooks, "scales": scales}[name]
+        assert getattr(layer, name).untyped_storage().data_ptr() != given.untyped_storage().data_ptr(), name
+
+
+@pytest.mark.parametrize("nbits,books", [(8, 2), (16, 1), (4, 2)])
+@pytest.mark.parametrize("code_dtype", [torch.int16, torch.int32, torch.int64])
+def test_aqlm_layer_accepts_wider_code_storage(nbits, books, code_dtype):
+    """Issue 19.7: AQLM accepts codes stored in wider integer types (int16 for 2x8, int64); they name the same
+    entries as its own int8/int16 storage."""
+    if code_dtype == torch.int16 and nbits > 8:
+        pytest.skip("int16 is the native storage of 16-bit codes")
+    codes, codebooks, scales = _aqlm_tensors(24, 64, books, nbits, seed=nbits)
+    ref = AQLMLinear(codes, codebooks, scales)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    idx = codes.to(torch.int64) & ((1 << nbits) - 1)
+    variants = {"signed": codes.to(code_dtype), "index": idx.to(code_dtype)}
+    if code_dtype == torch.int16 and nbits <= 8:
+        variants["sign-extended + 2^nbits"] = (idx + (1 << nbits) * 7).to(torch.int16)  # read mod 2^nbits
+    for what, c in variants.items():
+        layer = AQLMLinear.from_aqlm(codes=c, codebooks=codebooks, scales=scales)
+        assert layer.codes.dtype == ref.codes.dtype, what
+        assert torch.equal(layer.codes, ref.codes), what
+        assert torch.equal(layer(x), ref(x)), what
+        # AQLM's semantics agree that the variant names the same weight
+        assert torch.equal(aqlm_dequantize_reference(c, codebooks, scales),
+                           aqlm_dequantize_reference(codes, codebooks, scales)), what
+
+
+@pytest.mark.parametrize("code_dtype", [torch.int32, torch.int64])
+def test_aqlm_layer_refuses_out_of_range_wide_codes(code_dtype):
+    codes, codebooks, scales = _aqlm_tensors(8, 32, 2, 8)
+    for bad in (256, -129, 1 << 20):
+        c = codes.to(code_dtype)
+        c[3, 1, 0] = bad
+        with pytest.raises(ValueError, match=r"codes .*\[-128, 256\).*got range"):
+            AQLMLinear.from_aqlm(codes=c, codebooks=codebooks, scales=scales)
+    c = codes.to(code_dtype)
+    c[0, 0, 1], c[1, 0, 1] = 255, -128  # the extremes of both forms are fine
+    AQLMLinear(c, codebooks, scales)
+    with pytest.raises(TypeError, match="codes must be"):
+        AQLMLinear(codes.float(), codebooks, scales)
+    with pytest.raises(TypeError, match="codes must be int16, int32 or int64 for 65536-entry"):
+        AQLMLinear(codes[..., :1], torch.zeros(1, 65536, 1, 8, dtype=torch.float16), scales)
+
+
+def test_aqlm_layer_broadcast_scale():
+    codes, codebooks, scales = _aqlm_tensors(16, 64, 2, 8)
+    one = scales[:1].clone()
+    layer = AQLMLinear(codes, codebooks, one)
+    assert list(layer.scales.shape) == [16, 1, 1, 1] and layer.scales.stride(0) == 1
+    full = AQLMLinear(codes, codebooks, one.expand(16, 1, 1, 1).contiguous())
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), full(x))
+    with pytest.raises(ValueError, match=r"scales must have shape \[16, 1, 1, 1\]"):
+        AQLMLinear(codes, codebooks, scales[:2])
+
+
+def test_aqlm_layer_fp16_codebook_sum_overflow_is_finite():
+    """The documented difference: a 2x8 float16 codebook sum above 65504 is inf in AQLM's float16 arithmetic
+    (aqlm_dequantize_reference rounds the sum to fp16), finite here (fp32 sum and scaling, rounded once)."""
+    codes = torch.zeros(4, 2, 2, dtype=torch.int8)
+    codebooks = torch.full((2, 256, 1, 8), 40000.0).half()
+    scales = torch.full((4, 1, 1, 1), 1e-3).half()
+    layer = AQLMLinear(codes, codebooks, scales)
+    x = torch.ones(1, 16, dtype=torch.float16)
+    assert torch.isinf(aqlm_dequantize_reference(codes, codebooks, scales)).all()
+    want = 16 * 80000.0 * float(scales[0])
+    torch.testing.assert_close(layer(x).float(), torch.full((1, 4), want), rtol=1e-3, atol=0)
+    assert torch.isfinite(layer.dequantize()).all()

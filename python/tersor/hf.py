@@ -553,7 +553,7 @@ def from_pretrained(path: Union[str, os.PathLike], *, model_cls=None, **kwargs) 
     * ``"aqlm"``: AQLM's Hugging Face layout (``*.codes``/``*.codebooks``/``*.scales``; config fields
       ``nbits_per_codebook``, ``num_codebooks``, ``in_group_size``, ``out_group_size``,
       ``linear_weights_not_to_quantize``) loaded into :class:`tersor.nn.AQLMLinear` layers: int8 or int16
-      codes for any nbits <= 16, broadcast ``[1, 1, 1, 1]`` scales; out_group_size != 1 or in_group_size != 8
+      codes for any nbits <= 16 (int32/int64 with a range check, see AQLMLinear), broadcast ``[1, 1, 1, 1]`` scales; out_group_size != 1 or in_group_size != 8
       raise NotImplementedError. The loaded model saves in the tersor layout;
     * ``"quip#"`` / ``"quipsharp"``: QuIP#'s layout, through
       ``tersor.api.quipsharp_ckpt.load_quipsharp_layers(model, state_dict, quant_config)``.

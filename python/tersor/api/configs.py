@@ -117,10 +117,17 @@ class E8PConfig(_Config):
 @dataclass(frozen=True)
 class AQLMConfig(_Config):
     """AQLM additive codebooks (:class:`tersor.nn.AQLMLinear`): ``num_codebooks`` codebooks of ``2^nbits``
-    entries over groups of ``in_group_size`` = 8 inputs (2x8: 2 bits per weight, 1x16: 2 bits). Data-free:
-    tersor's quantizer (:func:`tersor.quant.quantize_aqlm`) minimises the weight error (AQLM's data-aware
-    objective is not implemented yet). ``iters``, ``kmeans_iters``, ``beam_size`` and ``seed`` go to it
-    (fewer iterations: faster, slightly worse). Layers need ``in_features % 8 == 0``."""
+    entries over groups of ``in_group_size`` = 8 inputs (2x8: 2 bits per weight, 1x16: 2 bits), quantized by
+    :func:`tersor.quant.quantize_aqlm`. ``data_aware``: ``None`` (default) uses AQLM's data-aware objective
+    (each layer's output error on the calibration inputs, through the Hessian ``E[x x^T]`` captured per
+    layer) when ``quantize_`` is given ``calibration`` and minimises the weight error otherwise; ``True``
+    requires ``calibration``; ``False`` is data-free even with it (the data then only gives the report's
+    errors). ``sigma_reg``: the damping ``sigma_reg * mean(diag H)`` added to H (default 1.0, chosen on
+    MiniLM with 12 calibration sentences, see :func:`tersor.quant.quantize_aqlm`; smaller with more data).
+    ``iters`` (rounds; the data-aware objective acts in them, so ``iters=0`` is data-free),
+    ``kmeans_iters``, ``beam_size`` and ``seed`` go to the quantizer (fewer
+    iterations: faster, slightly worse). Data-aware 1x16 is slow (its code search scores 65536 entries per
+    group and row). Layers need ``in_features % 8 == 0``."""
 
     num_codebooks: int = 2
     nbits: int = 8
@@ -129,6 +136,8 @@ class AQLMConfig(_Config):
     kmeans_iters: int = 20
     beam_size: int = 4
     seed: int = 0
+    data_aware: Optional[bool] = None
+    sigma_reg: float = 1.0
     name = "aqlm"
 
     def __post_init__(self):
@@ -141,6 +150,21 @@ class AQLMConfig(_Config):
         _int("AQLMConfig", "kmeans_iters", self.kmeans_iters, 0)
         _int("AQLMConfig", "beam_size", self.beam_size, 1)
         _int("AQLMConfig", "seed", self.seed, 0)
+        if self.data_aware is not None and not isinstance(self.data_aware, bool):
+            raise TypeError(f"AQLMConfig: data_aware must be None or a bool, got {type(self.data_aware).__name__}")
+        if isinstance(self.sigma_reg, bool) or not isinstance(self.sigma_reg, (int, float)):
+            raise TypeError(f"AQLMConfig: sigma_reg must be a float, got {type(self.sigma_reg).__name__}")
+        if not self.sigma_reg >= 0 or self.sigma_reg == float("inf"):
+            raise ValueError(f"AQLMConfig: sigma_reg must be a finite float >= 0, got {self.sigma_reg}")
+
+    @property
+    def stats(self):
+        return ("hessian",) if self.data_aware else ()
+
+    @property
+    def optional_stats(self):
+        """What :func:`tersor.quantize_` captures when calibration is given although ``stats`` is empty."""
+        return ("hessian",) if self.data_aware is None else ()
 
     def unsupported(self, linear):
         if linear.in_features % self.in_group_size:
@@ -150,8 +174,12 @@ class AQLMConfig(_Config):
     def convert(self, linear, stats):
         from ..nn import AQLMLinear
 
+        hessian = None
+        if self.data_aware is not False and stats is not None and "hessian" in stats.kinds:
+            hessian = stats.hessian
         return AQLMLinear.from_linear(linear, num_codebooks=self.num_codebooks, nbits=self.nbits, iters=self.iters,
-                                      kmeans_iters=self.kmeans_iters, beam_size=self.beam_size, seed=self.seed)
+                                      kmeans_iters=self.kmeans_iters, beam_size=self.beam_size, seed=self.seed,
+                                      hessian=hessian, sigma_reg=float(self.sigma_reg))
 
 
 _PRUNE_METHODS = ("magnitude", "wanda")

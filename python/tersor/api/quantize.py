@@ -243,8 +243,10 @@ def quantize_(model: nn.Module, config: _Config, filter_fn: Optional[Callable[[n
 
     ``calibration``: an iterable of model inputs (a dict of tensors is passed as ``model(**batch)``, a tuple
     as ``model(*batch)``, anything else as ``model(batch)``), moved to the model's device. Methods that need
-    data (``E8PConfig(ldlq=True)``, ``method="wanda"``) require it; with it, every method also reports each
-    layer's relative output error. It is used GPTQ-style: the model's block list (the longest
+    data (``E8PConfig(ldlq=True)``, ``method="wanda"``, ``AQLMConfig(data_aware=True)``) require it;
+    ``AQLMConfig()`` (``data_aware=None``) uses it when given (AQLM's data-aware objective, from each
+    layer's Hessian); with it, every method also reports each layer's relative output error. It is used
+    GPTQ-style: the model's block list (the longest
     ``nn.ModuleList`` of identical blocks) is found, the calibration runs once up to the first block,
     then block after block: its linears' input statistics are captured with hooks, its linears are
     compressed, and the compressed block is run again to give the next block's inputs (so each block is
@@ -279,8 +281,11 @@ def quantize_(model: nn.Module, config: _Config, filter_fn: Optional[Callable[[n
     kinds = config.stats
     batches = None if calibration is None else list(calibration)
     if kinds and not batches:
+        hint = {"E8PConfig": " or ldlq=False", "AQLMConfig": " or data_aware=None/False"}.get(type(config).__name__, "")
         raise ValueError(f"quantize_: {type(config).__name__} ({', '.join(kinds)}) needs calibration data: pass "
-                         f"calibration=[model inputs, ...]" + (" or ldlq=False" if "hessian" in kinds else ""))
+                         f"calibration=[model inputs, ...]" + hint)
+    if batches and not kinds:
+        kinds = getattr(config, "optional_stats", ())  # AQLMConfig(data_aware=None): data-aware when data is given
 
     from tqdm.auto import tqdm
 

@@ -15,10 +15,41 @@ MAX_CODEBOOKS = 8  # what the CPU and CUDA kernels take (csrc/codebook/codebook_
 _OWNER = "AQLMLinear"
 
 
+def _owned(t: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is already a new tensor, else a copy: a layer never shares memory with the caller's tensors."""
+    if t.device.type != "meta" and t.untyped_storage().data_ptr() == given.untyped_storage().data_ptr():
+        return t.clone(memory_format=torch.contiguous_format)
+    return t.contiguous()
+
+
+def _canonical_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
+    """The codes in the storage the kernels read (int8 for nbits <= 8, int16 above), same entries.
+
+    int8 / int16 (AQLM's own storage): every value is valid and names entry ``code mod 2^nbits`` (AQLM's
+    ``unpack_int_data``, and what its kernels read). int32 / int64 (which AQLM never writes): a code must be
+    an entry index ``[0, 2^nbits)`` or its signed (``pack_int_data``) form ``[-2^(nbits-1), 0)``, i.e. lie in
+    ``[-2^(nbits-1), 2^nbits)``; anything else is a ValueError instead of a silent wrap."""
+    entries = 1 << nbits
+    if codes.dtype in (torch.int32, torch.int64):
+        if codes.device.type != "meta" and codes.numel():
+            lo, hi = int(codes.min()), int(codes.max())
+            if lo < -(entries >> 1) or hi >= entries:
+                raise ValueError(f"{_OWNER}: {str(codes.dtype).replace('torch.', '')} codes of {entries}-entry "
+                                 f"codebooks must lie in [{-(entries >> 1)}, {entries}) (an entry index or its "
+                                 f"signed form), got range [{lo}, {hi}]")
+    elif codes.dtype == torch.int8 or (codes.dtype == torch.int16 and nbits > 8):
+        return codes  # already the kernels' storage
+    # int16 codes of <= 8-bit codebooks, int32/int64 codes: the same entry, stored signed in int8/int16
+    # (AQLM's pack_int_data form: entries >= 2^(nbits-1) stored as entry - 2^nbits)
+    idx = codes.to(torch.int32) & (entries - 1)
+    return torch.where(idx >= entries >> 1, idx - entries, idx).to(torch.int8 if nbits <= 8 else torch.int16)
+
+
 def _validate(codes, codebooks, scales, bias):
-    """The tensors the layer will hold (converted where the kernels need another layout) after checking
-    every one of them: TypeError for dtypes, ValueError for shapes and values, RuntimeError for devices."""
-    check_tensor(codes, "codes", _OWNER, dtypes=(torch.int8, torch.int16), dim=3)
+    """The tensors the layer will hold (converted where the kernels need another layout; always new
+    memory, never the caller's) after checking every one of them: TypeError for dtypes, ValueError for
+    shapes and values, RuntimeError for devices."""
+    check_tensor(codes, "codes", _OWNER, dtypes=(torch.int8, torch.int16, torch.int32, torch.int64), dim=3)
     check_tensor(codebooks, "codebooks", _OWNER, dtypes=FLOATS, dim=4)
     out, groups, num_codebooks = (int(s) for s in codes.shape)
     if out <= 0 or groups <= 0:
@@ -39,8 +70,9 @@ def _validate(codes, codebooks, scales, bias):
                          f"{list(codes.shape)}")
     nbits = entries.bit_length() - 1
     if codes.dtype == torch.int8 and nbits > 8:
-        raise TypeError(f"{_OWNER}: codes must be int16 for {entries}-entry codebooks, got int8")
+        raise TypeError(f"{_OWNER}: codes must be int16, int32 or int64 for {entries}-entry codebooks, got int8")
     check_tensor(scales, "scales", _OWNER, dtypes=FLOATS)
+    given_scales = scales
     if tuple(scales.shape) == (1, 1, 1, 1) and out != 1:
         scales = scales.expand(out, 1, 1, 1)  # AQLM's broadcast scale: one per output row, as the kernels read it
     check_tensor(scales, "scales", _OWNER, shape=(out, 1, 1, 1))
@@ -48,24 +80,35 @@ def _validate(codes, codebooks, scales, bias):
     for name, t in (("codebooks", codebooks), ("scales", scales), ("bias", bias)):
         if t is not None and t.device != codes.device:
             raise RuntimeError(f"{_OWNER}: {name} is on {t.device}, codes on {codes.device}")
-    if codes.dtype == torch.int16 and nbits <= 8:
-        # AQLM may store <= 8-bit codes as int16; the kernels read int8 (index = code mod 2^nbits either way).
-        idx = codes.to(torch.int32) & (entries - 1)
-        codes = torch.where(idx >= 128, idx - 256, idx).to(torch.int8)
-    return codes.contiguous(), codebooks.contiguous(), scales.contiguous(), nbits
+    new_codes = _canonical_codes(codes, nbits)
+    return (_owned(new_codes, codes), _owned(codebooks, codebooks), _owned(scales, given_scales), nbits)
 
 
 class AQLMLinear(nn.Module):
     """``y = x W^T + b`` with ``W[o, 8j:8j+8] = scales[o] * sum_c codebooks[c][codes[o, j, c] mod 2^b]``, the
-    tensors named and shaped as AQLM checkpoints store them (``codes`` int8/int16 [out, in/8, C],
-    ``codebooks`` [C, 2^b, 1, 8], ``scales`` [out, 1, 1, 1]). Forward: :func:`tersor.ops.aqlm_linear` (a
-    lookup-table / fused decode GEMV for few rows of x, decode + matmul otherwise; fp32 accumulation,
-    output in x's dtype, so one layer serves float32, float16 and bfloat16 models).
+    tensors named and shaped as AQLM checkpoints store them (``codes`` [out, in/8, C], ``codebooks``
+    [C, 2^b, 1, 8], ``scales`` [out, 1, 1, 1] or AQLM's broadcast [1, 1, 1, 1]). Forward:
+    :func:`tersor.ops.aqlm_linear` (a lookup-table / fused decode GEMV for few rows of x, decode + matmul
+    otherwise; fp32 accumulation, output in x's dtype, so one layer serves float32, float16 and bfloat16
+    models).
 
     Every argument is checked here (TypeError for dtypes, ValueError for shapes and values): a layer that
-    constructs runs. The layer keeps ``codes``, ``codebooks`` and ``scales`` as given (aliased, no copy)
-    unless the kernels need another layout (non-contiguous tensors, int16 codes of <= 8-bit codebooks,
-    broadcast ``[1, 1, 1, 1]`` scales: then a converted copy); ``bias`` is always copied.
+    constructs runs.
+
+    **Codes** (what AQLM accepts): int8 or int16 (AQLM's storage; int16 also for <= 8-bit codebooks): every
+    value is valid and names entry ``code mod 2^b``, as in AQLM's ``unpack_int_data`` and kernels. int32 or
+    int64: each code must be an entry index in ``[0, 2^b)`` or its signed form in ``[-2^(b-1), 0)``
+    (what AQLM's ``pack_int_data`` stores); a code outside ``[-2^(b-1), 2^b)`` is a ValueError naming
+    ``codes``, never a silent wrap. The layer stores int8 (b <= 8) or int16 codes (the same entries).
+
+    **Copies, no aliasing**: ``codes``, ``codebooks``, ``scales`` and ``bias`` are copied (or converted
+    into new memory) at construction, so the layer never shares memory with the caller. AQLM's own CPU
+    forward rewrites its ``codes`` in place; a layer built from those tensors keeps the values they had
+    when it was built.
+
+    **One difference from AQLM**: the sum over codebooks, the scaling and the matmul run in fp32 and are
+    rounded once to x's dtype, so a 2x8 float16 codebook sum that overflows float16 (|sum| > 65504) gives a
+    finite result here where AQLM's float16 arithmetic gives inf.
     """
 
     tersor_format = "aqlm"

@@ -267,10 +267,186 @@ def _update_codebooks(x: torch.Tensor, weight: torch.Tensor, books: torch.Tensor
     return sol.to(x.dtype).view(num_books, k, d)
 
 
+# ------------------------------------------------------------------ data-aware (Hessian) refinement
+_CG_ITERS = 50  # most preconditioned CG steps of the codebook least squares (stops at 1e-4 relative residual)
+_BEAM_SCORES = 1 << 22  # candidate scores alive at once in the Hessian beam search (16 MiB of float32)
+_SPAN = 16  # input groups whose gradient columns the Hessian code search updates after every step
+
+
+def _h_loss(w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per-row proxy loss (s_o q_o - w_o) H (s_o q_o - w_o)^T, float64 [out]."""
+    r = scales[:, None] * q - w
+    return ((r @ h) * r).double().sum(1)
+
+
+def _decode_rows(books: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """codes [out, n_in, C] -> the unscaled weight [out, n_in * d]."""
+    q = books[0][codes[..., 0]]
+    for c in range(1, books.shape[0]):
+        q = q + books[c][codes[..., c]]
+    return q.reshape(codes.shape[0], -1)
+
+
+def _books_under_h(w, h, books, codes, scales):
+    """Codebooks minimising sum_o (s_o q_o(B) - w_o) H (...)^T for fixed codes and scales: the normal equations
+    A^T(A(B) H) = A^T(w H) (A(B) = s * decode(B)), solved by Jacobi-preconditioned conjugate gradients from
+    the current codebooks, with the data-free update's small proximal term towards them (which keeps
+    unused entries where they are and makes the system definite)."""
+    num_books, k, d = books.shape
+    out = w.shape[0]
+    flat = codes.reshape(-1, num_books)
+
+    def adjoint(g):  # [out, in] -> [C, K, d]
+        gs = (scales[:, None] * g).reshape(-1, d)
+        res = torch.zeros_like(books)
+        for c in range(num_books):
+            res[c].index_add_(0, flat[:, c], gs)
+        return res
+
+    hd = h.diagonal().reshape(1, -1, d) * (scales * scales)[:, None, None]  # [out, n_in, d]
+    diag = torch.zeros_like(books)
+    for c in range(num_books):
+        diag[c].index_add_(0, flat[:, c], hd.expand(out, -1, -1).reshape(-1, d))
+    used = diag > 0
+    if not bool(used.any()):
+        return books
+    prox = 1e-4 * float(diag[used].mean())
+    precond = 1.0 / (diag + prox)
+
+    def normal(b):
+        return adjoint((scales[:, None] * _decode_rows(b, codes)) @ h) + prox * b
+
+    x = books.clone()
+    r = adjoint(w @ h) + prox * books - normal(x)
+    z = precond * r
+    p = z.clone()
+    rz = float((r * z).double().sum())
+    r0 = float(r.double().norm())
+    for _ in range(_CG_ITERS):
+        if r0 == 0 or float(r.double().norm()) <= 1e-4 * r0:
+            break
+        ap = normal(p)
+        pap = float((p * ap).double().sum())
+        if pap <= 0:
+            break
+        alpha = rz / pap
+        x += alpha * p
+        r -= alpha * ap
+        z = precond * r
+        rz, rz_prev = float((r * z).double().sum()), rz
+        p = z + (rz / rz_prev) * p
+    return x
+
+
+def _codes_under_h(w, h, books, codes, scales, beam):
+    """Codes minimising the per-row proxy loss for fixed codebooks and scales: a beam search (``beam``
+    hypotheses per output row) over the (input group, codebook) positions in order, each step trying every
+    entry at one position. The groups of a row are coupled through H: with the row's gradient
+    g = (s q - w) H, replacing the entry at group j by one that changes the weight by D (8 values) changes
+    the loss by exactly 2 D.g_j + D^T H_jj D; g is kept current (lazily, see below). The current codes are one of
+    the hypotheses, so the best loss never grows. Rows are independent and done in chunks."""
+    num_books, k, d = books.shape
+    out, n_in, _ = codes.shape
+    inn = n_in * d
+    hjj = h.reshape(n_in, d, n_in, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [n_in, d, d]
+    hrows = h.reshape(n_in, d, inn)
+    # s^2-free part of D^T H_jj D for every entry: e^T H_jj e, [C, n_in, K] (per step when that is too big)
+    ehe = None
+    if num_books * n_in * k * d <= 1 << 24:
+        ehe = torch.stack([((books[c] @ hjj) * books[c]).sum(-1) for c in range(num_books)])
+    best = codes.clone()
+    rows = max(1, _BEAM_SCORES // (beam * k))
+    for s0 in range(0, out, rows):
+        sl = slice(s0, min(out, s0 + rows))
+        n = sl.stop - sl.start
+        s = scales[sl]
+        hyp = codes[sl].unsqueeze(1).clone()  # [n, b, n_in, C], one hypothesis to start
+        grad = ((s[:, None] * _decode_rows(books, codes[sl]) - w[sl]) @ h).unsqueeze(1)  # [n, b, in]
+        loss = _h_loss(w[sl], _decode_rows(books, codes[sl]), s, h).float().unsqueeze(1)  # [n, b]
+        s1, s2 = s[:, None, None], (s * s)[:, None, None]
+        # The gradient is brought up to date lazily: within a span of groups, only the span's columns are
+        # updated after each step (a [d, span] product); the changes made in the span reach the other
+        # columns in one product at its end. Hypotheses are re-parented within the span through `origin`.
+        for j0 in range(0, n_in, _SPAN):
+            j1 = min(n_in, j0 + _SPAN)
+            cols = slice(j0 * d, j1 * d)
+            local = grad[:, :, cols].clone()  # [n, b, span*d], always current
+            pend = torch.zeros_like(local)  # the weight changes (times s) made in this span
+            span_codes = hyp[:, :, j0:j1].clone()  # [n, b, span, C]
+            origin = torch.arange(hyp.shape[1], device=hyp.device).expand(n, -1)
+            h_span = h[cols, cols]
+            for j in range(j0, j1):
+                jl = slice((j - j0) * d, (j - j0 + 1) * d)
+                for c in range(num_books):
+                    b = span_codes.shape[1]
+                    v = books[c][span_codes[:, :, j - j0, c]]  # [n, b, d] the current entries
+                    g = local[:, :, jl]
+                    vh = v @ hjj[j]
+                    e_he = ehe[c, j] if ehe is not None else ((books[c] @ hjj[j]) * books[c]).sum(-1)
+                    # loss change for entry e: s^2 e.H_jj.e + e.(2 s g - 2 s^2 H_jj v) + s^2 v.H_jj.v - 2 s v.g
+                    lin = 2 * s1 * g - 2 * s2 * vh
+                    const = s2[..., 0] * (vh * v).sum(-1) - 2 * s1[..., 0] * (v * g).sum(-1)
+                    total = torch.baddbmm((s2 * e_he).expand(n, b, k), lin, books[c].t().expand(n, d, k))
+                    total += (loss + const)[:, :, None]
+                    if beam == 1:
+                        loss, entry = total.min(-1)
+                    else:
+                        loss, idx = total.reshape(n, b * k).topk(min(beam, b * k), dim=1, largest=False)
+                        parent, entry = idx // k, idx % k
+                        span_codes = span_codes.gather(1, parent[:, :, None, None].expand(
+                            -1, -1, j1 - j0, num_books))
+                        local = local.gather(1, parent[:, :, None].expand(-1, -1, local.shape[2]))
+                        pend = pend.gather(1, parent[:, :, None].expand(-1, -1, pend.shape[2]))
+                        v = v.gather(1, parent[:, :, None].expand(-1, -1, d))
+                        origin = origin.gather(1, parent)
+                    span_codes[:, :, j - j0, c] = entry
+                    change = s1 * (books[c][entry] - v)
+                    pend[:, :, jl] += change
+                    local = local + torch.matmul(change, h_span[jl])
+            if beam > 1:  # re-parent the hypotheses as the span's steps chose
+                hyp = hyp.gather(1, origin[:, :, None, None].expand(-1, -1, n_in, num_books))
+                grad = grad.gather(1, origin[:, :, None].expand(-1, -1, inn))
+            hyp[:, :, j0:j1] = span_codes
+            grad = grad + torch.matmul(pend, hrows[j0:j1].reshape((j1 - j0) * d, inn))
+        best[sl] = hyp[torch.arange(n, device=hyp.device), loss.argmin(1)]
+    return best
+
+
+def _refine_with_hessian(w, h, books, codes, scales, iters, beam, stored):
+    """``iters`` rounds of the data-free loop's three steps under the proxy loss tr((W - W^) H (W - W^)^T):
+    per-row least-squares scales, codebooks by :func:`_books_under_h`, codes by :func:`_codes_under_h`. A
+    step's result is kept only where it lowers the loss (after rounding to the stored dtype)."""
+    q = _decode_rows(books, codes)
+    err = float(_h_loss(w, q, scales, h).sum())
+    for _ in range(iters):
+        start = err
+        qh = q @ h
+        den = (q * qh).sum(1)
+        new_scales = torch.where(den > 0, stored((w * qh).sum(1) / den.clamp_min(1e-30)), scales)
+        new_err = float(_h_loss(w, q, new_scales, h).sum())
+        if new_err < err:
+            scales, err = new_scales, new_err
+        new_books = stored(_books_under_h(w, h, books, codes, scales))
+        new_q = _decode_rows(new_books, codes)
+        new_err = float(_h_loss(w, new_q, scales, h).sum())
+        if new_err < err:
+            books, q, err = new_books, new_q, new_err
+        new_codes = _codes_under_h(w, h, books, codes, scales, beam)
+        new_q = _decode_rows(books, new_codes)
+        new_err = float(_h_loss(w, new_q, scales, h).sum())
+        if new_err < err:
+            codes, q, err = new_codes, new_q, new_err
+        if err >= start * (1 - 1e-6):
+            break
+    return books, codes, scales
+
+
 def quantize_aqlm(w: torch.Tensor, num_codebooks: int = 2, nbits: int = 8, in_group_size: int = 8,
                   out_group_size: int = 1, iters: int = 6, beam_size: int = 4, seed: int = 0,
-                  codebook_dtype: torch.dtype = torch.float16, kmeans_iters: int = 20) -> dict[str, torch.Tensor]:
-    """Additive-codebook (AQLM-format) quantization of a weight [out, in], data-free (plain weight MSE).
+                  codebook_dtype: torch.dtype = torch.float16, kmeans_iters: int = 20,
+                  hessian: torch.Tensor | None = None, sigma_reg: float = 1.0) -> dict[str, torch.Tensor]:
+    """Additive-codebook (AQLM-format) quantization of a weight [out, in]: data-free (plain weight MSE), or,
+    with ``hessian``, data-aware (AQLM's objective, the layer's output error on the calibration inputs).
 
     Returns ``dict(codes=, codebooks=, scales=)`` exactly as AQLM stores them: codes [out/og, in/ig, C] int8
     (nbits <= 8) or int16 (nbits <= 16), codebooks [C, 2^nbits, og, ig] and scales [out/og, 1, 1, 1] in
@@ -285,6 +461,23 @@ def quantize_aqlm(w: torch.Tensor, num_codebooks: int = 2, nbits: int = 8, in_gr
     rounding to ``codebook_dtype``, which is applied after each step so that codes are chosen for the values
     actually stored. With 2^nbits >= the number of group vectors (e.g. 1x16 on a small matrix) the codebook
     simply holds every vector and the result is exact up to that rounding.
+
+    ``hessian`` (the input second moment ``E[x x^T]`` [in, in], e.g. ``X.T @ X / len(X)``; what
+    ``tersor.quantize_`` captures per layer): the rounds minimise AQLM's proxy loss
+    ``tr((W - W^) H (W - W^)^T)`` = the output error ``||X W^T - X W^^T||^2 / len(X)`` instead, with
+    ``sigma_reg * mean(diag H)`` added to H's diagonal. This is far more damping than :func:`quantize_e8p`'s
+    1e-2: AQLM fits its codebooks and codes to H, and with a rank-deficient H (fewer calibration tokens than
+    inputs) the directions the calibration never saw were left unconstrained. Measured on all-MiniLM-L6-v2
+    with its 12 calibration sentences (2x8, iters=1, embedding cosine on held-out sentences): 0.645 at 1e-2, 0.719
+    at 0.1, 0.769 at 0.3, **0.806 at 1**, 0.792 at 3, 0.775 at 10; data-free 0.637. With much more
+    calibration data than inputs, a smaller value fits the data more closely. The initialisation is
+    the same k-means; each round then refits the per-row scales (least squares under H), the codebooks (the
+    least-squares problem under H, by preconditioned conjugate gradients) and the codes (a beam search of
+    ``beam_size`` hypotheses per output row over the (input group, codebook) positions, the groups of a
+    row coupled through H: each step's loss change is exact). Each step is kept only where it lowers the
+    proxy loss. Needs ``out_group_size == 1``. Costs about ``in * 2^nbits`` multiply-adds per weight and
+    round for the codes: fine for 2x8, slow for 1x16. Without ``hessian`` the result is unchanged
+    (bit-identical to the data-free quantizer).
 
     Deterministic for a given seed on CPU (on CUDA, index_add_ accumulates in nondeterministic order).
     """
@@ -310,6 +503,26 @@ def quantize_aqlm(w: torch.Tensor, num_codebooks: int = 2, nbits: int = 8, in_gr
     w32 = w.detach().float()
     if not torch.isfinite(w32).all():
         raise ValueError("quantize_aqlm: weight has non-finite values")
+    h = None
+    if hessian is not None:
+        if not isinstance(hessian, torch.Tensor) or not hessian.is_floating_point():
+            raise TypeError(f"quantize_aqlm: hessian must be a float tensor [in, in] or None, got {_kind(hessian)}")
+        if tuple(hessian.shape) != (in_features, in_features):
+            raise ValueError(f"quantize_aqlm: hessian must be [{in_features}, {in_features}] (E[x x^T] of the "
+                             f"layer's inputs), got {list(hessian.shape)}")
+        if out_group_size != 1:
+            raise NotImplementedError(f"quantize_aqlm: hessian with out_group_size={out_group_size}; the "
+                                      f"data-aware path takes out_group_size 1")
+        if isinstance(sigma_reg, bool) or not isinstance(sigma_reg, (int, float)) or not 0 <= sigma_reg < float("inf"):
+            raise ValueError(f"quantize_aqlm: sigma_reg must be a finite float >= 0, got {sigma_reg!r}")
+        h = hessian.detach().to(device=w.device, dtype=torch.float64)
+        if not torch.isfinite(h).all():
+            raise ValueError("quantize_aqlm: hessian has non-finite values")
+        h = (h + h.t()) / 2
+        mean_diag = float(h.diagonal().mean())
+        if not mean_diag > 0:
+            raise ValueError("quantize_aqlm: hessian has a non-positive mean diagonal (no calibration signal)")
+        h = (h + sigma_reg * mean_diag * torch.eye(in_features, dtype=h.dtype, device=h.device)).float()
 
     og, ig, k = out_group_size, in_group_size, 1 << nbits
     n_out, n_in, d = out_features // og, in_features // ig, og * ig
@@ -338,6 +551,15 @@ def quantize_aqlm(w: torch.Tensor, num_codebooks: int = 2, nbits: int = 8, in_gr
         centroids, codes[:, c] = _kmeans(resid, weight, k, kmeans_iters, gen)
         books[c] = stored(centroids)
         resid -= books[c][codes[:, c]]
+
+    if h is not None:
+        books, codes, scales = _refine_with_hessian(
+            w32, h, books, codes.view(n_out, n_in, num_codebooks), scales, iters, beam_size, stored)
+        return dict(
+            codes=aqlm_pack_codes(codes, nbits),
+            codebooks=books.view(num_codebooks, k, og, ig).to(codebook_dtype).contiguous(),
+            scales=scales.view(n_out, 1, 1, 1).to(codebook_dtype),
+        )
 
     def total_err(x, weight, books, codes):
         return float((_sq_err(x, books, codes).double() * weight).sum())
