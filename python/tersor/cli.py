@@ -45,8 +45,9 @@ METHODS = ("e8p2", "e8p3", "e8p4", "aqlm-2x8", "aqlm-1x16", "2:4", "2:4-bf16", "
 
 def method_config(method: str, calibrated: bool, **aqlm):
     """The ``tersor.quantize_`` config of a ``tersor compress --method`` name. ``calibrated``: calibration
-    data will be given, so the data-aware variants are used (E8P with LDLQ, Wanda pruning for 2:4 and BSR);
-    without it the data-free ones (greedy E8P rounding, magnitude pruning). ``bsr:D[:B]`` keeps the fraction
+    data will be given, so the data-aware variants are used (E8P with LDLQ, AQLM's output-error objective,
+    Wanda pruning for 2:4 and BSR); without it the data-free ones (greedy E8P rounding, AQLM's weight error,
+    magnitude pruning). ``bsr:D[:B]`` keeps the fraction
     ``D`` of the ``B x B`` blocks (``B`` 16, 32 or 64, default 64). ``2:4`` keeps each layer's dtype (a float32
     layer stores float32 values, exact on the CPU); ``2:4-bf16`` stores a float32 layer's values in bfloat16. ``aqlm`` options go to ``AQLMConfig``
     (``iters``, ``kmeans_iters``, ``beam_size``). Raises ValueError for an unknown name."""
