@@ -163,7 +163,7 @@ def test_quipsharp_transform_equals_dense_kronecker(k, n, m):
     # any valid codes for these shapes (quantized with tersor's transform; the layer reads them with QuIP#'s)
     st = quipsharp.quantize_e8p(torch.randn(m, n, generator=g), bits=2)
     state = {"Qidxs": st["Qidxs"], "SU": torch.randn(n, generator=g).half(), "SV": torch.randn(m, generator=g).half(),
-             "Wscale": torch.tensor(0.75).half(), "bias": torch.randn(m, generator=g)}
+             "Wscale": torch.tensor(0.75).half(), "bias": torch.randn(m, generator=g), "codebook_id": torch.tensor(7)}
     with registered(k, hk):
         layer = E8PLinear.from_quipsharp(state)
     w_hat = quipsharp.decode_qidxs(st["Qidxs"], n).double()
@@ -250,7 +250,8 @@ def test_quipsharp_layer_through_tersor_save_load(tmp_path):
     g = torch.Generator().manual_seed(3)
     st = quipsharp.quantize_e8p(torch.randn(96, 192, generator=g), bits=2)
     with registered(12, other_hk(12, seed=2)):
-        layer = E8PLinear.from_quipsharp({"Qidxs": st["Qidxs"], "SU": st["SU"], "SV": st["SV"].float() * 0.1})
+        layer = E8PLinear.from_quipsharp({"Qidxs": st["Qidxs"], "SU": st["SU"], "SV": st["SV"].float() * 0.1,
+                                          "codebook_id": st["codebook_id"]})
         tersor.save(torch.nn.Sequential(layer), tmp_path)
         back = torch.nn.Sequential(torch.nn.Linear(192, 96, bias=False))
         tersor.load(back, tmp_path)
