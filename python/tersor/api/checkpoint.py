@@ -95,11 +95,13 @@ def check_target(mod: nn.Module, spec: dict, who: str = "tersor.load") -> None:
                          f"{'has' if spec['bias'] else 'has none'}")
 
 
-def check_fused_target(model: nn.Module, spec: dict, who: str = "tersor.load", resolve=None) -> list[str]:
+def check_fused_target(model: nn.Module, spec: dict, who: str = "tersor.load", resolve=None
+                       ) -> tuple[list[str], str]:
     """For an ``e8p_fused`` entry: checks that ``model`` has, at each of the entry's ``config.parts``, an
     ``nn.Linear`` (or an E8PFusedPart) with the fused layer's in_features, that part's rows and the entry's
     bias, and nothing but a fused layer at the entry's fqn (whose parent must exist). Returns the parts'
-    module names (``resolve``: maps a checkpoint fqn to the model's name, default the same)."""
+    module names and the fused layer's (``resolve``: maps a checkpoint fqn to the model's module name or
+    None, default the same; the fused layer, not yet in the model, goes next to its first part)."""
     fqn, cfg = spec["fqn"], spec.get("config", {})
     resolve = resolve or (lambda name: name)
     parts, sizes = cfg.get("parts"), cfg.get("fuse_sizes")
@@ -127,7 +129,7 @@ def check_fused_target(model: nn.Module, spec: dict, who: str = "tersor.load", r
                              f"{'has' if mod.bias is not None else 'has no'} bias, the checkpoint's fused layer "
                              f"{'has' if spec['bias'] else 'has none'}")
         names.append(name)
-    target = resolve(fqn) or fqn
+    target = resolve(fqn) or ".".join(filter(None, (names[0].rpartition(".")[0], fqn.rpartition(".")[2])))
     parent, _, leaf = target.rpartition(".")
     try:
         holder = model.get_submodule(parent) if parent else model
@@ -138,7 +140,7 @@ def check_fused_target(model: nn.Module, spec: dict, who: str = "tersor.load", r
         raise ValueError(f"{who}: fused layer {fqn!r}: the model has a {type(have).__name__} there")
     if have is None and hasattr(holder, leaf):
         raise ValueError(f"{who}: fused layer {fqn!r}: the model's {parent or 'root'} has an attribute {leaf!r}")
-    return names
+    return names, target
 
 
 def install_fused(model: nn.Module, fqn: str, fused: nn.Module, parts: list[str]) -> None:
@@ -322,7 +324,9 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
     for spec in layer_specs:
         fqn = spec["fqn"]
         if spec.get("format") == "e8p_fused":
-            parts = check_fused_target(model, spec)
+            parts, target = check_fused_target(model, spec)
+            if target != fqn:
+                raise ValueError(f"tersor.load: fused layer {fqn!r}: its parts are not next to it in the model")
         else:
             parts = None
             try:

@@ -303,6 +303,9 @@ def load_quipsharp_layers(model: nn.Module, state_dict: Mapping[str, torch.Tenso
         raise ValueError(f"load_quipsharp_layers: tensors {sorted(result.unexpected_keys)[:8]} of the checkpoint "
                          f"are not in the model")
     missing = sorted(k for k in result.missing_keys if k not in quant_keys)
+    from ..hf import maybe_attach
+
+    maybe_attach(model)  # a transformers model then saves (save_pretrained) with a tersor quantization_config
     return {"layers": prefixes, "fused": fused_parts, "missing_keys": missing}
 
 

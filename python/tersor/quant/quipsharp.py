@@ -304,8 +304,11 @@ def check_layout(qidxs: torch.Tensor, n: int, m: int, bits, what: str, codebook_
         decl = f"codebook_id {CODEBOOK_ID[bits]}" if codebook_id_given else f"bits={bits}"
         implied = f"implies in_features = {nb}" if nb is not None else f"is not a {bits}-bit width ([m, 3n/64])"
         other = f"; Qidxs would fit {fits[0]} bits for that SU" if fits else ""
+        num, den = {2: (1, 32), 3: (3, 64), 4: (1, 16)}[bits]
+        want = f"[{m}, {n * num // den}]" if (n * num) % den == 0 else f"[{m}, {num}n/{den}] (n = len(SU))"
         raise ValueError(f"{what}: {decl} does not match the tensors: Qidxs {shape} at {bits} bits {implied}, but "
-                         f"SU has length {n} (Qidxs does not fit len(SU) = {n} at {bits} bits{other})")
+                         f"SU has length {n} (Qidxs must be {want} for that SU at {bits} bits: Qidxs does not fit"
+                         f"{other})")
     _check(m, n, what)
     return bits
 
