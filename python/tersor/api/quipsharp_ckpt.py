@@ -89,7 +89,7 @@ class E8PFusedLinear(E8PLinear):
             key = self._cache_key(x)
         except RuntimeError:  # a layer tensor without a version counter (made under inference mode)
             return self.forward(x)[index]
-        cache = self._part_cache  # (weakref to x, key, outputs, parts not yet served): one read, then replaced
+        cache = getattr(self, "_part_cache", None)  # (weakref to x, key, outputs, parts not yet served): one read, then replaced
         if cache is not None and cache[0]() is x and cache[1] == key and index in cache[3]:
             left = cache[3] - {index}
             self._part_cache = (cache[0], key, cache[2], left) if left else None
