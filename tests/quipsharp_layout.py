@@ -20,7 +20,7 @@ SINGLE = {"self_attn": ("o_proj",), "mlp": ("down_proj",)}
 
 def _quantize(w: torch.Tensor, bits: int, seed: int, legacy_wscale: bool) -> dict[str, torch.Tensor]:
     st = quipsharp.quantize_e8p(w.float(), bits=bits, seed=seed)
-    out = {"Qidxs": st["Qidxs"], "SU": st["SU"].half(), "codebook_id": torch.tensor({2: 7, 3: 18, 4: 17}[bits])}
+    out = {"Qidxs": st["Qidxs"], "SU": st["SU"].half(), "codebook_id": st["codebook_id"]}
     if legacy_wscale:
         out["SV"] = st["SV"].half()
         out["Wscale"] = st["Wscale"].half()
@@ -33,7 +33,8 @@ def _tersor_layer(st: dict[str, torch.Tensor], hadamard: str = "tersor") -> E8PL
     # The same tensors in a tersor layer: the "tersor-quantized source". hadamard="tersor" (tersor's own H_K)
     # or "quipsharp" (QuIP#'s shipped H_K, what a K*2^k QuIP# checkpoint means).
     return E8PLinear({"Qidxs": st["Qidxs"], "SU": st["SU"].float(), "SV": st["SV"].float(),
-                      "Wscale": st.get("Wscale", torch.ones(())).float()}, hadamard=hadamard)
+                      "Wscale": st.get("Wscale", torch.ones(())).float(), "codebook_id": st["codebook_id"]},
+                     hadamard=hadamard)
 
 
 def write_quipsharp(model: nn.Module, bits: int = 2, seed: int = 0, hadamard: str = "tersor"):

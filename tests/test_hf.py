@@ -299,7 +299,8 @@ def test_quipsharp_dispatch_plumbing(dense_dir, tmp_path, monkeypatch):
         seen["config"] = quant_config
         seen["meta"] = skeleton.model.layers[0].self_attn.q_proj.weight.device.type
         for fqn in sorted({k.rpartition(".")[0] for k in state_dict if k.endswith(".Qidxs")}):
-            layer = E8PLinear({n: state_dict.pop(f"{fqn}.{n}") for n in ("Qidxs", "SU", "SV", "Wscale", "resid_scale")})
+            layer = E8PLinear({n: state_dict.pop(f"{fqn}.{n}")
+                               for n in ("Qidxs", "SU", "SV", "Wscale", "resid_scale", "codebook_id")})
             parent, _, child = fqn.rpartition(".")
             setattr(skeleton.get_submodule(parent), child, layer)
 

@@ -240,7 +240,7 @@ def test_e8p_linear_matches_its_dequantized_weight(bits, dtype, tmp_path):
     lin = torch.nn.Linear(256, 64)
     layer = E8PLinear.from_linear(lin, bits=bits)
     x = torch.randn(3, 7, 256)
-    st = {"Qidxs": layer.Qidxs, "SU": layer.SU, "SV": layer.SV, "Wscale": layer.Wscale}
+    st = {"Qidxs": layer.Qidxs, "SU": layer.SU, "SV": layer.SV, "Wscale": layer.Wscale, "codebook_id": layer.codebook_id}
     want = x @ dequantize_e8p(st).T + lin.bias.detach()
     got = layer(x.to(dtype))
     assert got.dtype == dtype and got.shape == (3, 7, 64)

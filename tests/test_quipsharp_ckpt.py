@@ -163,7 +163,7 @@ def test_quipsharp_transform_equals_dense_kronecker(k, n, m):
     # any valid codes for these shapes (quantized with tersor's transform; the layer reads them with QuIP#'s)
     st = quipsharp.quantize_e8p(torch.randn(m, n, generator=g), bits=2)
     state = {"Qidxs": st["Qidxs"], "SU": torch.randn(n, generator=g).half(), "SV": torch.randn(m, generator=g).half(),
-             "Wscale": torch.tensor(0.75).half(), "bias": torch.randn(m, generator=g)}
+             "Wscale": torch.tensor(0.75).half(), "bias": torch.randn(m, generator=g), "codebook_id": torch.tensor(7)}
     with registered(k, hk):
         layer = E8PLinear.from_quipsharp(state)
     w_hat = quipsharp.decode_qidxs(st["Qidxs"], n).double()
@@ -250,7 +250,8 @@ def test_quipsharp_layer_through_tersor_save_load(tmp_path):
     g = torch.Generator().manual_seed(3)
     st = quipsharp.quantize_e8p(torch.randn(96, 192, generator=g), bits=2)
     with registered(12, other_hk(12, seed=2)):
-        layer = E8PLinear.from_quipsharp({"Qidxs": st["Qidxs"], "SU": st["SU"], "SV": st["SV"].float() * 0.1})
+        layer = E8PLinear.from_quipsharp({"Qidxs": st["Qidxs"], "SU": st["SU"], "SV": st["SV"].float() * 0.1,
+                                          "codebook_id": st["codebook_id"]})
         tersor.save(torch.nn.Sequential(layer), tmp_path)
         back = torch.nn.Sequential(torch.nn.Linear(192, 96, bias=False))
         tersor.load(back, tmp_path)
@@ -335,3 +336,58 @@ def test_llama_with_11008_wide_mlp_loads_through_from_pretrained(tmp_path):
         row = torch.kron(h172[i // 64].double(), s64[i % 64]) / 11008**0.5
         torch.testing.assert_close(qh.quipsharp_hadamard(x, h172, transpose=True)[0].double(), row,
                                    rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ fused layers through tersor.save / HF
+def _fused_model(intermediate=128, hadamard="tersor"):
+    transformers = _transformers()
+    model, cfg = tiny_llama(intermediate)
+    sd, qc, src = write_quipsharp(model, hadamard=hadamard)
+    loaded = transformers.LlamaForCausalLM(cfg).eval()
+    load_quipsharp_layers(loaded, sd, qc)
+    return loaded, cfg, src
+
+
+@pytest.mark.parametrize("intermediate,hadamard", [(128, "tersor"), (192, "quipsharp")])
+def test_fused_quipsharp_model_through_tersor_save_load(tmp_path, intermediate, hadamard):
+    # 192 = 12 * 16: upgate_proj has 384 = 12 * 32 rows, QuIP#'s shipped H_12 on its output
+    transformers = _transformers()
+    loaded, cfg, src = _fused_model(intermediate, hadamard)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    ref = logits(loaded, ids)
+    torch.testing.assert_close(ref, logits(src, ids), rtol=1e-5, atol=1e-5)
+    tersor.save(loaded, tmp_path)
+    man = json.loads((tmp_path / "tersor_manifest.json").read_text())
+    fused = [s for s in man["layers"] if s["format"] == "e8p_fused"]
+    assert len(fused) == 4 and man["version"] == 1
+    qkv = next(s for s in fused if s["fqn"] == "model.layers.0.self_attn.qkv_proj")
+    assert qkv["config"]["parts"] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert qkv["config"]["fuse_sizes"] == [64, 32, 32] and qkv["config"]["hadamard"] == "quipsharp"
+    assert set(qkv["tensors"]) == {"Qidxs", "SU", "SV", "Wscale", "codebook_id", "resid_scale", "fuse_scales"}
+    with torch.device("meta"):
+        fresh = transformers.LlamaForCausalLM(cfg).eval()
+    tersor.load(fresh, tmp_path)
+    attn = fresh.model.layers[1].self_attn
+    assert isinstance(attn.qkv_proj, E8PFusedLinear) and attn.v_proj.fused is attn.qkv_proj
+    assert fresh.model.layers[0].mlp.upgate_proj.hadamard == "quipsharp"
+    assert torch.equal(logits(fresh, ids), ref)
+    # a model whose part has another shape is refused, naming the fused layer and the part
+    other = transformers.LlamaForCausalLM(cfg).eval()
+    other.model.layers[0].self_attn.k_proj = torch.nn.Linear(64, 48, bias=False)
+    with pytest.raises(ValueError, match=r"fused layer 'model.layers.0.self_attn.qkv_proj', tensor .*k_proj.weight"):
+        tersor.load(other, tmp_path)
+
+
+def test_fused_quipsharp_model_through_save_pretrained(tmp_path):
+    transformers = _transformers()
+    loaded, cfg, _ = _fused_model(128)
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(5))
+    ref = logits(loaded, ids)
+    loaded.save_pretrained(tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "tersor" and any(s["format"] == "e8p_fused" for s in qc["layers"])
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    mlp = back.model.layers[1].mlp
+    assert isinstance(mlp.upgate_proj, E8PFusedLinear) and isinstance(mlp.gate_proj, E8PFusedPart)
+    assert mlp.gate_proj.fused is mlp.upgate_proj
+    assert torch.equal(logits(back, ids), ref)

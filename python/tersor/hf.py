@@ -478,10 +478,16 @@ def _install_placeholders(model: nn.Module, qc, checkpoint_files) -> None:
         specs = qc.layers
     for spec in specs:
         fqn = spec["fqn"]
-        target = _resolve(model, fqn)
-        if target is None:
-            raise ValueError(f"{who}: layer {fqn!r}: the model has no such module")
-        check_target(model.get_submodule(target), spec, who)
+        parts = None
+        if spec.get("format") == "e8p_fused":  # a fused QuIP# layer: not in the model yet, its parts are
+            from .api.checkpoint import check_fused_target
+
+            parts, target = check_fused_target(model, spec, who, resolve=lambda n: _resolve(model, n))
+        else:
+            target = _resolve(model, fqn)
+            if target is None:
+                raise ValueError(f"{who}: layer {fqn!r}: the model has no such module")
+            check_target(model.get_submodule(target), spec, who)
         if headers is not None and qc.layout == "tersor":
             for name, t in spec["tensors"].items():
                 key = f"{fqn}.{name}"
@@ -498,15 +504,23 @@ def _install_placeholders(model: nn.Module, qc, checkpoint_files) -> None:
                 if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in spec["tensors"]:
                     raise ValueError(f"{who}: layer {fqn!r}, tensor {key!r}: in the safetensors files, not listed for "
                                      "the layer in quantization_config")
-        model.set_submodule(target, _Placeholder(spec, target))
+        placeholder = _Placeholder(spec, target)
+        if parts is None:
+            model.set_submodule(target, placeholder)
+        else:
+            placeholder.fused_parts = parts
+            for name in parts:  # weightless until the fused layer is built (_build_from_placeholders)
+                model.set_submodule(name, _Placeholder({"fqn": name, "tensors": {}}, name))
+            parent, _, leaf = target.rpartition(".")
+            (model.get_submodule(parent) if parent else model).add_module(leaf, placeholder)
 
 
 def _build_from_placeholders(model: nn.Module) -> None:
     from .api.checkpoint import build_layer
 
     for name, mod in list(model.named_modules()):
-        if not isinstance(mod, _Placeholder):
-            continue
+        if not isinstance(mod, _Placeholder) or not mod.spec["tensors"]:
+            continue  # (a fused layer's part: replaced when the fused layer is built)
         spec = mod.spec
         tensors = dict(mod._buffers)
         for n, t in tensors.items():
@@ -518,7 +532,12 @@ def _build_from_placeholders(model: nn.Module) -> None:
             new = build_layer(spec, tensors, device)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"tersor.from_pretrained: layer {spec['fqn']!r} ({spec['format']}): {e}") from None
-        model.set_submodule(name, new)
+        if getattr(mod, "fused_parts", None) is not None:
+            from .api.checkpoint import install_fused
+
+            install_fused(model, name, new, mod.fused_parts)
+        else:
+            model.set_submodule(name, new)
 
 
 def _read_config(path) -> dict:

@@ -27,9 +27,35 @@ def _dtype_name(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
 
 
+def _fused_classes():
+    from .quipsharp_ckpt import E8PFusedLinear, E8PFusedPart
+
+    return E8PFusedLinear, E8PFusedPart
+
+
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    return [(fqn, m, fmt) for fqn, m in model.named_modules()
-            for fmt in [next((f for f, c in LAYER_CLASSES.items() if type(m) is c), None)] if fmt is not None]
+    fused_cls = _fused_classes()[0]
+    out = []
+    for fqn, m in model.named_modules():
+        fmt = "e8p_fused" if type(m) is fused_cls else next((f for f, c in LAYER_CLASSES.items() if type(m) is c), None)
+        if fmt is not None:
+            out.append((fqn, m, fmt))
+    return out
+
+
+def _fused_parts(model: nn.Module, fqn: str, fused: nn.Module) -> list[str]:
+    # The fqns of the E8PFusedPart modules that stand in for the fused layer's parts, in part order.
+    part_cls = _fused_classes()[1]
+    found: dict[int, list[str]] = {}
+    for name, m in model.named_modules():
+        if type(m) is part_cls and m.fused is fused:
+            found.setdefault(m.index, []).append(name)
+    n = len(fused.fuse_sizes)
+    for i in range(n):
+        if len(found.get(i, [])) != 1:
+            raise ValueError(f"tersor.save: fused layer {fqn!r}: part {i} stands at {found.get(i, [])} in the model "
+                             f"(a saved fused layer needs exactly one E8PFusedPart per part)")
+    return [found[i][0] for i in range(n)]
 
 
 def layer_entries(model: nn.Module, state: Optional[dict] = None) -> list[dict]:
@@ -41,9 +67,12 @@ def layer_entries(model: nn.Module, state: Optional[dict] = None) -> list[dict]:
     for fqn, mod, fmt in _layers(model):
         prefix = fqn + "."
         names = sorted(n[len(prefix):] for n in state if n.startswith(prefix) and "." not in n[len(prefix):])
+        config = mod.layer_config()
+        if fmt == "e8p_fused":
+            config["parts"] = _fused_parts(model, fqn, mod)
         layers.append({
             "fqn": fqn, "format": fmt, "in_features": int(mod.in_features), "out_features": int(mod.out_features),
-            "bias": mod.bias is not None, "config": mod.layer_config(),
+            "bias": mod.bias is not None, "config": config,
             "tensors": {n: {"dtype": _dtype_name(state[prefix + n].dtype), "shape": list(state[prefix + n].shape)}
                         for n in names},
         })
@@ -64,6 +93,64 @@ def check_target(mod: nn.Module, spec: dict, who: str = "tersor.load") -> None:
         raise ValueError(f"{who}: layer {fqn!r}, tensor {fqn + '.bias'!r}: the model's layer "
                          f"{'has' if mod.bias is not None else 'has no'} bias, the checkpoint's "
                          f"{'has' if spec['bias'] else 'has none'}")
+
+
+def check_fused_target(model: nn.Module, spec: dict, who: str = "tersor.load", resolve=None
+                       ) -> tuple[list[str], str]:
+    """For an ``e8p_fused`` entry: checks that ``model`` has, at each of the entry's ``config.parts``, an
+    ``nn.Linear`` (or an E8PFusedPart) with the fused layer's in_features, that part's rows and the entry's
+    bias, and nothing but a fused layer at the entry's fqn (whose parent must exist). Returns the parts'
+    module names and the fused layer's (``resolve``: maps a checkpoint fqn to the model's module name or
+    None, default the same; the fused layer, not yet in the model, goes next to its first part)."""
+    fqn, cfg = spec["fqn"], spec.get("config", {})
+    resolve = resolve or (lambda name: name)
+    parts, sizes = cfg.get("parts"), cfg.get("fuse_sizes")
+    if (not isinstance(parts, list) or not isinstance(sizes, list) or len(parts) != len(sizes)
+            or not all(isinstance(p, str) for p in parts)):
+        raise ValueError(f"{who}: fused layer {fqn!r}: config parts {parts!r} and fuse_sizes {sizes!r} must be "
+                         f"lists of the same length")
+    part_cls = _fused_classes()[1]
+    names = []
+    for i, (p, rows) in enumerate(zip(parts, sizes)):
+        name = resolve(p)
+        try:
+            mod = model.get_submodule(name) if name is not None else None
+        except AttributeError:
+            mod = None
+        if not isinstance(mod, (nn.Linear, part_cls)):
+            raise ValueError(f"{who}: fused layer {fqn!r}: its part {i} {p!r} is "
+                             f"{'not in the model' if mod is None else 'a ' + type(mod).__name__} (expected an "
+                             f"nn.Linear)")
+        if (mod.out_features, mod.in_features) != (rows, spec["in_features"]):
+            raise ValueError(f"{who}: fused layer {fqn!r}, tensor {p + '.weight'!r}: the model's part is "
+                             f"[{mod.out_features}, {mod.in_features}], the checkpoint's [{rows}, {spec['in_features']}]")
+        if isinstance(mod, nn.Linear) and (mod.bias is not None) != spec["bias"]:
+            raise ValueError(f"{who}: fused layer {fqn!r}, tensor {p + '.bias'!r}: the model's part "
+                             f"{'has' if mod.bias is not None else 'has no'} bias, the checkpoint's fused layer "
+                             f"{'has' if spec['bias'] else 'has none'}")
+        names.append(name)
+    target = resolve(fqn) or ".".join(filter(None, (names[0].rpartition(".")[0], fqn.rpartition(".")[2])))
+    parent, _, leaf = target.rpartition(".")
+    try:
+        holder = model.get_submodule(parent) if parent else model
+    except AttributeError:
+        raise ValueError(f"{who}: fused layer {fqn!r}: the model has no module {parent!r}") from None
+    have = holder._modules.get(leaf)
+    if have is not None and type(have) is not _fused_classes()[0] and type(have).__name__ != "_Placeholder":
+        raise ValueError(f"{who}: fused layer {fqn!r}: the model has a {type(have).__name__} there")
+    if have is None and hasattr(holder, leaf):
+        raise ValueError(f"{who}: fused layer {fqn!r}: the model's {parent or 'root'} has an attribute {leaf!r}")
+    return names, target
+
+
+def install_fused(model: nn.Module, fqn: str, fused: nn.Module, parts: list[str]) -> None:
+    """Registers ``fused`` (an E8PFusedLinear) at ``fqn`` and puts an E8PFusedPart in place of each part."""
+    part_cls = _fused_classes()[1]
+    leaf = fqn.rpartition(".")[2]
+    for i, name in enumerate(parts):
+        model.set_submodule(name, part_cls(fused, i, leaf))
+    parent, _, leaf = fqn.rpartition(".")
+    (model.get_submodule(parent) if parent else model).add_module(leaf, fused)
 
 
 def save(model: nn.Module, directory: Union[str, os.PathLike]) -> None:
@@ -155,12 +242,19 @@ def build_layer(spec: dict, tensors: dict[str, torch.Tensor], device) -> nn.Modu
     constructor and validators (ValueError/TypeError on a mismatch)."""
     fmt, cfg, fqn = spec["format"], spec.get("config", {}), spec["fqn"]
     bias = tensors.get("bias")
-    if fmt == "e8p":
-        layer = E8PLinear(dict(tensors), hadamard=cfg.get("hadamard", "tersor"))
-        if layer.bits != cfg.get("bits"):
-            raise ValueError(f"Qidxs {list(tensors['Qidxs'].shape)} holds {layer.bits}-bit codes, the manifest says "
-                             f"bits={cfg.get('bits')}")
-        return layer
+    if fmt in ("e8p", "e8p_fused"):
+        # "hadamard" absent: a checkpoint written before it was recorded, always tersor's own H_K then.
+        # "bits" declares the width (and must match a saved codebook_id; files before it have none).
+        bits = cfg.get("bits")
+        if bits not in (2, 3, 4) or isinstance(bits, bool):
+            raise ValueError(f"config bits must be 2, 3 or 4, got {bits!r}")
+        kw = {"hadamard": cfg.get("hadamard", "tersor"), "bits": bits}
+        if fmt == "e8p":
+            return E8PLinear(dict(tensors), **kw)
+        sizes = cfg.get("fuse_sizes")
+        if not isinstance(sizes, list) or not all(isinstance(x, int) for x in sizes):
+            raise ValueError(f"config fuse_sizes must be a list of ints, got {sizes!r}")
+        return _fused_classes()[0](dict(tensors), sizes, **kw)
     if fmt == "aqlm":
         for key in ("codes", "codebooks", "scales"):
             if key not in tensors:
@@ -193,7 +287,7 @@ def build_layer(spec: dict, tensors: dict[str, torch.Tensor], device) -> nn.Modu
             raise ValueError(f"tensor 'stream' holds a {_dtype_name(ct.dtype)} {list(ct.shape)} weight, the manifest "
                              f"says {cfg.get('dtype')} [{spec['out_features']}, {spec['in_features']}]")
         return CompressedLinear(ct, bias, fused=bool(cfg.get("fused", False)))
-    raise ValueError(f"unknown format {fmt!r} (this tersor reads {sorted(LAYER_CLASSES)})")
+    raise ValueError(f"unknown format {fmt!r} (this tersor reads {sorted(LAYER_CLASSES) + ['e8p_fused']})")
 
 
 def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Optional[Union[str, torch.device]] = None
@@ -239,11 +333,17 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
     nonpersistent = set(manifest["nonpersistent_buffers"])
     for spec in layer_specs:
         fqn = spec["fqn"]
-        try:
-            mod = model.get_submodule(fqn)
-        except AttributeError:
-            raise ValueError(f"tersor.load: layer {fqn!r}: the model has no such module") from None
-        check_target(mod, spec)
+        if spec.get("format") == "e8p_fused":
+            parts, target = check_fused_target(model, spec)
+            if target != fqn:
+                raise ValueError(f"tersor.load: fused layer {fqn!r}: its parts are not next to it in the model")
+        else:
+            parts = None
+            try:
+                mod = model.get_submodule(fqn)
+            except AttributeError:
+                raise ValueError(f"tersor.load: layer {fqn!r}: the model has no such module") from None
+            check_target(mod, spec)
         prefix = fqn + "."
         own = {n[len(prefix):]: t for n, t in tensors.items()
                if n.startswith(prefix) and "." not in n[len(prefix):] and n not in nonpersistent}
@@ -257,12 +357,14 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
             new = build_layer(spec, own, device)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"tersor.load: layer {fqn!r} ({spec.get('format')}): {e}") from None
-        model.set_submodule(fqn, new)
+        install_fused(model, fqn, new, parts) if parts is not None else model.set_submodule(fqn, new)
 
     # 2. everything else
     model_state = model.state_dict(keep_vars=True)
     rest = {n: t for n, t in tensors.items() if n not in nonpersistent and _owner(n, layer_fqns) not in layer_fqns}
     for name in sorted(set(model_state) - set(tensors)):
+        if _owner(name, layer_fqns) in layer_fqns:
+            continue  # a tersor layer's own tensor, built above (e.g. an E8P codebook_id, absent from older files)
         raise _mismatch(name, layer_fqns, "the model has it, the checkpoint does not")
     for name in sorted(set(tensors) - set(model_state) - nonpersistent):
         raise _mismatch(name, layer_fqns, "the checkpoint has it, the model does not")

@@ -14,6 +14,7 @@ dimension, and add ``P.fuse_scales`` [#parts]: QuIP#'s forward splits the fused 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Mapping, Optional
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..nn._common import FLOATS, check_tensor
 from ..nn.e8p_linear import QUIPSHARP_CODEBOOK_ID, E8PLinear
+from ..quant import quipsharp
 
 # QuIP#'s fused layers: the fused module's name -> its parts, in the order of the concatenated rows.
 FUSED_LAYERS: dict[str, tuple[str, ...]] = {
@@ -35,13 +37,17 @@ _CODEBOOKS = {"E8P12": 2, "E8P12RVQ3B": 3, "E8P12RVQ4B": 4}
 class E8PFusedLinear(E8PLinear):
     """One QuIP# ``FusedQuantizedLinear``: an :class:`~tersor.nn.E8PLinear` over the concatenated parts whose
     forward returns the tuple ``(fuse_scales[i] * y[rows of part i])``, as QuIP#'s does. ``fuse_sizes``: the
-    parts' out_features (summing to out_features). State: E8PLinear's plus ``fuse_scales`` (fp32 [#parts])."""
+    parts' out_features (summing to out_features). State: E8PLinear's plus ``fuse_scales`` (fp32 [#parts]);
+    ``hadamard`` / ``bits`` as E8PLinear's (:func:`load_quipsharp_layers` passes ``hadamard="quipsharp"``).
+
+    The model calls the parts (:class:`E8PFusedPart`) one by one; :meth:`part` runs the fused GEMV once per
+    input and hands each part its rows (see there)."""
 
     tersor_format = "e8p_fused"
 
     def __init__(self, state: dict[str, torch.Tensor], fuse_sizes, bias: Optional[torch.Tensor] = None,
-                 resid_scale: Optional[float] = None, hadamard: str = "quipsharp"):
-        super().__init__({k: v for k, v in state.items() if k != "fuse_scales"}, bias, resid_scale, hadamard)
+                 resid_scale: Optional[float] = None, hadamard: Optional[str] = None, bits: Optional[int] = None):
+        super().__init__({k: v for k, v in state.items() if k != "fuse_scales"}, bias, resid_scale, hadamard, bits)
         sizes = [int(s) for s in fuse_sizes]
         if not sizes or any(s <= 0 for s in sizes) or sum(sizes) != self.out_features:
             raise ValueError(f"E8PFusedLinear: fuse_sizes {sizes} must be positive and sum to out_features = "
@@ -50,11 +56,61 @@ class E8PFusedLinear(E8PLinear):
         check_tensor(fs, "fuse_scales", "E8PFusedLinear", dtypes=FLOATS, shape=(len(sizes),))
         self.fuse_sizes = sizes
         self.register_buffer("fuse_scales", fs.float().clone())
+        self._part_cache = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         y = super().forward(x)
         parts = torch.split(y, self.fuse_sizes, dim=-1)
         return tuple((p.float() * self.fuse_scales[i]).to(x.dtype) for i, p in enumerate(parts))
+
+    # ---------------------------------------------------------------- one fused GEMV shared by the parts
+    def _cache_key(self, x: torch.Tensor):
+        # Everything the cached outputs depend on besides x's identity: x's version counter (bumped by every
+        # in-place change of x or of a view of it), the grad mode, and the layer's own tensors and resid.
+        ts = [x, self.Qidxs, self.SU, self.SV, self.Wscale, self.fuse_scales]
+        if self.bias is not None:
+            ts.append(self.bias)
+        return (tuple((id(t), t._version) for t in ts), torch.is_grad_enabled(), self._resid)
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Part ``index`` of ``self(x)``. In eager mode the fused output of the last input is kept until every
+        part has taken its rows, so a qkv layer runs its GEMV once per input, not 3 times. A cached output is
+        used only for the *same* tensor object (held by a weak reference) with the same version counter (no
+        in-place change since), the same grad mode and unchanged layer tensors; a part asking twice, another
+        input, or any change recomputes. It is dropped when the last part took it, on ``.to()`` /
+        ``load_state_dict`` and on ``deepcopy``/pickle. Plain recomputation (each part runs the whole fused
+        layer) under ``torch.compile`` tracing, ``torch.jit`` tracing, for inference-mode tensors (they have
+        no version counter, so in-place changes could not be seen) and for tensor subclasses / functorch
+        transforms."""
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not torch.Tensor
+                or x.is_inference() or _functorch_wrapped(x)):
+            return self.forward(x)[index]
+        try:
+            key = self._cache_key(x)
+        except RuntimeError:  # a layer tensor without a version counter (made under inference mode)
+            return self.forward(x)[index]
+        cache = getattr(self, "_part_cache", None)  # (weakref to x, key, outputs, parts not yet served): one read, then replaced
+        if cache is not None and cache[0]() is x and cache[1] == key and index in cache[3]:
+            left = cache[3] - {index}
+            self._part_cache = (cache[0], key, cache[2], left) if left else None
+            return cache[2][index]
+        outs = self.forward(x)
+        left = frozenset(range(len(outs))) - {index}
+        self._part_cache = (weakref.ref(x), key, outs, left) if left else None
+        return outs[index]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._part_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._part_cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_part_cache"] = None  # outputs of a forward: never copied or pickled
+        return state
 
     def dequantize(self) -> torch.Tensor:
         """The dense fp32 [out_features, in_features] weight, fuse_scales applied to each part's rows."""
@@ -69,11 +125,16 @@ class E8PFusedLinear(E8PLinear):
         return super().extra_repr() + f", fuse_sizes={self.fuse_sizes}"
 
 
+def _functorch_wrapped(x: torch.Tensor) -> bool:
+    f = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(f(x)) if f is not None else False
+
+
 class E8PFusedPart(nn.Module):
     """Part ``index`` of an :class:`E8PFusedLinear` standing in for one of the model's linears (e.g. ``q_proj``
     of ``qkv_proj``). It holds no tensors: the fused layer is registered once, on the parent module, under
-    QuIP#'s name. Cost: every part runs the whole fused layer and keeps its own rows, so a fused qkv layer
-    does its codes' GEMV 3 times per forward and up/gate 2 times (the model calls the parts separately)."""
+    QuIP#'s name. Forward: :meth:`E8PFusedLinear.part`, which in eager mode runs the fused GEMV once per input
+    for all parts (under ``torch.compile`` each part runs the whole fused layer: qkv 3 times, up/gate 2)."""
 
     def __init__(self, fused: E8PFusedLinear, index: int, fused_name: str):
         super().__init__()
@@ -88,7 +149,7 @@ class E8PFusedPart(nn.Module):
         return self.__dict__["_fused"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fused(x)[self.index]
+        return self.fused.part(x, self.index)
 
     def dequantize(self) -> torch.Tensor:
         start = sum(self.fused.fuse_sizes[:self.index])
@@ -186,12 +247,18 @@ def load_quipsharp_layers(model: nn.Module, state_dict: Mapping[str, torch.Tenso
         target = _get(model, p)
         parent_name, _, leaf = p.rpartition(".")
         what = f"load_quipsharp_layers: layer {p!r}"
+        if want_bits is not None and "codebook_id" in st:
+            b = quipsharp.codebook_bits(st["codebook_id"], f"{what}, tensor {p + '.codebook_id'!r}")
+            if b != want_bits:
+                raise ValueError(f"{what}: tensor {p + '.codebook_id'!r} declares {b}-bit codes, quant_config says "
+                                 f"codebook {cfg['codebook']!r} ({want_bits} bits)")
         if isinstance(target, nn.Linear):
-            args = E8PLinear._quipsharp_args(st, rso, what)
+            if "fuse_scales" in st:
+                raise ValueError(f"{what}: tensor {p + '.fuse_scales'!r}: a fused QuIP# layer, but the model has a "
+                                 f"single nn.Linear at {p!r}")
+            args = E8PLinear._quipsharp_args(st, rso, what, bits=want_bits)
             _check_shapes(p, st, target.in_features, target.out_features)
-            layer = E8PLinear(**args)
-            if "fuse_scales" in st:  # pragma: no cover - _quipsharp_args refuses it
-                raise ValueError(f"{what}: fuse_scales on an unfused layer")
+            layer = _named(what, E8PLinear, **args)
             built.append((p, layer, []))
         elif leaf in FUSED_LAYERS and target is None:
             parent = _get(model, parent_name) if parent_name else model
@@ -209,9 +276,9 @@ def load_quipsharp_layers(model: nn.Module, state_dict: Mapping[str, torch.Tenso
                 raise ValueError(f"{what}: tensor {p + '.fuse_scales'!r} is missing (a fused QuIP# layer has one)")
             check_tensor(st["fuse_scales"], f"{p}.fuse_scales", "load_quipsharp_layers", dtypes=FLOATS,
                          shape=(len(sizes),))
-            args = E8PLinear._quipsharp_args(st, rso, what, allow_fused=True)
-            layer = E8PFusedLinear({**args["state"], "fuse_scales": st["fuse_scales"]}, sizes, args["bias"],
-                                   args["resid_scale"], args["hadamard"])
+            args = E8PLinear._quipsharp_args(st, rso, what, allow_fused=True, bits=want_bits)
+            layer = _named(what, E8PFusedLinear, {**args["state"], "fuse_scales": st["fuse_scales"]}, sizes,
+                           args["bias"], args["resid_scale"], args["hadamard"], args["bits"])
             built.append((p, layer, [(n, E8PFusedPart(layer, i, leaf)) for i, n in enumerate(names)]))
             fused_parts[p] = names
         else:
@@ -219,10 +286,6 @@ def load_quipsharp_layers(model: nn.Module, state_dict: Mapping[str, torch.Tenso
             raise ValueError(f"{what}: the checkpoint has {p + '.Qidxs'!r} but the model has {kind} there (expected "
                              f"an nn.Linear, or for {sorted(FUSED_LAYERS)} the parts "
                              f"{sorted({x for v in FUSED_LAYERS.values() for x in v})})")
-        layer._check_codebook_id(st, what)
-        if want_bits is not None and layer.bits != want_bits:
-            raise ValueError(f"{what}: tensor {p + '.Qidxs'!r} holds {layer.bits}-bit codes, quant_config says "
-                             f"codebook {cfg['codebook']!r} ({want_bits} bits)")
 
     # Every layer is built and checked: only now change the model.
     for p, layer, parts in built:
@@ -240,7 +303,18 @@ def load_quipsharp_layers(model: nn.Module, state_dict: Mapping[str, torch.Tenso
         raise ValueError(f"load_quipsharp_layers: tensors {sorted(result.unexpected_keys)[:8]} of the checkpoint "
                          f"are not in the model")
     missing = sorted(k for k in result.missing_keys if k not in quant_keys)
+    from ..hf import maybe_attach
+
+    maybe_attach(model)  # a transformers model then saves (save_pretrained) with a tersor quantization_config
     return {"layers": prefixes, "fused": fused_parts, "missing_keys": missing}
+
+
+def _named(what: str, cls, *args, **kwargs):
+    # the layer's constructor, its errors prefixed with the layer's name (same exception type)
+    try:
+        return cls(*args, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{what}: {e}") from None
 
 
 def _check_shapes(p: str, st: dict, n: int, m: int) -> None:

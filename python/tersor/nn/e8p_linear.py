@@ -14,7 +14,7 @@ from ..quant import quipsharp_hadamard as qh
 from ._common import FLOATS, bias_param, check_bias, check_tensor, nbytes
 
 # QuIP#'s codebook_id of each bit width (lib/codebook/__init__.py): E8P12, E8P12RVQ3B, E8P12RVQ4B.
-QUIPSHARP_CODEBOOK_ID = {2: 7, 3: 18, 4: 17}
+QUIPSHARP_CODEBOOK_ID = quipsharp.CODEBOOK_ID
 
 
 class E8PLinear(nn.Module):
@@ -24,65 +24,74 @@ class E8PLinear(nn.Module):
     Forward: ``x * SU`` and the input Hadamard transform (tersor.hadamard_transform, fp32), the codes'
     GEMV (:func:`tersor.ops.e8p_linear`: fused decode + tensor-core GEMV on CUDA for <= 8 rows, x in
     fp16 there; lookup GEMV or decode + matmul on CPU), the output transform, ``* SV * Wscale`` and bias
-    in fp32, returned in ``x``'s dtype. ``resid_scale`` (3/4-bit RVQ) defaults to QuIP#'s 2.04 / 3.45.
+    in fp32, returned in ``x``'s dtype. ``resid_scale`` (3/4-bit RVQ) defaults to QuIP#'s 2.04 / 3.45; a
+    value <= 0 (QuIP#'s saved ``resid_scale_override = -1``) also means the default.
 
-    ``hadamard`` chooses ``U_k`` for a dimension ``k = K * 2^j`` that is not a power of two: ``"tersor"`` (the
-    default; tersor's own ``H_K``, what tersor's quantizer uses) or ``"quipsharp"`` (QuIP#'s ``H_K`` from
-    :mod:`tersor.quant.quipsharp_hadamard`: the FWHT of tersor.hadamard_transform on the 2^j axis, then a dense
-    K x K matmul, about K * k extra multiply-adds per row; QuipSharpHadamardUnavailable, a NotImplementedError
-    and ValueError, when that matrix is not available). For powers of two both are the same Sylvester transform.
+    The state declares its layout (keys: :data:`tersor.quant.quipsharp.STATE_KEYS_DOC`, docs/formats.md):
 
-    Every argument is checked here (TypeError for dtypes, ValueError for shapes and values). ``Qidxs``,
-    ``SU`` and ``SV`` are kept as given (aliased, no copy); ``Wscale`` becomes an fp32 scalar; ``bias`` is
-    always copied.
+    - the bit width from ``state["codebook_id"]`` (QuIP#'s ids 7 / 18 / 17 for 2 / 3 / 4 bits) or ``bits``
+      (ValueError if they disagree, and one naming the missing ``codebook_id`` if neither is given: the
+      width of ``Qidxs`` is not trusted alone, since an SU of the wrong length reads it at another width);
+    - ``U_k`` for a dimension ``k = K * 2^j`` that is not a power of two from ``state["hadamard"]`` or
+      ``hadamard``: ``"tersor"`` (tersor's own ``H_K``, what tersor's quantizer uses) or ``"quipsharp"``
+      (QuIP#'s ``H_K`` from :mod:`tersor.quant.quipsharp_hadamard`: the FWHT on the 2^j axis, then a dense
+      K x K matmul, about K * k extra multiply-adds per row). ValueError if the two disagree, and if neither
+      says at such a size. For powers of two both are the same Sylvester transform.
+
+    Every argument is checked here (TypeError for dtypes, ValueError for shapes and values); ``Qidxs`` must
+    be int64 (QuIP#'s packed 64-bit words). ``Qidxs``, ``SU`` and ``SV`` are kept as given (aliased, no
+    copy); ``Wscale`` becomes an fp32 scalar; ``bias`` is always copied. The layer's state dict carries
+    ``codebook_id`` (int64 scalar, as QuIP#'s does), so ``E8PLinear(layer.state_dict())`` rebuilds it at
+    power-of-two sizes (pass ``hadamard=`` for K * 2^j sizes: the convention is in ``layer_config()``).
     """
 
     tersor_format = "e8p"
 
     def __init__(self, state: dict[str, torch.Tensor], bias: Optional[torch.Tensor] = None,
-                 resid_scale: Optional[float] = None, hadamard: str = "tersor"):
+                 resid_scale: Optional[float] = None, hadamard: Optional[str] = None, bits: Optional[int] = None):
         super().__init__()
-        if hadamard not in ("tersor", "quipsharp"):
-            raise ValueError(f"E8PLinear: hadamard must be 'tersor' or 'quipsharp', got {hadamard!r}")
+        what = "E8PLinear"
+        if hadamard is not None and hadamard not in quipsharp.HADAMARD_CONVENTIONS:
+            raise ValueError(f"E8PLinear: hadamard must be 'tersor' or 'quipsharp' (or None: the state's), got "
+                             f"{hadamard!r}")
         if not isinstance(state, dict):
-            raise TypeError(f"E8PLinear: state must be a dict of tensors (Qidxs, SU, SV, Wscale), got "
+            raise TypeError(f"E8PLinear: state must be a dict of tensors (Qidxs, SU, SV, Wscale, codebook_id), got "
                             f"{type(state).__name__}")
         for key in ("Qidxs", "SU", "SV"):
             if key not in state:
                 raise ValueError(f"E8PLinear: state is missing tensor {key!r} (have {sorted(state)})")
-        su = check_tensor(state["SU"], "SU", "E8PLinear", dtypes=FLOATS, dim=1)
-        sv = check_tensor(state["SV"], "SV", "E8PLinear", dtypes=FLOATS, dim=1)
+        qidxs = quipsharp.check_qidxs(state["Qidxs"], what)
+        su = check_tensor(state["SU"], "SU", what, dtypes=FLOATS, dim=1)
+        sv = check_tensor(state["SV"], "SV", what, dtypes=FLOATS, dim=1)
         self.in_features, self.out_features = su.numel(), sv.numel()
         n, m = self.in_features, self.out_features
-        for what, k in (("in_features (len(SU))", n), ("out_features (len(SV))", m)):
+        # consistency first (SV/SU against Qidxs at the declared width), then the transform's sizes
+        self.bits = quipsharp.check_layout(qidxs, n, m, quipsharp.resolve_bits(state, bits, what), what,
+                                           "codebook_id" in state)
+        hadamard = quipsharp.resolve_hadamard(state, hadamard, n, m, what)
+        for side, k in (("in_features (len(SU))", n), ("out_features (len(SV))", m)):
             if hadamard == "quipsharp":
                 try:
                     kk = qh.quipsharp_factor(k)[0]
                 except ValueError as err:
-                    raise ValueError(f"E8PLinear: {what}: {err}") from None
+                    raise ValueError(f"E8PLinear: {side}: {err}") from None
                 if kk > 1 and kk not in qh.available_quipsharp_k():
                     try:
                         qh.quipsharp_hadamard_k(kk)
                     except qh.QuipSharpHadamardUnavailable as err:
                         raise qh.QuipSharpHadamardUnavailable(
-                            f"E8PLinear: {what} = {k} = {kk} * {k // kk} is not a power of two; {err}") from None
+                            f"E8PLinear: {side} = {k} = {kk} * {k // kk} is not a power of two; {err}") from None
             elif not _hadamard_size_ok(k):
-                raise ValueError(f"E8PLinear: {what} = {k} is not a size tersor.hadamard_transform supports "
+                raise ValueError(f"E8PLinear: {side} = {k} is not a size tersor.hadamard_transform supports "
                                  f"(2^k or K * 2^k, K in {tersor_k_sizes()})")
-        if m % 16 or n % 64:
-            raise ValueError(f"E8PLinear: QuIP#'s E8P layout needs out_features % 16 == 0 and in_features % 64 == 0, "
-                             f"got out_features = {m}, in_features = {n}")
-        check_tensor(state["Qidxs"], "Qidxs", "E8PLinear", dtypes=(torch.int64,), dim=2)
-        wscale = state.get("Wscale", torch.ones(()))
-        check_tensor(wscale, "Wscale", "E8PLinear", dtypes=FLOATS)
-        if wscale.numel() != 1:
-            raise ValueError(f"E8PLinear: Wscale must be a scalar (shape [] or [1]), got {list(wscale.shape)}")
+        wscale = quipsharp.check_wscale(state.get("Wscale"), what)
         bias = state.get("bias") if bias is None else bias  # a saved state dict carries it
         check_bias(bias, m, "E8PLinear")
-        self.register_buffer("Qidxs", state["Qidxs"])
+        self.register_buffer("Qidxs", qidxs)
         self.register_buffer("SU", su)
         self.register_buffer("SV", sv)
         self.register_buffer("Wscale", wscale.reshape(()).float())
+        self.register_buffer("codebook_id", torch.tensor(QUIPSHARP_CODEBOOK_ID[self.bits], device=qidxs.device))
         self.hadamard = hadamard
         # QuIP#'s H_K of each side (None: a power of two, or tersor's own transform). Not saved: like QuIP#'s
         # had_left_T / had_right they follow from the sizes.
@@ -98,26 +107,35 @@ class E8PLinear(nn.Module):
         self.register_buffer("had_in", had.get("in"), persistent=False)
         self.register_buffer("had_out", had.get("out"), persistent=False)
         self.bias = bias_param(bias)
-        self.bits = self._bits()
         if resid_scale is None and "resid_scale" in state:
             resid_scale = float(state["resid_scale"])
-        if resid_scale is not None and not (math.isfinite(float(resid_scale)) and float(resid_scale) > 0):
-            raise ValueError(f"E8PLinear: resid_scale must be positive and finite, got {resid_scale}")
+        if resid_scale is not None:
+            if not math.isfinite(float(resid_scale)):
+                raise ValueError(f"E8PLinear: resid_scale must be finite (<= 0: QuIP#'s default), got {resid_scale}")
+            if float(resid_scale) <= 0:  # QuIP#'s resid_scale_override = -1: "use the default"
+                resid_scale = None
         default = quipsharp.RESID_SCALE.get(self.bits, 1.0)
         self.register_buffer("resid_scale", torch.tensor(float(default if resid_scale is None else resid_scale)))
         self._resid = float(self.resid_scale)  # a Python float for forward: no device sync, no graph break
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "codebook_id"
+        if key in state_dict:
+            try:
+                b = quipsharp.codebook_bits(state_dict[key], f"{type(self).__name__}.load_state_dict")
+            except (TypeError, ValueError) as err:
+                error_msgs.append(str(err))
+            else:
+                if b != self.bits:
+                    error_msgs.append(f"{key}: codebook_id {QUIPSHARP_CODEBOOK_ID[b]} ({b} bits), but the layer holds "
+                                      f"{self.bits}-bit codes")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key not in state_dict and key in missing_keys:
+            # state dicts saved before layers carried codebook_id: Qidxs' shape is this layer's, so is the width
+            missing_keys.remove(key)
         self._resid = float(self.resid_scale)
-
-    def _bits(self) -> int:
-        m, n = self.out_features, self.in_features
-        if self.Qidxs.shape[0] != m or self.Qidxs.shape[1] not in (n // 32, 3 * n // 64, n // 16):
-            raise ValueError(f"E8PLinear: Qidxs must be [{m}, {n // 32}] (2 bits), [{m}, {3 * n // 64}] (3 bits) or "
-                             f"[{m}, {n // 16}] (4 bits) for len(SV) = {m}, len(SU) = {n}; Qidxs "
-                             f"{list(self.Qidxs.shape)} does not fit")
-        return quipsharp.qidxs_bits(self.Qidxs, n)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 2, hessian: Optional[torch.Tensor] = None,
@@ -134,55 +152,59 @@ class E8PLinear(nn.Module):
         return cls(state, linear.bias)
 
     @classmethod
-    def from_quipsharp(cls, state: dict[str, torch.Tensor], resid_scale_override: Optional[float] = None) -> "E8PLinear":
+    def from_quipsharp(cls, state: dict[str, torch.Tensor], resid_scale_override: Optional[float] = None,
+                       bits: Optional[int] = None) -> "E8PLinear":
         """A layer from one QuIP# ``QuantizedLinear``'s tensors (``Qidxs``, ``SU``, ``SV``, optional ``Wscale``,
         ``bias``, ``scaleWH``, ``codebook_id``; the prefix already stripped), computing QuIP#'s
         ``y = SV Wscale U_m W^ U_n^T (SU x / scaleWH) + bias`` with QuIP#'s transforms (``hadamard="quipsharp"``).
-        ``resid_scale_override``: the checkpoint's ``quip_params.resid_scale_override`` when > 0. Fused layers
-        (``fuse_scales``: qkv_proj, upgate_proj) are :class:`tersor.api.quipsharp_ckpt.E8PFusedLinear`'s (and
-        :func:`tersor.load_quipsharp_layers`'); a dimension K * 2^k that is not a power of two needs QuIP#'s
-        ``H_K`` (:mod:`tersor.quant.quipsharp_hadamard`), else QuipSharpHadamardUnavailable."""
-        layer = cls(**cls._quipsharp_args(state, resid_scale_override, "from_quipsharp"))
-        layer._check_codebook_id(state, "from_quipsharp")
-        return layer
 
-    def _check_codebook_id(self, state: dict, what: str) -> None:
-        if "codebook_id" in state and int(state["codebook_id"]) != QUIPSHARP_CODEBOOK_ID[self.bits]:
-            raise ValueError(f"{what}: codebook_id {int(state['codebook_id'])} does not match the {self.bits}-bit "
-                             f"layout of Qidxs (expected {QUIPSHARP_CODEBOOK_ID[self.bits]})")
+        - ``Qidxs`` must be int64 (TypeError otherwise: it holds packed 64-bit words).
+        - The bit width comes from ``codebook_id`` or ``bits`` (e.g. from quant_config's ``codebook``);
+          ValueError naming the missing ``codebook_id`` when neither is given.
+        - ``resid_scale_override``: the checkpoint's ``quip_params.resid_scale_override``; any value <= 0
+          (QuIP#'s saved -1) means QuIP#'s default.
+        - Fused layers (``fuse_scales``: qkv_proj, upgate_proj) are refused here: they are
+          :class:`tersor.api.quipsharp_ckpt.E8PFusedLinear`'s (and :func:`tersor.load_quipsharp_layers`').
+        - A dimension K * 2^k needs QuIP#'s ``H_K`` (:mod:`tersor.quant.quipsharp_hadamard`)."""
+        return cls(**cls._quipsharp_args(state, resid_scale_override, "from_quipsharp", bits=bits))
 
     @classmethod
     def _quipsharp_args(cls, state: dict, resid_scale_override: Optional[float], what: str,
-                        allow_fused: bool = False) -> dict:
+                        allow_fused: bool = False, bits: Optional[int] = None) -> dict:
         if not isinstance(state, dict):
             raise TypeError(f"{what}: state must be a dict of tensors, got {type(state).__name__}")
         for key in ("Qidxs", "SU", "SV"):
             if key not in state:
                 raise ValueError(f"{what}: missing tensor {key!r} (have {sorted(state)})")
         if "fuse_scales" in state and not allow_fused:
-            raise ValueError(f"{what}: fused QuIP# layers (fuse_scales: qkv_proj, upgate_proj) are not single "
-                             "layers; load them with tersor.load_quipsharp_layers (E8PFusedLinear)")
+            raise ValueError(
+                f"{what}: fused QuIP# layers (a state with fuse_scales: qkv_proj, upgate_proj) are not single "
+                "linears. Load the whole fused layer: tersor.load_quipsharp_layers(model, state_dict) registers it as "
+                "an E8PFusedLinear and puts an E8PFusedPart in place of each part, or build "
+                "tersor.api.quipsharp_ckpt.E8PFusedLinear(state, fuse_sizes), whose forward returns each part's "
+                "output times its fuse_scales. Splitting Qidxs/SV by output rows does not work: the output Hadamard "
+                "transform mixes all rows of the fused layer")
         for key in ("SU", "SV"):
             check_tensor(state[key], key, what, dtypes=FLOATS, dim=1)
-        check_tensor(state["Qidxs"], "Qidxs", what, dtypes=(torch.int64, torch.int32, torch.int16), dim=2)
+        qidxs = quipsharp.check_qidxs(state["Qidxs"], what)  # int64 only: never cast before checking
         su = state["SU"].float()
         if "scaleWH" in state:
             swh = check_tensor(state["scaleWH"], "scaleWH", what, dtypes=FLOATS, shape=(su.numel(),))
             su = su / swh.float()  # QuIP# divides x by scaleWH before the SU multiply
-        if "Wscale" in state:
-            check_tensor(state["Wscale"], "Wscale", what, dtypes=FLOATS)
-        args = {"state": {"Qidxs": state["Qidxs"].to(torch.int64), "SU": su, "SV": state["SV"].float(),
-                          "Wscale": state.get("Wscale", torch.ones(())).float()},
-                "bias": state.get("bias"), "resid_scale": resid_scale_override if resid_scale_override else None,
-                "hadamard": "quipsharp"}
-        return args
+        wscale = quipsharp.check_wscale(state.get("Wscale"), what)
+        new = {"Qidxs": qidxs, "SU": su, "SV": state["SV"].float(), "Wscale": wscale.float()}
+        for key in ("codebook_id", "hadamard"):
+            if key in state:
+                new[key] = state[key]
+        rso = resid_scale_override
+        if rso is not None and (isinstance(rso, bool) or not isinstance(rso, (int, float))):
+            raise TypeError(f"{what}: resid_scale_override must be a number, got {rso!r}")
+        rso = float(rso) if rso is not None and rso > 0 else None  # QuIP#'s -1 (any value <= 0): the default
+        return {"state": new, "bias": state.get("bias"), "resid_scale": rso, "hadamard": "quipsharp", "bits": bits}
 
     def layer_config(self) -> dict:
         """What tersor checkpoints record about this layer (docs/formats.md, tersor checkpoint v1)."""
-        cfg = {"bits": self.bits, "resid_scale": self._resid}
-        if self.hadamard != "tersor":
-            cfg["hadamard"] = self.hadamard
-        return cfg
+        return {"bits": self.bits, "resid_scale": self._resid, "hadamard": self.hadamard}
 
     def _rot_in(self, x: torch.Tensor) -> torch.Tensor:
         # U_n^T x over the last dimension, fp32

@@ -266,24 +266,183 @@ def quantize_e8p(w: torch.Tensor, bits: int = 2, hessian: torch.Tensor | None = 
         packed.append(pack_qidxs_e8p(stages[1]))
     elif bits == 3:
         packed.append(_pack_e81b(stages[1]))
-    return {"Qidxs": torch.cat(packed, 1), "SU": su, "SV": sv, "Wscale": wscale.float()}
+    return {"Qidxs": torch.cat(packed, 1), "SU": su, "SV": sv, "Wscale": wscale.float(), **_layout_keys(bits)}
 
 
 def qidxs_bits(qidxs: torch.Tensor, n: int) -> int:
-    """Bits per weight (2, 3 or 4) of QuIP#-layout ``Qidxs`` for ``n`` input features; ValueError otherwise."""
+    """Bits per weight (2, 3 or 4) that QuIP#-layout ``Qidxs`` would have for ``n`` input features, from its
+    width alone; ValueError otherwise. A low-level helper: the width only fits one bit width *for a given n*,
+    and a wrong n (e.g. an SU of half the length) gives another, so layers and :func:`dequantize_e8p` take
+    the bit width from ``codebook_id`` (:func:`resolve_bits`), never from this."""
     cols = {n // 32: 2, 3 * n // 64: 3, n // 16: 4}
     if n % 64 or qidxs.dim() != 2 or qidxs.shape[0] % 16 or qidxs.shape[1] not in cols:
         raise ValueError(f"Qidxs {tuple(qidxs.shape)} does not fit n = {n} at 2, 3 or 4 bits")
     return cols[qidxs.shape[1]]
 
 
-def decode_qidxs(qidxs: torch.Tensor, n: int) -> torch.Tensor:
+# ------------------------------------------------------------------ the state's declared layout
+# QuIP#'s codebook_id of each bit width (lib/codebook/__init__.py): E8P12, E8P12RVQ3B, E8P12RVQ4B.
+CODEBOOK_ID = {2: 7, 3: 18, 4: 17}
+BITS_OF_CODEBOOK_ID = {v: k for k, v in CODEBOOK_ID.items()}
+# Hadamard conventions for a dimension K * 2^k: tersor's own H_K, or QuIP#'s (tersor.quant.quipsharp_hadamard).
+HADAMARD_CONVENTIONS = ("tersor", "quipsharp")
+
+STATE_KEYS_DOC = """An E8P state (what :func:`quantize_e8p` returns, :func:`dequantize_e8p` and
+:class:`tersor.nn.E8PLinear` read) is a dict:
+
+- ``Qidxs``: int64 [m, n/32] (2 bits), [m, 3n/64] (3 bits) or [m, n/16] (4 bits): QuIP#'s packed codes;
+- ``SU`` [n], ``SV`` [m]: float sign vectors (or QuIP#'s fine-tuned scales);
+- ``Wscale``: a float scalar (optional, default 1);
+- ``codebook_id``: QuIP#'s id of the codebook, hence of the bit width (7: 2 bits, 18: 3 bits, 17: 4 bits),
+  an integer or a 0-d integer tensor. Required unless the bit width is given another way (a ``bits``
+  argument, a tersor manifest's ``bits``, a QuIP# ``quant_config``'s ``codebook``);
+- ``hadamard``: a str, ``"tersor"`` or ``"quipsharp"``: whose ``H_K`` rotates a dimension ``K * 2^k`` that is
+  not a power of two (for powers of two both are the same Sylvester transform). Required for such sizes
+  unless given as an argument.
+"""
+
+
+def _layout_keys(bits: int) -> dict:
+    # The keys quantize_e8p's state declares its layout with (STATE_KEYS_DOC).
+    return {"codebook_id": torch.tensor(CODEBOOK_ID[bits]), "hadamard": "tersor"}
+
+
+def codebook_bits(codebook_id, what: str) -> int:
+    """The bit width of QuIP#'s ``codebook_id`` (an int or a one-element integer tensor)."""
+    if isinstance(codebook_id, torch.Tensor):
+        if codebook_id.numel() != 1 or codebook_id.is_floating_point() or codebook_id.is_complex():
+            raise TypeError(f"{what}: codebook_id must be an integer scalar, got {codebook_id.dtype} "
+                            f"{list(codebook_id.shape)}")
+        codebook_id = int(codebook_id.reshape(()).item())
+    elif isinstance(codebook_id, bool) or not isinstance(codebook_id, int):
+        raise TypeError(f"{what}: codebook_id must be an int or an integer tensor, got {type(codebook_id).__name__}")
+    if codebook_id not in BITS_OF_CODEBOOK_ID:
+        raise ValueError(f"{what}: codebook_id {codebook_id} is not a codebook tersor reads (QuIP#'s E8P12 = 7 "
+                         f"(2 bits), E8P12RVQ3B = 18 (3 bits), E8P12RVQ4B = 17 (4 bits))")
+    return BITS_OF_CODEBOOK_ID[codebook_id]
+
+
+def resolve_bits(state: dict, bits, what: str):
+    """The bit width declared by ``state["codebook_id"]`` and/or ``bits`` (ValueError if they disagree); None
+    when neither declares one (:func:`check_layout` then raises)."""
+    if bits is not None and (isinstance(bits, bool) or bits not in (2, 3, 4)):
+        raise ValueError(f"{what}: bits must be 2, 3 or 4, got {bits!r}")
+    cid = state.get("codebook_id")
+    if cid is None:
+        return bits
+    b = codebook_bits(cid, what)
+    if bits is not None and b != bits:
+        raise ValueError(f"{what}: codebook_id {CODEBOOK_ID[b]} ({b} bits) and bits={bits} disagree")
+    return b
+
+
+def _implied_in_features(bits: int, width: int):
+    if bits == 3:
+        return 64 * width // 3 if width % 3 == 0 else None
+    return width * (32 if bits == 2 else 16)
+
+
+def check_layout(qidxs: torch.Tensor, n: int, m: int, bits, what: str, codebook_id_given: bool = True) -> int:
+    """Checks ``Qidxs`` against ``len(SU) = n`` and ``len(SV) = m`` at the declared ``bits`` and returns the
+    bits. The checks run in this order, so that a wrong length is reported as one: SV against Qidxs' rows;
+    with no declared bit width, ValueError naming the missing ``codebook_id``; SU against the in_features
+    that Qidxs implies at that width; then E8P's m % 16 == 0, n % 64 == 0."""
+    rows, width = int(qidxs.shape[0]), int(qidxs.shape[1])
+    shape = list(qidxs.shape)
+    if m != rows:
+        raise ValueError(f"{what}: SV has length {m}, but Qidxs {shape} has {rows} rows (out_features = {rows}): "
+                         f"SV and Qidxs do not match")
+    fits = [b for b in (2, 3, 4) if n % 64 == 0 and n > 0 and _implied_in_features(b, width) == n]
+    if bits is None:
+        if not fits:
+            _check(m, n, what)
+            raise ValueError(f"{what}: Qidxs {shape} does not fit len(SU) = {n} at 2, 3 or 4 bits (Qidxs must be "
+                             f"[m, n/32], [m, 3n/64] or [m, n/16])")
+        raise ValueError(
+            f"{what}: the state has no 'codebook_id' and no bit width was given, so the layout of Qidxs {shape} is "
+            f"not declared. tersor does not infer it from the width: it fits {fits[0]} bits for len(SU) = {n}, but "
+            f"an SU of another length reads it at another bit width without an error. Add QuIP#'s codebook_id "
+            f"(7: 2 bits, 18: 3 bits, 17: 4 bits) to the state or pass bits=")
+    nb = _implied_in_features(bits, width)
+    if nb != n:
+        decl = f"codebook_id {CODEBOOK_ID[bits]}" if codebook_id_given else f"bits={bits}"
+        implied = f"implies in_features = {nb}" if nb is not None else f"is not a {bits}-bit width ([m, 3n/64])"
+        other = f"; Qidxs would fit {fits[0]} bits for that SU" if fits else ""
+        num, den = {2: (1, 32), 3: (3, 64), 4: (1, 16)}[bits]
+        want = f"[{m}, {n * num // den}]" if (n * num) % den == 0 else f"[{m}, {num}n/{den}] (n = len(SU))"
+        raise ValueError(f"{what}: {decl} does not match the tensors: Qidxs {shape} at {bits} bits {implied}, but "
+                         f"SU has length {n} (Qidxs must be {want} for that SU at {bits} bits: Qidxs does not fit"
+                         f"{other})")
+    _check(m, n, what)
+    return bits
+
+
+def resolve_hadamard(state: dict, hadamard, n: int, m: int, what: str) -> str:
+    """The Hadamard convention of a state: ``hadamard`` (an argument) and/or ``state["hadamard"]`` (ValueError
+    when they disagree). When neither says: ``"tersor"`` if n and m are powers of two (both conventions are
+    the same Sylvester transform there), else ValueError."""
+    sh = state.get("hadamard")
+    for name, v in (("hadamard", hadamard), ("state['hadamard']", sh)):
+        if v is not None and not isinstance(v, str):
+            raise TypeError(f"{what}: {name} must be a str ('tersor' or 'quipsharp'), got {type(v).__name__}")
+        if v is not None and v not in HADAMARD_CONVENTIONS:
+            raise ValueError(f"{what}: {name} must be 'tersor' or 'quipsharp', got {v!r}")
+    if hadamard is not None and sh is not None and hadamard != sh:
+        raise ValueError(f"{what}: hadamard={hadamard!r}, but the state was made with the {sh!r} Hadamard convention "
+                         f"(state['hadamard'] = {sh!r})")
+    h = hadamard if hadamard is not None else sh
+    if h is None:
+        odd = [f"{side} = {k}" for side, k in (("in_features", n), ("out_features", m)) if k < 1 or k & (k - 1)]
+        if odd:
+            raise ValueError(
+                f"{what}: the state does not say which Hadamard convention made it (no 'hadamard' entry or argument) "
+                f"and {' and '.join(odd)} {'is' if len(odd) == 1 else 'are'} not a power of two, where tersor's own "
+                f"H_K ('tersor': tersor.quant.quantize_e8p) and QuIP#'s ('quipsharp': QuIP#'s checkpoints) are "
+                f"different matrices; pass hadamard='tersor' or hadamard='quipsharp'")
+        h = "tersor"
+    return h
+
+
+def check_qidxs(qidxs, what: str) -> torch.Tensor:
+    """``qidxs`` after checking that it is a 2-d int64 tensor: TypeError for any other dtype. E8P's ``Qidxs`` are
+    packed 64-bit words (4 abs bytes + 32 sign bits each): a narrower integer or a floating-point tensor
+    cannot hold them, and no range check can tell whether a conversion to it was lossless."""
+    if not isinstance(qidxs, torch.Tensor):
+        raise TypeError(f"{what}: Qidxs must be a torch.Tensor, got {type(qidxs).__name__}")
+    if qidxs.dtype != torch.int64:
+        raise TypeError(f"{what}: Qidxs must be int64, got {qidxs.dtype}: E8P codes are packed 64-bit words, which "
+                        f"a narrower or floating-point tensor cannot hold (and no range check can tell whether a "
+                        f"conversion was lossless); load Qidxs as the checkpoint stores it, as int64")
+    if qidxs.dim() != 2:
+        raise ValueError(f"{what}: Qidxs must be 2-d [out_features, width], got shape {list(qidxs.shape)}")
+    return qidxs
+
+
+def check_wscale(wscale, what: str) -> torch.Tensor:
+    """``Wscale`` (default 1) as given, after checking it is a float scalar (shape [] or [1])."""
+    if wscale is None:
+        return torch.ones(())
+    if not isinstance(wscale, torch.Tensor) or wscale.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        got = wscale.dtype if isinstance(wscale, torch.Tensor) else type(wscale).__name__
+        raise TypeError(f"{what}: Wscale must be a float32, float16 or bfloat16 tensor, got {got}")
+    if wscale.numel() != 1:
+        raise ValueError(f"{what}: Wscale must be a scalar (shape [] or [1]), got {list(wscale.shape)}: QuIP#'s "
+                         f"Wscale is one number per layer; a per-row scale [out_features] belongs in SV (pass "
+                         f"SV * Wscale as SV, as QuIP#'s current checkpoints store it)")
+    return wscale
+
+
+def decode_qidxs(qidxs: torch.Tensor, n: int, bits: int | None = None) -> torch.Tensor:
     """``W^`` (fp32 [m, n]), the codebook values of QuIP#-layout ``Qidxs`` before rotations and scales:
     D(q1), plus D(q2)/3.45 (4 bits) or E81B[q2]/2.04 (3 bits). (QuIP#'s own RVQ decode rounds the sum to
-    fp16; this one does not.)"""
+    fp16; this one does not.) ``bits``: the declared width (checked against the shape); None infers it
+    from the width (:func:`qidxs_bits`, a low-level helper's convenience)."""
     from .e8p12 import e8p12_decode
 
-    bits = qidxs_bits(qidxs, n)
+    inferred = qidxs_bits(qidxs, n)
+    if bits is not None and inferred != bits:
+        raise ValueError(f"Qidxs {tuple(qidxs.shape)} does not fit n = {n} at {bits} bits")
+    bits = inferred
     m = qidxs.shape[0]
     w_hat = e8p12_decode(unpack_qidxs_e8p(qidxs[:, : n // 32])).reshape(m, n)
     if bits == 4:
@@ -293,13 +452,42 @@ def decode_qidxs(qidxs: torch.Tensor, n: int) -> torch.Tensor:
     return w_hat
 
 
-def dequantize_e8p(state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The fp32 weight [m, n] a :func:`quantize_e8p` state (or a QuIP# E8P12 / RVQ layer with power-of-two
-    sizes) stands for: ``diag(SV * Wscale) U_m W^ U_n^T diag(SU)``; the bit width follows from the shape
-    of ``Qidxs`` against n = len(SU)."""
-    try:
-        w_hat = decode_qidxs(state["Qidxs"], state["SU"].numel())
-    except ValueError as e:
-        raise ValueError(f"dequantize_e8p: {e}") from None
-    wscale = state.get("Wscale", torch.ones(()))
-    return unrht(w_hat * wscale.float(), state["SU"], state["SV"])
+def dequantize_e8p(state: dict, bits: int | None = None, hadamard: str | None = None) -> torch.Tensor:
+    """The fp32 weight [m, n] an E8P state stands for (a :func:`quantize_e8p` state, or one QuIP# E8P12 / RVQ
+    layer with ``codebook_id``): ``diag(SV * Wscale) U_m W^ U_n^T diag(SU)``.
+
+    The layout is read from the state, never guessed (keys: ``STATE_KEYS_DOC`` in this module and
+    docs/formats.md): the bit width from ``codebook_id`` (or ``bits``; ValueError naming the missing
+    ``codebook_id`` when neither says, or when they disagree), ``U_k`` from ``state["hadamard"]`` (or
+    ``hadamard``: ``"tersor"`` or ``"quipsharp"``, QuIP#'s H_K from :mod:`tersor.quant.quipsharp_hadamard`;
+    ValueError when neither says and n or m is not a power of two). ``Qidxs`` must be int64 (TypeError)."""
+    what = "dequantize_e8p"
+    if not isinstance(state, dict):
+        raise TypeError(f"{what}: state must be a dict (Qidxs, SU, SV, Wscale, codebook_id, hadamard), got "
+                        f"{type(state).__name__}")
+    for key in ("Qidxs", "SU", "SV"):
+        if key not in state:
+            raise ValueError(f"{what}: state is missing {key!r} (have {sorted(state)})")
+    q = check_qidxs(state["Qidxs"], what)
+    for key in ("SU", "SV"):
+        t = state[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 1:
+            got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{what}: {key} must be a 1-d float tensor, got {got}")
+    su, sv = state["SU"], state["SV"]
+    n, m = su.numel(), sv.numel()
+    b = check_layout(q, n, m, resolve_bits(state, bits, what), what, "codebook_id" in state)
+    had = resolve_hadamard(state, hadamard, n, m, what)
+    wscale = check_wscale(state.get("Wscale"), what)
+    a = decode_qidxs(q, n, b) * wscale.float().reshape(())
+    if had == "tersor":
+        return unrht(a, su, sv)
+    from . import quipsharp_hadamard as qh
+
+    hks = []
+    for side, k in (("in_features", n), ("out_features", m)):
+        kk = qh.quipsharp_factor(k)[0]
+        hks.append(qh.quipsharp_hadamard_k(kk) if kk > 1 else None)
+    a = qh.quipsharp_hadamard(a, hks[0])  # rows: W^ U_n^T
+    a = qh.quipsharp_hadamard(a.t().contiguous(), hks[1]).t()  # U_m (W^ U_n^T)
+    return a * su.float()[None, :] * sv.float()[:, None]

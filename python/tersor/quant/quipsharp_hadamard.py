@@ -13,9 +13,12 @@ Where the matrices come from, in this order:
 2. ``tersor/data/quipsharp_hadamard.json`` when it is shipped (format: docs/formats.md; written by
    ``scripts/gen_quipsharp_hadamard.py``; every matrix's sha256 is recorded there and checked at load).
 
-**This tersor ships no such file**: the matrices' entries were not available to the session that wrote this
-module (docs/usage.md, "Existing QuIP# checkpoints"), and a guessed matrix would silently give a different
-transform. Without one, :func:`quipsharp_hadamard_k` raises :class:`QuipSharpHadamardUnavailable`.
+tersor ships the file with QuIP#'s twelve matrices (read from quip-sharp's ``lib/utils/matmul_had.py`` at
+1d8f873; docs/formats.md). Without a matrix for K, :func:`quipsharp_hadamard_k` raises
+:class:`QuipSharpHadamardUnavailable` rather than substitute another one.
+
+Which convention a state uses is part of the state (``state["hadamard"]``, docs/formats.md "An E8P state"):
+``tersor.quant.dequantize_e8p`` and ``tersor.nn.E8PLinear`` apply this module's transform for ``"quipsharp"``.
 """
 
 from __future__ import annotations
