@@ -391,3 +391,17 @@ def test_fused_quipsharp_model_through_save_pretrained(tmp_path):
     assert isinstance(mlp.upgate_proj, E8PFusedLinear) and isinstance(mlp.gate_proj, E8PFusedPart)
     assert mlp.gate_proj.fused is mlp.upgate_proj
     assert torch.equal(logits(back, ids), ref)
+
+
+def test_dequantize_fused_quipsharp_model():
+    # tersor.dequantize_ turns each fused part into an nn.Linear with its rows of the fused weight (fuse_scales
+    # applied) and removes the fused layers: same logits up to the dense GEMM's fp32 reassociation.
+    loaded, cfg, src = _fused_model(192, "quipsharp")
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    want = logits(loaded, ids)
+    tersor.dequantize_(loaded)
+    attn = loaded.model.layers[0].self_attn
+    assert type(attn.q_proj) is torch.nn.Linear and not hasattr(attn, "qkv_proj")
+    assert not hasattr(loaded.model.layers[1].mlp, "upgate_proj")
+    assert not any(type(m).__name__.startswith("E8P") for m in loaded.modules())
+    torch.testing.assert_close(logits(loaded, ids), want, rtol=1e-4, atol=1e-4)
