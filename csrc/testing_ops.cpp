@@ -40,12 +40,18 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   m.def("_hadamard_plan(int log_n, int elem_bytes) -> int[]");
   // Padded shared-memory offsets (in floats) of logical indices j, for tests of the layout.
   m.def("_hadamard_smem_index(int[] j) -> int[]");
+  // The CUDA kernels' int64 index functions (hadamard_plan.h: pow2_blocks, pow2_row, pow2_elem_offset,
+  // kmix_blocks, kmix_offset, cuda_max_rows) evaluated on the host, for tests at sizes past 2^31.
+  m.def("_hadamard_index(str fn, int[] args) -> int[]");
 
   // ---- codec (csrc/codec/codec_cuda_emulate.cpp) ----
   // The CUDA decode kernel's per-lane code replayed on the CPU.
   m.def("_codec_emulate_cuda_decode(Tensor stream, Tensor table, int[] header) -> Tensor");
   // The fused GEMV kernel's arithmetic (same order, same roundings) replayed on the CPU.
   m.def("_codec_emulate_cuda_linear(Tensor x, Tensor stream, Tensor table, int[] header, Tensor? bias=None) -> Tensor");
+  // The 64-bit index functions of codec_format.h (num_chunks, chunk, lane_elem_index, gemv_partial_index,
+  // gemv_out_index) evaluated on the host, for tests at sizes past 2^32.
+  m.def("_codec_index(str fn, int[] args) -> int[]");
 
   // ---- codebook (csrc/codebook/e8p_cuda_emulate.cpp) ----
   // QuIP#'s 1 KiB packed abs table (int32[256]; nibble j of entry a = 2 A[a][perm j] + 8).
@@ -63,11 +69,17 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   // Checks the sm90 x tile's store offsets against the offsets wgmma reads through the B descriptor for
   // every element of a stage: int64 [elements checked, mismatches]; fault = 1 swaps LBO and SBO.
   m.def("_sparse24_sm90_layout_check(int fault=0) -> Tensor");
+  // The kernels' int64 offsets (sparse24_format.h: value_offset, tile_offset, meta_pos) and launch limits
+  // (sparse24_cuda_traits.h: gemm_max_rows, sm90_max_rows, elementwise_blocks), for tests past 2^31.
+  m.def("_sparse24_index(str fn, int[] args) -> int[]");
 
   // ---- block-sparse (csrc/sparse/bsr_cuda_emulate.cpp) ----
   // The CUDA BSR kernel's lane code (copy map, swizzle, ldmatrix, MMA fragments, schedule) replayed on the
   // CPU for float16/bfloat16.
   m.def("_bsr_emulate_cuda_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor schedule, int in_features, Tensor? bias=None) -> Tensor");
+  // The kernel's int64 offsets (bsr_format.h: value_offset, x_offset, y_offset, partial_index) and its token
+  // limit (cuda_max_tokens) evaluated on the host, for tests at sizes past 2^31.
+  m.def("_bsr_index(str fn, int[] args) -> int[]");
 
   // ---- attention (csrc/attention/sage_testing.cpp, sage_cuda_emulate.cpp, sage_sm90_check_cpu.cpp) ----
   // float32 -> e4m3 bits (uint8), RNE, satfinite (= cvt.rn.satfinite.e4m3x2.f32).
