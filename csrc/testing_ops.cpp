@@ -58,6 +58,10 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   m.def("_e8p_packed_abs_table() -> Tensor");
   // The CUDA E8P GEMV's fragment arithmetic replayed on the CPU (x: [1..8, n]).
   m.def("_e8p_emulate_cuda_linear(Tensor x, Tensor qidxs, int in_features, float? resid_scale=None) -> Tensor");
+  // The codebook kernels' int64 index functions (aqlm_format.h: aqlm_code_offset, aqlm_weight_offset,
+  // aqlm_entry_offset; e8p_format.h: e8p_slot_pos, e8p_elem_offset, e8p_word_index, e8p_word_offset,
+  // e81b_byte_index) evaluated on the host, for tests at sizes past 2^31.
+  m.def("_codebook_index(str fn, int[] args) -> int[]");
 
   // ---- 2:4 sparsity (csrc/sparse/sparse24_cuda_emulate.cpp) ----
   // The CUDA kernel sparse24_linear picks (GEMV or GEMM), replayed lane by lane on the CPU by the PTX
@@ -92,6 +96,9 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   m.def("_sage_group_maps(int len_q, int len_k) -> int[]");
   // Token stored at each of the first n positions of the FP8 V^T layout (v_fp8_position_token).
   m.def("_sage_v_fp8_positions(int n) -> int[]");
+  // The CUDA path's int64 index functions (sage_cuda_layout.h: qk_row_offset, v_t_offset, out_row_offset,
+  // q_scale_index, k_scale_index, q_bias_index; sage_sm90_layout.h: sm90_tile_base), for tests past 2^31.
+  m.def("_sage_index(str fn, int[] args) -> int[]");
   // tersor::_sage_route for an explicit set of cubins ("prologue=80-real,89-real;s8_f16=...;s8_e4m3=...;
   // s4_f16=...;s4_e4m3=...;sm90=90a-real", sage_route.h) instead of this build's: the whole routing table on
   // the CPU.
