@@ -201,6 +201,9 @@ def test_sage_offsets_past_2_31():
     qb = T._sage_index("q_bias_index", [65534, 1 << 16, 1 << 16, 65535, 65535])[0]
     assert qb == big((65534 * (1 << 11) + 2047) * (1 << 16) + 65535)
     assert T._sage_index("sm90_tile_base", [65534, 1 << 16, 511, 128])[0] == big((65534 * (1 << 16) + 511 * 128) * 128)
+    # The 32-bit key counters: a padded length (to 128) of the longest accepted sequence still fits int32.
+    max_len = T._sage_index("cuda_max_len", [])[0]
+    assert (max_len + 127) // 128 * 128 + 64 < TWO31
 
 
 def test_index_ops_reject_bad_calls():

@@ -120,6 +120,10 @@ std::vector<int64_t> sage_index(std::string fn, std::vector<int64_t> a) {
     need(5);
     return {q_bias_index(a[0], a[1], a[2], a[3], a[4])};
   }
+  if (fn == "cuda_max_len") {
+    need(0);
+    return {kSageCudaMaxLen};
+  }
   if (fn == "sm90_tile_base") {  // [bkv, len_k_pad, tile, head_dim]
     need(4);
     return {sm90_tile_base(a[0], a[1], a[2], i32(a[3]))};
