@@ -40,18 +40,28 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   m.def("_hadamard_plan(int log_n, int elem_bytes) -> int[]");
   // Padded shared-memory offsets (in floats) of logical indices j, for tests of the layout.
   m.def("_hadamard_smem_index(int[] j) -> int[]");
+  // The CUDA kernels' int64 index functions (hadamard_plan.h: pow2_blocks, pow2_row, pow2_elem_offset,
+  // kmix_blocks, kmix_offset, cuda_max_rows) evaluated on the host, for tests at sizes past 2^31.
+  m.def("_hadamard_index(str fn, int[] args) -> int[]");
 
   // ---- codec (csrc/codec/codec_cuda_emulate.cpp) ----
   // The CUDA decode kernel's per-lane code replayed on the CPU.
   m.def("_codec_emulate_cuda_decode(Tensor stream, Tensor table, int[] header) -> Tensor");
   // The fused GEMV kernel's arithmetic (same order, same roundings) replayed on the CPU.
   m.def("_codec_emulate_cuda_linear(Tensor x, Tensor stream, Tensor table, int[] header, Tensor? bias=None) -> Tensor");
+  // The 64-bit index functions of codec_format.h (num_chunks, chunk, lane_elem_index, gemv_partial_index,
+  // gemv_out_index) evaluated on the host, for tests at sizes past 2^32.
+  m.def("_codec_index(str fn, int[] args) -> int[]");
 
   // ---- codebook (csrc/codebook/e8p_cuda_emulate.cpp) ----
   // QuIP#'s 1 KiB packed abs table (int32[256]; nibble j of entry a = 2 A[a][perm j] + 8).
   m.def("_e8p_packed_abs_table() -> Tensor");
   // The CUDA E8P GEMV's fragment arithmetic replayed on the CPU (x: [1..8, n]).
   m.def("_e8p_emulate_cuda_linear(Tensor x, Tensor qidxs, int in_features, float? resid_scale=None) -> Tensor");
+  // The codebook kernels' int64 index functions (aqlm_format.h: aqlm_code_offset, aqlm_weight_offset,
+  // aqlm_entry_offset; e8p_format.h: e8p_slot_pos, e8p_elem_offset, e8p_word_index, e8p_word_offset,
+  // e81b_byte_index) evaluated on the host, for tests at sizes past 2^31.
+  m.def("_codebook_index(str fn, int[] args) -> int[]");
 
   // ---- 2:4 sparsity (csrc/sparse/sparse24_cuda_emulate.cpp) ----
   // The CUDA kernel sparse24_linear picks (GEMV or GEMM), replayed lane by lane on the CPU by the PTX
@@ -63,11 +73,17 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   // Checks the sm90 x tile's store offsets against the offsets wgmma reads through the B descriptor for
   // every element of a stage: int64 [elements checked, mismatches]; fault = 1 swaps LBO and SBO.
   m.def("_sparse24_sm90_layout_check(int fault=0) -> Tensor");
+  // The kernels' int64 offsets (sparse24_format.h: value_offset, tile_offset, meta_pos) and launch limits
+  // (sparse24_cuda_traits.h: gemm_max_rows, sm90_max_rows, elementwise_blocks), for tests past 2^31.
+  m.def("_sparse24_index(str fn, int[] args) -> int[]");
 
   // ---- block-sparse (csrc/sparse/bsr_cuda_emulate.cpp) ----
   // The CUDA BSR kernel's lane code (copy map, swizzle, ldmatrix, MMA fragments, schedule) replayed on the
   // CPU for float16/bfloat16.
   m.def("_bsr_emulate_cuda_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor schedule, int in_features, Tensor? bias=None) -> Tensor");
+  // The kernel's int64 offsets (bsr_format.h: value_offset, x_offset, y_offset, partial_index) and its token
+  // limit (cuda_max_tokens) evaluated on the host, for tests at sizes past 2^31.
+  m.def("_bsr_index(str fn, int[] args) -> int[]");
 
   // ---- attention (csrc/attention/sage_testing.cpp, sage_cuda_emulate.cpp, sage_sm90_check_cpu.cpp) ----
   // float32 -> e4m3 bits (uint8), RNE, satfinite (= cvt.rn.satfinite.e4m3x2.f32).
@@ -80,6 +96,9 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   m.def("_sage_group_maps(int len_q, int len_k) -> int[]");
   // Token stored at each of the first n positions of the FP8 V^T layout (v_fp8_position_token).
   m.def("_sage_v_fp8_positions(int n) -> int[]");
+  // The CUDA path's int64 index functions (sage_cuda_layout.h: qk_row_offset, v_t_offset, out_row_offset,
+  // q_scale_index, k_scale_index, q_bias_index; sage_sm90_layout.h: sm90_tile_base), for tests past 2^31.
+  m.def("_sage_index(str fn, int[] args) -> int[]");
   // tersor::_sage_route for an explicit set of cubins ("prologue=80-real,89-real;s8_f16=...;s8_e4m3=...;
   // s4_f16=...;s4_e4m3=...;sm90=90a-real", sage_route.h) instead of this build's: the whole routing table on
   // the CPU.

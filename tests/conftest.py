@@ -31,14 +31,24 @@ def load_testing_ops():
     return tersor._testing.lib
 
 
+# Tests marked `slow` (tensors past 2^31 elements: several GB of memory and minutes each) do not run by default,
+# so `bash scripts/run.sh test` and CI (.ci/run) skip them. They run when asked for: `-m slow` (or any -m
+# expression naming `slow`), or TERSOR_RUN_SLOW=1.
+RUN_SLOW = os.environ.get("TERSOR_RUN_SLOW") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_testing = pytest.mark.skip(reason="needs tersor._C_testing (build with TERSOR_TESTING=ON)")
+    run_slow = RUN_SLOW or "slow" in (config.getoption("markexpr", "") or "")
+    skip_slow = pytest.mark.skip(reason="slow (tensors past 2^31 elements): run with -m slow or TERSOR_RUN_SLOW=1")
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
         if "testing_ext" in item.keywords and not HAS_TESTING_EXT:
             item.add_marker(skip_testing)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
 
 
 def load_script(name: str):

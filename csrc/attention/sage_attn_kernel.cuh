@@ -77,9 +77,10 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
   const int64_t kv_end = a.causal ? causal_visible_keys(last_row, d.len_q, d.len_k) : d.len_k;
   const int n_tiles = static_cast<int>((kv_end + Tr::kCtaK - 1) / Tr::kCtaK);
 
-  const int8_t* q_g = a.q_int + (bh * d.len_q_pad + r0) * kRowBytes;
-  const int8_t* k_g = a.k_int + bkv * d.len_k_pad * kRowBytes;
-  const uint8_t* v_g = static_cast<const uint8_t*>(a.v_t) + bkv * D * d.len_k_pad * Tr::kVElemBytes;
+  // int64 global offsets: sage_cuda_layout.h
+  const int8_t* q_g = a.q_int + qk_row_offset(bh, d.len_q_pad, r0, kRowBytes);
+  const int8_t* k_g = a.k_int + qk_row_offset(bkv, d.len_k_pad, 0, kRowBytes);
+  const uint8_t* v_g = static_cast<const uint8_t*>(a.v_t) + v_t_offset(bkv, D, d.len_k_pad, 0, 0, Tr::kVElemBytes);
 
   constexpr int kRowChunks = kRowBytes / 16;
   for (int i = threadIdx.x; i < Tr::kCtaQ * kRowChunks; i += Tr::kThreads) {
@@ -88,7 +89,7 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
   }
   auto load_kv = [&](int tile, int stage) {
     uint8_t* ks = k_s + stage * Tr::kKBytes;
-    const int8_t* ksrc = k_g + static_cast<int64_t>(tile) * Tr::kCtaK * kRowBytes;
+    const int8_t* ksrc = k_g + qk_row_offset(0, 0, static_cast<int64_t>(tile) * Tr::kCtaK, kRowBytes);
     for (int i = threadIdx.x; i < Tr::kCtaK * kRowChunks; i += Tr::kThreads) {
       const int row = chunk_row(i, kRowChunks), cb = chunk_col_byte(i, kRowChunks);
       cp_async_16(ks + row * Tr::kQKRowBytes + cb, ksrc + row * kRowBytes + cb);
@@ -98,8 +99,7 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
     for (int i = threadIdx.x; i < D * kVChunks; i += Tr::kThreads) {
       const int c = chunk_row(i, kVChunks), cb = chunk_col_byte(i, kVChunks);
       cp_async_16(vs + c * Tr::kVRowBytes + cb,
-                  v_g + (static_cast<int64_t>(c) * d.len_k_pad + static_cast<int64_t>(tile) * Tr::kCtaK) *
-                            Tr::kVElemBytes + cb);
+                  v_g + v_t_offset(0, D, d.len_k_pad, c, static_cast<int64_t>(tile) * Tr::kCtaK, Tr::kVElemBytes) + cb);
     }
   };
   if (n_tiles > 0) load_kv(0, 0);
@@ -295,7 +295,7 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
       if (row >= d.len_q) continue;
       const bool dead = !(lsum > 0.f);
       const float inv_l = dead ? 0.f : 1.f / lsum;
-      T16* orow = out + (bh * d.len_q + row) * D;
+      T16* orow = out + out_row_offset(bh, d.len_q, row, D);
 #pragma unroll
       for (int dn = 0; dn < Tr::kDTiles; ++dn) {
         const int c = dn * 8 + frag_c_col(t, 0);
@@ -313,7 +313,7 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
         *reinterpret_cast<uint32_t*>(orow + c) = packed;
       }
       if (t == 0)
-        a.lse[bh * d.len_q + row] =
+        a.lse[out_row_offset(bh, d.len_q, row, 1)] =
             dead ? -INFINITY : (m[mt][hh] - kPOff + log2f(lsum)) * 0.6931471805599453f + a.lse_corr[bh * d.len_q + row];
     }
 }

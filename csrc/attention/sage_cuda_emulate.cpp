@@ -375,9 +375,9 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
   const int64_t last_row = std::min(r0 + Tr::kCtaQ - 1, d.len_q - 1);
   const int64_t kv_end = causal ? causal_visible_keys(last_row, d.len_q, d.len_k) : d.len_k;
   const int n_tiles = static_cast<int>((kv_end + Tr::kCtaK - 1) / Tr::kCtaK);
-  const uint8_t* q_g = bf.q_int.data() + (bh * d.len_q_pad + r0) * kRowBytes;
-  const uint8_t* k_g = bf.k_int.data() + bkv * d.len_k_pad * kRowBytes;
-  const uint8_t* v_g = bf.v_t.data() + bkv * D * d.len_k_pad * Tr::kVElemBytes;
+  const uint8_t* q_g = bf.q_int.data() + qk_row_offset(bh, d.len_q_pad, r0, kRowBytes);
+  const uint8_t* k_g = bf.k_int.data() + qk_row_offset(bkv, d.len_k_pad, 0, kRowBytes);
+  const uint8_t* v_g = bf.v_t.data() + v_t_offset(bkv, D, d.len_k_pad, 0, 0, Tr::kVElemBytes);
 
   constexpr int kRowChunks = kRowBytes / 16;
   for (int i = 0; i < Tr::kCtaQ * kRowChunks; ++i) {  // all threads' chunks
@@ -386,7 +386,7 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
   }
   auto load_kv = [&](int tile, int stage) {
     uint8_t* ks = k_s + stage * Tr::kKBytes;
-    const uint8_t* ksrc = k_g + static_cast<int64_t>(tile) * Tr::kCtaK * kRowBytes;
+    const uint8_t* ksrc = k_g + qk_row_offset(0, 0, static_cast<int64_t>(tile) * Tr::kCtaK, kRowBytes);
     for (int i = 0; i < Tr::kCtaK * kRowChunks; ++i) {
       const int row = chunk_row(i, kRowChunks), cb = chunk_col_byte(i, kRowChunks);
       std::memcpy(ks + row * Tr::kQKRowBytes + cb, ksrc + row * kRowBytes + cb, 16);
@@ -396,8 +396,7 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
     for (int i = 0; i < D * kVChunks; ++i) {
       const int ch = chunk_row(i, kVChunks), cb = chunk_col_byte(i, kVChunks);
       std::memcpy(vs + ch * Tr::kVRowBytes + cb,
-                  v_g + (static_cast<int64_t>(ch) * d.len_k_pad + static_cast<int64_t>(tile) * Tr::kCtaK) *
-                            Tr::kVElemBytes + cb,
+                  v_g + v_t_offset(0, D, d.len_k_pad, ch, static_cast<int64_t>(tile) * Tr::kCtaK, Tr::kVElemBytes) + cb,
                   16);
     }
   };
@@ -568,7 +567,7 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
           if (row >= d.len_q) continue;
           const bool dead = !(lsum[lane] > 0.f);
           const float inv_l = dead ? 0.f : 1.f / lsum[lane];
-          uint16_t* orow = out + (bh * d.len_q + row) * D;
+          uint16_t* orow = out + out_row_offset(bh, d.len_q, row, D);
           for (int dn = 0; dn < Tr::kDTiles; ++dn) {
             const int c = dn * 8 + frag_c_col(t, 0);
             float v0 = W[lane].o[mt][dn][2 * hh], v1 = W[lane].o[mt][dn][2 * hh + 1];
@@ -585,7 +584,7 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
           }
           if (t == 0)
             // nvcc contracts (...) * ln2 + corr into one FMA.
-            lse[bh * d.len_q + row] =
+            lse[out_row_offset(bh, d.len_q, row, 1)] =
                 dead ? kNegInf
                      : std::fma(W[lane].m[mt][hh] - kPOff + std::log2(lsum[lane]), 0.6931471805599453f,
                                 bf.lse_corr[bh * d.len_q + row]);

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "attention/sage_cuda.h"
+#include "attention/sage_cuda_layout.h"
 #include "attention/sage_format.h"
 #include "attention/sage_glue.h"
 #include "attention/sage_route.h"
@@ -152,6 +153,9 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cuda(const Tensor& q, const Tensor
   const CudaDeviceGuard guard(q);
   const int cc = compute_capability(q.get_device_index());
   const SageRoute route = route_or_throw(cc, qk_bits, pv, smooth_q, kernel, built_sage_cubins(), op);
+  TERSOR_CHECK_VALUE(c.len_q <= kSageCudaMaxLen && c.len_k <= kSageCudaMaxLen, op, ": the CUDA kernels take at most ",
+                     kSageCudaMaxLen, " query rows and keys per (batch, head) (32-bit key counters), got Lq ", c.len_q,
+                     ", Lk ", c.len_k);
   // grid.y of every kernel is batch * heads (CUDA's limit 65535).
   TERSOR_CHECK_NOT_IMPL(c.batch * c.heads_q <= 65535 && c.batch * c.heads_kv <= 65535, op,
                         ": the CUDA kernels take batch * heads <= 65535, got batch ", c.batch, " x heads ", c.heads_q,

@@ -101,4 +101,24 @@ TERSOR_HD constexpr int64_t q_mean_index(int64_t bh, int64_t len_q_pad, int64_t 
   return (bh * (len_q_pad / SageTraitsSm8x::kWarpQ) + row / SageTraitsSm8x::kWarpQ) * head_dim + c;
 }
 
+// Global offsets of the prologue's outputs and the sm80/sm89 kernel's operands (issue 17): int64, since
+// (batch x heads x padded length) rows pass 2^31 elements long before any one dimension does. CPU tests
+// evaluate them past 2^31 through tersor_testing::_sage_index.
+// The kernels count keys and query rows of one (batch, head) in 32-bit registers (visible_keys, tile0, the
+// tile loop): a CUDA call takes Lq, Lk <= this (Lk_pad then fits int); the glue refuses more with a ValueError.
+inline constexpr int64_t kSageCudaMaxLen = (int64_t{1} << 31) - 256;
+// Byte offset of packed row `row` of slice bh in q_int [B * Hq, Lq_pad, row_bytes] (or k_int [B * Hkv, Lk_pad,
+// row_bytes]).
+TERSOR_HD constexpr int64_t qk_row_offset(int64_t bh, int64_t len_pad, int64_t row, int row_bytes) {
+  return (bh * len_pad + row) * row_bytes;
+}
+// Offset (in units of elem_bytes bytes) of channel c, position p of V^T [B * Hkv, D, Lk_pad].
+TERSOR_HD constexpr int64_t v_t_offset(int64_t bkv, int head_dim, int64_t len_k_pad, int c, int64_t p, int elem_bytes) {
+  return ((bkv * head_dim + c) * len_k_pad + p) * elem_bytes;
+}
+// Element offset of out[b, h, row, 0] in the contiguous out [B, Hq, Lq, D] (head_dim 1: of lse[b, h, row]).
+TERSOR_HD constexpr int64_t out_row_offset(int64_t bh, int64_t len_q, int64_t row, int head_dim) {
+  return (bh * len_q + row) * head_dim;
+}
+
 }  // namespace tersor::attention

@@ -68,7 +68,7 @@ __global__ void quant_k_kernel(SageQuantArgs a) {
   auto code_of = [&](int64_t j, int c) {
     return j < d.len_k ? quantize_int(to_f32(k[j * a.sk.l + c]) - mean[c], qp.inv_scale, bits) : 0;
   };
-  uint8_t* out = reinterpret_cast<uint8_t*>(a.k_int) + bh * d.len_k_pad * row_bytes;
+  uint8_t* out = reinterpret_cast<uint8_t*>(a.k_int) + qk_row_offset(bh, d.len_k_pad, 0, row_bytes);
   for (int idx = lane; idx < 16 * row_bytes; idx += 32) {
     const int64_t j = token_of(idx / row_bytes);
     const int byte = idx % row_bytes;
@@ -126,7 +126,7 @@ __global__ void quant_q_kernel(SageQuantArgs a) {
   amax = warp_max(amax);
   const IntQuantParams qp = int_quant_params(amax, bits);
   auto code_of = [&](int64_t r, int c) { return r < d.len_q ? quantize_int(value(r, c), qp.inv_scale, bits) : 0; };
-  uint8_t* out = reinterpret_cast<uint8_t*>(a.q_int) + bh * d.len_q_pad * row_bytes;
+  uint8_t* out = reinterpret_cast<uint8_t*>(a.q_int) + qk_row_offset(bh, d.len_q_pad, 0, row_bytes);
   for (int i = 0; i < 4; ++i) {
     const int64_t r = q_group_row(block0, g, i);
     for (int byte = lane; byte < row_bytes; byte += 32)
@@ -178,13 +178,13 @@ __global__ void quant_v_kernel(SageQuantArgs a) {
     for (int64_t j = 0; j < d.len_k; ++j) amax = fmaxf(amax, fabsf(to_f32(v[j * a.sv.l])));
     const IntQuantParams qp = fp8_channel_params(amax);
     a.v_scale[bh * D + c] = qp.scale;
-    uint8_t* out = static_cast<uint8_t*>(a.v_t) + (bh * D + c) * d.len_k_pad;
+    uint8_t* out = static_cast<uint8_t*>(a.v_t) + v_t_offset(bh, D, d.len_k_pad, c, 0, 1);
     for (int64_t p = 0; p < d.len_k_pad; ++p) {
       const int64_t j = v_fp8_position_token(p);
       out[p] = j < d.len_k ? float_to_e4m3(to_f32(v[j * a.sv.l]) * qp.inv_scale) : 0;
     }
   } else {
-    T* out = static_cast<T*>(a.v_t) + (bh * D + c) * d.len_k_pad;
+    T* out = static_cast<T*>(a.v_t) + v_t_offset(bh, D, d.len_k_pad, c, 0, 1);
     for (int64_t p = 0; p < d.len_k_pad; ++p) out[p] = p < d.len_k ? v[p * a.sv.l] : T(0.f);
   }
 }

@@ -4,9 +4,11 @@
 #include <string>
 #include <vector>
 
+#include "attention/sage_cuda_layout.h"
 #include "attention/sage_format.h"
 #include "attention/sage_glue.h"
 #include "attention/sage_route.h"
+#include "attention/sage_sm90_layout.h"
 #include "common/torch_glue.h"
 
 namespace tersor::attention {
@@ -85,7 +87,55 @@ STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CPU, m) {
 }
 
 // Tensor-free helpers: no backend to dispatch on, so they register for every key.
+namespace {
+
+// The CUDA path's 64-bit index functions (sage_cuda_layout.h, sage_sm90_layout.h) evaluated on the host, so
+// tests can check them at sizes past 2^31 without allocating anything.
+std::vector<int64_t> sage_index(std::string fn, std::vector<int64_t> a) {
+  auto need = [&](size_t n) {
+    TERSOR_CHECK_VALUE(a.size() == n, "_sage_index: ", fn, " takes ", n, " arguments, got ", a.size());
+  };
+  auto i32 = [](int64_t v) { return static_cast<int>(v); };
+  if (fn == "qk_row_offset") {  // [bh, len_pad, row, row_bytes]
+    need(4);
+    return {qk_row_offset(a[0], a[1], a[2], i32(a[3]))};
+  }
+  if (fn == "v_t_offset") {  // [bkv, head_dim, len_k_pad, c, p, elem_bytes]
+    need(6);
+    return {v_t_offset(a[0], i32(a[1]), a[2], i32(a[3]), a[4], i32(a[5]))};
+  }
+  if (fn == "out_row_offset") {  // [bh, len_q, row, head_dim]
+    need(4);
+    return {out_row_offset(a[0], a[1], a[2], i32(a[3]))};
+  }
+  if (fn == "q_scale_index") {  // [bh, len_q_pad, row, g]
+    need(4);
+    return {q_scale_index(a[0], a[1], a[2], i32(a[3]))};
+  }
+  if (fn == "k_scale_index") {  // [bkv, len_k_pad, tile, t]
+    need(4);
+    return {k_scale_index(a[0], a[1], a[2], i32(a[3]))};
+  }
+  if (fn == "q_bias_index") {  // [bh, len_q_pad, len_k_pad, row, token]
+    need(5);
+    return {q_bias_index(a[0], a[1], a[2], a[3], a[4])};
+  }
+  if (fn == "cuda_max_len") {
+    need(0);
+    return {kSageCudaMaxLen};
+  }
+  if (fn == "sm90_tile_base") {  // [bkv, len_k_pad, tile, head_dim]
+    need(4);
+    return {sm90_tile_base(a[0], a[1], a[2], i32(a[3]))};
+  }
+  TERSOR_CHECK_VALUE(false, "_sage_index: unknown function ", fn);
+  return {};
+}
+
+}  // namespace
+
 STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CompositeExplicitAutograd, m) {
+  m.impl("_sage_index", TORCH_BOX(&sage_index));
   m.impl("_sage_group_maps", TORCH_BOX(&sage_group_maps));
   m.impl("_sage_v_fp8_positions", TORCH_BOX(&sage_v_fp8_positions));
   m.impl("_sage_route_for", TORCH_BOX(&sage_route_for));

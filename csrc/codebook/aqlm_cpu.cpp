@@ -32,8 +32,10 @@ void decode_rows(const AQLMCall& c, const CodeT* codes, const float* cb, const f
   for (int64_t o = o_begin; o < o_end; ++o) {
     for (int64_t j = 0; j < c.groups; ++j) {
       float v[8];
-      aqlm_group_values(codes + (o * c.groups + j) * c.num_codebooks, c.num_codebooks, c.index_mask, cb, entries, v);
-      for (int k = 0; k < 8; ++k) out[o * c.in + 8 * j + k] = v[k] * scales[o];
+      aqlm_group_values(codes + aqlm_code_offset(o, j, c.groups, c.num_codebooks), c.num_codebooks, c.index_mask, cb,
+                        entries, v);
+      float* w = out + aqlm_weight_offset(o, j, c.in);
+      for (int k = 0; k < 8; ++k) w[k] = v[k] * scales[o];
     }
   }
 }

@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(AQLMGemvTraits::kThreads)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t o = blockIdx.x * int64_t{AQLMGemvTraits::kWarps} + warp;
   if (o >= a.out) return;
-  const CodeT* codes = static_cast<const CodeT*>(a.codes) + o * a.groups * a.num_codebooks;
+  const CodeT* codes = static_cast<const CodeT*>(a.codes) + aqlm_code_offset(o, 0, a.groups, a.num_codebooks);
   const int64_t in = a.groups * 8;
   float acc[AQLMGemvTraits::kMaxBatch];
 #pragma unroll
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(AQLMGemvTraits::kThreads)
       for (int k = 0; k < 8; ++k) v[k] = 0.f;
       for (int c = 0; c < a.num_codebooks; ++c) {
         const float4* e = reinterpret_cast<const float4*>(
-            books + (c * entries + aqlm_index(codes[j * a.num_codebooks + c], a.index_mask)) * 8);
+            books + aqlm_entry_offset(c, entries, aqlm_index(codes[j * a.num_codebooks + c], a.index_mask)));
         const float4 lo = __ldcg(e), hi = __ldcg(e + 1);
         v[0] += lo.x; v[1] += lo.y; v[2] += lo.z; v[3] += lo.w;
         v[4] += hi.x; v[5] += hi.y; v[6] += hi.z; v[7] += hi.w;
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(AQLMGemvTraits::kThreads)
     for (int b = 0; b < AQLMGemvTraits::kMaxBatch; ++b) {
       if (b >= batch) break;
       float xv[8];
-      load8_as_float(x + b * in + 8 * j, xv);
+      load8_as_float(x + aqlm_weight_offset(b, j, in), xv);
 #pragma unroll
       for (int k = 0; k < 8; ++k) acc[b] = fmaf(v[k], xv[k], acc[b]);
     }
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(AQLMGemvTraits::kThreads)
     float r = acc[b];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) r += __shfl_xor_sync(0xffffffffu, r, off);
-    if (lane == 0) y[b * a.out + o] = ElemIO<XT>::from_float(r * s + (bias ? bias[o] : 0.f));
+    if (lane == 0) y[static_cast<int64_t>(b) * a.out + o] = ElemIO<XT>::from_float(r * s + (bias ? bias[o] : 0.f));
   }
 }
 

@@ -40,7 +40,7 @@ void e8p_decode_rows(const E8PCall& c, const int64_t* q, int64_t I, float* out) 
         const uint8_t code = qbytes[e81b_byte_index(pos.row, pos.col / 8, n)];
         for (int k = 0; k < 8; ++k) v[k] = v[k] + kE81BTable.value[code][k] / c.resid_scale;
       }
-      std::memcpy(out + pos.row * n + pos.col, v, sizeof v);
+      std::memcpy(out + e8p_elem_offset(pos.row, pos.col, n), v, sizeof v);
     }
   }
 }

@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(E8PDecodeTraits::kThreads) e8p_decode_kernel(c
 #pragma unroll
         for (int k = 0; k < 8; ++k) v[k] = v[k] + s_e81b[code][k] / a.resid_scale;
       }
-      store8_from_float(out + pos.row * n + pos.col, v);
+      store8_from_float(out + e8p_elem_offset(pos.row, pos.col, n), v);
     }
   }
 }

@@ -6,7 +6,10 @@
 // kernel agrees with this replay to fp32 rounding, not bitwise.) Also the test-only _e8p_packed_abs_table.
 #include <cstring>
 #include <optional>
+#include <string>
+#include <vector>
 
+#include "codebook/aqlm_format.h"
 #include "codebook/codebook_cuda_traits.h"
 #include "codebook/codebook_glue.h"
 #include "codebook/e81b_table.h"
@@ -145,9 +148,60 @@ STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CPU, m) {
   m.impl("_e8p_emulate_cuda_linear", TORCH_BOX(&emulate_cuda_linear));
 }
 
+namespace {
+
+// The codebook kernels' 64-bit index functions (aqlm_format.h, e8p_format.h) evaluated on the host, so tests
+// can check them at sizes past 2^31 without allocating anything.
+std::vector<int64_t> codebook_index(std::string fn, std::vector<int64_t> a) {
+  auto need = [&](size_t n) {
+    TERSOR_CHECK_VALUE(a.size() == n, "_codebook_index: ", fn, " takes ", n, " arguments, got ", a.size());
+  };
+  auto i32 = [](int64_t v) { return static_cast<int>(v); };
+  if (fn == "aqlm_code_offset") {  // [o, j, groups, num_codebooks]
+    need(4);
+    return {aqlm_code_offset(a[0], a[1], a[2], i32(a[3]))};
+  }
+  if (fn == "aqlm_weight_offset") {  // [o, j, in]
+    need(3);
+    return {aqlm_weight_offset(a[0], a[1], a[2])};
+  }
+  if (fn == "aqlm_entry_offset") {  // [c, entries, index]
+    need(3);
+    return {aqlm_entry_offset(i32(a[0]), a[1], static_cast<uint32_t>(a[2]))};
+  }
+  if (fn == "e8p_slot_pos") {  // [I, J, lane, slot] -> [row, col]
+    need(4);
+    const E8PSlotPos p = e8p_slot_pos(a[0], a[1], i32(a[2]), i32(a[3]));
+    return {p.row, p.col};
+  }
+  if (fn == "e8p_elem_offset") {  // [row, col, n]
+    need(3);
+    return {e8p_elem_offset(a[0], a[1], a[2])};
+  }
+  if (fn == "e8p_word_index") {  // [I, J, lane, n]
+    need(4);
+    return {e8p_word_index(a[0], a[1], i32(a[2]), a[3])};
+  }
+  if (fn == "e8p_word_offset") {  // [I, t, n, row_words, stage]: word t of row block I's flat order, in Qidxs
+    need(5);
+    E8PWordCursor cur{16 * a[0], 0, a[2] / 32};
+    cur.advance(a[1]);
+    return {cur.offset(a[3], i32(a[4]))};
+  }
+  if (fn == "e81b_byte_index") {  // [row, code_col, n]
+    need(3);
+    return {e81b_byte_index(a[0], a[1], a[2])};
+  }
+  TERSOR_CHECK_VALUE(false, "_codebook_index: unknown function ", fn);
+  return {};
+}
+
+}  // namespace
+
 // Tensor-free: no backend to dispatch on, so it registers for every key.
 STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CompositeExplicitAutograd, m) {
   m.impl("_e8p_packed_abs_table", TORCH_BOX(&e8p_packed_abs_table));
+  m.impl("_codebook_index", TORCH_BOX(&codebook_index));
 }
 
 }  // namespace tersor::codebook

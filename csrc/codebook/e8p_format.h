@@ -108,6 +108,8 @@ struct E8PSlotPos {
 TERSOR_HD inline E8PSlotPos e8p_slot_pos(int64_t I, int64_t J, int lane, int slot) {
   return {16 * I + 2 * (lane >> 2) + (slot & 1), 64 * J + 16 * (lane & 3) + 8 * (slot >> 1)};
 }
+// Element offset of (row, col) in the decoded weight [m, n]: int64, m * n passes 2^31 in large layers.
+TERSOR_HD inline int64_t e8p_elem_offset(int64_t row, int64_t col, int64_t n) { return row * n + col; }
 // Flat word index inside one stage's [m, n/32] array.
 TERSOR_HD inline int64_t e8p_word_index(int64_t I, int64_t J, int lane, int64_t n) {
   return I * (n / 2) + 32 * J + lane;

@@ -210,7 +210,7 @@ TERSOR_HD inline void emit_segment(const KStream& s, uint8_t* out, const uint32_
   for (int l = 0; l < kLanes; ++l) {
     const uint32_t n = segment_count(len, s.lane_run, l, first);
     if (n == 0) break;  // lane counts never increase with l
-    const uint64_t g0 = start + static_cast<uint64_t>(l) * s.lane_run + first;
+    const uint64_t g0 = lane_elem_index(start, l, s.lane_run, first);
     const uint32_t* row = scratch + l * Traits::kRowWords;
     for (uint32_t e = 4u * lane; e < n; e += 128u) {
       const uint32_t sym4 = row[e / 4];

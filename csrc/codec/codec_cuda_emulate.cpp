@@ -138,10 +138,10 @@ void emulate_gemv(const KStream& s, const uint16_t* x, const uint16_t* bias, uin
         for (int b = 0; b < kB; ++b) {
           float v = acc[b * kMaxRows + r];
           if (bias) v += E::one(bias[first_row + r]);
-          y[b * N + first_row + r] = E::round(v);
+          y[gemv_out_index(b, N, first_row + r)] = E::round(v);
         }
     } else {
-      for (int b = 0; b < kB; ++b) partials[b * s.n_chunks + c] = acc[b * kMaxRows];
+      for (int b = 0; b < kB; ++b) partials[gemv_partial_index(b, s.n_chunks, c)] = acc[b * kMaxRows];
     }
   }
   if (!whole) {  // codec_gemv_finalize_kernel
@@ -149,9 +149,9 @@ void emulate_gemv(const KStream& s, const uint16_t* x, const uint16_t* bias, uin
     for (int b = 0; b < kB; ++b)
       for (uint64_t row = 0; row < N; ++row) {
         float v = 0.f;
-        for (uint64_t j = 0; j < per_row; ++j) v += partials[b * s.n_chunks + row * per_row + j];
+        for (uint64_t j = 0; j < per_row; ++j) v += partials[gemv_partial_index(b, s.n_chunks, row * per_row + j)];
         if (bias) v += E::one(bias[row]);
-        y[b * N + row] = E::round(v);
+        y[gemv_out_index(b, N, row)] = E::round(v);
       }
   }
 }
@@ -241,7 +241,52 @@ Tensor emulate_cuda_decode(const Tensor& stream, const Tensor& table, std::vecto
   return out;
 }
 
+// The format's and the kernels' 64-bit index functions (codec_format.h) evaluated on the host, so tests can
+// check them at sizes past 2^32 without allocating anything. Arguments and results are int64 (sizes below 2^63).
+std::vector<int64_t> codec_index(std::string fn, std::vector<int64_t> a) {
+  auto need = [&](size_t n) {
+    TERSOR_CHECK_VALUE(a.size() == n, "_codec_index: ", fn, " takes ", n, " arguments, got ", a.size());
+    for (int64_t v : a) TERSOR_CHECK_VALUE(v >= 0, "_codec_index: arguments must be non-negative");
+  };
+  auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
+  auto geom = [&](size_t i) {
+    TERSOR_CHECK_VALUE(a[i + 1] > 0 && a[i + 2] > 0 && a[i + 2] <= kMaxChunkElems,
+                       "_codec_index: row_len and chunk_elems must be positive, chunk_elems <= 2^20");
+    return ChunkGeom{u(a[i]), u(a[i + 1]), static_cast<uint32_t>(a[i + 2])};
+  };
+  if (fn == "num_chunks") {  // [numel, row_len, chunk_elems]
+    need(3);
+    return {static_cast<int64_t>(geom_num_chunks(geom(0)))};
+  }
+  if (fn == "chunk") {  // [numel, row_len, chunk_elems, c] -> [start, len]
+    need(4);
+    uint64_t start = 0;
+    uint32_t len = 0;
+    geom_chunk(geom(0), u(a[3]), &start, &len);
+    return {static_cast<int64_t>(start), static_cast<int64_t>(len)};
+  }
+  if (fn == "lane_elem_index") {  // [start, lane, lane_run, first]
+    need(4);
+    return {static_cast<int64_t>(lane_elem_index(u(a[0]), static_cast<int>(a[1]), static_cast<uint32_t>(a[2]),
+                                                 static_cast<uint32_t>(a[3])))};
+  }
+  if (fn == "gemv_partial_index") {  // [b, n_chunks, c]
+    need(3);
+    return {static_cast<int64_t>(gemv_partial_index(static_cast<int>(a[0]), u(a[1]), u(a[2])))};
+  }
+  if (fn == "gemv_out_index") {  // [b, n_rows, row]
+    need(3);
+    return {static_cast<int64_t>(gemv_out_index(static_cast<int>(a[0]), u(a[1]), u(a[2])))};
+  }
+  TERSOR_CHECK_VALUE(false, "_codec_index: unknown function ", fn);
+  return {};
+}
+
 }  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CompositeExplicitAutograd, m) {
+  m.impl("_codec_index", TORCH_BOX(&codec_index));
+}
 
 STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CPU, m) {
   m.impl("_codec_emulate_cuda_decode", TORCH_BOX(&emulate_cuda_decode));

@@ -105,6 +105,19 @@ TERSOR_HD inline uint32_t lane_count(uint32_t len, uint32_t per_lane, int l) {
   return static_cast<uint32_t>((hi < len ? hi : len) - lo);
 }
 
+// Flat element index of symbol `first` of lane l in a chunk that starts at element `start`: 64-bit, since
+// start passes 2^32 in a large tensor (issue 17; tested through tersor_testing::_codec_index).
+TERSOR_HD inline uint64_t lane_elem_index(uint64_t start, int l, uint32_t lane_run, uint32_t first) {
+  return start + static_cast<uint64_t>(l) * lane_run + first;
+}
+// The GEMV's fp32 partial of batch row b for chunk c ([batch, n_chunks]) and its output y[b, row] ([batch, N]).
+TERSOR_HD inline uint64_t gemv_partial_index(int b, uint64_t n_chunks, uint64_t c) {
+  return static_cast<uint64_t>(b) * n_chunks + c;
+}
+TERSOR_HD inline uint64_t gemv_out_index(int b, uint64_t n_rows, uint64_t row) {
+  return static_cast<uint64_t>(b) * n_rows + row;
+}
+
 // Whether the CUDA GEMV may treat every 128-element strip of a lane run as lying in a single row:
 // true for chunks that are one row or a piece of one, or when lane runs and rows are both multiples
 // of 128 elements. Rows must also be a multiple of 8 elements (16-byte loads of x).

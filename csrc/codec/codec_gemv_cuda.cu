@@ -111,10 +111,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
         const uint64_t row = first_row + r;
         float v = acc[b * kMaxRows + r];
         if (bias) v += E::one(bias[row]);
-        y[b * N + row] = E::round(v);
+        y[gemv_out_index(static_cast<int>(b), N, row)] = E::round(v);
       }
     } else if (lane < kB) {
-      partials[static_cast<uint64_t>(lane) * s.n_chunks + c] = acc[lane * kMaxRows];
+      partials[gemv_partial_index(lane, s.n_chunks, c)] = acc[lane * kMaxRows];
     }
     __syncwarp();  // the accumulators are cleared for the next chunk
   }
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(256)
   for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
     const uint64_t b = i / N, row = i - b * N;
-    const float* p = partials + b * n_chunks + row * per_row;
+    const float* p = partials + gemv_partial_index(static_cast<int>(b), n_chunks, row * per_row);
     float v = 0.f;
     for (uint64_t j = 0; j < per_row; ++j) v += p[j];
     if (bias) v += E::one(bias[row]);

@@ -15,6 +15,10 @@ Tensor hadamard_transform_cuda(const Tensor& x, std::optional<double> scale, boo
   if (!is_aligned(xc.const_data_ptr(), 16)) xc = torch::stable::clone(xc);
   Tensor y = empty(x.sizes(), x.scalar_type(), x.device());
   if (c.rows == 0) return y;
+  const int64_t max_rows = cuda_max_rows(c.size.k, c.size.log_n, dtype_bytes(c.dtype));
+  TERSOR_CHECK_VALUE(c.rows <= max_rows, "hadamard_transform: x has ", c.rows, " rows of n=", c.n,
+                     "; the CUDA kernels take at most ", max_rows, " rows of this size and dtype per call ",
+                     "(CUDA's grid limit of 2^31 - 1 blocks); split x along its leading dimensions");
   const cudaStream_t stream = current_cuda_stream(x.get_device_index());
   if (c.size.k == 1) {
     TERSOR_CUDA_CHECK(launch_fwht_pow2(xc.const_data_ptr(), y.mutable_data_ptr(), c.dtype, /*y_float32=*/false,

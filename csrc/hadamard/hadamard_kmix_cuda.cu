@@ -29,7 +29,7 @@ int k_table_offset(int k) {
 }
 
 constexpr int kMaxK = 172;
-constexpr int kTileCols = 32;
+constexpr int kTileCols = kKmixTileCols;
 constexpr int kWarps = 8;
 
 template <typename Tout>
@@ -40,10 +40,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t n = int64_t{1} << log_n;
   const int64_t row = blockIdx.x / tiles_per_row;
   const int64_t col0 = (blockIdx.x % tiles_per_row) * kTileCols;
-  const float* src = t + row * k * n;
   for (int i = threadIdx.x; i < k * kTileCols; i += blockDim.x) {
     const int a = i / kTileCols, c = i % kTileCols;
-    tile[a][c] = col0 + c < n ? src[a * n + col0 + c] : 0.f;
+    tile[a][c] = col0 + c < n ? t[kmix_offset(row, k, log_n, a, col0 + c)] : 0.f;  // int64: hadamard_plan.h
   }
   __syncthreads();
 
@@ -51,7 +50,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int warp = threadIdx.x >> 5;
   const int words = k_words_per_row(k);
   const unsigned long long* bits = c_k_bits + table_offset;
-  Tout* dst = y + row * k * n;
   for (int a = warp; a < k; a += kWarps) {
     float acc = 0.f;
     for (int b = 0; b < k; ++b) {
@@ -60,7 +58,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                                      : static_cast<unsigned>((bits[a * words + (b >> 6)] >> (b & 63)) & 1ull);
       acc += __uint_as_float(__float_as_uint(tile[b][lane]) ^ (neg << 31));
     }
-    if (col0 + lane < n) dst[a * n + col0 + lane] = ElemIO<Tout>::from_float(acc * scale);
+    if (col0 + lane < n) y[kmix_offset(row, k, log_n, a, col0 + lane)] = ElemIO<Tout>::from_float(acc * scale);
   }
 }
 
@@ -70,10 +68,9 @@ cudaError_t launch_kmix_typed(const float* t, Tout* y, int64_t rows, int k, int 
   const int offset = k_table_offset(k);
   if (offset < 0 || k > kMaxK || log_n < 0 || log_n > kMaxLogN) return cudaErrorInvalidValue;
   if (rows <= 0) return cudaSuccess;
-  const int64_t n = int64_t{1} << log_n;
-  const int64_t tiles = (n + kTileCols - 1) / kTileCols;
-  const int64_t blocks = rows * tiles;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  const int64_t tiles = kmix_tiles_per_row(log_n);
+  const int64_t blocks = kmix_blocks(rows, log_n);
+  if (blocks > kMaxGridX) return cudaErrorInvalidValue;  // the glue refuses such calls first (cuda_max_rows)
   kmix_kernel<Tout><<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(t, y, tiles, k, log_n, offset,
                                                                                scale, transpose);
   return cudaGetLastError();

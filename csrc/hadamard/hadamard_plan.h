@@ -131,4 +131,47 @@ TERSOR_HD constexpr Pow2Plan make_pow2_plan(int log_n, int elem_bytes) {
   return p;
 }
 
+// ---- 64-bit index math of the CUDA kernels (issue 17) ----
+// Every product that can pass 2^31 is taken here in int64, by the kernels and by CPU tests (through
+// tersor_testing::_hadamard_index) at sizes no test could allocate.
+inline constexpr int64_t kMaxGridX = 0x7fffffff;  // CUDA's gridDim.x limit
+
+// Blocks of the power-of-two kernel for `rows` rows of plan p.
+TERSOR_HD constexpr int64_t pow2_blocks(const Pow2Plan& p, int64_t rows) {
+  return (rows + p.rows_per_block - 1) / p.rows_per_block;
+}
+// Row of thread `tid` of block `block` (may be past the last row: the kernel masks it).
+TERSOR_HD constexpr int64_t pow2_row(const Pow2Plan& p, int64_t block, int tid) {
+  return block * p.rows_per_block + tid / p.tpr;
+}
+// Element offset of the first of thread t's registers in row `row` (rows contiguous, n elements each).
+TERSOR_HD constexpr int64_t pow2_elem_offset(const Pow2Plan& p, int64_t row, int t) {
+  return row * p.n + static_cast<int64_t>(t) * p.ept;
+}
+
+// K-mix kernel: one block per (row, 32-column tile) of the K x 2^log_n view of each row.
+inline constexpr int kKmixTileCols = 32;
+TERSOR_HD constexpr int64_t kmix_tiles_per_row(int log_n) {
+  return ((int64_t{1} << log_n) + kKmixTileCols - 1) / kKmixTileCols;
+}
+TERSOR_HD constexpr int64_t kmix_blocks(int64_t rows, int log_n) { return rows * kmix_tiles_per_row(log_n); }
+// Offset of element (row, sub-row a, column col) of a contiguous [rows, k, 2^log_n] array.
+TERSOR_HD constexpr int64_t kmix_offset(int64_t row, int k, int log_n, int a, int64_t col) {
+  return (row * k + a) * (int64_t{1} << log_n) + col;
+}
+
+// The most rows of n = k * 2^log_n elements (elem_bytes each) the CUDA path launches in one call: the
+// power-of-two kernel sees rows * k sub-rows and the K-mix kernel rows * tiles blocks, both within
+// gridDim.x. 0 when no plan exists. The glue refuses more with a ValueError naming this number.
+TERSOR_HD constexpr int64_t cuda_max_rows(int k, int log_n, int elem_bytes) {
+  const Pow2Plan p = make_pow2_plan(log_n, elem_bytes);
+  if (!p.ok || k < 1) return 0;
+  int64_t max_rows = kMaxGridX * p.rows_per_block / k;
+  if (k > 1) {
+    const int64_t by_mix = kMaxGridX / kmix_tiles_per_row(log_n);
+    if (by_mix < max_rows) max_rows = by_mix;
+  }
+  return max_rows;
+}
+
 }  // namespace tersor::hadamard

@@ -41,13 +41,13 @@ __global__ void __launch_bounds__(make_pow2_plan(kLogN, sizeof(Tin)).block_threa
 
   const int tid = threadIdx.x;
   const int t = tid % P.tpr;  // thread index inside its row
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * P.rows_per_block + tid / P.tpr;
+  const int64_t row = pow2_row(P, blockIdx.x, tid);  // int64 index math: hadamard_plan.h
   // Rows past the end still run the shuffles (full-warp masks) but never touch memory.
   const bool active = row < rows;
 
   float v[P.ept];
   if (active) {
-    const Tin* src = x + row * P.n + static_cast<int64_t>(t) * P.ept;
+    const Tin* src = x + pow2_elem_offset(P, row, t);
 #pragma unroll
     for (int c = 0; c < P.ept; c += kInElems) load_chunk_as_float<Tin, kInChunk>(src + c, v + c);
   } else {
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(make_pow2_plan(kLogN, sizeof(Tin)).block_threa
   if (active) {
 #pragma unroll
     for (int i = 0; i < P.ept; ++i) v[i] *= scale;
-    Tout* dst = y + row * P.n + static_cast<int64_t>(t) * P.ept;
+    Tout* dst = y + pow2_elem_offset(P, row, t);
 #pragma unroll
     for (int c = 0; c < P.ept; c += kOutElems) store_chunk_from_float<Tout, kOutChunk>(dst + c, v + c);
   }
@@ -125,8 +125,8 @@ template <typename Tin, typename Tout, int kLogN>
 cudaError_t launch_fwht_pow2_fixed(const Tin* x, Tout* y, int64_t rows, float scale, cudaStream_t stream) {
   constexpr Pow2Plan P = make_pow2_plan(kLogN, sizeof(Tin));
   if (rows <= 0) return cudaSuccess;
-  const int64_t blocks = (rows + P.rows_per_block - 1) / P.rows_per_block;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  const int64_t blocks = pow2_blocks(P, rows);
+  if (blocks > kMaxGridX) return cudaErrorInvalidValue;  // the glue refuses such calls first (cuda_max_rows)
   auto kernel = fwht_pow2_kernel<Tin, Tout, kLogN>;
   if constexpr (P.smem_bytes > 48 * 1024) {
     // Above 48 KB of dynamic shared memory a kernel must opt in (per device; cheap to repeat).

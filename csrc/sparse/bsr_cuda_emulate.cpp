@@ -11,6 +11,7 @@
 #include <array>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "common/torch_glue.h"
@@ -67,13 +68,13 @@ void emulate_tile_kind(const EmuInputs& in) {
         // cp.async: weight block, then x tile (zero-filled past the last token).
         for (int cp = 0; cp < BS * cpr; ++cp) {
           const int r = bsr_copy_row(BS, cp), ch = bsr_copy_chunk(BS, cp);
-          std::memcpy(&stage[bsr_smem_chunk(BS, r, ch) * 8], in.values + (j * BS + r) * BS + ch * 8, 16);
+          std::memcpy(&stage[bsr_smem_chunk(BS, r, ch) * 8], in.values + bsr_value_offset(j, BS, r) + ch * 8, 16);
         }
         for (int cp = 0; cp < TN * cpr; ++cp) {
           const int t = bsr_copy_row(BS, cp), ch = bsr_copy_chunk(BS, cp);
           uint16_t* dst = &stage[BS * BS + bsr_smem_chunk(BS, t, ch) * 8];
           if (tok0 + t < n_tok)
-            std::memcpy(dst, in.x + (tok0 + t) * K + int64_t(in.col[j]) * BS + ch * 8, 16);
+            std::memcpy(dst, in.x + bsr_x_offset(tok0 + t, K, in.col[j], BS) + ch * 8, 16);
           else
             std::memset(dst, 0, 16);
         }
@@ -135,7 +136,7 @@ void emulate_tile_kind(const EmuInputs& in) {
               const float v = A(w, f, l, e);
               if (slot < 0) {
                 const float b = in.bias ? bits_to_float<T>(in.bias[row * BS + m]) : 0.f;
-                in.y[t * N + row * BS + m] = float_to_bits<T>(v + b);
+                in.y[bsr_y_offset(t, N, row, BS, static_cast<int>(m))] = float_to_bits<T>(v + b);
               } else {
                 in.partial[bsr_partial_index(slot, t, m, n_tok, BS)] = v;
               }
@@ -153,7 +154,7 @@ void emulate_tile_kind(const EmuInputs& in) {
         float s = 0.f;
         for (int64_t p = p0; p < p1; ++p) s += in.partial[bsr_partial_index(p, t, m, n_tok, BS)];
         const float b = in.bias ? bits_to_float<T>(in.bias[r * BS + m]) : 0.f;
-        in.y[t * N + r * BS + m] = float_to_bits<T>(s + b);
+        in.y[bsr_y_offset(t, N, r, BS, static_cast<int>(m))] = float_to_bits<T>(s + b);
       }
   }
 }
@@ -213,8 +214,40 @@ Tensor emulate_cuda_linear(const Tensor& x, const Tensor& crow_indices, const Te
   return torch::stable::reshape(y, c.out_shape);
 }
 
+// The kernel's int64 global offsets (bsr_format.h) and launch limit evaluated on the host, so tests can check
+// them at sizes past 2^31 without allocating anything.
+std::vector<int64_t> bsr_index(std::string fn, std::vector<int64_t> a) {
+  auto need = [&](size_t n) {
+    TERSOR_CHECK_VALUE(a.size() == n, "_bsr_index: ", fn, " takes ", n, " arguments, got ", a.size());
+  };
+  auto i32 = [](int64_t v) { return static_cast<int>(v); };
+  if (fn == "value_offset") {  // [j, bs, r]
+    need(3);
+    return {bsr_value_offset(a[0], i32(a[1]), i32(a[2]))};
+  }
+  if (fn == "x_offset") {  // [token, in_features, col_block, bs]
+    need(4);
+    return {bsr_x_offset(a[0], a[1], a[2], i32(a[3]))};
+  }
+  if (fn == "y_offset") {  // [token, out_features, row, bs, m]
+    need(5);
+    return {bsr_y_offset(a[0], a[1], a[2], i32(a[3]), i32(a[4]))};
+  }
+  if (fn == "partial_index") {  // [slot, t, m, tokens, bs]
+    need(5);
+    return {bsr_partial_index(a[0], a[1], a[2], a[3], a[4])};
+  }
+  if (fn == "cuda_max_tokens") {
+    need(0);
+    return {bsr_cuda_max_tokens()};
+  }
+  TERSOR_CHECK_VALUE(false, "_bsr_index: unknown function ", fn);
+  return {};
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CPU, m) { m.impl("_bsr_emulate_cuda_linear", TORCH_BOX(&emulate_cuda_linear)); }
+STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CompositeExplicitAutograd, m) { m.impl("_bsr_index", TORCH_BOX(&bsr_index)); }
 
 }  // namespace tersor::sparse

@@ -156,8 +156,9 @@ Tensor bsr_linear_cuda(const Tensor& x, const Tensor& crow_indices, const Tensor
   const std::optional<Tensor> block_index =
       BsrIndexCheck::instance().check(c, crow_indices, col_indices, schedule, fp32, op);
   if (fp32) return linear(x, dense_weight(c, *block_index, values), bias);
-  TERSOR_CHECK_VALUE(c.tokens <= int64_t{65535} * kBsrLargeTokens, op, ": too many tokens for one launch: ",
-                     c.tokens);
+  TERSOR_CHECK_VALUE(c.tokens <= bsr_cuda_max_tokens(), op, ": x has ", c.tokens,
+                     " tokens (rows); the CUDA kernel takes at most ", bsr_cuda_max_tokens(),
+                     " per call (65535 token tiles of ", kBsrLargeTokens, ", CUDA's gridDim.y limit); split x");
   const Tensor x2 = aligned16(torch::stable::reshape(x, {c.tokens, c.in_features}));
   const Tensor v = aligned16(values);
   const Tensor col = as_contiguous(col_indices), sched = as_contiguous(schedule);

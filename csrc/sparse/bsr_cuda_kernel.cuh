@@ -52,18 +52,18 @@ __global__ void __launch_bounds__(BsrTile<BS, TN>::kThreads)
   auto load_stage = [&](int stage, int j) {
     uint16_t* ws = smem + stage * Tile::kStageElems;
     uint16_t* xs = ws + BS * BS;
-    const uint16_t* v = vg + static_cast<int64_t>(j) * (BS * BS);
+    // int64 offsets: bsr_format.h
 #pragma unroll
     for (int c = tid; c < BS * cpr; c += Tile::kThreads) {
       const int r = bsr_copy_row(BS, c), ch = bsr_copy_chunk(BS, c);
-      cp_async_16(ws + bsr_smem_chunk(BS, r, ch) * 8, v + r * BS + ch * 8, 16);
+      cp_async_16(ws + bsr_smem_chunk(BS, r, ch) * 8, vg + bsr_value_offset(j, BS, r) + ch * 8, 16);
     }
-    const int64_t kcol = static_cast<int64_t>(col[j]) * BS;
+    const int32_t kb = col[j];
 #pragma unroll
     for (int c = tid; c < TN * cpr; c += Tile::kThreads) {
       const int t = bsr_copy_row(BS, c), ch = bsr_copy_chunk(BS, c);
       const bool ok = tok0 + t < tokens;
-      const uint16_t* src = ok ? xg + static_cast<int64_t>(tok0 + t) * in_features + kcol + ch * 8 : xg;
+      const uint16_t* src = ok ? xg + bsr_x_offset(tok0 + t, in_features, kb, BS) + ch * 8 : xg;
       cp_async_16(xs + bsr_smem_chunk(BS, t, ch) * 8, src, ok ? 16 : 0);
     }
   };
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(BsrTile<BS, TN>::kThreads)
       if (t >= tokens) continue;
       if (slot < 0) {
         const float b = bias ? ElemIO<Elem>::to_float(bias[row * BS + m]) : 0.f;
-        y[static_cast<int64_t>(t) * out_features + row * BS + m] = ElemIO<Elem>::from_float(acc[f][e] + b);
+        y[bsr_y_offset(t, out_features, row, BS, m)] = ElemIO<Elem>::from_float(acc[f][e] + b);
       } else {
         partial[bsr_partial_index(slot, t, m, tokens, BS)] = acc[f][e];
       }
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(BsrReduceTraits::kThreads)
   float s = 0.f;
   for (int p = p0; p < p1; ++p) s += partial[bsr_partial_index(p, t, m, tokens, BS)];
   const float b = bias ? ElemIO<Elem>::to_float(bias[r * BS + m]) : 0.f;
-  y[static_cast<int64_t>(t) * out_features + r * BS + m] = ElemIO<Elem>::from_float(s + b);
+  y[bsr_y_offset(t, out_features, r, BS, m)] = ElemIO<Elem>::from_float(s + b);
 }
 
 template <typename Elem, int BS, int TN>
@@ -158,7 +158,7 @@ cudaError_t launch_tile(const BsrKernelArgs& a, cudaStream_t stream) {
   const int64_t n_items = split ? a.n_split : a.mb;
   const int32_t* items = a.schedule + (split ? bsr_split_items_offset(a.mb) : bsr_row_items_offset(a.mb));
   const int64_t tiles = (a.tokens + TN - 1) / TN;
-  if (n_items > 0x7fffffff || tiles > 65535) return cudaErrorInvalidConfiguration;
+  if (n_items > 0x7fffffff || tiles > kBsrMaxTokenTiles) return cudaErrorInvalidConfiguration;  // glue checks first
   const dim3 grid(static_cast<unsigned>(n_items), static_cast<unsigned>(tiles));
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(
       static_cast<const Elem*>(a.x), static_cast<const Elem*>(a.values), a.col, items,

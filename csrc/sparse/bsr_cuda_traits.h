@@ -38,6 +38,10 @@ constexpr int bsr_tile_tokens(int bs, int64_t tokens) {
 // Split items (+ the partial-sum pass) pay when the weight stream dominates: up to this many tokens.
 // Beyond it the token tiles alone give enough CTAs and the fp32 partials would cost real traffic.
 constexpr int kBsrSplitMaxTokens = 64;
+// Token tiles are the launch's gridDim.y (at most 65535), so one call takes at most this many tokens (the
+// glue refuses more with a ValueError naming the number; the kernel's token indices are then int).
+constexpr int64_t kBsrMaxTokenTiles = 65535;
+constexpr int64_t bsr_cuda_max_tokens() { return kBsrMaxTokenTiles * kBsrLargeTokens; }
 constexpr bool bsr_use_split(int64_t tokens) { return tokens <= kBsrSplitMaxTokens; }
 
 // The partial-sum pass: one thread per (row, token, m) output element.

@@ -46,6 +46,20 @@ constexpr TERSOR_HD int64_t bsr_partial_ptr_offset(int64_t mb, int64_t n_split) 
 // ~3 items per SM on a 132-SM GPU.
 constexpr TERSOR_HD int64_t bsr_default_chunk_blocks(int64_t bs) { return 16384 / (bs * bs); }
 // Split scratch entry (fp32) of partial slot `slot`, token t, row m of the block.
+// ---- 64-bit global offsets of the kernel's loads and stores (issue 17) ----
+// values holds more than 2^31 elements from nnzb = 2^31 / bs^2 on (2^19 blocks of 64 x 64), and x and y
+// are [tokens, features]: every product here is int64 (tested at sizes past 2^31 through
+// tersor_testing::_bsr_index). The small in-block terms (row * bs, chunk * 8) stay int.
+// Element offset of row r of value block j.
+constexpr TERSOR_HD int64_t bsr_value_offset(int64_t j, int bs, int r) { return (j * bs + r) * bs; }
+// Element offset of x[token, col_block * bs] in x [tokens, in_features].
+constexpr TERSOR_HD int64_t bsr_x_offset(int64_t token, int64_t in_features, int64_t col_block, int bs) {
+  return token * in_features + col_block * bs;
+}
+// Element offset of y[token, row * bs + m] in y [tokens, out_features].
+constexpr TERSOR_HD int64_t bsr_y_offset(int64_t token, int64_t out_features, int64_t row, int bs, int m) {
+  return token * out_features + row * bs + m;
+}
 constexpr TERSOR_HD int64_t bsr_partial_index(int64_t slot, int64_t t, int64_t m, int64_t tokens, int64_t bs) {
   return (slot * tokens + t) * bs + m;
 }

@@ -55,9 +55,13 @@ inline BsrCall check_bsr_call(const Tensor& x, const Tensor& crow, const Tensor&
   c.out_features = c.mb * c.bs;
   TERSOR_CHECK_VALUE(in_features > 0 && in_features % c.bs == 0, op, ": in_features must be a positive multiple of ",
                     "the blocksize ", c.bs, ", got ", in_features);
-  TERSOR_CHECK_VALUE(c.out_features < (int64_t{1} << 31) && in_features < (int64_t{1} << 31) &&
-                        c.nnzb < (int64_t{1} << 31) / (c.bs * c.bs),
-                    op, ": weight too large for int32 indexing");
+  // values may hold more than 2^31 elements (the kernels' offsets are int64, bsr_format.h); the limits left
+  // are the int32 block indices of the format and the kernels' int32 feature indices.
+  TERSOR_CHECK_VALUE(c.out_features < (int64_t{1} << 31) && in_features < (int64_t{1} << 31), op,
+                    ": weight too large: out_features (", c.out_features, ") and in_features (", in_features,
+                    ") must be below 2^31");
+  TERSOR_CHECK_VALUE(c.nnzb < (int64_t{1} << 31), op, ": ", c.nnzb,
+                    " value blocks; BSR v1 indexes blocks with int32 (at most 2^31 - 1)");
   c.in_features = in_features;
   c.kb = in_features / c.bs;
   c.n_split = bsr_split_items_from_numel(schedule.numel(), c.mb);

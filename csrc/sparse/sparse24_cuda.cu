@@ -181,7 +181,9 @@ cudaError_t launch_sparse24_compress(const void* weight, int64_t M, int64_t K, v
   const int64_t total = (M / kRowAlign) * (K / kColAlign) * 32;
   if (total == 0) return cudaSuccess;
   constexpr int kThreads = Sparse24CompressTraits::kThreads;
-  sparse24_compress_kernel<<<static_cast<unsigned>((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+  const int64_t blocks = sparse24_elementwise_blocks(total, kThreads);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;  // M * K > 2^44: never silently truncate the grid
+  sparse24_compress_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const uint16_t*>(weight), M, K, static_cast<uint16_t*>(values), meta, bad_flag);
   return cudaGetLastError();
 }
@@ -191,7 +193,9 @@ cudaError_t launch_sparse24_decompress(const Sparse24Args& a, void* out, cudaStr
   const int64_t total = (a.M / kRowAlign) * (a.K / kTileK) * 32;
   if (total == 0) return cudaSuccess;
   constexpr int kThreads = Sparse24DecompressTraits::kThreads;
-  sparse24_decompress_kernel<<<static_cast<unsigned>((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+  const int64_t blocks = sparse24_elementwise_blocks(total, kThreads);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;  // M * K > 2^43: never silently truncate the grid
+  sparse24_decompress_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const uint16_t*>(a.values), a.meta, a.M, a.K, static_cast<uint16_t*>(out));
   return cudaGetLastError();
 }

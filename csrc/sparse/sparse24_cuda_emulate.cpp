@@ -13,6 +13,7 @@
 #include <limits>
 #include <utility>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "common/torch_glue.h"
@@ -404,6 +405,41 @@ Tensor emulate_cuda_linear(const Tensor& x, const Tensor& values_in, const Tenso
   return torch::stable::reshape(y, out_shape);
 }
 
+// The kernels' int64 offsets (sparse24_format.h) and launch limits (sparse24_cuda_traits.h) evaluated on the
+// host, so tests can check them at sizes past 2^31 without allocating anything.
+std::vector<int64_t> sparse24_index(std::string fn, std::vector<int64_t> a) {
+  auto need = [&](size_t n) {
+    TERSOR_CHECK_VALUE(a.size() == n, "_sparse24_index: ", fn, " takes ", n, " arguments, got ", a.size());
+  };
+  if (fn == "value_offset") {  // [K, row, kc]
+    need(3);
+    return {value_offset(a[0], a[1], a[2])};
+  }
+  if (fn == "tile_offset") {  // [K, rb, kt]
+    need(3);
+    return {tile_offset(a[0], a[1], a[2])};
+  }
+  if (fn == "meta_pos") {  // [K, row, ch] -> [word, shift]
+    need(3);
+    const MetaPos p = meta_pos(a[0], a[1], a[2]);
+    return {p.word, p.shift};
+  }
+  if (fn == "gemm_max_rows") {
+    need(0);
+    return {sparse24_gemm_max_rows()};
+  }
+  if (fn == "sm90_max_rows") {  // [M]
+    need(1);
+    return {sparse24_sm90_max_rows(a[0])};
+  }
+  if (fn == "elementwise_blocks") {  // [threads, block_threads]
+    need(2);
+    return {sparse24_elementwise_blocks(a[0], static_cast<int>(a[1]))};
+  }
+  TERSOR_CHECK_VALUE(false, "_sparse24_index: unknown function ", fn);
+  return {};
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CPU, m) {
@@ -414,6 +450,7 @@ STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CPU, m) {
 // No tensor argument: registered for every dispatch key.
 STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CompositeExplicitAutograd, m) {
   m.impl("_sparse24_sm90_layout_check", TORCH_BOX(&sm90_layout_check));
+  m.impl("_sparse24_index", TORCH_BOX(&sparse24_index));
 }
 
 }  // namespace tersor::sparse24

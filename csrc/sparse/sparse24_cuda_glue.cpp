@@ -95,6 +95,11 @@ Tensor linear_cuda(const Tensor& x, const Tensor& values, const Tensor& meta, co
   std::optional<Tensor> b;
   if (bias.has_value()) b = as_contiguous(*bias);
   const void* bp = b.has_value() ? b->const_data_ptr() : nullptr;
+  const int64_t max_rows = kernel == LinearKernel::kGemm   ? sparse24_gemm_max_rows()
+                           : kernel == LinearKernel::kSm90 ? sparse24_sm90_max_rows(s.M)
+                                                           : int64_t{Sparse24GemvTraits::kMaxBatch};
+  TERSOR_CHECK_VALUE(B <= max_rows, op, ": x has ", B, " rows; the CUDA '", kernel_name(kernel), "' kernel takes at most ",
+                     max_rows, " rows per call for this weight (CUDA's grid limits); split x along its leading dims");
   Tensor y = empty({B, s.M}, x.scalar_type(), x.device());
   switch (kernel) {
     case LinearKernel::kGemv:

@@ -91,6 +91,19 @@ struct Sparse24Sm90Traits {
 static_assert(Sparse24Sm90Traits::kSmemBytes <= 227 * 1024, "sm90 shared memory per block");
 static_assert(Sparse24Sm90Traits::kStages >= 3, "the overwritten stage must be two steps old");
 
+// Launch limits (issue 17): the most rows of x one call takes on each GEMM. The sm80 GEMM puts x tiles on
+// gridDim.y (at most 65535); the sm90 GEMM has a 1-D grid of W tiles x x tiles (at most 2^31 - 1 blocks).
+// The glue refuses more with a ValueError naming the number (the kernels' offsets are int64 either way).
+constexpr int64_t sparse24_gemm_max_rows() { return int64_t{65535} * Sparse24GemmTraits::kBN; }
+constexpr int64_t sparse24_sm90_max_rows(int64_t M) {
+  const int64_t grid_m = (M / 16 + Sparse24Sm90Traits::kRowBlocks - 1) / Sparse24Sm90Traits::kRowBlocks;
+  return grid_m > 0 ? int64_t{0x7fffffff} / grid_m * Sparse24Sm90Traits::kBN : 0;
+}
+// Blocks of the element-wise compress / decompress kernels (one thread per metadata word / lane of a tile).
+constexpr int64_t sparse24_elementwise_blocks(int64_t threads, int block_threads) {
+  return (threads + block_threads - 1) / block_threads;
+}
+
 struct Sparse24CompressTraits {
   static constexpr int kThreads = 256;  // one lane metadata word (2 rows x 4 chunks) per thread
 };
