@@ -20,6 +20,17 @@ P24 = sparse.compress_2_4(W24)
 BW = B.to_bsr(torch.randn(64, 64), 16)
 CT = codec.compress(torch.randn(64, 64).bfloat16())
 Q = torch.randn(1, 2, 8, 64).half()
+E8P_STATE = tersor.quant.quantize_e8p(torch.randn(32, 64, generator=torch.Generator().manual_seed(0)), 2)
+AQLM_CODES = torch.randint(-128, 127, (32, 8, 2), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+AQLM_BOOKS, AQLM_SCALES = torch.randn(2, 256, 1, 8).half(), torch.ones(32, 1, 1, 1).half()
+
+
+def _e8p(**change):
+    return tersor.nn.E8PLinear({k: v for k, v in {**E8P_STATE, **change}.items() if v is not None})
+
+
+def _aqlm(codes=AQLM_CODES, books=AQLM_BOOKS, scales=AQLM_SCALES, bias=None):
+    return tersor.nn.AQLMLinear(codes, books, scales, bias)
 
 # id: (call, exception type, message pattern)
 CASES = {
@@ -66,6 +77,28 @@ CASES = {
     "load_bsr/type": (lambda: B.load_bsr(3), TypeError, "state"),
     "load_bsr/missing": (lambda: B.load_bsr({"format": "tersor.bsr", "version": 1}), ValueError, "shape"),
     "prune_blocks/density": (lambda: B.prune_blocks(torch.randn(64, 64), 16, 1.5), ValueError, "density"),
+    # E8P (QuIP#'s layout; issue 19: the layout and the Hadamard convention are declared, Qidxs is int64)
+    "E8PLinear/state": (lambda: tersor.nn.E8PLinear(3), TypeError, "state"),
+    "E8PLinear/Qidxs-dtype": (lambda: _e8p(Qidxs=E8P_STATE["Qidxs"].int()), TypeError, "Qidxs"),
+    "E8PLinear/codebook_id": (lambda: _e8p(codebook_id=None), ValueError, "codebook_id"),
+    "E8PLinear/SU-length": (lambda: _e8p(SU=E8P_STATE["SU"][:32]), ValueError, "SU"),
+    "E8PLinear/Wscale-rows": (lambda: _e8p(Wscale=torch.ones(32)), ValueError, "Wscale"),
+    "E8PLinear/hadamard": (lambda: tersor.nn.E8PLinear(E8P_STATE, hadamard="x"), ValueError, "hadamard"),
+    "E8PLinear/x-features": (lambda: _e8p()(torch.randn(2, 32)), ValueError, "features"),
+    "dequantize_e8p/Qidxs-dtype": (lambda: tersor.quant.dequantize_e8p({**E8P_STATE, "Qidxs": E8P_STATE["Qidxs"].float()}),
+                                   TypeError, "Qidxs"),
+    "e8p_linear/in_features": (lambda: ops.e8p_linear(torch.randn(2, 64), E8P_STATE["Qidxs"], 48), ValueError,
+                               "in_features"),
+    # AQLM (issue 19: int32/int64 codes with a range check; the layer copies what it is given)
+    "AQLMLinear/codes-dtype": (lambda: _aqlm(codes=AQLM_CODES.float()), TypeError, "codes"),
+    "AQLMLinear/codes-range": (lambda: _aqlm(codes=AQLM_CODES.long() + 1000), ValueError, "codes"),
+    "AQLMLinear/codebooks": (lambda: _aqlm(books=AQLM_BOOKS[..., :4]), ValueError, "codebooks"),
+    "AQLMLinear/scales": (lambda: _aqlm(scales=AQLM_SCALES[:3]), ValueError, "scales"),
+    "AQLMLinear/bias": (lambda: _aqlm(bias=torch.randn(3)), ValueError, "bias"),
+    "AQLMLinear/x-features": (lambda: _aqlm()(torch.randn(2, 32)), ValueError, "features"),
+    "AQLMLinear.from_aqlm/object": (lambda: tersor.nn.AQLMLinear.from_aqlm(3), TypeError, "codes"),
+    "aqlm_linear/x-dtype": (lambda: ops.aqlm_linear(torch.randn(2, 64).int(), AQLM_CODES, AQLM_BOOKS, AQLM_SCALES),
+                            TypeError, "x must be"),
     # attention
     "sage_attention/dtype": (lambda: attention.sage_attention(Q.float(), Q.float(), Q.float()), TypeError, "float16"),
     "sage_attention/head-dim": (lambda: attention.sage_attention(Q, Q[..., :32], Q), ValueError, "head dim"),
