@@ -80,58 +80,69 @@ def _cpu_size_speed(ctx) -> list[Result]:
     weights, source = _minilm_weights()
     if weights is None:
         weights = _synthetic()
+    # One large tensor too (issue 17: "on MiniLM and on a 4096^2 tensor"): a single 32 MiB decode, where the
+    # output's page faults and the decode loop dominate rather than the per-tensor call overhead.
+    big = {"w": torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)) * 0.02}
+    sets = [(source, weights, (torch.bfloat16, torch.float16, torch.float32))]
+    if not ctx.quick:
+        sets.append(("synthetic 4096x4096 N(0, 0.02)", big, (torch.bfloat16,)))
     results = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the issue's comparison: one thread each
     try:
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            ws = {k: v.to(dtype).contiguous() for k, v in weights.items()}
-            total = sum(v.numel() * v.element_size() for v in ws.values())
-            reps = 2 if ctx.quick else 5
-            cts = {}
-
-            def enc():
-                cts.update({k: codec.compress(v) for k, v in ws.items()})
-
-            def dec():
-                return {k: codec.decompress(c) for k, c in cts.items()}
-
-            t_enc = _wall(enc, reps)
-            t_dec = _wall(dec, reps)
-            out = dec()
-            exact = all(torch.equal(out[k].view(torch.uint8), ws[k].view(torch.uint8)) for k in ws)
-            ratio = sum(c.nbytes for c in cts.values()) / total
-            base, z = _baseline_codec(dtype)
-            acc = {"ratio": ratio, "bit_exact": exact}
-            extra = {"source": source, "bytes": total, "threads": 1, "encode_GBps": total / t_enc / 1e6,
-                     "decode_GBps": total / t_dec / 1e6}
-            # ZipNN rewrites its input tensor in place (byte grouping), so every call gets its own copy,
-            # made outside the timed region; whether the input was modified is recorded.
-            copies = [{k: v.clone() for k, v in ws.items()} for _ in range(reps + 1)]
-            zc = {}
-
-            def zenc():
-                src = copies.pop()
-                zc.update({k: z.compress(v) for k, v in src.items()})
-                zenc.last = src
-
-            def zdec():
-                return {k: z.decompress(c) for k, c in zc.items()}
-
-            zt_enc, zt_dec = _wall(zenc, reps), _wall(zdec, reps)
-            acc["baseline_ratio"] = sum(len(c) for c in zc.values()) / total
-            extra["baseline_mutates_input"] = not all(
-                torch.equal(zenc.last[k].view(torch.uint8), ws[k].view(torch.uint8)) for k in ws)
-            extra.update(baseline_encode_GBps=total / zt_enc / 1e6, baseline_decode_GBps=total / zt_dec / 1e6)
-            dt = str(dtype).replace("torch.", "")
-            results.append(Result(family="codec", op="compress (1 thread)", shape=f"{source}, {total >> 20} MiB",
-                                  dtype=dt, tersor_ms=t_enc, baseline=base, baseline_ms=zt_enc, accuracy=acc, extra=extra))
-            results.append(Result(family="codec", op="decompress (1 thread)", shape=f"{source}, {total >> 20} MiB",
-                                  dtype=dt, tersor_ms=t_dec, baseline=base, baseline_ms=zt_dec, accuracy=acc,
-                                  extra=extra))
+        for name, tensors, dtypes in sets:
+            for dtype in dtypes:
+                results += _size_speed_rows(ctx, name, {k: v.to(dtype).contiguous() for k, v in tensors.items()})
     finally:
         torch.set_num_threads(threads)
     return results
+
+
+def _size_speed_rows(ctx, source: str, ws: dict) -> list[Result]:
+    """Encode and decode rows of one set of tensors (one dtype), tersor against the baseline codec."""
+    dtype = next(iter(ws.values())).dtype
+    total = sum(v.numel() * v.element_size() for v in ws.values())
+    reps = 2 if ctx.quick else 5
+    cts = {}
+
+    def enc():
+        cts.update({k: codec.compress(v) for k, v in ws.items()})
+
+    def dec():
+        return {k: codec.decompress(c) for k, c in cts.items()}
+
+    t_enc = _wall(enc, reps)
+    t_dec = _wall(dec, reps)
+    out = dec()
+    exact = all(torch.equal(out[k].view(torch.uint8), ws[k].view(torch.uint8)) for k in ws)
+    ratio = sum(c.nbytes for c in cts.values()) / total
+    base, z = _baseline_codec(dtype)
+    acc = {"ratio": ratio, "bit_exact": exact}
+    extra = {"source": source, "bytes": total, "threads": 1, "encode_GBps": total / t_enc / 1e6,
+             "decode_GBps": total / t_dec / 1e6}
+    # ZipNN rewrites its input tensor in place (byte grouping), so every call gets its own copy,
+    # made outside the timed region; whether the input was modified is recorded.
+    copies = [{k: v.clone() for k, v in ws.items()} for _ in range(reps + 1)]
+    zc = {}
+
+    def zenc():
+        src = copies.pop()
+        zc.update({k: z.compress(v) for k, v in src.items()})
+        zenc.last = src
+
+    def zdec():
+        return {k: z.decompress(c) for k, c in zc.items()}
+
+    zt_enc, zt_dec = _wall(zenc, reps), _wall(zdec, reps)
+    acc["baseline_ratio"] = sum(len(c) for c in zc.values()) / total
+    extra["baseline_mutates_input"] = not all(
+        torch.equal(zenc.last[k].view(torch.uint8), ws[k].view(torch.uint8)) for k in ws)
+    extra.update(baseline_encode_GBps=total / zt_enc / 1e6, baseline_decode_GBps=total / zt_dec / 1e6)
+    dt = str(dtype).replace("torch.", "")
+    return [Result(family="codec", op="compress (1 thread)", shape=f"{source}, {total >> 20} MiB", dtype=dt,
+                   tersor_ms=t_enc, baseline=base, baseline_ms=zt_enc, accuracy=acc, extra=extra),
+            Result(family="codec", op="decompress (1 thread)", shape=f"{source}, {total >> 20} MiB", dtype=dt,
+                   tersor_ms=t_dec, baseline=base, baseline_ms=zt_dec, accuracy=acc, extra=extra)]
 
 
 def _linear_rows(ctx) -> list[Result]:
