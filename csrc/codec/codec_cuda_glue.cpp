@@ -43,9 +43,9 @@ void decode_into(const DecodeCall& c, const Tensor& stream, const Tensor& table,
     int flag = 0;  // waits for the kernel, as .item() did
     TERSOR_CUDA_CHECK(cudaMemcpyAsync(&flag, err.const_data_ptr<int>(), sizeof(int), cudaMemcpyDeviceToHost, cs));
     TERSOR_CUDA_CHECK(cudaStreamSynchronize(cs));
-    TERSOR_CHECK(flag == 0, op,
-                 ": corrupt stream: a chunk record is malformed or a lane does not decode to exactly its "
-                 "declared length (was the stream modified, or decoded with another stream's table?)");
+    TERSOR_CHECK_VALUE(flag == 0, op,
+                       ": corrupt stream: a chunk record is malformed or a lane does not decode to exactly its "
+                       "declared length (was the stream modified, or decoded with another stream's table?)");
   }
 }
 

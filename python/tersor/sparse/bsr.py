@@ -9,6 +9,7 @@ validator/loader of the format.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -122,11 +123,23 @@ def load_bsr(state: dict) -> BSRWeight:
     """The validator/loader of BSR v1: checks version, shapes, dtypes and every index (crow non-decreasing from
     0 to nnz_blocks, columns in range and ascending within a row, the schedule exactly covering the rows),
     raising ``ValueError``/``TypeError``; returns the weight on the device its tensors are on."""
+    if not isinstance(state, dict):
+        raise TypeError(f"load_bsr: expected a state dict, got {type(state).__name__}")
     if state.get("format") != "tersor.bsr" or state.get("version") != BSR_FORMAT_VERSION:
         raise ValueError(f"not a tersor BSR v{BSR_FORMAT_VERSION} state: format={state.get('format')!r} "
                          f"version={state.get('version')!r}")
-    n, k = (int(v) for v in state["shape"])
+    missing = [key for key in ("shape", "crow_indices", "col_indices", "values", "schedule") if key not in state]
+    if missing:
+        raise ValueError(f"BSR state has no {', '.join(map(repr, missing))} (docs/formats.md, BSR v1)")
+    shape = state["shape"]
+    try:
+        n, k = (operator.index(v) for v in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"BSR state: shape must be [N, K] (two ints), got {shape!r:.100}") from None
     crow, col, values, schedule = (state[key] for key in ("crow_indices", "col_indices", "values", "schedule"))
+    for key, t in zip(("crow_indices", "col_indices", "values", "schedule"), (crow, col, values, schedule)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"BSR state: {key} must be a tensor, got {type(t).__name__}")
     if values.dim() != 3 or values.shape[1] != values.shape[2]:
         raise ValueError(f"BSR values must be [nnz_blocks, bs, bs], got {tuple(values.shape)}")
     bs = int(values.shape[1])
