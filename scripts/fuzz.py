@@ -417,7 +417,7 @@ def mutate_tensor(t, rng: random.Random, pool: list):
     r = rng.random()
     t = t.clone(memory_format=torch.contiguous_format)
     if r < 0.25 and t.numel():  # bit flips in the raw bytes
-        raw = t.contiguous().view(-1).view(torch.uint8) if t.dtype != torch.bool else t.view(torch.uint8)
+        raw = t.view(-1).view(torch.uint8) if t.dtype != torch.bool else t.view(torch.uint8).view(-1)
         for _ in range(rng.choice((1, 1, 2, 4, 16))):
             i = rng.randrange(raw.numel())
             raw[i] ^= 1 << rng.randrange(8)
@@ -900,6 +900,7 @@ class E8pTarget(TensorTarget):
 def _tiny_model():
     """A fresh tiny model with one layer per tersor format, plain nn.Linear everywhere (what tersor.load
     fills), a LayerNorm and a non-persistent buffer."""
+    _lazy_imports()
     from torch import nn
 
     class Tiny(nn.Module):
@@ -1072,18 +1073,19 @@ class ManifestTarget:
                 header, data = split
                 for _ in range(rng.choice((1, 1, 2))):
                     names = [k for k in header if k != "__metadata__"]
-                    if names and rng.random() < 0.7:
-                        name = rng.choice(names)
-                        ent = header[name]
+                    ent = header[rng.choice(names)] if names else None
+                    if isinstance(ent, dict) and isinstance(ent.get("data_offsets"), list) and \
+                            len(ent["data_offsets"]) == 2 and isinstance(ent.get("shape"), list) and \
+                            rng.random() < 0.7:
                         c = rng.random()
                         if c < 0.4:
                             i = rng.randrange(2)
-                            ent["data_offsets"][i] = rng.choice(LIMITS + (ent["data_offsets"][i] + 1,
-                                                                          ent["data_offsets"][i] - 1, len(data)))
+                            o = ent["data_offsets"][i] if isinstance(ent["data_offsets"][i], int) else 0
+                            ent["data_offsets"][i] = rng.choice(LIMITS + (o + 1, o - 1, len(data)))
                         elif c < 0.7 and ent["shape"]:
                             i = rng.randrange(len(ent["shape"]))
-                            ent["shape"][i] = rng.choice((0, 1, 2, ent["shape"][i] * 2, ent["shape"][i] + 1,
-                                                          2**31, 2**32, 2**63 - 1))
+                            d0 = ent["shape"][i] if isinstance(ent["shape"][i], int) else 1
+                            ent["shape"][i] = rng.choice((0, 1, 2, d0 * 2, d0 + 1, 2**31, 2**32, 2**63 - 1))
                         elif c < 0.85:
                             ent["dtype"] = rng.choice(("F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL",
                                                        "F64", "F8_E4M3", "F8_E5M2", "U64", "XX"))
@@ -1419,7 +1421,8 @@ def replay(paths) -> int:
     bad = 0
     cache = {}
     for p in map(Path, paths):
-        target = next((t for t in TARGETS if f"-{t}-" in p.name or p.parent.name == t), None)
+        target = p.parent.name if p.parent.name in TARGETS else \
+            next((t for t in TARGETS if p.name.startswith(f"crash-{t}-")), None)
         if target is None:
             print(f"{p}: cannot tell the target (name it crash-<target>-... or put it under fuzz_corpus/<target>/)")
             bad += 1
