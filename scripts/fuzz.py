@@ -1072,6 +1072,8 @@ class ManifestTarget:
             if split is not None:
                 header, data = split
                 for _ in range(rng.choice((1, 1, 2))):
+                    if not isinstance(header, dict):
+                        break
                     names = [k for k in header if k != "__metadata__"]
                     ent = header[rng.choice(names)] if names else None
                     if isinstance(ent, dict) and isinstance(ent.get("data_offsets"), list) and \
@@ -1223,7 +1225,9 @@ class Fuzzer:
                 raise SystemExit(f"fuzz.py: seed {p} gives {got!r}, not 'same'")
 
     def case(self, run_seed: int, i: int):
-        rng = random.Random(f"{self.target.name}:{run_seed}:{i}")
+        return self.case_from(random.Random(f"{self.target.name}:{run_seed}:{i}"))
+
+    def case_from(self, rng: random.Random):
         k = rng.randrange(len(self.seeds))
         case = self.target.mutate(self.seeds[k], self.seeds, rng)
         return case, k
@@ -1437,6 +1441,36 @@ def replay(paths) -> int:
     return 1 if bad else 0
 
 
+def atheris_main(target: str, libfuzzer_args: list) -> None:
+    """libFuzzer's engine (atheris) over the same targets and oracles: each input's bytes seed the
+    structure-aware mutator (which seed, which mutations); for codec and manifest an input starting with
+    0x00 is also tried as the raw stream / packed checkpoint itself. Coverage guidance comes from the
+    instrumented Python (tersor's loaders, this mutator); tersor's C++ is built by gcc without libFuzzer
+    instrumentation, so it contributes none. A Finding is raised to libFuzzer, which writes the input
+    (crash-<sha1>) and stops. atheris is optional: install it into a separate environment and put that on
+    PYTHONPATH (docs/build.md)."""
+    import atheris
+
+    with atheris.instrument_imports(include=["tersor"]):
+        _lazy_imports()
+        import tersor.api.checkpoint  # noqa: F401
+        import tersor.nn  # noqa: F401
+        import tersor.sparse.bsr  # noqa: F401
+    fz = Fuzzer(target)
+
+    def one(data: bytes):
+        if data[:1] == b"\x00" and target in ("codec", "manifest"):
+            case, expect = ((data[1:], None), None)
+        else:
+            rng = random.Random(data)
+            (case, k) = fz.case_from(rng)
+            expect = fz.expect[k]
+        fz.target.run_case(case, expect)
+
+    atheris.Setup([sys.argv[0]] + libfuzzer_args, one)
+    atheris.Fuzz()
+
+
 def write_corpus():
     _lazy_imports()
     torch.set_num_threads(1)
@@ -1462,7 +1496,18 @@ def main(argv=None) -> int:
     ap.add_argument("--replay", nargs="+", help="re-run these case files")
     ap.add_argument("--write-corpus", action="store_true", help="regenerate the seeds of tests/fuzz_corpus/")
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--atheris", action="store_true",
+                    help="use libFuzzer's engine (atheris must be importable); arguments after -- go to libFuzzer, "
+                         "e.g. -- -runs=100000 -timeout=1 -max_total_time=600")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    libfuzzer_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     args = ap.parse_args(argv)
+    if args.atheris:
+        if args.target not in TARGETS:
+            ap.error("--atheris needs one --target")
+        atheris_main(args.target, libfuzzer_args)
+        return 0
     if args.worker:
         t, s, a, b, step, out = args.worker
         worker(t, int(s), int(a), int(b), int(step), Path(out))

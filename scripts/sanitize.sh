@@ -29,7 +29,9 @@ cmake -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$PY" -DCMAKE_BUILD_TYPE=Rel
   || { cat "$BUILD.cmake.log"; exit 1; }
 ninja -C "$BUILD" -j"${TERSOR_JOBS:-2}" > "$BUILD.ninja.log" 2>&1 \
   || { tail -n 60 "$BUILD.ninja.log"; echo "[sanitize] build failed (log: $BUILD.ninja.log)" >&2; exit 1; }
-bash scripts/dev_overlay.sh "$BUILD" "$BUILD/overlay" > /dev/null
+# One overlay per invocation (removed at the end): several runs (fuzz targets side by side) share a build dir.
+overlay="$BUILD/overlay.$$"
+bash scripts/dev_overlay.sh "$BUILD" "$overlay" > /dev/null
 echo "[sanitize] build ready in $(( $(date +%s) - start )) s ($BUILD)"
 
 # The runtimes: libasan first in the process (LD_PRELOAD); libubsan comes in as the modules' dependency.
@@ -52,19 +54,23 @@ export LD_PRELOAD="$asan:$stdcxx${LD_PRELOAD:+:$LD_PRELOAD}"
 export ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1:halt_on_error=1:abort_on_error=1:symbolize=1:suppressions=$root/scripts/sanitize.supp${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 # UBSan: tersor is built with -fno-sanitize-recover=all (a report aborts); print_stacktrace for where.
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
-export PYTHONPATH="$BUILD/overlay${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$overlay${PYTHONPATH:+:$PYTHONPATH}"
 export TERSOR_REQUIRE_TESTING_EXT=1
 
+set +e
 if [ "${1:-}" = "--python" ]; then
   shift
-  exec "$PY" "$@"
+  "$PY" "$@"
+  rc=$?
+  rm -rf "$overlay"
+  exit $rc
 fi
 if [ $# = 0 ]; then
   set -- "${SANITIZE_TESTS[@]}" -q -p no:cacheprovider
 fi
 t0=$(date +%s)
-set +e
 "$PY" -m pytest "$@"
 rc=$?
+rm -rf "$overlay"
 echo "[sanitize] pytest rc=$rc in $(( $(date +%s) - t0 )) s (total $(( $(date +%s) - start )) s)"
 exit $rc

@@ -147,6 +147,8 @@ def load_bsr(state: dict) -> BSRWeight:
         raise ValueError(f"BSR blocksize must be one of {BLOCKSIZES}, got {bs}")
     if n <= 0 or k <= 0 or n % bs or k % bs:
         raise ValueError(f"BSR shape {(n, k)} is not a positive multiple of the blocksize {bs}")
+    if n >= 2**63 or k >= 2**63:  # the ops take int64 sizes (and refuse weights past int32 indexing)
+        raise ValueError(f"BSR shape {(n, k)} is outside int64")
     if crow.numel() != n // bs + 1:
         raise ValueError(f"crow_indices has {crow.numel()} entries, expected {n // bs + 1}")
     # The C++ check (metadata, index ranges, schedule coverage), then column order within rows.
