@@ -286,3 +286,26 @@ def test_checkpoint_layer_shape_must_match_manifest(tmp_path):
     next(layer for layer in man["layers"] if layer["fqn"] == "aqlm")["tensors"]["codes"] = spec
     with pytest.raises(ValueError, match=r"layer 'aqlm'.*\[16, 32\] weight, the manifest says \[16, 16\]"):
         _load(d, json.loads(json.dumps(man)))
+
+
+@needs_safetensors
+def test_checkpoint_bsr_dtype_must_match(tmp_path):
+    """Finding 10: a manifest whose BSR layer config said bfloat16 over float32 values loaded (the layer's
+    load_state_dict converted the values silently) into a float32 model whose forward then raised TypeError;
+    with the tensors converted too, the bfloat16 layer went into the float32 model unchecked."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    d, man = _checkpoint(tmp_path)
+    layer = next(layer for layer in man["layers"] if layer["fqn"] == "bsr")
+    layer["config"]["dtype"] = "bfloat16"
+    with pytest.raises(ValueError, match="state values is torch.float32, the layer is torch.bfloat16"):
+        _load(d, man)
+    tensors = st_load((d / "model.safetensors").read_bytes())
+    for name in ("bsr.values", "bsr.bias"):
+        tensors[name] = tensors[name].bfloat16()
+        man["tensors"][name]["dtype"] = "bfloat16"
+        layer["tensors"][name.split(".")[1]]["dtype"] = "bfloat16"
+    (d / "model.safetensors").write_bytes(st_save(tensors, metadata={"format": "pt", "tersor-checkpoint": "1"}))
+    with pytest.raises(ValueError, match="the model's layer is float32, the checkpoint's bfloat16"):
+        _load(d, man)

@@ -326,6 +326,16 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
             new = build_layer(spec, own, device)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"tersor.load: layer {fqn!r} ({spec.get('format')}): {e}") from None
+        # Layers that compute in one dtype (2:4/BSR: x must be theirs; codec: F.linear with the decoded weight)
+        # must match a materialized model's nn.Linear, as every other tensor must (a meta model takes the
+        # checkpoint's dtypes).
+        fixed = getattr(new, "io_dtype", None) if isinstance(new, SparseLinear) else \
+            getattr(new, "_dtype", None) if isinstance(new, CompressedLinear) else None
+        w = mod.weight if type(mod) is nn.Linear else None
+        if fixed is not None and w is not None and w.device.type != "meta" and w.dtype != fixed:
+            raise ValueError(f"tersor.load: layer {fqn!r}, tensor {fqn + '.weight'!r}: the model's layer is "
+                             f"{_dtype_name(w.dtype)}, the checkpoint's {_dtype_name(fixed)} (convert the model's "
+                             f"dtype first, or build it on meta)")
         model.set_submodule(fqn, new)
 
     # 2. everything else
