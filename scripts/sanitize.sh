@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU code under AddressSanitizer + UndefinedBehaviorSanitizer (issue 17; docs/build.md, "Sanitizer build").
 #
-#   bash scripts/sanitize.sh [pytest args]        # default: the loader and decoder tests (SANITIZE_TESTS below)
+#   bash scripts/sanitize.sh [pytest args]        # no test paths given: the loader and decoder tests
+#                                                 # (SANITIZE_TESTS below) with those options
 #   bash scripts/sanitize.sh --python ARGS...     # any python command under the sanitizers, e.g.
 #   bash scripts/sanitize.sh --python scripts/fuzz.py --target codec --iters 100000
 #
@@ -65,8 +66,11 @@ if [ "${1:-}" = "--python" ]; then
   rm -rf "$overlay"
   exit $rc
 fi
-if [ $# = 0 ]; then
-  set -- "${SANITIZE_TESTS[@]}" -q -p no:cacheprovider
+only_options=1
+for a in "$@"; do [ "${a#-}" = "$a" ] && only_options=0; done
+if [ $only_options = 1 ]; then  # no test paths given: the default list, with these pytest options (or -q)
+  [ $# = 0 ] && set -- -q -p no:cacheprovider
+  set -- "${SANITIZE_TESTS[@]}" "$@"
 fi
 t0=$(date +%s)
 "$PY" -m pytest "$@"
