@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Structure-aware fuzzing of tersor's loaders and decoders (issue 17; docs/build.md, "Fuzzing").
 
-    python scripts/fuzz.py --target T --iters N [--seconds S] [--seed K] [--jobs J] [--timeout 1.0]
+    python scripts/fuzz.py --target T --iters N [--seconds S] [--seed K] [--timeout 1.0] [--progress N]
     python scripts/fuzz.py --replay FILE...          # re-run saved cases (a corpus file or a failure)
     python scripts/fuzz.py --write-corpus            # (re)generate tests/fuzz_corpus/ from tersor's writers
 
@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
-import math
 import os
 import random
 import select
@@ -468,10 +466,6 @@ def mutate_tensor(t, rng: random.Random, pool: list):
     # splice: another seed's tensor (any key) in its place
     other = rng.choice(pool)
     return other.clone()
-
-
-def _contig_close(a, b):
-    return a.shape == b.shape
 
 
 class TensorTarget:
