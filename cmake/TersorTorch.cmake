@@ -46,4 +46,11 @@ function(tersor_configure_extension target)
   target_link_options(${target} PRIVATE -Wl,--no-as-needed,-l:libdl.so.2,--as-needed)
   find_library(_torch_cpu NAMES torch_cpu PATHS "${TERSOR_TORCH_DIR}/lib" NO_DEFAULT_PATH REQUIRED)
   target_link_libraries(${target} PRIVATE "${_torch_cpu}")
+  # TERSOR_SANITIZE (CMakeLists.txt): -g1 gives the reports file:line frames; frame pointers give ASan's fast
+  # unwinder whole stacks; -fno-sanitize-recover=all turns every UBSan report into a failure.
+  if(TERSOR_SANITIZE)
+    target_compile_options(${target} PRIVATE -fsanitize=${TERSOR_SANITIZE} -fno-sanitize-recover=all
+      -fno-omit-frame-pointer -g1)
+    target_link_options(${target} PRIVATE -fsanitize=${TERSOR_SANITIZE} -fno-sanitize-recover=all)
+  endif()
 endfunction()

@@ -1,6 +1,7 @@
 // Argument checking shared by the codebook family's CPU and CUDA torch glue (host C++ only).
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -63,7 +64,10 @@ inline E8PCall check_e8p_call(const Tensor& qidxs, int64_t n, const std::optiona
                        " that must be ", n / 32, " (2 bits), ", 3 * n / 64, " (3 bits) or ", n / 16, " (4 bits)");
   }
   const double rs = resid_scale.value_or(c.bits == 3 ? kResidScale3 : kResidScale4);
-  TERSOR_CHECK_VALUE(std::isfinite(rs) && rs > 0, op, ": resid_scale must be positive and finite, got ", rs);
+  // The kernels divide by it as a float32: a double outside float32's normal range would become 0 or inf
+  // there (and the conversion of an out-of-range double to float is undefined behaviour).
+  TERSOR_CHECK_VALUE(rs >= static_cast<double>(FLT_MIN) && rs <= static_cast<double>(FLT_MAX), op,
+                     ": resid_scale must be positive, finite and a normal float32, got ", rs);
   c.resid_scale = static_cast<float>(rs);
   return c;
 }

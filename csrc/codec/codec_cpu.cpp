@@ -221,7 +221,7 @@ Tensor encode_impl(const Tensor& xc, WireDType dt, int64_t chunk_target) {
     std::memset(p, 0, L.exp_pos);
     write_fixed_header(p, dt, mode, ndim, shape.data(), 0, numel, row_len, 0, L.exp_pos, 0, L.exp_pos,
                        numel * EB);
-    std::memcpy(p + L.exp_pos, data, numel * EB);
+    if (numel) std::memcpy(p + L.exp_pos, data, numel * EB);  // an empty tensor's data pointer may be null
     wr<uint32_t>(p + L.crc_pos, crc32c(data, numel * EB));
     wr<uint32_t>(p + L.meta_crc_pos, crc32c(p, L.meta_crc_pos));
     return out;
@@ -467,14 +467,15 @@ Tensor codec_decode_cpu(const Tensor& stream, const Tensor& table, std::vector<i
     if (verify)
       TERSOR_CHECK_VALUE(crc32c(p + s.raw_pos, s.raw_bytes) == rd<uint32_t>(p + s.crc_pos),
                          "codec_decode: corrupt codec stream: data checksum mismatch");
-    std::memcpy(o, p + s.raw_pos, s.numel * eb);
+    if (s.numel) std::memcpy(o, p + s.raw_pos, s.numel * eb);  // an empty output's data pointer may be null
     return out;
   }
   // The lane reader loads aligned u32 words; a stream view at an odd address gets an aligned copy.
   Tensor aligned = reinterpret_cast<uintptr_t>(p) % kAlign ? torch::stable::clone(stream) : stream;
   p = aligned.const_data_ptr<uint8_t>();
   uint32_t lut[kLutSize];
-  TERSOR_CHECK_VALUE(build_decode_lut(p + s.code_len_pos(), lut), "codec_decode: corrupt codec stream: invalid code lengths");
+  TERSOR_CHECK_VALUE(build_decode_lut(p + s.code_len_pos(), lut),
+                     "codec_decode: corrupt codec stream: invalid code lengths");
   StreamInfo sa = s;
   sa.code_len = p + s.code_len_pos();
   std::atomic<const char*> error{nullptr};
@@ -489,6 +490,7 @@ Tensor codec_decode_cpu(const Tensor& stream, const Tensor& table, std::vector<i
       }
     }
   });
+  // A damaged stream is the caller's data: ValueError, like every other check of the stream's contents.
   if (const char* msg = error.load()) TERSOR_CHECK_VALUE(false, "codec_decode: corrupt codec stream: ", msg);
   return out;
 }

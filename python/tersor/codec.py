@@ -49,7 +49,7 @@ class CompressedTensor:
     # -- construction / serialization --
     @classmethod
     def from_bytes(cls, data: Union[bytes, bytearray, memoryview, torch.Tensor]) -> "CompressedTensor":
-        """Parses and fully validates a codec v1 stream (raises ``ValueError``/``RuntimeError`` if corrupt)."""
+        """Parses and fully validates a codec v1 stream (raises ``ValueError`` if corrupt)."""
         if isinstance(data, torch.Tensor):
             if data.dtype != torch.uint8:
                 raise TypeError(f"from_bytes: expected a uint8 tensor, got {data.dtype}")

@@ -9,6 +9,7 @@ device) of the real kernels and reject the same bad inputs.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -143,19 +144,31 @@ def _e8p_bits_fake(qidxs, in_features, op):
     torch._check(w in (n // 32, 3 * n // 64, n // 16), lambda: f"{op}: Qidxs width {w} does not fit in_features {n}")
 
 
+def _int64_arg(v, name: str, op: str) -> int:
+    """An int argument of an op schema: TypeError unless an integer, ValueError outside int64 (which the
+    dispatcher would report as a bare RuntimeError)."""
+    try:
+        v = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}") from None
+    if not -(2**63) <= v < 2**63:
+        raise ValueError(f"{op}: {name} = {v} is outside int64")
+    return v
+
+
 def e8p_decode(qidxs: torch.Tensor, in_features: int, resid_scale: Optional[float] = None,
                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``W^ [m, n]``: the E8P12 codebook values of QuIP#-layout ``Qidxs`` (2, 3 or 4 bits, by its width),
     ``D1 + D2 / resid_scale`` in fp32 rounded once to ``dtype`` (default float32); bit-identical on CPU
     and CUDA."""
-    return _lib.e8p_decode(qidxs, in_features, resid_scale, dtype)
+    return _lib.e8p_decode(qidxs, _int64_arg(in_features, "in_features", "e8p_decode"), resid_scale, dtype)
 
 
 def e8p_linear(x: torch.Tensor, qidxs: torch.Tensor, in_features: int,
                resid_scale: Optional[float] = None) -> torch.Tensor:
     """``x @ W^.T`` in float32 for ``x [..., n]`` (fp32 accumulation; the CUDA kernel multiplies x rounded
     to fp16 on the tensor cores, as QuIP# does)."""
-    return _lib.e8p_linear(x, qidxs, in_features, resid_scale)
+    return _lib.e8p_linear(x, qidxs, _int64_arg(in_features, "in_features", "e8p_linear"), resid_scale)
 
 
 @torch.library.register_fake("tersor::e8p_decode")

@@ -234,12 +234,78 @@ def _read_manifest(directory) -> dict:
     for key in ("layers", "tensors", "aliases", "nonpersistent_buffers"):
         if key not in manifest:
             raise ValueError(f"tersor.load: {path} has no {key!r}")
+    check_manifest_fields(manifest, f"tersor.load: {path}")
     return manifest
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_tensor_spec(spec, where: str) -> None:
+    if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str) or not isinstance(spec.get("shape"), list) \
+            or not all(_is_int(d) and d >= 0 for d in spec["shape"]):
+        raise ValueError(f"{where} must be {{\"dtype\": <str>, \"shape\": [<int >= 0>, ...]}}, got {spec!r:.200}")
+
+
+def check_layer_spec(spec, who: str) -> None:
+    """ValueError unless a manifest layer entry has every field a loader reads, of the right JSON type (a
+    manifest is data from a file: a wrong type must not surface as a KeyError or TypeError deep inside)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{who}: a 'layers' entry must be an object, got {type(spec).__name__}")
+    fqn = spec.get("fqn")
+    if not isinstance(fqn, str) or not fqn:
+        raise ValueError(f"{who}: a 'layers' entry has no 'fqn' string (got {fqn!r:.100})")
+    for key, ok, what in (("format", lambda v: isinstance(v, str), "a string"),
+                          ("in_features", lambda v: _is_int(v) and v > 0, "a positive int"),
+                          ("out_features", lambda v: _is_int(v) and v > 0, "a positive int"),
+                          ("bias", lambda v: isinstance(v, bool), "true or false"),
+                          ("config", lambda v: isinstance(v, dict), "an object"),
+                          ("tensors", lambda v: isinstance(v, dict), "an object")):
+        if key not in spec or not ok(spec[key]):
+            raise ValueError(f"{who}: layer {fqn!r}: {key!r} must be {what}, got {spec.get(key)!r:.100}")
+    for name, t in spec["tensors"].items():
+        _check_tensor_spec(t, f"{who}: layer {fqn!r}, tensor {fqn + '.' + name!r}")
+
+
+def check_manifest_fields(manifest: dict, who: str) -> None:
+    """The JSON types of a version-1 manifest's fields (docs/formats.md), checked before anything is read."""
+    weights = manifest.get("weights", WEIGHTS)
+    # A file name inside the checkpoint directory, never a path: a manifest must not make tersor.load open
+    # other files.
+    if not isinstance(weights, str) or not weights or os.path.basename(weights) != weights or weights in (".", ".."):
+        raise ValueError(f"{who}: 'weights' must be a file name in the checkpoint directory, got {weights!r:.100}")
+    if not isinstance(manifest["layers"], list):
+        raise ValueError(f"{who}: 'layers' must be a list, got {type(manifest['layers']).__name__}")
+    fqns = set()
+    for spec in manifest["layers"]:
+        check_layer_spec(spec, who)
+        if spec["fqn"] in fqns:
+            raise ValueError(f"{who}: layer {spec['fqn']!r} is listed twice")
+        fqns.add(spec["fqn"])
+    if not isinstance(manifest["tensors"], dict):
+        raise ValueError(f"{who}: 'tensors' must be an object, got {type(manifest['tensors']).__name__}")
+    for name, t in manifest["tensors"].items():
+        _check_tensor_spec(t, f"{who}: tensor {name!r}")
+    aliases = manifest["aliases"]
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise ValueError(f"{who}: 'aliases' must be an object of name -> stored name strings")
+    nonpersistent = manifest["nonpersistent_buffers"]
+    if not isinstance(nonpersistent, list) or not all(isinstance(v, str) and v for v in nonpersistent):
+        raise ValueError(f"{who}: 'nonpersistent_buffers' must be a list of names")
 
 
 def build_layer(spec: dict, tensors: dict[str, torch.Tensor], device) -> nn.Module:
     """The tersor layer a manifest entry describes, built from its tensors through the layer's own
-    constructor and validators (ValueError/TypeError on a mismatch)."""
+    constructor and validators (ValueError/TypeError on a mismatch), of the entry's in/out features."""
+    layer = _build_layer(spec, tensors, device)
+    got, want = (layer.out_features, layer.in_features), (spec["out_features"], spec["in_features"])
+    if got != want:  # the tensors describe another weight shape than the entry (and the model's module) says
+        raise ValueError(f"its tensors hold a {list(got)} weight, the manifest says {list(want)}")
+    return layer
+
+
+def _build_layer(spec: dict, tensors: dict[str, torch.Tensor], device) -> nn.Module:
     fmt, cfg, fqn = spec["format"], spec.get("config", {}), spec["fqn"]
     bias = tensors.get("bias")
     if fmt in ("e8p", "e8p_fused"):
@@ -311,19 +377,24 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
     if not os.path.isfile(path):
         raise ValueError(f"tersor.load: {path} not found")
     expected = manifest["tensors"]
-    with safe_open(path, framework="pt", device="cpu") as f:
-        keys = set(f.keys())
-        for name in sorted(keys ^ set(expected)):
-            raise _mismatch(name, layer_fqns, "in the safetensors file but not in the manifest" if name in keys
-                            else "in the manifest but not in the safetensors file")
-        tensors = {}
-        for name in sorted(keys):
-            t = f.get_tensor(name)
-            spec = expected[name]
-            if list(t.shape) != list(spec["shape"]) or _dtype_name(t.dtype) != spec["dtype"]:
-                raise _mismatch(name, layer_fqns, f"the file holds {_dtype_name(t.dtype)} {list(t.shape)}, the manifest "
-                                f"says {spec['dtype']} {spec['shape']}")
-            tensors[name] = t.to(device)
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            for name in sorted(keys ^ set(expected)):
+                raise _mismatch(name, layer_fqns, "in the safetensors file but not in the manifest" if name in keys
+                                else "in the manifest but not in the safetensors file")
+            tensors = {}
+            for name in sorted(keys):
+                t = f.get_tensor(name)
+                spec = expected[name]
+                if list(t.shape) != list(spec["shape"]) or _dtype_name(t.dtype) != spec["dtype"]:
+                    raise _mismatch(name, layer_fqns, f"the file holds {_dtype_name(t.dtype)} {list(t.shape)}, the "
+                                    f"manifest says {spec['dtype']} {spec['shape']}")
+                tensors[name] = t.to(device)
+    except SafetensorError as e:  # a damaged file (header, offsets, sizes): the caller's data
+        raise ValueError(f"tersor.load: {path} is not a valid safetensors file: {e}") from None
     for alias, target in manifest["aliases"].items():
         if target not in tensors:
             raise _mismatch(alias, layer_fqns, f"alias of {target!r}, which the file does not hold")
@@ -357,6 +428,16 @@ def load(model: nn.Module, directory: Union[str, os.PathLike], *, device: Option
             new = build_layer(spec, own, device)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"tersor.load: layer {fqn!r} ({spec.get('format')}): {e}") from None
+        # Layers that compute in one dtype (2:4/BSR: x must be theirs; codec: F.linear with the decoded weight)
+        # must match a materialized model's nn.Linear, as every other tensor must (a meta model takes the
+        # checkpoint's dtypes).
+        fixed = getattr(new, "io_dtype", None) if isinstance(new, SparseLinear) else \
+            getattr(new, "_dtype", None) if isinstance(new, CompressedLinear) else None
+        w = mod.weight if parts is None and type(mod) is nn.Linear else None
+        if fixed is not None and w is not None and w.device.type != "meta" and w.dtype != fixed:
+            raise ValueError(f"tersor.load: layer {fqn!r}, tensor {fqn + '.weight'!r}: the model's layer is "
+                             f"{_dtype_name(w.dtype)}, the checkpoint's {_dtype_name(fixed)} (convert the model's "
+                             f"dtype first, or build it on meta)")
         install_fused(model, fqn, new, parts) if parts is not None else model.set_submodule(fqn, new)
 
     # 2. everything else

@@ -40,7 +40,8 @@ class CompressedLinear(nn.Module):
         self.register_buffer("table", weight.table)
         self._header = list(weight.header)
         self._dtype = weight.dtype
-        check_bias(bias, self.out_features, "CompressedLinear")
+        # F.linear needs the bias in the weight's dtype: refused here rather than at the first forward.
+        check_bias(bias, self.out_features, "CompressedLinear", dtypes=(weight.dtype,))
         self.bias = bias_param(bias)
 
     @classmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -12,6 +11,8 @@ from ..ops import _hadamard_size_ok, e8p_decode, e8p_linear, hadamard_factor, ha
 from ..quant import quipsharp
 from ..quant import quipsharp_hadamard as qh
 from ._common import FLOATS, bias_param, check_bias, check_tensor, nbytes
+
+_FLOAT32_MIN, _FLOAT32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 
 # QuIP#'s codebook_id of each bit width (lib/codebook/__init__.py): E8P12, E8P12RVQ3B, E8P12RVQ4B.
 QUIPSHARP_CODEBOOK_ID = quipsharp.CODEBOOK_ID
@@ -108,12 +109,21 @@ class E8PLinear(nn.Module):
         self.register_buffer("had_out", had.get("out"), persistent=False)
         self.bias = bias_param(bias)
         if resid_scale is None and "resid_scale" in state:
-            resid_scale = float(state["resid_scale"])
+            rs = state["resid_scale"]
+            if isinstance(rs, torch.Tensor):
+                check_tensor(rs, "resid_scale", "E8PLinear", dtypes=FLOATS + (torch.float64,))
+                if rs.numel() != 1:
+                    raise ValueError(f"E8PLinear: resid_scale must be a scalar, got shape {list(rs.shape)}")
+            resid_scale = float(rs)
         if resid_scale is not None:
             if not math.isfinite(float(resid_scale)):
                 raise ValueError(f"E8PLinear: resid_scale must be finite (<= 0: QuIP#'s default), got {resid_scale}")
             if float(resid_scale) <= 0:  # QuIP#'s resid_scale_override = -1: "use the default"
                 resid_scale = None
+            # Checked as the kernels use it, a float32: a float64 like 1e-300 or 1e300 would round to 0 or inf there.
+            elif not (_FLOAT32_MIN <= float(resid_scale) <= _FLOAT32_MAX):
+                raise ValueError(f"E8PLinear: resid_scale must be a normal float32 ({_FLOAT32_MIN:.3g} .. "
+                                 f"{_FLOAT32_MAX:.3g}; <= 0: QuIP#'s default), got {resid_scale}")
         default = quipsharp.RESID_SCALE.get(self.bits, 1.0)
         self.register_buffer("resid_scale", torch.tensor(float(default if resid_scale is None else resid_scale)))
         self._resid = float(self.resid_scale)  # a Python float for forward: no device sync, no graph break

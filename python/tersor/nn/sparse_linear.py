@@ -168,6 +168,8 @@ class SparseLinear(nn.Module):
                                       "shape": [self.out_features, self.in_features], **got})
                 if w.blocksize != self.blocksize:
                     raise ValueError(f"SparseLinear: state has blocksize {w.blocksize}, the layer {self.blocksize}")
+                if w.dtype != self.values.dtype:  # load_state_dict's copy_ would convert it silently
+                    raise TypeError(f"SparseLinear: state {prefix}values is {w.dtype}, the layer is {self.values.dtype}")
                 # The block count is data-dependent: take the incoming sizes, then let nn.Module copy the data.
                 for n in names:
                     self.register_buffer(n, torch.empty_like(getattr(self, n), memory_format=torch.contiguous_format)

@@ -9,6 +9,7 @@ validator/loader of the format.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -123,18 +124,22 @@ def load_bsr(state: dict) -> BSRWeight:
     0 to nnz_blocks, columns in range and ascending within a row, the schedule exactly covering the rows),
     raising ``ValueError``/``TypeError``; returns the weight on the device its tensors are on."""
     if not isinstance(state, dict):
-        raise TypeError(f"load_bsr: state must be a dict (BSRWeight.state_dict()), got {type(state).__name__}")
+        raise TypeError(f"load_bsr: expected a state dict, got {type(state).__name__}")
     if state.get("format") != "tersor.bsr" or state.get("version") != BSR_FORMAT_VERSION:
         raise ValueError(f"not a tersor BSR v{BSR_FORMAT_VERSION} state: format={state.get('format')!r} "
                          f"version={state.get('version')!r}")
     missing = [key for key in ("shape", "crow_indices", "col_indices", "values", "schedule") if key not in state]
     if missing:
-        raise ValueError(f"load_bsr: the state has no {', '.join(map(repr, missing))}")
-    n, k = (int(v) for v in state["shape"])
+        raise ValueError(f"BSR state has no {', '.join(map(repr, missing))} (docs/formats.md, BSR v1)")
+    shape = state["shape"]
+    try:
+        n, k = (operator.index(v) for v in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"BSR state: shape must be [N, K] (two ints), got {shape!r:.100}") from None
     crow, col, values, schedule = (state[key] for key in ("crow_indices", "col_indices", "values", "schedule"))
-    for key, t in (("crow_indices", crow), ("col_indices", col), ("values", values), ("schedule", schedule)):
+    for key, t in zip(("crow_indices", "col_indices", "values", "schedule"), (crow, col, values, schedule)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"load_bsr: {key} must be a tensor, got {type(t).__name__}")
+            raise TypeError(f"BSR state: {key} must be a tensor, got {type(t).__name__}")
     if values.dim() != 3 or values.shape[1] != values.shape[2]:
         raise ValueError(f"BSR values must be [nnz_blocks, bs, bs], got {tuple(values.shape)}")
     bs = int(values.shape[1])
@@ -142,6 +147,8 @@ def load_bsr(state: dict) -> BSRWeight:
         raise ValueError(f"BSR blocksize must be one of {BLOCKSIZES}, got {bs}")
     if n <= 0 or k <= 0 or n % bs or k % bs:
         raise ValueError(f"BSR shape {(n, k)} is not a positive multiple of the blocksize {bs}")
+    if n >= 2**63 or k >= 2**63:  # the ops take int64 sizes (and refuse weights past int32 indexing)
+        raise ValueError(f"BSR shape {(n, k)} is outside int64")
     if crow.numel() != n // bs + 1:
         raise ValueError(f"crow_indices has {crow.numel()} entries, expected {n // bs + 1}")
     # The C++ check (metadata, index ranges, schedule coverage), then column order within rows.
