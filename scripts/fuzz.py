@@ -4,6 +4,7 @@
     python scripts/fuzz.py --target T --iters N [--seconds S] [--seed K] [--timeout 1.0] [--progress N]
     python scripts/fuzz.py --replay FILE...          # re-run saved cases (a corpus file or a failure)
     python scripts/fuzz.py --write-corpus            # (re)generate tests/fuzz_corpus/ from tersor's writers
+    python scripts/fuzz.py --atheris --target T -- -runs=N -timeout=1   # libFuzzer's engine, if atheris imports
 
 Targets: codec, sparse24, bsr, aqlm, e8p, manifest (all: --target all). Every case starts from a valid seed of
 tests/fuzz_corpus/<target>/ (written by tersor's own writers: --write-corpus), applies 1-4 structure-aware

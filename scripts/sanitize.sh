@@ -66,9 +66,9 @@ if [ "${1:-}" = "--python" ]; then
   rm -rf "$overlay"
   exit $rc
 fi
-only_options=1
-for a in "$@"; do [ "${a#-}" = "$a" ] && only_options=0; done
-if [ $only_options = 1 ]; then  # no test paths given: the default list, with these pytest options (or -q)
+has_paths=0
+for a in "$@"; do case "$a" in tests*|*.py|*::*) has_paths=1 ;; esac; done
+if [ $has_paths = 0 ]; then  # no test paths given: the default list, with these pytest options (or -q)
   [ $# = 0 ] && set -- -q -p no:cacheprovider
   set -- "${SANITIZE_TESTS[@]}" "$@"
 fi
