@@ -825,7 +825,8 @@ class E8pTarget(TensorTarget):
     Every 16-bit code is a valid E8P code, so an accepted mutation legitimately decodes to another weight."""
 
     name = "e8p"
-    keys = ("Qidxs", "SU", "SV", "Wscale", "bias", "resid_scale")
+    # codebook_id: the declared layout (issue 19: a state without it is refused; mutated like the rest)
+    keys = ("Qidxs", "SU", "SV", "Wscale", "bias", "resid_scale", "codebook_id")
     int_fields = ("in_features",)
 
     @staticmethod
@@ -843,7 +844,7 @@ class E8pTarget(TensorTarget):
             torch.save(st, out / f"{name}.pt")
 
     def optional_keys(self):
-        return ("bias", "Wscale", "resid_scale")
+        return ("bias", "Wscale", "resid_scale", "codebook_id")
 
     def mutate_key(self, key, t, rng, pool):
         if key == "Qidxs" and rng.random() < 0.3 and t.numel() and t.dtype == torch.int64:
@@ -876,7 +877,7 @@ class E8pTarget(TensorTarget):
         if out:
             raise Finding(f"E8PLinear.forward raises {out} on a layer that constructed")
         st = {"Qidxs": layer.Qidxs, "SU": layer.SU.float(), "SV": layer.SV.float(), "Wscale": layer.Wscale}
-        w = dequantize_e8p(st) if layer.bits == 2 else None
+        w = dequantize_e8p(st, bits=layer.bits, hadamard=layer.hadamard) if layer.bits == 2 else None
         if w is not None:
             want = x.double() @ w.double().T + (layer.bias.double() if layer.bias is not None else 0)
             if not _close(y.double(), want, rtol=1e-3, atol=1e-3 * (1 + float(want.abs().nan_to_num().max()))):
