@@ -56,13 +56,7 @@ class E8PLinear(nn.Module):
         if hadamard is not None and hadamard not in quipsharp.HADAMARD_CONVENTIONS:
             raise ValueError(f"E8PLinear: hadamard must be 'tersor' or 'quipsharp' (or None: the state's), got "
                              f"{hadamard!r}")
-        if not isinstance(state, dict):
-            raise TypeError(f"E8PLinear: state must be a dict of tensors (Qidxs, SU, SV, Wscale, codebook_id), got "
-                            f"{type(state).__name__}")
-        for key in ("Qidxs", "SU", "SV"):
-            if key not in state:
-                raise ValueError(f"E8PLinear: state is missing tensor {key!r} (have {sorted(state)})")
-        qidxs = quipsharp.check_qidxs(state["Qidxs"], what)
+        qidxs = quipsharp.check_qidxs(quipsharp.check_state(state, what)["Qidxs"], what)
         su = check_tensor(state["SU"], "SU", what, dtypes=FLOATS, dim=1)
         sv = check_tensor(state["SV"], "SV", what, dtypes=FLOATS, dim=1)
         self.in_features, self.out_features = su.numel(), sv.numel()
@@ -182,11 +176,7 @@ class E8PLinear(nn.Module):
     @classmethod
     def _quipsharp_args(cls, state: dict, resid_scale_override: Optional[float], what: str,
                         allow_fused: bool = False, bits: Optional[int] = None) -> dict:
-        if not isinstance(state, dict):
-            raise TypeError(f"{what}: state must be a dict of tensors, got {type(state).__name__}")
-        for key in ("Qidxs", "SU", "SV"):
-            if key not in state:
-                raise ValueError(f"{what}: missing tensor {key!r} (have {sorted(state)})")
+        quipsharp.check_state(state, what)
         if "fuse_scales" in state and not allow_fused:
             raise ValueError(
                 f"{what}: fused QuIP# layers (a state with fuse_scales: qkv_proj, upgate_proj) are not single "

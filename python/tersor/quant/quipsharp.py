@@ -403,6 +403,18 @@ def resolve_hadamard(state: dict, hadamard, n: int, m: int, what: str) -> str:
     return h
 
 
+def check_state(state, what: str) -> dict:
+    """``state`` after checking it is a dict holding at least ``Qidxs``, ``SU`` and ``SV`` (TypeError /
+    ValueError naming what is missing); the one check of E8PLinear, its QuIP# loaders and dequantize_e8p."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{what}: state must be a dict of tensors (Qidxs, SU, SV, Wscale, codebook_id), got "
+                        f"{type(state).__name__}")
+    for key in ("Qidxs", "SU", "SV"):
+        if key not in state:
+            raise ValueError(f"{what}: state is missing tensor {key!r} (have {sorted(state)})")
+    return state
+
+
 def check_qidxs(qidxs, what: str) -> torch.Tensor:
     """``qidxs`` after checking that it is a 2-d int64 tensor: TypeError for any other dtype. E8P's ``Qidxs`` are
     packed 64-bit words (4 abs bytes + 32 sign bits each): a narrower integer or a floating-point tensor
@@ -462,13 +474,7 @@ def dequantize_e8p(state: dict, bits: int | None = None, hadamard: str | None = 
     ``hadamard``: ``"tersor"`` or ``"quipsharp"``, QuIP#'s H_K from :mod:`tersor.quant.quipsharp_hadamard`;
     ValueError when neither says and n or m is not a power of two). ``Qidxs`` must be int64 (TypeError)."""
     what = "dequantize_e8p"
-    if not isinstance(state, dict):
-        raise TypeError(f"{what}: state must be a dict (Qidxs, SU, SV, Wscale, codebook_id, hadamard), got "
-                        f"{type(state).__name__}")
-    for key in ("Qidxs", "SU", "SV"):
-        if key not in state:
-            raise ValueError(f"{what}: state is missing {key!r} (have {sorted(state)})")
-    q = check_qidxs(state["Qidxs"], what)
+    q = check_qidxs(check_state(state, what)["Qidxs"], what)
     for key in ("SU", "SV"):
         t = state[key]
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 1:
