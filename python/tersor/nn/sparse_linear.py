@@ -193,7 +193,7 @@ class SparseLinear(nn.Module):
                 raise TypeError(f"SparseLinear: x must be {self.io_dtype} (the layer's dtype), got {x.dtype}")
             y = s24.linear_2_4(x.to(self.compute_dtype), self.weight_2_4).to(self.io_dtype)
             return y if self.bias is None else y + self.bias
-        if self.values.dtype == torch.float32 and self.values.device.type != "cpu":
+        if s24.float32_off_cpu(self.values):
             return s24.linear_2_4(x, self.weight_2_4, self.bias, cuda_values=self._bf16_values())
         return s24.linear_2_4(x, self.weight_2_4, self.bias)
 

@@ -16,8 +16,12 @@ FORMAT_VERSION = 1
 ROW_ALIGN = 16  # M (out_features) must be a multiple of this
 COL_ALIGN = 64  # K (in_features) must be a multiple of this
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: What the CUDA kernels take: float32 weights go through a bfloat16 copy there (:func:`linear_2_4`).
-CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def float32_off_cpu(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds float32 2:4 values where no kernel takes them (the CUDA ops take 16-bit values):
+    the case :func:`compress_2_4`, :func:`decompress_2_4` and :func:`linear_2_4` route around."""
+    return t.dtype == torch.float32 and t.device.type != "cpu"
 
 
 def prune_2_4(weight: torch.Tensor, method: str = "magnitude", act_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -134,7 +138,7 @@ def compress_2_4(weight: torch.Tensor) -> Sparse24Weight:
     synchronizes to report a weight that is not 2:4); a float32 weight on a GPU is packed on the CPU (the
     CUDA op takes 16-bit values) and the result moved back."""
     weight = weight.detach()
-    if weight.dtype == torch.float32 and weight.device.type != "cpu":
+    if float32_off_cpu(weight):
         values, meta = ops.sparse24_compress(weight.cpu())
         return Sparse24Weight(values.to(weight.device), meta.to(weight.device))
     values, meta = ops.sparse24_compress(weight)
@@ -144,7 +148,7 @@ def compress_2_4(weight: torch.Tensor) -> Sparse24Weight:
 def decompress_2_4(w: Sparse24Weight) -> torch.Tensor:
     """The dense ``[M, K]`` weight of ``w`` (zeros at pruned positions); ``decompress_2_4(compress_2_4(W))``
     equals ``W`` bit for bit. (float32 values on a GPU are unpacked on the CPU and moved back.)"""
-    if w.values.dtype == torch.float32 and w.values.device.type != "cpu":
+    if float32_off_cpu(w.values):
         return ops.sparse24_decompress(w.values.cpu(), w.meta.cpu()).to(w.values.device)
     return ops.sparse24_decompress(w.values, w.meta)
 
@@ -159,7 +163,7 @@ def linear_2_4(x: torch.Tensor, w: Sparse24Weight, bias: Optional[torch.Tensor] 
     bfloat16 (fp32's range, so nothing overflows), the bfloat16 kernel with fp32 accumulation, output and bias in
     float32. ``cuda_values``: the bfloat16 copy of ``W.values`` to use there (a layer caches it; default:
     converted on every call)."""
-    if w.values.dtype == torch.float32 and w.values.device.type != "cpu":
+    if float32_off_cpu(w.values):
         if x.dtype != torch.float32:
             raise TypeError(f"linear_2_4: x must have the weight's dtype torch.float32, got {x.dtype}")
         if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (w.shape[0],)):
