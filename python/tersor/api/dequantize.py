@@ -8,6 +8,11 @@ import torch
 from torch import nn
 
 from ..nn import AQLMLinear, CompressedLinear, E8PLinear, SparseLinear
+from .quipsharp_ckpt import E8PFusedLinear, E8PFusedPart
+
+# What dequantize_ replaces: every tersor linear and each part of a fused QuIP# layer, never the fused layer
+# itself (an E8PLinear subclass that returns the parts' tuple; it is removed once its parts are replaced).
+_LAYERS = (AQLMLinear, CompressedLinear, E8PLinear, SparseLinear, E8PFusedPart)
 
 
 def _dense(layer: nn.Module) -> tuple[torch.Tensor, Optional[torch.dtype]]:
@@ -23,24 +28,6 @@ def _dense(layer: nn.Module) -> tuple[torch.Tensor, Optional[torch.dtype]]:
     return layer.dequantize(), None  # E8PLinear, E8PFusedPart: fp32
 
 
-def _is_fused(m: nn.Module) -> bool:
-    from .quipsharp_ckpt import E8PFusedLinear
-
-    return isinstance(m, E8PFusedLinear)
-
-
-def _is_fused_part(m: nn.Module) -> bool:
-    from .quipsharp_ckpt import E8PFusedPart
-
-    return isinstance(m, E8PFusedPart)
-
-
-def _is_layer(m: nn.Module) -> bool:
-    from .quipsharp_ckpt import E8PFusedPart
-
-    return isinstance(m, (AQLMLinear, CompressedLinear, E8PLinear, SparseLinear, E8PFusedPart)) and not _is_fused(m)
-
-
 def dequantize_(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Replaces every tersor linear layer of ``model`` (E8P, AQLM, 2:4, BSR, lossless, and the parts of fused
     QuIP# layers) **in place** by an ``nn.Linear`` holding the dense weight it multiplies by, and returns
@@ -53,15 +40,16 @@ def dequantize_(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Mod
         raise TypeError(f"dequantize_: model must be an nn.Module, got {type(model).__name__}")
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"dequantize_: dtype must be float32, float16 or bfloat16, got {dtype}")
-    todo = [(fqn, m) for fqn, m in model.named_modules() if fqn and _is_layer(m)]
-    fused = [fqn for fqn, m in model.named_modules() if fqn and _is_fused(m)]
+    todo = [(fqn, m) for fqn, m in model.named_modules()
+            if fqn and isinstance(m, _LAYERS) and not isinstance(m, E8PFusedLinear)]
+    fused = [fqn for fqn, m in model.named_modules() if fqn and isinstance(m, E8PFusedLinear)]
     new_layers = []
     with torch.no_grad():
         for fqn, layer in todo:
             w, own = _dense(layer)
             dt = dtype or own or torch.float32
             bias = getattr(layer, "bias", None)
-            if _is_fused_part(layer):  # the bias of its rows, scaled as the fused forward does
+            if isinstance(layer, E8PFusedPart):  # the bias of its rows, scaled as the fused forward does
                 fb = layer.fused.bias
                 if fb is not None:
                     start = sum(layer.fused.fuse_sizes[:layer.index])
