@@ -112,7 +112,7 @@ def _classes() -> dict[str, Any]:
                          version: Optional[int] = None, tersor_version: Optional[str] = None,
                          layout: str = "tersor", source: Optional[dict] = None, quantize: Any = None, **kwargs):
                 from .api.checkpoint import FORMAT, VERSION
-                from .api.configs import _Config, config_from_dict
+                from .api.configs import SageAttentionConfig, _Config, config_from_dict
 
                 self.quant_method = QUANT_METHOD
                 self.format = FORMAT if format is None else format
@@ -138,7 +138,7 @@ def _classes() -> dict[str, Any]:
                 self.quantize = None
                 if quantize is not None:
                     cfg = quantize if isinstance(quantize, _Config) else config_from_dict(quantize)
-                    if type(cfg).__name__ == "SageAttentionConfig":
+                    if isinstance(cfg, SageAttentionConfig):
                         raise ValueError("TersorConfig(quantize=...): SageAttentionConfig routes attention; pass "
                                          "attn_implementation='tersor_sage' to from_pretrained instead")
                     if cfg.stats:
