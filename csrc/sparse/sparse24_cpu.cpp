@@ -37,11 +37,6 @@ BitsOf<T> bits_of(T v) {
   return b;
 }
 
-// Whether a value counts as a non-zero of its chunk: any pattern but +-0.0.
-template <typename T>
-bool is_nonzero(T v) {
-  return (bits_of(v) & (static_cast<BitsOf<T>>(~BitsOf<T>{0}) >> 1)) != 0;
-}
 
 // The dense 4-element chunk (16-bit patterns, lowest address in the low bits) holding kept values v0, v1
 // at positions idx0, idx1 of nibble `nib`: built in a register (the GPU decompress kernel does the same)
@@ -97,7 +92,7 @@ std::tuple<Tensor, Tensor> compress_impl(const Tensor& weight) {
         for (int64_t ch = 0; ch < chunks; ++ch) {
           const T* c = w + row * K + 4 * ch;
           uint32_t mask = 0;
-          for (int i = 0; i < 4; ++i) mask |= uint32_t{is_nonzero(c[i])} << i;  // -0.0 counts as 0
+          for (int i = 0; i < 4; ++i) mask |= uint32_t{nonzero_bits(bits_of(c[i]))} << i;  // -0.0 counts as 0
           const int nib = chunk_nibble_from_mask(mask);
           if (nib < 0) {
             bad.store(true, std::memory_order_relaxed);

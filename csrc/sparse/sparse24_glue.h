@@ -81,17 +81,22 @@ inline std::vector<int64_t> check_linear_inputs(const Tensor& x, const std::opti
   return out;
 }
 
+// Whether a value's bit pattern (uint16_t or uint32_t) counts as a non-zero of its chunk: any but +-0.0.
+template <typename Bits>
+constexpr bool nonzero_bits(Bits b) {
+  return (b & (static_cast<Bits>(~Bits{0}) >> 1)) != 0;  // every bit but the sign
+}
+
 // The error for a weight that is not 2:4: names the first chunk of 4 along K (row-major order) holding more
 // than 2 non-zeros (bit patterns w [M, K], uint16_t or uint32_t, row-major, on the host; -0.0 counts as
 // zero). Serial: compress runs it only once its parallel pass (CPU) or kernel (CUDA) has found a bad chunk.
 template <typename Bits>
 inline void throw_first_bad_chunk(const Bits* w, int64_t M, int64_t K) {
-  constexpr Bits kMagnitude = static_cast<Bits>(~Bits{0}) >> 1;  // every bit but the sign
   const int64_t chunks = K / 4;
   for (int64_t i = 0; i < M * chunks; ++i) {
     const Bits* c = w + (i / chunks) * K + 4 * (i % chunks);
     int n = 0;
-    for (int j = 0; j < 4; ++j) n += (c[j] & kMagnitude) != 0;
+    for (int j = 0; j < 4; ++j) n += nonzero_bits(c[j]);
     TERSOR_CHECK_VALUE(n <= 2, "sparse24_compress: the weight is not 2:4 sparse: row ", i / chunks, ", columns ",
                        4 * (i % chunks), "..", 4 * (i % chunks) + 3, " hold ", n,
                        " non-zeros (at most 2 of every 4 along K are allowed; prune with tersor.sparse.prune_2_4)");
