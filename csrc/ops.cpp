@@ -124,8 +124,11 @@ STABLE_TORCH_LIBRARY(tersor, m) {
   // accepts float32). cuda_kernel picks the CUDA kernel: "auto", "sm8x" (mma.sync) or "sm90" (sm90a wgmma); a
   // mode with no CUDA kernel on the device (qk_bits=0 and pv="fp32" never have one) raises NotImplementedError.
   // CPU: the twin of every kernel's numerics (cuda_kernel is checked, then unused). (Not named `kernel`:
-  // inductor's FallbackKernel.create takes a `kernel` parameter of its own.)
-  m.def("sage_attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, int qk_bits, str pv, bool smooth_k, bool smooth_q, str cuda_kernel=\"auto\") -> (Tensor, Tensor)");
+  // inductor's FallbackKernel.create takes a `kernel` parameter of its own.) block_mask: optional bool
+  // [B, Hq or 1, ceil(Lq / 128), ceil(Lk / 128)]; a false block's keys are invisible to the block's queries and
+  // the kernels (and the twin) skip its tiles entirely; composes with is_causal and GQA; a row left with no
+  // visible key gives 0 and LSE -inf.
+  m.def("sage_attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, int qk_bits, str pv, bool smooth_k, bool smooth_q, str cuda_kernel=\"auto\", Tensor? block_mask=None) -> (Tensor, Tensor)");
   // The CUDA kernel sage_attention_fwd runs for these modes on compute capability cc (10 * major + minor) in
   // this build: "sm8x-mma" or "sm90a-wgmma"; NotImplementedError (naming what cc supports) where none applies.
   m.def("_sage_route(int cc, int qk_bits, str pv, bool smooth_q, str kernel=\"auto\") -> str");

@@ -104,15 +104,17 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   // the CPU.
   m.def("_sage_route_for(int cc, int qk_bits, str pv, bool smooth_q, str kernel, str cubins) -> str");
   // CPU lane-by-lane replay of the sm80/sm89 CUDA path (prologue + attention kernel, qk_bits 8 / 4, pv
-  // "fp8"/"fp16", optional Q smoothing); fault > 0 injects a deliberate layout bug.
-  m.def("_sage_emulate_cuda_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, str pv, bool smooth_k, int fault=0, int qk_bits=8, bool smooth_q=False) -> (Tensor, Tensor)");
+  // "fp8"/"fp16", optional Q smoothing); fault > 0 injects a deliberate layout bug. block_mask as in
+  // sage_attention_fwd: the kernel's walk over the live key tiles (masked blocks never loaded).
+  m.def("_sage_emulate_cuda_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, str pv, bool smooth_k, int fault=0, int qk_bits=8, bool smooth_q=False, Tensor? block_mask=None) -> (Tensor, Tensor)");
   // CPU check of the sm90a kernel's addressing (tile-native relayout, bulk-copy stages, wgmma descriptors,
   // register fragments, scale groups) against an independent PTX model; returns mismatch counts (all 0 =
   // consistent). fault > 0 injects a deliberate layout bug.
   m.def("_sage_sm90_layout_check(int head_dim, int fault=0) -> int[]");
   // CPU lane-by-lane replay of the sm90a CUDA path (prologue, tile-native relayout, bulk-copy stages, wgmma
-  // through descriptors, softmax per 64-key half, epilogue); qk_bits 8, pv "fp8", no Q smoothing.
-  m.def("_sage_emulate_sm90_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, bool smooth_k) -> (Tensor, Tensor)");
+  // through descriptors, softmax per 64-key half, epilogue); qk_bits 8, pv "fp8", no Q smoothing; block_mask
+  // as in sage_attention_fwd (producer and consumers skip masked 128-key stages).
+  m.def("_sage_emulate_sm90_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, bool smooth_k, Tensor? block_mask=None) -> (Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CompositeExplicitAutograd, m) {

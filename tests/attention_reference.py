@@ -23,11 +23,19 @@ def _expand_kv(t, hq):
     return t.repeat_interleave(hq // t.shape[1], dim=1)
 
 
-def attention_fp64(q, k, v, is_causal=False, scale=None):
-    """(out float64, lse float64): fully masked rows give 0 and -inf."""
+def token_mask(block_mask, lq, lk, block_q=128, block_k=128):
+    """A block mask [B, H or 1, ceil(lq/bq), ceil(lk/bk)] expanded to the tokens: bool [B, H or 1, lq, lk]."""
+    return block_mask.repeat_interleave(block_q, 2)[:, :, :lq].repeat_interleave(block_k, 3)[..., :lk]
+
+
+def attention_fp64(q, k, v, is_causal=False, scale=None, block_mask=None):
+    """(out float64, lse float64): fully masked rows give 0 and -inf. block_mask: the keys of a false block
+    get -inf scores."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     k, v = _expand_kv(k, q.shape[1]).double(), _expand_kv(v, q.shape[1]).double()
     s = q.double() @ k.transpose(-1, -2) * scale
+    if block_mask is not None:
+        s = s.masked_fill(~token_mask(block_mask, q.shape[2], k.shape[2]), -math.inf)
     if is_causal:
         s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2]), -math.inf)
     lse = torch.logsumexp(s, dim=-1)
@@ -52,8 +60,11 @@ def _int_quant(x, groups, n_groups, bits):
     return codes.clamp(-qmax, qmax), scale
 
 
-def sage_emulate(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cta_q=128, cta_k=64, warp_q=32):
-    """(out float32, lse float32) of the quantized pipeline (see module docstring)."""
+def sage_emulate(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cta_q=128, cta_k=64, warp_q=32,
+                 block_mask=None):
+    """(out float32, lse float32) of the quantized pipeline (see module docstring). block_mask: masked keys get
+    -inf scores; a tile all -inf for a row leaves its m, l, o exactly as they were (alpha = 1, p = 0), which is
+    what skipping the tile does."""
     b, hq, lq, d = q.shape
     lk = k.shape[2]
     qf, kf, vf = q.float(), k.float(), v.float()
@@ -95,6 +106,8 @@ def sage_emulate(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cta
     v_val, v_scale = _expand_kv(v_val, hq), _expand_kv(v_scale, hq)
     visible = causal_mask(lq, lk) if is_causal else torch.ones(lq, lk, dtype=torch.bool)
     s = s.masked_fill(~visible, -math.inf)
+    if block_mask is not None:
+        s = s.masked_fill(~token_mask(block_mask, lq, lk), -math.inf)
     m = torch.full((b, hq, lq, 1), -math.inf)
     l = torch.zeros(b, hq, lq, 1)
     o = torch.zeros(b, hq, lq, d)

@@ -133,6 +133,17 @@ def _sage_attention_fwd(device):
         k = torch.randn(b, hkv, lk, d, device=device).to(dtype)
         v = torch.randn(b, hkv, lk, d, device=device).to(dtype)
         cases.append(((q, k, v, causal, d ** -0.5, bits, pv, sk, sq), kwargs))
+    # block-sparse (block_mask [B, Hq or 1, ceil(Lq / 128), ceil(Lk / 128)]), with causal and GQA
+    g = torch.Generator().manual_seed(0)
+    for (b, hq, hkv, lq, lk, causal), mask_heads, bits, pv in [((1, 4, 2, 200, 300, True), 4, 8, "fp8"),
+                                                               ((2, 2, 1, 130, 260, False), 1, 0, "fp32")]:
+        if torch.device(device).type == "cuda" and bits == 0:
+            continue
+        q = torch.randn(b, hq, lq, 64, device=device).half()
+        k = torch.randn(b, hkv, lk, 64, device=device).half()
+        v = torch.randn(b, hkv, lk, 64, device=device).half()
+        mask = (torch.rand(b, mask_heads, -(-lq // 128), -(-lk // 128), generator=g) < 0.6).to(device)
+        cases.append(((q, k, v, causal, 0.125, bits, pv, True, False), {"block_mask": mask}))
     return cases
 
 

@@ -76,6 +76,11 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
   const int64_t last_row = (r0 + Tr::kCtaQ - 1 < d.len_q - 1) ? r0 + Tr::kCtaQ - 1 : d.len_q - 1;
   const int64_t kv_end = a.causal ? causal_visible_keys(last_row, d.len_q, d.len_k) : d.len_k;
   const int n_tiles = static_cast<int>((kv_end + Tr::kCtaK - 1) / Tr::kCtaK);
+  // Block mask row of this CTA (kCtaQ == kSparseBlockQ); the CTA walks only the live tiles.
+  const uint8_t* mask_row =
+      a.block_mask == nullptr
+          ? nullptr
+          : a.block_mask + block_mask_row_offset(b, h, blockIdx.x, a.mask_heads, a.mask_q_blocks, a.mask_k_blocks);
 
   // int64 global offsets: sage_cuda_layout.h
   const int8_t* q_g = a.q_int + qk_row_offset(bh, d.len_q_pad, r0, kRowBytes);
@@ -102,7 +107,8 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
                   v_g + v_t_offset(0, D, d.len_k_pad, c, static_cast<int64_t>(tile) * Tr::kCtaK, Tr::kVElemBytes) + cb);
     }
   };
-  if (n_tiles > 0) load_kv(0, 0);
+  int tile = next_live_tile(mask_row, 0, n_tiles, Tr::kCtaK);
+  if (tile < n_tiles) load_kv(tile, 0);
   cp_async_commit();
 
   const int64_t row_base = r0 + warp * Tr::kWarpRows;
@@ -133,9 +139,10 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) m[mt][hh] = -INFINITY, l[mt][hh] = 0.f;
 
-  for (int tile = 0; tile < n_tiles; ++tile) {
-    const int stage = tile & 1;
-    if (tile + 1 < n_tiles) load_kv(tile + 1, stage ^ 1);
+  for (int it = 0; tile < n_tiles; ++it) {
+    const int stage = it & 1;
+    const int next = next_live_tile(mask_row, tile + 1, n_tiles, Tr::kCtaK);
+    if (next < n_tiles) load_kv(next, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -278,6 +285,7 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
         }
     }
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
+    tile = next;
   }
   cp_async_wait<0>();
 

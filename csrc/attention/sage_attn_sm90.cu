@@ -83,6 +83,12 @@ __global__ void __launch_bounds__(SageAttnSm90KernelTraits<D>::kThreads, 1)
   const int64_t kv_end = a.causal ? causal_visible_keys(last_row, d.len_q, d.len_k) : d.len_k;
   const int n_tiles = static_cast<int>((kv_end + Tr::kCtaK - 1) / Tr::kCtaK);
   const int wg = threadIdx.x / 128;
+  // Block mask row of this CTA (kCtaQ == kSparseBlockQ, kCtaK == kSparseBlockK): producer and consumers walk
+  // the same live tiles, the stage ring advancing per live tile; a masked block is never copied or multiplied.
+  const uint8_t* mask_row =
+      a.block_mask == nullptr
+          ? nullptr
+          : a.block_mask + block_mask_row_offset(b, h, blockIdx.x, a.mask_heads, a.mask_q_blocks, a.mask_k_blocks);
 
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -98,9 +104,11 @@ __global__ void __launch_bounds__(SageAttnSm90KernelTraits<D>::kThreads, 1)
     // ---- producer ----
     setmaxnreg_dec<Tr::kProducerRegs>();
     if (threadIdx.x == 0) {
-      for (int tile = 0; tile < n_tiles; ++tile) {
-        const int s = tile % Tr::kStages;
-        const uint32_t round = static_cast<uint32_t>(tile / Tr::kStages);
+      int it = 0;
+      for (int tile = next_live_tile(mask_row, 0, n_tiles, Tr::kCtaK); tile < n_tiles;
+           tile = next_live_tile(mask_row, tile + 1, n_tiles, Tr::kCtaK), ++it) {
+        const int s = it % Tr::kStages;
+        const uint32_t round = static_cast<uint32_t>(it / Tr::kStages);
         if (round > 0) mbarrier_wait(&empty[s], (round - 1) & 1u);  // consumers drained this stage's last use
         uint8_t* ks = smem + s * Tr::kStageBytes;
         const int64_t base = sm90_tile_base(bkv, d.len_k_pad, tile, D);
@@ -142,9 +150,11 @@ __global__ void __launch_bounds__(SageAttnSm90KernelTraits<D>::kThreads, 1)
       for (int i = 0; i < Tr::kAccRegs; ++i) o[cb][i] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-    for (int tile = 0; tile < n_tiles; ++tile) {
-      const int s = tile % Tr::kStages;
-      mbarrier_wait(&full[s], static_cast<uint32_t>(tile / Tr::kStages) & 1u);
+    int it = 0;
+    for (int tile = next_live_tile(mask_row, 0, n_tiles, Tr::kCtaK); tile < n_tiles;
+         tile = next_live_tile(mask_row, tile + 1, n_tiles, Tr::kCtaK), ++it) {
+      const int s = it % Tr::kStages;
+      mbarrier_wait(&full[s], static_cast<uint32_t>(it / Tr::kStages) & 1u);
       const uint32_t k_addr = smem_u32(smem + s * Tr::kStageBytes);
       const uint32_t v_addr = k_addr + Tr::kKTileBytes;
 #pragma unroll

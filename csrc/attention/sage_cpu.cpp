@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -96,8 +97,9 @@ void prepare_kv(const SageCall& c, const float* k, const float* v, KVPrepared& p
 }
 
 // The quantized pipeline for query rows [r0, r1) of one (batch, head): the kernel's CTA (128 rows).
+// mask_row: the block mask's row of this query block (nullptr: dense); tiles of masked key blocks are skipped.
 void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KVPrepared& kv, int64_t r0,
-                    int64_t r1, float* out, float* lse) {
+                    int64_t r1, const uint8_t* mask_row, float* out, float* lse) {
   const int64_t D = c.head_dim, Lk = c.len_k;
   const int64_t rows = r1 - r0;
   const float qk_mul = static_cast<float>(c.scale) * kLog2e;  // fp32, folded into Q before quantization
@@ -163,8 +165,12 @@ void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KV
   std::vector<float> m(rows, neg_inf), l(rows, 0.f), alpha(rows);
   std::vector<float> acc(rows * D, 0.f);
   std::vector<float> s_tile(rows * Traits::kCtaK), p_tile(rows * Traits::kCtaK), pv_tile(rows * D);
-  // Keys in the kernel's 64-token tiles; a row whose visible keys end before a tile skips it (m, l, acc unchanged).
-  for (int64_t t0 = 0; t0 < max_visible; t0 += Traits::kCtaK) {
+  // Keys in the kernel's 64-token tiles; a row whose visible keys end before a tile skips it (m, l, acc
+  // unchanged), and so does every row for a tile of a masked key block (the kernels never load it).
+  const int n_tiles = static_cast<int>((max_visible + Traits::kCtaK - 1) / Traits::kCtaK);
+  for (int tile = next_live_tile(mask_row, 0, n_tiles, Traits::kCtaK); tile < n_tiles;
+       tile = next_live_tile(mask_row, tile + 1, n_tiles, Traits::kCtaK)) {
+    const int64_t t0 = static_cast<int64_t>(tile) * Traits::kCtaK;
     const int64_t n = std::min<int64_t>(Traits::kCtaK, max_visible - t0);
     // Scores of the tile: rank-1 updates with contiguous inner loops over keys (they vectorize).
     std::fill(s_tile.begin(), s_tile.begin() + rows * n, 0.f);
@@ -229,7 +235,7 @@ void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KV
   }
   for (int64_t i = 0; i < rows; ++i) {
     float* o = out + i * D;
-    if (visible[i] == 0) {
+    if (visible[i] == 0 || l[i] == 0.f) {  // no visible key (causal), or all of them in masked blocks
       for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
       lse[i] = neg_inf;
       continue;
@@ -248,7 +254,7 @@ void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KV
 
 // Exact mode: fp64 throughout (smoothing applied too, exactly, so the LSE correction is exercised).
 void exact_rows(const SageCall& c, const float* q, const float* k, const float* v, int64_t r0, int64_t r1,
-                float* out, float* lse) {
+                const uint8_t* mask_row, float* out, float* lse) {
   const int64_t D = c.head_dim, Lk = c.len_k, rows = r1 - r0;
   std::vector<double> k_mean(D, 0.0);
   if (c.smooth_k) {
@@ -269,18 +275,24 @@ void exact_rows(const SageCall& c, const float* q, const float* k, const float* 
     }
   std::vector<double> l(rows, 0.0), m(rows, -std::numeric_limits<double>::infinity());
   std::vector<int64_t> visible(rows);
+  std::vector<char> kept(Lk, 1);  // key j's block is kept by the block mask
+  if (mask_row != nullptr)
+    for (int64_t j = 0; j < Lk; ++j) kept[j] = mask_row[j / kSparseBlockK] != 0;
   for (int64_t i = 0; i < rows; ++i) {
     visible[i] = c.causal ? causal_visible_keys(r0 + i, c.len_q, Lk) : Lk;
     double* row = sp.data() + i * Lk;
-    for (int64_t j = 0; j < visible[i]; ++j) m[i] = std::max(m[i], row[j] * c.scale);
+    for (int64_t j = 0; j < visible[i]; ++j)
+      if (kept[j]) m[i] = std::max(m[i], row[j] * c.scale);
     for (int64_t j = 0; j < Lk; ++j) {
-      row[j] = j < visible[i] ? std::exp(row[j] * c.scale - m[i]) : 0.0;
+      row[j] = j < visible[i] && kept[j] ? std::exp(row[j] * c.scale - m[i]) : 0.0;
       l[i] += row[j];
     }
+    if (l[i] == 0.0) visible[i] = 0;  // every visible key is in a masked block (NaN inputs still propagate)
   }
   std::vector<double> op(rows * D, 0.0);
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < visible[i]; ++j) {
+      if (!kept[j]) continue;  // never read (as the kernels never load a masked block)
       const double p = sp[i * Lk + j];
       for (int64_t d = 0; d < D; ++d) op[i * D + d] += p * v[j * D + d];
     }
@@ -300,8 +312,10 @@ void exact_rows(const SageCall& c, const float* q, const float* k, const float* 
 
 std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal,
                                                   double scale, int64_t qk_bits, std::string pv, bool smooth_k,
-                                                  bool smooth_q, std::string kernel) {
+                                                  bool smooth_q, std::string kernel,
+                                                  std::optional<Tensor> block_mask) {
   const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q);
+  const SageBlockMask bm = check_block_mask(block_mask, c, q);
   parse_kernel(kernel);  // selects a CUDA kernel; the CPU twin reproduces all of them (checked, then unused)
   const Tensor qf = as_contiguous(as_dtype(q, ScalarType::Float));
   const Tensor kf = as_contiguous(as_dtype(k, ScalarType::Float));
@@ -329,13 +343,14 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor&
       const int64_t bh = w / tiles, tile = w % tiles;
       const int64_t bkv = (bh / c.heads_q) * c.heads_kv + (bh % c.heads_q) / group;
       const int64_t r0 = tile * Traits::kCtaQ, r1 = std::min(c.len_q, r0 + Traits::kCtaQ);
+      const uint8_t* mask_row = bm.row(bh / c.heads_q, bh % c.heads_q, tile);  // kCtaQ == kSparseBlockQ
       const float* qh = qp + bh * c.len_q * D;
       float* oh = op + bh * c.len_q * D + r0 * D;
       float* lh = lp + bh * c.len_q + r0;
       if (c.exact())
-        exact_rows(c, qh, kp + bkv * c.len_k * D, vp + bkv * c.len_k * D, r0, r1, oh, lh);
+        exact_rows(c, qh, kp + bkv * c.len_k * D, vp + bkv * c.len_k * D, r0, r1, mask_row, oh, lh);
       else
-        quantized_rows(c, in_t, qh, kv[bkv], r0, r1, oh, lh);
+        quantized_rows(c, in_t, qh, kv[bkv], r0, r1, mask_row, oh, lh);
     }
   });
   return {in_t == ScalarType::Float ? out : as_dtype(out, in_t), lse};

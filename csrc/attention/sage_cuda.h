@@ -66,6 +66,10 @@ struct SageAttnArgs {
   const float* v_scale;
   void* out;   // [B, Hq, Lq, D] contiguous, dtype
   float* lse;  // [B, Hq, Lq]
+  // Block mask (sage_format.h, "block sparsity"): contiguous bool [B, mask_heads, mask_q_blocks, mask_k_blocks]
+  // or nullptr (dense). Tiles of a masked key block are neither loaded nor multiplied.
+  const uint8_t* block_mask;
+  int64_t mask_heads, mask_q_blocks, mask_k_blocks;
 };
 
 // Prologue (sage_quant_cuda.cu; sm_80, sm_89, sm_90a).

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -193,6 +194,7 @@ struct Buffers {
   std::vector<float> q_mean, q_bias;  // smooth_q: [B, Hq, Lq_pad / 32, D], [B, Hq, Lq_pad / 32, Lk_pad]
   std::vector<uint8_t> q_int, k_int;  // rows of D * bits / 8 bytes
   std::vector<uint8_t> v_t;  // e4m3 codes or 16-bit bits (little endian), [B, Hkv, D, Lk_pad]
+  SageBlockMask bm;          // the block mask (none: dense), read by the kernels' next_live_tile
 };
 
 // q/k/v: fp32 copies of the 16-bit inputs (exact), contiguous [B, H, L, D].
@@ -375,6 +377,7 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
   const int64_t last_row = std::min(r0 + Tr::kCtaQ - 1, d.len_q - 1);
   const int64_t kv_end = causal ? causal_visible_keys(last_row, d.len_q, d.len_k) : d.len_k;
   const int n_tiles = static_cast<int>((kv_end + Tr::kCtaK - 1) / Tr::kCtaK);
+  const uint8_t* mask_row = bf.bm.row(b, h, cta);
   const uint8_t* q_g = bf.q_int.data() + qk_row_offset(bh, d.len_q_pad, r0, kRowBytes);
   const uint8_t* k_g = bf.k_int.data() + qk_row_offset(bkv, d.len_k_pad, 0, kRowBytes);
   const uint8_t* v_g = bf.v_t.data() + v_t_offset(bkv, D, d.len_k_pad, 0, 0, Tr::kVElemBytes);
@@ -400,7 +403,9 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
                   16);
     }
   };
-  if (n_tiles > 0) load_kv(0, 0);
+  // The kernel's walk over the live tiles (tiles of masked key blocks are never loaded).
+  int tile = next_live_tile(mask_row, 0, n_tiles, Tr::kCtaK);
+  if (tile < n_tiles) load_kv(tile, 0);
   constexpr float kPOff = FP8 ? kFp8POffset : 0.f;
   const float* k_sc = bf.k_scale.data() + k_scale_index(bkv, d.len_k_pad, 0, 0);
 
@@ -435,9 +440,10 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
   s_buf.resize(kLanes * 2 * 8 * 4);
   auto S = [&](int lane, int mt, int nt, int i) -> float& { return s_buf[((lane * 2 + mt) * 8 + nt) * 4 + i]; };
 
-  for (int tile = 0; tile < n_tiles; ++tile) {
-    const int stage = tile & 1;
-    if (tile + 1 < n_tiles) load_kv(tile + 1, stage ^ 1);
+  for (int it = 0; tile < n_tiles; ++it) {
+    const int stage = it & 1;
+    const int next = next_live_tile(mask_row, tile + 1, n_tiles, Tr::kCtaK);
+    if (next < n_tiles) load_kv(next, stage ^ 1);
     const uint8_t* ks = k_s + stage * Tr::kKBytes;
     const uint8_t* vs = v_s + stage * Tr::kVBytes;
     for (int warp = 0; warp < Tr::kCtaWarps; ++warp) {
@@ -548,6 +554,7 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
           }
         }
     }
+    tile = next;
   }
 
   // ---- epilogue ----
@@ -673,10 +680,15 @@ void replay_cta_sm90(const Buffers& bf, const std::vector<uint8_t>& k_tiles, con
 
   uint8_t A[64][32], B[32][64];
   uint32_t regs[kWgThreads][4];
-  for (int tile = 0; tile < n_tiles; ++tile) {
-    // The producer's two bulk copies of this tile into stage tile % kStages (consumers of the previous use of
+  // Producer and consumers walk the same live tiles (masked key blocks: no copy, no wgmma); the stage ring
+  // advances per live tile.
+  const uint8_t* mask_row = bf.bm.row(b, h, cta);
+  int it = 0;
+  for (int tile = next_live_tile(mask_row, 0, n_tiles, Tr::kCtaK); tile < n_tiles;
+       tile = next_live_tile(mask_row, tile + 1, n_tiles, Tr::kCtaK), ++it) {
+    // The producer's two bulk copies of this tile into stage it % kStages (consumers of the previous use of
     // the stage are done: the empty barrier).
-    const int s = tile % Tr::kStages;
+    const int s = it % Tr::kStages;
     const uint32_t k_addr = s * Tr::kStageBytes, v_addr = k_addr + Tr::kKTileBytes;
     const int64_t base = sm90_tile_base(bkv, d.len_k_pad, tile, D);
     std::memcpy(smem.data() + k_addr, k_tiles.data() + base, Tr::kKTileBytes);
@@ -854,12 +866,14 @@ ReplayOutputs replay_front(const SageCall& c, const Tensor& q, const Tensor& k, 
 // _sage_emulate_sm90_attention: the sm90a CUDA path (sm8x prologue with keys padded to 128, relayout, the
 // wgmma kernel) replayed on the CPU; pv "fp8", qk int8 only (what the glue routes to it).
 std::tuple<Tensor, Tensor> sage_emulate_sm90_attention(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                       bool is_causal, double scale, bool smooth_k) {
+                                                       bool is_causal, double scale, bool smooth_k,
+                                                       std::optional<Tensor> block_mask) {
   constexpr const char* op = "_sage_emulate_sm90_attention";
   const SageCall c = check_call(q, k, v, is_causal, scale, 8, "fp8", smooth_k, false);
   TERSOR_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), op, ": expects CPU tensors");
   const bool bf16 = q.scalar_type() == ScalarType::BFloat16;
   Buffers bf;
+  bf.bm = check_block_mask(block_mask, c, q);
   bf.d = SageDims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,
                   (c.len_q + SageTraitsSm8x::kCtaQ - 1) / SageTraitsSm8x::kCtaQ * SageTraitsSm8x::kCtaQ,
                   (c.len_k + 127) / 128 * 128};
@@ -893,7 +907,8 @@ void dispatch_replay(int key, const Buffers& bf, bool causal, int fault, uint16_
 
 std::tuple<Tensor, Tensor> sage_emulate_cuda_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                                        bool is_causal, double scale, std::string pv, bool smooth_k,
-                                                       int64_t fault, int64_t qk_bits, bool smooth_q) {
+                                                       int64_t fault, int64_t qk_bits, bool smooth_q,
+                                                       std::optional<Tensor> block_mask) {
   constexpr const char* op = "_sage_emulate_cuda_attention";
   TERSOR_CHECK_VALUE(qk_bits == 8 || qk_bits == 4, op, ": the CUDA kernel has qk_bits 8 or 4, got ", qk_bits);
   const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q);
@@ -902,6 +917,7 @@ std::tuple<Tensor, Tensor> sage_emulate_cuda_attention(const Tensor& q, const Te
   TERSOR_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), op, ": expects CPU tensors");
   const bool fp8 = c.pv == PVMode::kFp8, bf16 = q.scalar_type() == ScalarType::BFloat16;
   Buffers bf;
+  bf.bm = check_block_mask(block_mask, c, q);
   bf.bits = static_cast<int>(qk_bits);
   bf.smooth_q = smooth_q;
   bf.d = SageDims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,

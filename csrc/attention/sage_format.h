@@ -75,6 +75,34 @@ TERSOR_HD constexpr int64_t causal_visible_keys(int64_t row, int64_t len_q, int6
   return v < 0 ? 0 : (v > len_k ? len_k : v);
 }
 
+// ---- block sparsity (block_mask) ----
+// A block mask is bool [B, Hm, ceil(Lq / kSparseBlockQ), ceil(Lk / kSparseBlockK)] with Hm = 1 (shared by
+// every query head) or Hq; false = the query block never sees the key block (its scores are -inf). The
+// blocks are unions of whole kernel tiles -- 128 query rows = one CTA of both kernels; 128 keys = two sm8x
+// 64-key tiles or one sm90a 128-key stage -- so a masked block is skipped entirely: no loads, no MMA, and the
+// online softmax state is left as it was (the twin skips the same tiles, so an all-true mask is bit-identical
+// to no mask). tersor.attention.BLOCK_Q / BLOCK_K are these constants.
+constexpr int kSparseBlockQ = 128;
+constexpr int kSparseBlockK = 128;
+static_assert(kSparseBlockQ == SageTraitsSm8x::kCtaQ, "a query block is one CTA");
+static_assert(kSparseBlockK % SageTraitsSm8x::kCtaK == 0, "a key block is whole sm8x tiles");
+
+TERSOR_HD constexpr int64_t sparse_blocks(int64_t len, int64_t block) { return (len + block - 1) / block; }
+
+// Offset of mask[b, h or 0, qb, 0] in a contiguous mask with mask_heads (1 or Hq) heads.
+TERSOR_HD constexpr int64_t block_mask_row_offset(int64_t b, int64_t h, int64_t qb, int64_t mask_heads,
+                                                  int64_t q_blocks, int64_t k_blocks) {
+  return ((b * mask_heads + (mask_heads == 1 ? 0 : h)) * q_blocks + qb) * k_blocks;
+}
+
+// The first key tile >= tile (of tile_keys keys each, a divisor of kSparseBlockK) whose key block the mask row
+// keeps, or n_tiles. mask_row == nullptr: no mask (every tile is live).
+TERSOR_HD inline int next_live_tile(const uint8_t* mask_row, int tile, int n_tiles, int tile_keys) {
+  if (mask_row == nullptr) return tile;
+  while (tile < n_tiles && mask_row[static_cast<int64_t>(tile) * tile_keys / kSparseBlockK] == 0) ++tile;
+  return tile;
+}
+
 // ---- softmax constants ----
 // P~ = exp2(s - (m - log2(448))) lies in [0, 448], the e4m3 range, so the static P scale is exact and
 // cancels against the row sum.

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include "attention/sage_route.h"
@@ -83,6 +84,39 @@ inline SageCall check_call(const Tensor& q, const Tensor& k, const Tensor& v, bo
   c.smooth_k = smooth_k;
   c.smooth_q = smooth_q;
   return c;
+}
+
+// A checked block mask (sage_format.h, "block sparsity"): the contiguous bool tensor and its geometry, or
+// none (dense). The mask must be on q's device.
+struct SageBlockMask {
+  std::optional<Tensor> mask;  // contiguous bool [B, heads, q_blocks, k_blocks]
+  int64_t heads = 0, q_blocks = 0, k_blocks = 0;
+  const uint8_t* data() const { return mask ? static_cast<const uint8_t*>(mask->const_data_ptr()) : nullptr; }
+  // mask[b, h, qb, :] (nullptr without a mask)
+  const uint8_t* row(int64_t b, int64_t h, int64_t qb) const {
+    return mask ? data() + block_mask_row_offset(b, h, qb, heads, q_blocks, k_blocks) : nullptr;
+  }
+};
+
+inline SageBlockMask check_block_mask(const std::optional<Tensor>& m, const SageCall& c, const Tensor& q) {
+  const char* op = "sage_attention_fwd";
+  SageBlockMask r;
+  if (!m) return r;
+  const Tensor& t = *m;
+  TERSOR_CHECK_TYPE(t.scalar_type() == ScalarType::Bool, op, ": block_mask must be bool, got ",
+                    dtype_name(t.scalar_type()));
+  r.q_blocks = sparse_blocks(c.len_q, kSparseBlockQ);
+  r.k_blocks = sparse_blocks(c.len_k, kSparseBlockK);
+  TERSOR_CHECK_VALUE(t.dim() == 4 && t.size(0) == c.batch && (t.size(1) == 1 || t.size(1) == c.heads_q) &&
+                         t.size(2) == r.q_blocks && t.size(3) == r.k_blocks,
+                     op, ": block_mask must be [", c.batch, ", ", c.heads_q, " or 1, ", r.q_blocks, ", ", r.k_blocks,
+                     "] ([B, Hq or 1, ceil(Lq / ", kSparseBlockQ, "), ceil(Lk / ", kSparseBlockK, ")]), got ",
+                     sizes_str(t));
+  TERSOR_CHECK_VALUE(t.device().type() == q.device().type() && (!t.is_cuda() || t.get_device_index() == q.get_device_index()),
+                     op, ": block_mask must be on q's device (", device_str(q), "), got ", device_str(t));
+  r.heads = t.size(1);
+  r.mask = as_contiguous(t);
+  return r;
 }
 
 // The route of a CUDA call (sage_route.h) with the tersor error contract: a bad kernel/qk_bits/pv is a

@@ -390,11 +390,16 @@ SAGE_PV_MODES = ("fp8", "fp16", "fp32")
 #: wgmma kernel where it applies, else the mma.sync kernels), ``"sm8x"`` (the mma.sync kernels only), ``"sm90"``
 #: (the sm90a wgmma kernel only).
 SAGE_KERNELS = ("auto", "sm8x", "sm90")
+#: Block-mask granularity of ``sage_attention_fwd`` (csrc/attention/sage_format.h ``kSparseBlockQ/K``): 128
+#: query rows (one CTA of every kernel) by 128 keys (two sm8x tiles, one sm90a stage).
+SAGE_BLOCK_Q = 128
+SAGE_BLOCK_K = 128
 
 
 def sage_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float,
                        qk_bits: int, pv: str, smooth_k: bool, smooth_q: bool,
-                       kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                       kernel: str = "auto", block_mask: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized attention on ``bhsd`` tensors; returns ``(out, lse)``.
 
     ``q [B, Hq, Lq, D]``, ``k``/``v [B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` and ``D`` in ``SAGE_HEAD_DIMS``,
@@ -412,8 +417,11 @@ def sage_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_cau
     CUDA a mode without a kernel on the device raises ``NotImplementedError`` naming the modes the device
     supports (:func:`sage_route`): ``qk_bits=0`` and ``pv="fp32"`` never have one (CPU only), INT4 has none
     on compute capability 9.0+, FP8 P.V none before 8.9. There is no CPU fallback. Most callers want :func:`tersor.attention.sage_attention`.
+
+    ``block_mask``: optional bool ``[B, Hq or 1, ceil(Lq / SAGE_BLOCK_Q), ceil(Lk / SAGE_BLOCK_K)]``; where
+    false, the query block sees none of the key block's keys, and the kernels skip its tiles entirely.
     """
-    return _lib.sage_attention_fwd(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, kernel)
+    return _lib.sage_attention_fwd(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, kernel, block_mask)
 
 
 def sage_route(cc: int, qk_bits: int, pv: str, smooth_q: bool, kernel: str = "auto") -> str:
@@ -454,11 +462,32 @@ def _sage_check_fake(q, k, v, scale, qk_bits, pv, kernel="auto"):
         raise ValueError(f"{op}: kernel must be \"auto\", \"sm8x\" or \"sm90\", got \"{kernel}\"")
 
 
+def _sage_check_block_mask_fake(q, k, block_mask):
+    op = "sage_attention_fwd"
+    if block_mask.dtype != torch.bool:
+        raise TypeError(f"{op}: block_mask must be bool, got {block_mask.dtype}")
+    if block_mask.dim() != 4:
+        raise ValueError(f"{op}: block_mask must be 4-d [B, Hq or 1, q_blocks, k_blocks], got {block_mask.dim()}-d")
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    torch._check(block_mask.shape[0] == b, lambda: f"{op}: block_mask batch differs from q")
+    torch._check(block_mask.shape[2] == (lq + SAGE_BLOCK_Q - 1) // SAGE_BLOCK_Q,
+                 lambda: f"{op}: block_mask must have ceil(Lq / {SAGE_BLOCK_Q}) query blocks")
+    torch._check(block_mask.shape[3] == (lk + SAGE_BLOCK_K - 1) // SAGE_BLOCK_K,
+                 lambda: f"{op}: block_mask must have ceil(Lk / {SAGE_BLOCK_K}) key blocks")
+    hm = block_mask.shape[1]
+    if isinstance(hm, int) and isinstance(hq, int) and hm not in (1, hq):
+        raise ValueError(f"{op}: block_mask must have 1 or {hq} heads, got {hm}")
+
+
 @torch.library.register_fake("tersor::sage_attention_fwd")
-def _sage_attention_fwd_fake(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cuda_kernel="auto"):
+def _sage_attention_fwd_fake(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cuda_kernel="auto",
+                             block_mask=None):
     # The NotImplementedError of a mode without a CUDA kernel depends on the device's compute capability and is
     # raised by the real kernel only.
     _sage_check_fake(q, k, v, scale, qk_bits, pv, cuda_kernel)
+    if block_mask is not None:
+        _sage_check_block_mask_fake(q, k, block_mask)
     b, hq, lq, d = q.shape
     out = q.new_empty((b, hq, lq, d))
     lse = q.new_empty((b, hq, lq), dtype=torch.float32)

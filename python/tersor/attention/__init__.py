@@ -23,8 +23,15 @@ import torch.nn.functional as F
 
 from .. import ops
 
-__all__ = ["SdpaRouteStats", "pick_modes", "register_transformers", "route_sdpa", "sage_attention", "sage_supported",
-           "sageattn"]
+__all__ = ["BLOCK_K", "BLOCK_Q", "SdpaRouteStats", "block_mask_shape", "pick_modes", "register_transformers",
+           "route_sdpa", "sage_attention", "sage_supported", "sageattn"]
+
+#: Block-sparse granularity of :func:`sage_attention`'s ``block_mask`` (fixed; not an argument): one mask entry
+#: covers ``BLOCK_Q`` query rows by ``BLOCK_K`` keys. They are the kernels' tiles -- 128 query rows are one CTA of
+#: every kernel, 128 keys two 64-key tiles of the sm80/sm89 kernel or one stage of the sm90a kernel -- so a
+#: masked block is skipped whole (no loads, no MMA).
+BLOCK_Q = ops.SAGE_BLOCK_Q
+BLOCK_K = ops.SAGE_BLOCK_K
 
 _QK_BITS = {"int8": 8, "int4": 4, "none": 0}
 # The CUDA kernels (mma.sync for sm80/sm89, also built for sm90a, and the sm90a wgmma kernel) are compiled
@@ -83,6 +90,27 @@ def pick_modes(device: torch.device, qk: str = "auto", pv: str = "auto") -> tupl
     return ("int8" if qk == "auto" else qk), (auto_pv if pv == "auto" else pv)
 
 
+def block_mask_shape(batch: int, heads: int, len_q: int, len_k: int) -> tuple[int, int, int, int]:
+    """The shape of a :func:`sage_attention` ``block_mask``: ``(batch, heads, ceil(len_q / BLOCK_Q),
+    ceil(len_k / BLOCK_K))`` (``heads`` is ``Hq``, or 1 for one mask shared by every head)."""
+    return (batch, heads, -(-len_q // BLOCK_Q), -(-len_k // BLOCK_K))
+
+
+def _check_block_mask(block_mask, q: torch.Tensor, len_k: int) -> None:
+    b, hq, lq = q.shape[0], q.shape[1], q.shape[2]
+    if not isinstance(block_mask, torch.Tensor):
+        raise TypeError(f"sage_attention: block_mask must be a bool tensor, got {type(block_mask).__name__}")
+    if block_mask.dtype != torch.bool:
+        raise TypeError(f"sage_attention: block_mask must be bool, got {block_mask.dtype}")
+    want = block_mask_shape(b, hq, lq, len_k)
+    if block_mask.dim() != 4 or block_mask.shape[0] != b or block_mask.shape[1] not in (1, hq) or \
+            tuple(block_mask.shape[2:]) != want[2:]:
+        raise ValueError(f"sage_attention: block_mask must be [{b}, {hq} or 1, {want[2]}, {want[3]}] "
+                         f"([B, Hq or 1, ceil(Lq / {BLOCK_Q}), ceil(Lk / {BLOCK_K})]), got {list(block_mask.shape)}")
+    if block_mask.device != q.device:
+        raise ValueError(f"sage_attention: block_mask must be on {q.device}, got {block_mask.device}")
+
+
 def _padded_head_dim(d: int) -> int:
     if d < 1 or d > 128:
         raise ValueError(f"sage_attention: head_dim must be between 1 and 128, got {d}")
@@ -92,7 +120,7 @@ def _padded_head_dim(d: int) -> int:
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
                    scale: Optional[float] = None, layout: str = "bhsd", qk: str = "auto", pv: str = "auto",
                    smooth_k: bool = True, smooth_q: Optional[bool] = None, return_lse: bool = False,
-                   kernel: str = "auto"):
+                   kernel: str = "auto", block_mask: Optional[torch.Tensor] = None):
     """Quantized attention with SageAttention2 numerics; output like ``F.scaled_dot_product_attention``.
 
     ``q [B, Hq, Lq, D]`` and ``k``/``v [B, Hkv, Lk, D]`` (``layout="bhsd"``) or ``[B, L, H, D]``
@@ -115,6 +143,13 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     On CUDA a mode without a kernel on the device raises ``NotImplementedError`` naming the supported modes
     (:func:`cuda_path_name`): ``qk="none"`` and ``pv="fp32"`` (so the exact mode) run on the CPU only, INT4 has
     no kernel on compute capability 9.0+ and FP8 P.V none before 8.9. There is no silent CPU fallback.
+
+    ``block_mask`` (block-sparse attention): bool ``[B, Hq or 1, ceil(Lq / BLOCK_Q), ceil(Lk / BLOCK_K)]``
+    (:func:`block_mask_shape`; ``BLOCK_Q = BLOCK_K = 128``, fixed constants of this module). Where it is false,
+    no query of the block sees any key of the block (as an additive ``-inf`` mask); the kernels skip such tiles
+    entirely and the CPU twin skips the same tiles, so an all-true mask gives the dense result bit for bit. It
+    composes with ``is_causal`` (a key must pass both) and GQA (the mask is per query head, or shared). A row left
+    with no visible key gives 0 and LSE ``-inf``. :func:`xattention_mask` computes such a mask.
     """
     if layout not in ("bhsd", "bshd"):
         raise ValueError(f"sage_attention: layout must be 'bhsd' or 'bshd', got {layout!r}")
@@ -132,6 +167,8 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
         raise TypeError(f"sage_attention: expected float16 or bfloat16 inputs, got {q.dtype}")
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if block_mask is not None:
+        _check_block_mask(block_mask, q, k.shape[2])
     d = q.shape[-1]
     if k.shape[-1] != d or v.shape[-1] != d:
         raise ValueError(f"sage_attention: q, k, v must share the head dim, got {d}, {k.shape[-1]}, {v.shape[-1]}")
@@ -143,7 +180,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     if smooth_q is None:
         smooth_q = qk_bits == 4
     out, lse = ops.sage_attention_fwd(q, k, v, bool(is_causal), float(scale), qk_bits, pv_mode, bool(smooth_k),
-                                      bool(smooth_q), kernel)
+                                      bool(smooth_q), kernel, block_mask)
     if dp != d:
         out = out[..., :d]
     if layout == "bshd":
