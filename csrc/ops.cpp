@@ -132,6 +132,13 @@ STABLE_TORCH_LIBRARY(tersor, m) {
   // The CUDA kernel sage_attention_fwd runs for these modes on compute capability cc (10 * major + minor) in
   // this build: "sm8x-mma" or "sm90a-wgmma"; NotImplementedError (naming what cc supports) where none applies.
   m.def("_sage_route(int cc, int qk_bits, str pv, bool smooth_q, str kernel=\"auto\") -> str");
+  // XAttention block selection (docs/research/xattention.md): q [B, Hq, Lq, D], k [B, Hkv, Lk, D] (Hq % Hkv == 0;
+  // float16/bfloat16/float32) -> (mask bool [B, Hq, ceil(Lq / block_size), ceil(Lk / block_size)], mass float32
+  // of the same shape). Strided antidiagonal scores (query rows reversed within each stride, key rows strided),
+  // softmax of score * scale / stride over the reduced keys (bottom-right causal if is_causal), summed per block;
+  // per query block the fewest heaviest key blocks whose mass reaches threshold * the row's total, plus the
+  // diagonal block (and key block 0 when causal). block_size % stride == 0, 0 < threshold <= 1.
+  m.def("xattention_mask(Tensor q, Tensor k, int block_size, int stride, float threshold, bool is_causal, float scale) -> (Tensor, Tensor)");
 }
 
 // `import tersor._C` loads this library (and so runs the registrations above). It defines no Python

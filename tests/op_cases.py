@@ -147,6 +147,19 @@ def _sage_attention_fwd(device):
     return cases
 
 
+def _xattention_mask(device):
+    cases = []
+    for (b, hq, hkv, lq, lk, d), dtype, block, stride, thr, causal in [
+        ((1, 4, 2, 300, 260, 64), torch.float16, 128, 8, 0.9, True),
+        ((2, 2, 2, 100, 200, 32), torch.float32, 64, 16, 1.0, False),
+        ((1, 2, 1, 50, 90, 64), torch.bfloat16, 32, 4, 0.5, True),
+    ]:
+        q = torch.randn(b, hq, lq, d, device=device).to(dtype)
+        k = torch.randn(b, hkv, lk, d, device=device).to(dtype)
+        cases.append(((q, k, block, stride, thr, causal, d ** -0.5), {}))
+    return cases
+
+
 OP_CASES = {
     "hadamard_transform": _hadamard,
     "codec_decode": _codec_decode,
@@ -157,6 +170,7 @@ OP_CASES = {
     "aqlm_linear": _aqlm_linear,
     "bsr_linear": _bsr_linear,
     "sage_attention_fwd": _sage_attention_fwd,
+    "xattention_mask": _xattention_mask,
 }
 
 

@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 
+#include "attention/sage_format.h"
 #include "attention/sage_route.h"
 #include "common/torch_glue.h"
 

@@ -480,6 +480,42 @@ def _sage_check_block_mask_fake(q, k, block_mask):
         raise ValueError(f"{op}: block_mask must have 1 or {hq} heads, got {hm}")
 
 
+def xattention_mask(q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int, threshold: float,
+                    is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """XAttention block selection: ``(mask bool, mass float32)``, both ``[B, Hq, ceil(Lq / block_size),
+    ceil(Lk / block_size)]``. The algorithm: docs/research/xattention.md; most callers want
+    :func:`tersor.attention.xattention_mask`."""
+    return _lib.xattention_mask(q, k, int(block_size), int(stride), float(threshold), bool(is_causal), float(scale))
+
+
+@torch.library.register_fake("tersor::xattention_mask")
+def _xattention_mask_fake(q, k, block_size, stride, threshold, is_causal, scale):
+    op = "xattention_mask"
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{op}: q and k must be 4-d [batch, heads, seq, head_dim], got {q.dim()}-d and {k.dim()}-d")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{op}: expected float16, bfloat16 or float32, got {q.dtype}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"{op}: q and k must have the same dtype, got {q.dtype} and {k.dtype}")
+    torch._check(k.shape[0] == q.shape[0], lambda: f"{op}: batch of k differs from q")
+    torch._check(k.shape[3] == q.shape[3], lambda: f"{op}: head_dim of k differs from q")
+    hq, hkv = q.shape[1], k.shape[1]
+    if isinstance(hq, int) and isinstance(hkv, int) and (hkv < 1 or hq % hkv != 0):
+        raise ValueError(f"{op}: query heads ({hq}) must be a multiple of key heads ({hkv})")
+    torch._check(k.shape[2] >= 1, lambda: f"{op}: needs at least one key")
+    if stride < 1:
+        raise ValueError(f"{op}: stride must be >= 1, got {stride}")
+    if block_size < stride or block_size % stride != 0:
+        raise ValueError(f"{op}: block_size must be a positive multiple of stride, got block_size {block_size}, "
+                         f"stride {stride}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"{op}: threshold must be in (0, 1], got {threshold}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{op}: scale must be finite and positive, got {scale}")
+    shape = (q.shape[0], hq, (q.shape[2] + block_size - 1) // block_size, (k.shape[2] + block_size - 1) // block_size)
+    return q.new_empty(shape, dtype=torch.bool), q.new_empty(shape, dtype=torch.float32)
+
+
 @torch.library.register_fake("tersor::sage_attention_fwd")
 def _sage_attention_fwd_fake(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cuda_kernel="auto",
                              block_mask=None):

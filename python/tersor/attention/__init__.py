@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .. import ops
 
 __all__ = ["BLOCK_K", "BLOCK_Q", "SdpaRouteStats", "block_mask_shape", "pick_modes", "register_transformers",
-           "route_sdpa", "sage_attention", "sage_supported", "sageattn"]
+           "route_sdpa", "sage_attention", "sage_supported", "sageattn", "sparse_sage_attention", "xattention_mask"]
 
 #: Block-sparse granularity of :func:`sage_attention`'s ``block_mask`` (fixed; not an argument): one mask entry
 #: covers ``BLOCK_Q`` query rows by ``BLOCK_K`` keys. They are the kernels' tiles -- 128 query rows are one CTA of
@@ -186,6 +186,92 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Block-sparse attention: XAttention block selection
+
+
+def _xattn_has_kernel(device: torch.device) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("tersor::xattention_mask", key)
+
+
+def xattention_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int = BLOCK_K, stride: int = 8,
+                    threshold: float = 0.9, is_causal: bool = False, scale: Optional[float] = None,
+                    layout: str = "bhsd", return_mass: bool = False):
+    """XAttention's block selection: a bool block mask ``[B, Hq, ceil(Lq / block_size), ceil(Lk / block_size)]``.
+
+    Each block of ``stride`` query rows is scored against each block of ``stride`` keys by the sum of their
+    antidiagonal (query rows reversed within the stride, key rows strided: one GEMM over ``stride * D``); the
+    scores times ``scale / stride`` go through a softmax over the keys (bottom-right causal if ``is_causal``) and
+    are summed per ``block_size`` square. Per query block the mask keeps the fewest, heaviest key blocks whose
+    mass reaches ``threshold`` of the row's total, plus the diagonal block (the one aligned with the block's last
+    query row) and, when causal, key block 0. A higher threshold keeps a superset; ``threshold=1`` keeps every
+    block with any mass. Algorithm and source: docs/research/xattention.md.
+
+    ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` (``layout="bhsd"``, or ``"bshd"``), ``Hq % Hkv == 0``,
+    float16/bfloat16/float32; ``scale`` defaults to ``1/sqrt(D)``; ``block_size`` a multiple of ``stride``. With
+    the default ``block_size`` (``BLOCK_K`` = ``BLOCK_Q`` = 128) the mask is :func:`sage_attention`'s
+    ``block_mask``. ``return_mass``: also return the float32 block masses (each query block's row sums to its
+    number of reduced query rows with a visible key). Runs the exact CPU op (fp64 internally); on a device
+    without the op it raises ``NotImplementedError``.
+    """
+    if layout not in ("bhsd", "bshd"):
+        raise ValueError(f"xattention_mask: layout must be 'bhsd' or 'bshd', got {layout!r}")
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"xattention_mask: {name} must be a 4-d tensor ({layout})")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype:
+        raise TypeError(f"xattention_mask: q and k must be float16, bfloat16 or float32 of one dtype, got {q.dtype}, "
+                        f"{k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"xattention_mask: q and k must be on one device, got {q.device}, {k.device}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"xattention_mask: stride must be a positive int, got {stride!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < stride or \
+            block_size % stride:
+        raise ValueError(f"xattention_mask: block_size must be a positive multiple of stride ({stride}), got "
+                         f"{block_size!r}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"xattention_mask: threshold must be in (0, 1], got {threshold!r}")
+    if layout == "bshd":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"xattention_mask: q {list(q.shape)} and k {list(k.shape)} must share batch and head dim, "
+                         f"and the query heads must be a multiple of the key heads")
+    if k.shape[2] < 1:
+        raise ValueError("xattention_mask: needs at least one key")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"xattention_mask: scale must be finite and positive, got {scale}")
+    if not _xattn_has_kernel(q.device):
+        raise NotImplementedError(f"xattention_mask: no kernel for device {q.device} in this build (CPU only so "
+                                  f"far; compute the mask from q.cpu(), k.cpu())")
+    mask, mass = ops.xattention_mask(q, k, block_size, stride, threshold, is_causal, scale)
+    return (mask, mass) if return_mass else mask
+
+
+def sparse_sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, threshold: float, stride: int = 8,
+                          is_causal: bool = False, scale: Optional[float] = None, layout: str = "bhsd",
+                          qk: str = "auto", pv: str = "auto", smooth_k: bool = True, smooth_q: Optional[bool] = None,
+                          return_lse: bool = False, kernel: str = "auto", return_mask: bool = False):
+    """Block-sparse quantized attention in one call: :func:`xattention_mask` (``block_size = BLOCK_K``,
+    ``stride``, ``threshold``, ``is_causal``, ``scale``) then :func:`sage_attention` with that ``block_mask``.
+
+    The other arguments are :func:`sage_attention`'s. ``threshold`` in (0, 1]: the share of each query block's
+    estimated attention mass its kept key blocks must carry (XAttention uses 0.8 to 0.95); 1 keeps every block
+    with mass, so the result is dense attention up to blocks the estimate gives no mass at all. Returns what
+    :func:`sage_attention` returns, plus the mask last when ``return_mask``.
+    """
+    mask = xattention_mask(q, k, block_size=BLOCK_K, stride=stride, threshold=threshold, is_causal=is_causal,
+                           scale=scale, layout=layout)
+    res = sage_attention(q, k, v, is_causal=is_causal, scale=scale, layout=layout, qk=qk, pv=pv, smooth_k=smooth_k,
+                         smooth_q=smooth_q, return_lse=return_lse, kernel=kernel, block_mask=mask)
+    if not return_mask:
+        return res
+    return (*res, mask) if return_lse else (res, mask)
 
 
 # ---------------------------------------------------------------------------------------------------
