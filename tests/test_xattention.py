@@ -3,6 +3,7 @@ plain-PyTorch reference of the algorithm written from mit-han-lab/x-attention's 
 ``find_blocks_chunked`` (docs/research/xattention.md), its invariants (monotone in the threshold, threshold 1 keeps
 every block with mass, forced blocks), bad input, and sparse_sage_attention (scoring + block-sparse kernel)."""
 
+import importlib.util
 import math
 
 import pytest
@@ -255,3 +256,55 @@ def test_sparse_sage_attention_bad_input():
         sparse_sage_attention(q, k, k, threshold=0.0)
     with pytest.raises(TypeError):
         sparse_sage_attention(q, k, k)  # threshold is required
+
+
+# ---- SageAttentionConfig(sparse_threshold=...) -----------------------------------------------------------
+
+def test_config_sparse_threshold_checks():
+    assert tersor.SageAttentionConfig().sparse_threshold is None
+    c = tersor.SageAttentionConfig(sparse_threshold=0.9, sparse_stride=16)
+    assert c.to_dict()["sparse_threshold"] == 0.9 and c.to_dict()["sparse_stride"] == 16
+    for bad in (0.0, 1.5, -1.0):
+        with pytest.raises(ValueError, match="sparse_threshold"):
+            tersor.SageAttentionConfig(sparse_threshold=bad)
+    with pytest.raises(TypeError, match="sparse_threshold"):
+        tersor.SageAttentionConfig(sparse_threshold="0.9")
+    with pytest.raises(ValueError, match="sparse_stride"):
+        tersor.SageAttentionConfig(sparse_threshold=0.9, sparse_stride=12)
+    with pytest.raises(TypeError, match="sparse_stride"):
+        tersor.SageAttentionConfig(sparse_threshold=0.9, sparse_stride=8.0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_config_sparse_threshold_routes_models_to_sparse_sage(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tersor.attention import hf
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    x = torch.randint(0, 128, (1, 300))
+    tersor.quantize_(m, tersor.SageAttentionConfig())
+    with torch.no_grad():
+        dense = m(x).logits
+    calls = []
+    real = attention.sparse_sage_attention
+
+    def spy(*a, **kw):
+        calls.append(kw["threshold"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(hf, "sparse_sage_attention", spy)
+    rep = tersor.quantize_(m, tersor.SageAttentionConfig(sparse_threshold=1.0))
+    assert m.config.tersor_sage["sparse_threshold"] == 1.0 and "block-sparse" in rep.attention
+    with torch.no_grad():
+        full = m(x).logits
+    assert calls == [1.0, 1.0]  # both layers
+    # threshold 1 keeps every block with estimated mass: all causal blocks of a random-weight model
+    assert torch.equal(full, dense)
+    tersor.quantize_(m, tersor.SageAttentionConfig(sparse_threshold=0.3))
+    with torch.no_grad():
+        sparse = m(x).logits
+    assert calls[2:] == [0.3, 0.3] and not torch.equal(sparse, dense)

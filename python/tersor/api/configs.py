@@ -289,20 +289,37 @@ class SageAttentionConfig(_Config):
     ``"int4"``, ``"none"``) and ``pv`` (``"auto"``, ``"fp8"``, ``"fp16"``, ``"fp32"``) are the modes;
     ``"auto"`` picks per device. Calls the kernel cannot take (padding masks, float32, head dim > 128, ...)
     run transformers' SDPA, with a warning once per reason. Not stored by ``tersor.save``: apply it again
-    after loading."""
+    after loading. ``sparse_threshold`` (None = dense; else in (0, 1]) makes the routed calls block-sparse:
+    :func:`tersor.attention.sparse_sage_attention` (XAttention block selection with ``sparse_stride``, then the
+    block-sparse kernel)."""
 
     qk: str = "auto"
     pv: str = "auto"
+    sparse_threshold: Optional[float] = None
+    sparse_stride: int = 8
     name = "sage-attention"
 
     def __post_init__(self):
         _choice("SageAttentionConfig", "qk", self.qk, ("auto", "int8", "int4", "none"))
         _choice("SageAttentionConfig", "pv", self.pv, ("auto", "fp8", "fp16", "fp32"))
+        t = self.sparse_threshold
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                raise TypeError(f"SageAttentionConfig: sparse_threshold must be a float or None, got {type(t).__name__}")
+            if not 0 < t <= 1:
+                raise ValueError(f"SageAttentionConfig: sparse_threshold must be in (0, 1], got {t!r}")
+        _int("SageAttentionConfig", "sparse_stride", self.sparse_stride, 1, 128)
+        if 128 % self.sparse_stride:
+            raise ValueError(f"SageAttentionConfig: sparse_stride must divide the block size 128, got "
+                             f"{self.sparse_stride}")
 
     def apply(self, model: nn.Module) -> str:
         from ..attention.hf import apply
 
-        return apply(model, self.qk, self.pv)
+        if self.sparse_threshold is None:
+            return apply(model, self.qk, self.pv)
+        return apply(model, self.qk, self.pv, sparse_threshold=float(self.sparse_threshold),
+                     sparse_stride=self.sparse_stride)
 
 
 CONFIGS = (E8PConfig, AQLMConfig, Sparse24Config, BlockSparseConfig, LosslessConfig, SageAttentionConfig)

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import SdpaRouteStats, sage_attention, sage_supported
+from . import SdpaRouteStats, sage_attention, sage_supported, sparse_sage_attention
 
 NAME = "tersor_sage"
 stats = SdpaRouteStats()
@@ -66,6 +66,11 @@ def tersor_sage_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
                                       is_causal=is_causal, **kwargs)
     modes = getattr(getattr(module, "config", None), "tersor_sage", None) or {}
     stats.routed += 1
+    if modes.get("sparse_threshold") is not None:  # SageAttentionConfig(sparse_threshold=...): block-sparse
+        out = sparse_sage_attention(query, key, value, threshold=modes["sparse_threshold"],
+                                    stride=modes.get("sparse_stride", 8), is_causal=causal, scale=scaling,
+                                    qk=modes.get("qk", "auto"), pv=modes.get("pv", "auto"))
+        return out.transpose(1, 2).contiguous(), None
     out = sage_attention(query, key, value, is_causal=causal, scale=scaling, qk=modes.get("qk", "auto"),
                          pv=modes.get("pv", "auto"))
     return out.transpose(1, 2).contiguous(), None
@@ -87,7 +92,8 @@ def register_transformers() -> str:
     return NAME
 
 
-def apply(model: nn.Module, qk: str = "auto", pv: str = "auto") -> str:
+def apply(model: nn.Module, qk: str = "auto", pv: str = "auto", sparse_threshold: Optional[float] = None,
+          sparse_stride: int = 8) -> str:
     """Sets ``attn_implementation="tersor_sage"`` on a transformers model (and its sub-models) and stores the
     modes in each config as ``config.tersor_sage``. Returns a one-line description. Raises TypeError for a
     model that is not a transformers ``PreTrainedModel`` and ValueError for one whose attention does not go
@@ -108,5 +114,9 @@ def apply(model: nn.Module, qk: str = "auto", pv: str = "auto") -> str:
             raise ValueError(f"SageAttentionConfig: {type(model).__name__} does not take attn_implementation="
                              f"{NAME!r} (its attention does not go through transformers' AttentionInterface)")
         cfg.tersor_sage = {"qk": qk, "pv": pv}
+        if sparse_threshold is not None:  # block-sparse (sparse_sage_attention)
+            cfg.tersor_sage.update(sparse_threshold=sparse_threshold, sparse_stride=sparse_stride)
     n_attn = sum(1 for m in model.modules() if hasattr(m, "is_causal") and hasattr(m, "config"))
-    return f"attn_implementation={NAME!r} (qk={qk!r}, pv={pv!r}) on {type(model).__name__}, {n_attn} attention modules"
+    sparse = "" if sparse_threshold is None else f", block-sparse threshold={sparse_threshold}"
+    return (f"attn_implementation={NAME!r} (qk={qk!r}, pv={pv!r}{sparse}) on {type(model).__name__}, "
+            f"{n_attn} attention modules")
