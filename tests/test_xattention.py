@@ -308,3 +308,20 @@ def test_config_sparse_threshold_routes_models_to_sparse_sage(monkeypatch):
     with torch.no_grad():
         sparse = m(x).logits
     assert calls[2:] == [0.3, 0.3] and not torch.equal(sparse, dense)
+
+
+# ---- GPU: the fused scoring kernel against the CPU op (skipped without one) ------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 1.0])
+def test_cuda_matches_cpu(case, threshold):
+    b, hq, hkv, lq, lk, d, block, stride, causal = case
+    q, k = _structured_qk(b, hq, hkv, lq, lk, d, seed=lq + lk)
+    mask, mass = L.xattention_mask(q, k, block, stride, threshold, causal, d ** -0.5)
+    cmask, cmass = L.xattention_mask(q.cuda(), k.cuda(), block, stride, threshold, causal, d ** -0.5)
+    assert cmask.is_cuda and cmask.dtype == torch.bool and cmass.dtype == torch.float32
+    # fp32 on the GPU against fp64: the masses to float rounding; a selection may differ only at a near-tie
+    torch.testing.assert_close(cmass.cpu(), mass, rtol=1e-4, atol=1e-5)
+    differ = (cmask.cpu() != mask)
+    assert differ.float().mean().item() <= 0.01, differ.sum().item()

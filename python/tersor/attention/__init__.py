@@ -214,8 +214,9 @@ def xattention_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int = BLOCK
     float16/bfloat16/float32; ``scale`` defaults to ``1/sqrt(D)``; ``block_size`` a multiple of ``stride``. With
     the default ``block_size`` (``BLOCK_K`` = ``BLOCK_Q`` = 128) the mask is :func:`sage_attention`'s
     ``block_mask``. ``return_mass``: also return the float32 block masses (each query block's row sums to its
-    number of reduced query rows with a visible key). Runs the exact CPU op (fp64 internally); on a device
-    without the op it raises ``NotImplementedError``.
+    number of reduced query rows with a visible key). The CPU op is exact (fp64 internally); the CUDA kernel
+    (one fused kernel: strided GEMM, softmax, block sums, selection; fp32, **compiled, not yet run on a GPU**)
+    agrees to float rounding. A device without the op raises ``NotImplementedError``.
     """
     if layout not in ("bhsd", "bshd"):
         raise ValueError(f"xattention_mask: layout must be 'bhsd' or 'bshd', got {layout!r}")
