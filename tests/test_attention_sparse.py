@@ -250,6 +250,52 @@ def test_token_mask_reference_helper():
     assert not t[0, 0, 129, :128].any() and t[0, 0, 129, 128:].all()
 
 
+# ---- the kernels' index helpers (sage_format.h, xattn_format.h), evaluated through _sage_index ------------
+
+@pytest.mark.testing_ext
+def test_live_tile_walk_and_mask_offsets():
+    import itertools
+
+    import tersor._testing
+
+    T = tersor._testing.lib
+    g = torch.Generator().manual_seed(0)
+    for n_kb, tile_keys in itertools.product((1, 3, 7), (64, 128)):
+        for _ in range(10):
+            row = (torch.rand(n_kb, generator=g) < 0.5).int().tolist()
+            n_tiles = -(-(n_kb * 128 - int(torch.randint(0, 128, (1,), generator=g))) // tile_keys)
+            walk = T._sage_index("live_tiles", [n_tiles, tile_keys] + row)
+            assert walk == [t for t in range(n_tiles) if row[t * tile_keys // 128]]
+    # dense: every tile
+    assert T._sage_index("live_tiles", [5, 64, 1, 1, 1]) == [0, 1, 2, 3, 4]
+    # offsets: shared mask (1 head) ignores h; 64-bit sizes
+    assert T._sage_index("block_mask_row_offset", [1, 5, 2, 1, 3, 4])[0] == ((1 * 1 + 0) * 3 + 2) * 4
+    assert T._sage_index("block_mask_row_offset", [1, 5, 2, 8, 3, 4])[0] == ((1 * 8 + 5) * 3 + 2) * 4
+    big = T._sage_index("block_mask_row_offset", [100, 63, 1023, 64, 1024, 1024])[0]
+    assert big == ((100 * 64 + 63) * 1024 + 1023) * 1024 and big > 2 ** 32
+
+
+@pytest.mark.testing_ext
+def test_xattention_index_rules():
+    import tersor._testing
+
+    T = tersor._testing.lib
+    s_ = 8
+    for i in range(5):
+        for s in range(s_):
+            assert T._sage_index("xattn_rows", [i, s, s_]) == [i * s_ + s_ - 1 - s, i * s_ + s]
+    for lq, lk in ((64, 64), (40, 100), (100, 40), (1, 9)):
+        nq, nk = -(-lq // s_), -(-lk // s_)
+        for i in range(nq):
+            vis = [j for j in range(nk) if T._sage_index("xattn_causal_visible", [i, j, s_, lq, lk])[0]]
+            assert vis == [j for j in range(nk) if j * s_ <= i * s_ + lk - lq]
+            assert T._sage_index("xattn_visible_reduced_keys", [i, s_, lq, lk, 1])[0] == len(vis)
+            assert T._sage_index("xattn_visible_reduced_keys", [i, s_, lq, lk, 0])[0] == nk
+        for qb in range(-(-lq // 32)):
+            key = min((qb + 1) * 32, lq) - 1 + lk - lq
+            assert T._sage_index("xattn_diagonal_block", [qb, 32, lq, lk])[0] == min(max(key, 0), lk - 1) // 32
+
+
 # ---- the lane-by-lane CUDA replays with a mask ----------------------------------------------------------
 
 REPLAY_SHAPES = [

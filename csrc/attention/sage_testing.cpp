@@ -6,6 +6,7 @@
 
 #include "attention/sage_cuda_layout.h"
 #include "attention/sage_format.h"
+#include "attention/xattn_format.h"
 #include "attention/sage_glue.h"
 #include "attention/sage_route.h"
 #include "attention/sage_sm90_layout.h"
@@ -127,6 +128,39 @@ std::vector<int64_t> sage_index(std::string fn, std::vector<int64_t> a) {
   if (fn == "sm90_tile_base") {  // [bkv, len_k_pad, tile, head_dim]
     need(4);
     return {sm90_tile_base(a[0], a[1], a[2], i32(a[3]))};
+  }
+  // Block sparsity (sage_format.h) and XAttention scoring (xattn_format.h).
+  if (fn == "block_mask_row_offset") {  // [b, h, qb, mask_heads, q_blocks, k_blocks]
+    need(6);
+    return {block_mask_row_offset(a[0], a[1], a[2], a[3], a[4], a[5])};
+  }
+  if (fn == "live_tiles") {  // [n_tiles, tile_keys, mask row bytes...]: the tiles a kernel walks, in order
+    TERSOR_CHECK_VALUE(a.size() >= 2, "_sage_index: live_tiles takes n_tiles, tile_keys and the mask row");
+    const std::vector<uint8_t> row(a.begin() + 2, a.end());
+    const int n_tiles = i32(a[0]), tile_keys = i32(a[1]);
+    TERSOR_CHECK_VALUE(static_cast<int64_t>(row.size()) * kSparseBlockK >= static_cast<int64_t>(n_tiles) * tile_keys,
+                       "_sage_index: live_tiles: the mask row is shorter than the tiles");
+    std::vector<int64_t> out;
+    for (int t = next_live_tile(row.data(), 0, n_tiles, tile_keys); t < n_tiles;
+         t = next_live_tile(row.data(), t + 1, n_tiles, tile_keys))
+      out.push_back(t);
+    return out;
+  }
+  if (fn == "xattn_rows") {  // [i, s, stride]: (query row, key row) at position s of reduced query / key i
+    need(3);
+    return {xattn_query_row(a[0], a[1], a[2]), xattn_key_row(a[0], a[1], a[2])};
+  }
+  if (fn == "xattn_visible_reduced_keys") {  // [i, stride, len_q, len_k, causal]
+    need(5);
+    return {xattn_visible_reduced_keys(a[0], a[1], a[2], a[3], a[4] != 0)};
+  }
+  if (fn == "xattn_causal_visible") {  // [i, j, stride, len_q, len_k]
+    need(5);
+    return {xattn_causal_visible(a[0], a[1], a[2], a[3], a[4]) ? 1 : 0};
+  }
+  if (fn == "xattn_diagonal_block") {  // [qb, block, len_q, len_k]
+    need(4);
+    return {xattn_diagonal_block(a[0], a[1], a[2], a[3])};
   }
   TERSOR_CHECK_VALUE(false, "_sage_index: unknown function ", fn);
   return {};
