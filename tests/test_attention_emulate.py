@@ -103,7 +103,7 @@ def test_replay_bad_input():
     with pytest.raises(ValueError, match="pv must be"):
         T._sage_emulate_cuda_attention(q, k, v, False, 0.1, "int8", True)
     with pytest.raises(ValueError, match="fault"):
-        T._sage_emulate_cuda_attention(q, k, v, False, 0.1, "fp8", True, 7)
+        T._sage_emulate_cuda_attention(q, k, v, False, 0.1, "fp8", True, 8)
     with pytest.raises(ValueError, match="qk_bits"):
         T._sage_emulate_cuda_attention(q, k, v, False, 0.1, "fp8", True, 0, 2)
     with pytest.raises(ValueError, match="qk_bits"):

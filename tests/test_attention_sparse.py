@@ -324,6 +324,28 @@ def test_sm8x_replay_with_mask_matches_twin(shape, pv, sk, dtype):
 
 
 @pytest.mark.testing_ext
+def test_sm8x_replay_catches_a_wrong_prefetch():
+    # fault 7: the double buffer prefetches tile + 1 instead of the next live tile, so a tile after a masked one
+    # is multiplied with the wrong K / V: the replay must show it (the skip test above is not vacuous).
+    import tersor._testing
+
+    T = tersor._testing.lib
+    shape = REPLAY_SHAPES[0]
+    q, k, v = _qkv(shape, torch.float16, seed=11)
+    mask = torch.ones(block_mask_shape(1, 1, 300, 700), dtype=torch.bool)
+    mask[..., 1::2] = False
+    ref, ref_lse = L.sage_attention_fwd(q, k, v, False, 0.1, 8, "fp8", True, False, block_mask=mask)
+    good = T._sage_emulate_cuda_attention(q, k, v, False, 0.1, "fp8", True, 0, block_mask=mask)
+    assert replay_mismatch(*good, ref, ref_lse) is None
+    bad = T._sage_emulate_cuda_attention(q, k, v, False, 0.1, "fp8", True, 7, block_mask=mask)
+    assert replay_mismatch(*bad, ref, ref_lse) is not None
+    # without a mask the walk is dense and fault 7 changes nothing
+    dense = T._sage_emulate_cuda_attention(q, k, v, False, 0.1, "fp8", True, 0)
+    dense7 = T._sage_emulate_cuda_attention(q, k, v, False, 0.1, "fp8", True, 7)
+    assert torch.equal(dense[0], dense7[0]) and torch.equal(dense[1], dense7[1])
+
+
+@pytest.mark.testing_ext
 @pytest.mark.parametrize("shape", REPLAY_SHAPES)
 def test_sm90_replay_with_mask_matches_twin(shape):
     import tersor._testing

@@ -19,7 +19,8 @@
 // `fault` (tests only) injects a deliberate layout bug on the kernel side so tests can show the replay
 // catches it: 1 swaps Q A-fragment registers 1 and 2, 2 stores FP8 V^T without the token permutation,
 // 3 swaps the n-tiles of P's A fragment registers (r ^ 2), 4 uses K scale group t ^ 1, 5 packs INT4 K with
-// the even channel in the high nibble, 6 adds the Q-smoothing bias of the pair's other key (column 2t + 1 - e).
+// the even channel in the high nibble, 6 adds the Q-smoothing bias of the pair's other key (column 2t + 1 - e),
+// 7 (block_mask) prefetches the next tile (tile + 1) instead of the next live one.
 //
 // INT4 (qk_bits 4) and Q smoothing (smooth_q) are replayed too: the packed-nibble prologue, the block mean and
 // q_bias kernels, mma.m16n8k64.s4 from its own PTX fragment rules, and the bias added (rounded, no FMA) to
@@ -443,7 +444,7 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
   for (int it = 0; tile < n_tiles; ++it) {
     const int stage = it & 1;
     const int next = next_live_tile(mask_row, tile + 1, n_tiles, Tr::kCtaK);
-    if (next < n_tiles) load_kv(next, stage ^ 1);
+    if (next < n_tiles) load_kv(fault == 7 ? tile + 1 : next, stage ^ 1);
     const uint8_t* ks = k_s + stage * Tr::kKBytes;
     const uint8_t* vs = v_s + stage * Tr::kVBytes;
     for (int warp = 0; warp < Tr::kCtaWarps; ++warp) {
@@ -913,7 +914,7 @@ std::tuple<Tensor, Tensor> sage_emulate_cuda_attention(const Tensor& q, const Te
   TERSOR_CHECK_VALUE(qk_bits == 8 || qk_bits == 4, op, ": the CUDA kernel has qk_bits 8 or 4, got ", qk_bits);
   const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q);
   TERSOR_CHECK_VALUE(c.pv != PVMode::kFp32, op, ": the CUDA kernel has pv \"fp8\" or \"fp16\" only");
-  TERSOR_CHECK_VALUE(fault >= 0 && fault <= 6, op, ": fault must be in [0, 6], got ", fault);
+  TERSOR_CHECK_VALUE(fault >= 0 && fault <= 7, op, ": fault must be in [0, 7], got ", fault);
   TERSOR_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), op, ": expects CPU tensors");
   const bool fp8 = c.pv == PVMode::kFp8, bf16 = q.scalar_type() == ScalarType::BFloat16;
   Buffers bf;
