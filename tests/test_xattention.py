@@ -310,6 +310,45 @@ def test_config_sparse_threshold_routes_models_to_sparse_sage(monkeypatch):
     assert calls[2:] == [0.3, 0.3] and not torch.equal(sparse, dense)
 
 
+# ---- the scoring kernel's thread-by-thread CPU replay ----------------------------------------------------
+
+def _replay_close(mask, mass, ref_mask, ref_mass):
+    # fp32 (the kernel) against fp64 (the op): masses to float rounding; a selection may differ only at a
+    # near-tie, which these inputs do not have
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-4, atol=1e-5)
+    return torch.equal(mask, ref_mask)
+
+
+@pytest.mark.testing_ext
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 1.0])
+def test_cuda_replay_matches_cpu_op(case, threshold):
+    import tersor._testing
+
+    T = tersor._testing.lib
+    b, hq, hkv, lq, lk, d, block, stride, causal = case
+    q, k = _structured_qk(b, hq, hkv, lq, lk, d, seed=lq + lk)
+    ref_mask, ref_mass = L.xattention_mask(q, k, block, stride, threshold, causal, d ** -0.5)
+    mask, mass = T._xattn_emulate_cuda(q, k, block, stride, threshold, causal, d ** -0.5)
+    assert mask.dtype == torch.bool and mask.shape == ref_mask.shape
+    assert _replay_close(mask, mass, ref_mask, ref_mass)
+
+
+@pytest.mark.testing_ext
+@pytest.mark.parametrize("fault", [1, 2])
+def test_cuda_replay_catches_faults(fault):
+    import tersor._testing
+
+    T = tersor._testing.lib
+    q, k = _structured_qk(1, 2, 2, 512, 512, 64, seed=21)
+    ref_mask, ref_mass = L.xattention_mask(q, k, 128, 8, 0.9, True, 0.125)
+    mask, mass = T._xattn_emulate_cuda(q, k, 128, 8, 0.9, True, 0.125, fault)
+    with pytest.raises(AssertionError):
+        _replay_close(mask, mass, ref_mask, ref_mass)
+    with pytest.raises(ValueError, match="fault"):
+        T._xattn_emulate_cuda(q, k, 128, 8, 0.9, True, 0.125, 3)
+
+
 # ---- GPU: the fused scoring kernel against the CPU op (skipped without one) ------------------------------
 
 @pytest.mark.cuda

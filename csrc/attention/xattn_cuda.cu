@@ -17,13 +17,14 @@
 
 #include "attention/xattn_cuda.h"
 #include "attention/xattn_format.h"
+#include "attention/xattn_kernel.h"
 
 namespace tersor::attention {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kRowGroup = 16;  // reduced query rows scored together (one accumulator register each)
+constexpr int kThreads = kXattnThreads;
+constexpr int kWarps = kXattnWarps;
+constexpr int kRowGroup = kXattnRowGroup;
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x);
@@ -34,54 +35,29 @@ __device__ __forceinline__ float to_float<__half>(__half x) { return __half2floa
 template <>
 __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// (m, l) <- the softmax state of the union of two partial states.
-__device__ __forceinline__ void combine(float& m, float& l, float m2, float l2) {
-  const float mn = fmaxf(m, m2);
-  if (mn == -INFINITY) return;
-  l = (m == -INFINITY ? 0.f : l * expf(m - mn)) + (m2 == -INFINITY ? 0.f : l2 * expf(m2 - mn));
-  m = mn;
-}
+// Key row `row`, channel d of the CTA's key head, as float.
+template <typename T>
+struct KeyLoad {
+  const T* kh;
+  int64_t sk_l;
+  __device__ __forceinline__ float operator()(int64_t row, int64_t d) const { return to_float(kh[row * sk_l + d]); }
+};
 
 struct Smem {
   float *qs, *mass, *row_m, *row_l, *warp_m, *warp_l;
   int* order;
 };
 
-__host__ __device__ inline int64_t rows_padded(const XattnArgs& a) {
-  const int64_t per = a.block / a.stride;
-  return (per + kRowGroup - 1) / kRowGroup * kRowGroup;
-}
-
 __device__ inline Smem carve(float* base, const XattnArgs& a) {
   Smem s;
   s.qs = base;
-  s.mass = s.qs + rows_padded(a) * a.stride * a.head_dim;
+  s.mass = s.qs + xattn_rows_padded(a.block, a.stride) * a.stride * a.head_dim;
   s.row_m = s.mass + a.k_blocks;
   s.row_l = s.row_m + kRowGroup;
   s.warp_m = s.row_l + kRowGroup;
   s.warp_l = s.warp_m + kWarps * kRowGroup;
   s.order = reinterpret_cast<int*>(s.warp_l + kWarps * kRowGroup);
   return s;
-}
-
-// acc[r] = Q'[g0 + r] . K'[j] for the group's rows (key rows past the sequence are zeros: skipped).
-template <typename T>
-__device__ __forceinline__ void score(const XattnArgs& a, const float* qs, const T* kh, int64_t g0, int64_t j,
-                                      float (&acc)[kRowGroup]) {
-  const int64_t S = a.stride, D = a.head_dim, SD = S * D;
-#pragma unroll
-  for (int r = 0; r < kRowGroup; ++r) acc[r] = 0.f;
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t row = xattn_key_row(j, s, S);
-    if (row >= a.len_k) break;
-    const T* kr = kh + row * a.sk_l;
-    const float* qcol = qs + g0 * SD + s * D;
-    for (int64_t d = 0; d < D; ++d) {
-      const float kv = to_float(kr[d]);
-#pragma unroll
-      for (int r = 0; r < kRowGroup; ++r) acc[r] = fmaf(qcol[r * SD + d], kv, acc[r]);
-    }
-  }
 }
 
 template <typename T>
@@ -97,7 +73,8 @@ __global__ void __launch_bounds__(kThreads) xattn_score_kernel(const XattnArgs a
   const T* kh = static_cast<const T*>(a.k) + b * a.sk_b + hk * a.sk_h;
   const int64_t i0 = qb * per;
   const int64_t rows = per < nq - i0 ? per : nq - i0;
-  const int64_t rows_pad = rows_padded(a);
+  const int64_t rows_pad = xattn_rows_padded(a.block, a.stride);
+  const KeyLoad<T> load{kh, a.sk_l};
 
   for (int64_t e = tid; e < rows_pad * SD; e += kThreads) {
     const int64_t r = e / SD, c = e % SD, s = c / D, d = c % D;
@@ -122,23 +99,23 @@ __global__ void __launch_bounds__(kThreads) xattn_score_kernel(const XattnArgs a
     for (int r = 0; r < kRowGroup; ++r) m[r] = -INFINITY, l[r] = 0.f;
     for (int64_t j = tid; j < nv_max; j += kThreads) {
       float acc[kRowGroup];
-      score(a, sm.qs, kh, g0, j, acc);
+      xattn_score_group(sm.qs, S, D, a.len_k, g0, j, load, acc);
 #pragma unroll
       for (int r = 0; r < kRowGroup; ++r)
-        if (j < nv[r]) combine(m[r], l[r], acc[r] * mul, 1.f);
+        if (j < nv[r]) xattn_combine(m[r], l[r], acc[r] * mul, 1.f);
     }
 #pragma unroll
     for (int r = 0; r < kRowGroup; ++r) {
       for (int off = 16; off > 0; off >>= 1) {
         const float m2 = __shfl_xor_sync(0xffffffffu, m[r], off), l2 = __shfl_xor_sync(0xffffffffu, l[r], off);
-        combine(m[r], l[r], m2, l2);
+        xattn_combine(m[r], l[r], m2, l2);
       }
       if (lane == 0) sm.warp_m[warp * kRowGroup + r] = m[r], sm.warp_l[warp * kRowGroup + r] = l[r];
     }
     __syncthreads();
     if (tid < kRowGroup) {
       float mm = -INFINITY, ll = 0.f;
-      for (int wi = 0; wi < kWarps; ++wi) combine(mm, ll, sm.warp_m[wi * kRowGroup + tid], sm.warp_l[wi * kRowGroup + tid]);
+      for (int wi = 0; wi < kWarps; ++wi) xattn_combine(mm, ll, sm.warp_m[wi * kRowGroup + tid], sm.warp_l[wi * kRowGroup + tid]);
       sm.row_m[tid] = mm;
       sm.row_l[tid] = ll;
     }
@@ -146,7 +123,7 @@ __global__ void __launch_bounds__(kThreads) xattn_score_kernel(const XattnArgs a
     // ---- pass 2: normalized probabilities summed per key block ----
     for (int64_t j = tid; j < nv_max; j += kThreads) {
       float acc[kRowGroup];
-      score(a, sm.qs, kh, g0, j, acc);
+      xattn_score_group(sm.qs, S, D, a.len_k, g0, j, load, acc);
       float psum = 0.f;
 #pragma unroll
       for (int r = 0; r < kRowGroup; ++r)
@@ -159,36 +136,13 @@ __global__ void __launch_bounds__(kThreads) xattn_score_kernel(const XattnArgs a
   // ---- selection ----
   const int64_t nkb = a.k_blocks;
   for (int64_t j = tid; j < nkb; j += kThreads) {
-    const float mj = sm.mass[j];
-    int rank = 0;
-    for (int64_t k2 = 0; k2 < nkb; ++k2) {
-      const float mk = sm.mass[k2];
-      rank += (mk > mj) || (mk == mj && k2 < j);
-    }
-    sm.order[rank] = static_cast<int>(j);
-    a.mass[w * nkb + j] = mj;
+    sm.order[xattn_rank(sm.mass, nkb, j)] = static_cast<int>(j);
+    a.mass[w * nkb + j] = sm.mass[j];
   }
   __syncthreads();
-  if (tid == 0) {
-    uint8_t* keep = a.mask + w * nkb;
-    double total = 0;
-    for (int64_t j = 0; j < nkb; ++j) total += sm.mass[j];
-    for (int64_t j = 0; j < nkb; ++j) keep[j] = 0;
-    keep[xattn_diagonal_block(qb, a.block, a.len_q, a.len_k)] = 1;
-    if (a.causal) keep[0] = 1;
-    double kept = 0;
-    for (int64_t j = 0; j < nkb; ++j)
-      if (keep[j]) kept += sm.mass[j];
-    const double required = a.threshold * total;
-    for (int64_t t = 0; t < nkb; ++t) {
-      const int j = sm.order[t];
-      if (keep[j]) continue;
-      if (!(sm.mass[j] > 0.f)) break;
-      if (a.threshold < 1 && !(kept < required)) break;
-      keep[j] = 1;
-      kept += sm.mass[j];
-    }
-  }
+  if (tid == 0)
+    xattn_select(sm.mass, sm.order, nkb, xattn_diagonal_block(qb, a.block, a.len_q, a.len_k), a.causal, a.threshold,
+                 a.mask + w * nkb);
 }
 
 template <typename T>
@@ -204,7 +158,7 @@ cudaError_t launch(const XattnArgs& a, cudaStream_t stream) {
 }  // namespace
 
 int64_t xattn_smem_bytes(const XattnArgs& a) {
-  const int64_t floats = rows_padded(a) * a.stride * a.head_dim + a.k_blocks + 2 * kRowGroup + 2 * kWarps * kRowGroup;
+  const int64_t floats = xattn_rows_padded(a.block, a.stride) * a.stride * a.head_dim + a.k_blocks + 2 * kRowGroup + 2 * kWarps * kRowGroup;
   return floats * 4 + a.k_blocks * 4;  // + the int order
 }
 
