@@ -189,6 +189,15 @@ def test_wrapper_block_mask_layouts_padding_and_heads():
     assert cos > 0.99
 
 
+def test_module_takes_block_mask():
+    shape = (1, 2, 2, 200, 300, 64, True)
+    q, k, v = _qkv(shape, torch.float16)
+    mask = _random_mask(shape, 2, seed=6)
+    mod = tersor.nn.SageAttention()
+    assert torch.equal(mod(q, k, v, is_causal=True, block_mask=mask),
+                       sage_attention(q, k, v, is_causal=True, block_mask=mask))
+
+
 def test_bad_block_mask_wrapper():
     shape = (1, 4, 2, 200, 300, 64, False)
     q, k, v = _qkv(shape, torch.float16)
