@@ -137,8 +137,10 @@ STABLE_TORCH_LIBRARY(tersor, m) {
   // of the same shape). Strided antidiagonal scores (query rows reversed within each stride, key rows strided),
   // softmax of score * scale / stride over the reduced keys (bottom-right causal if is_causal), summed per block;
   // per query block the fewest heaviest key blocks whose mass reaches threshold * the row's total, plus the
-  // diagonal block (and key block 0 when causal). block_size % stride == 0, 0 < threshold <= 1.
-  m.def("xattention_mask(Tensor q, Tensor k, int block_size, int stride, float threshold, bool is_causal, float scale) -> (Tensor, Tensor)");
+  // diagonal block (and key block 0 when causal). block_size % stride == 0, 0 < threshold <= 1. qk "none": exact
+  // scores; "int8": each reduced row quantized to INT8 (one amax / 127 scale per row), exact int32 dot products
+  // (the CUDA tensor-core path).
+  m.def("xattention_mask(Tensor q, Tensor k, int block_size, int stride, float threshold, bool is_causal, float scale, str qk=\"none\") -> (Tensor, Tensor)");
 }
 
 // `import tersor._C` loads this library (and so runs the registrations above). It defines no Python

@@ -116,7 +116,7 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   // as in sage_attention_fwd (producer and consumers skip masked 128-key stages).
   // CPU thread-by-thread replay of the XAttention scoring kernel (xattn_cuda.cu) with the kernel's own per-thread
   // code (xattn_kernel.h); the arguments and outputs of tersor::xattention_mask. fault > 0 injects a bug.
-  m.def("_xattn_emulate_cuda(Tensor q, Tensor k, int block_size, int stride, float threshold, bool is_causal, float scale, int fault=0) -> (Tensor, Tensor)");
+  m.def("_xattn_emulate_cuda(Tensor q, Tensor k, int block_size, int stride, float threshold, bool is_causal, float scale, int fault=0, str qk=\"none\") -> (Tensor, Tensor)");
   m.def("_sage_emulate_sm90_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, bool smooth_k, Tensor? block_mask=None) -> (Tensor, Tensor)");
 }
 

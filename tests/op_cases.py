@@ -157,6 +157,9 @@ def _xattention_mask(device):
         q = torch.randn(b, hq, lq, d, device=device).to(dtype)
         k = torch.randn(b, hkv, lk, d, device=device).to(dtype)
         cases.append(((q, k, block, stride, thr, causal, d ** -0.5), {}))
+    q = torch.randn(1, 2, 300, 64, device=device).half()
+    k = torch.randn(1, 1, 280, 64, device=device).half()
+    cases.append(((q, k, 128, 8, 0.9, True, 0.125), {"qk": "int8"}))
     return cases
 
 

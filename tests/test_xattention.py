@@ -14,6 +14,7 @@ import tersor
 from tersor import attention
 from tersor.attention import sage_attention, sparse_sage_attention, xattention_mask
 from attention_reference import attention_fp64
+from conftest import HAS_TESTING_EXT
 
 L = tersor.ops.lib
 
@@ -349,6 +350,69 @@ def test_cuda_replay_catches_faults(fault):
         T._xattn_emulate_cuda(q, k, 128, 8, 0.9, True, 0.125, 3)
 
 
+# ---- qk = "int8": INT8 reduced rows (the tensor-core path) ----------------------------------------------
+
+INT8_CASES = [c for c in CASES if (c[6] // c[7]) % 8 == 0 and (c[7] * c[5]) % 32 == 0]
+
+
+def test_int8_cases_cover_several_shapes():
+    assert len(INT8_CASES) >= 3
+
+
+@pytest.mark.parametrize("case", INT8_CASES)
+def test_int8_scores_are_close_to_exact(case):
+    b, hq, hkv, lq, lk, d, block, stride, causal = case
+    q, k = _structured_qk(b, hq, hkv, lq, lk, d, seed=lq + lk)
+    mask, mass = L.xattention_mask(q, k, block, stride, 0.9, causal, d ** -0.5, "none")
+    mask8, mass8 = L.xattention_mask(q, k, block, stride, 0.9, causal, d ** -0.5, "int8")
+    # per-row INT8 over stride * D values: the block masses move by well under a percent of a row's mass
+    rows_per_block = block // stride
+    assert (mass8 - mass).abs().max().item() < 0.02 * rows_per_block
+    assert (mask8 != mask).float().mean().item() < 0.05
+    assert not torch.equal(mass8, mass)  # really quantized
+
+
+@pytest.mark.testing_ext
+@pytest.mark.parametrize("case", INT8_CASES)
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 1.0])
+def test_int8_cuda_replay_matches_cpu(case, threshold):
+    import tersor._testing
+
+    T = tersor._testing.lib
+    b, hq, hkv, lq, lk, d, block, stride, causal = case
+    q, k = _structured_qk(b, hq, hkv, lq, lk, d, seed=lq + lk)
+    ref_mask, ref_mass = L.xattention_mask(q, k, block, stride, threshold, causal, d ** -0.5, "int8")
+    mask, mass = T._xattn_emulate_cuda(q, k, block, stride, threshold, causal, d ** -0.5, 0, "int8")
+    assert _replay_close(mask, mass, ref_mask, ref_mass)
+
+
+@pytest.mark.testing_ext
+@pytest.mark.parametrize("fault", [1, 2, 3])
+def test_int8_cuda_replay_catches_faults(fault):
+    import tersor._testing
+
+    T = tersor._testing.lib
+    q, k = _structured_qk(1, 2, 2, 512, 512, 64, seed=21)
+    ref_mask, ref_mass = L.xattention_mask(q, k, 128, 8, 0.9, True, 0.125, "int8")
+    mask, mass = T._xattn_emulate_cuda(q, k, 128, 8, 0.9, True, 0.125, fault, "int8")
+    with pytest.raises(AssertionError):
+        _replay_close(mask, mass, ref_mask, ref_mass)
+
+
+def test_qk_argument():
+    q, k = _structured_qk(1, 2, 2, 256, 256, 64)
+    assert torch.equal(xattention_mask(q, k), xattention_mask(q, k, qk="none"))  # "auto" is exact on the CPU
+    with pytest.raises(ValueError, match="qk"):
+        xattention_mask(q, k, qk="fp8")
+    with pytest.raises(ValueError, match="qk"):
+        L.xattention_mask(q, k, 128, 8, 0.9, False, 0.125, "int4")
+    if HAS_TESTING_EXT:
+        import tersor._testing
+
+        with pytest.raises(ValueError, match="int8"):
+            tersor._testing.lib._xattn_emulate_cuda(q, k, 32, 8, 0.9, False, 0.125, 0, "int8")
+
+
 # ---- GPU: the fused scoring kernel against the CPU op (skipped without one) ------------------------------
 
 @pytest.mark.cuda
@@ -364,3 +428,14 @@ def test_cuda_matches_cpu(case, threshold):
     torch.testing.assert_close(cmass.cpu(), mass, rtol=1e-4, atol=1e-5)
     differ = (cmask.cpu() != mask)
     assert differ.float().mean().item() <= 0.01, differ.sum().item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", INT8_CASES)
+def test_int8_cuda_matches_cpu(case):
+    b, hq, hkv, lq, lk, d, block, stride, causal = case
+    q, k = _structured_qk(b, hq, hkv, lq, lk, d, seed=lq + lk)
+    mask, mass = L.xattention_mask(q, k, block, stride, 0.9, causal, d ** -0.5, "int8")
+    cmask, cmass = L.xattention_mask(q.cuda(), k.cuda(), block, stride, 0.9, causal, d ** -0.5, "int8")
+    torch.testing.assert_close(cmass.cpu(), mass, rtol=1e-4, atol=1e-5)
+    assert (cmask.cpu() != mask).float().mean().item() <= 0.01

@@ -8,6 +8,7 @@
 
 #include "attention/xattn_format.h"
 #include "attention/xattn_glue.h"
+#include "attention/xattn_kernel.h"
 
 namespace tersor::attention {
 namespace {
@@ -38,9 +39,19 @@ void select_blocks(const double* mass, int64_t n, int64_t diag, bool causal, dou
   }
 }
 
+// qk = "int8": a reduced row (S D values, exact in fp32) replaced by its INT8 codes (as doubles: the dot products
+// of codes are exact integers); returns the row's scale.
+float quantize_row(double* x, int64_t n) {
+  float amax = 0.f;
+  for (int64_t e = 0; e < n; ++e) amax = std::max(amax, std::fabs(static_cast<float>(x[e])));
+  const IntQuantParams p = int_quant_params(amax, 8);
+  for (int64_t e = 0; e < n; ++e) x[e] = quantize_int(static_cast<float>(x[e]), p.inv_scale, 8);
+  return p.scale;
+}
+
 std::tuple<Tensor, Tensor> xattention_mask_cpu(const Tensor& q, const Tensor& k, int64_t block_size, int64_t stride,
-                                               double threshold, bool is_causal, double scale) {
-  const XattnCall c = check_xattn(q, k, block_size, stride, threshold, is_causal, scale);
+                                               double threshold, bool is_causal, double scale, std::string qk) {
+  const XattnCall c = check_xattn(q, k, block_size, stride, threshold, is_causal, scale, qk);
   const Tensor qf = as_contiguous(as_dtype(q, ScalarType::Float));
   const Tensor kf = as_contiguous(as_dtype(k, ScalarType::Float));
   Tensor mask = empty({c.batch, c.heads_q, c.q_blocks, c.k_blocks}, ScalarType::Bool, qf.device());
@@ -63,6 +74,13 @@ std::tuple<Tensor, Tensor> xattention_mask_cpu(const Tensor& q, const Tensor& k,
           for (int64_t d = 0; d < D; ++d) dst[d] = src[d];
         }
   });
+  std::vector<float> k_scale(c.int8 ? c.batch * c.heads_kv * nk : 0);
+  if (c.int8) {
+    torch::stable::parallel_for(0, c.batch * c.heads_kv * nk, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) k_scale[r] = quantize_row(kr.data() + r * SD, SD);
+    });
+  }
+  const float mul_f = static_cast<float>(c.scale) / static_cast<float>(S);  // the kernels' fp32 factor
   uint8_t* mp = static_cast<uint8_t*>(mask.mutable_data_ptr());
   float* wp = mass.mutable_data_ptr<float>();
   const int64_t group = c.heads_q / c.heads_kv;
@@ -90,12 +108,14 @@ std::tuple<Tensor, Tensor> xattention_mask_cpu(const Tensor& q, const Tensor& k,
         }
         const int64_t nv = xattn_visible_reduced_keys(i, S, c.len_q, c.len_k, c.causal);
         if (nv == 0) continue;  // no visible key: the row carries no mass
+        const float q_scale = c.int8 ? quantize_row(qrow.data(), SD) : 0.f;
         double mx = -INFINITY;
         for (int64_t j = 0; j < nv; ++j) {
           const double* kj = kh + j * SD;
           double acc = 0;
           for (int64_t e = 0; e < SD; ++e) acc += qrow[e] * kj[e];
-          scores[j] = acc * mul;
+          scores[j] = c.int8 ? xattn_int8_score(static_cast<int32_t>(acc), q_scale, k_scale[bkv * nk + j], mul_f)
+                             : acc * mul;
           mx = std::max(mx, scores[j]);
         }
         double sum = 0;

@@ -26,4 +26,17 @@ struct XattnArgs {
 int64_t xattn_smem_bytes(const XattnArgs& a);
 cudaError_t xattention_mask_cuda_launch(const XattnArgs& a, cudaStream_t stream);
 
+// qk = "int8" (xattn_int8_cuda.cu, mma.sync s8: sm_80+): device scratch for the quantized reduced rows, of
+// xattn_int8_scratch_sizes' row counts (rows of stride * head_dim bytes, one float scale each). Needs
+// (block / stride) % 8 == 0 and (stride * head_dim) % 32 == 0 (cudaErrorInvalidValue otherwise).
+struct XattnInt8Scratch {
+  int8_t* q_codes;
+  float* q_scale;
+  int8_t* k_codes;
+  float* k_scale;
+};
+void xattn_int8_scratch_sizes(const XattnArgs& a, int64_t* q_rows, int64_t* k_rows);
+int64_t xattn_int8_smem_bytes(const XattnArgs& a);
+cudaError_t xattention_mask_int8_cuda_launch(const XattnArgs& a, const XattnInt8Scratch& s, cudaStream_t stream);
+
 }  // namespace tersor::attention

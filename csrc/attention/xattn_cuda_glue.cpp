@@ -1,5 +1,6 @@
 // CUDA registration of xattention_mask: the checks of the CPU op (xattn_glue.h), then the fused scoring kernel
 // (xattn_cuda.cu). CUDA path compiled, not run.
+#include <string>
 #include <tuple>
 
 #include "attention/xattn_cuda.h"
@@ -10,9 +11,9 @@ namespace tersor::attention {
 namespace {
 
 std::tuple<Tensor, Tensor> xattention_mask_cuda(const Tensor& q, const Tensor& k, int64_t block_size, int64_t stride,
-                                                double threshold, bool is_causal, double scale) {
+                                                double threshold, bool is_causal, double scale, std::string qk) {
   const char* op = "xattention_mask";
-  const XattnCall c = check_xattn(q, k, block_size, stride, threshold, is_causal, scale);
+  const XattnCall c = check_xattn(q, k, block_size, stride, threshold, is_causal, scale, qk);
   TERSOR_CHECK_VALUE(q.is_cuda() && k.is_cuda() && q.get_device_index() == k.get_device_index(), op,
                      ": q and k must be on the same device, got ", device_str(q), ", ", device_str(k));
   const CudaDeviceGuard guard(q);
@@ -45,7 +46,7 @@ std::tuple<Tensor, Tensor> xattention_mask_cuda(const Tensor& q, const Tensor& k
   a.causal = c.causal;
   a.mask = static_cast<uint8_t*>(mask.mutable_data_ptr());
   a.mass = mass.mutable_data_ptr<float>();
-  const int64_t smem = xattn_smem_bytes(a);
+  const int64_t smem = c.int8 ? xattn_int8_smem_bytes(a) : xattn_smem_bytes(a);
   int dev = q.get_device_index(), limit = 0;
   TERSOR_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   TERSOR_CHECK_NOT_IMPL(smem <= limit, op, ": the CUDA kernel keeps a query block's strided rows and the key blocks' "
@@ -53,8 +54,31 @@ std::tuple<Tensor, Tensor> xattention_mask_cuda(const Tensor& q, const Tensor& k
                         " (use a smaller block_size, or the CPU)");
   TERSOR_CHECK_NOT_IMPL(c.batch * c.heads_q * c.q_blocks < (int64_t{1} << 31), op,
                         ": at most 2^31 - 1 (batch, head, query block) triples on CUDA");
-  TERSOR_CUDA_CHECK(xattention_mask_cuda_launch(a, current_cuda_stream(dev)));
+  if (!c.int8) {
+    TERSOR_CUDA_CHECK(xattention_mask_cuda_launch(a, current_cuda_stream(dev)));
+    return {mask, mass};
+  }
+#ifdef TERSOR_XATTN_INT8_ARCHS
+  TERSOR_CHECK_NOT_IMPL((c.block / c.stride) % 8 == 0 && (c.stride * c.head_dim) % 32 == 0, op,
+                        ": qk=\"int8\" on CUDA needs (block_size / stride) % 8 == 0 and (stride * head_dim) % 32 == 0 "
+                        "(8-key MMA tiles inside one block, 32-byte k-steps), got block_size ", c.block, ", stride ",
+                        c.stride, ", head_dim ", c.head_dim, " (use qk=\"none\")");
+  TERSOR_CHECK_NOT_IMPL(compute_capability(dev) >= 80, op, ": qk=\"int8\" needs compute capability 8.0+");
+  int64_t q_rows = 0, k_rows = 0;
+  xattn_int8_scratch_sizes(a, &q_rows, &k_rows);
+  const int64_t sd = c.stride * c.head_dim;
+  Tensor q_codes = empty({q_rows, sd}, ScalarType::Char, q.device());
+  Tensor k_codes = empty({k_rows, sd}, ScalarType::Char, q.device());
+  Tensor q_scale = empty({q_rows}, ScalarType::Float, q.device());
+  Tensor k_scale = empty({k_rows}, ScalarType::Float, q.device());
+  const XattnInt8Scratch s{q_codes.mutable_data_ptr<int8_t>(), q_scale.mutable_data_ptr<float>(),
+                           k_codes.mutable_data_ptr<int8_t>(), k_scale.mutable_data_ptr<float>()};
+  TERSOR_CUDA_CHECK(xattention_mask_int8_cuda_launch(a, s, current_cuda_stream(dev)));
   return {mask, mass};
+#else
+  TERSOR_CHECK_NOT_IMPL(false, op, ": qk=\"int8\" has no CUDA kernel in this build (use qk=\"none\")");
+  return {mask, mass};
+#endif
 }
 
 }  // namespace

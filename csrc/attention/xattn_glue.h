@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <string>
 
 #include "common/torch_glue.h"
 
@@ -13,10 +14,11 @@ struct XattnCall {
   int64_t q_blocks, k_blocks;
   double threshold, scale;
   bool causal;
+  bool int8;  // qk = "int8": quantized scores (else "none": exact)
 };
 
 inline XattnCall check_xattn(const Tensor& q, const Tensor& k, int64_t block_size, int64_t stride, double threshold,
-                      bool is_causal, double scale) {
+                      bool is_causal, double scale, const std::string& qk) {
   const char* op = "xattention_mask";
   TERSOR_CHECK_VALUE(q.dim() == 4 && k.dim() == 4, op, ": q and k must be 4-d [batch, heads, seq, head_dim], got ",
                      q.dim(), "-d and ", k.dim(), "-d");
@@ -49,6 +51,8 @@ inline XattnCall check_xattn(const Tensor& q, const Tensor& k, int64_t block_siz
   c.threshold = threshold;
   c.scale = scale;
   c.causal = is_causal;
+  TERSOR_CHECK_VALUE(qk == "none" || qk == "int8", op, ": qk must be \"none\" or \"int8\", got \"", qk, "\"");
+  c.int8 = qk == "int8";
   c.q_blocks = (c.len_q + block_size - 1) / block_size;
   c.k_blocks = (c.len_k + block_size - 1) / block_size;
   return c;

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "attention/sage_cuda_layout.h"
+#include "attention/sage_format.h"
 #include "attention/xattn_format.h"
 #include "common/macros.h"
 
@@ -85,5 +87,32 @@ TERSOR_HD inline void xattn_select(const float* mass, const int* order, int64_t 
     kept += mass[j];
   }
 }
+
+// ---- qk = "int8": the reduced rows quantized to INT8, one symmetric scale per row (amax / 127, RNE: the
+// attention kernels' int_quant_params / quantize_int), the scores from exact int32 dot products ----
+
+// Reduced keys padded to whole 8-key n-tiles of mma.m16n8k32.
+TERSOR_HD constexpr int64_t xattn_nk_pad(int64_t len_k, int64_t stride) { return ((len_k + stride - 1) / stride + 7) / 8 * 8; }
+// Row of the quantized Q' buffer [B * Hq * q_blocks * rows_padded, S D] holding reduced query r of query block qb.
+TERSOR_HD constexpr int64_t xattn_int8_q_row(int64_t bh, int64_t qb, int64_t r, int64_t q_blocks, int64_t rows_pad) {
+  return (bh * q_blocks + qb) * rows_pad + r;
+}
+// Row of the quantized K' buffer [B * Hkv * nk_pad, S D] holding reduced key j.
+TERSOR_HD constexpr int64_t xattn_int8_k_row(int64_t bkv, int64_t j, int64_t nk_pad) { return bkv * nk_pad + j; }
+// The score of an exact int32 dot product: float(acc) * (q_scale * k_scale) * (scale / stride), in that order.
+TERSOR_HD inline float xattn_int8_score(int32_t acc, float q_scale, float k_scale, float mul) {
+  return static_cast<float>(acc) * (q_scale * k_scale) * mul;
+}
+// mma.m16n8k32 fragments (sage_cuda_layout.h's conventions): A register r of lane (g, t), m-tile mt, k-step kk,
+// as a byte offset into the CTA's shared Q' codes (row stride row_bytes); B register j of lane (g, t) relative
+// to the first K' code row of the n-tile (row stride sd bytes).
+TERSOR_HD constexpr int64_t xattn_a_frag_byte(int mt, int g, int t, int kk, int r, int64_t row_bytes) {
+  return (mt * 16 + frag_a_row(g, r)) * row_bytes + kk * 32 + frag_k_byte(t, r >> 1);
+}
+TERSOR_HD constexpr int64_t xattn_b_frag_byte(int g, int t, int kk, int j, int64_t sd) {
+  return g * sd + kk * 32 + frag_k_byte(t, j);
+}
+// Shared Q' code rows are padded by 16 bytes (rows 4 banks apart: conflict-free A loads, as in the attention kernel).
+TERSOR_HD constexpr int64_t xattn_int8_row_bytes(int64_t sd) { return sd + 16; }
 
 }  // namespace tersor::attention

@@ -481,16 +481,19 @@ def _sage_check_block_mask_fake(q, k, block_mask):
 
 
 def xattention_mask(q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int, threshold: float,
-                    is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    is_causal: bool, scale: float, qk: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """XAttention block selection: ``(mask bool, mass float32)``, both ``[B, Hq, ceil(Lq / block_size),
-    ceil(Lk / block_size)]``. The algorithm: docs/research/xattention.md; most callers want
-    :func:`tersor.attention.xattention_mask`."""
-    return _lib.xattention_mask(q, k, int(block_size), int(stride), float(threshold), bool(is_causal), float(scale))
+    ceil(Lk / block_size)]``; ``qk`` ``"none"`` (exact scores) or ``"int8"`` (INT8 reduced rows). The algorithm:
+    docs/research/xattention.md; most callers want :func:`tersor.attention.xattention_mask`."""
+    return _lib.xattention_mask(q, k, int(block_size), int(stride), float(threshold), bool(is_causal), float(scale),
+                                qk)
 
 
 @torch.library.register_fake("tersor::xattention_mask")
-def _xattention_mask_fake(q, k, block_size, stride, threshold, is_causal, scale):
+def _xattention_mask_fake(q, k, block_size, stride, threshold, is_causal, scale, qk="none"):
     op = "xattention_mask"
+    if qk not in ("none", "int8"):
+        raise ValueError(f"{op}: qk must be \"none\" or \"int8\", got \"{qk}\"")
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"{op}: q and k must be 4-d [batch, heads, seq, head_dim], got {q.dim()}-d and {k.dim()}-d")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -197,9 +197,18 @@ def _xattn_has_kernel(device: torch.device) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("tersor::xattention_mask", key)
 
 
+def _xattn_qk(qk: str, device: torch.device, block_size: int, stride: int, head_dim: int) -> str:
+    if qk not in ("auto", "none", "int8"):
+        raise ValueError(f"xattention_mask: qk must be 'auto', 'none' or 'int8', got {qk!r}")
+    if qk != "auto":
+        return qk
+    int8_ok = (block_size // stride) % 8 == 0 and (stride * head_dim) % 32 == 0
+    return "int8" if device.type == "cuda" and int8_ok else "none"
+
+
 def xattention_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int = BLOCK_K, stride: int = 8,
                     threshold: float = 0.9, is_causal: bool = False, scale: Optional[float] = None,
-                    layout: str = "bhsd", return_mass: bool = False):
+                    layout: str = "bhsd", return_mass: bool = False, qk: str = "auto"):
     """XAttention's block selection: a bool block mask ``[B, Hq, ceil(Lq / block_size), ceil(Lk / block_size)]``.
 
     Each block of ``stride`` query rows is scored against each block of ``stride`` keys by the sum of their
@@ -214,9 +223,12 @@ def xattention_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int = BLOCK
     float16/bfloat16/float32; ``scale`` defaults to ``1/sqrt(D)``; ``block_size`` a multiple of ``stride``. With
     the default ``block_size`` (``BLOCK_K`` = ``BLOCK_Q`` = 128) the mask is :func:`sage_attention`'s
     ``block_mask``. ``return_mass``: also return the float32 block masses (each query block's row sums to its
-    number of reduced query rows with a visible key). The CPU op is exact (fp64 internally); the CUDA kernel
-    (one fused kernel: strided GEMM, softmax, block sums, selection; fp32, **compiled, not yet run on a GPU**)
-    agrees to float rounding. A device without the op raises ``NotImplementedError``.
+    number of reduced query rows with a visible key). ``qk``: ``"none"`` (exact scores: fp64 on the CPU, fp32 on
+    CUDA), ``"int8"`` (each reduced row of ``stride * D`` values quantized to INT8 with one scale, exact integer
+    dot products: the tensor-core path; the CPU computes the same quantized scores), ``"auto"`` (``"int8"`` on
+    CUDA where its tiles fit -- ``(block_size / stride) % 8 == 0``, ``(stride * D) % 32 == 0`` -- else
+    ``"none"``). The CUDA kernels (**compiled, not yet run on a GPU**) agree with the CPU to float rounding. A
+    device without the op raises ``NotImplementedError``.
     """
     if layout not in ("bhsd", "bshd"):
         raise ValueError(f"xattention_mask: layout must be 'bhsd' or 'bshd', got {layout!r}")
@@ -250,24 +262,27 @@ def xattention_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int = BLOCK
     if not _xattn_has_kernel(q.device):
         raise NotImplementedError(f"xattention_mask: no kernel for device {q.device} in this build (CPU only so "
                                   f"far; compute the mask from q.cpu(), k.cpu())")
-    mask, mass = ops.xattention_mask(q, k, block_size, stride, threshold, is_causal, scale)
+    qk = _xattn_qk(qk, q.device, block_size, stride, q.shape[-1])
+    mask, mass = ops.xattention_mask(q, k, block_size, stride, threshold, is_causal, scale, qk)
     return (mask, mass) if return_mass else mask
 
 
 def sparse_sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, threshold: float, stride: int = 8,
                           is_causal: bool = False, scale: Optional[float] = None, layout: str = "bhsd",
                           qk: str = "auto", pv: str = "auto", smooth_k: bool = True, smooth_q: Optional[bool] = None,
-                          return_lse: bool = False, kernel: str = "auto", return_mask: bool = False):
+                          return_lse: bool = False, kernel: str = "auto", return_mask: bool = False,
+                          score_qk: str = "auto"):
     """Block-sparse quantized attention in one call: :func:`xattention_mask` (``block_size = BLOCK_K``,
     ``stride``, ``threshold``, ``is_causal``, ``scale``) then :func:`sage_attention` with that ``block_mask``.
 
     The other arguments are :func:`sage_attention`'s. ``threshold`` in (0, 1]: the share of each query block's
     estimated attention mass its kept key blocks must carry (XAttention uses 0.8 to 0.95); 1 keeps every block
     with mass, so the result is dense attention up to blocks the estimate gives no mass at all. Returns what
-    :func:`sage_attention` returns, plus the mask last when ``return_mask``.
+    :func:`sage_attention` returns, plus the mask last when ``return_mask``. ``score_qk`` is
+    :func:`xattention_mask`'s ``qk``.
     """
     mask = xattention_mask(q, k, block_size=BLOCK_K, stride=stride, threshold=threshold, is_causal=is_causal,
-                           scale=scale, layout=layout)
+                           scale=scale, layout=layout, qk=score_qk)
     res = sage_attention(q, k, v, is_causal=is_causal, scale=scale, layout=layout, qk=qk, pv=pv, smooth_k=smooth_k,
                          smooth_q=smooth_q, return_lse=return_lse, kernel=kernel, block_mask=mask)
     if not return_mask:
