@@ -129,6 +129,10 @@ def _sparse_rows(ctx, tag, q, k, v, causal, thresholds, stride=8, fp64_ref=False
         out = attention.sage_attention(q, k, v, is_causal=causal, block_mask=mask).cpu()
         density = mask.sum().item() / visible_blocks
         acc = {}
+        if not ctx.is_cuda and (attention.BLOCK_K // stride) % 8 == 0 and (stride * d) % 32 == 0:
+            # the GPU's INT8 scoring (qk="int8", computed by the CPU twin): how many block decisions it changes
+            mask8 = attention.xattention_mask(q, k, stride=stride, threshold=t, is_causal=causal, qk="int8")
+            acc["int8_score_mask_agreement"] = (mask8 == mask).float().mean().item()
         acc["cos_vs_dense"], acc["rel_l1_vs_dense"] = _metrics(out, dense)
         if ref is not None:
             acc["cos_vs_fp64"], acc["rel_l1_vs_fp64"] = _metrics(out, ref)
