@@ -125,13 +125,14 @@ __global__ void __launch_bounds__(kThreads) xattn_int8_score_kernel(const XattnA
   const float mul = a.scale / static_cast<float>(S);
   const int64_t i0 = qb * per, rows = per < nq - i0 ? per : nq - i0;
   for (int mt = 0; mt * 16 < rows; ++mt) {
-    int64_t nv_max = 0, nv[2];
+    // Visible reduced keys of the lane's rows g and g + 8 (scalars: no local-memory array), and of the m-tile.
+    int64_t nv_max = 0, nv0 = 0, nv1 = 0;
     for (int r = 0; r < 16; ++r) {
       const int64_t rr = mt * 16 + r;
       const int64_t n = rr < rows ? xattn_visible_reduced_keys(i0 + rr, S, a.len_q, a.len_k, a.causal) : 0;
       nv_max = n > nv_max ? n : nv_max;
-      if (r == g) nv[0] = n;
-      if (r == g + 8) nv[1] = n;
+      nv0 = r == g ? n : nv0;
+      nv1 = r == g + 8 ? n : nv1;
     }
     const int64_t n_tiles = (nv_max + 7) / 8;
     // ---- pass 1 ----
@@ -142,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) xattn_int8_score_kernel(const XattnA
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int64_t col = nt * 8 + frag_c_col(t, i);
-        if (col < nv[i >> 1])
+        if (col < ((i >> 1) ? nv1 : nv0))
           xattn_combine(m[i >> 1], l[i >> 1],
                         xattn_int8_score(acc[i], q_scale[mt * 16 + frag_c_row(g, i)], k_scale[col], mul), 1.f);
       }
@@ -172,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) xattn_int8_score_kernel(const XattnA
       for (int i = 0; i < 4; ++i) {
         const int64_t col = nt * 8 + frag_c_col(t, i);
         const int rr = frag_c_row(g, i);
-        if (col < nv[i >> 1])
+        if (col < ((i >> 1) ? nv1 : nv0))
           psum += expf(xattn_int8_score(acc[i], q_scale[mt * 16 + rr], k_scale[col], mul) - row_m[rr]) / row_l[rr];
       }
       for (int off = 16; off > 0; off >>= 1) psum += __shfl_xor_sync(0xffffffffu, psum, off);
