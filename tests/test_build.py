@@ -31,6 +31,16 @@ def test_parallel_for_runs_in_parallel():
     assert torch.ops.tersor_testing._parallel_probe(64) >= 2
 
 
+@pytest.mark.testing_ext
+@pytest.mark.parametrize("fail_at", [0, 37, 63])
+def test_parallel_for_keeps_the_message_of_a_check_in_its_body(fail_at):
+    # A check inside a parallel loop (a corrupt chunk) must reach Python with its own message, which carries
+    # its kind (tersor._errors maps "ValueError: ..."); torch 2.11's shim replaced it with "torch_parallel_for(...)
+    # API call failed" (csrc/common/torch_glue.h, tersor::parallel_for).
+    with pytest.raises(RuntimeError, match=rf"^ValueError: _parallel_probe: task {fail_at} failed"):
+        torch.ops.tersor_testing._parallel_probe(64, fail_at)
+
+
 @pytest.mark.skipif(not REQUIRE_CUDA_BUILD, reason="TERSOR_REQUIRE_CUDA_BUILD is not set")
 def test_cuda_build_has_required_archs():
     info = tersor.build_info()
