@@ -72,3 +72,19 @@ def test_binary_contains_sass_for_required_archs():
         # sm_90a is what build_info()["cuda_archs"] says (test_cuda_build_has_required_archs).
         names = (f".sm_{arch}.", f".sm_{arch[:-1]}.") if arch.endswith("a") else (f".sm_{arch}.",)
         assert any(n in out for n in names), f"no sm_{arch} code in {tersor._C.__file__}:\n{out[:2000]}"
+
+
+def test_import_tersor_does_not_import_dynamo():
+    # `import tersor` stays cheap: torch._dynamo (seconds to import) comes in only when the user compiles.
+    # (tersor.attention once imported it for torch.compiler.assume_constant_result.)
+    import subprocess
+    import sys
+
+    code = "import sys, torch; before = 'torch._dynamo' in sys.modules; import tersor; " \
+           "print(before, 'torch._dynamo' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = proc.stdout.split()
+    if before == "True":
+        pytest.skip("this torch imports torch._dynamo itself")
+    assert after == "False"
