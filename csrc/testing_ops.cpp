@@ -15,10 +15,12 @@ namespace {
 
 // How many distinct threads torch's parallel_for (through the stable ABI) used for n one-item tasks: a
 // CPU kernel that runs on one thread when it should not is a silent 2-16x slowdown, so this is tested.
-int64_t parallel_probe(int64_t n) {
+// fail_at >= 0: task fail_at throws a ValueError check instead, as a kernel's per-chunk check does.
+int64_t parallel_probe(int64_t n, int64_t fail_at) {
   std::mutex mu;
   std::set<std::thread::id> seen;
-  torch::stable::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+  tersor::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) TERSOR_CHECK_VALUE(i != fail_at, "_parallel_probe: task ", i, " failed");
     // Long enough that one thread cannot drain every task before the others start.
     volatile double sink = 0;
     for (int i = 0; i < 200000; ++i) sink = sink + i;
@@ -32,8 +34,9 @@ int64_t parallel_probe(int64_t n) {
 
 STABLE_TORCH_LIBRARY(tersor_testing, m) {
   // ---- build ----
-  // Number of distinct threads torch::stable::parallel_for used inside tersor for n one-item tasks.
-  m.def("_parallel_probe(int n) -> int");
+  // Number of distinct threads tersor::parallel_for used for n one-item tasks; task fail_at (if >= 0) throws
+  // "ValueError: _parallel_probe: task <fail_at> failed" from inside the loop body.
+  m.def("_parallel_probe(int n, int fail_at=-1) -> int");
 
   // ---- hadamard (csrc/hadamard/hadamard_testing.cpp) ----
   // CUDA work plan of the power-of-two kernel (Pow2Plan fields, see hadamard_plan.h).

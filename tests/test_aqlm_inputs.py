@@ -82,3 +82,21 @@ def test_from_pretrained_refuses_out_of_range_wide_codes(quantized, tmp_path):
     write(quantized, tmp_path, {"model.layers.0.mlp.gate_proj": bad})
     with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.gate_proj'.*codes .*\[-128, 256\)"):
         tersor.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["header length", "truncated"])
+def test_from_pretrained_damaged_safetensors_is_value_error(quantized, tmp_path, damage):
+    # Issue 17: a damaged checkpoint file is the caller's data: ValueError, not safetensors' own SafetensorError
+    # (from transformers' reading of the file, or from tersor's reading of the AQLM layout's headers).
+    import struct
+
+    write(quantized, tmp_path, {})
+    path = os.path.join(tmp_path, "model.safetensors")
+    b = bytearray(open(path, "rb").read())
+    if damage == "header length":
+        b[0:8] = struct.pack("<Q", len(b) * 2)
+    else:
+        b = b[: struct.unpack_from("<Q", b)[0] // 2]  # mid-header
+    open(path, "wb").write(bytes(b))
+    with pytest.raises(ValueError, match="tersor.from_pretrained: .*safetensors"):
+        tersor.from_pretrained(tmp_path)

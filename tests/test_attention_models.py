@@ -238,6 +238,50 @@ def test_import_tersor_after_transformers_registers():
 
 
 @needs_transformers
+def test_tersor_sage_mask_skips_only_plain_causal_and_bidirectional():
+    # The "tersor_sage" mask function decides from the mask kind and shapes alone (torch < 2.14 compiles
+    # transformers' sdpa_mask into a materialized causal mask, which would send every layer to SDPA).
+    from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function, sdpa_mask,
+                                            sliding_window_causal_mask_function)
+    from tersor.attention.hf import tersor_sage_mask
+
+    assert tersor_sage_mask(2, 8, 8, mask_function=causal_mask_function) is None
+    assert tersor_sage_mask(2, 1, 9, q_offset=8, mask_function=causal_mask_function) is None  # one decode token
+    assert tersor_sage_mask(2, 8, 8, mask_function=bidirectional_mask_function, allow_is_causal_skip=False,
+                            allow_is_bidirectional_skip=True) is None
+    pad = torch.ones(2, 8, dtype=torch.bool)
+    pad[1, :3] = False
+    cases = [dict(mask_function=causal_mask_function, attention_mask=pad),                 # padding
+             dict(mask_function=causal_mask_function, q_offset=4, kv_offset=0),           # Lq != Lk: 8 vs 12
+             dict(mask_function=sliding_window_causal_mask_function(3), local_size=3),   # window
+             dict(mask_function=causal_mask_function, allow_is_causal_skip=False),        # caller refuses the skip
+             dict(mask_function=bidirectional_mask_function, allow_is_causal_skip=False)]  # skip not allowed
+    for kw in cases:
+        kv = 12 if kw.get("q_offset") else 8
+        got = tersor_sage_mask(2, 8, kv, **kw)
+        want = sdpa_mask(2, 8, kv, **kw)
+        assert got is not None and torch.equal(got, want), kw
+
+
+@needs_transformers
+def test_tersor_sage_compiled_padded_batch_falls_back_and_matches_eager():
+    # A padding mask is never skipped: under compile it is materialized and the call goes to SDPA with it.
+    from tersor.attention import hf
+
+    m = _tiny_llama()
+    x = torch.randint(0, 128, (2, 32))
+    pad = torch.ones(2, 32, dtype=torch.long)
+    pad[1, :5] = 0
+    tersor.quantize_(m, tersor.SageAttentionConfig())
+    with torch.no_grad():
+        eager = m(x, attention_mask=pad).logits
+        before = hf.stats.fell_back["attn_mask"]
+        compiled = torch.compile(m, fullgraph=True, dynamic=False)(x, attention_mask=pad).logits
+    assert hf.stats.fell_back["attn_mask"] >= before + 2
+    _logits_close(compiled[:, 5:], eager[:, 5:])
+
+
+@needs_transformers
 def test_tersor_sage_compiles_fullgraph_and_matches_eager():
     # torch.compile(fullgraph=True) through the tersor_sage route (issue 13): the attention function, its checks
     # and the op's fake trace without a graph break, and the compiled model gives eager's logits.

@@ -31,6 +31,16 @@ def test_parallel_for_runs_in_parallel():
     assert torch.ops.tersor_testing._parallel_probe(64) >= 2
 
 
+@pytest.mark.testing_ext
+@pytest.mark.parametrize("fail_at", [0, 37, 63])
+def test_parallel_for_keeps_the_message_of_a_check_in_its_body(fail_at):
+    # A check inside a parallel loop (a corrupt chunk) must reach Python with its own message, which carries
+    # its kind (tersor._errors maps "ValueError: ..."); torch 2.11's shim replaced it with "torch_parallel_for(...)
+    # API call failed" (csrc/common/torch_glue.h, tersor::parallel_for).
+    with pytest.raises(RuntimeError, match=rf"^ValueError: _parallel_probe: task {fail_at} failed"):
+        torch.ops.tersor_testing._parallel_probe(64, fail_at)
+
+
 @pytest.mark.skipif(not REQUIRE_CUDA_BUILD, reason="TERSOR_REQUIRE_CUDA_BUILD is not set")
 def test_cuda_build_has_required_archs():
     info = tersor.build_info()
@@ -62,3 +72,19 @@ def test_binary_contains_sass_for_required_archs():
         # sm_90a is what build_info()["cuda_archs"] says (test_cuda_build_has_required_archs).
         names = (f".sm_{arch}.", f".sm_{arch[:-1]}.") if arch.endswith("a") else (f".sm_{arch}.",)
         assert any(n in out for n in names), f"no sm_{arch} code in {tersor._C.__file__}:\n{out[:2000]}"
+
+
+def test_import_tersor_does_not_import_dynamo():
+    # `import tersor` stays cheap: torch._dynamo (seconds to import) comes in only when the user compiles.
+    # (tersor.attention once imported it for torch.compiler.assume_constant_result.)
+    import subprocess
+    import sys
+
+    code = "import sys, torch; before = 'torch._dynamo' in sys.modules; import tersor; " \
+           "print(before, 'torch._dynamo' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = proc.stdout.split()
+    if before == "True":
+        pytest.skip("this torch imports torch._dynamo itself")
+    assert after == "False"

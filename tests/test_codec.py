@@ -187,6 +187,62 @@ def test_bytes_and_safetensors_round_trip(tmp_path):
     assert st_load(path)["w"].dtype == torch.uint8
 
 
+def _codec_file(tmp_path, metadata_value=None, entries=None):
+    """A codec.save_file file, optionally with its "tersor.codec" metadata or its entries replaced."""
+    import json
+
+    from safetensors.torch import save_file as st_save
+
+    ct = codec.compress(weights((8, 64), torch.bfloat16))
+    path = str(tmp_path / "c.safetensors")
+    tensors = {"w": ct.stream.clone(), "b": torch.arange(3)} if entries is None else entries
+    meta = {"tersor.codec": json.dumps({"version": 1, "compressed": ["w"]}) if metadata_value is None
+            else metadata_value}
+    st_save(tensors, path, metadata=meta)
+    return path, ct
+
+
+@pytest.mark.parametrize("what", ["header length", "truncated", "metadata json", "metadata list", "metadata version",
+                                  "missing entry", "not uint8", "not a stream"])
+def test_load_file_damaged_is_value_error(tmp_path, what):
+    # Issue 17: codec.load_file let safetensors' own SafetensorError (and json's, and from_bytes' TypeError)
+    # through; a damaged file is the caller's data: ValueError naming the file (and the entry).
+    import struct
+
+    path, ct = _codec_file(tmp_path)
+    if what == "header length":
+        b = bytearray(open(path, "rb").read())
+        b[0:8] = struct.pack("<Q", len(b) * 4)
+        open(path, "wb").write(bytes(b))
+    elif what == "truncated":
+        b = open(path, "rb").read()
+        open(path, "wb").write(b[: len(b) - 7])
+    elif what == "metadata json":
+        path, _ = _codec_file(tmp_path, metadata_value="{not json")
+    elif what == "metadata list":
+        path, _ = _codec_file(tmp_path, metadata_value='{"version": 1, "compressed": "w"}')
+    elif what == "metadata version":
+        path, _ = _codec_file(tmp_path, metadata_value='{"version": 2, "compressed": ["w"]}')
+    elif what == "missing entry":
+        path, _ = _codec_file(tmp_path, metadata_value='{"version": 1, "compressed": ["w", "v"]}')
+    elif what == "not uint8":
+        path, _ = _codec_file(tmp_path, entries={"w": torch.zeros(64)})
+    else:
+        stream = ct.stream.clone()
+        stream[len(stream) // 2] ^= 0x5A
+        path, _ = _codec_file(tmp_path, entries={"w": stream})
+    with pytest.raises(ValueError, match="c.safetensors"):
+        codec.load_file(path)
+
+
+def test_load_file_without_codec_metadata_reads_plain_tensors(tmp_path):
+    from safetensors.torch import save_file as st_save
+
+    path = str(tmp_path / "p.safetensors")
+    st_save({"a": torch.arange(4)}, path)
+    assert torch.equal(codec.load_file(path)["a"], torch.arange(4))
+
+
 def test_api_errors():
     with pytest.raises(TypeError, match="unsupported dtype"):
         codec.compress(torch.arange(4))

@@ -332,13 +332,13 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor&
 
   std::vector<KVPrepared> kv(c.exact() ? 0 : c.batch * c.heads_kv);
   if (!c.exact()) {
-    torch::stable::parallel_for(0, c.batch * c.heads_kv, 1, [&](int64_t b, int64_t e) {
+    tersor::parallel_for(0, c.batch * c.heads_kv, 1, [&](int64_t b, int64_t e) {
       for (int64_t bh = b; bh < e; ++bh)
         prepare_kv(c, kp + bh * c.len_k * D, vp + bh * c.len_k * D, kv[bh]);
     });
   }
   const int64_t tiles = (c.len_q + Traits::kCtaQ - 1) / Traits::kCtaQ;
-  torch::stable::parallel_for(0, c.batch * c.heads_q * tiles, 1, [&](int64_t b, int64_t e) {
+  tersor::parallel_for(0, c.batch * c.heads_q * tiles, 1, [&](int64_t b, int64_t e) {
     for (int64_t w = b; w < e; ++w) {
       const int64_t bh = w / tiles, tile = w % tiles;
       const int64_t bkv = (bh / c.heads_q) * c.heads_kv + (bh % c.heads_q) / group;

@@ -221,7 +221,7 @@ void replay_prologue(const SageCall& c, const float* q, const float* k, const fl
   bf.v_t.assign(n_kv * D * d.len_k_pad * (fp8 ? 1 : 2), 0);
   const uint16_t* v_bits = reinterpret_cast<const uint16_t*>(v16.const_data_ptr());
 
-  torch::stable::parallel_for(0, n_kv, 1, [&](int64_t b0, int64_t b1) {
+  tersor::parallel_for(0, n_kv, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bh = b0; bh < b1; ++bh) {
       const float* kh = k + bh * d.len_k * D;
       const float* vh = v + bh * d.len_k * D;
@@ -287,7 +287,7 @@ void replay_prologue(const SageCall& c, const float* q, const float* k, const fl
     }
   });
 
-  torch::stable::parallel_for(0, n_q, 1, [&](int64_t b0, int64_t b1) {
+  tersor::parallel_for(0, n_q, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bh = b0; bh < b1; ++bh) {
       const int64_t b = bh / d.heads_q, h = bh % d.heads_q;
       const int64_t bkv = b * d.heads_kv + h / (d.heads_q / d.heads_kv);
@@ -605,7 +605,7 @@ template <int D, bool FP8, bool kBf16, int BITS>
 void replay_attention(const Buffers& bf, bool causal, int fault, uint16_t* out, float* lse) {
   const SageDims& d = bf.d;
   const int64_t ctas = d.len_q_pad / SageTraitsSm8x::kCtaQ;
-  torch::stable::parallel_for(0, d.batch * d.heads_q * ctas, 1, [&](int64_t b0, int64_t b1) {
+  tersor::parallel_for(0, d.batch * d.heads_q * ctas, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> smem;
     for (int64_t w = b0; w < b1; ++w) replay_cta<D, FP8, kBf16, BITS>(bf, causal, fault, w / ctas, w % ctas, out, lse, smem);
   });
@@ -834,7 +834,7 @@ void replay_attention_sm90(const Buffers& bf, bool causal, uint16_t* out, float*
       }
     }
   const int64_t ctas = d.len_q_pad / SageAttnSm90KernelTraits<D>::kCtaQ;
-  torch::stable::parallel_for(0, d.batch * d.heads_q * ctas, 1, [&](int64_t b0, int64_t b1) {
+  tersor::parallel_for(0, d.batch * d.heads_q * ctas, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> smem;
     for (int64_t w = b0; w < b1; ++w)
       replay_cta_sm90<D, kBf16>(bf, k_tiles, v_tiles, causal, w / ctas, w % ctas, out, lse, smem);

@@ -22,7 +22,7 @@ Tensor sage_float_to_e4m3(const Tensor& x) {
   Tensor out = empty(xc.sizes(), ScalarType::Byte, xc.device());
   const float* src = xc.const_data_ptr<float>();
   uint8_t* dst = out.mutable_data_ptr<uint8_t>();
-  torch::stable::parallel_for(0, xc.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+  tersor::parallel_for(0, xc.numel(), 1 << 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) dst[i] = float_to_e4m3(src[i]);
   });
   return out;

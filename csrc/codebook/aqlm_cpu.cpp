@@ -45,7 +45,7 @@ Tensor decode_fp32(const AQLMCall& c, const AQLMHostTensors& t) {
   const float* cb = t.codebooks.const_data_ptr<float>();
   const float* sc = t.scales.const_data_ptr<float>();
   float* o = out.mutable_data_ptr<float>();
-  torch::stable::parallel_for(0, c.out, 16, [&](int64_t b, int64_t e) {
+  tersor::parallel_for(0, c.out, 16, [&](int64_t b, int64_t e) {
     if (t.codes.scalar_type() == ScalarType::Char)
       decode_rows(c, t.codes.const_data_ptr<int8_t>(), cb, sc, b, e, o);
     else
@@ -261,7 +261,7 @@ void gemv(const GemvArgs& a, const void* codes) {
   // table is built as few times as possible.
   const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
   const int64_t grain = std::max<int64_t>(64, a.c->out / std::max<int64_t>(1, threads));
-  torch::stable::parallel_for(0, a.c->out, grain, [&](int64_t ob, int64_t oe) {
+  tersor::parallel_for(0, a.c->out, grain, [&](int64_t ob, int64_t oe) {
 #if defined(__x86_64__) || defined(_M_X64)
     if (cpu_has_avx2_fma()) return gemv_avx2(a, codes, ob, oe);
 #endif

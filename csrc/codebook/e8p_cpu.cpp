@@ -54,7 +54,7 @@ Tensor e8p_decode_cpu(const Tensor& qidxs, int64_t in_features, std::optional<do
   Tensor out = empty({c.m, c.n}, ScalarType::Float, q.device());
   const int64_t* qp = q.const_data_ptr<int64_t>();
   float* op_ = out.mutable_data_ptr<float>();
-  torch::stable::parallel_for(0, c.m / 16, 1, [&](int64_t b, int64_t e) {
+  tersor::parallel_for(0, c.m / 16, 1, [&](int64_t b, int64_t e) {
     for (int64_t I = b; I < e; ++I) e8p_decode_rows(c, qp, I, op_);
   });
   return out_t == ScalarType::Float ? out : as_dtype(out, out_t);
@@ -397,7 +397,7 @@ template <int kBits>
 TERSOR_AVX2 void gemv_avx2(const Avx2Gemv& a, int64_t B) {
   const SlotDecoder d;
   // Rows of x are taken 4 at a time (2 weight rows x 4 = 8 accumulators), the rest at once.
-  torch::stable::parallel_for(0, a.m / 2, 4, [&](int64_t pb, int64_t pe) {
+  tersor::parallel_for(0, a.m / 2, 4, [&](int64_t pb, int64_t pe) {
     for (int64_t p = pb; p < pe; ++p) {
       const int64_t I = p / 8;
       const int g = static_cast<int>(p % 8);
@@ -516,7 +516,7 @@ Tensor e8p_linear_cpu(const Tensor& x, const Tensor& qidxs, int64_t in_features,
   }
   GemvArgs a{&c, q.const_data_ptr<int64_t>(), xf.const_data_ptr<float>(), c.bits > 2 ? x2.data() : nullptr, B,
              z.mutable_data_ptr<float>()};
-  torch::stable::parallel_for(0, c.m / 2, 4, [&](int64_t pb, int64_t pe) {
+  tersor::parallel_for(0, c.m / 2, 4, [&](int64_t pb, int64_t pe) {
     for (int64_t p = pb; p < pe; ++p) {
       const int64_t I = p / 8;
       const int g = static_cast<int>(p % 8);

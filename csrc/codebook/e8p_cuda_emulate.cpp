@@ -79,7 +79,7 @@ Tensor emulate_cuda_linear(const Tensor& x, const Tensor& qidxs, int64_t in_feat
     return w;
   };
 
-  torch::stable::parallel_for(0, m / 16, 1, [&](int64_t ib, int64_t ie) {
+  tersor::parallel_for(0, m / 16, 1, [&](int64_t ib, int64_t ie) {
     for (int64_t I = ib; I < ie; ++I) {
       float partial[Traits::kWarps][16][8];
       for (int w = 0; w < Traits::kWarps; ++w) {

@@ -67,7 +67,7 @@ void histogram(const uint8_t* data, uint64_t numel, uint64_t* hist) {
   const int64_t nparts = std::max<int64_t>(1, std::min<int64_t>(4 * nthreads, (n + kGrain - 1) / kGrain));
   std::vector<std::array<uint64_t, 256>> part(nparts);
   for (auto& h : part) h.fill(0);
-  torch::stable::parallel_for(0, nparts, 1, [&](int64_t pb, int64_t pe) {
+  tersor::parallel_for(0, nparts, 1, [&](int64_t pb, int64_t pe) {
     constexpr int64_t kBlock = 1 << 14;
     uint8_t* sym = thread_sym_buffer(kBlock);
     for (int64_t pi = pb; pi < pe; ++pi) {
@@ -229,7 +229,7 @@ Tensor encode_impl(const Tensor& xc, WireDType dt, int64_t chunk_target) {
 
   // Pass 1: every chunk's record, into its own buffer (sizes are only known afterwards).
   std::vector<std::vector<uint8_t>> records(n_chunks);
-  torch::stable::parallel_for(0, static_cast<int64_t>(n_chunks), 4, [&](int64_t b, int64_t e) {
+  tersor::parallel_for(0, static_cast<int64_t>(n_chunks), 4, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) encode_record<EB>(data, g, c, plan, records[c]);
   });
   std::vector<uint64_t> offsets(n_chunks + 1, 0);
@@ -247,7 +247,7 @@ Tensor encode_impl(const Tensor& xc, WireDType dt, int64_t chunk_target) {
   std::memcpy(p + L.code_len_pos, plan.code_len, 256);
   std::memcpy(p + L.offsets_pos, offsets.data(), 8 * (n_chunks + 1));
   // Pass 2: records into place, raw bytes, CRCs (chunks write disjoint bytes).
-  torch::stable::parallel_for(0, static_cast<int64_t>(n_chunks), 4, [&](int64_t b, int64_t e) {
+  tersor::parallel_for(0, static_cast<int64_t>(n_chunks), 4, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       uint64_t start;
       uint32_t len;
@@ -479,7 +479,7 @@ Tensor codec_decode_cpu(const Tensor& stream, const Tensor& table, std::vector<i
   StreamInfo sa = s;
   sa.code_len = p + s.code_len_pos();
   std::atomic<const char*> error{nullptr};
-  torch::stable::parallel_for(0, static_cast<int64_t>(s.n_chunks), 1, [&](int64_t b, int64_t e) {
+  tersor::parallel_for(0, static_cast<int64_t>(s.n_chunks), 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e && !error.load(std::memory_order_relaxed); ++c) {
       const char* msg = eb == 1   ? decode_chunk<1>(p, sa, lut, c, verify, o)
                         : eb == 2 ? decode_chunk<2>(p, sa, lut, c, verify, o)

@@ -19,7 +19,9 @@
 #include <torch/headeronly/util/Half.h>
 
 #include <array>
+#include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -52,6 +54,28 @@ std::string cat(const Args&... args) {
 }
 
 }  // namespace detail
+
+// torch::stable::parallel_for with the body's error message kept. Why: the body runs behind torch's C shim, and
+// torch 2.11's shim turns an exception thrown there into "torch_parallel_for(...) API call failed at ops.h" (the
+// real message only goes to stderr; 2.14 keeps it), so a check inside a loop ("ValueError: codec: chunk 7 ...")
+// lost both its text and its kind. Here the first exception is caught inside the body, later chunks return
+// at once, and the message is rethrown on the calling thread, where it crosses the op boundary intact.
+template <class F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& body) {
+  std::atomic<bool> failed{false};
+  std::mutex mu;
+  std::string message;
+  torch::stable::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    if (failed.load(std::memory_order_relaxed)) return;
+    try {
+      body(b, e);
+    } catch (const std::exception& ex) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!failed.exchange(true)) message = ex.what();
+    }
+  });
+  if (failed.load()) throw std::runtime_error(message);
+}
 
 // Throws the error a failed check means; `kind` (or nullptr) becomes the message's first word.
 #define TERSOR_CHECK_KIND_(kind, cond, ...)                                              \

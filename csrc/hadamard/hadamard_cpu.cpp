@@ -55,7 +55,7 @@ void load_and_fwht_subrows(const scalar_t* x, float* t, int64_t n, int k, int64_
 template <typename scalar_t>
 void hadamard_pow2_rows(const scalar_t* x, scalar_t* y, const HadamardCall& c) {
   const int64_t n = c.n;
-  torch::stable::parallel_for(0, c.rows, row_grain(n), [&](int64_t begin, int64_t end) {
+  tersor::parallel_for(0, c.rows, row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(n);
     for (int64_t r = begin; r < end; ++r) {
       load_and_fwht_subrows(x + r * n, buf.data(), n, 1, n);
@@ -75,7 +75,7 @@ void hadamard_k_rows(const scalar_t* x, scalar_t* y, const HadamardCall& c, bool
   const Device cpu(DeviceType::CPU);
   Tensor t = empty({c.rows, k, m}, ScalarType::Float, cpu);
   float* tp = t.mutable_data_ptr<float>();
-  torch::stable::parallel_for(0, c.rows, row_grain(c.n), [&](int64_t begin, int64_t end) {
+  tersor::parallel_for(0, c.rows, row_grain(c.n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) load_and_fwht_subrows(x + r * c.n, tp + r * c.n, c.n, k, m);
   });
   Tensor hk = empty({k, k}, ScalarType::Float, cpu);
@@ -86,7 +86,7 @@ void hadamard_k_rows(const scalar_t* x, scalar_t* y, const HadamardCall& c, bool
       hp[a * k + b] = (transpose ? k_sign_bit(bits, k, b, a) : k_sign_bit(bits, k, a, b)) ? -1.f : 1.f;
   const Tensor mixed = torch::stable::matmul(hk, t);  // contiguous [rows, K, m]
   const float* mp = mixed.const_data_ptr<float>();
-  torch::stable::parallel_for(0, c.rows, row_grain(c.n), [&](int64_t begin, int64_t end) {
+  tersor::parallel_for(0, c.rows, row_grain(c.n), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin * c.n; i < end * c.n; ++i) y[i] = static_cast<scalar_t>(mp[i] * c.scale);
   });
 }

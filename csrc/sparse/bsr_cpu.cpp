@@ -156,7 +156,7 @@ void bsr_linear_kernel(const BsrCall& c, const float* x32, const T* values, cons
   const int64_t T_ = c.tokens, K = c.in_features, N = c.out_features;
   const int64_t n_tt = (T_ + kCpuTokenTile - 1) / kCpuTokenTile;
   const BlockKernels<BS> kern = block_kernels<BS>();
-  torch::stable::parallel_for(0, c.mb * n_tt, 1, [&](int64_t begin, int64_t end) {
+  tersor::parallel_for(0, c.mb * n_tt, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> wblock(BS * BS), wt(BS * BS), acc(kCpuTokenTile * BS);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / n_tt, t0 = (task % n_tt) * kCpuTokenTile;

@@ -86,7 +86,7 @@ std::tuple<Tensor, Tensor> compress_impl(const Tensor& weight) {
   T* v = values.mutable_data_ptr<T>();
   uint32_t* mw = reinterpret_cast<uint32_t*>(meta.mutable_data_ptr<int32_t>());
   std::atomic<bool> bad{false};
-  torch::stable::parallel_for(0, M / kRowAlign, 1, [&](int64_t b, int64_t e) {
+  tersor::parallel_for(0, M / kRowAlign, 1, [&](int64_t b, int64_t e) {
     for (int64_t rb = b; rb < e; ++rb)
       for (int64_t row = rb * kRowAlign; row < (rb + 1) * kRowAlign; ++row)
         for (int64_t ch = 0; ch < chunks; ++ch) {
@@ -127,7 +127,7 @@ template <typename U>
 void decompress_into(const Tensor& values, const Tensor& meta, const Shape& s, U* out) {
   const U* v = reinterpret_cast<const U*>(values.const_data_ptr());
   const uint32_t* mw = reinterpret_cast<const uint32_t*>(meta.const_data_ptr<int32_t>());
-  torch::stable::parallel_for(0, s.M / kRowAlign, 1, [&](int64_t b, int64_t e) {
+  tersor::parallel_for(0, s.M / kRowAlign, 1, [&](int64_t b, int64_t e) {
     for (int64_t rb = b; rb < e; ++rb) decode_row_block(v, mw, s.K, rb, out + rb * kRowAlign * s.K);
   });
 }
@@ -198,7 +198,7 @@ void linear_direct(const Tensor& values, const Tensor& meta, const Shape& s, con
   const int64_t K = s.K, ktiles = K / kTileK;
   const T* v = values.const_data_ptr<T>();
   const uint32_t* mw = reinterpret_cast<const uint32_t*>(meta.const_data_ptr<int32_t>());
-  torch::stable::parallel_for(0, s.M / kRowAlign, 1, [&](int64_t b, int64_t e) {
+  tersor::parallel_for(0, s.M / kRowAlign, 1, [&](int64_t b, int64_t e) {
     alignas(64) float acc[kRowAlign][kB];
     for (int64_t rb = b; rb < e; ++rb) {
       std::fill(&acc[0][0], &acc[0][0] + kRowAlign * kB, 0.f);

@@ -89,7 +89,7 @@ Tensor emulate_impl(const Tensor& x2, const Tensor& values, const Tensor& meta, 
   const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->const_data_ptr()) : nullptr;
   Tensor y = empty({B, M}, x2.scalar_type(), x2.device());
   T* yp = y.mutable_data_ptr<T>();
-  torch::stable::parallel_for(0, M / kRowAlign, 1, [&](int64_t rb0, int64_t rb1) {
+  tersor::parallel_for(0, M / kRowAlign, 1, [&](int64_t rb0, int64_t rb1) {
     std::vector<float> partial(Traits::kWarps * 2 * 16 * 8);
     for (int64_t rb = rb0; rb < rb1; ++rb) {
       std::fill(partial.begin(), partial.end(), 0.f);
@@ -147,7 +147,7 @@ Tensor emulate_gemm(const Tensor& x2, const Tensor& values, const Tensor& meta, 
   Tensor y = empty({N, M}, x2.scalar_type(), x2.device());
   T* yp = y.mutable_data_ptr<T>();
   const int64_t grid_m = (row_blocks + G::kRowBlocks - 1) / G::kRowBlocks, grid_n = (N + G::kBN - 1) / G::kBN;
-  torch::stable::parallel_for(0, grid_m * grid_n, 1, [&](int64_t b0, int64_t b1) {
+  tersor::parallel_for(0, grid_m * grid_n, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> stage(G::kStageBytes);
     std::vector<float> acc(G::kWarps * G::kMTiles * G::kNTiles * 128);  // [warp][mt][nt][16 x 8]
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -241,7 +241,7 @@ Tensor emulate_sm90(const Tensor& x2, const Tensor& values, const Tensor& meta, 
   T* yp = y.mutable_data_ptr<T>();
   const int64_t grid_m = (row_blocks + S::kRowBlocks - 1) / S::kRowBlocks, grid_n = (N + S::kBN - 1) / S::kBN;
   constexpr int kAccPerThread = S::kNInstr * S::kAccPerInstr;
-  torch::stable::parallel_for(0, grid_m * grid_n, 1, [&](int64_t b0, int64_t b1) {
+  tersor::parallel_for(0, grid_m * grid_n, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> stage(S::kStageBytes);
     std::vector<float> acc(static_cast<size_t>(S::kThreads) * kAccPerThread);  // [thread][ni][i]
     std::vector<float> C(16 * S::kInstrN), Bm(32 * S::kInstrN);

@@ -167,15 +167,55 @@ def save_file(tensors: Mapping[str, Union[CompressedTensor, torch.Tensor]], path
 
 
 def load_file(path: str, device: Union[str, torch.device] = "cpu") -> dict[str, Union[CompressedTensor, torch.Tensor]]:
-    """Loads a file written by :func:`save_file`; compressed entries come back as validated CompressedTensors."""
-    from safetensors import safe_open
+    """Loads a file written by :func:`save_file`; compressed entries come back as validated CompressedTensors.
+
+    A damaged file (safetensors header, offsets or sizes; the ``"tersor.codec"`` metadata; a compressed entry
+    that is not a 1-d uint8 stream or not a valid codec stream) raises ValueError naming the file and entry."""
+    from safetensors import SafetensorError, safe_open
 
     out = {}
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        info = json.loads(meta.get(_SAFETENSORS_KEY, '{"compressed": []}'))
-        compressed = set(info.get("compressed", []))
-        for name in f.keys():
-            t = f.get_tensor(name)
-            out[name] = CompressedTensor.from_bytes(t).to(device) if name in compressed else t.to(device)
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = set(f.keys())
+            compressed = _compressed_names(f.metadata() or {}, names, path)
+            for name in sorted(names):
+                t = f.get_tensor(name)
+                if name not in compressed:
+                    out[name] = t.to(device)
+                    continue
+                if t.dtype != torch.uint8 or t.dim() != 1:
+                    raise ValueError(f"load_file: {path}: compressed entry {name!r} is {t.dtype} {list(t.shape)}, "
+                                     "not a 1-d uint8 codec stream")
+                try:
+                    out[name] = CompressedTensor.from_bytes(t).to(device)
+                except ValueError as e:
+                    raise ValueError(f"load_file: {path}: compressed entry {name!r}: {e}") from None
+    except SafetensorError as e:  # a damaged container: the caller's data, not a library fault
+        raise ValueError(f"load_file: {path} is not a valid safetensors file: {e}") from None
     return out
+
+
+def _compressed_names(meta: Mapping[str, str], names: set, path: str) -> set:
+    """The entries the file's ``"tersor.codec"`` metadata lists as codec streams (none when it has no such key)."""
+    raw = meta.get(_SAFETENSORS_KEY)
+    if raw is None:
+        return set()
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"load_file: {path}: the {_SAFETENSORS_KEY!r} metadata is not JSON") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"load_file: {path}: the {_SAFETENSORS_KEY!r} metadata is {type(info).__name__}, not an "
+                         "object")
+    if info.get("version", 1) != 1:
+        raise ValueError(f"load_file: {path}: {_SAFETENSORS_KEY!r} metadata version {info.get('version')!r}; this "
+                         "reader knows 1")
+    listed = info.get("compressed")
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        raise ValueError(f"load_file: {path}: the {_SAFETENSORS_KEY!r} metadata needs a list of names under "
+                         f"'compressed', got {listed!r}")
+    missing = sorted(set(listed) - names)
+    if missing:
+        raise ValueError(f"load_file: {path}: compressed entries {missing[:5]} listed in the metadata are not in "
+                         "the file")
+    return set(listed)

@@ -400,16 +400,19 @@ def _headers(checkpoint_files) -> Optional[dict[str, tuple[list, torch.dtype]]]:
     """key -> (shape, dtype) of every tensor in the safetensors files (headers only, no data read)."""
     if not checkpoint_files:
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     out = {}
     for path in checkpoint_files:
         if not str(path).endswith(".safetensors"):
             return None  # pickled checkpoints are not read by tersor
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for k in f.keys():
-                sl = f.get_slice(k)
-                out[k] = (list(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype()))
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    out[k] = (list(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype()))
+        except SafetensorError as e:  # a damaged file: the caller's data
+            raise ValueError(f"tersor.from_pretrained: {path} is not a valid safetensors file: {e}") from None
     return out
 
 
@@ -593,16 +596,21 @@ def from_pretrained(path: Union[str, os.PathLike], *, model_cls=None, **kwargs) 
     method = str(qc["quant_method"]).lower()
     register()
     cls = _model_class(cfg, model_cls)
-    if method == QUANT_METHOD:
-        return cls.from_pretrained(path, **kwargs)
-    if method == "aqlm":
-        from transformers import AutoConfig
+    from safetensors import SafetensorError
 
-        config = AutoConfig.from_pretrained(path)
-        config.quantization_config = {"quant_method": QUANT_METHOD, "layout": "aqlm", "source": dict(qc)}
-        return cls.from_pretrained(path, config=config, **kwargs)
-    if method in ("quip#", "quipsharp", "quip_sharp"):
-        return _from_quipsharp(path, cfg, qc, cls, **kwargs)
+    try:
+        if method == QUANT_METHOD:
+            return cls.from_pretrained(path, **kwargs)
+        if method == "aqlm":
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path)
+            config.quantization_config = {"quant_method": QUANT_METHOD, "layout": "aqlm", "source": dict(qc)}
+            return cls.from_pretrained(path, config=config, **kwargs)
+        if method in ("quip#", "quipsharp", "quip_sharp"):
+            return _from_quipsharp(path, cfg, qc, cls, **kwargs)
+    except SafetensorError as e:  # transformers reads the files first: a damaged one is the caller's data
+        raise ValueError(f"tersor.from_pretrained: {path}: a safetensors file is damaged: {e}") from None
     raise NotImplementedError(f"tersor.from_pretrained: quant_method {qc['quant_method']!r} is not supported (tersor "
                               "reads 'tersor', 'aqlm', 'quip#')")
 

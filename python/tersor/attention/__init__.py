@@ -43,15 +43,15 @@ _SDPA = F.scaled_dot_product_attention  # the original, kept even while route_sd
 
 
 def _has_kernel(device: torch.device) -> bool:
-    return _has_kernel_for(device.type)
+    return _KERNEL_FOR.get(device.type, False)
 
 
-@torch.compiler.assume_constant_result
-def _has_kernel_for(device_type: str) -> bool:
-    # A fact of this build, fixed for the process: a constant to torch.compile (the dispatcher query returns a
-    # bool, which dynamo cannot put in a graph: without this, the tersor_sage route broke fullgraph=True).
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("tersor::sage_attention_fwd", key)
+# Which device types this build has sage_attention_fwd kernels for: a fact of the build, fixed for the process,
+# so it is read once at import (tersor._C is loaded by then). A plain dict keeps it a constant to torch.compile
+# (the dispatcher query returns a bool dynamo cannot put in a graph; torch.compiler.assume_constant_result
+# would do too, but importing it imports torch._dynamo, seconds on every `import tersor`).
+_KERNEL_FOR = {t: torch._C._dispatch_has_kernel_for_dispatch_key("tersor::sage_attention_fwd", key)
+               for t, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
 
 
 def cuda_path_name(device: torch.device, qk: str = "int8", pv: str = "fp8", smooth_q: bool = False,

@@ -76,6 +76,31 @@ def tersor_sage_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     return out.transpose(1, 2).contiguous(), None
 
 
+def tersor_sage_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                     attention_mask=None, local_size=None, allow_is_causal_skip=True,
+                     allow_is_bidirectional_skip=False, **kwargs):
+    """The ``AttentionMaskInterface`` function behind ``"tersor_sage"``: ``None`` (no mask, the kernel's own
+    ``is_causal``) for a plain causal or bidirectional mask with no padding mask and no window, else
+    transformers' ``sdpa_mask``.
+
+    Why not ``sdpa_mask`` alone: before torch 2.14, dynamo folds ``torch.compiler.is_exporting()`` to ``True``
+    while tracing, so ``sdpa_mask`` materializes the full causal mask under ``torch.compile`` and every layer
+    would fall back to SDPA (torch 2.11 is the GPU machine's torch). The decision here reads no tensor values:
+    only the mask kind, the shapes (guards under compile) and whether a padding mask was passed at all."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+    plain = attention_mask is None and local_size is None
+    if plain and allow_is_causal_skip and mask_function is causal_mask_function \
+            and not isinstance(q_offset, torch.Tensor) and (q_length == 1 or q_length == kv_length):
+        return None  # causal with Lq == Lk (top-left == bottom-right), or one query that sees every key
+    if plain and allow_is_bidirectional_skip and mask_function is bidirectional_mask_function:
+        return None
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                     mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
+                     allow_is_causal_skip=allow_is_causal_skip,
+                     allow_is_bidirectional_skip=allow_is_bidirectional_skip, **kwargs)
+
+
 def register_transformers() -> str:
     """Registers ``"tersor_sage"`` with transformers' ``AttentionInterface`` and ``AttentionMaskInterface``
     (idempotent; imports transformers) and returns the name. Needed before
@@ -84,10 +109,10 @@ def register_transformers() -> str:
     global _registered
     if not _registered:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
 
         AttentionInterface.register(NAME, tersor_sage_attention)
-        AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks SDPA gets: None when nothing is masked
+        AttentionMaskInterface.register(NAME, tersor_sage_mask)
         _registered = True
     return NAME
 
