@@ -439,3 +439,15 @@ def test_int8_cuda_matches_cpu(case):
     cmask, cmass = L.xattention_mask(q.cuda(), k.cuda(), block, stride, 0.9, causal, d ** -0.5, "int8")
     torch.testing.assert_close(cmass.cpu(), mass, rtol=1e-4, atol=1e-5)
     assert (cmask.cpu() != mask).float().mean().item() <= 0.01
+
+
+def test_sparse_sage_attention_compiles_fullgraph():
+    q, k = _structured_qk(1, 2, 2, 300, 300, 64, seed=31)
+    v = torch.randn(1, 2, 300, 64).half()
+
+    def f(q, k, v):
+        return sparse_sage_attention(q, k, v, threshold=0.9, is_causal=True) + 1
+
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)(q, k, v)
+    assert torch.equal(eager, compiled)

@@ -63,7 +63,7 @@ std::tuple<Tensor, Tensor> xattention_mask_cpu(const Tensor& q, const Tensor& k,
   const float* kp = kf.const_data_ptr<float>();
   // Strided keys: kr[bkv][j][s D + d] = k[j S + s][d] (zero past the sequence), fp64.
   std::vector<double> kr(c.batch * c.heads_kv * nk * SD, 0.0);
-  torch::stable::parallel_for(0, c.batch * c.heads_kv, 1, [&](int64_t b0, int64_t b1) {
+  tersor::parallel_for(0, c.batch * c.heads_kv, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bkv = b0; bkv < b1; ++bkv)
       for (int64_t j = 0; j < nk; ++j)
         for (int64_t s = 0; s < S; ++s) {
@@ -76,7 +76,7 @@ std::tuple<Tensor, Tensor> xattention_mask_cpu(const Tensor& q, const Tensor& k,
   });
   std::vector<float> k_scale(c.int8 ? c.batch * c.heads_kv * nk : 0);
   if (c.int8) {
-    torch::stable::parallel_for(0, c.batch * c.heads_kv * nk, 64, [&](int64_t r0, int64_t r1) {
+    tersor::parallel_for(0, c.batch * c.heads_kv * nk, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) k_scale[r] = quantize_row(kr.data() + r * SD, SD);
     });
   }
@@ -85,7 +85,7 @@ std::tuple<Tensor, Tensor> xattention_mask_cpu(const Tensor& q, const Tensor& k,
   float* wp = mass.mutable_data_ptr<float>();
   const int64_t group = c.heads_q / c.heads_kv;
   const double mul = c.scale / static_cast<double>(S);
-  torch::stable::parallel_for(0, c.batch * c.heads_q * c.q_blocks, 1, [&](int64_t w0, int64_t w1) {
+  tersor::parallel_for(0, c.batch * c.heads_q * c.q_blocks, 1, [&](int64_t w0, int64_t w1) {
     std::vector<double> qrow(SD), scores(nk), block_mass(c.k_blocks);
     std::vector<int64_t> order;
     for (int64_t w = w0; w < w1; ++w) {

@@ -170,7 +170,7 @@ void replay_prologue_int8(const XattnCall& c, const float* qp, const float* kp, 
   bf.k_codes.assign(k_rows * SD, 0);
   bf.q_scale.assign(q_rows, 0.f);
   bf.k_scale.assign(k_rows, 0.f);
-  torch::stable::parallel_for(0, q_rows, 16, [&](int64_t r0, int64_t r1) {
+  tersor::parallel_for(0, q_rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t id = r0; id < r1; ++id) {
       const int64_t bh = id / (c.q_blocks * rows_pad), rem = id % (c.q_blocks * rows_pad);
       const int64_t r = rem % rows_pad, i = (rem / rows_pad) * per + r;
@@ -183,7 +183,7 @@ void replay_prologue_int8(const XattnCall& c, const float* qp, const float* kp, 
       bf.q_scale[id] = quant_row(SD, value, bf.q_codes.data() + id * SD);
     }
   });
-  torch::stable::parallel_for(0, k_rows, 16, [&](int64_t r0, int64_t r1) {
+  tersor::parallel_for(0, k_rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t id = r0; id < r1; ++id) {
       const int64_t bkv = id / nk_pad, j = id % nk_pad;
       const float* kh = kp + bkv * c.len_k * D;
@@ -326,12 +326,12 @@ std::tuple<Tensor, Tensor> xattn_emulate_cuda(const Tensor& q, const Tensor& k, 
   if (c.int8) {
     Int8Buffers bf;
     replay_prologue_int8(c, qp, kp, static_cast<int>(fault), bf);
-    torch::stable::parallel_for(0, c.batch * c.heads_q * c.q_blocks, 1, [&](int64_t w0, int64_t w1) {
+    tersor::parallel_for(0, c.batch * c.heads_q * c.q_blocks, 1, [&](int64_t w0, int64_t w1) {
       for (int64_t w = w0; w < w1; ++w) replay_cta_int8(c, bf, w, static_cast<int>(fault), mp, wp);
     });
     return {mask, mass};
   }
-  torch::stable::parallel_for(0, c.batch * c.heads_q * c.q_blocks, 1, [&](int64_t w0, int64_t w1) {
+  tersor::parallel_for(0, c.batch * c.heads_q * c.q_blocks, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) replay_cta(c, qp, kp, w, static_cast<int>(fault), mp, wp);
   });
   return {mask, mass};

@@ -192,9 +192,13 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
 # Block-sparse attention: XAttention block selection
 
 
+# Which device types this build has xattention_mask kernels for (read once at import, like _KERNEL_FOR).
+_XATTN_KERNEL_FOR = {t: torch._C._dispatch_has_kernel_for_dispatch_key("tersor::xattention_mask", key)
+                     for t, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
 def _xattn_has_kernel(device: torch.device) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("tersor::xattention_mask", key)
+    return _XATTN_KERNEL_FOR.get(device.type, False)
 
 
 def _xattn_qk(qk: str, device: torch.device, block_size: int, stride: int, head_dim: int) -> str:
