@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .. import ops
 
 __all__ = ["PagedKVCache", "SdpaRouteStats", "pick_modes", "register_transformers", "route_sdpa", "sage_attention",
-           "sage_decode", "sage_supported", "sageattn"]
+           "sage_attention_varlen", "sage_decode", "sage_supported", "sageattn"]
 
 _QK_BITS = {"int8": 8, "int4": 4, "none": 0}
 # The CUDA kernels (mma.sync for sm80/sm89, also built for sm90a, and the sm90a wgmma kernel) are compiled
@@ -227,6 +227,7 @@ def route_sdpa(qk: str = "auto", pv: str = "auto", stats: Optional[SdpaRouteStat
 
 from ._sageattn import sageattn  # noqa: E402
 from .paged import PagedKVCache, sage_decode  # noqa: E402
+from .varlen import sage_attention_varlen  # noqa: E402
 
 
 def register_transformers() -> str:
