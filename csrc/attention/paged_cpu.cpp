@@ -205,7 +205,7 @@ void paged_kv_append_cpu(Tensor k_codes, Tensor k_scale, Tensor v_codes, Tensor 
 std::tuple<Tensor, Tensor> sage_decode_paged_cpu(const Tensor& q, const Tensor& k_codes, const Tensor& k_scale,
                                                  const Tensor& v_codes, const Tensor& page_meta,
                                                  const Tensor& block_table, const Tensor& seqlens, double scale,
-                                                 int64_t window_left, int64_t window_right) {
+                                                 int64_t window_left, int64_t window_right, int64_t num_workers) {
   const char* op = "sage_decode_paged";
   const PagedLayout l = check_cache(op, k_codes, k_scale, v_codes, page_meta);
   TERSOR_CHECK_VALUE(q.dim() == 4, op, ": q must be [batch, len_q, heads_q, head_dim], got ", shape_str(q));
@@ -234,6 +234,15 @@ std::tuple<Tensor, Tensor> sage_decode_paged_cpu(const Tensor& q, const Tensor& 
     }
   }
 
+  TERSOR_CHECK_VALUE(num_workers >= 0, op, ": num_workers must be >= 0, got ", num_workers);
+  // Split-KV quota: the key tiles of all (sequence, KV head) pairs shared out in equal chunks of `quota` tiles
+  // over num_workers work items (0: one chunk per pair).
+  int64_t total_tiles = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const KeyRange span = decode_span(Lq, slp[b], window_left, window_right);
+    total_tiles += decode_tiles(span.lo, span.hi, S, kDecodeTile).count * H;
+  }
+  const int64_t quota = decode_split_quota(total_tiles, num_workers);
   const Tensor qf = as_contiguous(as_dtype(q, ScalarType::Float));
   Tensor out = empty({B, Lq, Hq, D}, ScalarType::Float, qf.device());
   Tensor lse = empty({B, Hq, Lq}, ScalarType::Float, qf.device());
@@ -252,10 +261,12 @@ std::tuple<Tensor, Tensor> sage_decode_paged_cpu(const Tensor& q, const Tensor& 
   tersor::parallel_for(0, B * H, 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> qs(R * D), q_op(R * D), q_scale(R), bias(R), m(R), l_(R), alpha(R), acc(R * D);
     std::vector<float> s_tile(R * kDecodeTile), pv(R * D), v_tile(kDecodeTile * D);
+    std::vector<float> m_tot(R), l_tot(R), acc_tot(R * D);
     std::vector<KeyRange> vis(R);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t b = w / H, h = w % H, n = slp[b];
-      int64_t lo_all = n, hi_all = 0;
+      const KeyRange span = decode_span(Lq, n, window_left, window_right);
+      const int64_t lo_all = span.lo, hi_all = span.hi;
       for (int64_t r = 0; r < R; ++r) {
         const int64_t i = r / group, hq = h * group + r % group;
         const float* src = qp + ((b * Lq + i) * Hq + hq) * D;
@@ -268,30 +279,34 @@ std::tuple<Tensor, Tensor> sage_decode_paged_cpu(const Tensor& q, const Tensor& 
         q_scale[r] = p.scale;
         for (int64_t d = 0; d < D; ++d) q_op[r * D + d] = static_cast<float>(quantize_int(qs[r * D + d], p.inv_scale, 8));
         vis[r] = decode_visible_keys(i, Lq, n, window_left, window_right);
-        if (vis[r].hi > vis[r].lo) {
-          lo_all = std::min(lo_all, vis[r].lo);
-          hi_all = std::max(hi_all, vis[r].hi);
-        }
-        m[r] = neg_inf;
-        l_[r] = 0.f;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      // Pages in order; in each, tiles of <= 64 keys that some row sees (a page before every row's window and
-      // the tail past every row's last key are skipped, as the kernel skips their loads).
-      for (int64_t c = lo_all / S; c * S < hi_all; ++c) {
-        const int64_t page = btp[b * max_pages + c];
-        const float* kmean = meta + paged_meta_offset(l, page, h, 0);
-        const float* vscale = kmean + D;
-        for (int64_t r = 0; r < R; ++r) {  // q . k_mean(page), fp32, in channel order
-          float s = 0.f;
-          for (int64_t d = 0; d < D; ++d) s += qs[r * D + d] * kmean[d];
-          bias[r] = s;
-        }
-        const int64_t page_lo = std::max(c * S, lo_all), page_hi = std::min((c + 1) * S, hi_all);
-        // Tiles start at multiples of 64 within the page (the kernel's tile grid), clipped to the visible span.
-        for (int64_t t0 = c * S + ((page_lo - c * S) / kDecodeTile) * kDecodeTile; t0 < page_hi; t0 += kDecodeTile) {
-          const int64_t j0 = std::max(t0, page_lo), j1 = std::min({t0 + kDecodeTile, page_hi});
-          const int64_t nt = j1 - j0;
+      // The sequence's key tiles (paged_format.h: decode_tiles), in chunks of `quota` tiles: each chunk is one
+      // split-KV work item of the CUDA kernel, with its own online softmax (m, l, acc from scratch), merged into
+      // the totals in chunk order. One chunk (quota >= the tile count) is the plain sequential walk.
+      const DecodeTiles tiles = decode_tiles(lo_all, hi_all, S, kDecodeTile);
+      std::fill(m_tot.begin(), m_tot.end(), neg_inf);
+      std::fill(l_tot.begin(), l_tot.end(), 0.f);
+      std::fill(acc_tot.begin(), acc_tot.end(), 0.f);
+      for (int64_t g0 = tiles.first; g0 < tiles.first + tiles.count; g0 += quota) {
+        const int64_t g1 = std::min(tiles.first + tiles.count, g0 + quota);
+        std::fill(m.begin(), m.end(), neg_inf);
+        std::fill(l_.begin(), l_.end(), 0.f);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        int64_t bias_page_col = -1;
+        for (int64_t g = g0; g < g1; ++g) {
+          const KeyRange kr_tile = decode_tile_keys(g, lo_all, hi_all, S, kDecodeTile);
+          const int64_t c = kr_tile.lo / S, page = btp[b * max_pages + c];
+          const float* kmean = meta + paged_meta_offset(l, page, h, 0);
+          const float* vscale = kmean + D;
+          if (c != bias_page_col) {  // q . k_mean(page), fp32, in channel order: once per page of the chunk
+            for (int64_t r = 0; r < R; ++r) {
+              float s = 0.f;
+              for (int64_t d = 0; d < D; ++d) s += qs[r * D + d] * kmean[d];
+              bias[r] = s;
+            }
+            bias_page_col = c;
+          }
+          const int64_t j0 = kr_tile.lo, j1 = kr_tile.hi, nt = j1 - j0;
           for (int64_t jj = 0; jj < nt; ++jj) {
             const uint8_t* vr = vc + paged_token_offset(l, page, h, (j0 + jj) % S);
             for (int64_t d = 0; d < D; ++d) v_tile[jj * D + d] = e4m3_to_float(vr[d]);
@@ -331,19 +346,28 @@ std::tuple<Tensor, Tensor> sage_decode_paged_cpu(const Tensor& q, const Tensor& 
           for (int64_t r = 0; r < R; ++r)
             for (int64_t d = 0; d < D; ++d) acc[r * D + d] = acc[r * D + d] * alpha[r] + pv[r * D + d] * vscale[d];
         }
+        // Merge the chunk (the kernel's LSE combine, in split order): rescale both sides to the larger max.
+        for (int64_t r = 0; r < R; ++r) {
+          if (!(l_[r] > 0.f)) continue;  // the row saw no key in this chunk
+          const float m_new = std::max(m_tot[r], m[r]);
+          const float a_tot = std::exp2(m_tot[r] - m_new), a_chunk = std::exp2(m[r] - m_new);
+          l_tot[r] = l_tot[r] * a_tot + l_[r] * a_chunk;
+          for (int64_t d = 0; d < D; ++d) acc_tot[r * D + d] = acc_tot[r * D + d] * a_tot + acc[r * D + d] * a_chunk;
+          m_tot[r] = m_new;
+        }
       }
       for (int64_t r = 0; r < R; ++r) {
         const int64_t i = r / group, hq = h * group + r % group;
         float* o = op_ + ((b * Lq + i) * Hq + hq) * D;
         float* ls = lp + (b * Hq + hq) * Lq + i;
-        if (vis[r].hi <= vis[r].lo || !(l_[r] > 0.f)) {
+        if (vis[r].hi <= vis[r].lo || !(l_tot[r] > 0.f)) {
           std::fill(o, o + D, 0.f);
           *ls = neg_inf;
           continue;
         }
-        const float inv_l = 1.f / l_[r];
-        for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv_l;
-        *ls = (m[r] - kFp8POffset + std::log2(l_[r])) * 0.6931471805599453f;
+        const float inv_l = 1.f / l_tot[r];
+        for (int64_t d = 0; d < D; ++d) o[d] = acc_tot[r * D + d] * inv_l;
+        *ls = (m_tot[r] - kFp8POffset + std::log2(l_tot[r])) * 0.6931471805599453f;
       }
     }
   });

@@ -18,7 +18,7 @@ void paged_kv_append_cuda(Tensor, Tensor, Tensor, Tensor, const Tensor&, const T
 
 std::tuple<Tensor, Tensor> sage_decode_paged_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                   const Tensor&, const Tensor&, const Tensor&, double, int64_t,
-                                                  int64_t) {
+                                                  int64_t, int64_t) {
   TERSOR_CHECK_NOT_IMPL(false, "sage_decode_paged: the decode kernels have no CUDA implementation yet (issue 15); "
                         "they run on CPU tensors (the reference twin)");
   return {};

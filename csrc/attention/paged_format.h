@@ -75,4 +75,55 @@ TERSOR_HD constexpr KeyRange decode_visible_keys(int64_t i, int64_t len_q, int64
   return {lo, hi};
 }
 
+// The keys any of the Lq queries sees: the union of their ranges (contiguous: each query's range is the
+// previous one's shifted by one key). {0, 0} when none does.
+TERSOR_HD constexpr KeyRange decode_span(int64_t len_q, int64_t seqlen, int64_t left, int64_t right) {
+  KeyRange u{0, 0};
+  bool any = false;
+  for (int64_t i = 0; i < len_q; ++i) {
+    const KeyRange r = decode_visible_keys(i, len_q, seqlen, left, right);
+    if (r.hi <= r.lo) continue;
+    u.lo = any && u.lo < r.lo ? u.lo : r.lo;
+    u.hi = any && u.hi > r.hi ? u.hi : r.hi;
+    any = true;
+  }
+  return u;
+}
+
+// Decode walks keys in tiles: the cells of a grid of `tile` keys laid over each page (a page of S > tile tokens
+// has ceil(S / tile) cells, the last one short when tile does not divide S), clipped to the span [lo, hi).
+// Tiles are numbered over the sequence (cell g = page column g / cells_per_page, cell g % cells_per_page);
+// the span's tiles are `count` consecutive numbers from `first` (none when hi <= lo).
+struct DecodeTiles {
+  int64_t first, count;
+};
+TERSOR_HD constexpr int64_t decode_cells_per_page(int64_t page_size, int64_t tile) {
+  return (page_size + tile - 1) / tile;
+}
+TERSOR_HD constexpr int64_t decode_cell_of(int64_t key, int64_t page_size, int64_t tile) {
+  return (key / page_size) * decode_cells_per_page(page_size, tile) + (key % page_size) / tile;
+}
+TERSOR_HD constexpr DecodeTiles decode_tiles(int64_t lo, int64_t hi, int64_t page_size, int64_t tile) {
+  if (hi <= lo) return {0, 0};
+  const int64_t first = decode_cell_of(lo, page_size, tile);
+  return {first, decode_cell_of(hi - 1, page_size, tile) - first + 1};
+}
+// Keys [lo, hi) of tile g, clipped to the span.
+TERSOR_HD constexpr KeyRange decode_tile_keys(int64_t g, int64_t lo, int64_t hi, int64_t page_size, int64_t tile) {
+  const int64_t cpp = decode_cells_per_page(page_size, tile);
+  const int64_t page_start = (g / cpp) * page_size;
+  int64_t a = page_start + (g % cpp) * tile, z = a + tile;
+  if (z > page_start + page_size) z = page_start + page_size;
+  return {a > lo ? a : lo, z < hi ? z : hi};
+}
+
+// Split-KV (Lean Attention's stream-K, at tile granularity within each (sequence, KV head)): the total key
+// tiles of a call shared out over `workers` work items, `quota` tiles each; a (sequence, head) of n tiles is
+// ceil(n / quota) chunks, each merged into the result by its LSE. workers <= 0: no split (one chunk each).
+TERSOR_HD constexpr int64_t decode_split_quota(int64_t total_tiles, int64_t workers) {
+  if (workers <= 0 || total_tiles <= 0) return total_tiles > 0 ? total_tiles : 1;
+  const int64_t q = (total_tiles + workers - 1) / workers;
+  return q > 0 ? q : 1;
+}
+
 }  // namespace tersor::attention

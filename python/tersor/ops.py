@@ -484,12 +484,14 @@ def paged_kv_append_(k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torc
 
 def sage_decode_paged(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor,
                       page_meta: torch.Tensor, block_table: torch.Tensor, seqlens: torch.Tensor, scale: float,
-                      window_left: int = -1, window_right: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+                      window_left: int = -1, window_right: int = -1,
+                      num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of ``q [B, Lq, Hq, D]`` (the last ``Lq <= 16`` tokens of each sequence) over a
-    quantized paged cache; returns ``(out [B, Lq, Hq, D], lse float32 [B, Hq, Lq])``. Most callers want
+    quantized paged cache; returns ``(out [B, Lq, Hq, D], lse float32 [B, Hq, Lq])``. ``num_workers > 0``:
+    split-KV over that many work items (paged_format.h, ``decode_split_quota``). Most callers want
     :func:`tersor.attention.sage_decode`."""
     return _lib.sage_decode_paged(q, k_codes, k_scale, v_codes, page_meta, block_table, seqlens, scale,
-                                  window_left, window_right)
+                                  window_left, window_right, num_workers)
 
 
 @torch.library.register_fake("tersor::paged_kv_append_")
@@ -504,7 +506,7 @@ def _paged_kv_append_fake(k_codes, k_scale, v_codes, page_meta, k, v, block_tabl
 
 @torch.library.register_fake("tersor::sage_decode_paged")
 def _sage_decode_paged_fake(q, k_codes, k_scale, v_codes, page_meta, block_table, seqlens, scale, window_left=-1,
-                            window_right=-1):
+                            window_right=-1, num_workers=0):
     op = "sage_decode_paged"
     if q.dim() != 4:
         raise ValueError(f"{op}: q must be [batch, len_q, heads_q, head_dim], got {q.dim()}-d")

@@ -157,13 +157,18 @@ def _check_window(window, who: str) -> tuple[int, int]:
 
 def sage_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, cache_seqlens: torch.Tensor, *,
                 scale: Optional[float] = None, window: Optional[tuple[int, int]] = None,
-                return_lse: bool = False):
+                return_lse: bool = False, num_workers: int = 0):
     """Attention of ``q [B, Lq, Hq, D]`` (``Lq <= 16``: the last Lq tokens of each sequence, already appended
     to the cache) over ``cache_seqlens[b]`` cached tokens of sequence ``b``, bottom-right causal: query ``i``
     sees keys ``j <= seqlen - Lq + i``. GQA: ``Hq`` a multiple of the cache's heads. ``window=(left, right)``:
     FlashAttention's sliding window (a negative side is unbounded). ``scale`` defaults to ``1/sqrt(D)``. A query
     that sees no key (a sequence of length 0) gives 0 (LSE ``-inf``). Returns ``out [B, Lq, Hq, D]`` in q's
-    dtype (and ``lse float32 [B, Hq, Lq]`` with ``return_lse=True``)."""
+    dtype (and ``lse float32 [B, Hq, Lq]`` with ``return_lse=True``).
+
+    ``num_workers`` (quantized cache): split-KV as the CUDA kernels will run it, the key tiles of the whole call
+    shared out in equal chunks over that many work items (one per SM slot), each chunk's softmax merged by its
+    LSE; 0 (the CPU default) walks each sequence in one pass. The result differs from the one-pass walk only by
+    fp32 rounding of the merge."""
     who = "sage_decode"
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"{who}: cache must be a PagedKVCache, got {type(cache).__name__}")
@@ -186,11 +191,13 @@ def sage_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"{who}: scale must be finite and positive, got {scale}")
     left, right = _check_window(window, who)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"{who}: num_workers must be an int >= 0, got {num_workers!r}")
     if cache.quantized:
         if q.device.type != "cpu":
             raise NotImplementedError(f"{who}: the quantized decode's CUDA kernels are not written yet (CPU only)")
         out, lse = ops.sage_decode_paged(q.contiguous(), cache.k_codes, cache.k_scale, cache.v_codes,
-                                         cache.page_meta, block_table, seqlens, scale, left, right)
+                                         cache.page_meta, block_table, seqlens, scale, left, right, num_workers)
     else:
         out, lse = _plain_decode(q, cache, block_table, seqlens, scale, left, right, who)
     return (out, lse) if return_lse else out
