@@ -141,6 +141,21 @@ STABLE_TORCH_LIBRARY(tersor, m) {
   // scores; "int8": each reduced row quantized to INT8 (one amax / 127 scale per row), exact int32 dot products
   // (the CUDA tensor-core path).
   m.def("xattention_mask(Tensor q, Tensor k, int block_size, int stride, float threshold, bool is_causal, float scale, str qk=\"none\") -> (Tensor, Tensor)");
+  // ---- attention: quantized paged KV cache and decode (csrc/attention/paged_*; docs/formats.md, Paged KV cache v1) ----
+  // Writes token t < lengths[b] of k/v [B, L, Hkv, D] (float16/bfloat16/float32) at position start[b] + t of
+  // sequence b: page block_table[b, pos / S], slot pos % S (block_table, start, lengths int32). K is stored
+  // smoothed by its page's k_mean as INT8 with one scale per token, V as e4m3 bits over its page's per-channel
+  // v_scale; a page's statistics are fixed when its slot 0 is written (by the chunk itself when start[b] == 0,
+  // else copied from the sequence's previous page). Nothing is written when an index is bad or two sequences
+  // write one slot.
+  m.def("paged_kv_append_(Tensor(a!) k_codes, Tensor(b!) k_scale, Tensor(c!) v_codes, Tensor(d!) page_meta, Tensor k, Tensor v, Tensor block_table, Tensor start, Tensor lengths) -> ()");
+  // Decode attention over that cache: q [B, Lq, Hq, D] (Lq <= 16, float16/bfloat16) are the last Lq tokens of
+  // sequences of seqlens[b] tokens (int32; bottom-right causal), GQA packed per KV head; window_left /
+  // window_right as FlashAttention (< 0: unbounded). INT8 Q K^T (per-row Q scale, per-token K scale, page
+  // mean added back), e4m3 P~ V scaled per page and channel, fp32 two-level accumulation; num_workers > 0
+  // splits the keys into chunks of an equal tile quota (split-KV), merged by their LSE. Returns (out
+  // [B, Lq, Hq, D] in q's dtype, lse float32 [B, Hq, Lq]); a query that sees no key gives 0 and LSE -inf.
+  m.def("sage_decode_paged(Tensor q, Tensor k_codes, Tensor k_scale, Tensor v_codes, Tensor page_meta, Tensor block_table, Tensor seqlens, float scale, int window_left=-1, int window_right=-1, int num_workers=0) -> (Tensor, Tensor)");
 }
 
 // `import tersor._C` loads this library (and so runs the registrations above). It defines no Python

@@ -531,3 +531,56 @@ def _sage_attention_fwd_fake(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, s
     out = q.new_empty((b, hq, lq, d))
     lse = q.new_empty((b, hq, lq), dtype=torch.float32)
     return out, lse
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention: quantized paged KV cache and decode (user API: tersor.attention.PagedKVCache, sage_decode)
+
+PAGED_HEAD_DIMS = (64, 128, 256)
+DECODE_MAX_Q = 16
+
+
+def paged_kv_append_(k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor, page_meta: torch.Tensor,
+                     k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, start: torch.Tensor,
+                     lengths: torch.Tensor) -> None:
+    """Quantizes tokens ``t < lengths[b]`` of ``k``/``v [B, L, Hkv, D]`` into the cache at positions
+    ``start[b] + t`` of sequence ``b`` (pages from ``block_table``; int32 indices), in place. docs/formats.md,
+    "Paged KV cache v1", has the layout and the page-statistics rule. Most callers want
+    :meth:`tersor.attention.PagedKVCache.append`."""
+    _lib.paged_kv_append_(k_codes, k_scale, v_codes, page_meta, k, v, block_table, start, lengths)
+
+
+def sage_decode_paged(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor,
+                      page_meta: torch.Tensor, block_table: torch.Tensor, seqlens: torch.Tensor, scale: float,
+                      window_left: int = -1, window_right: int = -1,
+                      num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of ``q [B, Lq, Hq, D]`` (the last ``Lq <= 16`` tokens of each sequence) over a
+    quantized paged cache; returns ``(out [B, Lq, Hq, D], lse float32 [B, Hq, Lq])``. ``num_workers > 0``:
+    split-KV over that many work items (paged_format.h, ``decode_split_quota``). Most callers want
+    :func:`tersor.attention.sage_decode`."""
+    return _lib.sage_decode_paged(q, k_codes, k_scale, v_codes, page_meta, block_table, seqlens, scale,
+                                  window_left, window_right, num_workers)
+
+
+@torch.library.register_fake("tersor::paged_kv_append_")
+def _paged_kv_append_fake(k_codes, k_scale, v_codes, page_meta, k, v, block_table, start, lengths):
+    op = "paged_kv_append_"
+    if k_codes.dtype != torch.int8 or v_codes.dtype != torch.uint8:
+        raise TypeError(f"{op}: k_codes must be int8 and v_codes uint8, got {k_codes.dtype} and {v_codes.dtype}")
+    if k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{op}: k and v must be [batch, len, heads_kv, head_dim]")
+    return None
+
+
+@torch.library.register_fake("tersor::sage_decode_paged")
+def _sage_decode_paged_fake(q, k_codes, k_scale, v_codes, page_meta, block_table, seqlens, scale, window_left=-1,
+                            window_right=-1, num_workers=0):
+    op = "sage_decode_paged"
+    if q.dim() != 4:
+        raise ValueError(f"{op}: q must be [batch, len_q, heads_q, head_dim], got {q.dim()}-d")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"{op}: q must be float16 or bfloat16, got {q.dtype}")
+    b, lq, hq, d = q.shape
+    torch._check(lq <= DECODE_MAX_Q, lambda: f"{op}: len_q must be <= {DECODE_MAX_Q}")
+    torch._check(d == k_codes.shape[3], lambda: f"{op}: q's head_dim differs from the cache's")
+    return q.new_empty((b, lq, hq, d)), q.new_empty((b, hq, lq), dtype=torch.float32)

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from .. import ops
 
-__all__ = ["BLOCK_K", "BLOCK_Q", "SdpaRouteStats", "block_mask_shape", "pick_modes", "register_transformers",
-           "route_sdpa", "sage_attention", "sage_supported", "sageattn", "sparse_sage_attention", "xattention_mask"]
+__all__ = ["BLOCK_K", "BLOCK_Q", "PagedKVCache", "SdpaRouteStats", "block_mask_shape", "pick_modes",
+           "register_transformers", "route_sdpa", "sage_attention", "sage_attention_varlen", "sage_decode",
+           "sage_supported", "sageattn", "sparse_sage_attention", "xattention_mask"]
 
 #: Block-sparse granularity of :func:`sage_attention`'s ``block_mask`` (fixed; not an argument): one mask entry
 #: covers ``BLOCK_Q`` query rows by ``BLOCK_K`` keys. They are the kernels' tiles -- 128 query rows are one CTA of
@@ -369,6 +370,8 @@ def route_sdpa(qk: str = "auto", pv: str = "auto", stats: Optional[SdpaRouteStat
 
 
 from ._sageattn import sageattn  # noqa: E402
+from .paged import PagedKVCache, sage_decode  # noqa: E402
+from .varlen import sage_attention_varlen  # noqa: E402
 
 
 def register_transformers() -> str:

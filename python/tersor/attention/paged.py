@@ -1,0 +1,244 @@
+"""Decode over a paged KV cache: :class:`PagedKVCache` and :func:`sage_decode`.
+
+The cache is vLLM's / FlashInfer's paged layout: pages of ``page_size`` tokens, one block-table row of page ids
+per sequence. ``quantized=True`` (the default) stores K as INT8 (smoothed by a per-page mean, one scale per
+token) and V as FP8 e4m3 (per-page, per-channel scale), quantized once when the tokens are written: decode then
+reads about 1 byte per K/V element instead of 2. ``docs/formats.md`` ("Paged KV cache v1") has the layout and
+the rule that fixes a page's statistics; ``docs/usage.md`` ("Decode over a paged KV cache") the usage.
+
+Status: CPU (the twin whose numerics the CUDA decode kernels are to reproduce). The CUDA decode kernels are
+not written yet: on CUDA the quantized ops raise NotImplementedError. ``quantized=False`` keeps float16/bfloat16
+pages and runs plain PyTorch attention on any device (a reference, not a tersor kernel).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from .. import ops
+
+__all__ = ["PagedKVCache", "sage_decode"]
+
+PAGE_SIZES = tuple(range(16, 257, 16))
+
+
+def _as_int32(name: str, t, device: torch.device, batch: Optional[int], dim: int, who: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{who}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{who}: {name} must be int32 or int64, got {t.dtype}")
+    if t.dim() != dim or (batch is not None and t.shape[0] != batch):
+        want = "[batch]" if dim == 1 else "[batch, max_pages]"
+        raise ValueError(f"{who}: {name} must be {want}" + (f" with batch = {batch}" if batch is not None else "")
+                         + f", got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{who}: {name} is on {t.device}, the cache on {device}")
+    if t.dtype == torch.int64 and t.numel() and (t.min() < -2**31 or t.max() >= 2**31):
+        raise ValueError(f"{who}: {name} has values outside int32")
+    return t.to(torch.int32).contiguous()
+
+
+class PagedKVCache:
+    """A paged KV cache of ``num_pages`` pages of ``page_size`` tokens (a multiple of 16 in [16, 256]) for
+    ``num_kv_heads`` heads of ``head_dim`` (64, 128 or 256) channels.
+
+    ``quantized=True``: tensors ``k_codes`` int8 and ``v_codes`` uint8 (e4m3 bits) ``[P, Hkv, S, D]``,
+    ``k_scale`` float32 ``[P, Hkv, S]``, ``page_meta`` float32 ``[P, Hkv, 2, D]`` (each page's K smoothing mean
+    and V channel scale). ``quantized=False``: ``k`` and ``v`` ``[P, Hkv, S, D]`` in ``dtype``. ``dtype`` is the
+    dtype of the attention inputs and outputs (float16 or bfloat16). Sequences own pages through block tables
+    that the caller manages (``block_table[b, i]`` = the page holding tokens ``i*S .. i*S+S-1`` of sequence b).
+    """
+
+    def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.bfloat16, device: Union[str, torch.device] = "cpu",
+                 quantized: bool = True):
+        who = "PagedKVCache"
+        for name, val in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
+                          ("head_dim", head_dim)):
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise TypeError(f"{who}: {name} must be an int, got {type(val).__name__}")
+            if val < 1:
+                raise ValueError(f"{who}: {name} must be >= 1, got {val}")
+        if page_size not in PAGE_SIZES:
+            raise ValueError(f"{who}: page_size must be a multiple of 16 in [16, 256], got {page_size}")
+        if head_dim not in ops.PAGED_HEAD_DIMS:
+            raise ValueError(f"{who}: head_dim must be 64, 128 or 256, got {head_dim}")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"{who}: dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        self.num_pages, self.page_size, self.num_kv_heads, self.head_dim = num_pages, page_size, num_kv_heads, head_dim
+        self.dtype, self.device, self.quantized = dtype, torch.device(device), bool(quantized)
+        shape = (num_pages, num_kv_heads, page_size, head_dim)
+        if self.quantized:
+            self.k_codes = torch.zeros(shape, dtype=torch.int8, device=self.device)
+            self.v_codes = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+            self.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=self.device)
+            self.page_meta = torch.zeros((num_pages, num_kv_heads, 2, head_dim), dtype=torch.float32,
+                                         device=self.device)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=self.device)
+            self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+
+    @property
+    def nbytes(self) -> int:
+        ts = (self.k_codes, self.v_codes, self.k_scale, self.page_meta) if self.quantized else (self.k, self.v)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def __repr__(self) -> str:
+        kind = "int8 K + e4m3 V" if self.quantized else str(self.dtype).replace("torch.", "")
+        return (f"PagedKVCache({self.num_pages} pages x {self.page_size} tokens, {self.num_kv_heads} kv heads x "
+                f"{self.head_dim}, {kind}, {self.nbytes / 2**20:.1f} MiB on {self.device})")
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, start: torch.Tensor,
+               lengths: torch.Tensor) -> None:
+        """Writes token ``t < lengths[b]`` of ``k``/``v [B, L, Hkv, D]`` at position ``start[b] + t`` of sequence
+        ``b``. Quantized caches quantize on write; the chunk that starts a sequence (``start[b] == 0``, the
+        prompt) fixes the K mean and V scales of its pages and every later page of that sequence (see
+        docs/formats.md). Raises ValueError for indices out of range (nothing is written then)."""
+        who = "PagedKVCache.append"
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{who}: {name} must be a tensor, got {type(t).__name__}")
+            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise TypeError(f"{who}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+            if t.dim() != 4 or t.shape[2:] != (self.num_kv_heads, self.head_dim):
+                raise ValueError(f"{who}: {name} must be [batch, len, {self.num_kv_heads}, {self.head_dim}], got "
+                                 f"{list(t.shape)}")
+            if t.device != self.device:
+                raise ValueError(f"{who}: {name} is on {t.device}, the cache on {self.device}")
+        if k.shape != v.shape or k.dtype != v.dtype:
+            raise ValueError(f"{who}: k {k.dtype} {list(k.shape)} and v {v.dtype} {list(v.shape)} differ")
+        b = k.shape[0]
+        block_table = _as_int32("block_table", block_table, self.device, b, 2, who)
+        start = _as_int32("start", start, self.device, b, 1, who)
+        lengths = _as_int32("lengths", lengths, self.device, b, 1, who)
+        if self.quantized:
+            if self.device.type != "cpu":
+                raise NotImplementedError(f"{who}: the quantized cache's CUDA kernels are not written yet (CPU only)")
+            ops.paged_kv_append_(self.k_codes, self.k_scale, self.v_codes, self.page_meta, k.contiguous(),
+                                 v.contiguous(), block_table, start, lengths)
+            return
+        pos, seq, tok = self._positions(block_table, start, lengths, k.shape[1], who)
+        page = block_table[seq, pos // self.page_size].long()
+        slot = pos % self.page_size
+        self.k[page, :, slot] = k[seq, tok].to(self.dtype)
+        self.v[page, :, slot] = v[seq, tok].to(self.dtype)
+
+    def _positions(self, block_table, start, lengths, max_len, who):
+        """(position, sequence, token index) of every token to write, checked (plain cache)."""
+        if ((lengths < 0) | (lengths > max_len)).any() or (start < 0).any():
+            raise ValueError(f"{who}: lengths must be in [0, {max_len}] and start >= 0")
+        seq = torch.repeat_interleave(torch.arange(len(lengths), device=self.device), lengths.long())
+        first = torch.cumsum(lengths.long(), 0) - lengths.long()
+        tok = torch.arange(len(seq), device=self.device) - first[seq]
+        pos = start.long()[seq] + tok
+        if len(pos) and (pos // self.page_size >= block_table.shape[1]).any():
+            raise ValueError(f"{who}: a sequence writes past its block_table row")
+        pages = block_table[seq, pos // self.page_size] if len(pos) else block_table.new_empty(0)
+        if ((pages < 0) | (pages >= self.num_pages)).any():
+            raise ValueError(f"{who}: block_table holds page ids outside [0, {self.num_pages})")
+        slots = pages.long() * self.page_size + pos % self.page_size
+        if len(slots) and torch.unique(slots).numel() != len(slots):
+            raise ValueError(f"{who}: two sequences write one slot in one call (block_table rows share a page)")
+        return pos, seq, tok
+
+
+def _check_window(window, who: str) -> tuple[int, int]:
+    if window is None:
+        return -1, -1
+    if not (isinstance(window, (tuple, list)) and len(window) == 2
+            and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"{who}: window must be None or a (left, right) pair of ints, got {window!r}")
+    left, right = window
+    return (left if left >= 0 else -1), (right if right >= 0 else -1)
+
+
+def sage_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, cache_seqlens: torch.Tensor, *,
+                scale: Optional[float] = None, window: Optional[tuple[int, int]] = None,
+                return_lse: bool = False, num_workers: int = 0):
+    """Attention of ``q [B, Lq, Hq, D]`` (``Lq <= 16``: the last Lq tokens of each sequence, already appended
+    to the cache) over ``cache_seqlens[b]`` cached tokens of sequence ``b``, bottom-right causal: query ``i``
+    sees keys ``j <= seqlen - Lq + i``. GQA: ``Hq`` a multiple of the cache's heads. ``window=(left, right)``:
+    FlashAttention's sliding window (a negative side is unbounded). ``scale`` defaults to ``1/sqrt(D)``. A query
+    that sees no key (a sequence of length 0) gives 0 (LSE ``-inf``). Returns ``out [B, Lq, Hq, D]`` in q's
+    dtype (and ``lse float32 [B, Hq, Lq]`` with ``return_lse=True``).
+
+    ``num_workers`` (quantized cache): split-KV as the CUDA kernels will run it, the key tiles of the whole call
+    shared out in equal chunks over that many work items (one per SM slot), each chunk's softmax merged by its
+    LSE; 0 (the CPU default) walks each sequence in one pass. The result differs from the one-pass walk only by
+    fp32 rounding of the merge."""
+    who = "sage_decode"
+    if not isinstance(cache, PagedKVCache):
+        raise TypeError(f"{who}: cache must be a PagedKVCache, got {type(cache).__name__}")
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"{who}: q must be a tensor, got {type(q).__name__}")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"{who}: q must be float16 or bfloat16, got {q.dtype}")
+    if q.dim() != 4 or q.shape[3] != cache.head_dim:
+        raise ValueError(f"{who}: q must be [batch, len_q, heads_q, {cache.head_dim}], got {list(q.shape)}")
+    b, lq, hq, d = q.shape
+    if not 1 <= lq <= ops.DECODE_MAX_Q:
+        raise ValueError(f"{who}: len_q must be in [1, {ops.DECODE_MAX_Q}], got {lq}")
+    if hq % cache.num_kv_heads:
+        raise ValueError(f"{who}: heads_q ({hq}) must be a multiple of the cache's heads_kv ({cache.num_kv_heads})")
+    if q.device != cache.device:
+        raise ValueError(f"{who}: q is on {q.device}, the cache on {cache.device}")
+    block_table = _as_int32("block_table", block_table, cache.device, b, 2, who)
+    seqlens = _as_int32("cache_seqlens", cache_seqlens, cache.device, b, 1, who)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{who}: scale must be finite and positive, got {scale}")
+    left, right = _check_window(window, who)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"{who}: num_workers must be an int >= 0, got {num_workers!r}")
+    if cache.quantized:
+        if q.device.type != "cpu":
+            raise NotImplementedError(f"{who}: the quantized decode's CUDA kernels are not written yet (CPU only)")
+        out, lse = ops.sage_decode_paged(q.contiguous(), cache.k_codes, cache.k_scale, cache.v_codes,
+                                         cache.page_meta, block_table, seqlens, scale, left, right, num_workers)
+    else:
+        out, lse = _plain_decode(q, cache, block_table, seqlens, scale, left, right, who)
+    return (out, lse) if return_lse else out
+
+
+def visible_key_mask(len_q: int, seqlen: int, left: int = -1, right: int = -1,
+                     device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """bool ``[len_q, seqlen]``: which keys each decode query sees (csrc/attention/paged_format.h,
+    ``decode_visible_keys``)."""
+    p = torch.arange(len_q, device=device)[:, None] + (seqlen - len_q)
+    j = torch.arange(seqlen, device=device)[None, :]
+    m = j <= p
+    if left >= 0:
+        m &= j >= p - left
+    if right >= 0:
+        m &= j <= p + right
+    return m
+
+
+def _plain_decode(q, cache, block_table, seqlens, scale, left, right, who):
+    b, lq, hq, d = q.shape
+    s, group = cache.page_size, hq // cache.num_kv_heads
+    if ((seqlens < 0) | (seqlens > block_table.shape[1] * s)).any():
+        raise ValueError(f"{who}: cache_seqlens must be in [0, {block_table.shape[1] * s}]")
+    out = torch.zeros(b, lq, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, hq, lq), float("-inf"), dtype=torch.float32, device=q.device)
+    for i in range(b):
+        n = int(seqlens[i])
+        if n == 0:
+            continue
+        pages = block_table[i, : (n + s - 1) // s].long()
+        if ((pages < 0) | (pages >= cache.num_pages)).any():
+            raise ValueError(f"{who}: block_table row {i} holds page ids outside [0, {cache.num_pages})")
+        k = cache.k[pages].transpose(0, 1).reshape(cache.num_kv_heads, -1, d)[:, :n].float()
+        v = cache.v[pages].transpose(0, 1).reshape(cache.num_kv_heads, -1, d)[:, :n].float()
+        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+        sc = torch.einsum("qhd,hkd->hqk", q[i].float(), k) * scale
+        mask = visible_key_mask(lq, n, left, right, q.device)
+        sc = sc.masked_fill(~mask, float("-inf"))
+        row_lse = torch.logsumexp(sc, -1)
+        p = torch.where(mask, torch.exp(sc - row_lse[..., None].clamp_min(-1e30)), torch.zeros_like(sc))
+        out[i] = torch.einsum("hqk,hkd->qhd", p, v)
+        lse[i] = row_lse
+    return out.to(q.dtype), lse

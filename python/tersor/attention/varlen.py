@@ -1,0 +1,82 @@
+"""Variable-length prefill: :func:`sage_attention_varlen` (FlashAttention's varlen API).
+
+Status: each sequence runs through :func:`tersor.attention.sage_attention` on its own slice (no padding, so
+no padding waste in the arithmetic; one op call per sequence). The fused varlen kernel of issue 15 (one launch
+over ``cu_seqlens``, sliding windows) is not written yet.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = ["sage_attention_varlen"]
+
+
+def _cu(name: str, t, total: int, device: torch.device) -> list[int]:
+    who = "sage_attention_varlen"
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{who}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{who}: {name} must be int32 or int64, got {t.dtype}")
+    if t.dim() != 1 or t.numel() < 2:
+        raise ValueError(f"{who}: {name} must be [batch + 1], got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{who}: {name} is on {t.device}, q on {device}")
+    cu = t.tolist()  # the boundaries drive one call per sequence: read once (a device sync on CUDA)
+    if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"{who}: {name} must rise from 0 to {total} (the packed length), got {cu[:8]}"
+                         f"{'...' if len(cu) > 8 else ''}")
+    return cu
+
+
+def sage_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                          is_causal: bool = False, scale: Optional[float] = None,
+                          window: Optional[tuple[int, int]] = None, qk: str = "auto", pv: str = "auto",
+                          return_lse: bool = False):
+    """Attention over a packed batch: ``q [total_q, Hq, D]``, ``k``/``v [total_k, Hkv, D]``; sequence ``b``
+    is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k/v.
+    ``is_causal`` is bottom-right aligned per sequence. ``max_seqlen_q``/``max_seqlen_k`` bound the lengths
+    (FlashAttention's API; checked). Modes as :func:`tersor.attention.sage_attention` (the numerics of each
+    sequence are exactly those of a ``sage_attention`` call on it: K smoothing uses that sequence's keys only).
+    A sequence with queries and no keys gives 0 (LSE ``-inf``). Returns ``out [total_q, Hq, D]`` (and ``lse``
+    float32 ``[Hq, total_q]``, FlashAttention's varlen layout, with ``return_lse=True``). ``window``: not yet
+    (NotImplementedError)."""
+    from . import sage_attention
+
+    who = "sage_attention_varlen"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{who}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{who}: {name} must be packed 3-d [total, heads, head_dim], got {list(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{who}: k {list(k.shape)} and v {list(v.shape)} must have one shape")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{who}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if window is not None:
+        raise NotImplementedError(f"{who}: sliding windows are not in the prefill kernels yet (issue 15); "
+                                  "tersor.attention.sage_decode takes window=")
+    cq = _cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    ck = _cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if len(cq) != len(ck):
+        raise ValueError(f"{who}: cu_seqlens_q has {len(cq) - 1} sequences, cu_seqlens_k {len(ck) - 1}")
+    lens_q = [b - a for a, b in zip(cq, cq[1:])]
+    lens_k = [b - a for a, b in zip(ck, ck[1:])]
+    if max(lens_q) > max_seqlen_q or max(lens_k) > max_seqlen_k:
+        raise ValueError(f"{who}: max_seqlen_q / max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are below the "
+                         f"longest sequences ({max(lens_q)}, {max(lens_k)})")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = q.new_zeros(q.shape)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    for b in range(len(lens_q)):
+        if lens_q[b] == 0 or lens_k[b] == 0:
+            continue  # no queries, or queries that see no key: 0 and -inf
+        o, l = sage_attention(q[cq[b]:cq[b + 1]][None], k[ck[b]:ck[b + 1]][None], v[ck[b]:ck[b + 1]][None],
+                              is_causal=is_causal, scale=scale, layout="bshd", qk=qk, pv=pv, return_lse=True)
+        out[cq[b]:cq[b + 1]] = o[0]
+        lse[:, cq[b]:cq[b + 1]] = l[0]
+    return (out, lse) if return_lse else out
