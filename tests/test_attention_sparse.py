@@ -198,6 +198,32 @@ def test_module_takes_block_mask():
                        sage_attention(q, k, v, is_causal=True, block_mask=mask))
 
 
+def test_varlen_takes_per_sequence_block_masks():
+    # Two packed sequences: each gets its own mask, and the result is the per-sequence sage_attention with it.
+    from tersor.attention import sage_attention_varlen
+
+    g = torch.Generator().manual_seed(3)
+    lens = [(200, 300), (130, 130)]
+    q = torch.randn(sum(a for a, _ in lens), 4, 64, generator=g).half()
+    k = torch.randn(sum(b for _, b in lens), 2, 64, generator=g).half()
+    v = torch.randn(k.shape, generator=g).half()
+    cq = torch.tensor([0, 200, 330], dtype=torch.int32)
+    ck = torch.tensor([0, 300, 430], dtype=torch.int32)
+    m0 = torch.rand(block_mask_shape(1, 4, 200, 300)[1:], generator=g) < 0.5
+    out = sage_attention_varlen(q, k, v, cq, ck, 200, 300, is_causal=True, block_mask=[m0, None])
+    ref0 = sage_attention(q[None, :200], k[None, :300], v[None, :300], is_causal=True, layout="bshd",
+                          block_mask=m0[None])[0]
+    ref1 = sage_attention(q[None, 200:], k[None, 300:], v[None, 300:], is_causal=True, layout="bshd")[0]
+    assert torch.equal(out[:200], ref0) and torch.equal(out[200:], ref1)
+    assert not torch.equal(out[:200], sage_attention_varlen(q, k, v, cq, ck, 200, 300, is_causal=True)[:200])
+    with pytest.raises(TypeError, match="block_mask"):
+        sage_attention_varlen(q, k, v, cq, ck, 200, 300, block_mask=m0)
+    with pytest.raises(ValueError, match="block_mask"):
+        sage_attention_varlen(q, k, v, cq, ck, 200, 300, block_mask=[m0[0], None])
+    with pytest.raises(ValueError, match="block_mask"):
+        sage_attention_varlen(q, k, v, cq, ck, 200, 300, block_mask=[m0[:, :1], None])
+
+
 def test_bad_block_mask_wrapper():
     shape = (1, 4, 2, 200, 300, 64, False)
     q, k, v = _qkv(shape, torch.float16)

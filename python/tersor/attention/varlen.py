@@ -36,7 +36,7 @@ def sage_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
                           is_causal: bool = False, scale: Optional[float] = None,
                           window: Optional[tuple[int, int]] = None, qk: str = "auto", pv: str = "auto",
-                          return_lse: bool = False):
+                          return_lse: bool = False, block_mask=None):
     """Attention over a packed batch: ``q [total_q, Hq, D]``, ``k``/``v [total_k, Hkv, D]``; sequence ``b``
     is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k/v.
     ``is_causal`` is bottom-right aligned per sequence. ``max_seqlen_q``/``max_seqlen_k`` bound the lengths
@@ -44,7 +44,9 @@ def sage_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     sequence are exactly those of a ``sage_attention`` call on it: K smoothing uses that sequence's keys only).
     A sequence with queries and no keys gives 0 (LSE ``-inf``). Returns ``out [total_q, Hq, D]`` (and ``lse``
     float32 ``[Hq, total_q]``, FlashAttention's varlen layout, with ``return_lse=True``). ``window``: not yet
-    (NotImplementedError)."""
+    (NotImplementedError). ``block_mask`` (block-sparse, issue 16): a list with one entry per sequence, ``None``
+    (dense) or that sequence's :func:`tersor.attention.sage_attention` mask without the batch dim, bool
+    ``[Hq or 1, ceil(Lq_b / 128), ceil(Lk_b / 128)]``."""
     from . import sage_attention
 
     who = "sage_attention_varlen"
@@ -69,14 +71,26 @@ def sage_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     if max(lens_q) > max_seqlen_q or max(lens_k) > max_seqlen_k:
         raise ValueError(f"{who}: max_seqlen_q / max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are below the "
                          f"longest sequences ({max(lens_q)}, {max(lens_k)})")
+    if block_mask is not None and (not isinstance(block_mask, (list, tuple)) or len(block_mask) != len(lens_q)):
+        raise TypeError(f"{who}: block_mask must be a list of {len(lens_q)} per-sequence masks (or None), got "
+                        f"{type(block_mask).__name__}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = q.new_zeros(q.shape)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     for b in range(len(lens_q)):
         if lens_q[b] == 0 or lens_k[b] == 0:
             continue  # no queries, or queries that see no key: 0 and -inf
+        mask = None if block_mask is None or block_mask[b] is None else block_mask[b]
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"{who}: block_mask[{b}] must be a bool tensor, got {type(mask).__name__}")
+            if mask.dim() != 3:
+                raise ValueError(f"{who}: block_mask[{b}] must be 3-d [Hq or 1, q_blocks, k_blocks], got "
+                                 f"{list(mask.shape)}")
+            mask = mask[None]
         o, l = sage_attention(q[cq[b]:cq[b + 1]][None], k[ck[b]:ck[b + 1]][None], v[ck[b]:ck[b + 1]][None],
-                              is_causal=is_causal, scale=scale, layout="bshd", qk=qk, pv=pv, return_lse=True)
+                              is_causal=is_causal, scale=scale, layout="bshd", qk=qk, pv=pv, return_lse=True,
+                              block_mask=mask)
         out[cq[b]:cq[b + 1]] = o[0]
         lse[:, cq[b]:cq[b + 1]] = l[0]
     return (out, lse) if return_lse else out
