@@ -1,0 +1,93 @@
+"""Decode over a paged KV cache (``tersor.attention.sage_decode``) and packed varlen prefill
+(``tersor.attention.sage_attention_varlen``), issue 15, against SDPA in the same run.
+
+* decode: q [B, 1, Hq 32, D 128] (GQA, Hkv 8) against a cache of L tokens per sequence; tersor reads the
+  quantized paged cache (INT8 K + e4m3 V, ~1 byte per element), SDPA an fp16/bf16 contiguous cache
+  ([B, Hkv, L, D], ``enable_gqa``); the faster of fp32 and 16-bit SDPA on the CPU. ``extra``: bytes of both
+  caches. ``accuracy``: rel-L1 of both against fp64.
+* varlen: sequences of mixed lengths packed (FlashAttention's API) against SDPA run per sequence and on the
+  padded batch (with a key padding mask).
+CPU rows are the CPU twin (the kernels' reference numerics, not a fast path): for the record only. The CUDA
+decode kernels are not written yet, so there are no CUDA rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tersor.attention import PagedKVCache, sage_attention_varlen, sage_decode
+from tersor.bench import Result, register, time_fn
+
+
+def _rel_l1(out, ref):
+    return ((out.double() - ref.double()).abs().sum() / ref.double().abs().sum()).item()
+
+
+def _decode_case(ctx, b, hq, hkv, d, seqlen, page_size=64, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seqlen + b)
+    k = torch.randn(b, seqlen, hkv, d, generator=g) + 2 * torch.randn(1, 1, hkv, d, generator=g)
+    v = torch.randn(b, seqlen, hkv, d, generator=g)
+    q = torch.randn(b, 1, hq, d, generator=g).to(dtype)
+    pages = seqlen // page_size
+    cache = PagedKVCache(b * pages, page_size, hkv, d, dtype=dtype)
+    bt = torch.randperm(b * pages, generator=g).view(b, pages).to(torch.int32)
+    sl = torch.full((b,), seqlen, dtype=torch.int32)
+    cache.append(k, v, bt, torch.zeros(b, dtype=torch.int32), sl)
+    kc, vc = k.transpose(1, 2).to(dtype).contiguous(), v.transpose(1, 2).to(dtype).contiguous()  # [B, Hkv, L, D]
+    qs = q.transpose(1, 2)  # [B, Hq, 1, D]
+    t_dec = time_fn(lambda: sage_decode(q, cache, bt, sl), ctx)
+    t_sdpa = time_fn(lambda: F.scaled_dot_product_attention(qs, kc, vc, enable_gqa=True), ctx)
+    baseline = f"SDPA {str(dtype).replace('torch.', '')} cache"
+    q32, k32, v32 = qs.float(), kc.float(), vc.float()
+    t32 = time_fn(lambda: F.scaled_dot_product_attention(q32, k32, v32, enable_gqa=True), ctx)
+    if t32 < t_sdpa:
+        t_sdpa, baseline = t32, "SDPA float32 cache"
+    ref = F.scaled_dot_product_attention(qs.double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(),
+                                         enable_gqa=True).transpose(1, 2)
+    acc = {"rel_l1": _rel_l1(sage_decode(q, cache, bt, sl), ref),
+           "rel_l1_sdpa": _rel_l1(F.scaled_dot_product_attention(qs, kc, vc, enable_gqa=True).transpose(1, 2), ref)}
+    return Result(family="attention", op="sage_decode int8+fp8 paged [cpu-twin]",
+                  shape=f"b{b} hq{hq}/hkv{hkv} d{d} L{seqlen} page{page_size}", dtype=str(dtype).replace("torch.", ""),
+                  tersor_ms=t_dec, baseline=baseline, baseline_ms=t_sdpa, accuracy=acc,
+                  extra={"cache_bytes": cache.nbytes, "baseline_cache_bytes": 2 * kc.numel() * kc.element_size()})
+
+
+def _varlen_case(ctx, lens, h, d, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(sum(lens))
+    total, lmax = sum(lens), max(lens)
+    q, k, v = (torch.randn(total, h, d, generator=g).to(dtype) for _ in range(3))
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    t_var = time_fn(lambda: sage_attention_varlen(q, k, v, cu, cu, lmax, lmax, is_causal=True), ctx)
+
+    def per_sequence():
+        for a, z in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            F.scaled_dot_product_attention(*(t[a:z].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True)
+
+    pad = lambda t: torch.stack([F.pad(t[a:z], (0, 0, 0, 0, 0, lmax - (z - a)))  # noqa: E731
+                                 for a, z in zip(cu[:-1].tolist(), cu[1:].tolist())]).transpose(1, 2)
+    qp, kp, vp = pad(q), pad(k), pad(v)
+    valid = torch.arange(lmax)[None, :] < torch.tensor(lens)[:, None]
+    mask = (torch.ones(lmax, lmax, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None]
+    t_seq = time_fn(per_sequence, ctx)
+    t_pad = time_fn(lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask), ctx)
+    baseline, t_base = ("SDPA per sequence", t_seq) if t_seq <= t_pad else ("SDPA padded + mask", t_pad)
+    return Result(family="attention", op="sage_attention_varlen int8+fp8 [cpu-twin]",
+                  shape=f"{len(lens)} seqs {min(lens)}..{lmax} h{h} d{d} causal", dtype=str(dtype).replace("torch.", ""),
+                  tersor_ms=t_var, baseline=baseline, baseline_ms=t_base,
+                  extra={"sdpa_per_sequence_ms": t_seq, "sdpa_padded_ms": t_pad,
+                         "padding_waste": 1 - total / (len(lens) * lmax)})
+
+
+@register("attention")
+def bench_decode(ctx) -> list[Result]:
+    if ctx.is_cuda:
+        print("[decode bench] CUDA rows skipped: the paged decode's CUDA kernels are not written yet (issue 15)")
+        return []
+    if ctx.quick:
+        return [_decode_case(ctx, 1, 8, 2, 128, 1024), _varlen_case(ctx, [100, 37, 300], 2, 64)]
+    rows = [_decode_case(ctx, b, 32, 8, 128, L) for b, L in ((1, 4096), (8, 4096), (1, 16384))]
+    rows.append(_varlen_case(ctx, [512, 64, 1024, 200, 17, 777], 8, 128))
+    return rows
