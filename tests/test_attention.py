@@ -182,6 +182,58 @@ def test_quantized_twin_matches_emulation(shape, mode):
     torch.testing.assert_close(lse[fin], ref_lse[fin], rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("mode", [(8, "fp8", True, False), (8, "fp16", True, False), (4, "fp8", True, True)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dim_256_twin(mode, causal):
+    # Head dim 256 (issue 15, Gemma): the CPU twin against the independent emulation and fp64. The INT8 dot
+    # products stay exact in fp32 (127 * 127 * 256 < 2^24). CUDA refuses it (NotImplementedError, below).
+    bits, pv, sk, sq = mode
+    g = torch.Generator().manual_seed(bits + causal)
+    q = torch.randn(1, 4, 150, 256, generator=g).half()
+    k = (torch.randn(1, 2, 170, 256, generator=g) * 2 + 1.5).half()
+    v = torch.randn(1, 2, 170, 256, generator=g).half()
+    out, lse = L.sage_attention_fwd(q, k, v, causal, 0.0625, bits, pv, sk, sq)
+    ref, ref_lse = sage_emulate(q, k, v, causal, 0.0625, bits, pv, sk, sq)
+    diff = (out.float() - ref.half().float()).abs()
+    peak = ref.abs().max().item()
+    assert diff.max().item() <= (2e-3 + torch.finfo(torch.half).eps) * peak and diff.mean().item() <= 5e-6 * peak
+    exact, exact_lse = attention_fp64(q, k, v, causal, 0.0625)
+    rel = ((out.double() - exact).abs().sum() / exact.abs().sum()).item()
+    # fp64 sanity bounds (a broken D = 256 path is off by O(1)); measured rel-L1 0.05 (INT8) and 0.32 (INT4 +
+    # Q smoothing), LSE within 0.055 and 0.9: INT4 at D = 256 is as coarse as SageAttention's own INT4 is.
+    assert rel < (0.08 if bits == 8 else 0.45), rel
+    fin = exact_lse.isfinite()
+    assert torch.equal(lse.isfinite(), fin)
+    assert (lse[fin].double() - exact_lse[fin]).abs().max() < (0.08 if bits == 8 else 1.3)
+
+
+def test_head_dim_256_exact_mode_and_padding():
+    # Exact mode at D = 256, and sage_attention padding a head dim in (128, 256] to 256.
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 90, 256, generator=g) for _ in range(3))
+    out, lse = L.sage_attention_fwd(q, k, v, True, 0.0625, 0, "fp32", True, False)
+    ref, ref_lse = attention_fp64(q, k, v, True, 0.0625)
+    assert (out.double() - ref).abs().max() < 1e-6 and (lse.double() - ref_lse).abs().max() < 1e-5
+    q, k, v = (torch.randn(1, 2, 90, 200, generator=g).half() for _ in range(3))
+    out = tersor.attention.sage_attention(q, k, v, is_causal=True)
+    ref, _ = attention_fp64(q, k, v, True)
+    assert out.shape == q.shape and ((out.double() - ref).abs().sum() / ref.abs().sum()).item() < 0.06
+    assert tersor.attention.sage_supported(q, k, v) is None  # the CPU route takes it too
+    with pytest.raises(ValueError, match="between 1 and 256"):
+        tersor.attention.sage_attention(*(torch.randn(1, 1, 8, 264).half() for _ in range(3)))
+
+
+@pytest.mark.cuda
+def test_head_dim_256_is_not_implemented_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    q = torch.randn(1, 2, 64, 256, device="cuda").half()
+    with pytest.raises(NotImplementedError, match="head_dim 256"):
+        tersor.attention.sage_attention(q, q, q)
+    with pytest.raises(RuntimeError, match="^NotImplementedError: sage_attention_fwd: head_dim 256"):
+        torch.ops.tersor.sage_attention_fwd(q, q, q, False, 0.0625, 8, "fp8", True, False)
+
+
 def test_quantized_lse_includes_smoothing_correction():
     q = torch.randn(1, 2, 96, 64).half()
     k = (torch.randn(1, 2, 130, 64) + 8.0).half()  # without the correction the LSE is off by ~ scale*q.8
@@ -227,7 +279,7 @@ def test_bad_input_op(fn):
 
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         call(*_qkv(hq=3, hkv=2))
-    with pytest.raises(ValueError, match="head_dim must be 64 or 128"):
+    with pytest.raises(ValueError, match="head_dim must be 64, 128 or 256"):
         call(*_qkv(d=96))
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         call(*_qkv(dtype=torch.float32))
@@ -261,7 +313,7 @@ def test_direct_op_call_error_contract():
     # Direct torch.ops callers get RuntimeError whose message names the Python type (tersor.ops.lib and the
     # wrappers re-raise it as that type).
     q, k, v = _qkv()
-    with pytest.raises(RuntimeError, match="^ValueError: sage_attention_fwd: head_dim must be 64 or 128"):
+    with pytest.raises(RuntimeError, match="^ValueError: sage_attention_fwd: head_dim must be 64, 128 or 256"):
         torch.ops.tersor.sage_attention_fwd(*_qkv(d=96), False, 0.1, 8, "fp8", True, False)
     with pytest.raises(RuntimeError, match="^TypeError: sage_attention_fwd: expected float16 or bfloat16"):
         torch.ops.tersor.sage_attention_fwd(*_qkv(dtype=torch.float32), False, 0.1, 8, "fp8", True, False)
@@ -295,7 +347,7 @@ def test_kernel_argument_cpu(fn):
 
 
 def test_bad_input_wrapper():
-    q, k, v = _qkv(d=160)
+    q, k, v = _qkv(d=300)  # head dims up to 256 are padded (to 64, 128 or 256)
     with pytest.raises(ValueError, match="head_dim"):
         sage_attention(q, k, v)
     with pytest.raises(TypeError, match="float16 or bfloat16"):

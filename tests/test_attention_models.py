@@ -102,7 +102,7 @@ def test_sageattn_unsupported_arguments():
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         sageattn(q.float(), k.float(), v.float())
     with pytest.raises(ValueError, match="head_dim"):
-        sageattn(*_qkv(b=1, lq=8, lk=8, d=160))
+        sageattn(*_qkv(b=1, lq=8, lk=8, d=300))
     with pytest.raises(TypeError):
         sageattn(q, k, v, no_such_argument=1)
 

@@ -157,6 +157,13 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cuda(const Tensor& q, const Tensor
                          q.get_device_index() == v.get_device_index(),
                      op, ": q, k, v must be on the same device, got ", device_str(q), ", ", device_str(k), ", ",
                      device_str(v));
+  // Head dim 256 (Gemma) runs on the CPU twin only. Why no kernel: the sm8x kernel's warp owns 32 query rows,
+  // so its fp32 O accumulator alone is 32 x 256 / 32 lanes = 256 registers per lane (the limit is 255); it would
+  // need 16-row warps, which changes the Q quantization groups the twin and the docs define. The sm90a kernel's
+  // 64-row warpgroup needs 128 O registers per thread next to the S tile; FlashAttention-3 fits that with a
+  // smaller key tile, a separate traits config not written yet (docs/research/sage_attention.md).
+  TERSOR_CHECK_NOT_IMPL(c.head_dim <= 128, op, ": head_dim ", c.head_dim, " has no CUDA kernel yet (the CUDA kernels "
+                        "take 64 and 128; 256 runs on the CPU twin)");
   const CudaDeviceGuard guard(q);
   const int cc = compute_capability(q.get_device_index());
   const SageRoute route = route_or_throw(cc, qk_bits, pv, smooth_q, kernel, built_sage_cubins(), op);

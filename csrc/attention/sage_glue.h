@@ -74,7 +74,8 @@ inline SageCall check_call(const Tensor& q, const Tensor& k, const Tensor& v, bo
   TERSOR_CHECK_VALUE(k.size(0) == c.batch, op, ": batch of k/v (", k.size(0), ") differs from q (", c.batch, ")");
   TERSOR_CHECK_VALUE(k.size(3) == c.head_dim, op, ": head_dim of k/v (", k.size(3), ") differs from q (", c.head_dim,
                      ")");
-  TERSOR_CHECK_VALUE(c.head_dim == 64 || c.head_dim == 128, op, ": head_dim must be 64 or 128, got ", c.head_dim,
+  TERSOR_CHECK_VALUE(c.head_dim == 64 || c.head_dim == 128 || c.head_dim == 256, op,
+                     ": head_dim must be 64, 128 or 256, got ", c.head_dim,
                      " (tersor.attention.sage_attention pads smaller head dims)");
   TERSOR_CHECK_VALUE(c.heads_kv >= 1 && c.heads_q % c.heads_kv == 0, op, ": query heads (", c.heads_q,
                      ") must be a multiple of key/value heads (", c.heads_kv, ")");

@@ -384,7 +384,7 @@ def _bsr_linear_fake(x, crow_indices, col_indices, values, schedule, in_features
 # ---------------------------------------------------------------------------------------------------
 # attention (SageAttention2-style quantized attention; user API: tersor.attention.sage_attention)
 
-SAGE_HEAD_DIMS = (64, 128)
+SAGE_HEAD_DIMS = (64, 128, 256)
 SAGE_PV_MODES = ("fp8", "fp16", "fp32")
 #: Values of ``sage_attention_fwd``'s ``kernel`` argument (the schema's ``cuda_kernel``): ``"auto"`` (the sm90a
 #: wgmma kernel where it applies, else the mma.sync kernels), ``"sm8x"`` (the mma.sync kernels only), ``"sm90"``
@@ -452,7 +452,7 @@ def _sage_check_fake(q, k, v, scale, qk_bits, pv, kernel="auto"):
     torch._check(k.shape[3] == q.shape[3], lambda: f"{op}: head_dim of k/v differs from q")
     d, hq, hkv = q.shape[3], q.shape[1], k.shape[1]
     if isinstance(d, int) and d not in SAGE_HEAD_DIMS:
-        raise ValueError(f"{op}: head_dim must be 64 or 128, got {d}")
+        raise ValueError(f"{op}: head_dim must be 64, 128 or 256, got {d}")
     if isinstance(hq, int) and isinstance(hkv, int) and (hkv < 1 or hq % hkv != 0):
         raise ValueError(f"{op}: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     torch._check(k.shape[2] >= 1, lambda: f"{op}: needs at least one key")

@@ -112,10 +112,18 @@ def _check_block_mask(block_mask, q: torch.Tensor, len_k: int) -> None:
         raise ValueError(f"sage_attention: block_mask must be on {q.device}, got {block_mask.device}")
 
 
-def _padded_head_dim(d: int) -> int:
-    if d < 1 or d > 128:
-        raise ValueError(f"sage_attention: head_dim must be between 1 and 128, got {d}")
-    return 64 if d <= 64 else 128
+#: The largest head dim of the CUDA kernels (256, Gemma's, runs on the CPU twin only: csrc/attention/
+#: sage_cuda_glue.cpp has the register budget that rules it out of the current kernels).
+CUDA_MAX_HEAD_DIM = 128
+
+
+def _padded_head_dim(d: int, device: torch.device) -> int:
+    if d < 1 or d > 256:
+        raise ValueError(f"sage_attention: head_dim must be between 1 and 256, got {d}")
+    if d > CUDA_MAX_HEAD_DIM and device.type == "cuda":
+        raise NotImplementedError(f"sage_attention: head_dim {d} has no CUDA kernel yet (the CUDA kernels take "
+                                  f"head dims up to {CUDA_MAX_HEAD_DIM}; up to 256 runs on the CPU)")
+    return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
@@ -125,8 +133,9 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     """Quantized attention with SageAttention2 numerics; output like ``F.scaled_dot_product_attention``.
 
     ``q [B, Hq, Lq, D]`` and ``k``/``v [B, Hkv, Lk, D]`` (``layout="bhsd"``) or ``[B, L, H, D]``
-    (``layout="bshd"``), float16/bfloat16, ``Hq % Hkv == 0`` (GQA/MQA), ``D <= 128`` (padded with zeros to
-    64 or 128, which changes nothing mathematically). ``scale`` defaults to ``1/sqrt(D)`` of the unpadded
+    (``layout="bshd"``), float16/bfloat16, ``Hq % Hkv == 0`` (GQA/MQA), ``D <= 256`` (padded with zeros to
+    64, 128 or 256, which changes nothing mathematically; the CUDA kernels take ``D <= 128``, 256 runs on the
+    CPU twin and raises NotImplementedError on CUDA). ``scale`` defaults to ``1/sqrt(D)`` of the unpadded
     ``D``. ``is_causal`` is **bottom-right aligned** (query ``i`` sees keys ``j <= i + Lk - Lq``, the
     FlashAttention / KV-cache convention); SDPA's ``is_causal`` is top-left. They agree when ``Lq == Lk``.
     Fully masked rows (``Lq > Lk``, causal) give 0 and LSE ``-inf``.
@@ -173,7 +182,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     d = q.shape[-1]
     if k.shape[-1] != d or v.shape[-1] != d:
         raise ValueError(f"sage_attention: q, k, v must share the head dim, got {d}, {k.shape[-1]}, {v.shape[-1]}")
-    dp = _padded_head_dim(d)
+    dp = _padded_head_dim(d, q.device)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     if dp != d:
@@ -325,7 +334,8 @@ def sage_supported(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, enab
         return f"device {q.device}"
     if q.device.type == "cuda" and not CUDA_KERNELS_READY:
         return "CUDA kernels not validated yet"
-    if q.shape[-1] > 128 or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+    max_d = CUDA_MAX_HEAD_DIM if q.device.type == "cuda" else 256
+    if q.shape[-1] > max_d or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
         return "head dim"
     if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3]:
         return "shape"
@@ -342,7 +352,7 @@ def sage_supported(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, enab
 def route_sdpa(qk: str = "auto", pv: str = "auto", stats: Optional[SdpaRouteStats] = None):
     """Within the block, ``F.scaled_dot_product_attention`` runs :func:`sage_attention` where supported.
 
-    Supported: no ``attn_mask``, no dropout, fp16/bf16 4-d inputs with head dim <= 128 on a device with a
+    Supported: no ``attn_mask``, no dropout, fp16/bf16 4-d inputs with head dim <= 128 (<= 256 on the CPU) on a device with a
     kernel, equal heads (or ``enable_gqa``), ``Lq == Lk`` when causal, no autograd. Everything else goes to
     the original SDPA. Yields a :class:`SdpaRouteStats` counting both. Code that bound SDPA to another name
     before the block (``from torch.nn.functional import scaled_dot_product_attention``) is not rerouted.

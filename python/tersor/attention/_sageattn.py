@@ -26,7 +26,7 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_layout: s
 
     ``q [B, Hq, Lq, D]``, ``k``/``v [B, Hkv, Lk, D]`` for ``tensor_layout="HND"``, or ``[B, L, H, D]`` for
     ``"NHD"``; float16/bfloat16; ``Hq % Hkv == 0`` (GQA); ``D <= 128`` (padded to 64 or 128 like
-    SageAttention; larger raises ValueError). ``sm_scale`` defaults to ``1/sqrt(D)``. ``is_causal``: with
+    SageAttention; up to 256 on the CPU twin, padded to 256; larger raises ValueError). ``sm_scale`` defaults to ``1/sqrt(D)``. ``is_causal``: with
     ``Lq == Lk`` as in SageAttention; for ``Lq != Lk`` tersor masks bottom-right aligned (KV-cache convention,
     see :func:`tersor.attention.sage_attention`). ``return_lse``: also the float32 log-sum-exp ``[B, Hq, Lq]``
     (natural log, with the K-smoothing correction applied, as SageAttention returns it).

@@ -45,7 +45,7 @@ def tersor_sage_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
 
     Routed to :func:`tersor.attention.sage_attention` (GQA natively, ``scale=scaling``) when: no attention
     mask (transformers passes none for unpadded causal or bidirectional batches), no dropout, float16/bfloat16,
-    head dim <= 128 (padded to 64 or 128 like SageAttention), ``Lq == Lk`` when causal, a device with
+    head dim <= 128 (padded to 64 or 128 like SageAttention; <= 256 on the CPU), ``Lq == Lk`` when causal, a device with
     validated kernels (the CPU twin; CUDA once ``CUDA_KERNELS_READY``), no autograd, no softcap / position
     bias / sinks. Everything else runs transformers' ``sdpa_attention_forward`` unchanged and warns once per
     reason (``stats`` counts both). Quantization modes: ``module.config.tersor_sage`` (set by
