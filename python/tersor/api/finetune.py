@@ -1,0 +1,246 @@
+"""Block fine-tuning of codebook-quantized layers (issue 18; QuIP#'s fine-tuning, the continuous half of AQLM's
+PV-tuning): after :func:`tersor.quantize_` has quantized one transformer block, train the block's continuous
+parameters (E8P's SU / SV / Wscale, AQLM's codebooks / scales, the biases, the norms) so that the block's output
+matches the original block's output on the calibration activations, with a held-out split and early stopping.
+The integer codes stay fixed (AQLM's discrete step, :func:`aqlm_discrete_step`, updates them separately when
+``FinetuneConfig(discrete_every=...)`` asks for it)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Block fine-tuning for :class:`tersor.E8PConfig` / :class:`tersor.AQLMConfig` (``finetune=``); needs
+    ``calibration``.
+
+    - ``steps``: at most this many Adam steps per block (one calibration batch each, in a shuffled cycle).
+    - ``lr``: the step size, relative: each tensor's step is ``lr`` times its RMS when the block starts
+      (floored at 1e-2), so scales of any magnitude (E8P's Wscale, AQLM's per-row scales) move at the same
+      relative rate as SU/SV signs and norm weights.
+    - ``holdout``: the fraction of the calibration batches kept out of training (at least one when there are
+      two or more; with a single batch it trains and validates on it). The held-out loss is measured before
+      training and every ``eval_every`` steps; the best parameters are kept, and training stops after
+      ``patience`` evaluations without improvement.
+    - ``train_norms`` / ``train_biases``: also train the block's normalisation weights and every bias in it.
+    - ``discrete_every`` (AQLM only; 0 = off): every that many continuous steps, a PV-tuning discrete step
+      re-chooses the codes, changing at most ``trust_region`` (a fraction) of each layer's codes
+      (:func:`aqlm_discrete_step`).
+    - ``seed``: the batch order.
+
+    The loss is the block output's mean squared error against the original block's output on the same inputs,
+    divided by the mean square of that output (a relative MSE)."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    holdout: float = 0.25
+    eval_every: int = 10
+    patience: int = 3
+    train_norms: bool = True
+    train_biases: bool = True
+    discrete_every: int = 0
+    trust_region: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "eval_every", "patience", "discrete_every", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"FinetuneConfig: {name} must be an int, got {type(v).__name__}")
+            lo = 1 if name in ("eval_every", "patience") else 0
+            if v < lo:
+                raise ValueError(f"FinetuneConfig: {name} must be >= {lo}, got {v}")
+        for name, lo, hi in (("lr", 0.0, math.inf), ("holdout", 0.0, 1.0), ("trust_region", 0.0, 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"FinetuneConfig: {name} must be a float, got {type(v).__name__}")
+            if not (lo <= v < hi if name == "holdout" else lo < v <= hi if name == "trust_region" else lo < v < hi):
+                raise ValueError(f"FinetuneConfig: {name} out of range, got {v}")
+        for name in ("train_norms", "train_biases"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"FinetuneConfig: {name} must be a bool")
+
+    @classmethod
+    def from_value(cls, v) -> Optional["FinetuneConfig"]:
+        """None, a FinetuneConfig, or its dict form (``dataclasses.asdict``, as config dicts store it)."""
+        if v is None or isinstance(v, cls):
+            return v
+        if isinstance(v, dict):
+            return cls(**v)
+        raise TypeError(f"finetune must be a tersor.FinetuneConfig, got {type(v).__name__}")
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)) or \
+        "norm" in type(m).__name__.lower()
+
+
+def trainable_tensors(block: nn.Module, cfg: FinetuneConfig) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of what block fine-tuning trains in ``block``: every tersor layer's
+    ``continuous_tensors()`` (codes excluded), the norms' parameters and the biases (per ``cfg``)."""
+    out, seen = [], set()
+
+    def add(name, t):
+        if t is not None and id(t) not in seen and t.is_floating_point():
+            seen.add(id(t))
+            out.append((name, t))
+
+    for mname, m in block.named_modules():
+        pre = mname + "." if mname else ""
+        cont = getattr(m, "continuous_tensors", None)
+        if callable(cont):
+            for k, t in cont().items():
+                if k != "bias" or cfg.train_biases:
+                    add(pre + k, t)
+            continue
+        if cfg.train_norms and _is_norm(m):
+            for k, p in m.named_parameters(recurse=False):
+                add(pre + k, p)
+        if cfg.train_biases:
+            b = getattr(m, "bias", None)
+            if isinstance(b, torch.Tensor):
+                add(pre + "bias", b)
+    return out
+
+
+def _float_inputs(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _float_inputs(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_float_inputs(v) for v in obj)
+    return obj
+
+
+class _Float32:
+    """Trains a block in float32: converts its floating parameters and buffers that are not float32, and
+    converts each back to its own dtype afterwards (so a fp16 model's SU/SV, codebooks and norms get float32
+    Adam updates and are rounded once at the end)."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+        self.dtypes = {}
+        for mname, m in block.named_modules():
+            for k, t in list(m._parameters.items()) + list(m._buffers.items()):
+                if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                    self.dtypes[(mname, k)] = t.dtype
+
+    def __enter__(self):
+        if self.dtypes:
+            for (mname, k) in self.dtypes:
+                m = self.block.get_submodule(mname)
+                if k in m._parameters:
+                    m._parameters[k].data = m._parameters[k].data.float()
+                else:
+                    m._buffers[k] = m._buffers[k].float()
+        return self
+
+    def __exit__(self, *exc):
+        for (mname, k), dt in self.dtypes.items():
+            m = self.block.get_submodule(mname)
+            if k in m._parameters:
+                m._parameters[k].data = m._parameters[k].data.to(dt)
+            else:
+                m._buffers[k] = m._buffers[k].detach().to(dt)
+        return False
+
+
+def finetune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor],
+                   cfg: FinetuneConfig, first_output, log: Optional[list] = None) -> dict:
+    """Trains ``block``'s continuous parameters (:func:`trainable_tensors`) in place so that
+    ``first_output(block(*args, **kwargs))`` matches ``targets[i]`` for ``inputs[i] = (args, kwargs)``.
+    Returns ``{"steps", "train_loss", "val_before", "val_after", "seconds", "n_train", "n_val", "curve"}`` (the
+    relative MSEs; ``curve``: ``(step, held-out loss)`` pairs). The block is left in eval mode with
+    ``requires_grad`` as it was."""
+    t0 = time.perf_counter()
+    n = len(inputs)
+    n_val = 0 if n < 2 else min(n - 1, max(1, round(n * cfg.holdout)))
+    train_idx = list(range(n - n_val))
+    val_idx = list(range(n - n_val, n)) if n_val else train_idx
+    flags = {id(p): (p, p.requires_grad) for p in block.parameters()}
+    for p, _ in flags.values():
+        p.requires_grad_(False)
+    result = {"steps": 0, "n_train": len(train_idx), "n_val": n_val, "curve": []}
+    with _Float32(block) as f32:
+        named = trainable_tensors(block, cfg)
+        tensors = [t for _, t in named]
+        ins = [_float_inputs(a) for a in inputs] if f32.dtypes else inputs
+        tgt = [t.detach().float() for t in targets]
+        power = [float(t.square().mean()) or 1.0 for t in tgt]
+
+        def loss_of(i):
+            args, kwargs = ins[i]
+            out = first_output(block(*args, **kwargs)).float()
+            return (out - tgt[i]).square().mean() / power[i]
+
+        def val_loss():
+            with torch.no_grad():
+                return sum(float(loss_of(i)) for i in val_idx) / len(val_idx)
+
+        best = val_loss()
+        result["val_before"] = best
+        result["curve"].append((0, best))
+        best_state = [t.detach().clone() for t in tensors]
+        groups = [{"params": [t], "lr": cfg.lr * max(float(t.detach().float().square().mean().sqrt()), 1e-2)}
+                  for t in tensors]
+        discrete = [m for m in block.modules() if hasattr(m, "codes") and hasattr(m, "codebooks")] \
+            if cfg.discrete_every else []
+        train_losses = []
+        try:
+            for t in tensors:
+                t.requires_grad_(True)
+            opt = torch.optim.Adam(groups) if tensors else None
+            gen = torch.Generator().manual_seed(cfg.seed)
+            order: list[int] = []
+            bad = 0
+            with torch.enable_grad():
+                for step in range(cfg.steps if tensors else 0):
+                    if not order:
+                        order = [train_idx[j] for j in torch.randperm(len(train_idx), generator=gen).tolist()]
+                    i = order.pop()
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_of(i)
+                    loss.backward()
+                    opt.step()
+                    train_losses.append(loss.item())
+                    result["steps"] = step + 1
+                    if discrete and (step + 1) % cfg.discrete_every == 0:
+                        with torch.no_grad():
+                            for m in discrete:
+                                aqlm_discrete_step(m, block, ins, train_idx, first_output, cfg.trust_region)
+                    if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                        v = val_loss()
+                        result["curve"].append((step + 1, v))
+                        if v < best:
+                            best, bad = v, 0
+                            best_state = [t.detach().clone() for t in tensors]
+                        else:
+                            bad += 1
+                            if bad >= cfg.patience:
+                                break
+        finally:
+            with torch.no_grad():
+                for t, b in zip(tensors, best_state):
+                    t.requires_grad_(False)
+                    t.copy_(b)
+        result["train_loss"] = train_losses[-1] if train_losses else None
+    for p, flag in flags.values():
+        p.requires_grad_(flag)
+    result["val_after"] = best  # measured in float32 before the rounding back to a half-precision model's dtypes
+    result["seconds"] = time.perf_counter() - t0
+    if log is not None:
+        log.append(result)
+    return result
+
+
+def aqlm_discrete_step(layer: nn.Module, block: nn.Module, inputs, idx, first_output, trust_region: float):
+    """Placeholder replaced below when PV-tuning's discrete step is available."""
+    raise NotImplementedError("FinetuneConfig(discrete_every=...) is not implemented yet")
