@@ -168,7 +168,7 @@ def finetune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: 
     flags = {id(p): (p, p.requires_grad) for p in block.parameters()}
     for p, _ in flags.values():
         p.requires_grad_(False)
-    result = {"steps": 0, "n_train": len(train_idx), "n_val": n_val, "curve": []}
+    result = {"steps": 0, "n_train": len(train_idx), "n_val": n_val, "curve": [], "codes_changed": 0}
     with _Float32(block) as f32:
         named = trainable_tensors(block, cfg)
         tensors = [t for _, t in named]
@@ -188,11 +188,12 @@ def finetune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: 
         best = val_loss()
         result["val_before"] = best
         result["curve"].append((0, best))
-        best_state = [t.detach().clone() for t in tensors]
-        groups = [{"params": [t], "lr": cfg.lr * max(float(t.detach().float().square().mean().sqrt()), 1e-2)}
-                  for t in tensors]
         discrete = [m for m in block.modules() if hasattr(m, "codes") and hasattr(m, "codebooks")] \
             if cfg.discrete_every else []
+        snap = tensors + [m.codes for m in discrete]  # the codes a discrete step changed go back with the rest
+        best_state = [t.detach().clone() for t in snap]
+        groups = [{"params": [t], "lr": cfg.lr * max(float(t.detach().float().square().mean().sqrt()), 1e-2)}
+                  for t in tensors]
         train_losses = []
         try:
             for t in tensors:
@@ -213,22 +214,23 @@ def finetune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: 
                     train_losses.append(loss.item())
                     result["steps"] = step + 1
                     if discrete and (step + 1) % cfg.discrete_every == 0:
-                        with torch.no_grad():
-                            for m in discrete:
-                                aqlm_discrete_step(m, block, ins, train_idx, first_output, cfg.trust_region)
+                        ids = [train_idx[j] for j in torch.randperm(len(train_idx), generator=gen)[:4].tolist()]
+                        result["codes_changed"] += aqlm_discrete_step(
+                            discrete, lambda: sum(loss_of(j) for j in ids) / len(ids), cfg.trust_region)
+                        opt.zero_grad(set_to_none=True)
                     if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                         v = val_loss()
                         result["curve"].append((step + 1, v))
                         if v < best:
                             best, bad = v, 0
-                            best_state = [t.detach().clone() for t in tensors]
+                            best_state = [t.detach().clone() for t in snap]
                         else:
                             bad += 1
                             if bad >= cfg.patience:
                                 break
         finally:
             with torch.no_grad():
-                for t, b in zip(tensors, best_state):
+                for t, b in zip(snap, best_state):
                     t.requires_grad_(False)
                     t.copy_(b)
         result["train_loss"] = train_losses[-1] if train_losses else None
@@ -241,6 +243,87 @@ def finetune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: 
     return result
 
 
-def aqlm_discrete_step(layer: nn.Module, block: nn.Module, inputs, idx, first_output, trust_region: float):
-    """Placeholder replaced below when PV-tuning's discrete step is available."""
-    raise NotImplementedError("FinetuneConfig(discrete_every=...) is not implemented yet")
+def _best_entries(r: torch.Tensor, book: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of ``r`` [N, 8]: the index of the nearest entry of ``book`` [E, 8] and its squared distance
+    (chunked so that no [N, E] block exceeds 2^24 values)."""
+    n, e = r.shape[0], book.shape[0]
+    idx = torch.empty(n, dtype=torch.int64)
+    dist = torch.empty(n)
+    bn = book.square().sum(1)
+    step = max(1, (1 << 24) // e)
+    for a in range(0, n, step):
+        d = bn[None, :] - 2 * (r[a:a + step] @ book.t())
+        v, i = d.min(1)
+        idx[a:a + step], dist[a:a + step] = i, v + r[a:a + step].square().sum(1)
+    return idx, dist
+
+
+def aqlm_discrete_step(layers: list, loss_fn, trust_region: float, step_scale: float = 1.0) -> int:
+    """PV-tuning's discrete step (Malinovskii et al. 2024), simplified (docs/research/aqlm.md): for each AQLM
+    layer, the gradient ``G = dL/dW`` of ``loss_fn()`` with respect to the decoded weight gives a linearised
+    target ``T = W - eta G`` (``eta = step_scale * rms(W) / rms(G)``: a step as large as the weight itself, so
+    that the target leaves the current codes' cells (smaller steps, 0.01-0.3, changed no code in our tests);
+    the trust region, not the step, bounds the change); each group's codes are re-chosen
+    greedily, one codebook at a time, to approach ``T``; only the ``trust_region`` fraction of each layer's
+    groups whose change most reduces ``||W - T||^2`` take their new codes. The step is undone when
+    ``loss_fn()`` does not decrease. Returns the number of groups whose codes changed (0 when undone).
+    Codebooks, scales and everything else are left to the continuous step."""
+    from ..ops import aqlm_decode
+
+    xs: dict[int, list] = {id(m): [] for m in layers}
+    gs: dict[int, list] = {id(m): [] for m in layers}
+
+    def hook(m, args, out):
+        xs[id(m)].append(args[0].detach())
+        if out.requires_grad:
+            out.register_hook(lambda g, m=m: gs[id(m)].append(g.detach()))
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.enable_grad():
+            loss = loss_fn()
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    before = loss.item()
+    old = [m.codes.clone() for m in layers]
+    changed = 0
+    with torch.no_grad():
+        for m in layers:
+            xl, gl = xs[id(m)], gs[id(m)][::-1]  # backward visits the uses in reverse order
+            if not gl or len(gl) != len(xl):
+                continue
+            out, n = m.out_features, m.in_features
+            gw = sum(g.float().reshape(-1, out).t() @ x.float().reshape(-1, n) for g, x in zip(gl, xl))
+            s = m.scales.detach().float().reshape(out, 1)
+            w = aqlm_decode(m.codes, m.codebooks.detach(), m.scales.detach(), torch.float32)
+            eta = step_scale * float(w.square().mean().sqrt()) / max(float(gw.square().mean().sqrt()), 1e-30)
+            t = ((w - eta * gw) / s).reshape(out * (n // 8), 8)  # the target in the codebooks' (unscaled) units
+            entries = m.codebooks.shape[1]
+            books = m.codebooks.detach().float().reshape(m.num_codebooks, entries, 8)
+            idx = m.codes.reshape(-1, m.num_codebooks).to(torch.int64) & (entries - 1)
+            cur = sum(books[c][idx[:, c]] for c in range(m.num_codebooks))
+            err_old = (cur - t).square().sum(1)
+            new_idx, new_sum = idx.clone(), cur.clone()
+            for c in range(m.num_codebooks):
+                r = t - (new_sum - books[c][new_idx[:, c]])
+                k, _ = _best_entries(r, books[c])
+                new_sum = new_sum - books[c][new_idx[:, c]] + books[c][k]
+                new_idx[:, c] = k
+            gain = (err_old - (new_sum - t).square().sum(1)) * s.repeat_interleave(n // 8, 0).reshape(-1).square()
+            diff = (new_idx != idx).any(1) & (gain > 0)
+            budget = int(trust_region * diff.numel())
+            if budget < 1 or not bool(diff.any()):
+                continue
+            gain = torch.where(diff, gain, torch.full_like(gain, -1.0))
+            top = gain.topk(min(budget, int(diff.sum()))).indices
+            idx[top] = new_idx[top]
+            stored = torch.where(idx >= entries >> 1, idx - entries, idx).to(m.codes.dtype)
+            m.codes.copy_(stored.reshape(m.codes.shape))
+            changed += int(top.numel())
+        if changed and float(loss_fn()) >= before:
+            for m, c in zip(layers, old):
+                m.codes.copy_(c)
+            changed = 0
+    return changed
