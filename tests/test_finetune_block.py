@@ -200,3 +200,63 @@ def test_pv_tuning_alternation_in_quantize():
     # (whether the kept codes differ depends on which held-out evaluation was best; on this toy the PV run's
     # held-out error is within noise of the continuous-only run's, see docs/research/aqlm.md)
     print("rel err: continuous", rel_err(a, base, test), "pv", rel_err(b, base, test))
+
+
+def test_end_to_end_stage_after_the_blocks():
+    m, cal, test = make(7)
+    block_only = copy.deepcopy(m)
+    ft = dict(steps=20, lr=3e-3, eval_every=5, patience=4)
+    tersor.quantize_(block_only, CONFIGS["e8p2"](tersor.FinetuneConfig(**ft)), calibration=cal, progress=False)
+    e2e = copy.deepcopy(m)
+    rep = tersor.quantize_(e2e, CONFIGS["e8p2"](tersor.FinetuneConfig(**ft, e2e_steps=40, e2e_lr=1e-3,
+                                                                        e2e_loss="mse")),
+                           calibration=cal, progress=False)
+    f = rep.finetune_e2e
+    assert f["loss"] == "mse" and f["val_after"] < f["val_before"] and f["steps"] >= 5
+    assert "finetune end-to-end (mse)" in rep.table()
+    assert rel_err(e2e, m, test) < rel_err(block_only, m, test)
+
+
+class _LMOut(dict):
+    @property
+    def logits(self):
+        return self["logits"]
+
+
+class TinyLM(nn.Module):
+    """Embedding -> 2 blocks -> a dense head: the output has ``logits`` (KL is the default loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 64)
+        self.blocks = nn.ModuleList([Block() for _ in range(2)])
+        self.lm_head = nn.Linear(64, 50)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        for b in self.blocks:
+            h = b(h)
+        return _LMOut(logits=self.lm_head(h))
+
+
+def test_end_to_end_kl_on_logits_with_a_mask():
+    from tersor.api.finetune import distill_loss
+
+    torch.manual_seed(8)
+    m = TinyLM().eval()
+    cal = [{"input_ids": torch.randint(0, 50, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+           for _ in range(6)]
+    rep = tersor.quantize_(m, tersor.E8PConfig(2, ldlq=False, finetune=tersor.FinetuneConfig(
+        steps=5, e2e_steps=20, e2e_lr=1e-3)), calibration=cal, progress=False)
+    assert rep.finetune_e2e["loss"] == "auto" and rep.finetune_e2e["val_after"] <= rep.finetune_e2e["val_before"]
+    assert isinstance(m.lm_head, nn.Linear)  # the output embedding stays dense
+    # the loss itself: KL is 0 for equal logits, masked tokens do not count
+    t = torch.randn(2, 3, 5)
+    s = t.clone()
+    s[:, 2] += torch.randn(2, 5)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    assert float(distill_loss("logits", "auto", s, t, mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill_loss("logits", "auto", s, t, None)) > 0
+    assert float(distill_loss("hidden", "auto", 2 * t, t, None)) == pytest.approx(0.0, abs=1e-6)  # cosine
+    with pytest.raises(ValueError, match="e2e_loss"):
+        tersor.FinetuneConfig(e2e_loss="l1")

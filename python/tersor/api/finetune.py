@@ -33,6 +33,12 @@ class FinetuneConfig:
     - ``discrete_every`` (AQLM only; 0 = off): every that many continuous steps, a PV-tuning discrete step
       re-chooses the codes, changing at most ``trust_region`` (a fraction) of each layer's codes
       (:func:`aqlm_discrete_step`).
+    - ``e2e_steps`` (0 = off): after the last block, end-to-end fine-tuning of the whole model against the
+      original model's outputs on the calibration batches (:func:`finetune_model`), at step size ``e2e_lr``
+      (relative, as ``lr``), with loss ``e2e_loss``: ``"kl"`` on logits (language models), ``"cosine"`` or
+      ``"mse"`` on the last hidden states (encoders), ``"auto"`` choosing by the output (KL when it has
+      ``logits``, cosine otherwise). The teacher outputs are computed once before quantization and kept
+      (float32; for a language model that is tokens x vocabulary floats per batch).
     - ``seed``: the batch order.
 
     The loss is the block output's mean squared error against the original block's output on the same inputs,
@@ -47,17 +53,23 @@ class FinetuneConfig:
     train_biases: bool = True
     discrete_every: int = 0
     trust_region: float = 0.01
+    e2e_steps: int = 0
+    e2e_lr: float = 1e-4
+    e2e_loss: str = "auto"
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "eval_every", "patience", "discrete_every", "seed"):
+        for name in ("steps", "eval_every", "patience", "discrete_every", "e2e_steps", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"FinetuneConfig: {name} must be an int, got {type(v).__name__}")
             lo = 1 if name in ("eval_every", "patience") else 0
             if v < lo:
                 raise ValueError(f"FinetuneConfig: {name} must be >= {lo}, got {v}")
-        for name, lo, hi in (("lr", 0.0, math.inf), ("holdout", 0.0, 1.0), ("trust_region", 0.0, 1.0)):
+        if self.e2e_loss not in E2E_LOSSES:
+            raise ValueError(f"FinetuneConfig: e2e_loss must be one of {E2E_LOSSES}, got {self.e2e_loss!r}")
+        for name, lo, hi in (("lr", 0.0, math.inf), ("e2e_lr", 0.0, math.inf), ("holdout", 0.0, 1.0),
+                             ("trust_region", 0.0, 1.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"FinetuneConfig: {name} must be a float, got {type(v).__name__}")
@@ -153,93 +165,176 @@ class _Float32:
         return False
 
 
+def _split(n: int, holdout: float) -> tuple[list[int], list[int], int]:
+    n_val = 0 if n < 2 else min(n - 1, max(1, round(n * holdout)))
+    train_idx = list(range(n - n_val))
+    return train_idx, (list(range(n - n_val, n)) if n_val else train_idx), n_val
+
+
+def _train(module: nn.Module, loss_of, n: int, cfg: FinetuneConfig, steps: int, lr: float, result: dict) -> None:
+    """The shared loop of block and end-to-end fine-tuning: Adam on :func:`trainable_tensors` of ``module``
+    (already float32), one batch ``i`` per step with loss ``loss_of(i)``, held-out evaluation every
+    ``eval_every`` steps, the best (held-out) state restored at the end; fills ``result``."""
+    train_idx, val_idx, n_val = _split(n, cfg.holdout)
+    result.update({"steps": 0, "n_train": len(train_idx), "n_val": n_val, "curve": [], "codes_changed": 0})
+    tensors = [t for _, t in trainable_tensors(module, cfg)]
+
+    def val_loss():
+        with torch.no_grad():
+            return sum(float(loss_of(i)) for i in val_idx) / len(val_idx)
+
+    best = val_loss()
+    result["val_before"] = best
+    result["curve"].append((0, best))
+    discrete = [m for m in module.modules() if hasattr(m, "codes") and hasattr(m, "codebooks")] \
+        if cfg.discrete_every else []
+    snap = tensors + [m.codes for m in discrete]  # the codes a discrete step changed go back with the rest
+    best_state = [t.detach().clone() for t in snap]
+    groups = [{"params": [t], "lr": lr * max(float(t.detach().float().square().mean().sqrt()), 1e-2)}
+              for t in tensors]
+    train_losses = []
+    try:
+        for t in tensors:
+            t.requires_grad_(True)
+        opt = torch.optim.Adam(groups) if tensors else None
+        gen = torch.Generator().manual_seed(cfg.seed)
+        order: list[int] = []
+        bad = 0
+        with torch.enable_grad():
+            for step in range(steps if tensors else 0):
+                if not order:
+                    order = [train_idx[j] for j in torch.randperm(len(train_idx), generator=gen).tolist()]
+                i = order.pop()
+                opt.zero_grad(set_to_none=True)
+                loss = loss_of(i)
+                loss.backward()
+                opt.step()
+                train_losses.append(loss.item())
+                result["steps"] = step + 1
+                if discrete and (step + 1) % cfg.discrete_every == 0:
+                    ids = [train_idx[j] for j in torch.randperm(len(train_idx), generator=gen)[:4].tolist()]
+                    result["codes_changed"] += aqlm_discrete_step(
+                        discrete, lambda: sum(loss_of(j) for j in ids) / len(ids), cfg.trust_region)
+                    opt.zero_grad(set_to_none=True)
+                if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+                    v = val_loss()
+                    result["curve"].append((step + 1, v))
+                    if v < best:
+                        best, bad = v, 0
+                        best_state = [t.detach().clone() for t in snap]
+                    else:
+                        bad += 1
+                        if bad >= cfg.patience:
+                            break
+    finally:
+        with torch.no_grad():
+            for t, b in zip(snap, best_state):
+                t.requires_grad_(False)
+                t.copy_(b)
+    result["train_loss"] = train_losses[-1] if train_losses else None
+    result["val_after"] = best  # measured in float32 before the rounding back to a half-precision model's dtypes
+
+
 def finetune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor],
                    cfg: FinetuneConfig, first_output, log: Optional[list] = None) -> dict:
     """Trains ``block``'s continuous parameters (:func:`trainable_tensors`) in place so that
     ``first_output(block(*args, **kwargs))`` matches ``targets[i]`` for ``inputs[i] = (args, kwargs)``.
-    Returns ``{"steps", "train_loss", "val_before", "val_after", "seconds", "n_train", "n_val", "curve"}`` (the
-    relative MSEs; ``curve``: ``(step, held-out loss)`` pairs). The block is left in eval mode with
-    ``requires_grad`` as it was."""
+    Returns ``{"steps", "train_loss", "val_before", "val_after", "seconds", "n_train", "n_val", "curve",
+    "codes_changed"}`` (the relative MSEs; ``curve``: ``(step, held-out loss)`` pairs). The block is left in
+    eval mode with ``requires_grad`` as it was."""
     t0 = time.perf_counter()
-    n = len(inputs)
-    n_val = 0 if n < 2 else min(n - 1, max(1, round(n * cfg.holdout)))
-    train_idx = list(range(n - n_val))
-    val_idx = list(range(n - n_val, n)) if n_val else train_idx
     flags = {id(p): (p, p.requires_grad) for p in block.parameters()}
     for p, _ in flags.values():
         p.requires_grad_(False)
-    result = {"steps": 0, "n_train": len(train_idx), "n_val": n_val, "curve": [], "codes_changed": 0}
-    with _Float32(block) as f32:
-        named = trainable_tensors(block, cfg)
-        tensors = [t for _, t in named]
-        ins = [_float_inputs(a) for a in inputs] if f32.dtypes else inputs
-        tgt = [t.detach().float() for t in targets]
-        power = [float(t.square().mean()) or 1.0 for t in tgt]
+    result: dict = {}
+    try:
+        with _Float32(block) as f32:
+            ins = [_float_inputs(a) for a in inputs] if f32.dtypes else inputs
+            tgt = [t.detach().float() for t in targets]
+            power = [float(t.square().mean()) or 1.0 for t in tgt]
 
-        def loss_of(i):
-            args, kwargs = ins[i]
-            out = first_output(block(*args, **kwargs)).float()
-            return (out - tgt[i]).square().mean() / power[i]
+            def loss_of(i):
+                args, kwargs = ins[i]
+                out = first_output(block(*args, **kwargs)).float()
+                return (out - tgt[i]).square().mean() / power[i]
 
-        def val_loss():
-            with torch.no_grad():
-                return sum(float(loss_of(i)) for i in val_idx) / len(val_idx)
-
-        best = val_loss()
-        result["val_before"] = best
-        result["curve"].append((0, best))
-        discrete = [m for m in block.modules() if hasattr(m, "codes") and hasattr(m, "codebooks")] \
-            if cfg.discrete_every else []
-        snap = tensors + [m.codes for m in discrete]  # the codes a discrete step changed go back with the rest
-        best_state = [t.detach().clone() for t in snap]
-        groups = [{"params": [t], "lr": cfg.lr * max(float(t.detach().float().square().mean().sqrt()), 1e-2)}
-                  for t in tensors]
-        train_losses = []
-        try:
-            for t in tensors:
-                t.requires_grad_(True)
-            opt = torch.optim.Adam(groups) if tensors else None
-            gen = torch.Generator().manual_seed(cfg.seed)
-            order: list[int] = []
-            bad = 0
-            with torch.enable_grad():
-                for step in range(cfg.steps if tensors else 0):
-                    if not order:
-                        order = [train_idx[j] for j in torch.randperm(len(train_idx), generator=gen).tolist()]
-                    i = order.pop()
-                    opt.zero_grad(set_to_none=True)
-                    loss = loss_of(i)
-                    loss.backward()
-                    opt.step()
-                    train_losses.append(loss.item())
-                    result["steps"] = step + 1
-                    if discrete and (step + 1) % cfg.discrete_every == 0:
-                        ids = [train_idx[j] for j in torch.randperm(len(train_idx), generator=gen)[:4].tolist()]
-                        result["codes_changed"] += aqlm_discrete_step(
-                            discrete, lambda: sum(loss_of(j) for j in ids) / len(ids), cfg.trust_region)
-                        opt.zero_grad(set_to_none=True)
-                    if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                        v = val_loss()
-                        result["curve"].append((step + 1, v))
-                        if v < best:
-                            best, bad = v, 0
-                            best_state = [t.detach().clone() for t in snap]
-                        else:
-                            bad += 1
-                            if bad >= cfg.patience:
-                                break
-        finally:
-            with torch.no_grad():
-                for t, b in zip(snap, best_state):
-                    t.requires_grad_(False)
-                    t.copy_(b)
-        result["train_loss"] = train_losses[-1] if train_losses else None
-    for p, flag in flags.values():
-        p.requires_grad_(flag)
-    result["val_after"] = best  # measured in float32 before the rounding back to a half-precision model's dtypes
+            _train(block, loss_of, len(inputs), cfg, cfg.steps, cfg.lr, result)
+    finally:
+        for p, flag in flags.values():
+            p.requires_grad_(flag)
     result["seconds"] = time.perf_counter() - t0
     if log is not None:
         log.append(result)
+    return result
+
+
+E2E_LOSSES = ("auto", "cosine", "mse", "kl")
+
+
+def model_output(out: Any) -> tuple[str, torch.Tensor]:
+    """``("logits", t)`` for an output with logits (a language model), else ``("hidden", t)``: the
+    ``last_hidden_state`` or the first tensor of the output (an encoder)."""
+    if isinstance(out, torch.Tensor):
+        return "hidden", out
+    logits = getattr(out, "logits", None) if not isinstance(out, dict) else out.get("logits")
+    if isinstance(logits, torch.Tensor):
+        return "logits", logits
+    hidden = getattr(out, "last_hidden_state", None) if not isinstance(out, dict) else out.get("last_hidden_state")
+    if isinstance(hidden, torch.Tensor):
+        return "hidden", hidden
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return "hidden", out[0]
+    raise TypeError(f"end-to-end fine-tuning: cannot find logits or hidden states in a {type(out).__name__}")
+
+
+def distill_loss(kind: str, loss: str, student: torch.Tensor, teacher: torch.Tensor,
+                 mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The end-to-end loss of one batch: ``"kl"`` = KL(teacher || student) of the softmax over the last axis
+    (per token, averaged), ``"cosine"`` = 1 - cosine of each token's vector, ``"mse"`` = MSE divided by the
+    teacher's mean square; ``"auto"``: KL for logits, cosine for hidden states. ``mask`` (an attention mask
+    [batch, tokens]) keeps padding out of the average."""
+    if loss == "auto":
+        loss = "kl" if kind == "logits" else "cosine"
+    s, t = student.float(), teacher.float()
+    if loss == "kl":
+        per = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1)
+    elif loss == "cosine":
+        per = 1 - torch.nn.functional.cosine_similarity(s, t, dim=-1)
+    else:
+        per = (s - t).square().mean(-1) / t.square().mean().clamp_min(1e-30)
+    if mask is not None and mask.shape == per.shape:
+        m = mask.to(device=per.device, dtype=per.dtype)
+        return (per * m).sum() / m.sum().clamp_min(1)
+    return per.mean()
+
+
+def finetune_model(model: nn.Module, batches: list, teacher: list[torch.Tensor], cfg: FinetuneConfig, run,
+                   log: Optional[dict] = None) -> dict:
+    """End-to-end fine-tuning (QuIP#'s second stage; AQLM's global fine-tuning): trains every continuous tensor
+    of ``model`` (:func:`trainable_tensors`: tersor layers, norms, biases) so that ``run(model, batch)``
+    matches ``teacher[i]``, the original model's output on ``batches[i]`` (:func:`distill_loss` with
+    ``cfg.e2e_loss``), for at most ``cfg.e2e_steps`` steps at ``cfg.e2e_lr``, with the held-out split, early
+    stopping and (AQLM) discrete steps of the block stage."""
+    t0 = time.perf_counter()
+    flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    for p, _ in flags.values():
+        p.requires_grad_(False)
+    result: dict = {"loss": cfg.e2e_loss}
+    try:
+        with _Float32(model):
+            def loss_of(i):
+                kind, out = model_output(run(model, batches[i]))
+                b = batches[i]
+                mask = b.get("attention_mask") if isinstance(b, dict) else None
+                return distill_loss(kind, cfg.e2e_loss, out, teacher[i].to(out.device), mask)
+
+            _train(model, loss_of, len(batches), cfg, cfg.e2e_steps, cfg.e2e_lr, result)
+    finally:
+        for p, flag in flags.values():
+            p.requires_grad_(flag)
+    result["seconds"] = time.perf_counter() - t0
+    if log is not None:
+        log.update(result)
     return result
 
 

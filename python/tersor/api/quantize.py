@@ -45,6 +45,7 @@ class QuantizeReport:
     seconds: float = 0.0
     attention: Optional[str] = None  # what SageAttentionConfig set, if anything
     finetune: list = field(default_factory=list)  # FinetuneConfig: one dict per block (tersor.api.finetune)
+    finetune_e2e: Optional[dict] = None  # FinetuneConfig(e2e_steps > 0): the end-to-end stage
 
     @property
     def bytes_before(self) -> int:
@@ -78,6 +79,10 @@ class QuantizeReport:
             lines.append(f"finetune block {f.get('block', i)}: held-out rel. MSE {f['val_before']:.4g} -> "
                          f"{f['val_after']:.4g} in {f['steps']} steps ({f['n_train']} train / {f['n_val']} held-out "
                          f"batches, {f['seconds']:.1f} s)")
+        f = self.finetune_e2e
+        if f:
+            lines.append(f"finetune end-to-end ({f['loss']}): held-out loss {f['val_before']:.4g} -> "
+                         f"{f['val_after']:.4g} in {f['steps']} steps ({f['seconds']:.1f} s)")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)}: " + "; ".join(f"{n} ({why})" for n, why in self.skipped))
         return "\n".join(lines)
@@ -322,7 +327,20 @@ def quantize_(model: nn.Module, config: _Config, filter_fn: Optional[Callable[[n
             for fqn, lin in chosen:
                 convert(fqn, lin, None)
         else:
+            teacher = None
+            if finetune is not None and finetune.e2e_steps and chosen:
+                from .finetune import model_output
+
+                device, no_cache = _device_of(model), _takes_use_cache(model)
+                with torch.no_grad():  # the original model's outputs, before any layer is replaced
+                    teacher = [model_output(_run_model(model, b, device, no_cache))[1].detach().float()
+                               for b in batches]
             _calibrated(model, chosen, kinds, batches, convert, originals, report, finetune)
+            if teacher is not None:
+                from .finetune import finetune_model
+
+                report.finetune_e2e = finetune_model(
+                    model, batches, teacher, finetune, lambda m, b: _run_model(m, b, device, no_cache))
     finally:
         bar.close()
         model.train(was_training)
