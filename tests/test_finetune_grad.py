@@ -196,3 +196,21 @@ def test_aqlm_half_precision_grads_keep_dtypes():
     layer(x).float().sum().backward()
     assert x.grad.dtype == torch.bfloat16
     assert ts["codebooks"].grad.dtype == torch.float16 and ts["scales"].grad.dtype == torch.float16
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grads_on_cuda_match_cpu():
+    # the backward runs the CUDA decode ops there (not run on this project's CPU machines: no GPU)
+    for make in (lambda: e8p_layer(2, 32, 128, True)[0], lambda: aqlm_layer(2, 8, True)):
+        cpu = make()
+        gpu = make().cuda()
+        x = torch.randn(5, cpu.in_features)
+        grads = []
+        for layer, xx in ((cpu, x), (gpu, x.cuda())):
+            ts = train_mode(layer)
+            xx = xx.clone().requires_grad_(True)
+            layer(xx).square().sum().backward()
+            grads.append([xx.grad.cpu()] + [t.grad.cpu() for t in ts.values()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * max(1.0, a.abs().max().item()))

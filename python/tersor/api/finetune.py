@@ -342,8 +342,8 @@ def _best_entries(r: torch.Tensor, book: torch.Tensor) -> tuple[torch.Tensor, to
     """For each row of ``r`` [N, 8]: the index of the nearest entry of ``book`` [E, 8] and its squared distance
     (chunked so that no [N, E] block exceeds 2^24 values)."""
     n, e = r.shape[0], book.shape[0]
-    idx = torch.empty(n, dtype=torch.int64)
-    dist = torch.empty(n)
+    idx = torch.empty(n, dtype=torch.int64, device=r.device)
+    dist = torch.empty(n, device=r.device)
     bn = book.square().sum(1)
     step = max(1, (1 << 24) // e)
     for a in range(0, n, step):
