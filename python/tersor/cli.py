@@ -43,23 +43,26 @@ def _bench(args) -> int:
 METHODS = ("e8p2", "e8p3", "e8p4", "aqlm-2x8", "aqlm-1x16", "2:4", "2:4-bf16", "bsr:D", "lossless")
 
 
-def method_config(method: str, calibrated: bool, **aqlm):
+def method_config(method: str, calibrated: bool, finetune=None, **aqlm):
     """The ``tersor.quantize_`` config of a ``tersor compress --method`` name. ``calibrated``: calibration
     data will be given, so the data-aware variants are used (E8P with LDLQ, AQLM's output-error objective,
     Wanda pruning for 2:4 and BSR); without it the data-free ones (greedy E8P rounding, AQLM's weight error,
     magnitude pruning). ``bsr:D[:B]`` keeps the fraction
     ``D`` of the ``B x B`` blocks (``B`` 16, 32 or 64, default 64). ``2:4`` keeps each layer's dtype (a float32
     layer stores float32 values, exact on the CPU); ``2:4-bf16`` stores a float32 layer's values in bfloat16. ``aqlm`` options go to ``AQLMConfig``
-    (``iters``, ``kmeans_iters``, ``beam_size``). Raises ValueError for an unknown name."""
+    (``iters``, ``kmeans_iters``, ``beam_size``). ``finetune``: a :class:`tersor.FinetuneConfig` for the E8P and
+    AQLM methods (ValueError for the others). Raises ValueError for an unknown name."""
     from .api import AQLMConfig, BlockSparseConfig, E8PConfig, LosslessConfig, Sparse24Config
 
     prune = "wanda" if calibrated else "magnitude"
     if method in ("e8p2", "e8p3", "e8p4"):
-        return E8PConfig(bits=int(method[3]), ldlq=calibrated)
+        return E8PConfig(bits=int(method[3]), ldlq=calibrated, finetune=finetune)
     if method == "aqlm-2x8":
-        return AQLMConfig(num_codebooks=2, nbits=8, **aqlm)
+        return AQLMConfig(num_codebooks=2, nbits=8, finetune=finetune, **aqlm)
     if method == "aqlm-1x16":
-        return AQLMConfig(num_codebooks=1, nbits=16, **aqlm)
+        return AQLMConfig(num_codebooks=1, nbits=16, finetune=finetune, **aqlm)
+    if finetune is not None:
+        raise ValueError(f"--finetune applies to the E8P and AQLM methods, not {method!r}")
     if method in ("2:4", "2:4-bf16"):
         return Sparse24Config(prune, compact=method == "2:4-bf16")
     if method == "lossless":
@@ -78,6 +81,10 @@ def method_config(method: str, calibrated: bool, **aqlm):
 
 
 def _read_calibration(path: str, limit: int) -> list[str]:
+    if path == "corpus":  # --calibration without a file: tersor's own calibration split
+        from .corpus import corpus_path
+
+        path = corpus_path("calibration")
     with open(path, encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()]
     if not lines:
@@ -94,7 +101,15 @@ def _compress(args) -> int:
     from .api import quantize_, save
 
     try:
-        config = method_config(args.method, calibrated=args.calibration is not None)
+        finetune = None
+        if args.finetune:
+            if args.calibration is None:
+                raise ValueError("--finetune needs calibration data: add --calibration (tersor's corpus) or "
+                                 "--calibration FILE.txt")
+            from .api import FinetuneConfig
+
+            finetune = FinetuneConfig(steps=args.finetune)
+        config = method_config(args.method, calibrated=args.calibration is not None, finetune=finetune)
     except ValueError as e:
         print(f"tersor compress: {e}", file=sys.stderr)
         return 2
@@ -128,7 +143,12 @@ def _compress(args) -> int:
         tok = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
         texts = _read_calibration(args.calibration, args.max_calibration)
         calibration = [dict(tok(t, truncation=True, max_length=args.max_length, return_tensors="pt")) for t in texts]
-        print(f"calibration: {len(calibration)} lines of {args.calibration}", file=sys.stderr)
+        where = args.calibration
+        if where == "corpus":
+            from .corpus import corpus_path
+
+            where = f"tersor's corpus ({corpus_path('calibration')})"
+        print(f"calibration: {len(calibration)} lines of {where}", file=sys.stderr)
     report = quantize_(model, config, calibration=calibration, progress=True)
     save(model, args.out_dir)
     hf_config.save_pretrained(args.out_dir)  # the skeleton to load into: AutoConfig.from_pretrained(OUT_DIR)
@@ -165,8 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("out_dir")
     c.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)} (bsr:D keeps the fraction D of "
                    f"the 64x64 blocks; bsr:D:B for B x B blocks)")
-    c.add_argument("--calibration", help="a text file, one calibration sample per line: E8P then uses LDLQ, 2:4 and "
-                   "BSR use Wanda, and every layer's relative output error is reported")
+    c.add_argument("--calibration", nargs="?", const="corpus",
+                   help="a text file, one calibration sample per line (without a file: tersor's own calibration "
+                   "corpus, tersor.corpus): E8P then uses LDLQ, 2:4 and BSR use Wanda, and every layer's relative "
+                   "output error is reported")
+    c.add_argument("--finetune", type=int, default=0, metavar="STEPS",
+                   help="E8P / AQLM: fine-tune each block for at most STEPS steps after quantizing it "
+                   "(tersor.FinetuneConfig; needs --calibration)")
     c.add_argument("--max-calibration", type=int, default=128, help="use at most this many lines (default 128)")
     c.add_argument("--max-length", type=int, default=512, help="truncate calibration samples to this many tokens")
     c.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],

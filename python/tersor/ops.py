@@ -224,6 +224,78 @@ def _aqlm_linear_fake(x, codes, codebooks, scales, bias=None):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
+# Backward of the two codebook GEMMs (issue 18: fine-tuning the continuous parameters of compressed layers).
+# The codes are integers and stay fixed; every gradient is formed from the decoded weight with the existing
+# decode ops (tersor::e8p_decode / tersor::aqlm_decode, CPU and CUDA), so the forward keeps its fused kernels
+# and the backward costs one decode plus two dense matmuls. They are the gradients of the exact math
+# (on CUDA, e8p_linear's fp16 rounding of x is passed straight through).
+
+
+def _e8p_linear_setup_context(ctx, inputs, output):
+    x, qidxs, in_features, resid_scale = inputs
+    ctx.save_for_backward(qidxs)
+    ctx.in_features, ctx.resid_scale, ctx.x_dtype = in_features, resid_scale, x.dtype
+
+
+def _e8p_linear_backward(ctx, grad):
+    # z = x @ W^.T, W^ [m, n] fixed: dz/dx = grad @ W^
+    (qidxs,) = ctx.saved_tensors
+    gx = None
+    if ctx.needs_input_grad[0]:
+        w = _lib.e8p_decode(qidxs, ctx.in_features, ctx.resid_scale, None)
+        gx = (grad.float() @ w).to(ctx.x_dtype)
+    return gx, None, None, None
+
+
+torch.library.register_autograd("tersor::e8p_linear", _e8p_linear_backward, setup_context=_e8p_linear_setup_context)
+
+
+def _aqlm_linear_setup_context(ctx, inputs, output):
+    x, codes, codebooks, scales, bias = inputs
+    ctx.save_for_backward(x, codes, codebooks, scales)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def aqlm_grad_codebooks(codes: torch.Tensor, grad_w: torch.Tensor, entries: int) -> torch.Tensor:
+    """``dL/dcodebooks`` [C, entries, 1, 8] (fp32) of ``W[o, 8j:8j+8] = sum_c codebooks[c][codes[o, j, c]]`` for
+    ``dL/dW`` = ``grad_w`` [out, in] (the scales already applied): for each codebook, the sum of the gradient
+    of every group that uses an entry (a scatter-add over the codes, taken mod ``entries`` as AQLM does)."""
+    out, groups, ncb = codes.shape
+    g = grad_w.float().reshape(out * groups, 8)
+    res = torch.zeros(ncb, entries, 8, dtype=torch.float32, device=grad_w.device)
+    for c in range(ncb):
+        idx = codes[:, :, c].reshape(-1).to(torch.int64) & (entries - 1)
+        res[c].index_add_(0, idx, g)
+    return res.reshape(ncb, entries, 1, 8)
+
+
+def _aqlm_linear_backward(ctx, grad):
+    # y = x W^T + b with W = scales[o] * U[o], U[o, 8j:8j+8] = sum_c codebooks[c][codes[o, j, c]]
+    x, codes, codebooks, scales = ctx.saved_tensors
+    # (needs_input_grad has no entry for a bias passed as None)
+    need_x, _, need_cb, need_s, need_b = (tuple(ctx.needs_input_grad) + (False,))[:5]
+    out, n = codes.shape[0], codes.shape[1] * 8
+    g = grad.float().reshape(-1, out)
+    gx = gcb = gs = gb = None
+    if need_x:
+        w = _lib.aqlm_decode(codes, codebooks, scales, torch.float32)
+        gx = (g @ w).reshape(x.shape).to(x.dtype)
+    if need_cb or need_s:
+        gw = g.t() @ x.float().reshape(-1, n)  # dL/dW [out, in]
+        if need_s:
+            u = _lib.aqlm_decode(codes, codebooks, torch.ones_like(scales), torch.float32)
+            gs = (gw * u).sum(1).reshape(scales.shape).to(scales.dtype)
+        if need_cb:
+            gcb = aqlm_grad_codebooks(codes, gw * scales.float().reshape(out, 1), codebooks.shape[1])
+            gcb = gcb.to(codebooks.dtype)
+    if need_b and ctx.bias_dtype is not None:
+        gb = g.sum(0).to(ctx.bias_dtype)
+    return (gx, None, gcb, gs, gb)[:len(ctx.needs_input_grad)]
+
+
+torch.library.register_autograd("tersor::aqlm_linear", _aqlm_linear_backward, setup_context=_aqlm_linear_setup_context)
+
+
 def codebook_cuda_path(op: str, device_or_cc, rows: int = 1, codebook_entries: int = 0) -> str:
     """The CUDA kernel path ``op`` (``"e8p_decode"``, ``"e8p_linear"``, ``"aqlm_decode"``, ``"aqlm_linear"``)
     takes for ``rows`` rows of x (AQLM: ``codebook_entries`` = num_codebooks * 2^nbits) on a CUDA device or a

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..quant.quipsharp import TUNE_PASSES as _E8P_TUNE_PASSES  # quantize_e8p's default
+from .finetune import FinetuneConfig
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -77,15 +78,19 @@ class E8PConfig(_Config):
     layer's calibration Hessian ``E[x x^T]`` and so needs ``calibration``; ``ldlq=False`` rounds greedily,
     data-free. ``tune_passes`` guarded coordinate-descent passes follow LDLQ (:func:`tersor.quant.quantize_e8p`;
     0 = LDLQ alone; no effect with ``ldlq=False``). Layers need ``out_features % 16 == 0``,
-    ``in_features % 64 == 0`` and sizes ``tersor.hadamard_transform`` supports (2^k or K * 2^k)."""
+    ``in_features % 64 == 0`` and sizes ``tersor.hadamard_transform`` supports (2^k or K * 2^k).
+    ``finetune``: a :class:`tersor.FinetuneConfig` to fine-tune each block's SU, SV, Wscale, norms and biases
+    after it is quantized (QuIP#'s block fine-tuning; needs ``calibration``)."""
 
     bits: int = 2
     ldlq: bool = True
     seed: int = 0
     tune_passes: int = _E8P_TUNE_PASSES
+    finetune: Optional[FinetuneConfig] = None
     name = "e8p"
 
     def __post_init__(self):
+        object.__setattr__(self, "finetune", FinetuneConfig.from_value(self.finetune))
         _choice("E8PConfig", "bits", self.bits, (2, 3, 4))
         if not isinstance(self.ldlq, bool):
             raise TypeError(f"E8PConfig: ldlq must be a bool, got {type(self.ldlq).__name__}")
@@ -127,7 +132,9 @@ class AQLMConfig(_Config):
     ``iters`` (rounds; the data-aware objective acts in them, so ``iters=0`` is data-free),
     ``kmeans_iters``, ``beam_size`` and ``seed`` go to the quantizer (fewer
     iterations: faster, slightly worse). Data-aware 1x16 is slow (its code search scores 65536 entries per
-    group and row). Layers need ``in_features % 8 == 0``."""
+    group and row). Layers need ``in_features % 8 == 0``. ``finetune``: a :class:`tersor.FinetuneConfig`
+    to fine-tune each block's codebooks, scales, norms and biases after it is quantized (the continuous step
+    of AQLM's fine-tuning / PV-tuning; with ``discrete_every`` also its discrete step; needs ``calibration``)."""
 
     num_codebooks: int = 2
     nbits: int = 8
@@ -138,9 +145,11 @@ class AQLMConfig(_Config):
     seed: int = 0
     data_aware: Optional[bool] = None
     sigma_reg: float = 1.0
+    finetune: Optional[FinetuneConfig] = None
     name = "aqlm"
 
     def __post_init__(self):
+        object.__setattr__(self, "finetune", FinetuneConfig.from_value(self.finetune))
         from ..nn.aqlm_linear import MAX_CODEBOOKS
 
         _int("AQLMConfig", "num_codebooks", self.num_codebooks, 1, MAX_CODEBOOKS)

@@ -44,6 +44,8 @@ class QuantizeReport:
     calibration: str = "none"
     seconds: float = 0.0
     attention: Optional[str] = None  # what SageAttentionConfig set, if anything
+    finetune: list = field(default_factory=list)  # FinetuneConfig: one dict per block (tersor.api.finetune)
+    finetune_e2e: Optional[dict] = None  # FinetuneConfig(e2e_steps > 0): the end-to-end stage
 
     @property
     def bytes_before(self) -> int:
@@ -73,6 +75,14 @@ class QuantizeReport:
         lines += [fmt(r) for r in rows[:-1]] + ["  ".join("-" * w for w in widths), fmt(rows[-1])]
         if self.attention:
             lines.append(f"attention: {self.attention}")
+        for i, f in enumerate(self.finetune):
+            lines.append(f"finetune block {f.get('block', i)}: held-out rel. MSE {f['val_before']:.4g} -> "
+                         f"{f['val_after']:.4g} in {f['steps']} steps ({f['n_train']} train / {f['n_val']} held-out "
+                         f"batches, {f['seconds']:.1f} s)")
+        f = self.finetune_e2e
+        if f:
+            lines.append(f"finetune end-to-end ({f['loss']}): held-out loss {f['val_before']:.4g} -> "
+                         f"{f['val_after']:.4g} in {f['steps']} steps ({f['seconds']:.1f} s)")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)}: " + "; ".join(f"{n} ({why})" for n, why in self.skipped))
         return "\n".join(lines)
@@ -284,6 +294,10 @@ def quantize_(model: nn.Module, config: _Config, filter_fn: Optional[Callable[[n
         hint = {"E8PConfig": " or ldlq=False", "AQLMConfig": " or data_aware=None/False"}.get(type(config).__name__, "")
         raise ValueError(f"quantize_: {type(config).__name__} ({', '.join(kinds)}) needs calibration data: pass "
                          f"calibration=[model inputs, ...]" + hint)
+    finetune = getattr(config, "finetune", None)
+    if finetune is not None and not batches:
+        raise ValueError(f"quantize_: {type(config).__name__}(finetune=...) needs calibration data: pass "
+                         "calibration=[model inputs, ...]")
     if batches and not kinds:
         kinds = getattr(config, "optional_stats", ())  # AQLMConfig(data_aware=None): data-aware when data is given
 
@@ -313,7 +327,20 @@ def quantize_(model: nn.Module, config: _Config, filter_fn: Optional[Callable[[n
             for fqn, lin in chosen:
                 convert(fqn, lin, None)
         else:
-            _calibrated(model, chosen, kinds, batches, convert, originals, report)
+            teacher = None
+            if finetune is not None and finetune.e2e_steps and chosen:
+                from .finetune import model_output
+
+                device, no_cache = _device_of(model), _takes_use_cache(model)
+                with torch.no_grad():  # the original model's outputs, before any layer is replaced
+                    teacher = [model_output(_run_model(model, b, device, no_cache))[1].detach().float()
+                               for b in batches]
+            _calibrated(model, chosen, kinds, batches, convert, originals, report, finetune)
+            if teacher is not None:
+                from .finetune import finetune_model
+
+                report.finetune_e2e = finetune_model(
+                    model, batches, teacher, finetune, lambda m, b: _run_model(m, b, device, no_cache))
     finally:
         bar.close()
         model.train(was_training)
@@ -324,7 +351,7 @@ def quantize_(model: nn.Module, config: _Config, filter_fn: Optional[Callable[[n
     return report
 
 
-def _calibrated(model, chosen, kinds, batches, convert, originals, report):
+def _calibrated(model, chosen, kinds, batches, convert, originals, report, finetune=None):
     device = _device_of(model)
     no_cache = _takes_use_cache(model)
 
@@ -387,17 +414,28 @@ def _calibrated(model, chosen, kinds, batches, convert, originals, report):
         items = [(n, m) for n, m in chosen if n.startswith(f"{prefix}.{i}.")]
         in_blocks.update(n for n, _ in items)
         group = _Calibrated(items, kinds)
+        targets = []  # block fine-tuning: the original block's outputs on this block's (compressed-model) inputs
         with torch.no_grad():
-            if kinds and items:
-                group.hook_stats()
+            if (kinds or finetune is not None) and items:
+                if kinds:
+                    group.hook_stats()
                 try:
                     for args, kwargs in captured:
-                        block(*args, **kwargs)
+                        out = block(*args, **kwargs)
+                        if finetune is not None:
+                            targets.append(_first_output(out).detach().clone())
                 finally:
                     group.remove()
             for fqn, lin in items:
                 convert(fqn, lin, group.stats.get(fqn))
             group.stats.clear()  # only one block's statistics at a time
+            if finetune is not None and items:
+                from .finetune import finetune_block
+
+                res = finetune_block(block, captured, targets, finetune, _first_output)
+                res["block"] = i
+                report.finetune.append(res)
+                targets = []
             group.hook_errors(model, originals)
             try:
                 nxt = []

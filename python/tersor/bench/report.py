@@ -156,12 +156,14 @@ def _size_fidelity(ax, rows: list[Result], record: dict) -> None:
     the dense model as a reference line; points whose save -> load in a fresh process was not bit-identical
     are drawn as red crosses."""
     dense = next((r.extra.get("dense_model_bytes") for r in rows if r.extra.get("dense_model_bytes")), None)
+    rows = [r for r in rows if r.extra.get("stage") in (None, "e2e")]  # of the stage rows, only the last stage
     for r in rows:
         mb = r.extra.get("model_bytes", 0) / 1e6
         cos = r.accuracy.get("embedding_cosine_mean", float("nan"))
         ok = r.accuracy.get("reload_identical", 1)
         ax.scatter([mb], [cos], marker="o" if ok else "x", color="tab:blue" if ok else "tab:red")
-        ax.annotate(r.dtype, (mb, cos), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.annotate(r.dtype + (" (fine-tuned)" if r.extra.get("stage") else ""), (mb, cos),
+                    textcoords="offset points", xytext=(4, 3), fontsize=7)
     if dense:
         ax.axvline(dense / 1e6, color="gray", linewidth=0.8, linestyle="--")
         ax.scatter([dense / 1e6], [1.0], marker="s", color="black")

@@ -109,9 +109,20 @@ class AQLMLinear(nn.Module):
     **One difference from AQLM**: the sum over codebooks, the scaling and the matmul run in fp32 and are
     rounded once to x's dtype, so a 2x8 float16 codebook sum that overflows float16 (|sum| > 65504) gives a
     finite result here where AQLM's float16 arithmetic gives inf.
+
+    **Gradients** (issue 18, fine-tuning): ``codebooks``, ``scales`` and ``bias`` are the continuous parameters
+    (:meth:`continuous_tensors`); the integer ``codes`` stay fixed. They are buffers (the bias a Parameter)
+    with ``requires_grad=False``, so inference is unchanged; ``t.requires_grad_(True)`` on the ones to train.
+    ``tersor::aqlm_linear`` has a backward registered in :mod:`tersor.ops`: the forward keeps its fused
+    kernels and the backward decodes the weight once (``tersor::aqlm_decode``, CPU and CUDA) for the input
+    gradient, forms ``dL/dW = grad^T x`` and reduces it to the scales (a row sum against the unscaled
+    weight) and to the codebooks (a scatter-add over the codes). Chosen over a differentiable decode in
+    PyTorch (a gather of [out, in/8, C, 8]) because nothing of the weight's size is kept between forward
+    and backward.
     """
 
     tersor_format = "aqlm"
+    CONTINUOUS = ("codebooks", "scales")
 
     def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                  bias: Optional[torch.Tensor] = None):
@@ -175,6 +186,14 @@ class AQLMLinear(nn.Module):
         q = aqlm_quant.quantize_aqlm(linear.weight.detach().float(), num_codebooks=num_codebooks, nbits=nbits,
                                      in_group_size=8, out_group_size=1, **quantize_kwargs)
         return cls(q["codes"], q["codebooks"], q["scales"], linear.bias)
+
+    def continuous_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors fine-tuning may train (``codebooks``, ``scales`` and the bias if any), by name; the
+        codes are not among them."""
+        out = {k: getattr(self, k) for k in self.CONTINUOUS}
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
 
     def layer_config(self) -> dict:
         """What tersor checkpoints record about this layer (docs/formats.md, tersor checkpoint v1)."""

@@ -45,9 +45,20 @@ class E8PLinear(nn.Module):
     copy); ``Wscale`` becomes an fp32 scalar; ``bias`` is always copied. The layer's state dict carries
     ``codebook_id`` (int64 scalar, as QuIP#'s does), so ``E8PLinear(layer.state_dict())`` rebuilds it at
     power-of-two sizes (pass ``hadamard=`` for K * 2^j sizes: the convention is in ``layer_config()``).
+
+    **Gradients** (issue 18, fine-tuning): ``SU``, ``SV``, ``Wscale`` and ``bias`` are the layer's continuous
+    parameters (:meth:`continuous_tensors`); the codes ``Qidxs`` stay fixed. They are buffers (and the bias a
+    Parameter) with ``requires_grad=False``, so inference is unchanged; call ``t.requires_grad_(True)`` on the
+    ones to train (float32 copies are best: ``quantize_``'s block fine-tuning trains float32 copies and
+    rounds them back to the stored dtype). The forward is the same code either way: the Hadamard transforms
+    have their own backward, and ``tersor::e8p_linear`` has one registered in :mod:`tersor.ops` (the input
+    gradient ``grad @ W^`` from ``tersor::e8p_decode``, on the CPU and on CUDA), so the gradients of the
+    scales are those of the exact forward with no dense weight kept between the passes. SU and SV train as
+    real vectors (QuIP#'s fine-tuning does the same: they start as random signs).
     """
 
     tersor_format = "e8p"
+    CONTINUOUS = ("SU", "SV", "Wscale")
 
     def __init__(self, state: dict[str, torch.Tensor], bias: Optional[torch.Tensor] = None,
                  resid_scale: Optional[float] = None, hadamard: Optional[str] = None, bits: Optional[int] = None):
@@ -202,6 +213,14 @@ class E8PLinear(nn.Module):
             raise TypeError(f"{what}: resid_scale_override must be a number, got {rso!r}")
         rso = float(rso) if rso is not None and rso > 0 else None  # QuIP#'s -1 (any value <= 0): the default
         return {"state": new, "bias": state.get("bias"), "resid_scale": rso, "hadamard": "quipsharp", "bits": bits}
+
+    def continuous_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors fine-tuning may train (``SU``, ``SV``, ``Wscale`` and the bias if any), by name; the
+        codes are not among them."""
+        out = {k: getattr(self, k) for k in self.CONTINUOUS}
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
 
     def layer_config(self) -> dict:
         """What tersor checkpoints record about this layer (docs/formats.md, tersor checkpoint v1)."""
