@@ -13,8 +13,6 @@ decode kernels are not written yet, so there are no CUDA rows.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 

@@ -13,8 +13,6 @@ import tersor
 from tersor.attention import PagedKVCache, sage_decode
 from tersor.attention.paged import visible_key_mask
 
-from attention_reference import attention_fp64
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
