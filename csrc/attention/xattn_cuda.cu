@@ -18,6 +18,7 @@
 #include "attention/xattn_cuda.h"
 #include "attention/xattn_format.h"
 #include "attention/xattn_kernel.h"
+#include "common/cuda_elem.cuh"
 
 namespace tersor::attention {
 namespace {
@@ -26,21 +27,14 @@ constexpr int kThreads = kXattnThreads;
 constexpr int kWarps = kXattnWarps;
 constexpr int kRowGroup = kXattnRowGroup;
 
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
 // Key row `row`, channel d of the CTA's key head, as float.
 template <typename T>
 struct KeyLoad {
   const T* kh;
   int64_t sk_l;
-  __device__ __forceinline__ float operator()(int64_t row, int64_t d) const { return to_float(kh[row * sk_l + d]); }
+  __device__ __forceinline__ float operator()(int64_t row, int64_t d) const {
+    return ElemIO<T>::to_float(kh[row * sk_l + d]);
+  }
 };
 
 struct Smem {
@@ -79,7 +73,7 @@ __global__ void __launch_bounds__(kThreads) xattn_score_kernel(const XattnArgs a
   for (int64_t e = tid; e < rows_pad * SD; e += kThreads) {
     const int64_t r = e / SD, c = e % SD, s = c / D, d = c % D;
     const int64_t row = xattn_query_row(i0 + r, s, S);
-    sm.qs[e] = r < rows && row < a.len_q ? to_float(qh[row * a.sq_l + d]) : 0.f;
+    sm.qs[e] = r < rows && row < a.len_q ? ElemIO<T>::to_float(qh[row * a.sq_l + d]) : 0.f;
   }
   for (int64_t j = tid; j < a.k_blocks; j += kThreads) sm.mass[j] = 0.f;
   __syncthreads();

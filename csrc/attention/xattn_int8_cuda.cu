@@ -16,6 +16,7 @@
 
 #include "attention/xattn_cuda.h"
 #include "attention/xattn_kernel.h"
+#include "common/cuda_elem.cuh"
 #include "common/mma_int8_fp8.cuh"
 
 namespace tersor::attention {
@@ -23,15 +24,6 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T, bool kQuery>
 __global__ void __launch_bounds__(kThreads) xattn_quant_rows_kernel(const XattnArgs a, int8_t* codes, float* scales,
@@ -64,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) xattn_quant_rows_kernel(const XattnA
   auto value = [&](int64_t e) -> float {
     const int64_t s = e / D, d = e % D;
     const int64_t row = kQuery ? xattn_query_row(reduced, s, S) : xattn_key_row(reduced, s, S);
-    return valid && row < len ? to_float(base[row * sl + d]) : 0.f;
+    return valid && row < len ? ElemIO<T>::to_float(base[row * sl + d]) : 0.f;
   };
   float amax = 0.f;
   for (int64_t e = lane; e < SD; e += 32) amax = fmaxf(amax, fabsf(value(e)));
