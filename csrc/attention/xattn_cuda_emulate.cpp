@@ -33,6 +33,19 @@ struct FloatLoad {
   float operator()(int64_t row, int64_t d) const { return kh[row * D + d]; }
 };
 
+// The CTA's epilogue, shared by both kernels: ranks the query block's key-block masses, writes them and the
+// selected blocks.
+void rank_and_select(const XattnCall& c, int64_t w, int64_t qb, const std::vector<float>& mass, uint8_t* mask_out,
+                     float* mass_out) {
+  std::vector<int> order(c.k_blocks);
+  for (int64_t j = 0; j < c.k_blocks; ++j) {
+    order[xattn_rank(mass.data(), c.k_blocks, j)] = static_cast<int>(j);
+    mass_out[w * c.k_blocks + j] = mass[j];
+  }
+  xattn_select(mass.data(), order.data(), c.k_blocks, xattn_diagonal_block(qb, c.block, c.len_q, c.len_k), c.causal,
+               c.threshold, mask_out + w * c.k_blocks);
+}
+
 void replay_cta(const XattnCall& c, const float* qp, const float* kp, int64_t w, int fault, uint8_t* mask_out,
                 float* mass_out) {
   const int64_t S = c.stride, D = c.head_dim, SD = S * D, per = c.block / S;
@@ -109,13 +122,7 @@ void replay_cta(const XattnCall& c, const float* qp, const float* kp, int64_t w,
         mass[blk] += psum;
       }
   }
-  std::vector<int> order(c.k_blocks);
-  for (int64_t j = 0; j < c.k_blocks; ++j) {
-    order[xattn_rank(mass.data(), c.k_blocks, j)] = static_cast<int>(j);
-    mass_out[w * c.k_blocks + j] = mass[j];
-  }
-  xattn_select(mass.data(), order.data(), c.k_blocks, xattn_diagonal_block(qb, c.block, c.len_q, c.len_k), c.causal,
-               c.threshold, mask_out + w * c.k_blocks);
+  rank_and_select(c, w, qb, mass, mask_out, mass_out);
 }
 
 // ---- qk = "int8" ----
@@ -296,13 +303,7 @@ void replay_cta_int8(const XattnCall& c, const Int8Buffers& bf, int64_t w, int f
         mass[blk] += ps[0];
       }
   }
-  std::vector<int> order(c.k_blocks);
-  for (int64_t j = 0; j < c.k_blocks; ++j) {
-    order[xattn_rank(mass.data(), c.k_blocks, j)] = static_cast<int>(j);
-    mass_out[w * c.k_blocks + j] = mass[j];
-  }
-  xattn_select(mass.data(), order.data(), c.k_blocks, xattn_diagonal_block(qb, c.block, c.len_q, c.len_k), c.causal,
-               c.threshold, mask_out + w * c.k_blocks);
+  rank_and_select(c, w, qb, mass, mask_out, mass_out);
 }
 
 std::tuple<Tensor, Tensor> xattn_emulate_cuda(const Tensor& q, const Tensor& k, int64_t block_size, int64_t stride,
