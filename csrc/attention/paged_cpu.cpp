@@ -20,7 +20,7 @@
 
 #include "attention/paged_format.h"
 #include "attention/sage_format.h"
-#include "common/torch_glue.h"
+#include "attention/sage_glue.h"  // sizes_str
 
 namespace tersor::attention {
 namespace {
@@ -30,12 +30,6 @@ constexpr int64_t kDecodeTile = 64;   // keys per softmax tile (a page of more t
 
 bool is_float_input(ScalarType t) {
   return t == ScalarType::Half || t == ScalarType::BFloat16 || t == ScalarType::Float;
-}
-
-std::string shape_str(const Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
 }
 
 // The cache tensors' shapes and dtypes (both ops), returning the layout.
@@ -49,20 +43,20 @@ PagedLayout check_cache(const char* op, const Tensor& k_codes, const Tensor& k_s
                     ": k_scale and page_meta must be float32, got ", dtype_name(k_scale.scalar_type()), " and ",
                     dtype_name(page_meta.scalar_type()));
   TERSOR_CHECK_VALUE(k_codes.dim() == 4, op, ": k_codes must be [num_pages, heads_kv, page_size, head_dim], got ",
-                     shape_str(k_codes));
+                     sizes_str(k_codes));
   const PagedLayout l{k_codes.size(0), k_codes.size(1), k_codes.size(2), k_codes.size(3)};
   TERSOR_CHECK_VALUE(l.page_size >= 16 && l.page_size <= 256 && l.page_size % 16 == 0, op,
                      ": page_size must be a multiple of 16 in [16, 256], got ", l.page_size);
   TERSOR_CHECK_VALUE(l.head_dim == 64 || l.head_dim == 128 || l.head_dim == 256, op,
                      ": head_dim must be 64, 128 or 256, got ", l.head_dim);
-  TERSOR_CHECK_VALUE(l.num_pages >= 1 && l.heads_kv >= 1, op, ": k_codes ", shape_str(k_codes), " has no pages");
+  TERSOR_CHECK_VALUE(l.num_pages >= 1 && l.heads_kv >= 1, op, ": k_codes ", sizes_str(k_codes), " has no pages");
   const bool same = v_codes.dim() == 4 && v_codes.size(0) == l.num_pages && v_codes.size(1) == l.heads_kv &&
                     v_codes.size(2) == l.page_size && v_codes.size(3) == l.head_dim && k_scale.dim() == 3 &&
                     k_scale.size(0) == l.num_pages && k_scale.size(1) == l.heads_kv &&
                     k_scale.size(2) == l.page_size && page_meta.dim() == 4 && page_meta.size(0) == l.num_pages &&
                     page_meta.size(1) == l.heads_kv && page_meta.size(2) == 2 && page_meta.size(3) == l.head_dim;
-  TERSOR_CHECK_VALUE(same, op, ": cache tensors disagree: k_codes ", shape_str(k_codes), ", k_scale ",
-                     shape_str(k_scale), ", v_codes ", shape_str(v_codes), ", page_meta ", shape_str(page_meta),
+  TERSOR_CHECK_VALUE(same, op, ": cache tensors disagree: k_codes ", sizes_str(k_codes), ", k_scale ",
+                     sizes_str(k_scale), ", v_codes ", sizes_str(v_codes), ", page_meta ", sizes_str(page_meta),
                      " (expected [P, H, S, D], [P, H, S], [P, H, S, D], [P, H, 2, D])");
   for (const Tensor* t : {&k_codes, &k_scale, &v_codes, &page_meta})
     TERSOR_CHECK_VALUE(t->is_contiguous(), op, ": the cache tensors must be contiguous");
@@ -74,7 +68,7 @@ void check_index(const char* op, const char* name, const Tensor& t, int64_t batc
   TERSOR_CHECK_TYPE(t.scalar_type() == ScalarType::Int, op, ": ", name, " must be int32, got ",
                     dtype_name(t.scalar_type()));
   TERSOR_CHECK_VALUE(t.dim() == dim && t.size(0) == batch, op, ": ", name, " must be ",
-                     dim == 1 ? "[batch]" : "[batch, max_pages]", " with batch = ", batch, ", got ", shape_str(t));
+                     dim == 1 ? "[batch]" : "[batch, max_pages]", " with batch = ", batch, ", got ", sizes_str(t));
 }
 
 // ------------------------------------------------------------------------------------------- append
@@ -83,14 +77,14 @@ void paged_kv_append_cpu(Tensor k_codes, Tensor k_scale, Tensor v_codes, Tensor 
   const char* op = "paged_kv_append_";
   const PagedLayout l = check_cache(op, k_codes, k_scale, v_codes, page_meta);
   TERSOR_CHECK_VALUE(k.dim() == 4 && v.dim() == 4, op, ": k and v must be [batch, len, heads_kv, head_dim], got ",
-                     shape_str(k), " and ", shape_str(v));
+                     sizes_str(k), " and ", sizes_str(v));
   TERSOR_CHECK_TYPE(k.scalar_type() == v.scalar_type() && is_float_input(k.scalar_type()), op,
                     ": k and v must be float16, bfloat16 or float32 of one dtype, got ", dtype_name(k.scalar_type()),
                     " and ", dtype_name(v.scalar_type()));
   const int64_t B = k.size(0), L = k.size(1);
   TERSOR_CHECK_VALUE(v.size(0) == B && v.size(1) == L && k.size(2) == l.heads_kv && v.size(2) == l.heads_kv &&
                          k.size(3) == l.head_dim && v.size(3) == l.head_dim,
-                     op, ": k ", shape_str(k), " and v ", shape_str(v), " must both be [batch, len, ", l.heads_kv,
+                     op, ": k ", sizes_str(k), " and v ", sizes_str(v), " must both be [batch, len, ", l.heads_kv,
                      ", ", l.head_dim, "] for this cache");
   check_index(op, "block_table", block_table, B, 2);
   check_index(op, "start", start, B, 1);
@@ -208,7 +202,7 @@ std::tuple<Tensor, Tensor> sage_decode_paged_cpu(const Tensor& q, const Tensor& 
                                                  int64_t window_left, int64_t window_right, int64_t num_workers) {
   const char* op = "sage_decode_paged";
   const PagedLayout l = check_cache(op, k_codes, k_scale, v_codes, page_meta);
-  TERSOR_CHECK_VALUE(q.dim() == 4, op, ": q must be [batch, len_q, heads_q, head_dim], got ", shape_str(q));
+  TERSOR_CHECK_VALUE(q.dim() == 4, op, ": q must be [batch, len_q, heads_q, head_dim], got ", sizes_str(q));
   TERSOR_CHECK_TYPE(q.scalar_type() == ScalarType::Half || q.scalar_type() == ScalarType::BFloat16, op,
                     ": q must be float16 or bfloat16, got ", dtype_name(q.scalar_type()));
   const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = l.head_dim, H = l.heads_kv, S = l.page_size;
