@@ -127,8 +127,10 @@ STABLE_TORCH_LIBRARY(tersor, m) {
   // inductor's FallbackKernel.create takes a `kernel` parameter of its own.) block_mask: optional bool
   // [B, Hq or 1, ceil(Lq / 128), ceil(Lk / 128)]; a false block's keys are invisible to the block's queries and
   // the kernels (and the twin) skip its tiles entirely; composes with is_causal and GQA; a row left with no
-  // visible key gives 0 and LSE -inf.
-  m.def("sage_attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, int qk_bits, str pv, bool smooth_k, bool smooth_q, str cuda_kernel=\"auto\", Tensor? block_mask=None) -> (Tensor, Tensor)");
+  // visible key gives 0 and LSE -inf. window_left/window_right: FlashAttention's sliding window (query i at key
+  // position p = i + Lk - Lq sees keys in [p - left, p + right]; a negative side is unbounded), in every
+  // kernel and the twin; the CTAs walk only the key tiles their rows' windows reach (sage_format.h).
+  m.def("sage_attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, int qk_bits, str pv, bool smooth_k, bool smooth_q, str cuda_kernel=\"auto\", Tensor? block_mask=None, int window_left=-1, int window_right=-1) -> (Tensor, Tensor)");
   // The CUDA kernel sage_attention_fwd runs for these modes on compute capability cc (10 * major + minor) in
   // this build: "sm8x-mma" or "sm90a-wgmma"; NotImplementedError (naming what cc supports) where none applies.
   m.def("_sage_route(int cc, int qk_bits, str pv, bool smooth_q, str kernel=\"auto\") -> str");

@@ -19,6 +19,24 @@ def causal_mask(lq, lk, device="cpu"):
     return torch.arange(lk, device=device)[None, :] <= torch.arange(lq, device=device)[:, None] + (lk - lq)
 
 
+def key_mask(lq, lk, is_causal=False, window=None, device="cpu"):
+    """bool [lq, lk]: key j visible to query i. Query i sits at key position p = i + lk - lq (bottom-right);
+    causal: j <= p; window (left, right), FlashAttention's window_size: p - left <= j <= p + right, a negative
+    side unbounded."""
+    p = torch.arange(lq, device=device)[:, None] + (lk - lq)
+    j = torch.arange(lk, device=device)[None, :]
+    m = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if is_causal:
+        m &= j <= p
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            m &= j >= p - left
+        if right >= 0:
+            m &= j <= p + right
+    return m
+
+
 def _expand_kv(t, hq):
     return t.repeat_interleave(hq // t.shape[1], dim=1)
 
@@ -28,9 +46,9 @@ def token_mask(block_mask, lq, lk, block_q=128, block_k=128):
     return block_mask.repeat_interleave(block_q, 2)[:, :, :lq].repeat_interleave(block_k, 3)[..., :lk]
 
 
-def attention_fp64(q, k, v, is_causal=False, scale=None, block_mask=None):
+def attention_fp64(q, k, v, is_causal=False, scale=None, block_mask=None, window=None):
     """(out float64, lse float64): fully masked rows give 0 and -inf. block_mask: the keys of a false block
-    get -inf scores."""
+    get -inf scores. window: (left, right) sliding window (:func:`key_mask`)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     k, v = _expand_kv(k, q.shape[1]).double(), _expand_kv(v, q.shape[1]).double()
     s = q.double() @ k.transpose(-1, -2) * scale
@@ -38,6 +56,8 @@ def attention_fp64(q, k, v, is_causal=False, scale=None, block_mask=None):
         s = s.masked_fill(~token_mask(block_mask, q.shape[2], k.shape[2]), -math.inf)
     if is_causal:
         s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2]), -math.inf)
+    if window is not None:
+        s = s.masked_fill(~key_mask(q.shape[2], k.shape[2], False, window), -math.inf)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     return p @ v, lse
@@ -61,7 +81,7 @@ def _int_quant(x, groups, n_groups, bits):
 
 
 def sage_emulate(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cta_q=128, cta_k=64, warp_q=32,
-                 block_mask=None):
+                 block_mask=None, window=None):
     """(out float32, lse float32) of the quantized pipeline (see module docstring). block_mask: masked keys get
     -inf scores; a tile all -inf for a row leaves its m, l, o exactly as they were (alpha = 1, p = 0), which is
     what skipping the tile does."""
@@ -105,6 +125,8 @@ def sage_emulate(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cta
         v_val, v_scale, offset = vf, torch.ones_like(vf[:, :, :1]), torch.tensor(0.0)
     v_val, v_scale = _expand_kv(v_val, hq), _expand_kv(v_scale, hq)
     visible = causal_mask(lq, lk) if is_causal else torch.ones(lq, lk, dtype=torch.bool)
+    if window is not None:
+        visible &= key_mask(lq, lk, False, window)
     s = s.masked_fill(~visible, -math.inf)
     if block_mask is not None:
         s = s.masked_fill(~token_mask(block_mask, lq, lk), -math.inf)

@@ -121,6 +121,8 @@ def _sage_attention_fwd(device):
         ((1, 2, 2, 40, 50, 64, False), torch.bfloat16, 8, "fp16", False, True, {"cuda_kernel": "sm8x"}),
         ((1, 2, 1, 40, 40, 64, True), torch.float32, 0, "fp32", False, False, {}),
         ((1, 2, 2, 50, 30, 64, True), torch.float16, 8, "fp32", False, False, {}),
+        ((1, 4, 2, 150, 200, 64, True), torch.float16, 8, "fp8", True, False, {"window_left": 70, "window_right": -1}),
+        ((1, 2, 2, 60, 60, 64, False), torch.bfloat16, 8, "fp16", True, False, {"window_left": 5, "window_right": 9}),
     ]:
         if torch.device(device).type == "cuda":
             # Only the modes with a CUDA kernel on this device (the others raise NotImplementedError; the

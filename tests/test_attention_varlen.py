@@ -73,7 +73,7 @@ def test_varlen_argument_errors():
         (dict(cu_seqlens_q=cq.float()), TypeError, "int32 or int64"),
         (dict(max_seqlen_q=3), ValueError, "max_seqlen"),
         (dict(q=q[None]), ValueError, "packed 3-d"),
-        (dict(window=(4, 0)), NotImplementedError, "sliding windows"),
+        (dict(window=(4, 0.5)), TypeError, "window"),
     ]
     for bad, err, msg in cases:
         args = dict(q=q, k=k, v=v, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=4, max_seqlen_k=4)

@@ -74,8 +74,9 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * Tr::kCtaQ;
   const int64_t last_row = (r0 + Tr::kCtaQ - 1 < d.len_q - 1) ? r0 + Tr::kCtaQ - 1 : d.len_q - 1;
-  const int64_t kv_end = a.causal ? causal_visible_keys(last_row, d.len_q, d.len_k) : d.len_k;
-  const int n_tiles = static_cast<int>((kv_end + Tr::kCtaK - 1) / Tr::kCtaK);
+  // The key tiles any row of this CTA sees (causal, window): [span.first, n_tiles).
+  const TileSpan span = visible_tiles(a.mask, r0, last_row, d.len_q, d.len_k, Tr::kCtaK);
+  const int n_tiles = span.end;
   // Block mask row of this CTA (kCtaQ == kSparseBlockQ); the CTA walks only the live tiles.
   const uint8_t* mask_row =
       a.block_mask == nullptr
@@ -107,7 +108,7 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
                   v_g + v_t_offset(0, D, d.len_k_pad, c, static_cast<int64_t>(tile) * Tr::kCtaK, Tr::kVElemBytes) + cb);
     }
   };
-  int tile = next_live_tile(mask_row, 0, n_tiles, Tr::kCtaK);
+  int tile = next_live_tile(mask_row, span.first, n_tiles, Tr::kCtaK);
   if (tile < n_tiles) load_kv(tile, 0);
   cp_async_commit();
 
@@ -117,14 +118,16 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
   // Q smoothing: the warp's 32 rows are one smoothing block, so all its scores of key j get bias[j].
   const float* q_bias = SMOOTH_Q ? a.q_bias + q_bias_index(bh, d.len_q_pad, d.len_k_pad, row_base, 0) : nullptr;
   constexpr float kPOff = FP8 ? kFp8POffset : 0.f;
-  // Keys visible to this lane's 4 rows (row_base + 16 mt + 8 hh + g): all keys, or the causal prefix.
-  int visible_keys[Tr::kMTiles][2];
+  // Keys visible to this lane's 4 rows (row_base + 16 mt + 8 hh + g): [key_lo, key_hi) (causal, window).
+  int key_lo[Tr::kMTiles][2], key_hi[Tr::kMTiles][2];
 #pragma unroll
   for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh)
-      visible_keys[mt][hh] = static_cast<int>(
-          a.causal ? causal_visible_keys(row_base + mt * 16 + frag_c_row(g, 2 * hh), d.len_q, d.len_k) : d.len_k);
+    for (int hh = 0; hh < 2; ++hh) {
+      const KeySpan ks = visible_keys(a.mask, row_base + mt * 16 + frag_c_row(g, 2 * hh), d.len_q, d.len_k);
+      key_lo[mt][hh] = static_cast<int>(ks.lo);
+      key_hi[mt][hh] = static_cast<int>(ks.hi);
+    }
 
   float o[Tr::kMTiles][Tr::kDTiles][4];
 #pragma unroll
@@ -187,7 +190,8 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
       for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const int lim = visible_keys[mt][hh] - tile0 - frag_c_col(t, 0);  // key nt*8 + e of this lane is visible iff < lim
+          // key nt*8 + e of this lane is visible iff lo_lim <= nt*8 + e < lim
+          const int lim = key_hi[mt][hh] - tile0 - frag_c_col(t, 0), lo_lim = key_lo[mt][hh] - tile0 - frag_c_col(t, 0);
 #pragma unroll
           for (int nt = 0; nt < 8; ++nt) {
             float2 bias = make_float2(0.f, 0.f);
@@ -198,7 +202,7 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
               float sv = static_cast<float>(acc[mt][nt][2 * hh + e]) * dq;
               // The twin rounds the product, then adds the bias: no FMA contraction here.
               if constexpr (SMOOTH_Q) sv = __fadd_rn(__fmul_rn(static_cast<float>(acc[mt][nt][2 * hh + e]), dq), e ? bias.y : bias.x);
-              s[mt][nt][2 * hh + e] = nt * 8 + e < lim ? sv : -INFINITY;
+              s[mt][nt][2 * hh + e] = nt * 8 + e < lim && nt * 8 + e >= lo_lim ? sv : -INFINITY;
             }
           }
         }

@@ -80,8 +80,9 @@ __global__ void __launch_bounds__(SageAttnSm90KernelTraits<D>::kThreads, 1)
   const int64_t bkv = b * d.heads_kv + h / (d.heads_q / d.heads_kv);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * Tr::kCtaQ;
   const int64_t last_row = (r0 + Tr::kCtaQ - 1 < d.len_q - 1) ? r0 + Tr::kCtaQ - 1 : d.len_q - 1;
-  const int64_t kv_end = a.causal ? causal_visible_keys(last_row, d.len_q, d.len_k) : d.len_k;
-  const int n_tiles = static_cast<int>((kv_end + Tr::kCtaK - 1) / Tr::kCtaK);
+  // The key tiles any row of this CTA sees (causal, window): [span.first, n_tiles).
+  const TileSpan span = visible_tiles(a.mask, r0, last_row, d.len_q, d.len_k, Tr::kCtaK);
+  const int n_tiles = span.end;
   const int wg = threadIdx.x / 128;
   // Block mask row of this CTA (kCtaQ == kSparseBlockQ, kCtaK == kSparseBlockK): producer and consumers walk
   // the same live tiles, the stage ring advancing per live tile; a masked block is never copied or multiplied.
@@ -105,7 +106,7 @@ __global__ void __launch_bounds__(SageAttnSm90KernelTraits<D>::kThreads, 1)
     setmaxnreg_dec<Tr::kProducerRegs>();
     if (threadIdx.x == 0) {
       int it = 0;
-      for (int tile = next_live_tile(mask_row, 0, n_tiles, Tr::kCtaK); tile < n_tiles;
+      for (int tile = next_live_tile(mask_row, span.first, n_tiles, Tr::kCtaK); tile < n_tiles;
            tile = next_live_tile(mask_row, tile + 1, n_tiles, Tr::kCtaK), ++it) {
         const int s = it % Tr::kStages;
         const uint32_t round = static_cast<uint32_t>(it / Tr::kStages);
@@ -124,10 +125,10 @@ __global__ void __launch_bounds__(SageAttnSm90KernelTraits<D>::kThreads, 1)
     const int64_t wg_row0 = r0 + (wg - 1) * Tr::kRowsPerWarpgroup;
     const int64_t wg_last = (wg_row0 + Tr::kRowsPerWarpgroup - 1 < d.len_q - 1) ? wg_row0 + Tr::kRowsPerWarpgroup - 1
                                                                                 : d.len_q - 1;
-    // Keys any row of this warpgroup sees (halves past it are skipped: all -inf there, a no-op in the twin).
-    const int64_t wg_kv_end = wg_row0 >= d.len_q ? 0
-                              : a.causal        ? causal_visible_keys(wg_last, d.len_q, d.len_k)
-                                                : d.len_k;
+    // Keys any row of this warpgroup sees, [wg_kv_begin, wg_kv_end): halves outside are skipped (all -inf
+    // there, a no-op in the twin).
+    const int64_t wg_kv_begin = wg_row0 >= d.len_q ? 0 : visible_keys(a.mask, wg_row0, d.len_q, d.len_k).lo;
+    const int64_t wg_kv_end = wg_row0 >= d.len_q ? 0 : visible_keys(a.mask, wg_last, d.len_q, d.len_k).hi;
 
     uint32_t qf[Tr::kQKSteps][4];
     const int8_t* q_g = a.q_int + (bh * d.len_q_pad + wg_row0) * D;
@@ -137,11 +138,13 @@ __global__ void __launch_bounds__(SageAttnSm90KernelTraits<D>::kThreads, 1)
       for (int r = 0; r < 4; ++r) qf[kk][r] = *reinterpret_cast<const uint32_t*>(q_g + sm90_q_frag_offset<D>(w, g, t, kk, r));
     const float q_sc = a.q_scale[sm90_q_scale_index(bh, d.len_q_pad, wg_row0, w, g)];
     const float* k_sc = a.k_scale + k_scale_index(bkv, d.len_k_pad, 0, 0);
-    int visible_keys[2];  // rows 16 w + g (+ 8) of this warpgroup
+    int key_lo[2], key_hi[2];  // [lo, hi): keys of rows 16 w + g (+ 8) of this warpgroup
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh)
-      visible_keys[hh] = static_cast<int>(
-          a.causal ? causal_visible_keys(wg_row0 + wg_acc_row(w, g, 2 * hh), d.len_q, d.len_k) : d.len_k);
+    for (int hh = 0; hh < 2; ++hh) {
+      const KeySpan ks = visible_keys(a.mask, wg_row0 + wg_acc_row(w, g, 2 * hh), d.len_q, d.len_k);
+      key_lo[hh] = static_cast<int>(ks.lo);
+      key_hi[hh] = static_cast<int>(ks.hi);
+    }
 
     float o[Tr::kPVChunks][Tr::kAccRegs];
 #pragma unroll
@@ -151,7 +154,7 @@ __global__ void __launch_bounds__(SageAttnSm90KernelTraits<D>::kThreads, 1)
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
     int it = 0;
-    for (int tile = next_live_tile(mask_row, 0, n_tiles, Tr::kCtaK); tile < n_tiles;
+    for (int tile = next_live_tile(mask_row, span.first, n_tiles, Tr::kCtaK); tile < n_tiles;
          tile = next_live_tile(mask_row, tile + 1, n_tiles, Tr::kCtaK), ++it) {
       const int s = it % Tr::kStages;
       mbarrier_wait(&full[s], static_cast<uint32_t>(it / Tr::kStages) & 1u);
@@ -161,6 +164,7 @@ __global__ void __launch_bounds__(SageAttnSm90KernelTraits<D>::kThreads, 1)
       for (int half = 0; half < Tr::kHalves; ++half) {
         const int key0 = tile * Tr::kCtaK + half * Tr::kHalfK;
         if (key0 >= wg_kv_end) break;  // uniform over the warpgroup
+        if (key0 + Tr::kHalfK <= wg_kv_begin) continue;
 
         // ---- S = Q K^T (exact s32) ----
         int32_t acc[Tr::kAccRegs];
@@ -177,8 +181,10 @@ __global__ void __launch_bounds__(SageAttnSm90KernelTraits<D>::kThreads, 1)
         const float dq = q_sc * k_sc[sm90_k_scale_in_slice(tile, half, t)];
         float sc[Tr::kAccRegs];
 #pragma unroll
-        for (int i = 0; i < Tr::kAccRegs; ++i)
-          sc[i] = key0 + wg_acc_col(t, i) < visible_keys[(i >> 1) & 1] ? static_cast<float>(acc[i]) * dq : -INFINITY;
+        for (int i = 0; i < Tr::kAccRegs; ++i) {
+          const int key = key0 + wg_acc_col(t, i), hh = (i >> 1) & 1;
+          sc[i] = key < key_hi[hh] && key >= key_lo[hh] ? static_cast<float>(acc[i]) * dq : -INFINITY;
+        }
 
         // ---- online softmax over this 64-key half (a row lives in the 4 lanes of a quad) ----
 #pragma unroll

@@ -156,22 +156,20 @@ void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KV
   // Q operand of the scores: codes as floats (exact products and sums, see KVPrepared) or fp32 Q.
   std::vector<float> q_op(rows * D);
   for (int64_t i = 0; i < rows * D; ++i) q_op[i] = c.qk_bits > 0 ? static_cast<float>(q_int[i]) : qs[i];
-  std::vector<int64_t> visible(rows);
-  int64_t max_visible = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    visible[i] = c.causal ? causal_visible_keys(r0 + i, c.len_q, Lk) : Lk;
-    max_visible = std::max(max_visible, visible[i]);
-  }
+  std::vector<KeySpan> visible(rows);
+  for (int64_t i = 0; i < rows; ++i) visible[i] = visible_keys(c.mask, r0 + i, c.len_q, Lk);
   std::vector<float> m(rows, neg_inf), l(rows, 0.f), alpha(rows);
   std::vector<float> acc(rows * D, 0.f);
   std::vector<float> s_tile(rows * Traits::kCtaK), p_tile(rows * Traits::kCtaK), pv_tile(rows * D);
-  // Keys in the kernel's 64-token tiles; a row whose visible keys end before a tile skips it (m, l, acc
-  // unchanged), and so does every row for a tile of a masked key block (the kernels never load it).
-  const int n_tiles = static_cast<int>((max_visible + Traits::kCtaK - 1) / Traits::kCtaK);
-  for (int tile = next_live_tile(mask_row, 0, n_tiles, Traits::kCtaK); tile < n_tiles;
-       tile = next_live_tile(mask_row, tile + 1, n_tiles, Traits::kCtaK)) {
+  // Keys in the kernel's 64-token tiles, over the CTA's span of visible keys (visible_tiles); a row with no
+  // visible key in a tile skips it (m, l, acc unchanged), and so does every row for a tile of a masked key
+  // block (the kernels never load it).
+  const TileSpan span = visible_tiles(c.mask, r0, r1 - 1, c.len_q, Lk, Traits::kCtaK);
+  const int64_t span_end = std::min<int64_t>(Lk, static_cast<int64_t>(span.end) * Traits::kCtaK);
+  for (int tile = next_live_tile(mask_row, span.first, span.end, Traits::kCtaK); tile < span.end;
+       tile = next_live_tile(mask_row, tile + 1, span.end, Traits::kCtaK)) {
     const int64_t t0 = static_cast<int64_t>(tile) * Traits::kCtaK;
-    const int64_t n = std::min<int64_t>(Traits::kCtaK, max_visible - t0);
+    const int64_t n = std::min<int64_t>(Traits::kCtaK, span_end - t0);
     // Scores of the tile: rank-1 updates with contiguous inner loops over keys (they vectorize).
     std::fill(s_tile.begin(), s_tile.begin() + rows * n, 0.f);
     for (int64_t i = 0; i < rows; ++i) {
@@ -186,14 +184,16 @@ void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KV
     float* pt = p_tile.data();
     for (int64_t i = 0; i < rows; ++i) {
       float* p_row = pt + i * n;
-      const int64_t nn = std::min<int64_t>(n, visible[i] - t0);
-      if (nn <= 0) {
+      // This row's visible keys in the tile: [j0, nn).
+      const int64_t j0 = std::max<int64_t>(0, visible[i].lo - t0);
+      const int64_t nn = std::min<int64_t>(n, visible[i].hi - t0);
+      if (nn <= j0) {
         std::fill(p_row, p_row + n, 0.f);
         alpha[i] = 1.f;
         continue;
       }
       float tile_max = neg_inf;
-      for (int64_t jj = 0; jj < nn; ++jj) {
+      for (int64_t jj = j0; jj < nn; ++jj) {
         const int64_t j = t0 + jj;
         float sj = st[i * n + jj];
         if (c.qk_bits > 0) sj *= q_scale[q_group(i)] * kv.k_scale[k_group(j)];
@@ -205,7 +205,8 @@ void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KV
       alpha[i] = std::exp2(m[i] - m_new);  // 0 on the row's first tile (m = -inf)
       const float m_shift = m_new - p_offset;
       float tile_sum = 0.f;
-      for (int64_t jj = 0; jj < nn; ++jj) {
+      std::fill(p_row, p_row + j0, 0.f);
+      for (int64_t jj = j0; jj < nn; ++jj) {
         float p = std::exp2(p_row[jj] - m_shift);
         if (c.pv == PVMode::kFp8)
           p = e4m3_to_float(float_to_e4m3(p));
@@ -235,7 +236,7 @@ void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KV
   }
   for (int64_t i = 0; i < rows; ++i) {
     float* o = out + i * D;
-    if (visible[i] == 0 || l[i] == 0.f) {  // no visible key (causal), or all of them in masked blocks
+    if (visible[i].hi <= visible[i].lo || l[i] == 0.f) {  // no visible key, or all of them in masked blocks
       for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
       lse[i] = neg_inf;
       continue;
@@ -274,31 +275,32 @@ void exact_rows(const SageCall& c, const float* q, const float* k, const float* 
       for (int64_t j = 0; j < Lk; ++j) row[j] += a * kr[j];
     }
   std::vector<double> l(rows, 0.0), m(rows, -std::numeric_limits<double>::infinity());
-  std::vector<int64_t> visible(rows);
+  std::vector<KeySpan> visible(rows);
   std::vector<char> kept(Lk, 1);  // key j's block is kept by the block mask
   if (mask_row != nullptr)
     for (int64_t j = 0; j < Lk; ++j) kept[j] = mask_row[j / kSparseBlockK] != 0;
   for (int64_t i = 0; i < rows; ++i) {
-    visible[i] = c.causal ? causal_visible_keys(r0 + i, c.len_q, Lk) : Lk;
+    visible[i] = visible_keys(c.mask, r0 + i, c.len_q, Lk);
+    const int64_t lo = visible[i].lo, hi = visible[i].hi;
     double* row = sp.data() + i * Lk;
-    for (int64_t j = 0; j < visible[i]; ++j)
+    for (int64_t j = lo; j < hi; ++j)
       if (kept[j]) m[i] = std::max(m[i], row[j] * c.scale);
     for (int64_t j = 0; j < Lk; ++j) {
-      row[j] = j < visible[i] && kept[j] ? std::exp(row[j] * c.scale - m[i]) : 0.0;
+      row[j] = j >= lo && j < hi && kept[j] ? std::exp(row[j] * c.scale - m[i]) : 0.0;
       l[i] += row[j];
     }
-    if (l[i] == 0.0) visible[i] = 0;  // every visible key is in a masked block (NaN inputs still propagate)
+    if (l[i] == 0.0) visible[i].hi = lo;  // every visible key is in a masked block (NaN inputs still propagate)
   }
   std::vector<double> op(rows * D, 0.0);
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < visible[i]; ++j) {
+    for (int64_t j = visible[i].lo; j < visible[i].hi; ++j) {
       if (!kept[j]) continue;  // never read (as the kernels never load a masked block)
       const double p = sp[i * Lk + j];
       for (int64_t d = 0; d < D; ++d) op[i * D + d] += p * v[j * D + d];
     }
   for (int64_t i = 0; i < rows; ++i) {
     float* orow = out + i * D;
-    if (visible[i] == 0) {
+    if (visible[i].hi <= visible[i].lo) {
       for (int64_t d = 0; d < D; ++d) orow[d] = 0.f;
       lse[i] = -std::numeric_limits<float>::infinity();
       continue;
@@ -313,8 +315,9 @@ void exact_rows(const SageCall& c, const float* q, const float* k, const float* 
 std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal,
                                                   double scale, int64_t qk_bits, std::string pv, bool smooth_k,
                                                   bool smooth_q, std::string kernel,
-                                                  std::optional<Tensor> block_mask) {
-  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q);
+                                                  std::optional<Tensor> block_mask, int64_t window_left,
+                                                  int64_t window_right) {
+  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, window_left, window_right);
   const SageBlockMask bm = check_block_mask(block_mask, c, q);
   parse_kernel(kernel);  // selects a CUDA kernel; the CPU twin reproduces all of them (checked, then unused)
   const Tensor qf = as_contiguous(as_dtype(q, ScalarType::Float));

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "attention/sage_format.h"
 #include "common/dtype.h"
 
 namespace tersor::attention {
@@ -52,7 +53,7 @@ struct SageQuantArgs {
 struct SageAttnArgs {
   SageDims dims;
   DType dtype;
-  bool causal;
+  KeyMask mask;  // causal and sliding window (sage_format.h visible_keys)
   bool pv_fp8;
   int qk_bits;
   bool smooth_q;

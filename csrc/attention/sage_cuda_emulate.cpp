@@ -196,6 +196,7 @@ struct Buffers {
   std::vector<uint8_t> q_int, k_int;  // rows of D * bits / 8 bytes
   std::vector<uint8_t> v_t;  // e4m3 codes or 16-bit bits (little endian), [B, Hkv, D, Lk_pad]
   SageBlockMask bm;          // the block mask (none: dense), read by the kernels' next_live_tile
+  KeyMask mask{};            // causal and sliding window (sage_format.h visible_keys)
 };
 
 // q/k/v: fp32 copies of the 16-bit inputs (exact), contiguous [B, H, L, D].
@@ -361,7 +362,7 @@ void replay_prologue(const SageCall& c, const float* q, const float* k, const fl
 
 // ---- sage_attn_kernel, one CTA ----
 template <int D, bool FP8, bool kBf16, int BITS>
-void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t cta, uint16_t* out, float* lse,
+void replay_cta(const Buffers& bf, int fault, int64_t bh, int64_t cta, uint16_t* out, float* lse,
                 std::vector<uint8_t>& smem) {
   using Tr = SageAttnSm8xKernelTraits<D, FP8, BITS>;
   constexpr int kRowBytes = Tr::kQKRowDataBytes;
@@ -376,8 +377,8 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
   const int64_t bkv = b * d.heads_kv + h / (d.heads_q / d.heads_kv);
   const int64_t r0 = cta * Tr::kCtaQ;
   const int64_t last_row = std::min(r0 + Tr::kCtaQ - 1, d.len_q - 1);
-  const int64_t kv_end = causal ? causal_visible_keys(last_row, d.len_q, d.len_k) : d.len_k;
-  const int n_tiles = static_cast<int>((kv_end + Tr::kCtaK - 1) / Tr::kCtaK);
+  const TileSpan span = visible_tiles(bf.mask, r0, last_row, d.len_q, d.len_k, Tr::kCtaK);
+  const int n_tiles = span.end;
   const uint8_t* mask_row = bf.bm.row(b, h, cta);
   const uint8_t* q_g = bf.q_int.data() + qk_row_offset(bh, d.len_q_pad, r0, kRowBytes);
   const uint8_t* k_g = bf.k_int.data() + qk_row_offset(bkv, d.len_k_pad, 0, kRowBytes);
@@ -405,7 +406,7 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
     }
   };
   // The kernel's walk over the live tiles (tiles of masked key blocks are never loaded).
-  int tile = next_live_tile(mask_row, 0, n_tiles, Tr::kCtaK);
+  int tile = next_live_tile(mask_row, span.first, n_tiles, Tr::kCtaK);
   if (tile < n_tiles) load_kv(tile, 0);
   constexpr float kPOff = FP8 ? kFp8POffset : 0.f;
   const float* k_sc = bf.k_scale.data() + k_scale_index(bkv, d.len_k_pad, 0, 0);
@@ -415,7 +416,7 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
   struct Lane {
     float o[Tr::kMTiles][Tr::kDTiles][4];
     float m[Tr::kMTiles][2], l[Tr::kMTiles][2];
-    int visible[Tr::kMTiles][2];
+    int lo[Tr::kMTiles][2], hi[Tr::kMTiles][2];  // visible keys [lo, hi) of the lane's rows
     float q_sc;
   };
   std::vector<Lane> lanes(Tr::kCtaWarps * kLanes);
@@ -427,8 +428,9 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
       L.q_sc = bf.q_scale[q_scale_index(bh, d.len_q_pad, row_base, g)];
       for (int mt = 0; mt < Tr::kMTiles; ++mt)
         for (int hh = 0; hh < 2; ++hh) {
-          L.visible[mt][hh] = static_cast<int>(
-              causal ? causal_visible_keys(row_base + mt * 16 + frag_c_row(g, 2 * hh), d.len_q, d.len_k) : d.len_k);
+          const KeySpan ks = visible_keys(bf.mask, row_base + mt * 16 + frag_c_row(g, 2 * hh), d.len_q, d.len_k);
+          L.lo[mt][hh] = static_cast<int>(ks.lo);
+          L.hi[mt][hh] = static_cast<int>(ks.hi);
           L.m[mt][hh] = kNegInf;
           L.l[mt][hh] = 0.f;
         }
@@ -479,13 +481,14 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
         const float dq = W[lane].q_sc * k_sc[k_scale_in_slice(tile, fault == 4 ? t ^ 1 : t)];
         for (int mt = 0; mt < Tr::kMTiles; ++mt)
           for (int hh = 0; hh < 2; ++hh) {
-            const int lim = W[lane].visible[mt][hh] - tile0 - frag_c_col(t, 0);
+            const int lim = W[lane].hi[mt][hh] - tile0 - frag_c_col(t, 0);
+            const int lo_lim = W[lane].lo[mt][hh] - tile0 - frag_c_col(t, 0);
             for (int nt = 0; nt < 8; ++nt)
               for (int e = 0; e < 2; ++e)
               {
                 float sv = static_cast<float>(acc[mt][nt][lane][2 * hh + e]) * dq;
                 if (q_bias) sv = sv + q_bias[tile0 + nt * 8 + frag_c_col(t, fault == 6 ? 1 - e : e)];
-                S(lane, mt, nt, 2 * hh + e) = nt * 8 + e < lim ? sv : kNegInf;
+                S(lane, mt, nt, 2 * hh + e) = nt * 8 + e < lim && nt * 8 + e >= lo_lim ? sv : kNegInf;
               }
           }
       }
@@ -602,12 +605,12 @@ void replay_cta(const Buffers& bf, bool causal, int fault, int64_t bh, int64_t c
 }
 
 template <int D, bool FP8, bool kBf16, int BITS>
-void replay_attention(const Buffers& bf, bool causal, int fault, uint16_t* out, float* lse) {
+void replay_attention(const Buffers& bf, int fault, uint16_t* out, float* lse) {
   const SageDims& d = bf.d;
   const int64_t ctas = d.len_q_pad / SageTraitsSm8x::kCtaQ;
   tersor::parallel_for(0, d.batch * d.heads_q * ctas, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> smem;
-    for (int64_t w = b0; w < b1; ++w) replay_cta<D, FP8, kBf16, BITS>(bf, causal, fault, w / ctas, w % ctas, out, lse, smem);
+    for (int64_t w = b0; w < b1; ++w) replay_cta<D, FP8, kBf16, BITS>(bf, fault, w / ctas, w % ctas, out, lse, smem);
   });
 }
 
@@ -638,29 +641,30 @@ int hw_wgmma_col(int tid, int i) { return 8 * (i / 4) + 2 * (tid % 4) + i % 2; }
 
 template <int D, bool kBf16>
 void replay_cta_sm90(const Buffers& bf, const std::vector<uint8_t>& k_tiles, const std::vector<uint8_t>& v_tiles,
-                     bool causal, int64_t bh, int64_t cta, uint16_t* out, float* lse, std::vector<uint8_t>& smem) {
+                     int64_t bh, int64_t cta, uint16_t* out, float* lse, std::vector<uint8_t>& smem) {
   using Tr = SageAttnSm90KernelTraits<D>;
   const SageDims& d = bf.d;
   smem.assign(Tr::kStages * Tr::kStageBytes, 0x5A);  // poisoned: bytes no bulk copy wrote show up as garbage
   const int64_t b = bh / d.heads_q, h = bh % d.heads_q;
   const int64_t bkv = b * d.heads_kv + h / (d.heads_q / d.heads_kv);
   const int64_t r0 = cta * Tr::kCtaQ;
-  const int64_t kv_end = causal ? causal_visible_keys(std::min(r0 + Tr::kCtaQ - 1, d.len_q - 1), d.len_q, d.len_k) : d.len_k;
-  const int n_tiles = static_cast<int>((kv_end + Tr::kCtaK - 1) / Tr::kCtaK);
+  const TileSpan span = visible_tiles(bf.mask, r0, std::min(r0 + Tr::kCtaQ - 1, d.len_q - 1), d.len_q, d.len_k, Tr::kCtaK);
+  const int n_tiles = span.end;
   const float* k_sc = bf.k_scale.data() + k_scale_index(bkv, d.len_k_pad, 0, 0);
 
   struct Thread {
     uint32_t qf[Tr::kQKSteps][4];
     float o[Tr::kPVChunks][Tr::kAccRegs];
     float m[2], l[2], q_sc;
-    int visible[2];
+    int lo[2], hi[2];  // visible keys [lo, hi) of the thread's rows
   };
   std::vector<Thread> th(Tr::kConsumerWarpgroups * kWgThreads);
-  int64_t wg_kv_end[Tr::kConsumerWarpgroups];
+  int64_t wg_kv_begin[Tr::kConsumerWarpgroups], wg_kv_end[Tr::kConsumerWarpgroups];
   for (int wg = 0; wg < Tr::kConsumerWarpgroups; ++wg) {
     const int64_t wg_row0 = r0 + wg * Tr::kRowsPerWarpgroup;
     const int64_t wg_last = std::min(wg_row0 + Tr::kRowsPerWarpgroup - 1, d.len_q - 1);
-    wg_kv_end[wg] = wg_row0 >= d.len_q ? 0 : causal ? causal_visible_keys(wg_last, d.len_q, d.len_k) : d.len_k;
+    wg_kv_begin[wg] = wg_row0 >= d.len_q ? 0 : visible_keys(bf.mask, wg_row0, d.len_q, d.len_k).lo;
+    wg_kv_end[wg] = wg_row0 >= d.len_q ? 0 : visible_keys(bf.mask, wg_last, d.len_q, d.len_k).hi;
     const int8_t* q_g = reinterpret_cast<const int8_t*>(bf.q_int.data()) + (bh * d.len_q_pad + wg_row0) * D;
     for (int tid = 0; tid < kWgThreads; ++tid) {
       Thread& T = th[wg * kWgThreads + tid];
@@ -669,8 +673,9 @@ void replay_cta_sm90(const Buffers& bf, const std::vector<uint8_t>& k_tiles, con
         for (int r = 0; r < 4; ++r) T.qf[kk][r] = lds32(reinterpret_cast<const uint8_t*>(q_g) + sm90_q_frag_offset<D>(w, g, t, kk, r));
       T.q_sc = bf.q_scale[sm90_q_scale_index(bh, d.len_q_pad, wg_row0, w, g)];
       for (int hh = 0; hh < 2; ++hh) {
-        T.visible[hh] = static_cast<int>(
-            causal ? causal_visible_keys(wg_row0 + wg_acc_row(w, g, 2 * hh), d.len_q, d.len_k) : d.len_k);
+        const KeySpan ks = visible_keys(bf.mask, wg_row0 + wg_acc_row(w, g, 2 * hh), d.len_q, d.len_k);
+        T.lo[hh] = static_cast<int>(ks.lo);
+        T.hi[hh] = static_cast<int>(ks.hi);
         T.m[hh] = kNegInf;
         T.l[hh] = 0.f;
       }
@@ -685,7 +690,7 @@ void replay_cta_sm90(const Buffers& bf, const std::vector<uint8_t>& k_tiles, con
   // advances per live tile.
   const uint8_t* mask_row = bf.bm.row(b, h, cta);
   int it = 0;
-  for (int tile = next_live_tile(mask_row, 0, n_tiles, Tr::kCtaK); tile < n_tiles;
+  for (int tile = next_live_tile(mask_row, span.first, n_tiles, Tr::kCtaK); tile < n_tiles;
        tile = next_live_tile(mask_row, tile + 1, n_tiles, Tr::kCtaK), ++it) {
     // The producer's two bulk copies of this tile into stage it % kStages (consumers of the previous use of
     // the stage are done: the empty barrier).
@@ -699,6 +704,7 @@ void replay_cta_sm90(const Buffers& bf, const std::vector<uint8_t>& k_tiles, con
       for (int half = 0; half < Tr::kHalves; ++half) {
         const int key0 = tile * Tr::kCtaK + half * Tr::kHalfK;
         if (key0 >= wg_kv_end[wg]) break;
+        if (key0 + Tr::kHalfK <= wg_kv_begin[wg]) continue;
         // ---- S = Q K^T: exact integer sums over the k-steps ----
         int64_t S64[64][64] = {};
         for (int kk = 0; kk < Tr::kQKSteps; ++kk) {
@@ -719,7 +725,8 @@ void replay_cta_sm90(const Buffers& bf, const std::vector<uint8_t>& k_tiles, con
           const float dq = W[tid].q_sc * k_sc[sm90_k_scale_in_slice(tile, half, t)];
           for (int i = 0; i < Tr::kAccRegs; ++i) {
             const int32_t acc = static_cast<int32_t>(S64[hw_wgmma_row(tid, i)][hw_wgmma_col(tid, i)]);
-            SC(tid, i) = key0 + wg_acc_col(t, i) < W[tid].visible[(i >> 1) & 1] ? static_cast<float>(acc) * dq : kNegInf;
+            const int key = key0 + wg_acc_col(t, i), hh = (i >> 1) & 1;
+            SC(tid, i) = key < W[tid].hi[hh] && key >= W[tid].lo[hh] ? static_cast<float>(acc) * dq : kNegInf;
           }
         }
         // ---- online softmax over the half ----
@@ -816,7 +823,7 @@ void replay_cta_sm90(const Buffers& bf, const std::vector<uint8_t>& k_tiles, con
 }
 
 template <int D, bool kBf16>
-void replay_attention_sm90(const Buffers& bf, bool causal, uint16_t* out, float* lse) {
+void replay_attention_sm90(const Buffers& bf, uint16_t* out, float* lse) {
   const SageDims& d = bf.d;
   // The relayout kernel, chunk by chunk, into tile-native blocks.
   std::vector<uint8_t> k_tiles(bf.k_int.size()), v_tiles(bf.v_t.size());
@@ -837,7 +844,7 @@ void replay_attention_sm90(const Buffers& bf, bool causal, uint16_t* out, float*
   tersor::parallel_for(0, d.batch * d.heads_q * ctas, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> smem;
     for (int64_t w = b0; w < b1; ++w)
-      replay_cta_sm90<D, kBf16>(bf, k_tiles, v_tiles, causal, w / ctas, w % ctas, out, lse, smem);
+      replay_cta_sm90<D, kBf16>(bf, k_tiles, v_tiles, w / ctas, w % ctas, out, lse, smem);
   });
 }
 
@@ -868,13 +875,15 @@ ReplayOutputs replay_front(const SageCall& c, const Tensor& q, const Tensor& k, 
 // wgmma kernel) replayed on the CPU; pv "fp8", qk int8 only (what the glue routes to it).
 std::tuple<Tensor, Tensor> sage_emulate_sm90_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                                        bool is_causal, double scale, bool smooth_k,
-                                                       std::optional<Tensor> block_mask) {
+                                                       std::optional<Tensor> block_mask, int64_t window_left,
+                                                       int64_t window_right) {
   constexpr const char* op = "_sage_emulate_sm90_attention";
-  const SageCall c = check_call(q, k, v, is_causal, scale, 8, "fp8", smooth_k, false);
+  const SageCall c = check_call(q, k, v, is_causal, scale, 8, "fp8", smooth_k, false, window_left, window_right);
   TERSOR_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), op, ": expects CPU tensors");
   const bool bf16 = q.scalar_type() == ScalarType::BFloat16;
   Buffers bf;
   bf.bm = check_block_mask(block_mask, c, q);
+  bf.mask = c.mask;
   bf.d = SageDims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,
                   (c.len_q + SageTraitsSm8x::kCtaQ - 1) / SageTraitsSm8x::kCtaQ * SageTraitsSm8x::kCtaQ,
                   (c.len_k + 127) / 128 * 128};
@@ -884,41 +893,43 @@ std::tuple<Tensor, Tensor> sage_emulate_sm90_attention(const Tensor& q, const Te
   float* lp = r.lse_ptr();
   const int key = (c.head_dim == 128 ? 2 : 0) + (bf16 ? 1 : 0);
   switch (key) {
-    case 0: replay_attention_sm90<64, false>(bf, c.causal, op16, lp); break;
-    case 1: replay_attention_sm90<64, true>(bf, c.causal, op16, lp); break;
-    case 2: replay_attention_sm90<128, false>(bf, c.causal, op16, lp); break;
-    default: replay_attention_sm90<128, true>(bf, c.causal, op16, lp); break;
+    case 0: replay_attention_sm90<64, false>(bf, op16, lp); break;
+    case 1: replay_attention_sm90<64, true>(bf, op16, lp); break;
+    case 2: replay_attention_sm90<128, false>(bf, op16, lp); break;
+    default: replay_attention_sm90<128, true>(bf, op16, lp); break;
   }
   return {r.out, r.lse};
 }
 
 template <int BITS>
-void dispatch_replay(int key, const Buffers& bf, bool causal, int fault, uint16_t* out, float* lse) {
+void dispatch_replay(int key, const Buffers& bf, int fault, uint16_t* out, float* lse) {
   switch (key) {
-    case 0: replay_attention<64, false, false, BITS>(bf, causal, fault, out, lse); break;
-    case 1: replay_attention<64, false, true, BITS>(bf, causal, fault, out, lse); break;
-    case 2: replay_attention<64, true, false, BITS>(bf, causal, fault, out, lse); break;
-    case 3: replay_attention<64, true, true, BITS>(bf, causal, fault, out, lse); break;
-    case 4: replay_attention<128, false, false, BITS>(bf, causal, fault, out, lse); break;
-    case 5: replay_attention<128, false, true, BITS>(bf, causal, fault, out, lse); break;
-    case 6: replay_attention<128, true, false, BITS>(bf, causal, fault, out, lse); break;
-    default: replay_attention<128, true, true, BITS>(bf, causal, fault, out, lse); break;
+    case 0: replay_attention<64, false, false, BITS>(bf, fault, out, lse); break;
+    case 1: replay_attention<64, false, true, BITS>(bf, fault, out, lse); break;
+    case 2: replay_attention<64, true, false, BITS>(bf, fault, out, lse); break;
+    case 3: replay_attention<64, true, true, BITS>(bf, fault, out, lse); break;
+    case 4: replay_attention<128, false, false, BITS>(bf, fault, out, lse); break;
+    case 5: replay_attention<128, false, true, BITS>(bf, fault, out, lse); break;
+    case 6: replay_attention<128, true, false, BITS>(bf, fault, out, lse); break;
+    default: replay_attention<128, true, true, BITS>(bf, fault, out, lse); break;
   }
 }
 
 std::tuple<Tensor, Tensor> sage_emulate_cuda_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                                        bool is_causal, double scale, std::string pv, bool smooth_k,
                                                        int64_t fault, int64_t qk_bits, bool smooth_q,
-                                                       std::optional<Tensor> block_mask) {
+                                                       std::optional<Tensor> block_mask, int64_t window_left,
+                                                       int64_t window_right) {
   constexpr const char* op = "_sage_emulate_cuda_attention";
   TERSOR_CHECK_VALUE(qk_bits == 8 || qk_bits == 4, op, ": the CUDA kernel has qk_bits 8 or 4, got ", qk_bits);
-  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q);
+  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, window_left, window_right);
   TERSOR_CHECK_VALUE(c.pv != PVMode::kFp32, op, ": the CUDA kernel has pv \"fp8\" or \"fp16\" only");
   TERSOR_CHECK_VALUE(fault >= 0 && fault <= 7, op, ": fault must be in [0, 7], got ", fault);
   TERSOR_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), op, ": expects CPU tensors");
   const bool fp8 = c.pv == PVMode::kFp8, bf16 = q.scalar_type() == ScalarType::BFloat16;
   Buffers bf;
   bf.bm = check_block_mask(block_mask, c, q);
+  bf.mask = c.mask;
   bf.bits = static_cast<int>(qk_bits);
   bf.smooth_q = smooth_q;
   bf.d = SageDims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,
@@ -930,9 +941,9 @@ std::tuple<Tensor, Tensor> sage_emulate_cuda_attention(const Tensor& q, const Te
   float* lp = r.lse_ptr();
   const int key = (c.head_dim == 128 ? 4 : 0) + (fp8 ? 2 : 0) + (bf16 ? 1 : 0);
   if (qk_bits == 4)
-    dispatch_replay<4>(key, bf, c.causal, static_cast<int>(fault), op16, lp);
+    dispatch_replay<4>(key, bf, static_cast<int>(fault), op16, lp);
   else
-    dispatch_replay<8>(key, bf, c.causal, static_cast<int>(fault), op16, lp);
+    dispatch_replay<8>(key, bf, static_cast<int>(fault), op16, lp);
   return {r.out, r.lse};
 }
 

@@ -109,7 +109,7 @@ std::tuple<Tensor, Tensor> run(const SageCall& c, Tensor q, Tensor k, Tensor v, 
   SageAttnArgs aa{};
   aa.dims = dims;
   aa.dtype = dt;
-  aa.causal = c.causal;
+  aa.mask = c.mask;
   aa.pv_fp8 = fp8;
   aa.qk_bits = qa.qk_bits;
   aa.smooth_q = c.smooth_q;
@@ -149,9 +149,10 @@ std::tuple<Tensor, Tensor> run(const SageCall& c, Tensor q, Tensor k, Tensor v, 
 std::tuple<Tensor, Tensor> sage_attention_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal,
                                                    double scale, int64_t qk_bits, std::string pv, bool smooth_k,
                                                    bool smooth_q, std::string kernel,
-                                                   std::optional<Tensor> block_mask) {
+                                                   std::optional<Tensor> block_mask, int64_t window_left,
+                                                   int64_t window_right) {
   const char* op = "sage_attention_fwd";
-  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q);
+  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, window_left, window_right);
   const SageBlockMask bm = check_block_mask(block_mask, c, q);
   TERSOR_CHECK_VALUE(q.is_cuda() && k.is_cuda() && v.is_cuda() && q.get_device_index() == k.get_device_index() &&
                          q.get_device_index() == v.get_device_index(),

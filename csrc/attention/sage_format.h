@@ -66,13 +66,38 @@ TERSOR_HD constexpr int64_t q_smooth_block(int64_t row) {
   return row / Traits::kWarpQ;
 }
 
-// ---- causal convention ----
-// Bottom-right aligned (FlashAttention / KV-cache): query i of Lq sees keys j <= i + (Lk - Lq). SDPA's
-// is_causal is top-left (j <= i); both agree when Lq == Lk. Returns the number of visible keys (may be
-// <= 0: the row is fully masked, its output is 0 and its LSE -inf).
-TERSOR_HD constexpr int64_t causal_visible_keys(int64_t row, int64_t len_q, int64_t len_k) {
-  const int64_t v = row + (len_k - len_q) + 1;
-  return v < 0 ? 0 : (v > len_k ? len_k : v);
+// ---- visible keys: causal convention and sliding window ----
+// Bottom-right aligned (FlashAttention / KV-cache): query row i of Lq sits at key position p = i + (Lk - Lq);
+// causal: it sees keys j <= p. SDPA's is_causal is top-left (j <= i); both agree when Lq == Lk. A row sees
+// keys [lo, hi) (none when hi <= lo: output 0, LSE -inf). A window (left, right) is
+// FlashAttention's window_size: keys in [p - left, p + right], a negative side unbounded (so (-1, -1) is no
+// window, and (left, 0) or causal with (left, -1) is a causal sliding window of left + 1 keys).
+struct KeyMask {
+  bool causal;
+  int64_t left, right;
+};
+struct KeySpan {
+  int64_t lo, hi;
+};
+TERSOR_HD constexpr KeySpan visible_keys(const KeyMask& mk, int64_t row, int64_t len_q, int64_t len_k) {
+  const int64_t p = row + (len_k - len_q);
+  int64_t hi = len_k;
+  if (mk.causal && p + 1 < hi) hi = p + 1;
+  if (mk.right >= 0 && p + mk.right + 1 < hi) hi = p + mk.right + 1;
+  int64_t lo = mk.left >= 0 ? p - mk.left : 0;
+  lo = lo < 0 ? 0 : (lo > len_k ? len_k : lo);
+  return {lo, hi < lo ? lo : hi};
+}
+// Both ends of the span never decrease with the row, so rows r0..r_last (r0 <= r_last) together see keys
+// [visible_keys(r0).lo, visible_keys(r_last).hi): the tiles of tile_keys keys [first, end) a CTA of those rows
+// walks (first >= end: none). A tile before `first` or from `end` on has no visible key for any of its rows.
+struct TileSpan {
+  int first, end;
+};
+TERSOR_HD constexpr TileSpan visible_tiles(const KeyMask& mk, int64_t r0, int64_t r_last, int64_t len_q, int64_t len_k,
+                                           int tile_keys) {
+  const int64_t lo = visible_keys(mk, r0, len_q, len_k).lo, hi = visible_keys(mk, r_last, len_q, len_k).hi;
+  return {static_cast<int>(lo / tile_keys), static_cast<int>(hi <= lo ? lo / tile_keys : (hi + tile_keys - 1) / tile_keys)};
 }
 
 // ---- block sparsity (block_mask) ----

@@ -14,7 +14,7 @@ namespace tersor::attention {
 
 struct SageCall {
   int64_t batch, heads_q, heads_kv, len_q, len_k, head_dim;
-  bool causal;
+  KeyMask mask;  // causal and sliding window (sage_format.h)
   double scale;
   int qk_bits;
   PVMode pv;
@@ -42,7 +42,8 @@ inline std::string sizes_str(const Tensor& t) {
 }
 
 inline SageCall check_call(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal, double scale,
-                           int64_t qk_bits, const std::string& pv, bool smooth_k, bool smooth_q) {
+                           int64_t qk_bits, const std::string& pv, bool smooth_k, bool smooth_q,
+                           int64_t window_left = -1, int64_t window_right = -1) {
   const char* op = "sage_attention_fwd";
   TERSOR_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
                      ": q, k, v must be 4-d [batch, heads, seq, head_dim], got ", q.dim(), "-d, ", k.dim(), "-d, ",
@@ -81,7 +82,8 @@ inline SageCall check_call(const Tensor& q, const Tensor& k, const Tensor& v, bo
                      ") must be a multiple of key/value heads (", c.heads_kv, ")");
   TERSOR_CHECK_VALUE(c.len_k >= 1, op, ": needs at least one key");
   TERSOR_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be finite and positive, got ", scale);
-  c.causal = is_causal;
+  // Any negative side of the window is unbounded (FlashAttention uses -1).
+  c.mask = {is_causal, window_left < 0 ? -1 : window_left, window_right < 0 ? -1 : window_right};
   c.scale = scale;
   c.smooth_k = smooth_k;
   c.smooth_q = smooth_q;

@@ -146,6 +146,17 @@ std::vector<int64_t> sage_index(std::string fn, std::vector<int64_t> a) {
       out.push_back(t);
     return out;
   }
+  // Causal / sliding-window visibility (sage_format.h).
+  if (fn == "visible_keys") {  // [row, len_q, len_k, causal, left, right] -> [lo, hi]
+    need(6);
+    const KeySpan k = visible_keys(KeyMask{a[3] != 0, a[4], a[5]}, a[0], a[1], a[2]);
+    return {k.lo, k.hi};
+  }
+  if (fn == "visible_tiles") {  // [r0, r_last, len_q, len_k, causal, left, right, tile_keys] -> [first, end]
+    need(8);
+    const TileSpan t = visible_tiles(KeyMask{a[4] != 0, a[5], a[6]}, a[0], a[1], a[2], a[3], i32(a[7]));
+    return {t.first, t.end};
+  }
   if (fn == "xattn_rows") {  // [i, s, stride]: (query row, key row) at position s of reduced query / key i
     need(3);
     return {xattn_query_row(a[0], a[1], a[2]), xattn_key_row(a[0], a[1], a[2])};

@@ -470,8 +470,8 @@ SAGE_BLOCK_K = 128
 
 def sage_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float,
                        qk_bits: int, pv: str, smooth_k: bool, smooth_q: bool,
-                       kernel: str = "auto", block_mask: Optional[torch.Tensor] = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       kernel: str = "auto", block_mask: Optional[torch.Tensor] = None,
+                       window_left: int = -1, window_right: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized attention on ``bhsd`` tensors; returns ``(out, lse)``.
 
     ``q [B, Hq, Lq, D]``, ``k``/``v [B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` and ``D`` in ``SAGE_HEAD_DIMS``,
@@ -492,8 +492,14 @@ def sage_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_cau
 
     ``block_mask``: optional bool ``[B, Hq or 1, ceil(Lq / SAGE_BLOCK_Q), ceil(Lk / SAGE_BLOCK_K)]``; where
     false, the query block sees none of the key block's keys, and the kernels skip its tiles entirely.
+
+    ``window_left``/``window_right``: FlashAttention's sliding window (query ``i``, at key position
+    ``p = i + Lk - Lq``, sees keys ``p - window_left .. p + window_right``; a negative side is unbounded);
+    composes with ``is_causal`` and ``block_mask`` (a key must pass all). The kernels walk only the key
+    tiles the window reaches.
     """
-    return _lib.sage_attention_fwd(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, kernel, block_mask)
+    return _lib.sage_attention_fwd(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, kernel, block_mask,
+                                   window_left, window_right)
 
 
 def sage_route(cc: int, qk_bits: int, pv: str, smooth_q: bool, kernel: str = "auto") -> str:
@@ -593,7 +599,7 @@ def _xattention_mask_fake(q, k, block_size, stride, threshold, is_causal, scale,
 
 @torch.library.register_fake("tersor::sage_attention_fwd")
 def _sage_attention_fwd_fake(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cuda_kernel="auto",
-                             block_mask=None):
+                             block_mask=None, window_left=-1, window_right=-1):
     # The NotImplementedError of a mode without a CUDA kernel depends on the device's compute capability and is
     # raised by the real kernel only.
     _sage_check_fake(q, k, v, scale, qk_bits, pv, cuda_kernel)

@@ -129,7 +129,8 @@ def _padded_head_dim(d: int, device: torch.device) -> int:
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
                    scale: Optional[float] = None, layout: str = "bhsd", qk: str = "auto", pv: str = "auto",
                    smooth_k: bool = True, smooth_q: Optional[bool] = None, return_lse: bool = False,
-                   kernel: str = "auto", block_mask: Optional[torch.Tensor] = None):
+                   kernel: str = "auto", block_mask: Optional[torch.Tensor] = None,
+                   window: Optional[tuple[int, int]] = None):
     """Quantized attention with SageAttention2 numerics; output like ``F.scaled_dot_product_attention``.
 
     ``q [B, Hq, Lq, D]`` and ``k``/``v [B, Hkv, Lk, D]`` (``layout="bhsd"``) or ``[B, L, H, D]``
@@ -160,6 +161,12 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     entirely and the CPU twin skips the same tiles, so an all-true mask gives the dense result bit for bit. It
     composes with ``is_causal`` (a key must pass both) and GQA (the mask is per query head, or shared). A row left
     with no visible key gives 0 and LSE ``-inf``. :func:`xattention_mask` computes such a mask.
+
+    ``window=(left, right)``: FlashAttention's sliding window, bottom-right aligned like ``is_causal``: query
+    ``i`` (at key position ``p = i + Lk - Lq``) sees keys ``p - left .. p + right``; a negative side is
+    unbounded, so ``window=(W - 1, 0)`` (or ``is_causal=True, window=(W - 1, -1)``) is a causal sliding window of
+    ``W`` keys (Mistral's ``sliding_window=W``). It composes with ``is_causal`` and ``block_mask``. Every kernel
+    takes it, and walks only the key tiles a CTA's rows reach (the cost grows with ``W``, not with ``Lk``).
     """
     if layout not in ("bhsd", "bshd"):
         raise ValueError(f"sage_attention: layout must be 'bhsd' or 'bshd', got {layout!r}")
@@ -179,6 +186,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if block_mask is not None:
         _check_block_mask(block_mask, q, k.shape[2])
+    left, right = _check_window(window, "sage_attention")
     d = q.shape[-1]
     if k.shape[-1] != d or v.shape[-1] != d:
         raise ValueError(f"sage_attention: q, k, v must share the head dim, got {d}, {k.shape[-1]}, {v.shape[-1]}")
@@ -190,7 +198,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     if smooth_q is None:
         smooth_q = qk_bits == 4
     out, lse = ops.sage_attention_fwd(q, k, v, bool(is_causal), float(scale), qk_bits, pv_mode, bool(smooth_k),
-                                      bool(smooth_q), kernel, block_mask)
+                                      bool(smooth_q), kernel, block_mask, left, right)
     if dp != d:
         out = out[..., :d]
     if layout == "bshd":
@@ -380,7 +388,7 @@ def route_sdpa(qk: str = "auto", pv: str = "auto", stats: Optional[SdpaRouteStat
 
 
 from ._sageattn import sageattn  # noqa: E402
-from .paged import PagedKVCache, sage_decode  # noqa: E402
+from .paged import PagedKVCache, _check_window, sage_decode  # noqa: E402
 from .varlen import sage_attention_varlen  # noqa: E402
 
 

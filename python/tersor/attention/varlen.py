@@ -1,8 +1,8 @@
 """Variable-length prefill: :func:`sage_attention_varlen` (FlashAttention's varlen API).
 
 Status: each sequence runs through :func:`tersor.attention.sage_attention` on its own slice (no padding, so
-no padding waste in the arithmetic; one op call per sequence). The fused varlen kernel of issue 15 (one launch
-over ``cu_seqlens``, sliding windows) is not written yet.
+no padding waste in the arithmetic; one op call per sequence), windows included. The fused varlen kernel of
+issue 15 (one launch over ``cu_seqlens``) is not written yet.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def sage_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     (FlashAttention's API; checked). Modes as :func:`tersor.attention.sage_attention` (the numerics of each
     sequence are exactly those of a ``sage_attention`` call on it: K smoothing uses that sequence's keys only).
     A sequence with queries and no keys gives 0 (LSE ``-inf``). Returns ``out [total_q, Hq, D]`` (and ``lse``
-    float32 ``[Hq, total_q]``, FlashAttention's varlen layout, with ``return_lse=True``). ``window``: not yet
-    (NotImplementedError). ``block_mask`` (block-sparse, issue 16): a list with one entry per sequence, ``None``
+    float32 ``[Hq, total_q]``, FlashAttention's varlen layout, with ``return_lse=True``). ``window=(left,
+    right)``: FlashAttention's sliding window, bottom-right aligned per sequence (as
+    :func:`tersor.attention.sage_attention`'s). ``block_mask`` (block-sparse, issue 16): a list with one entry per sequence, ``None``
     (dense) or that sequence's :func:`tersor.attention.sage_attention` mask without the batch dim, bool
     ``[Hq or 1, ceil(Lq_b / 128), ceil(Lk_b / 128)]``."""
     from . import sage_attention
@@ -59,9 +60,9 @@ def sage_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
         raise ValueError(f"{who}: k {list(k.shape)} and v {list(v.shape)} must have one shape")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{who}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if window is not None:
-        raise NotImplementedError(f"{who}: sliding windows are not in the prefill kernels yet (issue 15); "
-                                  "tersor.attention.sage_decode takes window=")
+    from .paged import _check_window
+
+    _check_window(window, who)
     cq = _cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     ck = _cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if len(cq) != len(ck):
@@ -90,7 +91,7 @@ def sage_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
             mask = mask[None]
         o, l = sage_attention(q[cq[b]:cq[b + 1]][None], k[ck[b]:ck[b + 1]][None], v[ck[b]:ck[b + 1]][None],
                               is_causal=is_causal, scale=scale, layout="bshd", qk=qk, pv=pv, return_lse=True,
-                              block_mask=mask)
+                              block_mask=mask, window=window)
         out[cq[b]:cq[b + 1]] = o[0]
         lse[:, cq[b]:cq[b + 1]] = l[0]
     return (out, lse) if return_lse else out
