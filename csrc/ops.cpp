@@ -130,7 +130,9 @@ STABLE_TORCH_LIBRARY(tersor, m) {
   // visible key gives 0 and LSE -inf. window_left/window_right: FlashAttention's sliding window (query i at key
   // position p = i + Lk - Lq sees keys in [p - left, p + right]; a negative side is unbounded), in every
   // kernel and the twin; the CTAs walk only the key tiles their rows' windows reach (sage_format.h).
-  m.def("sage_attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, int qk_bits, str pv, bool smooth_k, bool smooth_q, str cuda_kernel=\"auto\", Tensor? block_mask=None, int window_left=-1, int window_right=-1) -> (Tensor, Tensor)");
+  // key_padding_mask: optional bool [B, Lk], false = the key is padding (hidden from every query of that batch
+  // entry; transformers' attention_mask convention); composes with all of the above.
+  m.def("sage_attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, int qk_bits, str pv, bool smooth_k, bool smooth_q, str cuda_kernel=\"auto\", Tensor? block_mask=None, int window_left=-1, int window_right=-1, Tensor? key_padding_mask=None) -> (Tensor, Tensor)");
   // The CUDA kernel sage_attention_fwd runs for these modes on compute capability cc (10 * major + minor) in
   // this build: "sm8x-mma" or "sm90a-wgmma"; NotImplementedError (naming what cc supports) where none applies.
   m.def("_sage_route(int cc, int qk_bits, str pv, bool smooth_q, str kernel=\"auto\") -> str");

@@ -123,6 +123,7 @@ def _sage_attention_fwd(device):
         ((1, 2, 2, 50, 30, 64, True), torch.float16, 8, "fp32", False, False, {}),
         ((1, 4, 2, 150, 200, 64, True), torch.float16, 8, "fp8", True, False, {"window_left": 70, "window_right": -1}),
         ((1, 2, 2, 60, 60, 64, False), torch.bfloat16, 8, "fp16", True, False, {"window_left": 5, "window_right": 9}),
+        ((2, 2, 1, 50, 70, 64, True), torch.float16, 8, "fp16", True, False, {"key_padding_mask": "right"}),
     ]:
         if torch.device(device).type == "cuda":
             # Only the modes with a CUDA kernel on this device (the others raise NotImplementedError; the
@@ -135,6 +136,9 @@ def _sage_attention_fwd(device):
         q = torch.randn(b, hq, lq, d, device=device).to(dtype)
         k = torch.randn(b, hkv, lk, d, device=device).to(dtype)
         v = torch.randn(b, hkv, lk, d, device=device).to(dtype)
+        if kwargs.get("key_padding_mask") == "right":  # keys [0, n_b) of batch entry b are real
+            kwargs = dict(kwargs, key_padding_mask=torch.arange(lk, device=device)[None, :] < torch.tensor(
+                [[lk - 7 * i] for i in range(b)], device=device))
         cases.append(((q, k, v, causal, d ** -0.5, bits, pv, sk, sq), kwargs))
     # block-sparse (block_mask [B, Hq or 1, ceil(Lq / 128), ceil(Lk / 128)]), with causal and GQA
     g = torch.Generator().manual_seed(0)

@@ -142,7 +142,9 @@ def test_sage_attention_config_routes_llama_gqa_causal():
 
 
 @needs_transformers
-def test_padding_mask_falls_back_to_sdpa_with_one_warning():
+def test_padded_batch_is_routed_with_key_padding_mask():
+    # A padded batch (left padding, as generation pads) runs tersor's kernels with key_padding_mask: the real
+    # tokens' logits match SDPA's to the quantized-attention bound, and the exact mode to rounding.
     from tersor.attention import hf
 
     m = _tiny_llama()
@@ -152,24 +154,45 @@ def test_padding_mask_falls_back_to_sdpa_with_one_warning():
     with torch.no_grad():
         ref = m(x, attention_mask=mask).logits
     tersor.quantize_(m, tersor.SageAttentionConfig())
-    hf._warned.discard("attn_mask")
-    before = hf.stats.fell_back["attn_mask"]
-    with pytest.warns(UserWarning, match="falling back to SDPA for attn_mask"):
+    before, fell = hf.stats.routed, sum(hf.stats.fell_back.values())
+    with torch.no_grad():
+        out = m(x, attention_mask=mask).logits
+    assert hf.stats.routed == before + 2 and sum(hf.stats.fell_back.values()) == fell
+    _logits_close(out[0], ref[0])
+    _logits_close(out[1, 5:], ref[1, 5:])  # the pad rows see only pad keys: 0 here, SDPA's value there
+    m.set_attn_implementation("sdpa")
+    tersor.quantize_(m, tersor.SageAttentionConfig(qk="none", pv="fp32"))
+    with torch.no_grad():
+        exact = m(x, attention_mask=mask).logits
+    torch.testing.assert_close(exact[1, 5:], ref[1, 5:], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(exact[0], ref[0], rtol=2e-2, atol=2e-2)
+
+
+@needs_transformers
+def test_fallback_warns_once_and_keeps_the_padding_mask():
+    # float32 models are not routed (the kernels take float16/bfloat16): transformers' SDPA runs, with the 4-d
+    # mask rebuilt from tersor_sage_mask's 2-d padding mask, bit-identical to the plain "sdpa" model.
+    from tersor.attention import hf
+
+    x = torch.randint(0, 128, (2, 24))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        ref = _tiny_llama(torch.float32)(x, attention_mask=mask).logits
+        ref_unpadded = _tiny_llama(torch.float32)(x).logits
+    m32 = _tiny_llama(torch.float32)
+    tersor.quantize_(m32, tersor.SageAttentionConfig())
+    hf._warned.discard("dtype torch.float32")
+    before = hf.stats.fell_back["dtype torch.float32"]
+    with pytest.warns(UserWarning, match="falling back to SDPA for dtype torch.float32"):
         with torch.no_grad():
-            out = m(x, attention_mask=mask).logits
-    assert torch.equal(out, ref)  # transformers' own SDPA path, unchanged
-    assert hf.stats.fell_back["attn_mask"] == before + 2
+            out = m32(x, attention_mask=mask).logits
+    assert torch.equal(out, ref)
+    assert hf.stats.fell_back["dtype torch.float32"] == before + 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per reason: no second warning
         with torch.no_grad():
-            m(x, attention_mask=mask)
-    # float32 models are not routed either (the kernels take float16/bfloat16)
-    m32 = _tiny_llama(torch.float32)
-    tersor.quantize_(m32, tersor.SageAttentionConfig())
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.testing.assert_close(m32(x).logits, _tiny_llama(torch.float32)(x).logits, rtol=0, atol=0)
-    assert hf.stats.fell_back["dtype torch.float32"] >= 2
+            assert torch.equal(m32(x).logits, ref_unpadded)
 
 
 @needs_transformers
@@ -223,6 +246,19 @@ def test_minilm_fp16_bidirectional_head_dim_32():
         out = m(**x).last_hidden_state.float().mean(1)
     assert hf.stats.routed == before + 6
     assert F.cosine_similarity(out, ref).item() > 0.999
+    # a padded batch (right padding, BERT's) is routed too, with key_padding_mask
+    x = dict(tok(["A short one.", "A lattice codebook quantizes eight weights at a time, sixteen bits per code."],
+                 padding=True, return_tensors="pt"))
+    m.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ref = m(**x).last_hidden_state.float()
+    tersor.quantize_(m, tersor.SageAttentionConfig())
+    before = hf.stats.routed
+    with torch.no_grad():
+        out = m(**x).last_hidden_state.float()
+    assert hf.stats.routed == before + 6
+    real = x["attention_mask"].bool()
+    assert F.cosine_similarity(out[real], ref[real]).min().item() > 0.995
 
 
 @needs_transformers
@@ -243,6 +279,7 @@ def test_tersor_sage_mask_skips_only_plain_causal_and_bidirectional():
     # transformers' sdpa_mask into a materialized causal mask, which would send every layer to SDPA).
     from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function, sdpa_mask,
                                             sliding_window_causal_mask_function)
+    from tersor.attention import hf
     from tersor.attention.hf import tersor_sage_mask
 
     assert tersor_sage_mask(2, 8, 8, mask_function=causal_mask_function) is None
@@ -251,7 +288,17 @@ def test_tersor_sage_mask_skips_only_plain_causal_and_bidirectional():
                             allow_is_bidirectional_skip=True) is None
     pad = torch.ones(2, 8, dtype=torch.bool)
     pad[1, :3] = False
-    cases = [dict(mask_function=causal_mask_function, attention_mask=pad),                 # padding
+    # a padding mask: passed on as the 2-d key padding mask, which is what sdpa_mask builds (4-d) from it
+    for kw in [dict(mask_function=causal_mask_function), dict(mask_function=bidirectional_mask_function,
+                                                             allow_is_bidirectional_skip=True)]:
+        got = tersor_sage_mask(2, 8, 8, attention_mask=pad.long(), **kw)
+        assert got.dtype == torch.bool and torch.equal(got, pad)
+        causal = kw["mask_function"] is causal_mask_function
+        assert torch.equal(hf._padding_mask_4d(got, 8, causal), sdpa_mask(2, 8, 8, attention_mask=pad, **kw))
+    # decode: one query against a cache longer than the mask (sdpa_mask pads it with False)
+    got = tersor_sage_mask(2, 1, 10, q_offset=9, attention_mask=pad, mask_function=causal_mask_function)
+    assert torch.equal(got, torch.cat([pad, torch.zeros(2, 2, dtype=torch.bool)], 1))
+    cases = [dict(mask_function=causal_mask_function, attention_mask=pad, q_offset=4),    # padding, Lq != Lk
              dict(mask_function=causal_mask_function, q_offset=4, kv_offset=0),           # Lq != Lk: 8 vs 12
              dict(mask_function=sliding_window_causal_mask_function(3), local_size=3),   # window
              dict(mask_function=causal_mask_function, allow_is_causal_skip=False),        # caller refuses the skip
@@ -264,8 +311,8 @@ def test_tersor_sage_mask_skips_only_plain_causal_and_bidirectional():
 
 
 @needs_transformers
-def test_tersor_sage_compiled_padded_batch_falls_back_and_matches_eager():
-    # A padding mask is never skipped: under compile it is materialized and the call goes to SDPA with it.
+def test_tersor_sage_compiled_padded_batch_is_routed_and_matches_eager():
+    # A padded batch under compile: the 2-d padding mask traces through (no materialized 4-d mask, no SDPA).
     from tersor.attention import hf
 
     m = _tiny_llama()
@@ -275,10 +322,11 @@ def test_tersor_sage_compiled_padded_batch_falls_back_and_matches_eager():
     tersor.quantize_(m, tersor.SageAttentionConfig())
     with torch.no_grad():
         eager = m(x, attention_mask=pad).logits
-        before = hf.stats.fell_back["attn_mask"]
+        before, fell = hf.stats.routed, sum(hf.stats.fell_back.values())
         compiled = torch.compile(m, fullgraph=True, dynamic=False)(x, attention_mask=pad).logits
-    assert hf.stats.fell_back["attn_mask"] >= before + 2
-    _logits_close(compiled[:, 5:], eager[:, 5:])
+    assert hf.stats.routed >= before + 2 and sum(hf.stats.fell_back.values()) == fell
+    _logits_close(compiled[0], eager[0])
+    _logits_close(compiled[1, 5:], eager[1, 5:])
 
 
 @needs_transformers

@@ -118,6 +118,8 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
   // Q smoothing: the warp's 32 rows are one smoothing block, so all its scores of key j get bias[j].
   const float* q_bias = SMOOTH_Q ? a.q_bias + q_bias_index(bh, d.len_q_pad, d.len_k_pad, row_base, 0) : nullptr;
   constexpr float kPOff = FP8 ? kFp8POffset : 0.f;
+  // Key padding mask row of this batch entry (nullptr: none): a padded key's score is -inf.
+  const uint8_t* key_pad = a.key_padding == nullptr ? nullptr : a.key_padding + b * d.len_k;
   // Keys visible to this lane's 4 rows (row_base + 16 mt + 8 hh + g): [key_lo, key_hi) (causal, window).
   int key_lo[Tr::kMTiles][2], key_hi[Tr::kMTiles][2];
 #pragma unroll
@@ -202,7 +204,10 @@ __device__ __forceinline__ void sage_attn_body(const SageAttnArgs& a) {
               float sv = static_cast<float>(acc[mt][nt][2 * hh + e]) * dq;
               // The twin rounds the product, then adds the bias: no FMA contraction here.
               if constexpr (SMOOTH_Q) sv = __fadd_rn(__fmul_rn(static_cast<float>(acc[mt][nt][2 * hh + e]), dq), e ? bias.y : bias.x);
-              s[mt][nt][2 * hh + e] = nt * 8 + e < lim && nt * 8 + e >= lo_lim ? sv : -INFINITY;
+              // (the padding byte is read only for a key inside [lo, hi), so never past Lk)
+              const bool vis = nt * 8 + e < lim && nt * 8 + e >= lo_lim &&
+                               (key_pad == nullptr || __ldg(key_pad + tile0 + frag_c_col(t, 0) + nt * 8 + e) != 0);
+              s[mt][nt][2 * hh + e] = vis ? sv : -INFINITY;
             }
           }
         }

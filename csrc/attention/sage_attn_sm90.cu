@@ -138,6 +138,8 @@ __global__ void __launch_bounds__(SageAttnSm90KernelTraits<D>::kThreads, 1)
       for (int r = 0; r < 4; ++r) qf[kk][r] = *reinterpret_cast<const uint32_t*>(q_g + sm90_q_frag_offset<D>(w, g, t, kk, r));
     const float q_sc = a.q_scale[sm90_q_scale_index(bh, d.len_q_pad, wg_row0, w, g)];
     const float* k_sc = a.k_scale + k_scale_index(bkv, d.len_k_pad, 0, 0);
+    // Key padding mask row of this batch entry (nullptr: none): a padded key's score is -inf.
+    const uint8_t* key_pad = a.key_padding == nullptr ? nullptr : a.key_padding + b * d.len_k;
     int key_lo[2], key_hi[2];  // [lo, hi): keys of rows 16 w + g (+ 8) of this warpgroup
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
@@ -183,7 +185,9 @@ __global__ void __launch_bounds__(SageAttnSm90KernelTraits<D>::kThreads, 1)
 #pragma unroll
         for (int i = 0; i < Tr::kAccRegs; ++i) {
           const int key = key0 + wg_acc_col(t, i), hh = (i >> 1) & 1;
-          sc[i] = key < key_hi[hh] && key >= key_lo[hh] ? static_cast<float>(acc[i]) * dq : -INFINITY;
+          // (the padding byte is read only for a key inside [lo, hi), so never past Lk)
+          const bool vis = key < key_hi[hh] && key >= key_lo[hh] && (key_pad == nullptr || __ldg(key_pad + key) != 0);
+          sc[i] = vis ? static_cast<float>(acc[i]) * dq : -INFINITY;
         }
 
         // ---- online softmax over this 64-key half (a row lives in the 4 lanes of a quad) ----

@@ -98,8 +98,9 @@ void prepare_kv(const SageCall& c, const float* k, const float* v, KVPrepared& p
 
 // The quantized pipeline for query rows [r0, r1) of one (batch, head): the kernel's CTA (128 rows).
 // mask_row: the block mask's row of this query block (nullptr: dense); tiles of masked key blocks are skipped.
+// key_pad: the key padding mask's row of this batch entry (nullptr: none); a padded key's score is -inf.
 void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KVPrepared& kv, int64_t r0,
-                    int64_t r1, const uint8_t* mask_row, float* out, float* lse) {
+                    int64_t r1, const uint8_t* mask_row, const uint8_t* key_pad, float* out, float* lse) {
   const int64_t D = c.head_dim, Lk = c.len_k;
   const int64_t rows = r1 - r0;
   const float qk_mul = static_cast<float>(c.scale) * kLog2e;  // fp32, folded into Q before quantization
@@ -195,6 +196,10 @@ void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KV
       float tile_max = neg_inf;
       for (int64_t jj = j0; jj < nn; ++jj) {
         const int64_t j = t0 + jj;
+        if (key_pad != nullptr && !key_pad[j]) {
+          p_row[jj] = neg_inf;  // exp2 gives 0 below
+          continue;
+        }
         float sj = st[i * n + jj];
         if (c.qk_bits > 0) sj *= q_scale[q_group(i)] * kv.k_scale[k_group(j)];
         if (c.smooth_q) sj += q_bias[q_smooth_block(i) * Lk + j];
@@ -202,6 +207,11 @@ void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KV
         tile_max = std::max(tile_max, sj);
       }
       const float m_new = std::max(m[i], tile_max);
+      if (m_new == neg_inf) {  // only padded keys so far: nothing changes (the kernels' `none` case)
+        std::fill(p_row, p_row + n, 0.f);
+        alpha[i] = 1.f;
+        continue;
+      }
       alpha[i] = std::exp2(m[i] - m_new);  // 0 on the row's first tile (m = -inf)
       const float m_shift = m_new - p_offset;
       float tile_sum = 0.f;
@@ -255,7 +265,7 @@ void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KV
 
 // Exact mode: fp64 throughout (smoothing applied too, exactly, so the LSE correction is exercised).
 void exact_rows(const SageCall& c, const float* q, const float* k, const float* v, int64_t r0, int64_t r1,
-                const uint8_t* mask_row, float* out, float* lse) {
+                const uint8_t* mask_row, const uint8_t* key_pad, float* out, float* lse) {
   const int64_t D = c.head_dim, Lk = c.len_k, rows = r1 - r0;
   std::vector<double> k_mean(D, 0.0);
   if (c.smooth_k) {
@@ -276,9 +286,11 @@ void exact_rows(const SageCall& c, const float* q, const float* k, const float* 
     }
   std::vector<double> l(rows, 0.0), m(rows, -std::numeric_limits<double>::infinity());
   std::vector<KeySpan> visible(rows);
-  std::vector<char> kept(Lk, 1);  // key j's block is kept by the block mask
+  std::vector<char> kept(Lk, 1);  // key j's block is kept by the block mask, and j is not padding
   if (mask_row != nullptr)
     for (int64_t j = 0; j < Lk; ++j) kept[j] = mask_row[j / kSparseBlockK] != 0;
+  if (key_pad != nullptr)
+    for (int64_t j = 0; j < Lk; ++j) kept[j] = kept[j] && key_pad[j] != 0;
   for (int64_t i = 0; i < rows; ++i) {
     visible[i] = visible_keys(c.mask, r0 + i, c.len_q, Lk);
     const int64_t lo = visible[i].lo, hi = visible[i].hi;
@@ -316,9 +328,10 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor&
                                                   double scale, int64_t qk_bits, std::string pv, bool smooth_k,
                                                   bool smooth_q, std::string kernel,
                                                   std::optional<Tensor> block_mask, int64_t window_left,
-                                                  int64_t window_right) {
+                                                  int64_t window_right, std::optional<Tensor> key_padding_mask) {
   const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, window_left, window_right);
   const SageBlockMask bm = check_block_mask(block_mask, c, q);
+  const SageKeyPadding key_padding = check_key_padding(key_padding_mask, c, q);
   parse_kernel(kernel);  // selects a CUDA kernel; the CPU twin reproduces all of them (checked, then unused)
   const Tensor qf = as_contiguous(as_dtype(q, ScalarType::Float));
   const Tensor kf = as_contiguous(as_dtype(k, ScalarType::Float));
@@ -327,7 +340,7 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor&
   Tensor lse = empty({c.batch, c.heads_q, c.len_q}, ScalarType::Float, qf.device());
   const int64_t D = c.head_dim, group = c.heads_q / c.heads_kv;
   const float* qp = qf.const_data_ptr<float>();
-  const float* kp = kf.const_data_ptr<float>();
+  const float* kf_p = kf.const_data_ptr<float>();
   const float* vp = vf.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   float* lp = lse.mutable_data_ptr<float>();
@@ -337,7 +350,7 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor&
   if (!c.exact()) {
     tersor::parallel_for(0, c.batch * c.heads_kv, 1, [&](int64_t b, int64_t e) {
       for (int64_t bh = b; bh < e; ++bh)
-        prepare_kv(c, kp + bh * c.len_k * D, vp + bh * c.len_k * D, kv[bh]);
+        prepare_kv(c, kf_p + bh * c.len_k * D, vp + bh * c.len_k * D, kv[bh]);
     });
   }
   const int64_t tiles = (c.len_q + Traits::kCtaQ - 1) / Traits::kCtaQ;
@@ -347,13 +360,14 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor&
       const int64_t bkv = (bh / c.heads_q) * c.heads_kv + (bh % c.heads_q) / group;
       const int64_t r0 = tile * Traits::kCtaQ, r1 = std::min(c.len_q, r0 + Traits::kCtaQ);
       const uint8_t* mask_row = bm.row(bh / c.heads_q, bh % c.heads_q, tile);  // kCtaQ == kSparseBlockQ
+      const uint8_t* key_pad = key_padding.row(bh / c.heads_q, c.len_k);
       const float* qh = qp + bh * c.len_q * D;
       float* oh = op + bh * c.len_q * D + r0 * D;
       float* lh = lp + bh * c.len_q + r0;
       if (c.exact())
-        exact_rows(c, qh, kp + bkv * c.len_k * D, vp + bkv * c.len_k * D, r0, r1, mask_row, oh, lh);
+        exact_rows(c, qh, kf_p + bkv * c.len_k * D, vp + bkv * c.len_k * D, r0, r1, mask_row, key_pad, oh, lh);
       else
-        quantized_rows(c, in_t, qh, kv[bkv], r0, r1, mask_row, oh, lh);
+        quantized_rows(c, in_t, qh, kv[bkv], r0, r1, mask_row, key_pad, oh, lh);
     }
   });
   return {in_t == ScalarType::Float ? out : as_dtype(out, in_t), lse};

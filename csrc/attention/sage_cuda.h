@@ -71,6 +71,8 @@ struct SageAttnArgs {
   // or nullptr (dense). Tiles of a masked key block are neither loaded nor multiplied.
   const uint8_t* block_mask;
   int64_t mask_heads, mask_q_blocks, mask_k_blocks;
+  // Key padding mask: contiguous bool [B, Lk] (false = padding, its scores -inf) or nullptr (none).
+  const uint8_t* key_padding;
 };
 
 // Prologue (sage_quant_cuda.cu; sm_80, sm_89, sm_90a).

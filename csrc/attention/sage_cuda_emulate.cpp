@@ -197,6 +197,7 @@ struct Buffers {
   std::vector<uint8_t> v_t;  // e4m3 codes or 16-bit bits (little endian), [B, Hkv, D, Lk_pad]
   SageBlockMask bm;          // the block mask (none: dense), read by the kernels' next_live_tile
   KeyMask mask{};            // causal and sliding window (sage_format.h visible_keys)
+  SageKeyPadding key_pad;    // the key padding mask (none: every key takes part)
 };
 
 // q/k/v: fp32 copies of the 16-bit inputs (exact), contiguous [B, H, L, D].
@@ -483,12 +484,15 @@ void replay_cta(const Buffers& bf, int fault, int64_t bh, int64_t cta, uint16_t*
           for (int hh = 0; hh < 2; ++hh) {
             const int lim = W[lane].hi[mt][hh] - tile0 - frag_c_col(t, 0);
             const int lo_lim = W[lane].lo[mt][hh] - tile0 - frag_c_col(t, 0);
+            const uint8_t* key_pad = bf.key_pad.row(b, d.len_k);
             for (int nt = 0; nt < 8; ++nt)
               for (int e = 0; e < 2; ++e)
               {
                 float sv = static_cast<float>(acc[mt][nt][lane][2 * hh + e]) * dq;
                 if (q_bias) sv = sv + q_bias[tile0 + nt * 8 + frag_c_col(t, fault == 6 ? 1 - e : e)];
-                S(lane, mt, nt, 2 * hh + e) = nt * 8 + e < lim && nt * 8 + e >= lo_lim ? sv : kNegInf;
+                const bool vis = nt * 8 + e < lim && nt * 8 + e >= lo_lim &&
+                                 (key_pad == nullptr || key_pad[tile0 + frag_c_col(t, 0) + nt * 8 + e] != 0);
+                S(lane, mt, nt, 2 * hh + e) = vis ? sv : kNegInf;
               }
           }
       }
@@ -726,7 +730,9 @@ void replay_cta_sm90(const Buffers& bf, const std::vector<uint8_t>& k_tiles, con
           for (int i = 0; i < Tr::kAccRegs; ++i) {
             const int32_t acc = static_cast<int32_t>(S64[hw_wgmma_row(tid, i)][hw_wgmma_col(tid, i)]);
             const int key = key0 + wg_acc_col(t, i), hh = (i >> 1) & 1;
-            SC(tid, i) = key < W[tid].hi[hh] && key >= W[tid].lo[hh] ? static_cast<float>(acc) * dq : kNegInf;
+            const uint8_t* key_pad = bf.key_pad.row(b, d.len_k);
+            const bool vis = key < W[tid].hi[hh] && key >= W[tid].lo[hh] && (key_pad == nullptr || key_pad[key] != 0);
+            SC(tid, i) = vis ? static_cast<float>(acc) * dq : kNegInf;
           }
         }
         // ---- online softmax over the half ----
@@ -876,7 +882,7 @@ ReplayOutputs replay_front(const SageCall& c, const Tensor& q, const Tensor& k, 
 std::tuple<Tensor, Tensor> sage_emulate_sm90_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                                        bool is_causal, double scale, bool smooth_k,
                                                        std::optional<Tensor> block_mask, int64_t window_left,
-                                                       int64_t window_right) {
+                                                       int64_t window_right, std::optional<Tensor> key_padding_mask) {
   constexpr const char* op = "_sage_emulate_sm90_attention";
   const SageCall c = check_call(q, k, v, is_causal, scale, 8, "fp8", smooth_k, false, window_left, window_right);
   TERSOR_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), op, ": expects CPU tensors");
@@ -884,6 +890,7 @@ std::tuple<Tensor, Tensor> sage_emulate_sm90_attention(const Tensor& q, const Te
   Buffers bf;
   bf.bm = check_block_mask(block_mask, c, q);
   bf.mask = c.mask;
+  bf.key_pad = check_key_padding(key_padding_mask, c, q);
   bf.d = SageDims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,
                   (c.len_q + SageTraitsSm8x::kCtaQ - 1) / SageTraitsSm8x::kCtaQ * SageTraitsSm8x::kCtaQ,
                   (c.len_k + 127) / 128 * 128};
@@ -919,7 +926,7 @@ std::tuple<Tensor, Tensor> sage_emulate_cuda_attention(const Tensor& q, const Te
                                                        bool is_causal, double scale, std::string pv, bool smooth_k,
                                                        int64_t fault, int64_t qk_bits, bool smooth_q,
                                                        std::optional<Tensor> block_mask, int64_t window_left,
-                                                       int64_t window_right) {
+                                                       int64_t window_right, std::optional<Tensor> key_padding_mask) {
   constexpr const char* op = "_sage_emulate_cuda_attention";
   TERSOR_CHECK_VALUE(qk_bits == 8 || qk_bits == 4, op, ": the CUDA kernel has qk_bits 8 or 4, got ", qk_bits);
   const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, window_left, window_right);
@@ -930,6 +937,7 @@ std::tuple<Tensor, Tensor> sage_emulate_cuda_attention(const Tensor& q, const Te
   Buffers bf;
   bf.bm = check_block_mask(block_mask, c, q);
   bf.mask = c.mask;
+  bf.key_pad = check_key_padding(key_padding_mask, c, q);
   bf.bits = static_cast<int>(qk_bits);
   bf.smooth_q = smooth_q;
   bf.d = SageDims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,

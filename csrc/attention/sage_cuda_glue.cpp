@@ -49,7 +49,8 @@ cudaError_t launch_sm8x(const SageAttnArgs& a, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-std::tuple<Tensor, Tensor> run(const SageCall& c, Tensor q, Tensor k, Tensor v, const SageBlockMask& bm, SagePath path) {
+std::tuple<Tensor, Tensor> run(const SageCall& c, Tensor q, Tensor k, Tensor v, const SageBlockMask& bm,
+                               const SageKeyPadding& kp, SagePath path) {
   const bool sm90 = path == SagePath::kSm90aWgmma;
   // The kernels read the head dim contiguously; other strides are free.
   if (q.stride(3) != 1) q = as_contiguous(q);
@@ -127,6 +128,7 @@ std::tuple<Tensor, Tensor> run(const SageCall& c, Tensor q, Tensor k, Tensor v, 
   aa.mask_heads = bm.heads;
   aa.mask_q_blocks = bm.q_blocks;
   aa.mask_k_blocks = bm.k_blocks;
+  aa.key_padding = kp.data();
 
   const cudaStream_t stream = current_cuda_stream(q.get_device_index());
   TERSOR_CUDA_CHECK(sage_quantize_sm8x(qa, stream));
@@ -150,10 +152,11 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cuda(const Tensor& q, const Tensor
                                                    double scale, int64_t qk_bits, std::string pv, bool smooth_k,
                                                    bool smooth_q, std::string kernel,
                                                    std::optional<Tensor> block_mask, int64_t window_left,
-                                                   int64_t window_right) {
+                                                   int64_t window_right, std::optional<Tensor> key_padding_mask) {
   const char* op = "sage_attention_fwd";
   const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, window_left, window_right);
   const SageBlockMask bm = check_block_mask(block_mask, c, q);
+  const SageKeyPadding kp = check_key_padding(key_padding_mask, c, q);
   TERSOR_CHECK_VALUE(q.is_cuda() && k.is_cuda() && v.is_cuda() && q.get_device_index() == k.get_device_index() &&
                          q.get_device_index() == v.get_device_index(),
                      op, ": q, k, v must be on the same device, got ", device_str(q), ", ", device_str(k), ", ",
@@ -176,7 +179,7 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cuda(const Tensor& q, const Tensor
                         ": the CUDA kernels take batch * heads <= 65535, got batch ", c.batch, " x heads ", c.heads_q,
                         " (split the batch)");
 #ifdef TERSOR_SAGE_PROLOGUE_ARCHS
-  return run(c, q, k, v, bm, route.path);
+  return run(c, q, k, v, bm, kp, route.path);
 #else
   (void)route;
   TERSOR_CHECK(false, op, ": internal error: routed to a kernel in a build without the attention prologue");

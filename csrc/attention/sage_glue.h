@@ -123,6 +123,30 @@ inline SageBlockMask check_block_mask(const std::optional<Tensor>& m, const Sage
   return r;
 }
 
+// A checked key padding mask: contiguous bool [B, Lk], true = the key takes part (transformers' attention_mask
+// convention), or none. The mask must be on q's device.
+struct SageKeyPadding {
+  std::optional<Tensor> mask;
+  const uint8_t* data() const { return mask ? static_cast<const uint8_t*>(mask->const_data_ptr()) : nullptr; }
+  // mask[b, :] (nullptr without a mask)
+  const uint8_t* row(int64_t b, int64_t len_k) const { return mask ? data() + b * len_k : nullptr; }
+};
+
+inline SageKeyPadding check_key_padding(const std::optional<Tensor>& m, const SageCall& c, const Tensor& q) {
+  const char* op = "sage_attention_fwd";
+  SageKeyPadding r;
+  if (!m) return r;
+  const Tensor& t = *m;
+  TERSOR_CHECK_TYPE(t.scalar_type() == ScalarType::Bool, op, ": key_padding_mask must be bool, got ",
+                    dtype_name(t.scalar_type()));
+  TERSOR_CHECK_VALUE(t.dim() == 2 && t.size(0) == c.batch && t.size(1) == c.len_k, op,
+                     ": key_padding_mask must be [", c.batch, ", ", c.len_k, "] ([B, Lk]), got ", sizes_str(t));
+  TERSOR_CHECK_VALUE(t.device().type() == q.device().type() && (!t.is_cuda() || t.get_device_index() == q.get_device_index()),
+                     op, ": key_padding_mask must be on q's device (", device_str(q), "), got ", device_str(t));
+  r.mask = as_contiguous(t);
+  return r;
+}
+
 // The route of a CUDA call (sage_route.h) with the tersor error contract: a bad kernel/qk_bits/pv is a
 // ValueError, a mode without a kernel here a NotImplementedError naming what this device supports.
 inline SageRoute route_or_throw(int cc, int64_t qk_bits, const std::string& pv, bool smooth_q,

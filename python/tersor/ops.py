@@ -471,7 +471,8 @@ SAGE_BLOCK_K = 128
 def sage_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float,
                        qk_bits: int, pv: str, smooth_k: bool, smooth_q: bool,
                        kernel: str = "auto", block_mask: Optional[torch.Tensor] = None,
-                       window_left: int = -1, window_right: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+                       window_left: int = -1, window_right: int = -1,
+                       key_padding_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized attention on ``bhsd`` tensors; returns ``(out, lse)``.
 
     ``q [B, Hq, Lq, D]``, ``k``/``v [B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` and ``D`` in ``SAGE_HEAD_DIMS``,
@@ -497,9 +498,13 @@ def sage_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_cau
     ``p = i + Lk - Lq``, sees keys ``p - window_left .. p + window_right``; a negative side is unbounded);
     composes with ``is_causal`` and ``block_mask`` (a key must pass all). The kernels walk only the key
     tiles the window reaches.
+
+    ``key_padding_mask``: optional bool ``[B, Lk]``; a false key is padding, hidden from every query of its batch
+    entry (transformers' ``attention_mask`` convention, the opposite of ``nn.MultiheadAttention``'s). Composes
+    with all of the above; a row left with no key gives 0 and LSE ``-inf``.
     """
     return _lib.sage_attention_fwd(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, kernel, block_mask,
-                                   window_left, window_right)
+                                   window_left, window_right, key_padding_mask)
 
 
 def sage_route(cc: int, qk_bits: int, pv: str, smooth_q: bool, kernel: str = "auto") -> str:
@@ -538,6 +543,16 @@ def _sage_check_fake(q, k, v, scale, qk_bits, pv, kernel="auto"):
         raise ValueError(f"{op}: scale must be finite and positive, got {scale}")
     if kernel not in SAGE_KERNELS:
         raise ValueError(f"{op}: kernel must be \"auto\", \"sm8x\" or \"sm90\", got \"{kernel}\"")
+
+
+def _sage_check_key_padding_fake(q, k, key_padding_mask):
+    op = "sage_attention_fwd"
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"{op}: key_padding_mask must be bool, got {key_padding_mask.dtype}")
+    if key_padding_mask.dim() != 2:
+        raise ValueError(f"{op}: key_padding_mask must be 2-d [B, Lk], got {key_padding_mask.dim()}-d")
+    torch._check(key_padding_mask.shape[0] == q.shape[0], lambda: f"{op}: key_padding_mask batch differs from q")
+    torch._check(key_padding_mask.shape[1] == k.shape[2], lambda: f"{op}: key_padding_mask must have Lk keys")
 
 
 def _sage_check_block_mask_fake(q, k, block_mask):
@@ -599,12 +614,14 @@ def _xattention_mask_fake(q, k, block_size, stride, threshold, is_causal, scale,
 
 @torch.library.register_fake("tersor::sage_attention_fwd")
 def _sage_attention_fwd_fake(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cuda_kernel="auto",
-                             block_mask=None, window_left=-1, window_right=-1):
+                             block_mask=None, window_left=-1, window_right=-1, key_padding_mask=None):
     # The NotImplementedError of a mode without a CUDA kernel depends on the device's compute capability and is
     # raised by the real kernel only.
     _sage_check_fake(q, k, v, scale, qk_bits, pv, cuda_kernel)
     if block_mask is not None:
         _sage_check_block_mask_fake(q, k, block_mask)
+    if key_padding_mask is not None:
+        _sage_check_key_padding_fake(q, k, key_padding_mask)
     b, hq, lq, d = q.shape
     out = q.new_empty((b, hq, lq, d))
     lse = q.new_empty((b, hq, lq), dtype=torch.float32)

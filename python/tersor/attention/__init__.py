@@ -117,6 +117,19 @@ def _check_block_mask(block_mask, q: torch.Tensor, len_k: int) -> None:
 CUDA_MAX_HEAD_DIM = 128
 
 
+def _check_key_padding_mask(mask, q: torch.Tensor, len_k: int) -> None:
+    # q is bhsd here
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"sage_attention: key_padding_mask must be a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"sage_attention: key_padding_mask must be bool (True = a real key), got {mask.dtype}")
+    if tuple(mask.shape) != (q.shape[0], len_k):
+        raise ValueError(f"sage_attention: key_padding_mask must be [{q.shape[0]}, {len_k}] ([B, Lk]), got "
+                         f"{list(mask.shape)}")
+    if mask.device != q.device:
+        raise ValueError(f"sage_attention: key_padding_mask must be on {q.device}, got {mask.device}")
+
+
 def _padded_head_dim(d: int, device: torch.device) -> int:
     if d < 1 or d > 256:
         raise ValueError(f"sage_attention: head_dim must be between 1 and 256, got {d}")
@@ -130,7 +143,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
                    scale: Optional[float] = None, layout: str = "bhsd", qk: str = "auto", pv: str = "auto",
                    smooth_k: bool = True, smooth_q: Optional[bool] = None, return_lse: bool = False,
                    kernel: str = "auto", block_mask: Optional[torch.Tensor] = None,
-                   window: Optional[tuple[int, int]] = None):
+                   window: Optional[tuple[int, int]] = None, key_padding_mask: Optional[torch.Tensor] = None):
     """Quantized attention with SageAttention2 numerics; output like ``F.scaled_dot_product_attention``.
 
     ``q [B, Hq, Lq, D]`` and ``k``/``v [B, Hkv, Lk, D]`` (``layout="bhsd"``) or ``[B, L, H, D]``
@@ -167,6 +180,12 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     unbounded, so ``window=(W - 1, 0)`` (or ``is_causal=True, window=(W - 1, -1)``) is a causal sliding window of
     ``W`` keys (Mistral's ``sliding_window=W``). It composes with ``is_causal`` and ``block_mask``. Every kernel
     takes it, and walks only the key tiles a CTA's rows reach (the cost grows with ``W``, not with ``Lk``).
+
+    ``key_padding_mask`` (padded batches): bool ``[B, Lk]``, **True for a real key, False for padding**
+    (transformers' ``attention_mask`` convention; ``nn.MultiheadAttention``'s ``key_padding_mask`` is the
+    opposite). A padded key is hidden from every query of its batch entry, in every kernel; it composes with
+    ``is_causal``, ``window`` and ``block_mask``, and a row left with no key gives 0 and LSE ``-inf``. Padded
+    keys still enter K's smoothing mean and quantization scales (exact for the softmax; they must be finite).
     """
     if layout not in ("bhsd", "bshd"):
         raise ValueError(f"sage_attention: layout must be 'bhsd' or 'bshd', got {layout!r}")
@@ -187,6 +206,8 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     if block_mask is not None:
         _check_block_mask(block_mask, q, k.shape[2])
     left, right = _check_window(window, "sage_attention")
+    if key_padding_mask is not None:
+        _check_key_padding_mask(key_padding_mask, q, k.shape[2])
     d = q.shape[-1]
     if k.shape[-1] != d or v.shape[-1] != d:
         raise ValueError(f"sage_attention: q, k, v must share the head dim, got {d}, {k.shape[-1]}, {v.shape[-1]}")
@@ -198,7 +219,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     if smooth_q is None:
         smooth_q = qk_bits == 4
     out, lse = ops.sage_attention_fwd(q, k, v, bool(is_causal), float(scale), qk_bits, pv_mode, bool(smooth_k),
-                                      bool(smooth_q), kernel, block_mask, left, right)
+                                      bool(smooth_q), kernel, block_mask, left, right, key_padding_mask)
     if dp != d:
         out = out[..., :d]
     if layout == "bshd":

@@ -44,7 +44,8 @@ def tersor_sage_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     signature (``query [B, Hq, Lq, D]``, ``key``/``value [B, Hkv, Lk, D]``), returns ``(out [B, Lq, Hq, D], None)``.
 
     Routed to :func:`tersor.attention.sage_attention` (GQA natively, ``scale=scaling``) when: no attention
-    mask (transformers passes none for unpadded causal or bidirectional batches), no dropout, float16/bfloat16,
+    mask (transformers passes none for unpadded causal or bidirectional batches) or the 2-d padding mask
+    :func:`tersor_sage_mask` passes for padded ones (then ``key_padding_mask``), no dropout, float16/bfloat16,
     head dim <= 128 (padded to 64 or 128 like SageAttention; <= 256 on the CPU), ``Lq == Lk`` when causal, a device with
     validated kernels (the CPU twin; CUDA once ``CUDA_KERNELS_READY``), no autograd, no softcap / position
     bias / sinks. Everything else runs transformers' ``sdpa_attention_forward`` unchanged and warns once per
@@ -54,9 +55,19 @@ def tersor_sage_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    key_padding = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        # tersor_sage_mask's padding mask [B, Lk] (True = a real key), with the module's causality
+        key_padding, attention_mask = attention_mask, None
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)  # as sdpa_attention_forward decides
     reason = _fallback_reason(module, query, key, value, attention_mask, dropout, causal, kwargs)
+    if reason is None and key_padding is not None and getattr(getattr(module, "config", None), "tersor_sage", {}) \
+            .get("sparse_threshold") is not None:
+        reason = "padding mask with block-sparse attention"
     if reason is not None:
+        if key_padding is not None:  # SDPA needs the 4-d mask sdpa_mask would have built
+            attention_mask = _padding_mask_4d(key_padding, query.shape[2], causal)
+            is_causal = False
         stats.fell_back[reason] += 1
         if reason not in _warned:
             _warned.add(reason)
@@ -72,16 +83,29 @@ def tersor_sage_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
                                     qk=modes.get("qk", "auto"), pv=modes.get("pv", "auto"))
         return out.transpose(1, 2).contiguous(), None
     out = sage_attention(query, key, value, is_causal=causal, scale=scaling, qk=modes.get("qk", "auto"),
-                         pv=modes.get("pv", "auto"))
+                         pv=modes.get("pv", "auto"), key_padding_mask=key_padding)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _padding_mask_4d(key_padding: torch.Tensor, len_q: int, causal: bool) -> torch.Tensor:
+    """bool [B, 1, Lq, Lk]: the padding mask [B, Lk] and, if causal, the bottom-right causal mask (what sdpa_mask
+    builds for the calls tersor_sage_mask passes a 2-d mask for: Lq == Lk or Lq == 1)."""
+    len_k = key_padding.shape[-1]
+    m = key_padding.bool()[:, None, None, :].expand(-1, 1, len_q, len_k)
+    if causal:
+        rows = torch.arange(len_q, device=key_padding.device)[:, None] + (len_k - len_q)
+        m = m & (torch.arange(len_k, device=key_padding.device)[None, :] <= rows)
+    return m
 
 
 def tersor_sage_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                      attention_mask=None, local_size=None, allow_is_causal_skip=True,
                      allow_is_bidirectional_skip=False, **kwargs):
     """The ``AttentionMaskInterface`` function behind ``"tersor_sage"``: ``None`` (no mask, the kernel's own
-    ``is_causal``) for a plain causal or bidirectional mask with no padding mask and no window, else
-    transformers' ``sdpa_mask``.
+    ``is_causal``) for a plain causal or bidirectional mask with no padding mask and no window; the 2-d padding
+    mask bool ``[B, kv_length]`` (as transformers' ``flash_attention_mask`` does; ``tersor_sage_attention`` runs
+    it as ``key_padding_mask``, or builds the 4-d mask if it falls back to SDPA) for the same masks with
+    padding; else transformers' ``sdpa_mask``.
 
     Why not ``sdpa_mask`` alone: before torch 2.14, dynamo folds ``torch.compiler.is_exporting()`` to ``True``
     while tracing, so ``sdpa_mask`` materializes the full causal mask under ``torch.compile`` and every layer
@@ -89,12 +113,19 @@ def tersor_sage_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, m
     only the mask kind, the shapes (guards under compile) and whether a padding mask was passed at all."""
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
-    plain = attention_mask is None and local_size is None
-    if plain and allow_is_causal_skip and mask_function is causal_mask_function \
-            and not isinstance(q_offset, torch.Tensor) and (q_length == 1 or q_length == kv_length):
-        return None  # causal with Lq == Lk (top-left == bottom-right), or one query that sees every key
-    if plain and allow_is_bidirectional_skip and mask_function is bidirectional_mask_function:
-        return None
+    simple = local_size is None and (attention_mask is None or
+                                     (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2))
+    causal_ok = simple and allow_is_causal_skip and mask_function is causal_mask_function \
+        and not isinstance(q_offset, torch.Tensor) and (q_length == 1 or q_length == kv_length)
+    # causal with Lq == Lk (top-left == bottom-right), or one query that sees every key; or bidirectional
+    if causal_ok or (simple and allow_is_bidirectional_skip and mask_function is bidirectional_mask_function):
+        if attention_mask is None:
+            return None
+        # the padding mask of the keys [kv_offset, kv_offset + kv_length), as sdpa_mask reads it
+        pad = attention_mask.bool()
+        if pad.shape[-1] < kv_offset + kv_length:
+            pad = torch.nn.functional.pad(pad, (0, kv_offset + kv_length - pad.shape[-1]))
+        return pad[:, kv_offset:kv_offset + kv_length]
     return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
                      mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
                      allow_is_causal_skip=allow_is_causal_skip,
