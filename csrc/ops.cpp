@@ -131,8 +131,10 @@ STABLE_TORCH_LIBRARY(tersor, m) {
   // position p = i + Lk - Lq sees keys in [p - left, p + right]; a negative side is unbounded), in every
   // kernel and the twin; the CTAs walk only the key tiles their rows' windows reach (sage_format.h).
   // key_padding_mask: optional bool [B, Lk], false = the key is padding (hidden from every query of that batch
-  // entry; transformers' attention_mask convention); composes with all of the above.
-  m.def("sage_attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, int qk_bits, str pv, bool smooth_k, bool smooth_q, str cuda_kernel=\"auto\", Tensor? block_mask=None, int window_left=-1, int window_right=-1, Tensor? key_padding_mask=None) -> (Tensor, Tensor)");
+  // entry; transformers' attention_mask convention); composes with all of the above. attn_mask: any other mask,
+  // CPU twin only (NotImplementedError on CUDA): bool (false hides the key, SDPA's convention) or float (added to
+  // the scores) [B or 1, Hq or 1, Lq, Lk].
+  m.def("sage_attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, int qk_bits, str pv, bool smooth_k, bool smooth_q, str cuda_kernel=\"auto\", Tensor? block_mask=None, int window_left=-1, int window_right=-1, Tensor? key_padding_mask=None, Tensor? attn_mask=None) -> (Tensor, Tensor)");
   // The CUDA kernel sage_attention_fwd runs for these modes on compute capability cc (10 * major + minor) in
   // this build: "sm8x-mma" or "sm90a-wgmma"; NotImplementedError (naming what cc supports) where none applies.
   m.def("_sage_route(int cc, int qk_bits, str pv, bool smooth_q, str kernel=\"auto\") -> str");

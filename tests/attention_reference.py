@@ -46,10 +46,12 @@ def token_mask(block_mask, lq, lk, block_q=128, block_k=128):
     return block_mask.repeat_interleave(block_q, 2)[:, :, :lq].repeat_interleave(block_k, 3)[..., :lk]
 
 
-def attention_fp64(q, k, v, is_causal=False, scale=None, block_mask=None, window=None, key_padding=None):
+def attention_fp64(q, k, v, is_causal=False, scale=None, block_mask=None, window=None, key_padding=None,
+                   attn_mask=None):
     """(out float64, lse float64): fully masked rows give 0 and -inf. block_mask: the keys of a false block
     get -inf scores. window: (left, right) sliding window (:func:`key_mask`). key_padding: bool [B, Lk], False =
-    a padded key (-inf scores for every query of that batch entry)."""
+    a padded key (-inf scores for every query of that batch entry). attn_mask: SDPA's (bool: False hides the
+    key; float: added to the scores), broadcast to [B, H, Lq, Lk]."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     k, v = _expand_kv(k, q.shape[1]).double(), _expand_kv(v, q.shape[1]).double()
     s = q.double() @ k.transpose(-1, -2) * scale
@@ -61,6 +63,8 @@ def attention_fp64(q, k, v, is_causal=False, scale=None, block_mask=None, window
         s = s.masked_fill(~key_mask(q.shape[2], k.shape[2], False, window), -math.inf)
     if key_padding is not None:
         s = s.masked_fill(~key_padding[:, None, None, :], -math.inf)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else s + attn_mask.double()
     lse = torch.logsumexp(s, dim=-1)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     return p @ v, lse
@@ -84,7 +88,7 @@ def _int_quant(x, groups, n_groups, bits):
 
 
 def sage_emulate(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cta_q=128, cta_k=64, warp_q=32,
-                 block_mask=None, window=None, key_padding=None):
+                 block_mask=None, window=None, key_padding=None, attn_mask=None):
     """(out float32, lse float32) of the quantized pipeline (see module docstring). block_mask: masked keys get
     -inf scores; a tile all -inf for a row leaves its m, l, o exactly as they were (alpha = 1, p = 0), which is
     what skipping the tile does."""
@@ -135,6 +139,8 @@ def sage_emulate(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cta
         s = s.masked_fill(~token_mask(block_mask, lq, lk), -math.inf)
     if key_padding is not None:
         s = s.masked_fill(~key_padding[:, None, None, :], -math.inf)
+    if attn_mask is not None:  # the scores are in log2 units: a float mask too
+        s = s.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else s + attn_mask.float() * LOG2E
     m = torch.full((b, hq, lq, 1), -math.inf)
     l = torch.zeros(b, hq, lq, 1)
     o = torch.zeros(b, hq, lq, d)

@@ -124,6 +124,7 @@ def _sage_attention_fwd(device):
         ((1, 4, 2, 150, 200, 64, True), torch.float16, 8, "fp8", True, False, {"window_left": 70, "window_right": -1}),
         ((1, 2, 2, 60, 60, 64, False), torch.bfloat16, 8, "fp16", True, False, {"window_left": 5, "window_right": 9}),
         ((2, 2, 1, 50, 70, 64, True), torch.float16, 8, "fp16", True, False, {"key_padding_mask": "right"}),
+        ((2, 2, 1, 30, 40, 64, False), torch.float32, 0, "fp32", False, False, {"attn_mask": "float"}),
     ]:
         if torch.device(device).type == "cuda":
             # Only the modes with a CUDA kernel on this device (the others raise NotImplementedError; the
@@ -139,6 +140,10 @@ def _sage_attention_fwd(device):
         if kwargs.get("key_padding_mask") == "right":  # keys [0, n_b) of batch entry b are real
             kwargs = dict(kwargs, key_padding_mask=torch.arange(lk, device=device)[None, :] < torch.tensor(
                 [[lk - 7 * i] for i in range(b)], device=device))
+        if kwargs.get("attn_mask") == "float":  # CPU only (NotImplementedError on CUDA)
+            if torch.device(device).type == "cuda":
+                continue
+            kwargs = dict(kwargs, attn_mask=torch.randn(1, hq, lq, lk, device=device))
         cases.append(((q, k, v, causal, d ** -0.5, bits, pv, sk, sq), kwargs))
     # block-sparse (block_mask [B, Hq or 1, ceil(Lq / 128), ceil(Lk / 128)]), with causal and GQA
     g = torch.Generator().manual_seed(0)

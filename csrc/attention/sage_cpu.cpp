@@ -96,11 +96,29 @@ void prepare_kv(const SageCall& c, const float* k, const float* v, KVPrepared& p
       p.k_op_t[d * L + j] = c.qk_bits > 0 ? static_cast<float>(p.k_int[j * D + d]) : p.k_smooth[j * D + d];
 }
 
+// The masks of one CTA's rows (each nullptr when absent). block_row: the block mask's row of this query block
+// (tiles of masked key blocks are skipped, as the kernels skip them); key_pad: the key padding mask's row of
+// this batch entry (a padded key's score is -inf); attn_bool / attn_bias: the attention mask's rows r0.. of
+// this (batch, head), row stride Lk: false hides the key, a float is added to the score (natural-log units;
+// CPU only: no kernel takes a general mask).
+struct TwinMasks {
+  const uint8_t* block_row = nullptr;
+  const uint8_t* key_pad = nullptr;
+  const uint8_t* attn_bool = nullptr;
+  const float* attn_bias = nullptr;
+  // key j is hidden from row i (of the CTA) by the padding or the boolean attention mask
+  bool hidden(int64_t i, int64_t j, int64_t len_k) const {
+    return (key_pad != nullptr && !key_pad[j]) || (attn_bool != nullptr && !attn_bool[i * len_k + j]);
+  }
+  double bias(int64_t i, int64_t j, int64_t len_k) const {
+    return attn_bias != nullptr ? static_cast<double>(attn_bias[i * len_k + j]) : 0.0;
+  }
+};
+
 // The quantized pipeline for query rows [r0, r1) of one (batch, head): the kernel's CTA (128 rows).
-// mask_row: the block mask's row of this query block (nullptr: dense); tiles of masked key blocks are skipped.
-// key_pad: the key padding mask's row of this batch entry (nullptr: none); a padded key's score is -inf.
 void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KVPrepared& kv, int64_t r0,
-                    int64_t r1, const uint8_t* mask_row, const uint8_t* key_pad, float* out, float* lse) {
+                    int64_t r1, const TwinMasks& mk, float* out, float* lse) {
+  const uint8_t* mask_row = mk.block_row;
   const int64_t D = c.head_dim, Lk = c.len_k;
   const int64_t rows = r1 - r0;
   const float qk_mul = static_cast<float>(c.scale) * kLog2e;  // fp32, folded into Q before quantization
@@ -196,13 +214,15 @@ void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KV
       float tile_max = neg_inf;
       for (int64_t jj = j0; jj < nn; ++jj) {
         const int64_t j = t0 + jj;
-        if (key_pad != nullptr && !key_pad[j]) {
+        if (mk.hidden(i, j, Lk)) {
           p_row[jj] = neg_inf;  // exp2 gives 0 below
           continue;
         }
         float sj = st[i * n + jj];
         if (c.qk_bits > 0) sj *= q_scale[q_group(i)] * kv.k_scale[k_group(j)];
         if (c.smooth_q) sj += q_bias[q_smooth_block(i) * Lk + j];
+        // the scores are in log2 units (Q was scaled by scale * log2e): an additive mask in natural-log units too
+        if (mk.attn_bias != nullptr) sj += mk.attn_bias[i * Lk + j] * kLog2e;
         p_row[jj] = sj;
         tile_max = std::max(tile_max, sj);
       }
@@ -265,7 +285,8 @@ void quantized_rows(const SageCall& c, ScalarType in_t, const float* q, const KV
 
 // Exact mode: fp64 throughout (smoothing applied too, exactly, so the LSE correction is exercised).
 void exact_rows(const SageCall& c, const float* q, const float* k, const float* v, int64_t r0, int64_t r1,
-                const uint8_t* mask_row, const uint8_t* key_pad, float* out, float* lse) {
+                const TwinMasks& mk, float* out, float* lse) {
+  const uint8_t* mask_row = mk.block_row;
   const int64_t D = c.head_dim, Lk = c.len_k, rows = r1 - r0;
   std::vector<double> k_mean(D, 0.0);
   if (c.smooth_k) {
@@ -286,27 +307,30 @@ void exact_rows(const SageCall& c, const float* q, const float* k, const float* 
     }
   std::vector<double> l(rows, 0.0), m(rows, -std::numeric_limits<double>::infinity());
   std::vector<KeySpan> visible(rows);
-  std::vector<char> kept(Lk, 1);  // key j's block is kept by the block mask, and j is not padding
+  std::vector<char> kept(Lk, 1);  // key j's block is kept by the block mask
   if (mask_row != nullptr)
     for (int64_t j = 0; j < Lk; ++j) kept[j] = mask_row[j / kSparseBlockK] != 0;
-  if (key_pad != nullptr)
-    for (int64_t j = 0; j < Lk; ++j) kept[j] = kept[j] && key_pad[j] != 0;
+  const double neg_inf = -std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < rows; ++i) {
     visible[i] = visible_keys(c.mask, r0 + i, c.len_q, Lk);
     const int64_t lo = visible[i].lo, hi = visible[i].hi;
     double* row = sp.data() + i * Lk;
-    for (int64_t j = lo; j < hi; ++j)
-      if (kept[j]) m[i] = std::max(m[i], row[j] * c.scale);
+    // row[j] becomes the scaled, masked score (-inf for a key the row does not see), then its exp
     for (int64_t j = 0; j < Lk; ++j) {
-      row[j] = j >= lo && j < hi && kept[j] ? std::exp(row[j] * c.scale - m[i]) : 0.0;
+      row[j] = j >= lo && j < hi && kept[j] && !mk.hidden(i, j, Lk) ? row[j] * c.scale + mk.bias(i, j, Lk) : neg_inf;
+      m[i] = std::max(m[i], row[j]);
+    }
+    for (int64_t j = 0; j < Lk; ++j) {
+      row[j] = row[j] == neg_inf ? 0.0 : std::exp(row[j] - m[i]);
       l[i] += row[j];
     }
-    if (l[i] == 0.0) visible[i].hi = lo;  // every visible key is in a masked block (NaN inputs still propagate)
+    // no visible key, or only -inf ones (NaN inputs still propagate)
+    if (l[i] == 0.0) visible[i].hi = lo;
   }
   std::vector<double> op(rows * D, 0.0);
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = visible[i].lo; j < visible[i].hi; ++j) {
-      if (!kept[j]) continue;  // never read (as the kernels never load a masked block)
+      if (sp[i * Lk + j] == 0.0) continue;  // a hidden key is never read (as the kernels never load a masked block)
       const double p = sp[i * Lk + j];
       for (int64_t d = 0; d < D; ++d) op[i * D + d] += p * v[j * D + d];
     }
@@ -328,10 +352,33 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor&
                                                   double scale, int64_t qk_bits, std::string pv, bool smooth_k,
                                                   bool smooth_q, std::string kernel,
                                                   std::optional<Tensor> block_mask, int64_t window_left,
-                                                  int64_t window_right, std::optional<Tensor> key_padding_mask) {
+                                                  int64_t window_right, std::optional<Tensor> key_padding_mask,
+                                                  std::optional<Tensor> attn_mask) {
   const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, window_left, window_right);
   const SageBlockMask bm = check_block_mask(block_mask, c, q);
   const SageKeyPadding key_padding = check_key_padding(key_padding_mask, c, q);
+  // The general attention mask (CPU only): bool (false hides the key) or float (added to the scores), 4-d
+  // [B or 1, Hq or 1, Lq, Lk]; read as bytes or as contiguous float32.
+  std::optional<Tensor> am;
+  int64_t am_b = 0, am_h = 0;
+  bool am_bool = false;
+  if (attn_mask) {
+    const Tensor& t = *attn_mask;
+    const char* op = "sage_attention_fwd";
+    const ScalarType mt = t.scalar_type();
+    TERSOR_CHECK_TYPE(mt == ScalarType::Bool || mt == ScalarType::Float || mt == ScalarType::Half ||
+                          mt == ScalarType::BFloat16,
+                      op, ": attn_mask must be bool or float32/float16/bfloat16, got ", dtype_name(mt));
+    TERSOR_CHECK_VALUE(t.dim() == 4 && (t.size(0) == 1 || t.size(0) == c.batch) &&
+                           (t.size(1) == 1 || t.size(1) == c.heads_q) && t.size(2) == c.len_q && t.size(3) == c.len_k,
+                       op, ": attn_mask must be [", c.batch, " or 1, ", c.heads_q, " or 1, ", c.len_q, ", ", c.len_k,
+                       "], got ", sizes_str(t));
+    TERSOR_CHECK_VALUE(t.is_cpu(), op, ": attn_mask must be on the CPU with q, got ", device_str(t));
+    am_bool = mt == ScalarType::Bool;
+    am = as_contiguous(am_bool ? t : as_dtype(t, ScalarType::Float));
+    am_b = t.size(0);
+    am_h = t.size(1);
+  }
   parse_kernel(kernel);  // selects a CUDA kernel; the CPU twin reproduces all of them (checked, then unused)
   const Tensor qf = as_contiguous(as_dtype(q, ScalarType::Float));
   const Tensor kf = as_contiguous(as_dtype(k, ScalarType::Float));
@@ -359,15 +406,24 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor&
       const int64_t bh = w / tiles, tile = w % tiles;
       const int64_t bkv = (bh / c.heads_q) * c.heads_kv + (bh % c.heads_q) / group;
       const int64_t r0 = tile * Traits::kCtaQ, r1 = std::min(c.len_q, r0 + Traits::kCtaQ);
-      const uint8_t* mask_row = bm.row(bh / c.heads_q, bh % c.heads_q, tile);  // kCtaQ == kSparseBlockQ
-      const uint8_t* key_pad = key_padding.row(bh / c.heads_q, c.len_k);
+      TwinMasks mk;
+      mk.block_row = bm.row(bh / c.heads_q, bh % c.heads_q, tile);  // kCtaQ == kSparseBlockQ
+      mk.key_pad = key_padding.row(bh / c.heads_q, c.len_k);
+      if (am) {
+        const int64_t plane = (am_b == 1 ? 0 : bh / c.heads_q) * am_h + (am_h == 1 ? 0 : bh % c.heads_q);
+        const int64_t off = (plane * c.len_q + r0) * c.len_k;
+        if (am_bool)
+          mk.attn_bool = static_cast<const uint8_t*>(am->const_data_ptr()) + off;
+        else
+          mk.attn_bias = am->const_data_ptr<float>() + off;
+      }
       const float* qh = qp + bh * c.len_q * D;
       float* oh = op + bh * c.len_q * D + r0 * D;
       float* lh = lp + bh * c.len_q + r0;
       if (c.exact())
-        exact_rows(c, qh, kf_p + bkv * c.len_k * D, vp + bkv * c.len_k * D, r0, r1, mask_row, key_pad, oh, lh);
+        exact_rows(c, qh, kf_p + bkv * c.len_k * D, vp + bkv * c.len_k * D, r0, r1, mk, oh, lh);
       else
-        quantized_rows(c, in_t, qh, kv[bkv], r0, r1, mask_row, key_pad, oh, lh);
+        quantized_rows(c, in_t, qh, kv[bkv], r0, r1, mk, oh, lh);
     }
   });
   return {in_t == ScalarType::Float ? out : as_dtype(out, in_t), lse};

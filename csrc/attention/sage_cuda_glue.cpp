@@ -152,11 +152,14 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cuda(const Tensor& q, const Tensor
                                                    double scale, int64_t qk_bits, std::string pv, bool smooth_k,
                                                    bool smooth_q, std::string kernel,
                                                    std::optional<Tensor> block_mask, int64_t window_left,
-                                                   int64_t window_right, std::optional<Tensor> key_padding_mask) {
+                                                   int64_t window_right, std::optional<Tensor> key_padding_mask,
+                                                   std::optional<Tensor> attn_mask) {
   const char* op = "sage_attention_fwd";
   const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, window_left, window_right);
   const SageBlockMask bm = check_block_mask(block_mask, c, q);
   const SageKeyPadding kp = check_key_padding(key_padding_mask, c, q);
+  TERSOR_CHECK_NOT_IMPL(!attn_mask, op, ": a general attn_mask has no CUDA kernel (it runs on the CPU twin); the "
+                        "kernels take is_causal, window, key_padding_mask and block_mask");
   TERSOR_CHECK_VALUE(q.is_cuda() && k.is_cuda() && v.is_cuda() && q.get_device_index() == k.get_device_index() &&
                          q.get_device_index() == v.get_device_index(),
                      op, ": q, k, v must be on the same device, got ", device_str(q), ", ", device_str(k), ", ",

@@ -472,7 +472,8 @@ def sage_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_cau
                        qk_bits: int, pv: str, smooth_k: bool, smooth_q: bool,
                        kernel: str = "auto", block_mask: Optional[torch.Tensor] = None,
                        window_left: int = -1, window_right: int = -1,
-                       key_padding_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       key_padding_mask: Optional[torch.Tensor] = None,
+                       attn_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized attention on ``bhsd`` tensors; returns ``(out, lse)``.
 
     ``q [B, Hq, Lq, D]``, ``k``/``v [B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` and ``D`` in ``SAGE_HEAD_DIMS``,
@@ -502,9 +503,12 @@ def sage_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_cau
     ``key_padding_mask``: optional bool ``[B, Lk]``; a false key is padding, hidden from every query of its batch
     entry (transformers' ``attention_mask`` convention, the opposite of ``nn.MultiheadAttention``'s). Composes
     with all of the above; a row left with no key gives 0 and LSE ``-inf``.
+
+    ``attn_mask``: any other mask, CPU only (``NotImplementedError`` on CUDA): bool (False hides the key) or
+    float (added to the scores), 4-d ``[B or 1, Hq or 1, Lq, Lk]``.
     """
     return _lib.sage_attention_fwd(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, kernel, block_mask,
-                                   window_left, window_right, key_padding_mask)
+                                   window_left, window_right, key_padding_mask, attn_mask)
 
 
 def sage_route(cc: int, qk_bits: int, pv: str, smooth_q: bool, kernel: str = "auto") -> str:
@@ -614,7 +618,8 @@ def _xattention_mask_fake(q, k, block_size, stride, threshold, is_causal, scale,
 
 @torch.library.register_fake("tersor::sage_attention_fwd")
 def _sage_attention_fwd_fake(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cuda_kernel="auto",
-                             block_mask=None, window_left=-1, window_right=-1, key_padding_mask=None):
+                             block_mask=None, window_left=-1, window_right=-1, key_padding_mask=None,
+                             attn_mask=None):
     # The NotImplementedError of a mode without a CUDA kernel depends on the device's compute capability and is
     # raised by the real kernel only.
     _sage_check_fake(q, k, v, scale, qk_bits, pv, cuda_kernel)

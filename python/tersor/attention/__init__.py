@@ -130,6 +130,58 @@ def _check_key_padding_mask(mask, q: torch.Tensor, len_k: int) -> None:
         raise ValueError(f"sage_attention: key_padding_mask must be on {q.device}, got {mask.device}")
 
 
+def _check_attn_mask(mask, q: torch.Tensor, len_k: int) -> torch.Tensor:
+    # q is bhsd here. Returns the mask expanded to 4-d [B or 1, Hq or 1, Lq, Lk] (a view).
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"sage_attention: attn_mask must be a tensor, got {type(mask).__name__}")
+    if mask.dtype not in (torch.bool, torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"sage_attention: attn_mask must be bool or float32/float16/bfloat16, got {mask.dtype}")
+    if mask.device != q.device:
+        raise ValueError(f"sage_attention: attn_mask must be on {q.device}, got {mask.device}")
+    b, h, lq = q.shape[:3]
+    if mask.dim() > 4:
+        raise ValueError(f"sage_attention: attn_mask must broadcast to [{b}, {h}, {lq}, {len_k}], got {list(mask.shape)}")
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    bm = m.shape[0] if m.shape[0] in (1, b) else None
+    hm = m.shape[1] if m.shape[1] in (1, h) else None
+    if bm is None or hm is None or m.shape[2] not in (1, lq) or m.shape[3] not in (1, len_k):
+        raise ValueError(f"sage_attention: attn_mask must broadcast to [{b}, {h}, {lq}, {len_k}], got {list(mask.shape)}")
+    return m.expand(bm, hm, lq, len_k)
+
+
+def _sdpa_masked(q, k, v, is_causal, scale, window, key_padding_mask, attn_mask, block_mask):
+    # sage_attention(..., sdpa_fallback=True) with a general mask on a device without a masked kernel: every mask
+    # folded into one additive float mask (bottom-right causal and window as sage_attention defines them), SDPA in
+    # the inputs' dtype; rows with no visible key give 0 (SDPA would give NaN).
+    lq, lk = q.shape[2], k.shape[2]
+    rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+    keys = torch.arange(lk, device=q.device)[None, :]
+    vis = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    if is_causal:
+        vis &= keys <= rows
+    if window[0] >= 0:
+        vis &= keys >= rows - window[0]
+    if window[1] >= 0:
+        vis &= keys <= rows + window[1]
+    vis = vis[None, None]
+    if key_padding_mask is not None:
+        vis = vis & key_padding_mask[:, None, None, :]
+    if block_mask is not None:
+        vis = vis & block_mask.repeat_interleave(BLOCK_Q, 2)[:, :, :lq].repeat_interleave(BLOCK_K, 3)[..., :lk]
+    if attn_mask.dtype == torch.bool:
+        vis = vis & attn_mask
+        bias = None
+    else:
+        bias = attn_mask.to(torch.float32)
+    add = torch.zeros(vis.shape, dtype=torch.float32, device=q.device).masked_fill(~vis, float("-inf"))
+    if bias is not None:
+        add = add + bias
+    dead = torch.isneginf(add).all(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=add.to(q.dtype), scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.masked_fill(dead, 0)
+
+
 def _padded_head_dim(d: int, device: torch.device) -> int:
     if d < 1 or d > 256:
         raise ValueError(f"sage_attention: head_dim must be between 1 and 256, got {d}")
@@ -143,7 +195,8 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
                    scale: Optional[float] = None, layout: str = "bhsd", qk: str = "auto", pv: str = "auto",
                    smooth_k: bool = True, smooth_q: Optional[bool] = None, return_lse: bool = False,
                    kernel: str = "auto", block_mask: Optional[torch.Tensor] = None,
-                   window: Optional[tuple[int, int]] = None, key_padding_mask: Optional[torch.Tensor] = None):
+                   window: Optional[tuple[int, int]] = None, key_padding_mask: Optional[torch.Tensor] = None,
+                   attn_mask: Optional[torch.Tensor] = None, sdpa_fallback: bool = False):
     """Quantized attention with SageAttention2 numerics; output like ``F.scaled_dot_product_attention``.
 
     ``q [B, Hq, Lq, D]`` and ``k``/``v [B, Hkv, Lk, D]`` (``layout="bhsd"``) or ``[B, L, H, D]``
@@ -186,6 +239,12 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     opposite). A padded key is hidden from every query of its batch entry, in every kernel; it composes with
     ``is_causal``, ``window`` and ``block_mask``, and a row left with no key gives 0 and LSE ``-inf``. Padded
     keys still enter K's smoothing mean and quantization scales (exact for the softmax; they must be finite).
+
+    ``attn_mask``: any other mask, as SDPA takes it (bool, True = take part, or float added to the scores;
+    broadcastable to ``[B, Hq, Lq, Lk]``), composed with everything above. **CPU twin only**: no kernel takes a
+    general mask, so on CUDA it raises ``NotImplementedError``, unless ``sdpa_fallback=True``: then the call
+    runs ``F.scaled_dot_product_attention`` in the inputs' dtype with every mask above folded into one (no
+    quantization; a row with no visible key gives 0 there too; ``return_lse`` is not available).
     """
     if layout not in ("bhsd", "bshd"):
         raise ValueError(f"sage_attention: layout must be 'bhsd' or 'bshd', got {layout!r}")
@@ -208,6 +267,17 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     left, right = _check_window(window, "sage_attention")
     if key_padding_mask is not None:
         _check_key_padding_mask(key_padding_mask, q, k.shape[2])
+    if attn_mask is not None:
+        attn_mask = _check_attn_mask(attn_mask, q, k.shape[2])
+        if q.device.type != "cpu":
+            if not sdpa_fallback:
+                raise NotImplementedError(
+                    "sage_attention: a general attn_mask runs on the CPU twin only (the kernels take is_causal, "
+                    "window, key_padding_mask and block_mask); pass sdpa_fallback=True to run SDPA instead")
+            if return_lse:
+                raise NotImplementedError("sage_attention: sdpa_fallback=True has no LSE (return_lse=True)")
+            out = _sdpa_masked(q, k, v, is_causal, scale, (left, right), key_padding_mask, attn_mask, block_mask)
+            return out.transpose(1, 2) if layout == "bshd" else out
     d = q.shape[-1]
     if k.shape[-1] != d or v.shape[-1] != d:
         raise ValueError(f"sage_attention: q, k, v must share the head dim, got {d}, {k.shape[-1]}, {v.shape[-1]}")
@@ -219,7 +289,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     if smooth_q is None:
         smooth_q = qk_bits == 4
     out, lse = ops.sage_attention_fwd(q, k, v, bool(is_causal), float(scale), qk_bits, pv_mode, bool(smooth_k),
-                                      bool(smooth_q), kernel, block_mask, left, right, key_padding_mask)
+                                      bool(smooth_q), kernel, block_mask, left, right, key_padding_mask, attn_mask)
     if dp != d:
         out = out[..., :d]
     if layout == "bshd":
