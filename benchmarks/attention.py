@@ -205,3 +205,94 @@ def bench_sparse_attention(ctx) -> list[Result]:
             q, k, v = (torch.cat(t, 1) for t in zip(*layers))  # all layers as heads: [1, 6 * 12, L, 32]
             rows += _sparse_rows(ctx, "minilm-all-layers", q, k, v, False, (0.9, 0.95), fp64_ref=True)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masked prefill (issue 15): sliding windows and padded batches
+
+
+def _window_baseline(ctx, q, k, v, w):
+    """(ms, name) of the strongest sliding-window baseline torch has here: flex_attention with a sliding-window
+    block mask (compiled) on CUDA when available, else SDPA with the band as a bool mask (which leaves the
+    flash kernel: no mask support there)."""
+    lq, lk = q.shape[2], k.shape[2]
+    if ctx.is_cuda:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            def band(b, h, qi, kj):
+                return (kj <= qi) & (kj > qi - w)
+
+            bm = create_block_mask(band, None, None, lq, lk, device=ctx.device)
+            flex = torch.compile(flex_attention)
+            return time_fn(lambda: flex(q, k, v, block_mask=bm), ctx), "flex_attention sliding-window block mask"
+        except Exception as e:  # noqa: BLE001 - any failure: the SDPA baseline below, said in the row
+            print(f"[attention bench] flex_attention baseline unavailable ({type(e).__name__}): SDPA with a mask")
+    rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+    keys = torch.arange(lk, device=q.device)[None, :]
+    mask = (keys <= rows) & (keys > rows - w)
+    return time_fn(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), ctx), "SDPA bool band mask"
+
+
+def _window_case(ctx, b, h, seq, d, w, dtype=torch.float16):
+    g = torch.Generator(device="cpu").manual_seed(seq + w)
+    q, k, v = (torch.randn(b, h, seq, d, generator=g).to(dtype).to(ctx.device) for _ in range(3))
+    k += 2.0
+    t = time_fn(lambda: attention.sage_attention(q, k, v, is_causal=True, window=(w - 1, 0)), ctx)
+    t_base, base = _window_baseline(ctx, q, k, v, w)
+    t_full = time_fn(lambda: attention.sage_attention(q, k, v, is_causal=True), ctx)
+    ref = _fp64_window(q.cpu(), k.cpu(), v.cpu(), w) if seq <= 4096 else None
+    acc = {}
+    if ref is not None:
+        acc["cos"], acc["rel_l1"] = _metrics(attention.sage_attention(q, k, v, is_causal=True, window=(w - 1, 0)).cpu(), ref)
+    qk, pv = attention.pick_modes(torch.device(ctx.device))
+    path = attention.cuda_path_name(torch.device(ctx.device), qk, pv)
+    return Result(family="attention", op=f"sage_attention window {qk}+{pv} [{path}]",
+                  shape=f"b{b} h{h} L{seq} d{d} causal window {w}", dtype=str(dtype).replace("torch.", ""),
+                  tersor_ms=t, baseline=base, baseline_ms=t_base, accuracy=acc,
+                  extra={"dense_causal_tersor_ms": t_full, "window_vs_dense_causal": t_full / t})
+
+
+def _fp64_window(q, k, v, w):
+    lq, lk = q.shape[2], k.shape[2]
+    rows = torch.arange(lq)[:, None] + (lk - lq)
+    keys = torch.arange(lk)[None, :]
+    mask = (keys <= rows) & (keys > rows - w)
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+
+
+def _padded_case(ctx, b, h, seq, d, dtype=torch.float16):
+    """A right-padded batch (lengths seq/2..seq), bidirectional: sage_attention with key_padding_mask against SDPA
+    with the same padding mask."""
+    g = torch.Generator(device="cpu").manual_seed(seq + b)
+    q, k, v = (torch.randn(b, h, seq, d, generator=g).to(dtype).to(ctx.device) for _ in range(3))
+    lens = torch.randint(seq // 2, seq + 1, (b,), generator=g)
+    kp = (torch.arange(seq)[None, :] < lens[:, None]).to(ctx.device)
+    t = time_fn(lambda: attention.sage_attention(q, k, v, key_padding_mask=kp), ctx)
+    t_base = time_fn(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=kp[:, None, None, :]), ctx)
+    ref = F.scaled_dot_product_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(),
+                                         attn_mask=kp.cpu()[:, None, None, :])
+    acc = {}
+    acc["cos"], acc["rel_l1"] = _metrics(attention.sage_attention(q, k, v, key_padding_mask=kp).cpu(), ref)
+    qk, pv = attention.pick_modes(torch.device(ctx.device))
+    path = attention.cuda_path_name(torch.device(ctx.device), qk, pv)
+    return Result(family="attention", op=f"sage_attention key_padding_mask {qk}+{pv} [{path}]",
+                  shape=f"b{b} h{h} L{seq} d{d} lengths {int(lens.min())}..{int(lens.max())}",
+                  dtype=str(dtype).replace("torch.", ""), tersor_ms=t, baseline="SDPA padding mask",
+                  baseline_ms=t_base, accuracy=acc)
+
+
+@register("attention")
+def bench_masked_attention(ctx) -> list[Result]:
+    """Sliding-window and padded-batch prefill. GPU (once CUDA_KERNELS_READY): Mistral's window 4096 at L = 8K..32K
+    against flex_attention's sliding-window block mask; a padded batch of 8 at L = 4K. CPU: the twin, small
+    sizes, for the record."""
+    if ctx.is_cuda:
+        if not attention.CUDA_KERNELS_READY:
+            print("[attention bench] masked CUDA rows skipped: the CUDA sage kernels are not validated yet")
+            return []
+        seqs = (8192,) if ctx.quick else (8192, 16384, 32768)
+        return [_window_case(ctx, 1, 32, s, 128, 4096) for s in seqs] + [_padded_case(ctx, 8, 32, 4096, 128)]
+    if ctx.quick:
+        return [_window_case(ctx, 1, 2, 1024, 64, 256)]
+    return [_window_case(ctx, 1, 4, 2048, 64, 256), _padded_case(ctx, 4, 4, 512, 64)]
