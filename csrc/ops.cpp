@@ -135,6 +135,14 @@ STABLE_TORCH_LIBRARY(tersor, m) {
   // CPU twin only (NotImplementedError on CUDA): bool (false hides the key, SDPA's convention) or float (added to
   // the scores) [B or 1, Hq or 1, Lq, Lk].
   m.def("sage_attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, int qk_bits, str pv, bool smooth_k, bool smooth_q, str cuda_kernel=\"auto\", Tensor? block_mask=None, int window_left=-1, int window_right=-1, Tensor? key_padding_mask=None, Tensor? attn_mask=None) -> (Tensor, Tensor)");
+  // Varlen (packed) prefill, FlashAttention's layout: q [total_q, Hq, D], k/v [total_k, Hkv, D], cu_seqlens_q/k
+  // int32/int64 [n_seq + 1] rising from 0 to total (sequence s: rows cu_seqlens_q[s]..cu_seqlens_q[s+1] of q, and
+  // likewise of k/v). One call (one launch on CUDA) for the batch: sage_attention_fwd on the packed tensors as one
+  // sequence in which a row sees only its own sequence's keys, is_causal bottom-right and the window inside the
+  // sequence (sage_format.h KeyMask); K smoothing and the quantization groups are those of the packed tensors.
+  // Returns (out [total_q, Hq, D], lse float32 [Hq, total_q]); a sequence with no keys gives 0 and -inf. The CPU
+  // checks the offsets' values; CUDA reads them only in the kernels, which clamp every key range to the tensor.
+  m.def("sage_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, bool is_causal, float scale, int qk_bits, str pv, bool smooth_k, bool smooth_q, str cuda_kernel=\"auto\", int window_left=-1, int window_right=-1) -> (Tensor, Tensor)");
   // The CUDA kernel sage_attention_fwd runs for these modes on compute capability cc (10 * major + minor) in
   // this build: "sm8x-mma" or "sm90a-wgmma"; NotImplementedError (naming what cc supports) where none applies.
   m.def("_sage_route(int cc, int qk_bits, str pv, bool smooth_q, str kernel=\"auto\") -> str");

@@ -109,8 +109,9 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   // CPU lane-by-lane replay of the sm80/sm89 CUDA path (prologue + attention kernel, qk_bits 8 / 4, pv
   // "fp8"/"fp16", optional Q smoothing); fault > 0 injects a deliberate layout bug. block_mask as in
   // sage_attention_fwd: the kernel's walk over the live key tiles (masked blocks never loaded); window_left /
-  // window_right as in sage_attention_fwd (the CTA walks only the tiles its rows' windows reach).
-  m.def("_sage_emulate_cuda_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, str pv, bool smooth_k, int fault=0, int qk_bits=8, bool smooth_q=False, Tensor? block_mask=None, int window_left=-1, int window_right=-1, Tensor? key_padding_mask=None) -> (Tensor, Tensor)");
+  // window_right as in sage_attention_fwd (the CTA walks only the tiles its rows' windows reach). cu_seqlens_q/k
+  // (both or neither; batch 1): the packed varlen rows of sage_attention_varlen_fwd (int64, CPU).
+  m.def("_sage_emulate_cuda_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, str pv, bool smooth_k, int fault=0, int qk_bits=8, bool smooth_q=False, Tensor? block_mask=None, int window_left=-1, int window_right=-1, Tensor? key_padding_mask=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None) -> (Tensor, Tensor)");
   // CPU check of the sm90a kernel's addressing (tile-native relayout, bulk-copy stages, wgmma descriptors,
   // register fragments, scale groups) against an independent PTX model; returns mismatch counts (all 0 =
   // consistent). fault > 0 injects a deliberate layout bug.
@@ -118,7 +119,7 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   // CPU lane-by-lane replay of the sm90a CUDA path (prologue, tile-native relayout, bulk-copy stages, wgmma
   // through descriptors, softmax per 64-key half, epilogue); qk_bits 8, pv "fp8", no Q smoothing; block_mask
   // as in sage_attention_fwd (producer and consumers skip masked 128-key stages); window as in sage_attention_fwd.
-  m.def("_sage_emulate_sm90_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, bool smooth_k, Tensor? block_mask=None, int window_left=-1, int window_right=-1, Tensor? key_padding_mask=None) -> (Tensor, Tensor)");
+  m.def("_sage_emulate_sm90_attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale, bool smooth_k, Tensor? block_mask=None, int window_left=-1, int window_right=-1, Tensor? key_padding_mask=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None) -> (Tensor, Tensor)");
   // CPU thread-by-thread replay of the XAttention scoring kernel (xattn_cuda.cu) with the kernel's own per-thread
   // code (xattn_kernel.h); the arguments and outputs of tersor::xattention_mask. fault > 0 injects a bug.
   m.def("_xattn_emulate_cuda(Tensor q, Tensor k, int block_size, int stride, float threshold, bool is_causal, float scale, int fault=0, str qk=\"none\") -> (Tensor, Tensor)");

@@ -185,10 +185,27 @@ OP_CASES = {
     "aqlm_linear": _aqlm_linear,
     "bsr_linear": _bsr_linear,
     "sage_attention_fwd": _sage_attention_fwd,
+    "sage_attention_varlen_fwd": lambda device: _sage_attention_varlen_fwd(device),
     "xattention_mask": _xattention_mask,
     "paged_kv_append_": lambda device: _paged_cases(device)[0],
     "sage_decode_paged": lambda device: _paged_cases(device)[1],
 }
+
+
+def _sage_attention_varlen_fwd(device):
+    from tersor import attention
+
+    if torch.device(device).type == "cuda":
+        try:
+            attention.cuda_path_name(torch.device(device), "int8", "fp16", False)
+        except NotImplementedError:
+            pytest.skip("no INT8 + fp16 sage kernel on this device")
+    cq = torch.tensor([0, 30, 30, 75], dtype=torch.int32, device=device)
+    ck = torch.tensor([0, 40, 45, 100], dtype=torch.int64, device=device)
+    q = torch.randn(75, 4, 64, device=device).half()
+    k, v = (torch.randn(100, 2, 64, device=device).half() for _ in range(2))
+    return [((q, k, v, cq, ck, True, 0.125, 8, "fp16", True, False), {}),
+            ((q, k, v, cq, ck, False, 0.125, 8, "fp16", True, False), {"window_left": 10, "window_right": 3})]
 
 
 def _paged_cases(device):

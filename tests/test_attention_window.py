@@ -188,10 +188,11 @@ def test_varlen_window_is_per_sequence():
     v = torch.randn(sum(lens_k), 2, 64, generator=g).half()
     out = attention.sage_attention_varlen(q, k, v, cq, ck, max(lens_q), max(lens_k), is_causal=True,
                                           window=(40, 0))
-    for b in range(3):
-        one = attention.sage_attention(q[cq[b]:cq[b + 1]][None], k[ck[b]:ck[b + 1]][None],
-                                       v[ck[b]:ck[b + 1]][None], is_causal=True, window=(40, 0), layout="bshd")
-        assert torch.equal(out[cq[b]:cq[b + 1]], one[0])
+    for b in range(3):  # each sequence against fp64 with the window inside the sequence (bottom-right)
+        sq, sk = slice(int(cq[b]), int(cq[b + 1])), slice(int(ck[b]), int(ck[b + 1]))
+        ref, _ = attention_fp64(*(t.transpose(0, 1)[None] for t in (q[sq], k[sk], v[sk])), True, window=(40, 0))
+        got = out[sq].transpose(0, 1)[None].double()
+        assert ((got - ref).abs().sum() / ref.abs().sum()).item() < 0.05, b
 
 
 @pytest.mark.cuda

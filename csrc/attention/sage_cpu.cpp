@@ -348,15 +348,10 @@ void exact_rows(const SageCall& c, const float* q, const float* k, const float* 
   }
 }
 
-std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal,
-                                                  double scale, int64_t qk_bits, std::string pv, bool smooth_k,
-                                                  bool smooth_q, std::string kernel,
-                                                  std::optional<Tensor> block_mask, int64_t window_left,
-                                                  int64_t window_right, std::optional<Tensor> key_padding_mask,
-                                                  std::optional<Tensor> attn_mask) {
-  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, window_left, window_right);
-  const SageBlockMask bm = check_block_mask(block_mask, c, q);
-  const SageKeyPadding key_padding = check_key_padding(key_padding_mask, c, q);
+// The twin on checked arguments (attn_mask: as given; checked here, CPU only).
+std::tuple<Tensor, Tensor> run_cpu(const SageCall& c, const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const SageBlockMask& bm, const SageKeyPadding& key_padding,
+                                   const std::optional<Tensor>& attn_mask) {
   // The general attention mask (CPU only): bool (false hides the key) or float (added to the scores), 4-d
   // [B or 1, Hq or 1, Lq, Lk]; read as bytes or as contiguous float32.
   std::optional<Tensor> am;
@@ -379,7 +374,6 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor&
     am_b = t.size(0);
     am_h = t.size(1);
   }
-  parse_kernel(kernel);  // selects a CUDA kernel; the CPU twin reproduces all of them (checked, then unused)
   const Tensor qf = as_contiguous(as_dtype(q, ScalarType::Float));
   const Tensor kf = as_contiguous(as_dtype(k, ScalarType::Float));
   const Tensor vf = as_contiguous(as_dtype(v, ScalarType::Float));
@@ -429,6 +423,34 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor&
   return {in_t == ScalarType::Float ? out : as_dtype(out, in_t), lse};
 }
 
+std::tuple<Tensor, Tensor> sage_attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal,
+                                                  double scale, int64_t qk_bits, std::string pv, bool smooth_k,
+                                                  bool smooth_q, std::string kernel,
+                                                  std::optional<Tensor> block_mask, int64_t window_left,
+                                                  int64_t window_right, std::optional<Tensor> key_padding_mask,
+                                                  std::optional<Tensor> attn_mask) {
+  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, window_left, window_right);
+  const SageBlockMask bm = check_block_mask(block_mask, c, q);
+  const SageKeyPadding key_padding = check_key_padding(key_padding_mask, c, q);
+  parse_kernel(kernel);  // selects a CUDA kernel; the CPU twin reproduces all of them (checked, then unused)
+  return run_cpu(c, q, k, v, bm, key_padding, attn_mask);
+}
+
+// Varlen: the packed tensors as one [1, H, total, D] sequence whose rows see only their own sequence's keys
+// (KeyMask's cu_q / cu_k, checked here value by value).
+std::tuple<Tensor, Tensor> sage_attention_varlen_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                         const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                         bool is_causal, double scale, int64_t qk_bits, std::string pv,
+                                                         bool smooth_k, bool smooth_q, std::string kernel,
+                                                         int64_t window_left, int64_t window_right) {
+  const VarlenCall vc = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, scale, qk_bits, pv, smooth_k,
+                                     smooth_q, window_left, window_right);
+  check_varlen_offsets(vc);
+  parse_kernel(kernel, "sage_attention_varlen_fwd");
+  auto [out, lse] = run_cpu(vc.call, vc.q4, vc.k4, vc.v4, SageBlockMask{}, SageKeyPadding{}, std::nullopt);
+  return varlen_outputs(out, lse);
+}
+
 // The CUDA kernel sage_attention_fwd runs for these modes on a device of compute capability cc in this build
 // ("sm8x-mma" or "sm90a-wgmma"), or the NotImplementedError such a call raises.
 std::string sage_route_op(int64_t cc, int64_t qk_bits, std::string pv, bool smooth_q, std::string kernel) {
@@ -438,7 +460,10 @@ std::string sage_route_op(int64_t cc, int64_t qk_bits, std::string pv, bool smoo
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(tersor, CPU, m) { m.impl("sage_attention_fwd", TORCH_BOX(&sage_attention_fwd_cpu)); }
+STABLE_TORCH_LIBRARY_IMPL(tersor, CPU, m) {
+  m.impl("sage_attention_fwd", TORCH_BOX(&sage_attention_fwd_cpu));
+  m.impl("sage_attention_varlen_fwd", TORCH_BOX(&sage_attention_varlen_fwd_cpu));
+}
 
 // Tensor-free: no backend to dispatch on, so it registers for every key.
 STABLE_TORCH_LIBRARY_IMPL(tersor, CompositeExplicitAutograd, m) { m.impl("_sage_route", TORCH_BOX(&sage_route_op)); }

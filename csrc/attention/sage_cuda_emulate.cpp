@@ -854,6 +854,25 @@ void replay_attention_sm90(const Buffers& bf, uint16_t* out, float* lse) {
   });
 }
 
+// The packed varlen rows of sage_attention_varlen_fwd (the replays take its [1, H, total, D] views): the
+// offsets are checked as the CPU op checks them, then the mask points into them (they outlive the replay).
+void set_varlen_replay(Buffers& bf, const SageCall& c, const std::optional<Tensor>& cu_q,
+                       const std::optional<Tensor>& cu_k) {
+  TERSOR_CHECK_VALUE(cu_q.has_value() == cu_k.has_value(), "sage replay: pass both cu_seqlens_q and cu_seqlens_k");
+  if (!cu_q) return;
+  TERSOR_CHECK_VALUE(c.batch == 1, "sage replay: varlen rows need batch 1 (the packed [1, H, total, D] views)");
+  for (const Tensor* t : {&*cu_q, &*cu_k})
+    TERSOR_CHECK_VALUE(t->scalar_type() == ScalarType::Long && t->dim() == 1 && t->is_contiguous() &&
+                           t->size(0) == cu_q->size(0) && t->size(0) >= 2 && t->is_cpu(),
+                       "sage replay: cu_seqlens_q/k must be contiguous int64 CPU [n_seq + 1] of one length");
+  VarlenCall vc{Tensor{}, Tensor{}, Tensor{}, *cu_q, *cu_k, c};
+  vc.call.mask.cu_q = cu_q->const_data_ptr<int64_t>();
+  vc.call.mask.cu_k = cu_k->const_data_ptr<int64_t>();
+  vc.call.mask.n_seq = cu_q->size(0) - 1;
+  check_varlen_offsets(vc);
+  bf.mask = vc.call.mask;
+}
+
 // The front both replays share: the outputs, fp32 copies of the inputs and the prologue replayed into `bf`
 // (whose dims the caller set: the sm90 path pads keys to 128). Empty outputs skip the prologue.
 struct ReplayOutputs {
@@ -882,7 +901,9 @@ ReplayOutputs replay_front(const SageCall& c, const Tensor& q, const Tensor& k, 
 std::tuple<Tensor, Tensor> sage_emulate_sm90_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                                        bool is_causal, double scale, bool smooth_k,
                                                        std::optional<Tensor> block_mask, int64_t window_left,
-                                                       int64_t window_right, std::optional<Tensor> key_padding_mask) {
+                                                       int64_t window_right, std::optional<Tensor> key_padding_mask,
+                                                       std::optional<Tensor> cu_seqlens_q,
+                                                       std::optional<Tensor> cu_seqlens_k) {
   constexpr const char* op = "_sage_emulate_sm90_attention";
   const SageCall c = check_call(q, k, v, is_causal, scale, 8, "fp8", smooth_k, false, window_left, window_right);
   TERSOR_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), op, ": expects CPU tensors");
@@ -891,6 +912,7 @@ std::tuple<Tensor, Tensor> sage_emulate_sm90_attention(const Tensor& q, const Te
   bf.bm = check_block_mask(block_mask, c, q);
   bf.mask = c.mask;
   bf.key_pad = check_key_padding(key_padding_mask, c, q);
+  set_varlen_replay(bf, c, cu_seqlens_q, cu_seqlens_k);
   bf.d = SageDims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,
                   (c.len_q + SageTraitsSm8x::kCtaQ - 1) / SageTraitsSm8x::kCtaQ * SageTraitsSm8x::kCtaQ,
                   (c.len_k + 127) / 128 * 128};
@@ -926,7 +948,9 @@ std::tuple<Tensor, Tensor> sage_emulate_cuda_attention(const Tensor& q, const Te
                                                        bool is_causal, double scale, std::string pv, bool smooth_k,
                                                        int64_t fault, int64_t qk_bits, bool smooth_q,
                                                        std::optional<Tensor> block_mask, int64_t window_left,
-                                                       int64_t window_right, std::optional<Tensor> key_padding_mask) {
+                                                       int64_t window_right, std::optional<Tensor> key_padding_mask,
+                                                       std::optional<Tensor> cu_seqlens_q,
+                                                       std::optional<Tensor> cu_seqlens_k) {
   constexpr const char* op = "_sage_emulate_cuda_attention";
   TERSOR_CHECK_VALUE(qk_bits == 8 || qk_bits == 4, op, ": the CUDA kernel has qk_bits 8 or 4, got ", qk_bits);
   const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, window_left, window_right);
@@ -938,6 +962,7 @@ std::tuple<Tensor, Tensor> sage_emulate_cuda_attention(const Tensor& q, const Te
   bf.bm = check_block_mask(block_mask, c, q);
   bf.mask = c.mask;
   bf.key_pad = check_key_padding(key_padding_mask, c, q);
+  set_varlen_replay(bf, c, cu_seqlens_q, cu_seqlens_k);
   bf.bits = static_cast<int>(qk_bits);
   bf.smooth_q = smooth_q;
   bf.d = SageDims{c.batch, c.heads_q, c.heads_kv, c.len_q, c.len_k, c.head_dim,

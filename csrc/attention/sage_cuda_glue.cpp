@@ -148,18 +148,12 @@ std::tuple<Tensor, Tensor> run(const SageCall& c, Tensor q, Tensor k, Tensor v, 
 }
 #endif  // TERSOR_SAGE_PROLOGUE_ARCHS
 
-std::tuple<Tensor, Tensor> sage_attention_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal,
-                                                   double scale, int64_t qk_bits, std::string pv, bool smooth_k,
-                                                   bool smooth_q, std::string kernel,
-                                                   std::optional<Tensor> block_mask, int64_t window_left,
-                                                   int64_t window_right, std::optional<Tensor> key_padding_mask,
-                                                   std::optional<Tensor> attn_mask) {
-  const char* op = "sage_attention_fwd";
-  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, window_left, window_right);
-  const SageBlockMask bm = check_block_mask(block_mask, c, q);
-  const SageKeyPadding kp = check_key_padding(key_padding_mask, c, q);
-  TERSOR_CHECK_NOT_IMPL(!attn_mask, op, ": a general attn_mask has no CUDA kernel (it runs on the CPU twin); the "
-                        "kernels take is_causal, window, key_padding_mask and block_mask");
+// The checks every CUDA call shares after its arguments' own (the same devices, what the kernels take, the
+// route), then the prologue and the routed kernel.
+std::tuple<Tensor, Tensor> checked_run(const SageCall& c, const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const SageBlockMask& bm, const SageKeyPadding& kp, int64_t qk_bits,
+                                       const std::string& pv, bool smooth_q, const std::string& kernel,
+                                       const char* op) {
   TERSOR_CHECK_VALUE(q.is_cuda() && k.is_cuda() && v.is_cuda() && q.get_device_index() == k.get_device_index() &&
                          q.get_device_index() == v.get_device_index(),
                      op, ": q, k, v must be on the same device, got ", device_str(q), ", ", device_str(k), ", ",
@@ -185,13 +179,49 @@ std::tuple<Tensor, Tensor> sage_attention_fwd_cuda(const Tensor& q, const Tensor
   return run(c, q, k, v, bm, kp, route.path);
 #else
   (void)route;
+  (void)bm;
+  (void)kp;
   TERSOR_CHECK(false, op, ": internal error: routed to a kernel in a build without the attention prologue");
   return {};
 #endif
 }
 
+std::tuple<Tensor, Tensor> sage_attention_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal,
+                                                   double scale, int64_t qk_bits, std::string pv, bool smooth_k,
+                                                   bool smooth_q, std::string kernel,
+                                                   std::optional<Tensor> block_mask, int64_t window_left,
+                                                   int64_t window_right, std::optional<Tensor> key_padding_mask,
+                                                   std::optional<Tensor> attn_mask) {
+  const char* op = "sage_attention_fwd";
+  const SageCall c = check_call(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, window_left, window_right);
+  const SageBlockMask bm = check_block_mask(block_mask, c, q);
+  const SageKeyPadding kp = check_key_padding(key_padding_mask, c, q);
+  TERSOR_CHECK_NOT_IMPL(!attn_mask, op, ": a general attn_mask has no CUDA kernel (it runs on the CPU twin); the "
+                        "kernels take is_causal, window, key_padding_mask and block_mask");
+  return checked_run(c, q, k, v, bm, kp, qk_bits, pv, smooth_q, kernel, op);
+}
+
+// Varlen: one launch over all the packed sequences (sage_glue.h VarlenCall). The offsets' values are not read
+// here (a device-to-host copy would synchronize): the kernels clamp every key range to the tensor, and
+// tersor.attention.sage_attention_varlen checks the values first.
+std::tuple<Tensor, Tensor> sage_attention_varlen_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                          const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                          bool is_causal, double scale, int64_t qk_bits,
+                                                          std::string pv, bool smooth_k, bool smooth_q,
+                                                          std::string kernel, int64_t window_left,
+                                                          int64_t window_right) {
+  const VarlenCall vc = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, scale, qk_bits, pv, smooth_k,
+                                     smooth_q, window_left, window_right);
+  auto [out, lse] = checked_run(vc.call, vc.q4, vc.k4, vc.v4, SageBlockMask{}, SageKeyPadding{}, qk_bits, pv, smooth_q,
+                                kernel, "sage_attention_varlen_fwd");
+  return varlen_outputs(out, lse);
+}
+
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(tersor, CUDA, m) { m.impl("sage_attention_fwd", TORCH_BOX(&sage_attention_fwd_cuda)); }
+STABLE_TORCH_LIBRARY_IMPL(tersor, CUDA, m) {
+  m.impl("sage_attention_fwd", TORCH_BOX(&sage_attention_fwd_cuda));
+  m.impl("sage_attention_varlen_fwd", TORCH_BOX(&sage_attention_varlen_fwd_cuda));
+}
 
 }  // namespace tersor::attention

@@ -75,11 +75,19 @@ TERSOR_HD constexpr int64_t q_smooth_block(int64_t row) {
 struct KeyMask {
   bool causal;
   int64_t left, right;
+  // Varlen (packed sequences): n_seq > 0 splits the rows and the keys into sequences, sequence s being query rows
+  // [cu_q[s], cu_q[s + 1]) and keys [cu_k[s], cu_k[s + 1]) (int64 arrays of n_seq + 1 rising offsets, in the
+  // memory of whoever evaluates visible_keys). A row sees only its own sequence's keys, with the rule above
+  // (bottom-right causal, window) applied inside the sequence.
+  const int64_t* cu_q = nullptr;
+  const int64_t* cu_k = nullptr;
+  int64_t n_seq = 0;
 };
 struct KeySpan {
   int64_t lo, hi;
 };
-TERSOR_HD constexpr KeySpan visible_keys(const KeyMask& mk, int64_t row, int64_t len_q, int64_t len_k) {
+// The dense rule: keys [lo, hi) of row `row` of len_q against len_k keys.
+TERSOR_HD constexpr KeySpan visible_keys_dense(const KeyMask& mk, int64_t row, int64_t len_q, int64_t len_k) {
   const int64_t p = row + (len_k - len_q);
   int64_t hi = len_k;
   if (mk.causal && p + 1 < hi) hi = p + 1;
@@ -88,7 +96,30 @@ TERSOR_HD constexpr KeySpan visible_keys(const KeyMask& mk, int64_t row, int64_t
   lo = lo < 0 ? 0 : (lo > len_k ? len_k : lo);
   return {lo, hi < lo ? lo : hi};
 }
-// Both ends of the span never decrease with the row, so rows r0..r_last (r0 <= r_last) together see keys
+// The sequence of a packed row: the last s with cu_q[s] <= row (so an empty sequence is never chosen), clamped to
+// [0, n_seq - 1]. Binary search: log2(n_seq) steps.
+TERSOR_HD constexpr int64_t varlen_sequence(const int64_t* cu_q, int64_t n_seq, int64_t row) {
+  int64_t lo = 0, hi = n_seq - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (cu_q[mid] <= row) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+TERSOR_HD constexpr int64_t clamp_key(int64_t x, int64_t len_k) { return x < 0 ? 0 : (x > len_k ? len_k : x); }
+TERSOR_HD constexpr KeySpan visible_keys(const KeyMask& mk, int64_t row, int64_t len_q, int64_t len_k) {
+  if (mk.n_seq <= 0) return visible_keys_dense(mk, row, len_q, len_k);
+  if (row >= mk.cu_q[mk.n_seq]) return {len_k, len_k};  // a padding row past the last sequence: none
+  const int64_t s = varlen_sequence(mk.cu_q, mk.n_seq, row);
+  // Clamped to [0, len_k], so that offsets no caller checked (a CUDA call's device arrays) never address a key
+  // outside the tensor: wrong offsets give wrong rows, never out-of-bounds reads.
+  const int64_t k0 = clamp_key(mk.cu_k[s], len_k), k1 = clamp_key(mk.cu_k[s + 1], len_k);
+  const int64_t q0 = mk.cu_q[s], nq = mk.cu_q[s + 1] - q0, nk = k1 > k0 ? k1 - k0 : 0;
+  const KeySpan local = visible_keys_dense(mk, row - q0, nq, nk);
+  return {k0 + local.lo, k0 + local.hi};
+}
+// Both ends of the span never decrease with the row (also across packed sequences: a later sequence's keys come
+// later), so rows r0..r_last (r0 <= r_last) together see keys
 // [visible_keys(r0).lo, visible_keys(r_last).hi): the tiles of tile_keys keys [first, end) a CTA of those rows
 // walks (first >= end: none). A tile before `first` or from `end` on has no visible key for any of its rows.
 struct TileSpan {

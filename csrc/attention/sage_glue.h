@@ -90,6 +90,70 @@ inline SageCall check_call(const Tensor& q, const Tensor& k, const Tensor& v, bo
   return c;
 }
 
+// ---- varlen (packed sequences) ----
+// sage_attention_varlen_fwd runs the packed q [total_q, Hq, D], k / v [total_k, Hkv, D] as one [1, H, total, D]
+// sequence (strided views, no copy) whose rows see only their own sequence's keys (KeyMask's cu_q / cu_k).
+struct VarlenCall {
+  Tensor q4, k4, v4;      // [1, H, total, D] views of the packed tensors
+  Tensor cu_q, cu_k;      // int64 contiguous [n_seq + 1] on q's device (KeyMask points into them)
+  SageCall call;
+};
+
+inline VarlenCall check_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
+                               const Tensor& cu_seqlens_k, bool is_causal, double scale, int64_t qk_bits,
+                               const std::string& pv, bool smooth_k, bool smooth_q, int64_t window_left,
+                               int64_t window_right) {
+  const char* op = "sage_attention_varlen_fwd";
+  TERSOR_CHECK_VALUE(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op,
+                     ": q, k, v must be packed 3-d [total, heads, head_dim], got ", q.dim(), "-d, ", k.dim(), "-d, ",
+                     v.dim(), "-d");
+  for (const Tensor* t : {&cu_seqlens_q, &cu_seqlens_k}) {
+    const char* name = t == &cu_seqlens_q ? "cu_seqlens_q" : "cu_seqlens_k";
+    TERSOR_CHECK_TYPE(t->scalar_type() == ScalarType::Int || t->scalar_type() == ScalarType::Long, op, ": ", name,
+                      " must be int32 or int64, got ", dtype_name(t->scalar_type()));
+    TERSOR_CHECK_VALUE(t->dim() == 1 && t->size(0) >= 2, op, ": ", name, " must be [n_seq + 1] (n_seq >= 1), got ",
+                       sizes_str(*t));
+    TERSOR_CHECK_VALUE(t->device().type() == q.device().type() &&
+                           (!t->is_cuda() || t->get_device_index() == q.get_device_index()),
+                       op, ": ", name, " must be on q's device (", device_str(q), "), got ", device_str(*t));
+  }
+  TERSOR_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), op, ": cu_seqlens_q has ",
+                     cu_seqlens_q.size(0) - 1, " sequences, cu_seqlens_k ", cu_seqlens_k.size(0) - 1);
+  VarlenCall r{torch::stable::unsqueeze(torch::stable::transpose(q, 0, 1), 0),
+               torch::stable::unsqueeze(torch::stable::transpose(k, 0, 1), 0),
+               torch::stable::unsqueeze(torch::stable::transpose(v, 0, 1), 0),
+               as_contiguous(as_dtype(cu_seqlens_q, ScalarType::Long)),
+               as_contiguous(as_dtype(cu_seqlens_k, ScalarType::Long)), SageCall{}};
+  r.call = check_call(r.q4, r.k4, r.v4, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, window_left, window_right);
+  r.call.mask.cu_q = r.cu_q.const_data_ptr<int64_t>();
+  r.call.mask.cu_k = r.cu_k.const_data_ptr<int64_t>();
+  r.call.mask.n_seq = r.cu_q.size(0) - 1;
+  return r;
+}
+
+// The offsets' values (CPU tensors only: reading device memory would synchronize; the kernels clamp every key
+// range to the tensor, and tersor.attention.sage_attention_varlen checks the values before the call).
+inline void check_varlen_offsets(const VarlenCall& vc) {
+  const char* op = "sage_attention_varlen_fwd";
+  const int64_t n = vc.call.mask.n_seq;
+  for (int which = 0; which < 2; ++which) {
+    const int64_t* cu = which == 0 ? vc.call.mask.cu_q : vc.call.mask.cu_k;
+    const int64_t total = which == 0 ? vc.call.len_q : vc.call.len_k;
+    const char* name = which == 0 ? "cu_seqlens_q" : "cu_seqlens_k";
+    TERSOR_CHECK_VALUE(cu[0] == 0 && cu[n] == total, op, ": ", name, " must rise from 0 to ", total,
+                       " (the packed length), got ", cu[0], " .. ", cu[n]);
+    for (int64_t s = 0; s < n; ++s)
+      TERSOR_CHECK_VALUE(cu[s + 1] >= cu[s], op, ": ", name, " must not decrease, got ", cu[s], " then ", cu[s + 1],
+                         " at sequence ", s);
+  }
+}
+
+// (out [1, Hq, total_q, D], lse [1, Hq, total_q]) -> (out [total_q, Hq, D] contiguous, lse [Hq, total_q]).
+inline std::tuple<Tensor, Tensor> varlen_outputs(const Tensor& out, const Tensor& lse) {
+  return {as_contiguous(torch::stable::transpose(torch::stable::select(out, 0, 0), 0, 1)),
+          as_contiguous(torch::stable::select(lse, 0, 0))};
+}
+
 // A checked block mask (sage_format.h, "block sparsity"): the contiguous bool tensor and its geometry, or
 // none (dense). The mask must be on q's device.
 struct SageBlockMask {

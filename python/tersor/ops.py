@@ -511,6 +511,21 @@ def sage_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_cau
                                    window_left, window_right, key_padding_mask, attn_mask)
 
 
+def sage_attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                              cu_seqlens_k: torch.Tensor, is_causal: bool, scale: float, qk_bits: int, pv: str,
+                              smooth_k: bool, smooth_q: bool, kernel: str = "auto", window_left: int = -1,
+                              window_right: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Varlen (packed) quantized attention in one call: ``q [total_q, Hq, D]``, ``k``/``v [total_k, Hkv, D]``,
+    ``cu_seqlens_q``/``cu_seqlens_k`` int32/int64 ``[n_seq + 1]`` rising from 0 to the totals. Returns
+    ``(out [total_q, Hq, D], lse float32 [Hq, total_q])``. The numerics are :func:`sage_attention_fwd`'s on the
+    packed tensors taken as one sequence in which each row sees only its own sequence's keys (``is_causal``
+    bottom-right and the window inside each sequence): K smoothing over all packed keys, quantization groups of
+    the packed rows. The CPU checks the offsets' values; the CUDA op does not read them on the host (no sync;
+    the kernels clamp every key range to the tensor): :func:`tersor.attention.sage_attention_varlen` checks them."""
+    return _lib.sage_attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, scale, qk_bits, pv,
+                                          smooth_k, smooth_q, kernel, window_left, window_right)
+
+
 def sage_route(cc: int, qk_bits: int, pv: str, smooth_q: bool, kernel: str = "auto") -> str:
     """The CUDA kernel ``sage_attention_fwd`` runs for these modes on a device of compute capability ``cc``
     (``10 * major + minor``) in this build: ``"sm8x-mma"`` or ``"sm90a-wgmma"``. Raises ``NotImplementedError``
@@ -614,6 +629,23 @@ def _xattention_mask_fake(q, k, block_size, stride, threshold, is_causal, scale,
         raise ValueError(f"{op}: scale must be finite and positive, got {scale}")
     shape = (q.shape[0], hq, (q.shape[2] + block_size - 1) // block_size, (k.shape[2] + block_size - 1) // block_size)
     return q.new_empty(shape, dtype=torch.bool), q.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("tersor::sage_attention_varlen_fwd")
+def _sage_attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, scale, qk_bits, pv, smooth_k,
+                                    smooth_q, cuda_kernel="auto", window_left=-1, window_right=-1):
+    op = "sage_attention_varlen_fwd"
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"{op}: q, k, v must be packed 3-d [total, heads, head_dim]")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{op}: {name} must be int32 or int64, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{op}: {name} must be 1-d [n_seq + 1]")
+    _sage_check_fake(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale, qk_bits, pv,
+                     cuda_kernel)
+    total, hq, d = q.shape
+    return q.new_empty((total, hq, d)), q.new_empty((hq, total), dtype=torch.float32)
 
 
 @torch.library.register_fake("tersor::sage_attention_fwd")

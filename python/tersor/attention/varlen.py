@@ -1,8 +1,9 @@
 """Variable-length prefill: :func:`sage_attention_varlen` (FlashAttention's varlen API).
 
-Status: each sequence runs through :func:`tersor.attention.sage_attention` on its own slice (no padding, so
-no padding waste in the arithmetic; one op call per sequence), windows included. The fused varlen kernel of
-issue 15 (one launch over ``cu_seqlens``) is not written yet.
+One op call (one kernel launch on CUDA) for the whole batch: :func:`tersor.ops.sage_attention_varlen_fwd` runs the
+packed tensors as one sequence in which a row sees only its own sequence's keys, so the kernels walk exactly each
+sequence's key tiles (no padding waste) with no per-sequence launches. With per-sequence block masks it calls
+:func:`tersor.attention.sage_attention` once per sequence instead.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ def sage_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     """Attention over a packed batch: ``q [total_q, Hq, D]``, ``k``/``v [total_k, Hkv, D]``; sequence ``b``
     is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k/v.
     ``is_causal`` is bottom-right aligned per sequence. ``max_seqlen_q``/``max_seqlen_k`` bound the lengths
-    (FlashAttention's API; checked). Modes as :func:`tersor.attention.sage_attention` (the numerics of each
-    sequence are exactly those of a ``sage_attention`` call on it: K smoothing uses that sequence's keys only).
+    (FlashAttention's API; checked). Modes as :func:`tersor.attention.sage_attention`. Numerics: those of
+    ``sage_attention`` on the packed tensors as one sequence with a block-diagonal mask (K smoothing over all the
+    packed keys, quantization groups of the packed rows), so not bit for bit those of a call per sequence. The
+    offsets are read on the host once to check them (a device sync on CUDA).
     A sequence with queries and no keys gives 0 (LSE ``-inf``). Returns ``out [total_q, Hq, D]`` (and ``lse``
     float32 ``[Hq, total_q]``, FlashAttention's varlen layout, with ``return_lse=True``). ``window=(left,
     right)``: FlashAttention's sliding window, bottom-right aligned per sequence (as
@@ -76,6 +79,8 @@ def sage_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
         raise TypeError(f"{who}: block_mask must be a list of {len(lens_q)} per-sequence masks (or None), got "
                         f"{type(block_mask).__name__}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if block_mask is None:
+        return _fused(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, scale, window, qk, pv, return_lse)
     out = q.new_zeros(q.shape)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     for b in range(len(lens_q)):
@@ -94,4 +99,36 @@ def sage_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
                               block_mask=mask, window=window)
         out[cq[b]:cq[b + 1]] = o[0]
         lse[:, cq[b]:cq[b + 1]] = l[0]
+    return (out, lse) if return_lse else out
+
+
+def _fused(q, k, v, cu_q, cu_k, is_causal, scale, window, qk, pv, return_lse):
+    from .. import ops
+    from . import _QK_BITS, _padded_head_dim, pick_modes
+    from .paged import _check_window
+
+    who = "sage_attention_varlen"
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{who}: q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    qk_mode, pv_mode = pick_modes(q.device, qk, pv)
+    qk_bits = _QK_BITS[qk_mode]
+    if q.dtype not in (torch.float16, torch.bfloat16) and not (qk_bits == 0 and pv_mode == "fp32"):
+        raise TypeError(f"{who}: expected float16 or bfloat16 inputs, got {q.dtype}")
+    d = q.shape[-1]
+    if k.shape[-1] != d:
+        raise ValueError(f"{who}: q, k, v must share the head dim, got {d}, {k.shape[-1]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{who}: query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    left, right = _check_window(window, who)
+    if k.shape[0] == 0:  # no keys at all: every query sees nothing
+        out = q.new_zeros(q.shape)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        return (out, lse) if return_lse else out
+    dp = _padded_head_dim(d, q.device)
+    if dp != d:
+        q, k, v = (torch.nn.functional.pad(t, (0, dp - d)) for t in (q, k, v))
+    out, lse = ops.sage_attention_varlen_fwd(q, k, v, cu_q, cu_k, bool(is_causal), float(scale), qk_bits, pv_mode,
+                                             True, qk_bits == 4, "auto", left, right)
+    if dp != d:
+        out = out[..., :d]
     return (out, lse) if return_lse else out
