@@ -49,14 +49,8 @@ struct KVPrepared {
 void prepare_kv(const SageCall& c, const float* k, const float* v, KVPrepared& p) {
   const int64_t L = c.len_k, D = c.head_dim;
   p.k_mean.assign(D, 0.f);
-  if (c.smooth_k) {
-    // Exact mean rounded once (the GPU reduction order differs; a rounding of the mean at most).
-    for (int64_t d = 0; d < D; ++d) {
-      double s = 0;
-      for (int64_t j = 0; j < L; ++j) s += k[j * D + d];
-      p.k_mean[d] = static_cast<float>(s / static_cast<double>(L));
-    }
-  }
+  if (c.smooth_k)  // fp64 in the kernels' chunk order, rounded once (sage_format.h chunked_channel_mean)
+    for (int64_t d = 0; d < D; ++d) p.k_mean[d] = chunked_channel_mean(k + d, L, D);
   p.k_smooth.resize(L * D);
   for (int64_t j = 0; j < L; ++j)
     for (int64_t d = 0; d < D; ++d) p.k_smooth[j * D + d] = k[j * D + d] - p.k_mean[d];

@@ -48,6 +48,11 @@ struct SageQuantArgs {
   float* v_scale;     // [B, Hkv, D] (fp8 only)
   float* q_mean;      // [B, Hq, Lq_pad / 32, D] (smooth_q only)
   float* q_bias;      // [B, Hq, Lq_pad / 32, Lk_pad]: q_mean . (K - k_mean)_j in fp32 (smooth_q only)
+  // statistics scratch (sage_format.h kKvStatsChunk): per chunk of tokens, K's fp64 channel sums and V's channel
+  // amax; then V's channel amax over all tokens
+  double* k_sum_part;  // [B, Hkv, chunks, D]
+  float* v_amax_part;  // [B, Hkv, chunks, D] (fp8 only)
+  float* v_amax;       // [B, Hkv, D] (fp8 only)
 };
 
 struct SageAttnArgs {

@@ -227,13 +227,9 @@ void replay_prologue(const SageCall& c, const float* q, const float* k, const fl
     for (int64_t bh = b0; bh < b1; ++bh) {
       const float* kh = k + bh * d.len_k * D;
       const float* vh = v + bh * d.len_k * D;
-      // k_mean_kernel: thread c, fp64 sum in token order.
-      for (int ch = 0; ch < D; ++ch) {
-        double s = 0;
-        if (c.smooth_k)
-          for (int64_t j = 0; j < d.len_k; ++j) s += kh[j * D + ch];
-        bf.k_mean[bh * D + ch] = c.smooth_k ? static_cast<float>(s / static_cast<double>(d.len_k)) : 0.f;
-      }
+      // kv_stats_partial_kernel + kv_stats_final_kernel: fp64 chunk sums in token order, then in chunk order.
+      for (int ch = 0; ch < D; ++ch)
+        bf.k_mean[bh * D + ch] = c.smooth_k ? chunked_channel_mean(kh + ch, d.len_k, D) : 0.f;
       const float* mean = bf.k_mean.data() + bh * D;
       // quant_k_kernel: block (tile), warp t = K group t, lanes strided over the group's 16 x D values.
       for (int64_t tile = 0; tile < d.len_k_pad / Tr::kCtaK; ++tile)

@@ -79,6 +79,10 @@ std::tuple<Tensor, Tensor> run(const SageCall& c, Tensor q, Tensor k, Tensor v, 
   const int64_t q_blocks = dims.len_q_pad / SageTraitsSm8x::kWarpQ;
   Tensor q_mean = empty({c.smooth_q ? c.batch * c.heads_q * q_blocks * D : 0}, ScalarType::Float, dev);
   Tensor q_bias = empty({c.smooth_q ? c.batch * c.heads_q * q_blocks * dims.len_k_pad : 0}, ScalarType::Float, dev);
+  const int64_t chunks = kv_stats_chunks(c.len_k);
+  Tensor k_sum_part = empty({c.smooth_k ? c.batch * c.heads_kv * chunks * D : 0}, ScalarType::Double, dev);
+  Tensor v_amax_part = empty({fp8 ? c.batch * c.heads_kv * chunks * D : 0}, ScalarType::Float, dev);
+  Tensor v_amax = empty({fp8 ? c.batch * c.heads_kv * D : 0}, ScalarType::Float, dev);
   const DType dt = t16 == ScalarType::BFloat16 ? DType::kBFloat16 : DType::kFloat16;
 
   SageQuantArgs qa{};
@@ -106,6 +110,9 @@ std::tuple<Tensor, Tensor> run(const SageCall& c, Tensor q, Tensor k, Tensor v, 
   qa.k_scale = k_scale.mutable_data_ptr<float>();
   qa.v_t = v_t.mutable_data_ptr();
   qa.v_scale = v_scale.mutable_data_ptr<float>();
+  qa.k_sum_part = c.smooth_k ? k_sum_part.mutable_data_ptr<double>() : nullptr;
+  qa.v_amax_part = fp8 ? v_amax_part.mutable_data_ptr<float>() : nullptr;
+  qa.v_amax = fp8 ? v_amax.mutable_data_ptr<float>() : nullptr;
 
   SageAttnArgs aa{};
   aa.dims = dims;

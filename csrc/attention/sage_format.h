@@ -245,6 +245,25 @@ TERSOR_HD inline int quantize_int(float x, float inv_scale, int bits) {
 
 // V: per-channel fp8 scale amax_c / 448 (codes = e4m3(v * (448 / amax_c))); the scale is applied to the
 // output in the epilogue.
+// ---- K's channel mean (the prologue's smoothing statistic) ----
+// Every implementation sums K's channel over the tokens in fp64 chunk by chunk -- each chunk of kKvStatsChunk
+// tokens in token order, then the chunk sums in chunk order -- divides by Lk and rounds once to fp32. The chunks
+// are what the CUDA prologue reduces in parallel (one CTA per chunk, then one pass over the chunk sums); one
+// order for all keeps the twin, the replay and the kernels bit-identical. (V's channel amax is order-free.)
+constexpr int64_t kKvStatsChunk = 256;
+TERSOR_HD constexpr int64_t kv_stats_chunks(int64_t len_k) { return (len_k + kKvStatsChunk - 1) / kKvStatsChunk; }
+// The fp32 mean of x[0], x[stride], ..., x[(len - 1) * stride] in that order (host: the twin and the replay).
+inline float chunked_channel_mean(const float* x, int64_t len, int64_t stride) {
+  double total = 0;
+  for (int64_t c0 = 0; c0 < len; c0 += kKvStatsChunk) {
+    const int64_t c1 = c0 + kKvStatsChunk < len ? c0 + kKvStatsChunk : len;
+    double s = 0;
+    for (int64_t j = c0; j < c1; ++j) s += x[j * stride];
+    total += s;
+  }
+  return static_cast<float>(total / static_cast<double>(len));
+}
+
 TERSOR_HD inline IntQuantParams fp8_channel_params(float amax) {
   if (!(amax > 0.f)) return {0.f, 0.f};
   return {kE4M3Max / amax, amax / kE4M3Max};

@@ -1,8 +1,8 @@
 // Prologue kernels of the quantized attention (sm80+): K token mean, INT8 / packed INT4 Q and K per fragment
 // group, Q smoothing (per 32-row block mean and its q_mean . K' bias),
 // V to e4m3 per channel (token-permuted, transposed) or to a transposed 16-bit copy, LSE corrections.
-// Each reproduces the CPU twin's arithmetic (sage_cpu.cpp) with the shared sage_format.h functions; only
-// reduction orders differ (the K mean in fp64, so it rounds identically except on ties).
+// Each reproduces the CPU twin's arithmetic (sage_cpu.cpp) with the shared sage_format.h functions, the K mean
+// in the same fp64 chunk order (chunked_channel_mean).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -30,17 +30,47 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// grid (B * Hkv), block D: the exact mean of each channel over the tokens, rounded once.
+// grid (chunks, B * Hkv), block D: for one chunk of kKvStatsChunk tokens, K's fp64 channel sums (token order) and
+// V's channel amax. Why chunks: one CTA per (batch, head) walking all Lk tokens is a serial chain of Lk dependent
+// loads per thread (milliseconds at 32K tokens); chunks spread the reduction over Lk / 256 CTAs per head, each
+// thread's loads coalesced across the CTA (consecutive channels).
 template <typename T>
-__global__ void k_mean_kernel(SageQuantArgs a) {
+__global__ void kv_stats_partial_kernel(SageQuantArgs a) {
   const SageDims& d = a.dims;
-  const int64_t bh = blockIdx.x, b = bh / d.heads_kv, h = bh % d.heads_kv;
+  const int64_t chunks = kv_stats_chunks(d.len_k), chunk = blockIdx.x;
+  const int64_t bh = blockIdx.y, b = bh / d.heads_kv, h = bh % d.heads_kv;
   const int c = threadIdx.x;
-  const T* k = static_cast<const T*>(a.k) + b * a.sk.b + h * a.sk.h + c;
+  const int64_t j0 = chunk * kKvStatsChunk, j1 = j0 + kKvStatsChunk < d.len_k ? j0 + kKvStatsChunk : d.len_k;
+  const int64_t out = (bh * chunks + chunk) * d.head_dim + c;
+  if (a.smooth_k) {
+    const T* k = static_cast<const T*>(a.k) + b * a.sk.b + h * a.sk.h + c;
+    double s = 0;
+    for (int64_t j = j0; j < j1; ++j) s += to_f32(k[j * a.sk.l]);
+    a.k_sum_part[out] = s;
+  }
+  if (a.pv_fp8) {
+    const T* v = static_cast<const T*>(a.v) + b * a.sv.b + h * a.sv.h + c;
+    float amax = 0.f;
+    for (int64_t j = j0; j < j1; ++j) amax = fmaxf(amax, fabsf(to_f32(v[j * a.sv.l])));
+    a.v_amax_part[out] = amax;
+  }
+}
+
+// grid (B * Hkv), block D: the chunk sums in chunk order -> K's mean rounded once (sage_format.h
+// chunked_channel_mean: the twin's and the replay's order), and V's channel amax.
+__global__ void kv_stats_final_kernel(SageQuantArgs a) {
+  const SageDims& d = a.dims;
+  const int64_t chunks = kv_stats_chunks(d.len_k), bh = blockIdx.x;
+  const int c = threadIdx.x;
   double s = 0;
-  if (a.smooth_k)
-    for (int64_t j = 0; j < d.len_k; ++j) s += to_f32(k[j * a.sk.l]);
+  float amax = 0.f;
+  for (int64_t i = 0; i < chunks; ++i) {
+    const int64_t at = (bh * chunks + i) * d.head_dim + c;
+    if (a.smooth_k) s += a.k_sum_part[at];
+    if (a.pv_fp8) amax = fmaxf(amax, a.v_amax_part[at]);
+  }
   a.k_mean[bh * d.head_dim + c] = a.smooth_k ? static_cast<float>(s / static_cast<double>(d.len_k)) : 0.f;
+  if (a.pv_fp8) a.v_amax[bh * d.head_dim + c] = amax;
 }
 
 // grid (Lk_pad / 64, B * Hkv), block 128: warp t owns K group t of the tile (tokens 8i + 2t + {0, 1}).
@@ -164,28 +194,43 @@ __global__ void q_bias_kernel(SageQuantArgs a) {
   }
 }
 
-// grid (B * Hkv), block D: thread c writes row c of V^T. FP8: per-channel scale, e4m3 codes in the
-// token order the P fragment implies (v_fp8_position_token); 16-bit: a plain transposed copy.
+// grid (Lk_pad / 64, B * Hkv), block 128: one 64-token tile of V through shared memory into V^T [D, Lk_pad]. FP8:
+// per-channel scale (from kv_stats_final_kernel's amax), e4m3 codes in the token order the P fragment implies
+// (v_fp8_position_token, a permutation inside every 16 tokens, so inside the tile); 16-bit: a transposed copy.
+// Why a tile: V is [token][channel] in memory and V^T [channel][token]; going through shared memory makes both
+// the reads (consecutive channels) and the writes (consecutive positions of one channel) coalesced.
+constexpr int kVTileTokens = 64;
 template <typename T>
 __global__ void quant_v_kernel(SageQuantArgs a) {
   const SageDims& d = a.dims;
-  const int64_t bh = blockIdx.x, b = bh / d.heads_kv, h = bh % d.heads_kv;
-  const int c = threadIdx.x;
+  const int64_t bh = blockIdx.y, b = bh / d.heads_kv, h = bh % d.heads_kv;
   const int D = static_cast<int>(d.head_dim);
-  const T* v = static_cast<const T*>(a.v) + b * a.sv.b + h * a.sv.h + c;
-  if (a.pv_fp8) {
-    float amax = 0.f;
-    for (int64_t j = 0; j < d.len_k; ++j) amax = fmaxf(amax, fabsf(to_f32(v[j * a.sv.l])));
-    const IntQuantParams qp = fp8_channel_params(amax);
-    a.v_scale[bh * D + c] = qp.scale;
-    uint8_t* out = static_cast<uint8_t*>(a.v_t) + v_t_offset(bh, D, d.len_k_pad, c, 0, 1);
-    for (int64_t p = 0; p < d.len_k_pad; ++p) {
-      const int64_t j = v_fp8_position_token(p);
-      out[p] = j < d.len_k ? float_to_e4m3(to_f32(v[j * a.sv.l]) * qp.inv_scale) : 0;
+  const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * kVTileTokens;
+  __shared__ float tile[kVTileTokens][128 + 1];  // D <= 128; +1 column: the transposed reads hit 32 banks
+  __shared__ float inv_scale[128];
+  const T* v = static_cast<const T*>(a.v) + b * a.sv.b + h * a.sv.h;
+  for (int i = threadIdx.x; i < kVTileTokens * D; i += blockDim.x) {
+    const int tok = i / D, c = i % D;
+    const int64_t j = tile0 + tok;
+    tile[tok][c] = j < d.len_k ? to_f32(v[j * a.sv.l + c]) : 0.f;
+  }
+  if (a.pv_fp8)
+    for (int c = threadIdx.x; c < D; c += blockDim.x) {
+      const IntQuantParams qp = fp8_channel_params(a.v_amax[bh * D + c]);
+      inv_scale[c] = qp.inv_scale;
+      if (blockIdx.x == 0) a.v_scale[bh * D + c] = qp.scale;
     }
-  } else {
-    T* out = static_cast<T*>(a.v_t) + v_t_offset(bh, D, d.len_k_pad, c, 0, 1);
-    for (int64_t p = 0; p < d.len_k_pad; ++p) out[p] = p < d.len_k ? v[p * a.sv.l] : T(0.f);
+  __syncthreads();
+  for (int i = threadIdx.x; i < D * kVTileTokens; i += blockDim.x) {
+    const int c = i / kVTileTokens, p = i % kVTileTokens;
+    if (a.pv_fp8) {
+      const int tok = static_cast<int>(v_fp8_position_token(tile0 + p) - tile0);
+      uint8_t* out = static_cast<uint8_t*>(a.v_t) + v_t_offset(bh, D, d.len_k_pad, c, tile0 + p, 1);
+      *out = tile0 + tok < d.len_k ? float_to_e4m3(tile[tok][c] * inv_scale[c]) : 0;
+    } else {
+      T* out = static_cast<T*>(a.v_t) + v_t_offset(bh, D, d.len_k_pad, c, tile0 + p, 1);
+      *out = static_cast<T>(tile[p][c]);  // exact: the value came from T (0 past Lk)
+    }
   }
 }
 
@@ -194,11 +239,17 @@ cudaError_t launch_all(const SageQuantArgs& a, cudaStream_t stream) {
   using Tr = SageTraitsSm8x;
   const SageDims& d = a.dims;
   const int D = static_cast<int>(d.head_dim);
-  k_mean_kernel<T><<<dim3(d.batch * d.heads_kv), D, 0, stream>>>(a);
+  if (a.smooth_k || a.pv_fp8) {
+    kv_stats_partial_kernel<T><<<dim3(kv_stats_chunks(d.len_k), d.batch * d.heads_kv), D, 0, stream>>>(a);
+    kv_stats_final_kernel<<<dim3(d.batch * d.heads_kv), D, 0, stream>>>(a);
+  } else {
+    const cudaError_t e = cudaMemsetAsync(a.k_mean, 0, sizeof(float) * d.batch * d.heads_kv * D, stream);
+    if (e != cudaSuccess) return e;
+  }
   quant_k_kernel<T><<<dim3(d.len_k_pad / Tr::kCtaK, d.batch * d.heads_kv), 128, 0, stream>>>(a);
   quant_q_kernel<T><<<dim3(d.len_q_pad / Tr::kWarpQ, d.batch * d.heads_q), 256, 0, stream>>>(a);
   if (a.smooth_q) q_bias_kernel<T><<<dim3(d.len_q_pad / Tr::kWarpQ, d.batch * d.heads_q), 128, 0, stream>>>(a);
-  quant_v_kernel<T><<<dim3(d.batch * d.heads_kv), D, 0, stream>>>(a);
+  quant_v_kernel<T><<<dim3(d.len_k_pad / kVTileTokens, d.batch * d.heads_kv), 128, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
