@@ -35,11 +35,6 @@ inline SageKernel parse_kernel(const std::string& kernel, const char* op = "sage
   return k;
 }
 
-inline std::string sizes_str(const Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
 
 inline SageCall check_call(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal, double scale,
                            int64_t qk_bits, const std::string& pv, bool smooth_k, bool smooth_q,

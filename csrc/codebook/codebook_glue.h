@@ -12,12 +12,6 @@
 
 namespace tersor::codebook {
 
-// "[16, 2, 1]" (the form at::IntArrayRef prints), for error messages.
-inline std::string shape_str(const Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
 
 inline bool same_device(const Tensor& a, const Tensor& b) { return a.device() == b.device(); }
 
@@ -43,7 +37,7 @@ inline E8PCall check_e8p_call(const Tensor& qidxs, int64_t n, const std::optiona
                               const char* op) {
   TERSOR_CHECK_TYPE(qidxs.scalar_type() == ScalarType::Long, op, ": Qidxs must be int64 (QuIP#'s packed codes), got ",
                     dtype_name(qidxs.scalar_type()));
-  TERSOR_CHECK_VALUE(qidxs.dim() == 2, op, ": Qidxs must be 2-d [out_features, words], got shape ", shape_str(qidxs));
+  TERSOR_CHECK_VALUE(qidxs.dim() == 2, op, ": Qidxs must be 2-d [out_features, words], got shape ", sizes_str(qidxs));
   TERSOR_CHECK_VALUE(n > 0 && n % 64 == 0, op, ": in_features must be a positive multiple of 64 (QuIP#'s E8P layout), got ",
                      n);
   TERSOR_CHECK_VALUE(n < (int64_t{1} << 31), op, ": in_features too large: ", n);
@@ -92,13 +86,13 @@ inline AQLMCall check_aqlm_call(const Tensor& codes, const Tensor& codebooks, co
   TERSOR_CHECK_TYPE(is_float_dtype(scales.scalar_type()), op, ": scales must be float32, float16 or bfloat16, got ",
                     dtype_name(scales.scalar_type()));
   TERSOR_CHECK_VALUE(codes.dim() == 3, op, ": codes must be [out/out_group, in/in_group, num_codebooks], got shape ",
-                     shape_str(codes));
+                     sizes_str(codes));
   TERSOR_CHECK_VALUE(codebooks.dim() == 4, op,
                      ": codebooks must be [num_codebooks, 2^nbits, out_group, in_group], got shape ",
-                     shape_str(codebooks));
+                     sizes_str(codebooks));
   TERSOR_CHECK_VALUE(codebooks.size(2) == 1 && codebooks.size(3) == 8, op,
                      ": the kernels support out_group_size 1 and in_group_size 8 (AQLM 1x16, 2x8); got codebooks ",
-                     shape_str(codebooks), " (tersor.quant.aqlm_dequantize_reference handles any group size)");
+                     sizes_str(codebooks), " (tersor.quant.aqlm_dequantize_reference handles any group size)");
   AQLMCall c;
   c.num_codebooks = static_cast<int>(codebooks.size(0));
   const int64_t entries = codebooks.size(1);
@@ -118,9 +112,9 @@ inline AQLMCall check_aqlm_call(const Tensor& codes, const Tensor& codebooks, co
   c.out = codes.size(0);
   c.groups = codes.size(1);
   c.in = c.groups * 8;
-  TERSOR_CHECK_VALUE(c.out > 0 && c.groups > 0, op, ": empty weight: codes shape ", shape_str(codes));
+  TERSOR_CHECK_VALUE(c.out > 0 && c.groups > 0, op, ": empty weight: codes shape ", sizes_str(codes));
   TERSOR_CHECK_VALUE(scales.numel() == c.out && scales.dim() == 4 && scales.size(0) == c.out, op,
-                     ": scales must be [out_features, 1, 1, 1] = [", c.out, ", 1, 1, 1], got ", shape_str(scales));
+                     ": scales must be [out_features, 1, 1, 1] = [", c.out, ", 1, 1, 1], got ", sizes_str(scales));
   TERSOR_CHECK_VALUE(same_device(codes, codebooks) && same_device(codes, scales), op,
                      ": codes, codebooks and scales must be on one device, got ", device_str(codes), ", ",
                      device_str(codebooks), ", ", device_str(scales));
@@ -142,11 +136,11 @@ inline std::vector<int64_t> check_linear_inputs(const Tensor& x, const std::opti
   TERSOR_CHECK_TYPE(is_float_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
                     dtype_name(x.scalar_type()));
   TERSOR_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, op, ": x must be [..., ", in_features, "], got shape ",
-                     shape_str(x));
+                     sizes_str(x));
   TERSOR_CHECK_VALUE(same_device(x, weight), op, ": x is on ", device_str(x), ", the weight on ", device_str(weight));
   if (bias) {
     TERSOR_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must be [", out_features,
-                       "], got ", shape_str(*bias));
+                       "], got ", sizes_str(*bias));
     TERSOR_CHECK_VALUE(same_device(*bias, x), op, ": bias is on ", device_str(*bias), ", x on ", device_str(x));
   }
   std::vector<int64_t> out_shape = sizes_vec(x);

@@ -62,7 +62,7 @@ Tensor emulate_cuda_linear(const Tensor& x, const Tensor& qidxs, int64_t in_feat
   constexpr const char* op = "_e8p_emulate_cuda_linear";
   const E8PCall c = check_e8p_call(qidxs, in_features, resid_scale, op);
   TERSOR_CHECK_VALUE(x.dim() == 2 && x.size(1) == c.n && x.size(0) >= 1 && x.size(0) <= Traits::kMaxBatch, op,
-                     ": x must be [1..", Traits::kMaxBatch, ", ", c.n, "], got ", shape_str(x));
+                     ": x must be [1..", Traits::kMaxBatch, ", ", c.n, "], got ", sizes_str(x));
   // The kernel multiplies fp16 x (the glue rounds x to fp16 first).
   const Tensor x16 = as_contiguous(as_dtype(x, ScalarType::Half));
   const Tensor q = as_contiguous(qidxs);

@@ -37,15 +37,6 @@ inline std::vector<int64_t> header_list(const StreamInfo& s) {
   return h;
 }
 
-// "[a, b, c]", as torch prints a size list (for messages).
-inline std::string list_str(const std::vector<int64_t>& v) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < v.size(); ++i) os << (i ? ", " : "") << v[i];
-  os << "]";
-  return os.str();
-}
-inline std::string sizes_str(const Tensor& t) { return list_str(sizes_vec(t)); }
 
 inline ScalarType scalar_type_of(WireDType t) {
   switch (t) {

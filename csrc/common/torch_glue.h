@@ -165,6 +165,14 @@ inline Tensor as_dtype(const Tensor& t, ScalarType dtype) {
 }
 inline std::vector<int64_t> sizes_vec(const Tensor& t) { return t.sizes().vec(); }
 
+// "[a, b, c]", as torch prints a size list (for error messages).
+inline std::string list_str(const std::vector<int64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+inline std::string sizes_str(const Tensor& t) { return list_str(sizes_vec(t)); }
+
 // Any aten op through the dispatcher, for what torch/csrc/stable/ops.h does not wrap at the 2.11 floor
 // (linear, mul_, add_, ...). Arguments are converted exactly as the stable ops.h wrappers convert theirs.
 template <class... Args>

@@ -13,7 +13,7 @@
 namespace tersor::sparse {
 
 // "[2, 3, 4]" (torch's way of printing a shape, for error messages).
-inline std::string bsr_shape_str(const Tensor& t) {
+inline std::string bsr_sizes_str(const Tensor& t) {
   std::ostringstream os;
   os << "[";
   for (int64_t d = 0; d < t.dim(); ++d) os << (d ? ", " : "") << t.size(d);
@@ -40,10 +40,10 @@ inline BsrCall check_bsr_call(const Tensor& x, const Tensor& crow, const Tensor&
     TERSOR_CHECK_TYPE(t->scalar_type() == ScalarType::Int, op,
                       ": crow_indices, col_indices and schedule must be int32, got ", dtype_name(t->scalar_type()));
     TERSOR_CHECK_VALUE(t->dim() == 1, op, ": crow_indices, col_indices and schedule must be 1-d, got shape ",
-                       bsr_shape_str(*t));
+                       bsr_sizes_str(*t));
   }
   TERSOR_CHECK_VALUE(values.dim() == 3 && values.size(1) == values.size(2), op,
-                     ": values must be [nnz_blocks, bs, bs], got shape ", bsr_shape_str(values));
+                     ": values must be [nnz_blocks, bs, bs], got shape ", bsr_sizes_str(values));
   BsrCall c;
   c.bs = values.size(1);
   TERSOR_CHECK_VALUE(bsr_valid_blocksize(c.bs), op, ": blocksize must be 16, 32 or 64, got ", c.bs);
@@ -68,7 +68,7 @@ inline BsrCall check_bsr_call(const Tensor& x, const Tensor& crow, const Tensor&
   TERSOR_CHECK_VALUE(c.n_split >= 0, op, ": schedule has ", schedule.numel(), " entries, which fits no schedule for ",
                     c.mb, " block rows (see docs/formats.md, BSR v1)");
   TERSOR_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, op, ": x must be [..., ", in_features,
-                     "], got shape ", bsr_shape_str(x));
+                     "], got shape ", bsr_sizes_str(x));
   const Device dev = x.device();
   for (const Tensor* t : {&crow, &col, &values, &schedule})
     TERSOR_CHECK_VALUE(t->device() == dev, op, ": all tensors must be on x's device (", device_str(x), "), got one on ",
@@ -79,7 +79,7 @@ inline BsrCall check_bsr_call(const Tensor& x, const Tensor& crow, const Tensor&
     TERSOR_CHECK_TYPE(bias->scalar_type() == st, op, ": bias (", dtype_name(bias->scalar_type()),
                       ") must have x's dtype (", dtype_name(st), ")");
     TERSOR_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == c.out_features, op, ": bias must be [", c.out_features,
-                       "], got shape ", bsr_shape_str(*bias));
+                       "], got shape ", bsr_sizes_str(*bias));
   }
   c.tokens = x.numel() / in_features;
   c.out_shape = sizes_vec(x);

@@ -113,11 +113,11 @@ std::tuple<Tensor, Tensor> compress_cpu(const Tensor& weight) {
   constexpr const char* op = "sparse24_compress";
   check_value_dtype(weight.scalar_type(), op, "weight", /*allow_float32=*/true);
   TERSOR_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-d [out_features, in_features], got shape ",
-                     shape_str(weight));
+                     sizes_str(weight));
   TERSOR_CHECK_VALUE(weight.size(0) > 0 && weight.size(0) % kRowAlign == 0 && weight.size(1) > 0 &&
                          weight.size(1) % kColAlign == 0,
                      op, ": weight [M, K] needs M a positive multiple of ", kRowAlign,
-                     " and K a positive multiple of ", kColAlign, " (format v1 tiles), got shape ", shape_str(weight));
+                     " and K a positive multiple of ", kColAlign, " (format v1 tiles), got shape ", sizes_str(weight));
   if (weight.scalar_type() == ScalarType::Half) return compress_impl<Half>(weight);
   if (weight.scalar_type() == ScalarType::Float) return compress_impl<float>(weight);
   return compress_impl<BFloat16>(weight);

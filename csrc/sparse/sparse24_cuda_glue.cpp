@@ -40,11 +40,11 @@ std::tuple<Tensor, Tensor> compress_cuda(const Tensor& weight) {
   constexpr const char* op = "sparse24_compress";
   check_value_dtype(weight.scalar_type(), op, "weight");
   TERSOR_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-d [out_features, in_features], got shape ",
-                     shape_str(weight));
+                     sizes_str(weight));
   const int64_t M = weight.size(0), K = weight.size(1);
   TERSOR_CHECK_VALUE(M > 0 && M % kRowAlign == 0 && K > 0 && K % kColAlign == 0, op,
                      ": weight [M, K] needs M a positive multiple of ", kRowAlign, " and K a positive multiple of ",
-                     kColAlign, " (format v1 tiles), got shape ", shape_str(weight));
+                     kColAlign, " (format v1 tiles), got shape ", sizes_str(weight));
   const CudaDeviceGuard guard(weight);
   const Tensor w = aligned16(weight);
   Tensor values = empty({M / kRowAlign, K / kTileK, kTileElems}, w.scalar_type(), w.device());

@@ -16,14 +16,6 @@ struct Shape {
   int64_t M = 0, K = 0;
 };
 
-// "[2, 3, 4]" (torch's way of printing a shape, for error messages).
-inline std::string shape_str(const Tensor& t) {
-  std::ostringstream os;
-  os << "[";
-  for (int64_t d = 0; d < t.dim(); ++d) os << (d ? ", " : "") << t.size(d);
-  os << "]";
-  return os.str();
-}
 
 // float32 values (format v1 allows them: same element layout, 4-byte elements) are a CPU-only case: the
 // sparse tensor-core MMA takes 16-bit A operands for 2:4 (its tf32 form is 1:2 sparsity, another format).
@@ -42,17 +34,17 @@ inline Shape check_packed(const Tensor& values, const Tensor& meta, const char* 
   TERSOR_CHECK_TYPE(meta.scalar_type() == ScalarType::Int, op, ": meta must be int32, got ",
                     dtype_name(meta.scalar_type()));
   TERSOR_CHECK_VALUE(values.dim() == 3 && values.size(2) == kTileElems, op,
-                     ": values must be [M/16, K/32, 256] (2:4 format v1), got shape ", shape_str(values));
+                     ": values must be [M/16, K/32, 256] (2:4 format v1), got shape ", sizes_str(values));
   TERSOR_CHECK_VALUE(meta.dim() == 3 && meta.size(2) == 32, op,
-                     ": meta must be [M/16, K/64, 32] (2:4 format v1), got shape ", shape_str(meta));
+                     ": meta must be [M/16, K/64, 32] (2:4 format v1), got shape ", sizes_str(meta));
   Shape s;
   s.M = values.size(0) * kRowAlign;
   s.K = values.size(1) * kTileK;
   TERSOR_CHECK_VALUE(s.M > 0 && s.K > 0 && s.K % kColAlign == 0, op,
                      ": values must hold a positive number of 16-row blocks and an even number of 32-column "
-                     "k-tiles (K % 64 == 0), got shape ", shape_str(values));
+                     "k-tiles (K % 64 == 0), got shape ", sizes_str(values));
   TERSOR_CHECK_VALUE(meta.size(0) == values.size(0) && meta.size(1) * kColAlign == s.K, op, ": meta shape ",
-                     shape_str(meta), " does not match values shape ", shape_str(values), " (expected [",
+                     sizes_str(meta), " does not match values shape ", sizes_str(values), " (expected [",
                      values.size(0), ", ", s.K / kColAlign, ", 32])");
   TERSOR_CHECK_VALUE(values.device() == meta.device(), op, ": values and meta must be on the same device, got ",
                device_str(values), " and ", device_str(meta));
@@ -68,13 +60,13 @@ inline std::vector<int64_t> check_linear_inputs(const Tensor& x, const std::opti
   TERSOR_CHECK_VALUE(x.device() == values.device(), op, ": x must be on the weight's device ", device_str(values),
                ", got ", device_str(x));
   TERSOR_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == s.K, op, ": x's last dim must be in_features = ", s.K,
-                     ", got shape ", shape_str(x));
+                     ", got shape ", sizes_str(x));
   if (bias.has_value()) {
     TERSOR_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), op, ": bias must have the weight's dtype ",
                       dtype_name(values.scalar_type()), ", got ", dtype_name(bias->scalar_type()));
     TERSOR_CHECK_VALUE(bias->device() == values.device(), op, ": bias must be on the weight's device");
     TERSOR_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.M, op, ": bias must be [out_features = ", s.M,
-                       "], got shape ", shape_str(*bias));
+                       "], got shape ", sizes_str(*bias));
   }
   std::vector<int64_t> out = sizes_vec(x);
   out.back() = s.M;
