@@ -6,9 +6,12 @@ token) and V as FP8 e4m3 (per-page, per-channel scale), quantized once when the 
 reads about 1 byte per K/V element instead of 2. ``docs/formats.md`` ("Paged KV cache v1") has the layout and
 the rule that fixes a page's statistics; ``docs/usage.md`` ("Decode over a paged KV cache") the usage.
 
-Status: CPU (the twin whose numerics the CUDA decode kernels are to reproduce). The CUDA decode kernels are
-not written yet: on CUDA the quantized ops raise NotImplementedError. ``quantized=False`` keeps float16/bfloat16
-pages and runs plain PyTorch attention on any device (a reference, not a tersor kernel).
+Status: CPU twin (exact, tested) and CUDA decode kernels (split-KV over the pages, GQA rows packed into the
+MMA's M dimension, LSE merge: sm_80 / sm_89 / sm_90a). The CUDA kernels are compiled and replayed lane by lane on
+the CPU against the twin, but have not yet run on a GPU (:data:`CUDA_DECODE_READY` is False until a GPU session
+has passed tests/test_paged_decode_cuda.py). Quantize-on-write (``append``) has no CUDA kernel yet: on a CUDA
+quantized cache it raises NotImplementedError. ``quantized=False`` keeps float16/bfloat16 pages and runs plain
+PyTorch attention on any device (a reference, not a tersor kernel).
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ import torch
 from .. import ops
 
 __all__ = ["PagedKVCache", "sage_decode"]
+
+#: The CUDA decode kernels (csrc/attention/decode_kernel.cuh) are compiled for sm_80 / sm_89 / sm_90a and replayed
+#: lane by lane on the CPU, but have not run on a GPU yet: False until tests/test_paged_decode_cuda.py has passed on
+#: one. Direct :func:`sage_decode` calls on CUDA do run them; the decode benchmark labels their rows unverified.
+CUDA_DECODE_READY = False
 
 PAGE_SIZES = tuple(range(16, 257, 16))
 
@@ -116,7 +124,8 @@ class PagedKVCache:
         lengths = _as_int32("lengths", lengths, self.device, b, 1, who)
         if self.quantized:
             if self.device.type != "cpu":
-                raise NotImplementedError(f"{who}: the quantized cache's CUDA kernels are not written yet (CPU only)")
+                raise NotImplementedError(f"{who}: quantize-on-write has no CUDA kernel yet (issue 15): append on a "
+                                          "CPU cache (decode runs on CUDA)")
             ops.paged_kv_append_(self.k_codes, self.k_scale, self.v_codes, self.page_meta, k.contiguous(),
                                  v.contiguous(), block_table, start, lengths)
             return
@@ -157,7 +166,7 @@ def _check_window(window, who: str) -> tuple[int, int]:
 
 def sage_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, cache_seqlens: torch.Tensor, *,
                 scale: Optional[float] = None, window: Optional[tuple[int, int]] = None,
-                return_lse: bool = False, num_workers: int = 0):
+                return_lse: bool = False, num_workers: Optional[int] = None):
     """Attention of ``q [B, Lq, Hq, D]`` (``Lq <= 16``: the last Lq tokens of each sequence, already appended
     to the cache) over ``cache_seqlens[b]`` cached tokens of sequence ``b``, bottom-right causal: query ``i``
     sees keys ``j <= seqlen - Lq + i``. GQA: ``Hq`` a multiple of the cache's heads. ``window=(left, right)``:
@@ -165,10 +174,15 @@ def sage_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
     that sees no key (a sequence of length 0) gives 0 (LSE ``-inf``). Returns ``out [B, Lq, Hq, D]`` in q's
     dtype (and ``lse float32 [B, Hq, Lq]`` with ``return_lse=True``).
 
-    ``num_workers`` (quantized cache): split-KV as the CUDA kernels will run it, the key tiles of the whole call
+    ``num_workers`` (quantized cache): split-KV as the CUDA kernels run it, the key tiles of the whole call
     shared out in equal chunks over that many work items (one per SM slot), each chunk's softmax merged by its
-    LSE; 0 (the CPU default) walks each sequence in one pass. The result differs from the one-pass walk only by
-    fp32 rounding of the merge."""
+    LSE; 0 walks each sequence in one pass. ``None`` (the default): one pass on CPU; on CUDA the planner's choice
+    for the device's SM count (csrc/attention/decode_cuda_layout.h, ``decode_auto_workers``). The result differs
+    from the one-pass walk by the rounding of P~ to e4m3 against each chunk's running max, and fp32 rounding of
+    the merge.
+
+    On CUDA the sequence lengths and the block-table entries they reach are checked here (one host sync) before
+    the kernels run."""
     who = "sage_decode"
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"{who}: cache must be a PagedKVCache, got {type(cache).__name__}")
@@ -191,16 +205,38 @@ def sage_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"{who}: scale must be finite and positive, got {scale}")
     left, right = _check_window(window, who)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"{who}: num_workers must be an int >= 0, got {num_workers!r}")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 0):
+        raise ValueError(f"{who}: num_workers must be None or an int >= 0, got {num_workers!r}")
     if cache.quantized:
-        if q.device.type != "cpu":
-            raise NotImplementedError(f"{who}: the quantized decode's CUDA kernels are not written yet (CPU only)")
+        if q.device.type == "cuda":
+            _check_decode_indices(block_table, seqlens, cache, who)
+            workers = -1 if num_workers is None else num_workers
+        else:
+            workers = 0 if num_workers is None else num_workers
         out, lse = ops.sage_decode_paged(q.contiguous(), cache.k_codes, cache.k_scale, cache.v_codes,
-                                         cache.page_meta, block_table, seqlens, scale, left, right, num_workers)
+                                         cache.page_meta, block_table, seqlens, scale, left, right, workers)
     else:
         out, lse = _plain_decode(q, cache, block_table, seqlens, scale, left, right, who)
     return (out, lse) if return_lse else out
+
+
+def _check_decode_indices(block_table: torch.Tensor, seqlens: torch.Tensor, cache: PagedKVCache, who: str) -> None:
+    """The op's data checks on a device the C++ glue cannot read without a sync: sequence lengths against the
+    block table, and the page ids those lengths reach (the CPU twin checks the same in C++)."""
+    s, max_pages = cache.page_size, block_table.shape[1]
+    bad_len = (seqlens < 0) | (seqlens > max_pages * s)
+    used = torch.arange(max_pages, device=block_table.device)[None, :] < ((seqlens.long() + s - 1) // s)[:, None]
+    bad_page = used & ((block_table < 0) | (block_table >= cache.num_pages))
+    flags = torch.stack([bad_len.any(), bad_page.any()]).tolist()  # one sync for both
+    if flags[0]:
+        b = int(bad_len.nonzero()[0, 0])
+        raise ValueError(f"{who}: seqlens[{b}] = {int(seqlens[b])} is outside [0, {max_pages * s}] (block_table has "
+                         f"{max_pages} pages of {s} tokens per sequence)")
+    if flags[1]:
+        b, c = (int(x) for x in bad_page.nonzero()[0])
+        raise ValueError(f"{who}: block_table[{b}, {c}] = {int(block_table[b, c])} is not a page of this cache "
+                         f"({cache.num_pages} pages)")
 
 
 def visible_key_mask(len_q: int, seqlen: int, left: int = -1, right: int = -1,
