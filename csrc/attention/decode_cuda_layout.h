@@ -81,9 +81,10 @@ struct DecodeArgs {
 };
 
 // ---- split-KV planner ----
-// CTAs per SM the planner aims at: 2 (the kernel's 128 threads and 26 / 47 / 92 KB of shared memory at D = 64 /
-// 128 / 256 fit 2 per SM at D <= 128 on every target; more than one resident CTA hides one CTA's barrier and
-// merge-write bubbles behind the other's loads).
+// CTAs per SM the planner aims at: 2. The kernel's 128 threads and 28 / 49 / 91 KiB of shared memory at D = 64 /
+// 128 / 256 let 2 CTAs reside per SM at D <= 128 on sm_80 / sm_90 (164 / 228 KiB per SM) and at D = 64 on sm_89
+// (100 KiB); where only one fits, the second wave of a 2-per-SM grid runs after the first (the split sizes still
+// balance). Two resident CTAs hide one CTA's barriers and workspace writes behind the other's loads.
 constexpr int64_t kDecodeCtasPerSm = 2;
 
 // Work items for an automatic split: (b, h, row block) triples `pairs` already give one CTA each; when they
