@@ -237,3 +237,75 @@ def test_cuda_decode_automatic_split_and_errors():
         sage_decode(q.cuda(), gc, bt.cuda(), torch.tensor([10**6, 0], dtype=torch.int32, device="cuda"))
     with pytest.raises(ValueError, match="block_table"):
         sage_decode(q.cuda(), gc, torch.full_like(bt, 10**5).cuda(), sl.cuda())
+
+
+# ------------------------------------------------------------------------------------------- append
+def _append_errors(cache, k, v, bt, st, ln):
+    """(twin's message, the CUDA path's Python checks' message), each after the op / wrapper name; None if none."""
+    msgs = []
+    for fn in (lambda: cache.append(k, v, bt, st, ln),
+               lambda: cache._check_append_indices(bt, st, ln, k.shape[1], "PagedKVCache.append")):
+        try:
+            fn()
+            msgs.append(None)
+        except ValueError as e:
+            msgs.append(str(e).split(": ", 1)[1])
+    return msgs
+
+
+def test_cuda_append_index_checks_are_the_twins():
+    # On CUDA the append's index checks run in PagedKVCache._check_append_indices (tensor ops, one sync): the same
+    # refusals and messages as the twin's C++ checks, for the twin's own bad cases and for random tables.
+    gen = torch.Generator().manual_seed(2)
+    k, v = _filled.__globals__["llm_like_kv"](2, 20, 2, 64, gen)
+    cache = PagedKVCache(4, 16, 2, 64)
+    start, lengths = torch.zeros(2, dtype=torch.int32), torch.tensor([20, 20], dtype=torch.int32)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    cases = [
+        (i32([[0, 1], [2, 4]]), start, lengths), (i32([[0, 1], [2, -1]]), start, lengths),
+        (i32([[0, 1], [1, 2]]), start, lengths), (i32([[0], [2]]), start, lengths),
+        (i32([[0, 1], [2, 3]]), start, i32([21, 0])), (i32([[0, 1], [2, 3]]), i32([-1, 0]), lengths),
+        (i32([[0, 3], [0, 1]]), i32([0, 16]), i32([16, 1])),  # continues from a page the other sequence opens
+        (i32([[0, 3], [2, 1]]), i32([0, 16]), i32([16, 1])),  # fine
+    ]
+    for bt, st, ln in cases:
+        twin_msg, cuda_msg = _append_errors(cache, k, v, bt, st, ln)
+        assert twin_msg == cuda_msg, (bt, st, ln)
+    assert _append_errors(cache, k, v, *cases[-1]) == [None, None]
+    kinds = ["outside", "negative", "past its", "not a page", "written by", "continues from", None]
+    seen = set()
+    for trial in range(300):
+        cache = PagedKVCache(6, 16, 2, 64)
+        cache.append(k, v, i32([[0, 1], [2, 3]]), start, lengths)  # pages 0..3 hold 20 tokens each
+        bt = torch.randint(-1, 7, (2, 3), generator=gen).to(torch.int32)
+        st = torch.randint(-1, 30, (2,), generator=gen).to(torch.int32)
+        ln = torch.randint(0, 22, (2,), generator=gen).to(torch.int32)
+        twin_msg, cuda_msg = _append_errors(cache, k, v, bt, st, ln)
+        assert twin_msg == cuda_msg, (bt, st, ln)
+        seen.add(next(x for x in kinds if x is None or (twin_msg is not None and x in twin_msg)))
+    assert seen >= set(kinds) - {"past its"}, seen  # every refusal (but the rare one) was exercised
+
+
+@pytest.mark.cuda
+def test_cuda_append_is_bit_identical_to_the_twin():
+    gen = torch.Generator().manual_seed(11)
+    for d, s in ((64, 16), (128, 64), (256, 160)):
+        cpu = PagedKVCache(12, s, 2, d)
+        gpu = PagedKVCache(12, s, 2, d, device="cuda")
+        bt = torch.randperm(12, generator=gen)[:8].view(2, 4).to(torch.int32)
+        prompt = torch.tensor([s + 5, 3], dtype=torch.int32)
+        k, v = _filled.__globals__["llm_like_kv"](2, s + 5, 2, d, gen)
+        for dtype in (torch.float32, torch.bfloat16):
+            kk, vv = k.to(dtype), v.to(dtype)
+            cpu.append(kk, vv, bt, torch.zeros(2, dtype=torch.int32), prompt)
+            gpu.append(kk.cuda(), vv.cuda(), bt.cuda(), torch.zeros(2, dtype=torch.int32, device="cuda"),
+                       prompt.cuda())
+            seqlens = prompt.clone()
+            for step in range(s + 2):  # one token at a time, across page boundaries
+                k1, v1 = _filled.__globals__["llm_like_kv"](2, 1, 2, d, gen, bias=4.0)
+                cpu.append(k1, v1, bt, seqlens, torch.ones(2, dtype=torch.int32))
+                gpu.append(k1.cuda(), v1.cuda(), bt.cuda(), seqlens.cuda(), torch.ones(2, dtype=torch.int32,
+                                                                                        device="cuda"))
+                seqlens += 1
+            for name in ("k_codes", "k_scale", "v_codes", "page_meta"):
+                assert torch.equal(getattr(cpu, name), getattr(gpu, name).cpu()), (d, s, dtype, name)

@@ -20,4 +20,21 @@ cudaError_t decode_paged_cuda_launch_f16(const DecodeArgs& a, cudaStream_t strea
 // e4m3-MMA P~ V (sm_89 only: decode_cuda_e4m3.cu); plan and merge from the f16 unit.
 cudaError_t decode_paged_cuda_launch_e4m3(const DecodeArgs& a, cudaStream_t stream);
 
+// Quantize-on-write (paged_append_cuda.cu): the arguments of tersor::paged_kv_append_ with k and v widened to
+// fp32 by the glue (as the twin widens them), indices validated by the Python wrapper.
+struct PagedAppendArgs {
+  int64_t batch, len, heads_kv, head_dim, page_size, num_pages, max_pages;
+  const float* k;  // [B, L, Hkv, D] fp32 contiguous
+  const float* v;
+  const int32_t* block_table;  // [B, max_pages]
+  const int32_t* start;        // [B]
+  const int32_t* lengths;      // [B]
+  int8_t* k_codes;
+  float* k_scale;
+  uint8_t* v_codes;
+  float* page_meta;
+  float* stats;  // [B, Hkv, 2, D] scratch: a prompt chunk's k_mean and v_scale
+};
+cudaError_t paged_append_cuda_launch(const PagedAppendArgs& a, cudaStream_t stream);
+
 }  // namespace tersor::attention

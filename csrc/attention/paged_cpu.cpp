@@ -25,25 +25,12 @@
 namespace tersor::attention {
 namespace {
 
-
 // ------------------------------------------------------------------------------------------- append
 void paged_kv_append_cpu(Tensor k_codes, Tensor k_scale, Tensor v_codes, Tensor page_meta, const Tensor& k,
                          const Tensor& v, const Tensor& block_table, const Tensor& start, const Tensor& lengths) {
   const char* op = "paged_kv_append_";
-  const PagedLayout l = check_paged_cache(op, k_codes, k_scale, v_codes, page_meta);
-  TERSOR_CHECK_VALUE(k.dim() == 4 && v.dim() == 4, op, ": k and v must be [batch, len, heads_kv, head_dim], got ",
-                     sizes_str(k), " and ", sizes_str(v));
-  TERSOR_CHECK_TYPE(k.scalar_type() == v.scalar_type() && is_float_input(k.scalar_type()), op,
-                    ": k and v must be float16, bfloat16 or float32 of one dtype, got ", dtype_name(k.scalar_type()),
-                    " and ", dtype_name(v.scalar_type()));
+  const PagedLayout l = check_append_args(op, k_codes, k_scale, v_codes, page_meta, k, v, block_table, start, lengths);
   const int64_t B = k.size(0), L = k.size(1);
-  TERSOR_CHECK_VALUE(v.size(0) == B && v.size(1) == L && k.size(2) == l.heads_kv && v.size(2) == l.heads_kv &&
-                         k.size(3) == l.head_dim && v.size(3) == l.head_dim,
-                     op, ": k ", sizes_str(k), " and v ", sizes_str(v), " must both be [batch, len, ", l.heads_kv,
-                     ", ", l.head_dim, "] for this cache");
-  check_paged_index(op, "block_table", block_table, B, 2);
-  check_paged_index(op, "start", start, B, 1);
-  check_paged_index(op, "lengths", lengths, B, 1);
   const Tensor bt = as_contiguous(block_table), st = as_contiguous(start), ln = as_contiguous(lengths);
   const int32_t* btp = bt.const_data_ptr<int32_t>();
   const int32_t* stp = st.const_data_ptr<int32_t>();
@@ -113,7 +100,7 @@ void paged_kv_append_cpu(Tensor k_codes, Tensor k_scale, Tensor v_codes, Tensor 
             amax = std::max(amax, std::fabs(vb[t * H * D + d]));
           }
           chunk_mean[d] = static_cast<float>(s / static_cast<double>(n));
-          chunk_vscale[d] = fp8_channel_params(kPagedVHeadroom * amax).scale;
+          chunk_vscale[d] = paged_v_scale(amax);
         }
       }
       for (int64_t t = 0; t < n; ++t) {
@@ -138,13 +125,10 @@ void paged_kv_append_cpu(Tensor k_codes, Tensor k_scale, Tensor v_codes, Tensor 
         }
         const IntQuantParams qp = int_quant_params(amax, 8);
         int8_t* kdst = kc + paged_token_offset(l, page, h, slot);
-        for (int64_t d = 0; d < D; ++d) kdst[d] = static_cast<int8_t>(quantize_int(ksm[d], qp.inv_scale, 8));
+        for (int64_t d = 0; d < D; ++d) kdst[d] = paged_k_code(ksm[d], qp.inv_scale);
         ks[paged_scale_offset(l, page, h, slot)] = qp.scale;
         uint8_t* vdst = vc + paged_token_offset(l, page, h, slot);
-        for (int64_t d = 0; d < D; ++d) {
-          const float sc = pm[D + d];
-          vdst[d] = sc > 0.f ? float_to_e4m3(vt[d] * (1.f / sc)) : 0;
-        }
+        for (int64_t d = 0; d < D; ++d) vdst[d] = paged_v_code(vt[d], pm[D + d]);
       }
     }
   });

@@ -6,7 +6,10 @@
 //     The checks that read tensor data (sequence lengths against the block table, page ids) are the Python
 //     wrapper's on CUDA (tersor.attention.sage_decode; one host sync), the kernels never read outside the
 //     cache (a page id out of range reads as an empty tile).
-//   paged_kv_append_: the quantize-on-write kernel is not written yet: NotImplementedError, naming the CPU twin.
+//   paged_kv_append_: the quantize-on-write kernels (paged_append_cuda.cu), bit-identical to the twin by
+//     construction; the index checks that read tensor data are the Python wrapper's on CUDA
+//     (PagedKVCache._check_append_indices: the twin's checks and messages). CUDA path compiled, not run.
+#include <initializer_list>
 #include <tuple>
 
 #include "attention/decode_cuda.h"
@@ -16,11 +19,48 @@
 namespace tersor::attention {
 namespace {
 
-void paged_kv_append_cuda(Tensor, Tensor, Tensor, Tensor, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                          const Tensor&) {
-  TERSOR_CHECK_NOT_IMPL(false, "paged_kv_append_: the quantize-on-write kernel has no CUDA implementation yet "
-                        "(issue 15); it runs on CPU tensors (the reference twin): append on a CPU cache, or copy "
-                        "the cache tensors to the GPU after appending (decode does run on CUDA)");
+void paged_kv_append_cuda(Tensor k_codes, Tensor k_scale, Tensor v_codes, Tensor page_meta, const Tensor& k,
+                          const Tensor& v, const Tensor& block_table, const Tensor& start, const Tensor& lengths) {
+  const char* op = "paged_kv_append_";
+  const PagedLayout l = check_append_args(op, k_codes, k_scale, v_codes, page_meta, k, v, block_table, start, lengths);
+  const int dev = k_codes.get_device_index();
+  for (const Tensor* t :
+       std::initializer_list<const Tensor*>{&k_scale, &v_codes, &page_meta, &k, &v, &block_table, &start, &lengths})
+    TERSOR_CHECK_VALUE(t->is_cuda() && t->get_device_index() == dev, op, ": every tensor must be on ",
+                       device_str(k_codes), ", got ", device_str(*t));
+  const CudaDeviceGuard guard(k_codes);
+#ifndef TERSOR_DECODE_F16
+  TERSOR_CHECK_NOT_IMPL(false, op, ": this build has no CUDA paged-cache kernels (TORCH_CUDA_ARCH_LIST without 8.0 "
+                        "/ 8.9 / 9.0a); append on CPU tensors runs the twin");
+  (void)l;
+#else
+  const int64_t B = k.size(0), L = k.size(1);
+  TERSOR_CHECK_VALUE(B * l.heads_kv < (int64_t{1} << 31) && B * L * l.heads_kv < (int64_t{1} << 33), op,
+                     ": too many (sequence, head) pairs or tokens for one CUDA call");
+  const Tensor kf = as_contiguous(as_dtype(k, ScalarType::Float));  // the twin's widening, exactly
+  const Tensor vf = as_contiguous(as_dtype(v, ScalarType::Float));
+  const Tensor bt = as_contiguous(block_table), st = as_contiguous(start), ln = as_contiguous(lengths);
+  Tensor stats = empty({B * l.heads_kv * 2 * l.head_dim}, ScalarType::Float, k.device());
+  PagedAppendArgs a{};
+  a.batch = B;
+  a.len = L;
+  a.heads_kv = l.heads_kv;
+  a.head_dim = l.head_dim;
+  a.page_size = l.page_size;
+  a.num_pages = l.num_pages;
+  a.max_pages = bt.size(1);
+  a.k = kf.const_data_ptr<float>();
+  a.v = vf.const_data_ptr<float>();
+  a.block_table = bt.const_data_ptr<int32_t>();
+  a.start = st.const_data_ptr<int32_t>();
+  a.lengths = ln.const_data_ptr<int32_t>();
+  a.k_codes = k_codes.mutable_data_ptr<int8_t>();
+  a.k_scale = k_scale.mutable_data_ptr<float>();
+  a.v_codes = v_codes.mutable_data_ptr<uint8_t>();
+  a.page_meta = page_meta.mutable_data_ptr<float>();
+  a.stats = stats.mutable_data_ptr<float>();
+  TERSOR_CUDA_CHECK(paged_append_cuda_launch(a, current_cuda_stream(dev)));
+#endif
 }
 
 std::tuple<Tensor, Tensor> sage_decode_paged_cuda(const Tensor& q, const Tensor& k_codes, const Tensor& k_scale,

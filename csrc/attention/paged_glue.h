@@ -59,6 +59,27 @@ inline void check_paged_index(const char* op, const char* name, const Tensor& t,
                      dim == 1 ? "[batch]" : "[batch, max_pages]", " with batch = ", batch, ", got ", sizes_str(t));
 }
 
+// paged_kv_append_'s shapes and dtypes (no tensor data is read: the CUDA glue calls it too); the layout.
+inline PagedLayout check_append_args(const char* op, const Tensor& k_codes, const Tensor& k_scale,
+                                     const Tensor& v_codes, const Tensor& page_meta, const Tensor& k, const Tensor& v,
+                                     const Tensor& block_table, const Tensor& start, const Tensor& lengths) {
+  const PagedLayout l = check_paged_cache(op, k_codes, k_scale, v_codes, page_meta);
+  TERSOR_CHECK_VALUE(k.dim() == 4 && v.dim() == 4, op, ": k and v must be [batch, len, heads_kv, head_dim], got ",
+                     sizes_str(k), " and ", sizes_str(v));
+  TERSOR_CHECK_TYPE(k.scalar_type() == v.scalar_type() && is_float_input(k.scalar_type()), op,
+                    ": k and v must be float16, bfloat16 or float32 of one dtype, got ", dtype_name(k.scalar_type()),
+                    " and ", dtype_name(v.scalar_type()));
+  const int64_t B = k.size(0), L = k.size(1);
+  TERSOR_CHECK_VALUE(v.size(0) == B && v.size(1) == L && k.size(2) == l.heads_kv && v.size(2) == l.heads_kv &&
+                         k.size(3) == l.head_dim && v.size(3) == l.head_dim,
+                     op, ": k ", sizes_str(k), " and v ", sizes_str(v), " must both be [batch, len, ", l.heads_kv,
+                     ", ", l.head_dim, "] for this cache");
+  check_paged_index(op, "block_table", block_table, B, 2);
+  check_paged_index(op, "start", start, B, 1);
+  check_paged_index(op, "lengths", lengths, B, 1);
+  return l;
+}
+
 struct DecodeCall {
   PagedLayout l;
   int64_t batch, len_q, heads_q, group;

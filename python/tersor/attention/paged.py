@@ -9,8 +9,8 @@ the rule that fixes a page's statistics; ``docs/usage.md`` ("Decode over a paged
 Status: CPU twin (exact, tested) and CUDA decode kernels (split-KV over the pages, GQA rows packed into the
 MMA's M dimension, LSE merge: sm_80 / sm_89 / sm_90a). The CUDA kernels are compiled and replayed lane by lane on
 the CPU against the twin, but have not yet run on a GPU (:data:`CUDA_DECODE_READY` is False until a GPU session
-has passed tests/test_paged_decode_cuda.py). Quantize-on-write (``append``) has no CUDA kernel yet: on a CUDA
-quantized cache it raises NotImplementedError. ``quantized=False`` keeps float16/bfloat16 pages and runs plain
+has passed tests/test_paged_decode_cuda.py). Quantize-on-write (``append``) on CUDA runs its own kernels (bit-identical to
+the twin by construction; compiled, not run), with the index checks done here first. ``quantized=False`` keeps float16/bfloat16 pages and runs plain
 PyTorch attention on any device (a reference, not a tersor kernel).
 """
 
@@ -124,8 +124,7 @@ class PagedKVCache:
         lengths = _as_int32("lengths", lengths, self.device, b, 1, who)
         if self.quantized:
             if self.device.type != "cpu":
-                raise NotImplementedError(f"{who}: quantize-on-write has no CUDA kernel yet (issue 15): append on a "
-                                          "CPU cache (decode runs on CUDA)")
+                self._check_append_indices(block_table, start, lengths, k.shape[1], who)
             ops.paged_kv_append_(self.k_codes, self.k_scale, self.v_codes, self.page_meta, k.contiguous(),
                                  v.contiguous(), block_table, start, lengths)
             return
@@ -134,6 +133,74 @@ class PagedKVCache:
         slot = pos % self.page_size
         self.k[page, :, slot] = k[seq, tok].to(self.dtype)
         self.v[page, :, slot] = v[seq, tok].to(self.dtype)
+
+    def _check_append_indices(self, block_table, start, lengths, max_len, who):
+        """The quantized append's index checks, with the CPU twin's messages and order (sequence by sequence:
+        length, start, block-table row, page ids, slots written twice; then continuations; see
+        csrc/attention/paged_cpu.cpp), in tensor ops on the cache's device: on CUDA the op cannot read the
+        indices without a sync, so they are checked here (two syncs when all is well) before anything is
+        written. Any device (tested on the CPU against the twin)."""
+        s, npages, b = self.page_size, self.num_pages, len(lengths)
+        dev = block_table.device
+        st, ln = start.long(), lengths.long()
+        max_pages = block_table.shape[1]
+        seqs = torch.arange(b, device=dev)
+        act = ln > 0
+        last = st + ln - 1
+        bad_len = (ln < 0) | (ln > max_len)
+        bad_start = st < 0
+        bad_row = act & (last // s >= max_pages)
+        ok = ~bad_len & ~bad_start & ~bad_row
+        cols = torch.arange(max_pages, device=dev)[None, :]
+        c0 = torch.where((st > 0) & (st % s == 0), (st - 1) // s, st // s)  # the stats source page is read too
+        used = (act & ok)[:, None] & (cols >= c0[:, None]) & (cols <= (last // s)[:, None])
+        bad_page = used & ((block_table < 0) | (block_table >= npages))
+        # tokens of the sequences whose rows are in range, in the twin's (sequence, token) order
+        n_ok = torch.where(ok & act, ln, torch.zeros_like(ln))
+        seq = torch.repeat_interleave(seqs, n_ok)
+        tok = torch.arange(len(seq), device=dev) - (torch.cumsum(n_ok, 0) - n_ok)[seq]
+        pos = st[seq] + tok
+        page = block_table[seq, pos // s].long() if len(seq) else pos
+        key = page * s + pos % s
+        sk, order = torch.sort(key, stable=True)
+        again = torch.cat([sk.new_zeros(1, dtype=torch.bool), sk[1:] == sk[:-1]]) if len(sk) else sk.bool()
+        run_start = torch.where(again, torch.zeros_like(order), torch.arange(len(sk), device=dev)).cummax(0).values \
+            if len(sk) else order
+        dup = torch.zeros(len(seq), dtype=torch.bool, device=dev)
+        dup[order[again]] = True  # a token writing a slot an earlier token (this or an earlier sequence) writes
+        first_writer = torch.empty_like(seq)
+        first_writer[order] = seq[order[run_start]] if len(sk) else seq
+        bad_dup = torch.zeros(b, dtype=torch.bool, device=dev).index_put_((seq[dup],), torch.tensor(True, device=dev))
+        errs = torch.stack([bad_len, bad_start, bad_row, bad_page.any(1), bad_dup], 1)
+        per_seq = errs.tolist()  # sync 1
+        for i in range(b):
+            if per_seq[i][0]:
+                raise ValueError(f"{who}: lengths[{i}] = {int(ln[i])} is outside [0, {max_len}]")
+            if per_seq[i][1]:
+                raise ValueError(f"{who}: start[{i}] = {int(st[i])} is negative")
+            if per_seq[i][2]:
+                raise ValueError(f"{who}: sequence {i} writes token {int(last[i])}, past its block_table row "
+                                 f"({max_pages} pages of {s} tokens)")
+            if per_seq[i][3]:
+                c = int(bad_page[i].nonzero()[0, 0])
+                raise ValueError(f"{who}: block_table[{i}, {c}] = {int(block_table[i, c])} is not a page of this "
+                                 f"cache ({npages} pages)")
+            if per_seq[i][4]:
+                j = int((dup & (seq == i)).nonzero()[0, 0])
+                p, t = int(page[j]), int(pos[j])
+                raise ValueError(f"{who}: page {p} slot {t % s} is written by sequences {int(first_writer[j])} and "
+                                 f"{i} (token {t}) in one call: block_table rows share a page")
+        # a continuing sequence that opens a page copies the statistics of the page of token start - 1, which no
+        # other sequence may open (write slot 0 of) in the same call
+        opens_page = act & (st > 0) & ((last // s) > ((st - 1) // s))
+        src = block_table.gather(1, ((st - 1).clamp_min(0) // s)[:, None])[:, 0].long()
+        opened = pos % s == 0
+        opened_pages, opener = page[opened], seq[opened]
+        clash = opens_page[:, None] & (src[:, None] == opened_pages[None, :]) & (opener[None, :] != seqs[:, None])
+        if clash.any():  # sync 2
+            i, j = (int(x) for x in clash.nonzero()[0])
+            raise ValueError(f"{who}: sequence {i} continues from page {int(src[i])}, which sequence "
+                             f"{int(opener[j])} opens in the same call")
 
     def _positions(self, block_table, start, lengths, max_len, who):
         """(position, sequence, token index) of every token to write, checked (plain cache)."""
