@@ -130,6 +130,10 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   // The decode planner's host/device functions (decode_cuda_layout.h: auto_workers, max_splits, quota, chunks)
   // and the split kernel's shared-memory bytes (smem: head_dim, fp8).
   m.def("_decode_plan(str fn, int[] args) -> int[]");
+  // CPU replay of the CUDA quantize-on-write kernels (paged_append_cuda.cu: statistics kernel, then the token
+  // warps in reverse order), in place on the cache tensors, with paged_kv_append_'s arguments
+  // (csrc/attention/paged_append_emulate.cpp); indices are not checked (the CUDA path's are the wrapper's).
+  m.def("_paged_append_emulate_cuda(Tensor(a!) k_codes, Tensor(b!) k_scale, Tensor(c!) v_codes, Tensor(d!) page_meta, Tensor k, Tensor v, Tensor block_table, Tensor start, Tensor lengths) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CompositeExplicitAutograd, m) {
