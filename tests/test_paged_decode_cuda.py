@@ -266,6 +266,9 @@ def test_cuda_append_index_checks_are_the_twins():
         (i32([[0, 1], [1, 2]]), start, lengths), (i32([[0], [2]]), start, lengths),
         (i32([[0, 1], [2, 3]]), start, i32([21, 0])), (i32([[0, 1], [2, 3]]), i32([-1, 0]), lengths),
         (i32([[0, 3], [0, 1]]), i32([0, 16]), i32([16, 1])),  # continues from a page the other sequence opens
+        (i32([[0, 1], [2, 3]]), i32([0, 1000]), i32([20, 0])),  # an empty chunk may start anywhere
+        (torch.zeros(2, 0, dtype=torch.int32), i32([0, 5]), i32([0, 0])),  # no pages, nothing written
+        (torch.zeros(2, 0, dtype=torch.int32), i32([0, 5]), i32([0, 1])),  # no pages, a token to write
         (i32([[0, 3], [2, 1]]), i32([0, 16]), i32([16, 1])),  # fine
     ]
     for bt, st, ln in cases:

@@ -9,9 +9,10 @@ the rule that fixes a page's statistics; ``docs/usage.md`` ("Decode over a paged
 Status: CPU twin (exact, tested) and CUDA decode kernels (split-KV over the pages, GQA rows packed into the
 MMA's M dimension, LSE merge: sm_80 / sm_89 / sm_90a). The CUDA kernels are compiled and replayed lane by lane on
 the CPU against the twin, but have not yet run on a GPU (:data:`CUDA_DECODE_READY` is False until a GPU session
-has passed tests/test_paged_decode_cuda.py). Quantize-on-write (``append``) on CUDA runs its own kernels (bit-identical to
-the twin by construction; compiled, not run), with the index checks done here first. ``quantized=False`` keeps float16/bfloat16 pages and runs plain
-PyTorch attention on any device (a reference, not a tersor kernel).
+has passed tests/test_paged_decode_cuda.py). Quantize-on-write (``append``) on CUDA runs its own kernels
+(bit-identical to the twin by construction; compiled, not run), with the index checks done here first.
+``quantized=False`` keeps float16/bfloat16 pages and runs plain PyTorch attention on any device (a reference, not
+a tersor kernel).
 """
 
 from __future__ import annotations
@@ -192,8 +193,11 @@ class PagedKVCache:
                                  f"{i} (token {t}) in one call: block_table rows share a page")
         # a continuing sequence that opens a page copies the statistics of the page of token start - 1, which no
         # other sequence may open (write slot 0 of) in the same call
+        if max_pages == 0:  # nothing is written (a non-empty chunk failed the row check above)
+            return
         opens_page = act & (st > 0) & ((last // s) > ((st - 1) // s))
-        src = block_table.gather(1, ((st - 1).clamp_min(0) // s)[:, None])[:, 0].long()
+        src_col = ((st - 1).clamp_min(0) // s).clamp_max(max_pages - 1)  # in range for the sequences that matter
+        src = block_table.gather(1, src_col[:, None])[:, 0].long()
         opened = pos % s == 0
         opened_pages, opener = page[opened], seq[opened]
         clash = opens_page[:, None] & (src[:, None] == opened_pages[None, :]) & (opener[None, :] != seqs[:, None])
