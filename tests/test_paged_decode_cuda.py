@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+import tersor
 from attention_reference import replay_mismatch
 from conftest import load_testing_ops
 from test_paged_decode import _filled, decode_ref, rel_l1
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def twin(q, cache, bt, sl, scale, left=-1, right=-1, workers=0):
-    return torch.ops.tersor.sage_decode_paged(q, cache.k_codes, cache.k_scale, cache.v_codes, cache.page_meta, bt,
+    return tersor.ops.lib.sage_decode_paged(q, cache.k_codes, cache.k_scale, cache.v_codes, cache.page_meta, bt,
                                               sl, scale, left, right, workers)
 
 
@@ -334,3 +335,27 @@ def test_append_replay_in_any_token_order_is_bit_identical_to_the_twin(d, s):
         for name in ("k_codes", "k_scale", "v_codes", "page_meta"):
             assert torch.equal(getattr(twin_cache, name), getattr(emu, name)), (name, seqlens.tolist())
     assert twin_cache.k_codes.any() and (twin_cache.page_meta[:, :, 1] > 0).any()
+
+
+def test_cuda_decode_index_checks_are_the_twins():
+    # On CUDA, sage_decode checks seqlens and the block table in Python (paged._check_decode_indices, one sync):
+    # the same refusals, messages and order as the twin's C++ checks, on random tables.
+    from tersor.attention.paged import _check_decode_indices
+
+    gen = torch.Generator().manual_seed(12)
+    cache, bt, sl, k, v = _filled(2, [40, 20], 1, 64, 16, gen)
+    q = torch.randn(2, 1, 2, 64, generator=gen).to(torch.float16)
+    seen = set()
+    for trial in range(300):
+        bt = torch.randint(-1, cache.num_pages + 1, (2, 3), generator=gen).to(torch.int32)
+        sl = torch.randint(-2, 52, (2,), generator=gen).to(torch.int32)
+        msgs = []
+        for fn in (lambda: twin(q, cache, bt, sl, 0.125), lambda: _check_decode_indices(bt, sl, cache, "sage_decode")):
+            try:
+                fn()
+                msgs.append(None)
+            except ValueError as e:
+                msgs.append(str(e).split(": ", 1)[1])
+        assert msgs[0] == msgs[1], (bt, sl, msgs)
+        seen.add(None if msgs[0] is None else msgs[0].split(" ")[0].split("[")[0])
+    assert seen == {None, "seqlens", "block_table"}, seen

@@ -293,21 +293,23 @@ def sage_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
 
 
 def _check_decode_indices(block_table: torch.Tensor, seqlens: torch.Tensor, cache: PagedKVCache, who: str) -> None:
-    """The op's data checks on a device the C++ glue cannot read without a sync: sequence lengths against the
-    block table, and the page ids those lengths reach (the CPU twin checks the same in C++)."""
+    """The op's data checks on a device the C++ glue cannot read without a sync, with the CPU twin's messages and
+    order (sequence by sequence: its length against the block table, then the page ids that length reaches;
+    csrc/attention/paged_glue.h, check_decode_indices). One sync when all is well; any device (tested on the
+    CPU against the twin)."""
     s, max_pages = cache.page_size, block_table.shape[1]
     bad_len = (seqlens < 0) | (seqlens > max_pages * s)
     used = torch.arange(max_pages, device=block_table.device)[None, :] < ((seqlens.long() + s - 1) // s)[:, None]
-    bad_page = used & ((block_table < 0) | (block_table >= cache.num_pages))
-    flags = torch.stack([bad_len.any(), bad_page.any()]).tolist()  # one sync for both
-    if flags[0]:
-        b = int(bad_len.nonzero()[0, 0])
-        raise ValueError(f"{who}: seqlens[{b}] = {int(seqlens[b])} is outside [0, {max_pages * s}] (block_table has "
-                         f"{max_pages} pages of {s} tokens per sequence)")
-    if flags[1]:
-        b, c = (int(x) for x in bad_page.nonzero()[0])
-        raise ValueError(f"{who}: block_table[{b}, {c}] = {int(block_table[b, c])} is not a page of this cache "
-                         f"({cache.num_pages} pages)")
+    bad_page = (used & ~bad_len[:, None]) & ((block_table < 0) | (block_table >= cache.num_pages))
+    per_seq = torch.stack([bad_len, bad_page.any(1)], 1).tolist()  # the one sync
+    for i, (len_bad, page_bad) in enumerate(per_seq):
+        if len_bad:
+            raise ValueError(f"{who}: seqlens[{i}] = {int(seqlens[i])} is outside [0, {max_pages * s}] (block_table "
+                             f"has {max_pages} pages of {s} tokens per sequence)")
+        if page_bad:
+            c = int(bad_page[i].nonzero()[0, 0])
+            raise ValueError(f"{who}: block_table[{i}, {c}] = {int(block_table[i, c])} is not a page of this cache "
+                             f"({cache.num_pages} pages)")
 
 
 def visible_key_mask(len_q: int, seqlen: int, left: int = -1, right: int = -1,
