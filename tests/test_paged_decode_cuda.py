@@ -41,16 +41,18 @@ CASES = [  # b, seqlens, hkv, hq, lq, d, page_size, window, workers
     (2, [129, 64], 1, 1, 1, 256, 16, None, 7),       # MHA row, D 256, 16-token pages
     (2, [500, 0], 2, 6, 3, 128, 256, (40, 0), 9),    # an empty sequence; 18 rows: 2 row blocks, the second 2 rows
     (1, [90], 2, 2, 2, 64, 48, (-1, 0), 0),          # window with unbounded left
+    (2, [1000, 333], 2, 8, 3, 256, 128, (300, 0), 11),  # D 256 GQA, 24 rows, split, window, 2 cells per page
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
 @pytest.mark.parametrize("case", CASES)
-def test_replay_matches_cpu_twin(case, pv):
+def test_replay_matches_cpu_twin(case, pv, dtype):
     b, seqlens, hkv, hq, lq, d, s, window, workers = case
     gen = torch.Generator().manual_seed(sum(seqlens) + d + lq)
     cache, bt, sl, k, v = _filled(b, seqlens, hkv, d, s, gen)
-    q = torch.randn(b, lq, hq, d, generator=gen).to(torch.float16)
+    q = torch.randn(b, lq, hq, d, generator=gen).to(dtype)
     left, right = window if window else (-1, -1)
     scale = 1 / math.sqrt(d)
     ref, ref_lse = twin(q, cache, bt, sl, scale, left, right, workers)
