@@ -2,14 +2,14 @@
 //   paged_kv_append_  quantizes new K/V tokens once, on write, into their pages;
 //   sage_decode_paged the CPU twin of decode attention over those pages (1 <= Lq <= 16 queries per sequence).
 //
-// Decode numerics (what the CUDA decode kernels are to reproduce): the query heads that share a KV head are
-// one block of Lq * group rows (GQA packed into the MMA's M dimension). Each row is Q * scale * log2(e) in fp32,
-// quantized to INT8 with its own scale. Score of key j in page c: q_scale(row) * k_scale(j) * (q_int . k_int_j)
-// + (q_fp32 . k_mean(c)) (the smoothing mean added back exactly, per page). Keys are walked page by page in
-// tiles of at most 64 tokens with the prefill twin's online softmax (base 2, log2(448) offset, P~ rounded to
-// e4m3, each tile's P~ V summed in a fresh fp32 buffer, scaled by the page's v_scale per channel and added
-// into the fp32 accumulator), then out = acc / l and LSE = ln2 (m - log2(448) + log2 l). A row that sees no
-// key gives 0 and LSE -inf.
+// Decode numerics (what the CUDA decode kernels, decode_kernel.cuh, reproduce): the query heads that share a KV
+// head are one block of Lq * group rows (GQA packed into the MMA's M dimension). Each row is Q * scale * log2(e) in
+// fp32, quantized to INT8 with its own scale. Score of key j in page c: q_scale(row) * k_scale(j) * (q_int .
+// k_int_j) + (q_fp32 . k_mean(c)) (the smoothing mean added back exactly, per page). Keys are walked page by page
+// in tiles of at most 64 tokens with the prefill twin's online softmax (base 2, log2(448) offset, P~ rounded to
+// e4m3, each tile's P~ V summed in a fresh fp32 buffer, scaled by the page's v_scale per channel and added into the
+// fp32 accumulator), then out = acc / l and LSE = ln2 (m - log2(448) + log2 l). A row that sees no key gives 0 and
+// LSE -inf.
 #include <algorithm>
 #include <cmath>
 #include <limits>

@@ -1,6 +1,6 @@
 // Paged KV cache v1 (docs/formats.md, "Paged KV cache v1"): the layout, the page-statistics rule and the
-// visibility rule of decode, shared by the CPU twin (paged_cpu.cpp), the CUDA kernels (later) and the CPU
-// tests. Torch-free, host and device.
+// visibility rule of decode, shared by the CPU twin (paged_cpu.cpp), the CUDA kernels (decode_kernel.cuh,
+// paged_append_cuda.cu) and the CPU tests. Torch-free, host and device.
 //
 // Storage, per page p (block-table entry), KV head h, slot s (token position % page_size), channel d:
 //   k_codes  int8    [P, Hkv, S, D]  K - k_mean(page, h), symmetric INT8 with one scale per token
