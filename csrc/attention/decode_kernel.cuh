@@ -175,6 +175,20 @@ __device__ __forceinline__ void decode_split_body(const DecodeArgs& a) {
     const int64_t slot0 = kr.lo % S;
     const float* kmean = a.page_meta + paged_meta_offset(L, page, h, 0);
     const float* vscale = kmean + D;
+    // This lane's K scales (its 4 keys) and V scales (its 2 * kDn channels), issued before the bias loop and
+    // the barrier so their L2 latency overlaps them instead of stalling the score and acc updates.
+    float ksc_pre[2][2], vsc_pre[Tr::kDn][2];
+#pragma unroll
+    for (int nt2 = 0; nt2 < 2; ++nt2)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = decode_qk_key(warp, nt2, t, e);
+        ksc_pre[nt2][e] = key < nt ? __ldg(a.k_scale + paged_scale_offset(L, page, h, slot0 + key)) : 0.f;
+      }
+#pragma unroll
+    for (int dn = 0; dn < Tr::kDn; ++dn)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) vsc_pre[dn][e] = __ldg(vscale + decode_pv_out_channel(warp, dn, t, e, Tr::kWarpCh));
     // q . k_mean(page) of rows 4w .. 4w + 3 (fp32; lanes own channels lane, lane + 32, ..: a reordered sum)
 #pragma unroll 1
     for (int ii = 0; ii < Tr::kRows / Tr::kWarps; ++ii) {
@@ -218,7 +232,7 @@ __device__ __forceinline__ void decode_split_body(const DecodeArgs& a) {
           const int key = decode_qk_key(warp, nt2, t, e);
           const int64_t j = kr.lo + key;
           const bool vis = key < nt && j >= vis_lo[hh] && j < vis_hi[hh];
-          const float ksc = vis ? __ldg(a.k_scale + paged_scale_offset(L, page, h, slot0 + key)) : 0.f;
+          const float ksc = vis ? ksc_pre[nt2][e] : 0.f;
           // The twin's order: dot * (q_scale * k_scale) + bias, each rounded (no FMA contraction).
           const float sv = __fadd_rn(__fmul_rn(static_cast<float>(sacc[nt2][2 * hh + e]), __fmul_rn(qsc, ksc)), bias);
           sc[nt2][2 * hh + e] = vis ? sv : -INFINITY;
@@ -318,8 +332,7 @@ __device__ __forceinline__ void decode_split_body(const DecodeArgs& a) {
     for (int dn = 0; dn < Tr::kDn; ++dn)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int c = decode_pv_out_channel(warp, dn, t, i, Tr::kWarpCh);
-        acc[dn][i] = __fadd_rn(__fmul_rn(acc[dn][i], alpha[i >> 1]), __fmul_rn(pv[dn][i], __ldg(vscale + c)));
+        acc[dn][i] = __fadd_rn(__fmul_rn(acc[dn][i], alpha[i >> 1]), __fmul_rn(pv[dn][i], vsc_pre[dn][i & 1]));
       }
     __syncthreads();  // [D] P~, the partials and this stage are free for the next tile
   }
