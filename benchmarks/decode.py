@@ -7,8 +7,15 @@
   caches. ``accuracy``: rel-L1 of both against fp64.
 * varlen: sequences of mixed lengths packed (FlashAttention's API) against SDPA run per sequence and on the
   padded batch (with a key padding mask).
-CPU rows are the CPU twin (the kernels' reference numerics, not a fast path): for the record only. The CUDA
-decode kernels are not written yet, so there are no CUDA rows.
+CPU rows are the CPU twin (the kernels' reference numerics, not a fast path): for the record only.
+
+CUDA rows (decode only): B in {1, 8, 32}, Hq 32 / Hkv 8, D 128, L 4K .. 128K, the planner's split, against SDPA on
+an fp16 contiguous cache in the same run. ``tersor_ms`` times the op (``sage_decode_paged``, no host sync);
+``extra.with_index_checks_ms`` the checked ``sage_decode`` (one host sync for its index checks). The timed caches
+hold random valid codes written straight into the cache tensors (the kernels' speed does not depend on the
+values). ``accuracy`` is the CUDA output against the CPU twin on the same cache (small cases only). ``extra``:
+``cache_read_GBps`` = the cache bytes a decode reads (codes, scales, page statistics) / time, for the issue's
+bandwidth goal. While ``tersor.attention.paged.CUDA_DECODE_READY`` is False the rows say "unverified".
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from tersor.attention import PagedKVCache, sage_attention_varlen, sage_decode
+from tersor.attention import paged as _paged
 from tersor.bench import Result, register, time_fn
 
 
@@ -79,11 +87,62 @@ def _varlen_case(ctx, lens, h, d, dtype=torch.bfloat16):
                          "padding_waste": 1 - total / (len(lens) * lmax)})
 
 
+def _random_codes(cache):
+    """Valid random cache contents (INT8 K codes, e4m3 V codes without NaN, positive scales), generated on the
+    cache's device: what append would write, for timing."""
+    dev = cache.device
+    cache.k_codes.random_(-127, 128)
+    cache.v_codes.copy_(torch.randint(0, 0x7e, cache.v_codes.shape, dtype=torch.uint8, device=dev)
+                        | (torch.randint(0, 2, cache.v_codes.shape, dtype=torch.uint8, device=dev) << 7))
+    cache.k_scale.uniform_(0.01, 0.06)
+    cache.page_meta[:, :, 0].normal_()
+    cache.page_meta[:, :, 1].uniform_(0.001, 0.01)
+
+
+def _decode_cuda_case(ctx, b, hq, hkv, d, seqlen, page_size=64):
+    g = torch.Generator().manual_seed(seqlen + b)
+    pages = seqlen // page_size
+    cache = PagedKVCache(b * pages, page_size, hkv, d, dtype=torch.float16, device="cuda")
+    torch.manual_seed(seqlen + b)
+    _random_codes(cache)
+    bt = torch.randperm(b * pages, generator=g).view(b, pages).to(torch.int32).cuda()
+    sl = torch.full((b,), seqlen, dtype=torch.int32, device="cuda")
+    q = torch.randn(b, 1, hq, d, generator=g).to(torch.float16).cuda()
+    # The op itself (the planner's split, num_workers -1): sage_decode's index checks add one host sync per
+    # call, which a serving loop would do once per batch, not per layer; timed separately.
+    scale = 1 / d ** 0.5
+    t_dec = time_fn(lambda: torch.ops.tersor.sage_decode_paged(q, cache.k_codes, cache.k_scale, cache.v_codes,
+                                                                cache.page_meta, bt, sl, scale, -1, -1, -1), ctx)
+    t_checked = time_fn(lambda: sage_decode(q, cache, bt, sl), ctx)
+    kc = torch.randn(b, hkv, seqlen, d, dtype=torch.float16, device="cuda")
+    vc = torch.randn(b, hkv, seqlen, d, dtype=torch.float16, device="cuda")
+    qs = q.transpose(1, 2)
+    t_sdpa = time_fn(lambda: F.scaled_dot_product_attention(qs, kc, vc, enable_gqa=True), ctx)
+    acc = {}
+    if b * seqlen <= 16384:  # the twin on the same cache (CPU; small cases only)
+        cpu = PagedKVCache(b * pages, page_size, hkv, d, dtype=torch.float16)
+        for name in ("k_codes", "k_scale", "v_codes", "page_meta"):
+            getattr(cpu, name).copy_(getattr(cache, name).cpu())
+        out = sage_decode(q, cache, bt, sl).cpu()  # the planner's split: differs from the one-pass twin by rounding
+        ref = sage_decode(q.cpu(), cpu, bt.cpu(), sl.cpu())
+        acc = {"rel_l1_vs_twin": _rel_l1(out, ref)}
+    read = b * hkv * seqlen * (2 * d + 4) + b * hkv * pages * 2 * d * 4  # codes + k_scale + page_meta
+    tag = "cuda" if _paged.CUDA_DECODE_READY else "cuda, unverified"
+    return Result(family="attention", op=f"sage_decode int8+fp8 paged [{tag}]",
+                  shape=f"b{b} hq{hq}/hkv{hkv} d{d} L{seqlen} page{page_size}", dtype="float16",
+                  tersor_ms=t_dec, baseline="SDPA float16 cache", baseline_ms=t_sdpa, accuracy=acc,
+                  extra={"cache_bytes": cache.nbytes, "baseline_cache_bytes": 2 * kc.numel() * kc.element_size(),
+                         "with_index_checks_ms": t_checked, "cache_read_GBps": read / (t_dec * 1e-3) / 1e9,
+                         "sdpa_read_GBps": 2 * kc.numel() * kc.element_size() / (t_sdpa * 1e-3) / 1e9})
+
+
 @register("attention")
 def bench_decode(ctx) -> list[Result]:
     if ctx.is_cuda:
-        print("[decode bench] CUDA rows skipped: the paged decode's CUDA kernels are not written yet (issue 15)")
-        return []
+        if ctx.quick:
+            return [_decode_cuda_case(ctx, 1, 32, 8, 128, 4096)]
+        return [_decode_cuda_case(ctx, b, 32, 8, 128, L) for b in (1, 8, 32) for L in (4096, 16384, 131072)
+                if b * L <= 32 * 32768]
     if ctx.quick:
         return [_decode_case(ctx, 1, 8, 2, 128, 1024), _varlen_case(ctx, [100, 37, 300], 2, 64)]
     rows = [_decode_case(ctx, b, 32, 8, 128, L) for b, L in ((1, 4096), (8, 4096), (1, 16384))]

@@ -167,7 +167,8 @@ STABLE_TORCH_LIBRARY(tersor, m) {
   // sequences of seqlens[b] tokens (int32; bottom-right causal), GQA packed per KV head; window_left /
   // window_right as FlashAttention (< 0: unbounded). INT8 Q K^T (per-row Q scale, per-token K scale, page
   // mean added back), e4m3 P~ V scaled per page and channel, fp32 two-level accumulation; num_workers > 0
-  // splits the keys into chunks of an equal tile quota (split-KV), merged by their LSE. Returns (out
+  // splits the keys into chunks of an equal tile quota (split-KV), merged by their LSE; -1: automatic (CUDA: the
+  // planner for the device's SM count, decode_cuda_layout.h; CPU: one pass). Returns (out
   // [B, Lq, Hq, D] in q's dtype, lse float32 [B, Hq, Lq]); a query that sees no key gives 0 and LSE -inf.
   m.def("sage_decode_paged(Tensor q, Tensor k_codes, Tensor k_scale, Tensor v_codes, Tensor page_meta, Tensor block_table, Tensor seqlens, float scale, int window_left=-1, int window_right=-1, int num_workers=0) -> (Tensor, Tensor)");
 }

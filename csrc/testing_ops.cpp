@@ -123,6 +123,19 @@ STABLE_TORCH_LIBRARY(tersor_testing, m) {
   // CPU thread-by-thread replay of the XAttention scoring kernel (xattn_cuda.cu) with the kernel's own per-thread
   // code (xattn_kernel.h); the arguments and outputs of tersor::xattention_mask. fault > 0 injects a bug.
   m.def("_xattn_emulate_cuda(Tensor q, Tensor k, int block_size, int stride, float threshold, bool is_causal, float scale, int fault=0, str qk=\"none\") -> (Tensor, Tensor)");
+
+  // ---- decode over the paged KV cache (csrc/attention/decode_cuda_emulate.cpp) ----
+  // CPU lane-by-lane replay of the CUDA decode (plan, split-KV and merge kernels; decode_kernel.cuh) with the
+  // arguments of tersor::sage_decode_paged; num_workers -1 asks the planner for sm_count SMs; pv "fp8" (the
+  // e4m3-MMA variant) or "fp16"; fault > 0 injects a deliberate layout bug.
+  m.def("_decode_emulate_cuda(Tensor q, Tensor k_codes, Tensor k_scale, Tensor v_codes, Tensor page_meta, Tensor block_table, Tensor seqlens, float scale, int window_left=-1, int window_right=-1, int num_workers=0, int sm_count=132, str pv=\"fp8\", int fault=0) -> (Tensor, Tensor)");
+  // The decode planner's host/device functions (decode_cuda_layout.h: auto_workers, max_splits, quota, chunks)
+  // and the split kernel's shared-memory bytes (smem: head_dim, fp8).
+  m.def("_decode_plan(str fn, int[] args) -> int[]");
+  // CPU replay of the CUDA quantize-on-write kernels (paged_append_cuda.cu: statistics kernel, then the token
+  // warps in reverse order), in place on the cache tensors, with paged_kv_append_'s arguments
+  // (csrc/attention/paged_append_emulate.cpp); indices are not checked (the CUDA path's are the wrapper's).
+  m.def("_paged_append_emulate_cuda(Tensor(a!) k_codes, Tensor(b!) k_scale, Tensor(c!) v_codes, Tensor(d!) page_meta, Tensor k, Tensor v, Tensor block_table, Tensor start, Tensor lengths) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tersor_testing, CompositeExplicitAutograd, m) {

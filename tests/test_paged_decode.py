@@ -307,14 +307,17 @@ def test_decode_compiles_fullgraph():
 
 
 @pytest.mark.cuda
-def test_quantized_cache_on_cuda_is_not_implemented_yet():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    cache = PagedKVCache(2, 16, 1, 64, device="cuda")
-    with pytest.raises(NotImplementedError, match="CUDA"):
-        cache.append(torch.zeros(1, 1, 1, 64, device="cuda"), torch.zeros(1, 1, 1, 64, device="cuda"),
-                     torch.zeros(1, 1, dtype=torch.int32, device="cuda"), torch.zeros(1, dtype=torch.int32, device="cuda"),
-                     torch.ones(1, dtype=torch.int32, device="cuda"))
+def test_quantized_cache_on_cuda_appends_and_decodes_like_the_cpu():
+    # Issue 15 item 2: append and decode have CUDA kernels (tests/test_paged_decode_cuda.py checks them in detail).
+    gen = torch.Generator().manual_seed(36)
+    cache, bt, sl, k, v = _filled(2, [100, 37], 2, 64, 16, gen)
+    gpu = PagedKVCache(cache.num_pages, 16, 2, 64, device="cuda")
+    gpu.append(k.cuda(), v.cuda(), bt.cuda(), torch.zeros(2, dtype=torch.int32, device="cuda"), sl.cuda())
+    assert torch.equal(gpu.k_codes.cpu(), cache.k_codes) and torch.equal(gpu.page_meta.cpu(), cache.page_meta)
+    q = torch.randn(2, 1, 4, 64, generator=gen).to(torch.bfloat16)
+    out = sage_decode(q.cuda(), gpu, bt.cuda(), sl.cuda(), num_workers=0).cpu()
+    ref, _ = decode_ref(q, k, v, sl, 1 / 8)
+    assert rel_l1(out, ref) < 0.05
 
 
 def test_split_kv_matches_one_pass():

@@ -2,14 +2,14 @@
 //   paged_kv_append_  quantizes new K/V tokens once, on write, into their pages;
 //   sage_decode_paged the CPU twin of decode attention over those pages (1 <= Lq <= 16 queries per sequence).
 //
-// Decode numerics (what the CUDA decode kernels are to reproduce): the query heads that share a KV head are
-// one block of Lq * group rows (GQA packed into the MMA's M dimension). Each row is Q * scale * log2(e) in fp32,
-// quantized to INT8 with its own scale. Score of key j in page c: q_scale(row) * k_scale(j) * (q_int . k_int_j)
-// + (q_fp32 . k_mean(c)) (the smoothing mean added back exactly, per page). Keys are walked page by page in
-// tiles of at most 64 tokens with the prefill twin's online softmax (base 2, log2(448) offset, P~ rounded to
-// e4m3, each tile's P~ V summed in a fresh fp32 buffer, scaled by the page's v_scale per channel and added
-// into the fp32 accumulator), then out = acc / l and LSE = ln2 (m - log2(448) + log2 l). A row that sees no
-// key gives 0 and LSE -inf.
+// Decode numerics (what the CUDA decode kernels, decode_kernel.cuh, reproduce): the query heads that share a KV
+// head are one block of Lq * group rows (GQA packed into the MMA's M dimension). Each row is Q * scale * log2(e) in
+// fp32, quantized to INT8 with its own scale. Score of key j in page c: q_scale(row) * k_scale(j) * (q_int .
+// k_int_j) + (q_fp32 . k_mean(c)) (the smoothing mean added back exactly, per page). Keys are walked page by page
+// in tiles of at most 64 tokens with the prefill twin's online softmax (base 2, log2(448) offset, P~ rounded to
+// e4m3, each tile's P~ V summed in a fresh fp32 buffer, scaled by the page's v_scale per channel and added into the
+// fp32 accumulator), then out = acc / l and LSE = ln2 (m - log2(448) + log2 l). A row that sees no key gives 0 and
+// LSE -inf.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -20,75 +20,17 @@
 
 #include "attention/paged_format.h"
 #include "attention/sage_format.h"
-#include "attention/sage_glue.h"  // sizes_str
+#include "attention/paged_glue.h"
 
 namespace tersor::attention {
 namespace {
-
-constexpr int64_t kDecodeMaxQ = 16;   // queries per sequence (the MMA M dimension holds Lq * group rows)
-constexpr int64_t kDecodeTile = 64;   // keys per softmax tile (a page of more tokens is walked in 64-key tiles)
-
-bool is_float_input(ScalarType t) {
-  return t == ScalarType::Half || t == ScalarType::BFloat16 || t == ScalarType::Float;
-}
-
-// The cache tensors' shapes and dtypes (both ops), returning the layout.
-PagedLayout check_cache(const char* op, const Tensor& k_codes, const Tensor& k_scale, const Tensor& v_codes,
-                        const Tensor& page_meta) {
-  TERSOR_CHECK_TYPE(k_codes.scalar_type() == ScalarType::Char, op, ": k_codes must be int8, got ",
-                    dtype_name(k_codes.scalar_type()));
-  TERSOR_CHECK_TYPE(v_codes.scalar_type() == ScalarType::Byte, op, ": v_codes must be uint8 (e4m3 bits), got ",
-                    dtype_name(v_codes.scalar_type()));
-  TERSOR_CHECK_TYPE(k_scale.scalar_type() == ScalarType::Float && page_meta.scalar_type() == ScalarType::Float, op,
-                    ": k_scale and page_meta must be float32, got ", dtype_name(k_scale.scalar_type()), " and ",
-                    dtype_name(page_meta.scalar_type()));
-  TERSOR_CHECK_VALUE(k_codes.dim() == 4, op, ": k_codes must be [num_pages, heads_kv, page_size, head_dim], got ",
-                     sizes_str(k_codes));
-  const PagedLayout l{k_codes.size(0), k_codes.size(1), k_codes.size(2), k_codes.size(3)};
-  TERSOR_CHECK_VALUE(l.page_size >= 16 && l.page_size <= 256 && l.page_size % 16 == 0, op,
-                     ": page_size must be a multiple of 16 in [16, 256], got ", l.page_size);
-  TERSOR_CHECK_VALUE(l.head_dim == 64 || l.head_dim == 128 || l.head_dim == 256, op,
-                     ": head_dim must be 64, 128 or 256, got ", l.head_dim);
-  TERSOR_CHECK_VALUE(l.num_pages >= 1 && l.heads_kv >= 1, op, ": k_codes ", sizes_str(k_codes), " has no pages");
-  const bool same = v_codes.dim() == 4 && v_codes.size(0) == l.num_pages && v_codes.size(1) == l.heads_kv &&
-                    v_codes.size(2) == l.page_size && v_codes.size(3) == l.head_dim && k_scale.dim() == 3 &&
-                    k_scale.size(0) == l.num_pages && k_scale.size(1) == l.heads_kv &&
-                    k_scale.size(2) == l.page_size && page_meta.dim() == 4 && page_meta.size(0) == l.num_pages &&
-                    page_meta.size(1) == l.heads_kv && page_meta.size(2) == 2 && page_meta.size(3) == l.head_dim;
-  TERSOR_CHECK_VALUE(same, op, ": cache tensors disagree: k_codes ", sizes_str(k_codes), ", k_scale ",
-                     sizes_str(k_scale), ", v_codes ", sizes_str(v_codes), ", page_meta ", sizes_str(page_meta),
-                     " (expected [P, H, S, D], [P, H, S], [P, H, S, D], [P, H, 2, D])");
-  for (const Tensor* t : {&k_codes, &k_scale, &v_codes, &page_meta})
-    TERSOR_CHECK_VALUE(t->is_contiguous(), op, ": the cache tensors must be contiguous");
-  return l;
-}
-
-// block_table int32 [B, max_pages] and an int32 [B] vector.
-void check_index(const char* op, const char* name, const Tensor& t, int64_t batch, int64_t dim) {
-  TERSOR_CHECK_TYPE(t.scalar_type() == ScalarType::Int, op, ": ", name, " must be int32, got ",
-                    dtype_name(t.scalar_type()));
-  TERSOR_CHECK_VALUE(t.dim() == dim && t.size(0) == batch, op, ": ", name, " must be ",
-                     dim == 1 ? "[batch]" : "[batch, max_pages]", " with batch = ", batch, ", got ", sizes_str(t));
-}
 
 // ------------------------------------------------------------------------------------------- append
 void paged_kv_append_cpu(Tensor k_codes, Tensor k_scale, Tensor v_codes, Tensor page_meta, const Tensor& k,
                          const Tensor& v, const Tensor& block_table, const Tensor& start, const Tensor& lengths) {
   const char* op = "paged_kv_append_";
-  const PagedLayout l = check_cache(op, k_codes, k_scale, v_codes, page_meta);
-  TERSOR_CHECK_VALUE(k.dim() == 4 && v.dim() == 4, op, ": k and v must be [batch, len, heads_kv, head_dim], got ",
-                     sizes_str(k), " and ", sizes_str(v));
-  TERSOR_CHECK_TYPE(k.scalar_type() == v.scalar_type() && is_float_input(k.scalar_type()), op,
-                    ": k and v must be float16, bfloat16 or float32 of one dtype, got ", dtype_name(k.scalar_type()),
-                    " and ", dtype_name(v.scalar_type()));
+  const PagedLayout l = check_append_args(op, k_codes, k_scale, v_codes, page_meta, k, v, block_table, start, lengths);
   const int64_t B = k.size(0), L = k.size(1);
-  TERSOR_CHECK_VALUE(v.size(0) == B && v.size(1) == L && k.size(2) == l.heads_kv && v.size(2) == l.heads_kv &&
-                         k.size(3) == l.head_dim && v.size(3) == l.head_dim,
-                     op, ": k ", sizes_str(k), " and v ", sizes_str(v), " must both be [batch, len, ", l.heads_kv,
-                     ", ", l.head_dim, "] for this cache");
-  check_index(op, "block_table", block_table, B, 2);
-  check_index(op, "start", start, B, 1);
-  check_index(op, "lengths", lengths, B, 1);
   const Tensor bt = as_contiguous(block_table), st = as_contiguous(start), ln = as_contiguous(lengths);
   const int32_t* btp = bt.const_data_ptr<int32_t>();
   const int32_t* stp = st.const_data_ptr<int32_t>();
@@ -158,7 +100,7 @@ void paged_kv_append_cpu(Tensor k_codes, Tensor k_scale, Tensor v_codes, Tensor 
             amax = std::max(amax, std::fabs(vb[t * H * D + d]));
           }
           chunk_mean[d] = static_cast<float>(s / static_cast<double>(n));
-          chunk_vscale[d] = fp8_channel_params(kPagedVHeadroom * amax).scale;
+          chunk_vscale[d] = paged_v_scale(amax);
         }
       }
       for (int64_t t = 0; t < n; ++t) {
@@ -183,13 +125,10 @@ void paged_kv_append_cpu(Tensor k_codes, Tensor k_scale, Tensor v_codes, Tensor 
         }
         const IntQuantParams qp = int_quant_params(amax, 8);
         int8_t* kdst = kc + paged_token_offset(l, page, h, slot);
-        for (int64_t d = 0; d < D; ++d) kdst[d] = static_cast<int8_t>(quantize_int(ksm[d], qp.inv_scale, 8));
+        for (int64_t d = 0; d < D; ++d) kdst[d] = paged_k_code(ksm[d], qp.inv_scale);
         ks[paged_scale_offset(l, page, h, slot)] = qp.scale;
         uint8_t* vdst = vc + paged_token_offset(l, page, h, slot);
-        for (int64_t d = 0; d < D; ++d) {
-          const float sc = pm[D + d];
-          vdst[d] = sc > 0.f ? float_to_e4m3(vt[d] * (1.f / sc)) : 0;
-        }
+        for (int64_t d = 0; d < D; ++d) vdst[d] = paged_v_code(vt[d], pm[D + d]);
       }
     }
   });
@@ -201,41 +140,20 @@ std::tuple<Tensor, Tensor> sage_decode_paged_cpu(const Tensor& q, const Tensor& 
                                                  const Tensor& block_table, const Tensor& seqlens, double scale,
                                                  int64_t window_left, int64_t window_right, int64_t num_workers) {
   const char* op = "sage_decode_paged";
-  const PagedLayout l = check_cache(op, k_codes, k_scale, v_codes, page_meta);
-  TERSOR_CHECK_VALUE(q.dim() == 4, op, ": q must be [batch, len_q, heads_q, head_dim], got ", sizes_str(q));
-  TERSOR_CHECK_TYPE(q.scalar_type() == ScalarType::Half || q.scalar_type() == ScalarType::BFloat16, op,
-                    ": q must be float16 or bfloat16, got ", dtype_name(q.scalar_type()));
-  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = l.head_dim, H = l.heads_kv, S = l.page_size;
-  TERSOR_CHECK_VALUE(Lq >= 1 && Lq <= kDecodeMaxQ, op, ": len_q must be in [1, ", kDecodeMaxQ, "], got ", Lq);
-  TERSOR_CHECK_VALUE(q.size(3) == D, op, ": q's head_dim ", q.size(3), " differs from the cache's ", D);
-  TERSOR_CHECK_VALUE(Hq >= H && Hq % H == 0, op, ": heads_q (", Hq, ") must be a multiple of the cache's heads_kv (",
-                     H, ")");
-  TERSOR_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be finite and positive, got ", scale);
-  check_index(op, "block_table", block_table, B, 2);
-  check_index(op, "seqlens", seqlens, B, 1);
+  const DecodeCall call = check_decode_args(op, q, k_codes, k_scale, v_codes, page_meta, block_table, seqlens, scale,
+                                            num_workers);
+  const PagedLayout l = call.l;
+  const int64_t B = call.batch, Lq = call.len_q, Hq = call.heads_q, D = l.head_dim, H = l.heads_kv, S = l.page_size;
   const Tensor bt = as_contiguous(block_table), sl = as_contiguous(seqlens);
   const int32_t* btp = bt.const_data_ptr<int32_t>();
   const int32_t* slp = sl.const_data_ptr<int32_t>();
   const int64_t max_pages = bt.size(1);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = slp[b];
-    TERSOR_CHECK_VALUE(n >= 0 && n <= max_pages * S, op, ": seqlens[", b, "] = ", n, " is outside [0, ",
-                       max_pages * S, "] (block_table has ", max_pages, " pages of ", S, " tokens per sequence)");
-    for (int64_t c = 0; c < (n + S - 1) / S; ++c) {
-      const int64_t page = btp[b * max_pages + c];
-      TERSOR_CHECK_VALUE(page >= 0 && page < l.num_pages, op, ": block_table[", b, ", ", c, "] = ", page,
-                         " is not a page of this cache (", l.num_pages, " pages)");
-    }
-  }
-
-  TERSOR_CHECK_VALUE(num_workers >= 0, op, ": num_workers must be >= 0, got ", num_workers);
+  check_decode_indices(op, l, btp, slp, B, max_pages);
+  if (num_workers < 0) num_workers = 0;  // auto: the CPU walks each sequence in one pass
   // Split-KV quota: the key tiles of all (sequence, KV head) pairs shared out in equal chunks of `quota` tiles
   // over num_workers work items (0: one chunk per pair).
   int64_t total_tiles = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const KeyRange span = decode_span(Lq, slp[b], window_left, window_right);
-    total_tiles += decode_tiles(span.lo, span.hi, S, kDecodeTile).count * H;
-  }
+  for (int64_t b = 0; b < B; ++b) total_tiles += decode_seq_tiles(Lq, slp[b], window_left, window_right, S, kDecodeTile) * H;
   const int64_t quota = decode_split_quota(total_tiles, num_workers);
   const Tensor qf = as_contiguous(as_dtype(q, ScalarType::Float));
   Tensor out = empty({B, Lq, Hq, D}, ScalarType::Float, qf.device());

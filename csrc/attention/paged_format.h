@@ -1,6 +1,6 @@
 // Paged KV cache v1 (docs/formats.md, "Paged KV cache v1"): the layout, the page-statistics rule and the
-// visibility rule of decode, shared by the CPU twin (paged_cpu.cpp), the CUDA kernels (later) and the CPU
-// tests. Torch-free, host and device.
+// visibility rule of decode, shared by the CPU twin (paged_cpu.cpp), the CUDA kernels (decode_kernel.cuh,
+// paged_append_cuda.cu) and the CPU tests. Torch-free, host and device.
 //
 // Storage, per page p (block-table entry), KV head h, slot s (token position % page_size), channel d:
 //   k_codes  int8    [P, Hkv, S, D]  K - k_mean(page, h), symmetric INT8 with one scale per token
@@ -22,6 +22,7 @@
 
 #include <cstdint>
 
+#include "attention/sage_format.h"  // quantize_int, float_to_e4m3, fp8_channel_params
 #include "common/macros.h"
 
 namespace tersor::attention {
@@ -48,6 +49,19 @@ TERSOR_HD constexpr int64_t paged_meta_offset(const PagedLayout& l, int64_t page
 // precision for normal e4m3 values (3 mantissa bits at every exponent); it moves 4 binades of the smallest
 // values (below amax * 2^-6 / 28) into subnormals, whose share of a softmax-weighted sum is negligible.
 constexpr float kPagedVHeadroom = 16.f;
+
+// The quantize-on-write arithmetic of one element, shared by the CPU twin (paged_cpu.cpp) and the CUDA append
+// kernel (paged_append_cuda.cu) so both run the same fp32 operations in the same order (bit-identical codes):
+// K: the INT8 code of k - k_mean at the token's inv_scale (int_quant_params(amax_d |k - k_mean|, 8));
+// V: the e4m3 code of v * (1 / v_scale), 0 when the channel's scale is 0 (an all-zero prompt channel).
+TERSOR_HD inline int8_t paged_k_code(float k_minus_mean, float inv_scale) {
+  return static_cast<int8_t>(quantize_int(k_minus_mean, inv_scale, 8));
+}
+TERSOR_HD inline uint8_t paged_v_code(float v, float v_scale) {
+  return v_scale > 0.f ? float_to_e4m3(v * (1.f / v_scale)) : 0;
+}
+// A prompt channel's V scale from its amax (|v| over the chunk's tokens), with the headroom.
+TERSOR_HD inline float paged_v_scale(float amax) { return fp8_channel_params(kPagedVHeadroom * amax).scale; }
 
 // Where a page's statistics come from when token `pos` (0-based in its sequence) is written to slot 0 of a
 // page: the chunk's own tokens when the chunk starts the sequence (chunk_start == 0), else the page holding

@@ -688,7 +688,8 @@ def sage_decode_paged(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Ten
                       num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of ``q [B, Lq, Hq, D]`` (the last ``Lq <= 16`` tokens of each sequence) over a
     quantized paged cache; returns ``(out [B, Lq, Hq, D], lse float32 [B, Hq, Lq])``. ``num_workers > 0``:
-    split-KV over that many work items (paged_format.h, ``decode_split_quota``). Most callers want
+    split-KV over that many work items (paged_format.h, ``decode_split_quota``); -1: automatic (CUDA: the
+    planner for the device's SM count; CPU: one pass). Most callers want
     :func:`tersor.attention.sage_decode`."""
     return _lib.sage_decode_paged(q, k_codes, k_scale, v_codes, page_meta, block_table, seqlens, scale,
                                   window_left, window_right, num_workers)

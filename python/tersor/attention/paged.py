@@ -6,9 +6,13 @@ token) and V as FP8 e4m3 (per-page, per-channel scale), quantized once when the 
 reads about 1 byte per K/V element instead of 2. ``docs/formats.md`` ("Paged KV cache v1") has the layout and
 the rule that fixes a page's statistics; ``docs/usage.md`` ("Decode over a paged KV cache") the usage.
 
-Status: CPU (the twin whose numerics the CUDA decode kernels are to reproduce). The CUDA decode kernels are
-not written yet: on CUDA the quantized ops raise NotImplementedError. ``quantized=False`` keeps float16/bfloat16
-pages and runs plain PyTorch attention on any device (a reference, not a tersor kernel).
+Status: CPU twin (exact, tested) and CUDA decode kernels (split-KV over the pages, GQA rows packed into the
+MMA's M dimension, LSE merge: sm_80 / sm_89 / sm_90a). The CUDA kernels are compiled and replayed lane by lane on
+the CPU against the twin, but have not yet run on a GPU (:data:`CUDA_DECODE_READY` is False until a GPU session
+has passed tests/test_paged_decode_cuda.py). Quantize-on-write (``append``) on CUDA runs its own kernels
+(bit-identical to the twin by construction; compiled, not run), with the index checks done here first.
+``quantized=False`` keeps float16/bfloat16 pages and runs plain PyTorch attention on any device (a reference, not
+a tersor kernel).
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ import torch
 from .. import ops
 
 __all__ = ["PagedKVCache", "sage_decode"]
+
+#: The CUDA decode kernels (csrc/attention/decode_kernel.cuh) are compiled for sm_80 / sm_89 / sm_90a and replayed
+#: lane by lane on the CPU, but have not run on a GPU yet: False until tests/test_paged_decode_cuda.py has passed on
+#: one. Direct :func:`sage_decode` calls on CUDA do run them; the decode benchmark labels their rows unverified.
+CUDA_DECODE_READY = False
 
 PAGE_SIZES = tuple(range(16, 257, 16))
 
@@ -116,7 +125,7 @@ class PagedKVCache:
         lengths = _as_int32("lengths", lengths, self.device, b, 1, who)
         if self.quantized:
             if self.device.type != "cpu":
-                raise NotImplementedError(f"{who}: the quantized cache's CUDA kernels are not written yet (CPU only)")
+                self._check_append_indices(block_table, start, lengths, k.shape[1], who)
             ops.paged_kv_append_(self.k_codes, self.k_scale, self.v_codes, self.page_meta, k.contiguous(),
                                  v.contiguous(), block_table, start, lengths)
             return
@@ -125,6 +134,77 @@ class PagedKVCache:
         slot = pos % self.page_size
         self.k[page, :, slot] = k[seq, tok].to(self.dtype)
         self.v[page, :, slot] = v[seq, tok].to(self.dtype)
+
+    def _check_append_indices(self, block_table, start, lengths, max_len, who):
+        """The quantized append's index checks, with the CPU twin's messages and order (sequence by sequence:
+        length, start, block-table row, page ids, slots written twice; then continuations; see
+        csrc/attention/paged_cpu.cpp), in tensor ops on the cache's device: on CUDA the op cannot read the
+        indices without a sync, so they are checked here (two syncs when all is well) before anything is
+        written. Any device (tested on the CPU against the twin)."""
+        s, npages, b = self.page_size, self.num_pages, len(lengths)
+        dev = block_table.device
+        st, ln = start.long(), lengths.long()
+        max_pages = block_table.shape[1]
+        seqs = torch.arange(b, device=dev)
+        act = ln > 0
+        last = st + ln - 1
+        bad_len = (ln < 0) | (ln > max_len)
+        bad_start = st < 0
+        bad_row = act & (last // s >= max_pages)
+        ok = ~bad_len & ~bad_start & ~bad_row
+        cols = torch.arange(max_pages, device=dev)[None, :]
+        c0 = torch.where((st > 0) & (st % s == 0), (st - 1) // s, st // s)  # the stats source page is read too
+        used = (act & ok)[:, None] & (cols >= c0[:, None]) & (cols <= (last // s)[:, None])
+        bad_page = used & ((block_table < 0) | (block_table >= npages))
+        # tokens of the sequences whose rows are in range, in the twin's (sequence, token) order
+        n_ok = torch.where(ok & act, ln, torch.zeros_like(ln))
+        seq = torch.repeat_interleave(seqs, n_ok)
+        tok = torch.arange(len(seq), device=dev) - (torch.cumsum(n_ok, 0) - n_ok)[seq]
+        pos = st[seq] + tok
+        page = block_table[seq, pos // s].long() if len(seq) else pos
+        key = page * s + pos % s
+        sk, order = torch.sort(key, stable=True)
+        again = torch.cat([sk.new_zeros(1, dtype=torch.bool), sk[1:] == sk[:-1]]) if len(sk) else sk.bool()
+        run_start = torch.where(again, torch.zeros_like(order), torch.arange(len(sk), device=dev)).cummax(0).values \
+            if len(sk) else order
+        dup = torch.zeros(len(seq), dtype=torch.bool, device=dev)
+        dup[order[again]] = True  # a token writing a slot an earlier token (this or an earlier sequence) writes
+        first_writer = torch.empty_like(seq)
+        first_writer[order] = seq[order[run_start]] if len(sk) else seq
+        bad_dup = torch.zeros(b, dtype=torch.bool, device=dev).index_put_((seq[dup],), torch.tensor(True, device=dev))
+        errs = torch.stack([bad_len, bad_start, bad_row, bad_page.any(1), bad_dup], 1)
+        per_seq = errs.tolist()  # sync 1
+        for i in range(b):
+            if per_seq[i][0]:
+                raise ValueError(f"{who}: lengths[{i}] = {int(ln[i])} is outside [0, {max_len}]")
+            if per_seq[i][1]:
+                raise ValueError(f"{who}: start[{i}] = {int(st[i])} is negative")
+            if per_seq[i][2]:
+                raise ValueError(f"{who}: sequence {i} writes token {int(last[i])}, past its block_table row "
+                                 f"({max_pages} pages of {s} tokens)")
+            if per_seq[i][3]:
+                c = int(bad_page[i].nonzero()[0, 0])
+                raise ValueError(f"{who}: block_table[{i}, {c}] = {int(block_table[i, c])} is not a page of this "
+                                 f"cache ({npages} pages)")
+            if per_seq[i][4]:
+                j = int((dup & (seq == i)).nonzero()[0, 0])
+                p, t = int(page[j]), int(pos[j])
+                raise ValueError(f"{who}: page {p} slot {t % s} is written by sequences {int(first_writer[j])} and "
+                                 f"{i} (token {t}) in one call: block_table rows share a page")
+        # a continuing sequence that opens a page copies the statistics of the page of token start - 1, which no
+        # other sequence may open (write slot 0 of) in the same call
+        if max_pages == 0:  # nothing is written (a non-empty chunk failed the row check above)
+            return
+        opens_page = act & (st > 0) & ((last // s) > ((st - 1) // s))
+        src_col = ((st - 1).clamp_min(0) // s).clamp_max(max_pages - 1)  # in range for the sequences that matter
+        src = block_table.gather(1, src_col[:, None])[:, 0].long()
+        opened = pos % s == 0
+        opened_pages, opener = page[opened], seq[opened]
+        clash = opens_page[:, None] & (src[:, None] == opened_pages[None, :]) & (opener[None, :] != seqs[:, None])
+        if clash.any():  # sync 2
+            i, j = (int(x) for x in clash.nonzero()[0])
+            raise ValueError(f"{who}: sequence {i} continues from page {int(src[i])}, which sequence "
+                             f"{int(opener[j])} opens in the same call")
 
     def _positions(self, block_table, start, lengths, max_len, who):
         """(position, sequence, token index) of every token to write, checked (plain cache)."""
@@ -157,7 +237,7 @@ def _check_window(window, who: str) -> tuple[int, int]:
 
 def sage_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, cache_seqlens: torch.Tensor, *,
                 scale: Optional[float] = None, window: Optional[tuple[int, int]] = None,
-                return_lse: bool = False, num_workers: int = 0):
+                return_lse: bool = False, num_workers: Optional[int] = None):
     """Attention of ``q [B, Lq, Hq, D]`` (``Lq <= 16``: the last Lq tokens of each sequence, already appended
     to the cache) over ``cache_seqlens[b]`` cached tokens of sequence ``b``, bottom-right causal: query ``i``
     sees keys ``j <= seqlen - Lq + i``. GQA: ``Hq`` a multiple of the cache's heads. ``window=(left, right)``:
@@ -165,10 +245,15 @@ def sage_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
     that sees no key (a sequence of length 0) gives 0 (LSE ``-inf``). Returns ``out [B, Lq, Hq, D]`` in q's
     dtype (and ``lse float32 [B, Hq, Lq]`` with ``return_lse=True``).
 
-    ``num_workers`` (quantized cache): split-KV as the CUDA kernels will run it, the key tiles of the whole call
+    ``num_workers`` (quantized cache): split-KV as the CUDA kernels run it, the key tiles of the whole call
     shared out in equal chunks over that many work items (one per SM slot), each chunk's softmax merged by its
-    LSE; 0 (the CPU default) walks each sequence in one pass. The result differs from the one-pass walk only by
-    fp32 rounding of the merge."""
+    LSE; 0 walks each sequence in one pass. ``None`` (the default): one pass on CPU; on CUDA the planner's choice
+    for the device's SM count (csrc/attention/decode_cuda_layout.h, ``decode_auto_workers``). The result differs
+    from the one-pass walk by the rounding of P~ to e4m3 against each chunk's running max, and fp32 rounding of
+    the merge.
+
+    On CUDA the sequence lengths and the block-table entries they reach are checked here (one host sync) before
+    the kernels run."""
     who = "sage_decode"
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"{who}: cache must be a PagedKVCache, got {type(cache).__name__}")
@@ -191,16 +276,40 @@ def sage_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"{who}: scale must be finite and positive, got {scale}")
     left, right = _check_window(window, who)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"{who}: num_workers must be an int >= 0, got {num_workers!r}")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 0):
+        raise ValueError(f"{who}: num_workers must be None or an int >= 0, got {num_workers!r}")
     if cache.quantized:
-        if q.device.type != "cpu":
-            raise NotImplementedError(f"{who}: the quantized decode's CUDA kernels are not written yet (CPU only)")
+        if q.device.type == "cuda":
+            _check_decode_indices(block_table, seqlens, cache, who)
+            workers = -1 if num_workers is None else num_workers
+        else:
+            workers = 0 if num_workers is None else num_workers
         out, lse = ops.sage_decode_paged(q.contiguous(), cache.k_codes, cache.k_scale, cache.v_codes,
-                                         cache.page_meta, block_table, seqlens, scale, left, right, num_workers)
+                                         cache.page_meta, block_table, seqlens, scale, left, right, workers)
     else:
         out, lse = _plain_decode(q, cache, block_table, seqlens, scale, left, right, who)
     return (out, lse) if return_lse else out
+
+
+def _check_decode_indices(block_table: torch.Tensor, seqlens: torch.Tensor, cache: PagedKVCache, who: str) -> None:
+    """The op's data checks on a device the C++ glue cannot read without a sync, with the CPU twin's messages and
+    order (sequence by sequence: its length against the block table, then the page ids that length reaches;
+    csrc/attention/paged_glue.h, check_decode_indices). One sync when all is well; any device (tested on the
+    CPU against the twin)."""
+    s, max_pages = cache.page_size, block_table.shape[1]
+    bad_len = (seqlens < 0) | (seqlens > max_pages * s)
+    used = torch.arange(max_pages, device=block_table.device)[None, :] < ((seqlens.long() + s - 1) // s)[:, None]
+    bad_page = (used & ~bad_len[:, None]) & ((block_table < 0) | (block_table >= cache.num_pages))
+    per_seq = torch.stack([bad_len, bad_page.any(1)], 1).tolist()  # the one sync
+    for i, (len_bad, page_bad) in enumerate(per_seq):
+        if len_bad:
+            raise ValueError(f"{who}: seqlens[{i}] = {int(seqlens[i])} is outside [0, {max_pages * s}] (block_table "
+                             f"has {max_pages} pages of {s} tokens per sequence)")
+        if page_bad:
+            c = int(bad_page[i].nonzero()[0, 0])
+            raise ValueError(f"{who}: block_table[{i}, {c}] = {int(block_table[i, c])} is not a page of this cache "
+                             f"({cache.num_pages} pages)")
 
 
 def visible_key_mask(len_q: int, seqlen: int, left: int = -1, right: int = -1,
