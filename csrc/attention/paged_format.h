@@ -75,18 +75,12 @@ TERSOR_HD constexpr int64_t page_stats_source(int64_t chunk_start, int64_t pos, 
 // p = seqlen - Lq + i) sees keys j with max(0, p - left) <= j <= min(p, p + right) (bottom-right causal, and
 // FlashAttention's window convention: left/right < 0 mean unbounded). Returns [lo, hi) with hi <= lo when
 // none (a query before the sequence's start, or seqlen == 0: output 0, LSE -inf).
-struct KeyRange {
-  int64_t lo, hi;
-};
+using KeyRange = KeySpan;
+// Prefill's rule (sage_format.h visible_keys_dense) with is_causal: the Lq queries are the sequence's last
+// tokens, so the bottom-right alignment is the same.
 TERSOR_HD constexpr KeyRange decode_visible_keys(int64_t i, int64_t len_q, int64_t seqlen, int64_t left,
                                                  int64_t right) {
-  const int64_t p = seqlen - len_q + i;
-  int64_t hi = p + 1;
-  if (right >= 0 && p + right + 1 < hi) hi = p + right + 1;
-  if (hi > seqlen) hi = seqlen;
-  int64_t lo = left >= 0 ? p - left : 0;
-  if (lo < 0) lo = 0;
-  return {lo, hi};
+  return visible_keys_dense(KeyMask{true, left < 0 ? -1 : left, right < 0 ? -1 : right}, i, len_q, seqlen);
 }
 
 // The keys any of the Lq queries sees: the union of their ranges (contiguous: each query's range is the
