@@ -37,6 +37,16 @@ def key_mask(lq, lk, is_causal=False, window=None, device="cpu"):
     return m
 
 
+def random_qkv(b, hq, hkv, lq, lk, d, dtype, seed=0):
+    """q [b, hq, lq, d], k/v [b, hkv, lk, d] in ``dtype``: standard normal, K shifted by 1 (a K bias, as in real
+    models, which smoothing removes)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=g).to(dtype)
+    k = (torch.randn(b, hkv, lk, d, generator=g) + 1.0).to(dtype)
+    v = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    return q, k, v
+
+
 def _expand_kv(t, hq):
     return t.repeat_interleave(hq // t.shape[1], dim=1)
 
@@ -163,6 +173,21 @@ def sage_emulate(q, k, v, is_causal, scale, qk_bits, pv, smooth_k, smooth_q, cta
     corr = (qf @ _expand_kv(k_mean, hq).transpose(-1, -2)) * scale if smooth_k else torch.zeros_like(l)
     lse = torch.where(dead, torch.full_like(l, -math.inf), (m - offset + torch.log2(l)) * math.log(2.0) + corr)
     return out, lse[..., 0]
+
+
+def assert_twin_matches_emulation(out, lse, ref, ref_lse):
+    """The CPU twin's (out, lse) against :func:`sage_emulate`'s on the same inputs; returns the max output
+    difference. Only summation order, exp2 ulps and the resulting rare e4m3 flips of one P entry (and so one ulp
+    of the rounded output) may differ."""
+    dtype = out.dtype
+    diff = (out.float() - ref.to(dtype).float()).abs()
+    peak = ref.abs().max().item()
+    assert diff.max().item() <= (2e-3 + torch.finfo(dtype).eps) * peak, diff.max().item()
+    assert diff.mean().item() <= 5e-6 * peak, diff.mean().item()
+    assert torch.equal(lse.isinf(), ref_lse.isinf())
+    fin = ref_lse.isfinite()
+    torch.testing.assert_close(lse[fin], ref_lse[fin], rtol=0, atol=1e-3)
+    return diff.max().item()
 
 
 def replay_mismatch(out, lse, ref, ref_lse, mean_bound=1e-6, min_same=0.99):

@@ -7,18 +7,10 @@ import pytest
 import torch
 
 import tersor
-from attention_reference import attention_fp64, sage_emulate
+from attention_reference import assert_twin_matches_emulation, attention_fp64, random_qkv, sage_emulate
 from tersor import attention
 
 L = tersor.ops.lib
-
-
-def _qkv(b, hq, hkv, lq, lk, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, generator=g).to(dtype)
-    k = (torch.randn(b, hkv, lk, d, generator=g) + 1.0).to(dtype)
-    v = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
-    return q, k, v
 
 
 def _masks(b, hq, lq, lk, seed=0):
@@ -34,7 +26,7 @@ def _masks(b, hq, lq, lk, seed=0):
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_exact_mode_matches_fp64(causal, kind):
     b, hq, lq, lk = 2, 4, 100, 150
-    q, k, v = _qkv(b, hq, 2, lq, lk, 64, torch.float32)
+    q, k, v = random_qkv(b, hq, 2, lq, lk, 64, torch.float32)
     keep, bias = _masks(b, hq, lq, lk)
     mask = keep if kind == "bool" else bias
     out, lse = L.sage_attention_fwd(q, k, v, causal, 0.125, 0, "fp32", True, False, attn_mask=mask,
@@ -54,24 +46,18 @@ def test_exact_mode_matches_fp64(causal, kind):
 def test_quantized_twin_matches_emulation(kind, mode):
     bits, pv, sk, sq, dtype = mode
     b, hq, lq, lk = 2, 4, 130, 200
-    q, k, v = _qkv(b, hq, 2, lq, lk, 64, dtype, seed=1)
+    q, k, v = random_qkv(b, hq, 2, lq, lk, 64, dtype, seed=1)
     keep, bias = _masks(b, hq, lq, lk, seed=1)
     mask = keep if kind == "bool" else bias
     kp = torch.ones(b, lk, dtype=torch.bool)
     kp[1, -20:] = False
     out, lse = L.sage_attention_fwd(q, k, v, True, 0.1, bits, pv, sk, sq, attn_mask=mask, key_padding_mask=kp)
     ref, ref_lse = sage_emulate(q, k, v, True, 0.1, bits, pv, sk, sq, attn_mask=mask, key_padding=kp)
-    diff = (out.float() - ref.to(dtype).float()).abs()
-    peak = ref.abs().max().item()
-    assert diff.max().item() <= (2e-3 + torch.finfo(dtype).eps) * peak, diff.max().item()
-    assert diff.mean().item() <= 5e-6 * peak, diff.mean().item()
-    assert torch.equal(lse.isinf(), ref_lse.isinf())
-    fin = ref_lse.isfinite()
-    torch.testing.assert_close(lse[fin], ref_lse[fin], rtol=0, atol=1e-3)
+    assert_twin_matches_emulation(out, lse, ref, ref_lse)
 
 
 def test_sage_attention_broadcasts_like_sdpa():
-    q, k, v = _qkv(2, 2, 2, 40, 50, 64, torch.float32, seed=2)
+    q, k, v = random_qkv(2, 2, 2, 40, 50, 64, torch.float32, seed=2)
     g = torch.Generator().manual_seed(3)
     for mask in [torch.rand(40, 50, generator=g) < 0.7, torch.randn(1, 50, generator=g),
                  torch.rand(2, 1, 1, 50, generator=g) < 0.8, torch.randn(2, 2, 40, 50, generator=g).half()]:
@@ -92,7 +78,7 @@ def test_sdpa_fallback_folds_every_mask():
     from tersor.attention import _sdpa_masked
 
     b, hq, lq, lk = 2, 4, 70, 300
-    q, k, v = _qkv(b, hq, 2, lq, lk, 64, torch.float32, seed=4)
+    q, k, v = random_qkv(b, hq, 2, lq, lk, 64, torch.float32, seed=4)
     keep, bias = _masks(b, hq, lq, lk, seed=4)
     kp = torch.ones(b, lk, dtype=torch.bool)
     kp[0, :30] = False
@@ -108,7 +94,7 @@ def test_sdpa_fallback_folds_every_mask():
 def test_cuda_raises_without_fallback_and_falls_back_with_it():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    q, k, v = (t.cuda() for t in _qkv(1, 2, 2, 64, 64, 64, torch.float16))
+    q, k, v = (t.cuda() for t in random_qkv(1, 2, 2, 64, 64, 64, torch.float16))
     mask = torch.rand(64, 64, device="cuda") < 0.7
     with pytest.raises(NotImplementedError, match="sdpa_fallback"):
         attention.sage_attention(q, k, v, attn_mask=mask)

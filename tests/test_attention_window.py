@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tersor
-from attention_reference import attention_fp64, key_mask, replay_mismatch, sage_emulate
+from attention_reference import assert_twin_matches_emulation, attention_fp64, key_mask, random_qkv, replay_mismatch, sage_emulate
 from conftest import load_testing_ops
 from tersor import attention
 
@@ -26,14 +26,6 @@ CASES = [
     (64, 500, False, (0, 0)),     # one key per row
     (300, 1100, True, (128, -1)),  # many tiles skipped per CTA
 ]
-
-
-def _qkv(b, hq, hkv, lq, lk, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, generator=g).to(dtype)
-    k = (torch.randn(b, hkv, lk, d, generator=g) + 1.0).to(dtype)
-    v = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
-    return q, k, v
 
 
 @pytest.mark.testing_ext
@@ -72,7 +64,7 @@ def test_visible_tiles_are_tight():
 @pytest.mark.parametrize("case", CASES)
 def test_exact_mode_matches_fp64(case):
     lq, lk, causal, window = case
-    q, k, v = _qkv(1, 4, 2, lq, lk, 64, torch.float32)
+    q, k, v = random_qkv(1, 4, 2, lq, lk, 64, torch.float32)
     out, lse = L.sage_attention_fwd(q, k, v, causal, 0.125, 0, "fp32", True, False,
                                     window_left=window[0], window_right=window[1])
     ref, ref_lse = attention_fp64(q, k, v, causal, 0.125, window=window)
@@ -97,26 +89,19 @@ MODES = [  # qk_bits, pv, smooth_k, smooth_q, dtype
 def test_quantized_twin_matches_emulation(case, mode):
     lq, lk, causal, window = case
     bits, pv, sk, sq, dtype = mode
-    q, k, v = _qkv(1, 4, 2, lq, lk, 64, dtype, seed=1)
+    q, k, v = random_qkv(1, 4, 2, lq, lk, 64, dtype, seed=1)
     out, lse = L.sage_attention_fwd(q, k, v, causal, 0.1, bits, pv, sk, sq,
                                     window_left=window[0], window_right=window[1])
     ref, ref_lse = sage_emulate(q, k, v, causal, 0.1, bits, pv, sk, sq, window=window)
-    # the bounds of tests/test_attention.py::test_quantized_twin_matches_emulation
-    diff = (out.float() - ref.to(dtype).float()).abs()
-    peak = ref.abs().max().item()
-    assert diff.max().item() <= (2e-3 + torch.finfo(dtype).eps) * peak, diff.max().item()
-    assert diff.mean().item() <= 5e-6 * peak, diff.mean().item()
-    assert torch.equal(lse.isinf(), ref_lse.isinf())
-    fin = ref_lse.isfinite()
-    torch.testing.assert_close(lse[fin], ref_lse[fin], rtol=0, atol=1e-3)
+    max_diff = assert_twin_matches_emulation(out, lse, ref, ref_lse)
     # and the window mattered: without it the result is far from this one
     full, _ = L.sage_attention_fwd(q, k, v, causal, 0.1, bits, pv, sk, sq)
-    assert (full.float() - out.float()).abs().max().item() > 20 * diff.max().item() + 1e-3
+    assert (full.float() - out.float()).abs().max().item() > 20 * max_diff + 1e-3
 
 
 def test_window_composes_with_block_mask():
     lq, lk = 300, 400
-    q, k, v = _qkv(1, 2, 2, lq, lk, 64, torch.float16, seed=2)
+    q, k, v = random_qkv(1, 2, 2, lq, lk, 64, torch.float16, seed=2)
     mask = torch.ones(1, 1, 3, 4, dtype=torch.bool)
     mask[0, 0, 1, 2] = mask[0, 0, 2, 0] = False
     out, lse = L.sage_attention_fwd(q, k, v, True, 0.1, 8, "fp8", True, False, block_mask=mask,
@@ -135,7 +120,7 @@ def test_sm8x_replay_matches_twin(case, mode):
     T = load_testing_ops()
     lq, lk, causal, window = case
     pv, sk, dtype, bits = mode
-    q, k, v = _qkv(1, 2, 1, lq, lk, 64, dtype, seed=3)
+    q, k, v = random_qkv(1, 2, 1, lq, lk, 64, dtype, seed=3)
     out, lse = T._sage_emulate_cuda_attention(q, k, v, causal, 0.1, pv, sk, 0, bits, bits == 4,
                                               window_left=window[0], window_right=window[1])
     ref, ref_lse = L.sage_attention_fwd(q, k, v, causal, 0.1, bits, pv, sk, bits == 4,
@@ -150,7 +135,7 @@ def test_sm8x_replay_matches_twin(case, mode):
 def test_sm90_replay_matches_twin(case, dtype):
     T = load_testing_ops()
     lq, lk, causal, window = case
-    q, k, v = _qkv(1, 2, 1, lq, lk, 128 if dtype == torch.bfloat16 else 64, dtype, seed=4)
+    q, k, v = random_qkv(1, 2, 1, lq, lk, 128 if dtype == torch.bfloat16 else 64, dtype, seed=4)
     out, lse = T._sage_emulate_sm90_attention(q, k, v, causal, 0.1, True,
                                               window_left=window[0], window_right=window[1])
     ref, ref_lse = L.sage_attention_fwd(q, k, v, causal, 0.1, 8, "fp8", True, False,
@@ -160,7 +145,7 @@ def test_sm90_replay_matches_twin(case, dtype):
 
 
 def test_sage_attention_window_argument():
-    q, k, v = _qkv(2, 4, 2, 100, 160, 80, torch.float16, seed=5)  # D 80: padded to 128
+    q, k, v = random_qkv(2, 4, 2, 100, 160, 80, torch.float16, seed=5)  # D 80: padded to 128
     out = attention.sage_attention(q, k, v, is_causal=True, window=(31, 0))
     ref, _ = attention_fp64(q, k, v, True, window=(31, 0))
     rel = ((out.double() - ref).abs().sum() / ref.abs().sum()).item()
@@ -202,7 +187,7 @@ def test_cuda_matches_twin(case, kernel, pv):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     lq, lk, causal, window = case
-    q, k, v = _qkv(1, 4, 2, lq, lk, 128, torch.float16, seed=7)
+    q, k, v = random_qkv(1, 4, 2, lq, lk, 128, torch.float16, seed=7)
     try:
         attention.cuda_path_name(torch.device("cuda"), "int8", pv, False, kernel)
     except NotImplementedError:

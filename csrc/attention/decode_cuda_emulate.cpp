@@ -412,40 +412,17 @@ std::tuple<Tensor, Tensor> decode_emulate_cuda(const Tensor& q, const Tensor& k_
   const Tensor bt = as_contiguous(block_table), sl = as_contiguous(seqlens);
   const int64_t max_pages = bt.size(1);
   check_decode_indices(op, l, bt.const_data_ptr<int32_t>(), sl.const_data_ptr<int32_t>(), call.batch, max_pages);
-  const int64_t rows = call.len_q * call.group, row_blocks = (rows + 15) / 16;
   // The CUDA glue's plan: num_workers -1 asks the planner for this SM count.
-  const int64_t workers =
-      num_workers >= 0 ? num_workers : decode_auto_workers(sm_count, call.batch * l.heads_kv * row_blocks);
-  const int64_t max_splits = decode_max_splits(workers, max_pages, l.page_size, kDecodeTile);
+  const DecodePlan plan = plan_decode(call, max_pages, num_workers, sm_count);
+  const int64_t rows = plan.rows, row_blocks = plan.row_blocks, workers = plan.workers, max_splits = plan.max_splits;
   const Tensor qf = as_contiguous(as_dtype(q, ScalarType::Float));
   Tensor out = empty({call.batch, call.len_q, call.heads_q, l.head_dim}, ScalarType::Float, q.device());
   Tensor lse = empty({call.batch, call.heads_q, call.len_q}, ScalarType::Float, q.device());
   std::vector<float> ws_acc(call.batch * l.heads_kv * max_splits * rows * l.head_dim, std::nanf("")),
       ws_ml(call.batch * l.heads_kv * max_splits * rows * 2, std::nanf(""));
   int64_t quota = 0;
-  DecodeArgs a{};
-  a.batch = call.batch;
-  a.len_q = call.len_q;
-  a.heads_q = call.heads_q;
-  a.heads_kv = l.heads_kv;
-  a.head_dim = l.head_dim;
-  a.page_size = l.page_size;
-  a.num_pages = l.num_pages;
-  a.max_pages = max_pages;
-  a.window_left = window_left;
-  a.window_right = window_right;
-  a.workers = workers;
-  a.max_splits = max_splits;
-  a.rows = rows;
-  a.row_blocks = row_blocks;
-  a.qk_mul = static_cast<float>(scale) * kLog2e;
-  a.q = qf.const_data_ptr<float>();
-  a.k_codes = k_codes.const_data_ptr<int8_t>();
-  a.k_scale = k_scale.const_data_ptr<float>();
-  a.v_codes = v_codes.const_data_ptr<uint8_t>();
-  a.page_meta = page_meta.const_data_ptr<float>();
-  a.block_table = bt.const_data_ptr<int32_t>();
-  a.seqlens = sl.const_data_ptr<int32_t>();
+  DecodeArgs a = decode_args(call, plan, qf, k_codes, k_scale, v_codes, page_meta, bt, sl, scale, window_left,
+                             window_right);
   a.ws_acc = ws_acc.data();
   a.ws_ml = ws_ml.data();
   a.ws_quota = &quota;

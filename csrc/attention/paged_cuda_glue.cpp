@@ -87,13 +87,12 @@ std::tuple<Tensor, Tensor> sage_decode_paged_cuda(const Tensor& q, const Tensor&
   return {};
 #else
   const PagedLayout& l = c.l;
-  const int64_t rows = c.len_q * c.group, row_blocks = (rows + 15) / 16;
   const Tensor bt = as_contiguous(block_table), sl = as_contiguous(seqlens);
   const int64_t max_pages = bt.size(1);
   int sms = 0;
   TERSOR_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const int64_t workers = num_workers >= 0 ? num_workers : decode_auto_workers(sms, c.batch * l.heads_kv * row_blocks);
-  const int64_t max_splits = decode_max_splits(workers, max_pages, l.page_size, kDecodeTile);
+  const DecodePlan plan = plan_decode(c, max_pages, num_workers, sms);
+  const int64_t rows = plan.rows, row_blocks = plan.row_blocks, max_splits = plan.max_splits;
   TERSOR_CHECK_VALUE(c.batch * l.heads_kv <= 65535 && row_blocks <= 65535 && max_splits < (int64_t{1} << 31), op,
                      ": at most 65535 (sequence, KV head) pairs and 65535 blocks of 16 rows per KV head on CUDA, got ",
                      c.batch * l.heads_kv, " and ", row_blocks);
@@ -113,29 +112,8 @@ std::tuple<Tensor, Tensor> sage_decode_paged_cuda(const Tensor& q, const Tensor&
   Tensor ws_acc = empty({c.batch * l.heads_kv * max_splits * rows * l.head_dim}, ScalarType::Float, q.device());
   Tensor ws_ml = empty({c.batch * l.heads_kv * max_splits * rows * 2}, ScalarType::Float, q.device());
   Tensor ws_quota = empty({1}, ScalarType::Long, q.device());
-  DecodeArgs a{};
-  a.batch = c.batch;
-  a.len_q = c.len_q;
-  a.heads_q = c.heads_q;
-  a.heads_kv = l.heads_kv;
-  a.head_dim = l.head_dim;
-  a.page_size = l.page_size;
-  a.num_pages = l.num_pages;
-  a.max_pages = max_pages;
-  a.window_left = window_left;
-  a.window_right = window_right;
-  a.workers = workers;
-  a.max_splits = max_splits;
-  a.rows = rows;
-  a.row_blocks = row_blocks;
-  a.qk_mul = static_cast<float>(scale) * kLog2e;
-  a.q = qf.const_data_ptr<float>();
-  a.k_codes = k_codes.const_data_ptr<int8_t>();
-  a.k_scale = k_scale.const_data_ptr<float>();
-  a.v_codes = v_codes.const_data_ptr<uint8_t>();
-  a.page_meta = page_meta.const_data_ptr<float>();
-  a.block_table = bt.const_data_ptr<int32_t>();
-  a.seqlens = sl.const_data_ptr<int32_t>();
+  DecodeArgs a = decode_args(c, plan, qf, k_codes, k_scale, v_codes, page_meta, bt, sl, scale, window_left,
+                             window_right);
   a.ws_acc = ws_acc.mutable_data_ptr<float>();
   a.ws_ml = ws_ml.mutable_data_ptr<float>();
   a.ws_quota = ws_quota.mutable_data_ptr<int64_t>();

@@ -122,4 +122,49 @@ inline void check_decode_indices(const char* op, const PagedLayout& l, const int
   }
 }
 
+// The CUDA decode's plan (rows of a KV head's query block, blocks of 16 rows, workers, the split bound) and its
+// kernel arguments, which the CUDA glue and its CPU replay both build (the workspaces, the quota, out and lse
+// are the caller's). sm_count: the device's SMs, for num_workers -1 (the planner's choice).
+struct DecodePlan {
+  int64_t rows, row_blocks, max_pages, workers, max_splits;
+};
+inline DecodePlan plan_decode(const DecodeCall& c, int64_t max_pages, int64_t num_workers, int64_t sm_count) {
+  DecodePlan p{};
+  p.rows = c.len_q * c.group;
+  p.row_blocks = (p.rows + 15) / 16;
+  p.max_pages = max_pages;
+  p.workers = num_workers >= 0 ? num_workers : decode_auto_workers(sm_count, c.batch * c.l.heads_kv * p.row_blocks);
+  p.max_splits = decode_max_splits(p.workers, max_pages, c.l.page_size, kDecodeTile);
+  return p;
+}
+// qf: q widened to contiguous float32 (the twin's widening); bt / sl: the contiguous block table and seqlens.
+inline DecodeArgs decode_args(const DecodeCall& c, const DecodePlan& p, const Tensor& qf, const Tensor& k_codes,
+                              const Tensor& k_scale, const Tensor& v_codes, const Tensor& page_meta, const Tensor& bt,
+                              const Tensor& sl, double scale, int64_t window_left, int64_t window_right) {
+  DecodeArgs a{};
+  a.batch = c.batch;
+  a.len_q = c.len_q;
+  a.heads_q = c.heads_q;
+  a.heads_kv = c.l.heads_kv;
+  a.head_dim = c.l.head_dim;
+  a.page_size = c.l.page_size;
+  a.num_pages = c.l.num_pages;
+  a.max_pages = p.max_pages;
+  a.window_left = window_left;
+  a.window_right = window_right;
+  a.workers = p.workers;
+  a.max_splits = p.max_splits;
+  a.rows = p.rows;
+  a.row_blocks = p.row_blocks;
+  a.qk_mul = static_cast<float>(scale) * kLog2e;
+  a.q = qf.const_data_ptr<float>();
+  a.k_codes = k_codes.const_data_ptr<int8_t>();
+  a.k_scale = k_scale.const_data_ptr<float>();
+  a.v_codes = v_codes.const_data_ptr<uint8_t>();
+  a.page_meta = page_meta.const_data_ptr<float>();
+  a.block_table = bt.const_data_ptr<int32_t>();
+  a.seqlens = sl.const_data_ptr<int32_t>();
+  return a;
+}
+
 }  // namespace tersor::attention

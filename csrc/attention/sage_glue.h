@@ -85,6 +85,12 @@ inline SageCall check_call(const Tensor& q, const Tensor& k, const Tensor& v, bo
   return c;
 }
 
+// ValueError unless tensor `t` (called `name`) is on q's device.
+inline void check_on_device_of(const Tensor& t, const Tensor& q, const char* op, const char* name) {
+  TERSOR_CHECK_VALUE(t.device().type() == q.device().type() && (!t.is_cuda() || t.get_device_index() == q.get_device_index()),
+                     op, ": ", name, " must be on q's device (", device_str(q), "), got ", device_str(t));
+}
+
 // ---- varlen (packed sequences) ----
 // sage_attention_varlen_fwd runs the packed q [total_q, Hq, D], k / v [total_k, Hkv, D] as one [1, H, total, D]
 // sequence (strided views, no copy) whose rows see only their own sequence's keys (KeyMask's cu_q / cu_k).
@@ -108,9 +114,7 @@ inline VarlenCall check_varlen(const Tensor& q, const Tensor& k, const Tensor& v
                       " must be int32 or int64, got ", dtype_name(t->scalar_type()));
     TERSOR_CHECK_VALUE(t->dim() == 1 && t->size(0) >= 2, op, ": ", name, " must be [n_seq + 1] (n_seq >= 1), got ",
                        sizes_str(*t));
-    TERSOR_CHECK_VALUE(t->device().type() == q.device().type() &&
-                           (!t->is_cuda() || t->get_device_index() == q.get_device_index()),
-                       op, ": ", name, " must be on q's device (", device_str(q), "), got ", device_str(*t));
+    check_on_device_of(*t, q, op, name);
   }
   TERSOR_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), op, ": cu_seqlens_q has ",
                      cu_seqlens_q.size(0) - 1, " sequences, cu_seqlens_k ", cu_seqlens_k.size(0) - 1);
@@ -175,8 +179,7 @@ inline SageBlockMask check_block_mask(const std::optional<Tensor>& m, const Sage
                      op, ": block_mask must be [", c.batch, ", ", c.heads_q, " or 1, ", r.q_blocks, ", ", r.k_blocks,
                      "] ([B, Hq or 1, ceil(Lq / ", kSparseBlockQ, "), ceil(Lk / ", kSparseBlockK, ")]), got ",
                      sizes_str(t));
-  TERSOR_CHECK_VALUE(t.device().type() == q.device().type() && (!t.is_cuda() || t.get_device_index() == q.get_device_index()),
-                     op, ": block_mask must be on q's device (", device_str(q), "), got ", device_str(t));
+  check_on_device_of(t, q, op, "block_mask");
   r.heads = t.size(1);
   r.mask = as_contiguous(t);
   return r;
@@ -200,8 +203,7 @@ inline SageKeyPadding check_key_padding(const std::optional<Tensor>& m, const Sa
                     dtype_name(t.scalar_type()));
   TERSOR_CHECK_VALUE(t.dim() == 2 && t.size(0) == c.batch && t.size(1) == c.len_k, op,
                      ": key_padding_mask must be [", c.batch, ", ", c.len_k, "] ([B, Lk]), got ", sizes_str(t));
-  TERSOR_CHECK_VALUE(t.device().type() == q.device().type() && (!t.is_cuda() || t.get_device_index() == q.get_device_index()),
-                     op, ": key_padding_mask must be on q's device (", device_str(q), "), got ", device_str(t));
+  check_on_device_of(t, q, op, "key_padding_mask");
   r.mask = as_contiguous(t);
   return r;
 }
