@@ -3,8 +3,8 @@
 
 * Speed: the same q/k/v through sage_attention (default modes of the device) and SDPA in the same run.
   GPU: SDPA in fp16 (flash / cuDNN, whichever torch picks); the issue's target shapes are hd128, b4 h32,
-  L = 1K..32K. Until ``tersor.attention.CUDA_KERNELS_READY`` (the stage-1 sm8x kernels validated on a GPU)
-  the CUDA rows are skipped. CPU: the CPU twin (an exact emulation of
+  L = 1K..32K. Until ``tersor.attention.CUDA_KERNELS_READY`` (the kernels validated on a GPU by the CUDA tests)
+  the CUDA rows' op names say "unverified": a first GPU session gets its numbers in the same run as its tests. CPU: the CPU twin (an exact emulation of
   the kernels' numerics, not a fast path) against the faster of fp32 and fp16 SDPA, small sizes.
 * ``extra``: TOPS of both (4·b·h·d·L², halved when causal); ``accuracy``: cosine similarity and relative L1
   of sage_attention (default modes, and INT4 QK) against an fp64 reference.
@@ -18,6 +18,14 @@ import torch.nn.functional as F
 
 from tersor import attention
 from tersor.bench import Result, register, time_fn
+
+
+def _path_label(device, qk, pv):
+    """The kernel a row measured, and whether the CUDA kernels have been validated on a GPU yet."""
+    path = attention.cuda_path_name(torch.device(device), qk, pv)
+    if torch.device(device).type == "cuda" and not attention.CUDA_KERNELS_READY:
+        path += ", unverified"
+    return path
 
 
 def _fp64_reference(q, k, v, causal):
@@ -52,7 +60,7 @@ def _case(ctx, b, h, seq, d, causal, dtype=torch.float16, accuracy=True):
             attention.sage_attention(q, k, v, is_causal=causal, qk="int4").cpu(), ref)
         acc["cos_sdpa"], acc["rel_l1_sdpa"] = _metrics(F.scaled_dot_product_attention(q, k, v, is_causal=causal).cpu(), ref)
     qk, pv = attention.pick_modes(torch.device(dev))
-    path = attention.cuda_path_name(torch.device(dev), qk, pv)  # which kernel the row measured
+    path = _path_label(dev, qk, pv)  # which kernel the row measured
     return Result(family="attention", op=f"sage_attention {qk}+{pv} [{path}]", shape=f"b{b} h{h} L{seq} d{d}" + (" causal" if causal else ""),
                   dtype=str(dtype).replace("torch.", ""), tersor_ms=t_sage, baseline=baseline, baseline_ms=t_sdpa,
                   accuracy=acc, extra={"tersor_tops": flops / t_sage / 1e9, "baseline_tops": flops / t_sdpa / 1e9})
@@ -61,9 +69,6 @@ def _case(ctx, b, h, seq, d, causal, dtype=torch.float16, accuracy=True):
 @register("attention")
 def bench_attention(ctx) -> list[Result]:
     if ctx.is_cuda:
-        if not attention.CUDA_KERNELS_READY:
-            print("[attention bench] CUDA rows skipped: the CUDA sage kernels are not validated yet")
-            return []
         shapes = [(4, 32, 1024, 128, False)] if ctx.quick else \
             [(4, 32, s, 128, c) for s in (1024, 2048, 4096, 8192, 16384, 32768) for c in (False, True)] + \
             [(4, 32, s, 64, False) for s in (1024, 4096, 16384)]
@@ -120,7 +125,7 @@ def _sparse_rows(ctx, tag, q, k, v, causal, thresholds, stride=8, fp64_ref=False
     nq, nk = -(-seq // attention.BLOCK_Q), -(-seq // attention.BLOCK_K)
     visible_blocks = b * h * (nq * (nq + 1) // 2 if causal else nq * nk)
     qk, pv = attention.pick_modes(dev)
-    path = attention.cuda_path_name(dev, qk, pv)
+    path = _path_label(dev, qk, pv)
     rows = []
     for t in thresholds:
         mask = attention.xattention_mask(q, k, stride=stride, threshold=t, is_causal=causal)
@@ -182,9 +187,8 @@ def bench_sparse_attention(ctx) -> list[Result]:
     >= 2.5x dense tersor in the same run, cos >= 0.99 against dense, scoring < 10% of dense attention time. CPU
     rows (the twin and the exact CPU scoring op) are for the record only."""
     if ctx.is_cuda:
-        if not attention.CUDA_KERNELS_READY or not attention._xattn_has_kernel(torch.device(ctx.device)):
-            print("[attention bench] sparse CUDA rows skipped: the CUDA sage kernels are not validated yet and "
-                  "xattention_mask has no CUDA kernel")
+        if not attention._xattn_has_kernel(torch.device(ctx.device)):
+            print("[attention bench] sparse CUDA rows skipped: xattention_mask has no CUDA kernel in this build")
             return []
         rows = []
         for seq in ((16384,) if ctx.quick else (16384, 32768, 65536, 131072)):
@@ -246,7 +250,7 @@ def _window_case(ctx, b, h, seq, d, w, dtype=torch.float16):
     if ref is not None:
         acc["cos"], acc["rel_l1"] = _metrics(attention.sage_attention(q, k, v, is_causal=True, window=(w - 1, 0)).cpu(), ref)
     qk, pv = attention.pick_modes(torch.device(ctx.device))
-    path = attention.cuda_path_name(torch.device(ctx.device), qk, pv)
+    path = _path_label(ctx.device, qk, pv)
     return Result(family="attention", op=f"sage_attention window {qk}+{pv} [{path}]",
                   shape=f"b{b} h{h} L{seq} d{d} causal window {w}", dtype=str(dtype).replace("torch.", ""),
                   tersor_ms=t, baseline=base, baseline_ms=t_base, accuracy=acc,
@@ -275,7 +279,7 @@ def _padded_case(ctx, b, h, seq, d, dtype=torch.float16):
     acc = {}
     acc["cos"], acc["rel_l1"] = _metrics(attention.sage_attention(q, k, v, key_padding_mask=kp).cpu(), ref)
     qk, pv = attention.pick_modes(torch.device(ctx.device))
-    path = attention.cuda_path_name(torch.device(ctx.device), qk, pv)
+    path = _path_label(ctx.device, qk, pv)
     return Result(family="attention", op=f"sage_attention key_padding_mask {qk}+{pv} [{path}]",
                   shape=f"b{b} h{h} L{seq} d{d} lengths {int(lens.min())}..{int(lens.max())}",
                   dtype=str(dtype).replace("torch.", ""), tersor_ms=t, baseline="SDPA padding mask",
@@ -284,13 +288,10 @@ def _padded_case(ctx, b, h, seq, d, dtype=torch.float16):
 
 @register("attention")
 def bench_masked_attention(ctx) -> list[Result]:
-    """Sliding-window and padded-batch prefill. GPU (once CUDA_KERNELS_READY): Mistral's window 4096 at L = 8K..32K
+    """Sliding-window and padded-batch prefill. GPU: Mistral's window 4096 at L = 8K..32K
     against flex_attention's sliding-window block mask; a padded batch of 8 at L = 4K. CPU: the twin, small
     sizes, for the record."""
     if ctx.is_cuda:
-        if not attention.CUDA_KERNELS_READY:
-            print("[attention bench] masked CUDA rows skipped: the CUDA sage kernels are not validated yet")
-            return []
         seqs = (8192,) if ctx.quick else (8192, 16384, 32768)
         return [_window_case(ctx, 1, 32, s, 128, 4096) for s in seqs] + [_padded_case(ctx, 8, 32, 4096, 128)]
     if ctx.quick:

@@ -9,7 +9,9 @@
 # that machine's torch for TORCH_CUDA_ARCH_LIST (default 9.0a) on all cores. Then runs
 # the whole test suite (CUDA tests included), runs compute-sanitizer over every kernel on small inputs,
 # then `tersor bench --device cuda` writing OUTDIR/bench.json and OUTDIR/bench.png, and prints a summary.
-# Commit OUTDIR/bench.json as benchmarks/results/<record_name>.json (the name is inside the JSON).
+# Commit OUTDIR/bench.json as benchmarks/results/<record_name>.json (the name is inside the JSON). Kernels not yet
+# validated on a GPU still run in the bench, their rows marked "unverified": pytest-cuda.txt says whether they
+# passed; set tersor.attention.CUDA_KERNELS_READY / paged.CUDA_DECODE_READY only after they have.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEEL=""
@@ -46,9 +48,14 @@ echo "tersor ready in $(( $(date +%s) - t0 )) s"
 
 echo "== tests"
 (cd /tmp && "$PY" -c "import tersor, tersor._testing, torch; print(tersor.build_info()); assert torch.cuda.is_available()") || status=1
-# No -x: the first GPU run of a family should report every failing kernel, not just the first.
-timeout 360 "$PY" -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 | tail -n 60 | tee "$OUT/pytest.txt"
+# No -x: the first GPU run of a family should report every failing kernel, not just the first. The CUDA tests
+# first (what only this machine can run), then the rest with the time left (CI runs those on every push).
+timeout 300 "$PY" -m pytest tests -m cuda -q -p no:cacheprovider --junitxml="$OUT/pytest-cuda.xml" 2>&1 \
+  | tail -n 60 | tee "$OUT/pytest-cuda.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 180 "$PY" -m pytest tests -m "not cuda" -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 \
+  | tail -n 30 | tee "$OUT/pytest.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || echo "(CPU tests: failed or cut by the timeout; CI runs them)"
 
 echo "== compute-sanitizer (memcheck) on every kernel, small inputs"
 if command -v compute-sanitizer > /dev/null; then
