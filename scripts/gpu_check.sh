@@ -66,7 +66,10 @@ else
 fi
 
 echo "== bench"
-timeout 240 "$PY" -m tersor bench --device cuda --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 | tail -n 60
+# The progress lines (one per row, with times) go to bench.log as they come; on the timeout's SIGTERM the bench
+# still writes bench.json with the rows finished, and a benchmark that raises does not lose the others.
+timeout 240 "$PY" -m tersor bench --device cuda --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1 \
+  | tee "$OUT/bench.log" | tail -n 60
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== summary: status=$status, total $(( $(date +%s) - t0 )) s"

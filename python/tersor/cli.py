@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 import torch
@@ -22,8 +23,21 @@ def _bench(args) -> int:
         print("tersor bench: --device cuda but no CUDA GPU is available", file=sys.stderr)
         return 2
     ctx = BenchContext(device=device, quick=args.quick, families=tuple(args.family or ()))
-    results = report.run(args.family, ctx)
+    results, errors = [], []
+
+    def _terminated(signum, frame):  # `timeout` sends SIGTERM: keep the rows measured so far
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        report.run(args.family, ctx, results=results, errors=errors)
+    except KeyboardInterrupt as e:
+        errors.append(f"interrupted ({e or 'Ctrl-C'}): the record holds the rows finished before")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     record = report.to_record(results, ctx)
+    if errors:
+        record["errors"] = errors
     print()
     print(f"device: {record['device']}   torch {record['torch']}   commit {record['commit'][:12]}   {record['date']}")
     print("ratio = baseline time / tersor time (> 1: tersor is faster)")
@@ -36,7 +50,9 @@ def _bench(args) -> int:
         print(f"wrote {args.plot}")
     elif report.write_model_plot(results, record):
         print(f"wrote {report.MODEL_PLOT} (model family: size against fidelity)")
-    return 0
+    for e in errors:
+        print(f"tersor bench: {e}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 # ------------------------------------------------------------------------------------------- compress

@@ -46,10 +46,14 @@ def _progress_line(r: Result) -> str:
             f"({r.baseline}){tail}")
 
 
-def run(families: list[str] | None, ctx: BenchContext, progress: bool = True) -> list[Result]:
+def run(families: list[str] | None, ctx: BenchContext, progress: bool = True, results: list | None = None,
+        errors: list | None = None) -> list[Result]:
     """Runs the registered benchmarks of ``families`` (all when None). With ``progress``, writes to stderr
     one line when each benchmark starts, one per result row as it is made, and one when the benchmark ends,
-    each with the elapsed time since the start of the run."""
+    each with the elapsed time since the start of the run. ``results``: a list the rows are appended to as each
+    benchmark ends (so a caller keeps them if the run is interrupted); returned. ``errors``: a list, to go on
+    past a benchmark that raises (its error is appended as a line and said on stderr); without it the error
+    propagates."""
     import sys
     import time
 
@@ -64,7 +68,7 @@ def run(families: list[str] | None, ctx: BenchContext, progress: bool = True) ->
     def say(msg: str) -> None:
         print(f"[tersor bench {time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    results: list[Result] = []
+    results = [] if results is None else results
     saved = bench._on_result
     if progress:
         bench._on_result = lambda r: say("  " + _progress_line(r))
@@ -76,7 +80,14 @@ def run(families: list[str] | None, ctx: BenchContext, progress: bool = True) ->
                 t0 = time.perf_counter()
                 if progress:
                     say(f"{family}: {fn.__name__} on {ctx.device}{' (quick)' if ctx.quick else ''}")
-                rows = fn(ctx)
+                try:
+                    rows = fn(ctx)
+                except Exception as e:  # noqa: BLE001 - with `errors`, one failing benchmark does not lose the others
+                    if errors is None:
+                        raise
+                    errors.append(f"{family}: {fn.__name__}: {type(e).__name__}: {e}")
+                    say(f"{family}: {fn.__name__} FAILED: {type(e).__name__}: {e}")
+                    continue
                 results.extend(rows)
                 if progress:
                     say(f"{family}: {fn.__name__} done, {len(rows)} rows in {time.perf_counter() - t0:.1f} s")
