@@ -5,8 +5,12 @@
   quantized paged cache (INT8 K + e4m3 V, ~1 byte per element), SDPA an fp16/bf16 contiguous cache
   ([B, Hkv, L, D], ``enable_gqa``); the faster of fp32 and 16-bit SDPA on the CPU. ``extra``: bytes of both
   caches. ``accuracy``: rel-L1 of both against fp64.
-* varlen: sequences of mixed lengths packed (FlashAttention's API) against SDPA run per sequence and on the
-  padded batch (with a key padding mask).
+* varlen: sequences of mixed lengths packed (FlashAttention's API, one launch) against SDPA run per sequence and
+  on the padded batch (with a mask); ``extra.tersor_padded_ms``: tersor's own prefill on the padded batch with a
+  key padding mask (the issue's goal: varlen at least as fast, with no padding waste). CUDA rows too (labelled
+  "unverified" until ``tersor.attention.CUDA_KERNELS_READY``).
+* ``accuracy`` of decode also has ``rel_l1_prefill``: the prefill path (``sage_attention``, one query against the
+  same keys) against fp64 on the same data (the issue's goal: decode no worse).
 CPU rows are the CPU twin (the kernels' reference numerics, not a fast path): for the record only.
 
 CUDA rows (decode only): B in {1, 8, 32}, Hq 32 / Hkv 8, D 128, L 4K .. 128K, the planner's split, against SDPA on
@@ -23,7 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tersor.attention import PagedKVCache, sage_attention_varlen, sage_decode
+from tersor.attention import (CUDA_KERNELS_READY, PagedKVCache, cuda_path_name, pick_modes, sage_attention,
+                              sage_attention_varlen, sage_decode)
 from tersor.attention import paged as _paged
 from tersor.bench import Result, register, time_fn
 
@@ -53,7 +58,8 @@ def _decode_case(ctx, b, hq, hkv, d, seqlen, page_size=64, dtype=torch.bfloat16)
         t_sdpa, baseline = t32, "SDPA float32 cache"
     ref = F.scaled_dot_product_attention(qs.double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(),
                                          enable_gqa=True).transpose(1, 2)
-    acc = {"rel_l1": _rel_l1(sage_decode(q, cache, bt, sl), ref),
+    prefill = sage_attention(q, k.to(dtype), v.to(dtype), is_causal=True, layout="bshd")
+    acc = {"rel_l1": _rel_l1(sage_decode(q, cache, bt, sl), ref), "rel_l1_prefill": _rel_l1(prefill, ref),
            "rel_l1_sdpa": _rel_l1(F.scaled_dot_product_attention(qs, kc, vc, enable_gqa=True).transpose(1, 2), ref)}
     return Result(family="attention", op="sage_decode int8+fp8 paged [cpu-twin]",
                   shape=f"b{b} hq{hq}/hkv{hkv} d{d} L{seqlen} page{page_size}", dtype=str(dtype).replace("torch.", ""),
@@ -64,8 +70,9 @@ def _decode_case(ctx, b, hq, hkv, d, seqlen, page_size=64, dtype=torch.bfloat16)
 def _varlen_case(ctx, lens, h, d, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(sum(lens))
     total, lmax = sum(lens), max(lens)
-    q, k, v = (torch.randn(total, h, d, generator=g).to(dtype) for _ in range(3))
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    dev = ctx.device
+    q, k, v = (torch.randn(total, h, d, generator=g).to(dtype).to(dev) for _ in range(3))
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
     t_var = time_fn(lambda: sage_attention_varlen(q, k, v, cu, cu, lmax, lmax, is_causal=True), ctx)
 
     def per_sequence():
@@ -75,15 +82,21 @@ def _varlen_case(ctx, lens, h, d, dtype=torch.bfloat16):
     pad = lambda t: torch.stack([F.pad(t[a:z], (0, 0, 0, 0, 0, lmax - (z - a)))  # noqa: E731
                                  for a, z in zip(cu[:-1].tolist(), cu[1:].tolist())]).transpose(1, 2)
     qp, kp, vp = pad(q), pad(k), pad(v)
-    valid = torch.arange(lmax)[None, :] < torch.tensor(lens)[:, None]
-    mask = (torch.ones(lmax, lmax, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None]
+    valid = (torch.arange(lmax)[None, :] < torch.tensor(lens)[:, None]).to(dev)
+    mask = (torch.ones(lmax, lmax, dtype=torch.bool, device=dev).tril()[None] & valid[:, None, :])[:, None]
     t_seq = time_fn(per_sequence, ctx)
     t_pad = time_fn(lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask), ctx)
+    t_tersor_pad = time_fn(lambda: sage_attention(qp, kp, vp, is_causal=True, key_padding_mask=valid), ctx)
     baseline, t_base = ("SDPA per sequence", t_seq) if t_seq <= t_pad else ("SDPA padded + mask", t_pad)
-    return Result(family="attention", op="sage_attention_varlen int8+fp8 [cpu-twin]",
+    qk, pv = pick_modes(torch.device(dev))
+    path = cuda_path_name(torch.device(dev), qk, pv)
+    if ctx.is_cuda and not CUDA_KERNELS_READY:
+        path += ", unverified"
+    return Result(family="attention", op=f"sage_attention_varlen {qk}+{pv} [{path}]",
                   shape=f"{len(lens)} seqs {min(lens)}..{lmax} h{h} d{d} causal", dtype=str(dtype).replace("torch.", ""),
                   tersor_ms=t_var, baseline=baseline, baseline_ms=t_base,
-                  extra={"sdpa_per_sequence_ms": t_seq, "sdpa_padded_ms": t_pad,
+                  extra={"sdpa_per_sequence_ms": t_seq, "sdpa_padded_ms": t_pad, "tersor_padded_ms": t_tersor_pad,
+                         "varlen_vs_tersor_padded": t_tersor_pad / t_var,
                          "padding_waste": 1 - total / (len(lens) * lmax)})
 
 
@@ -141,8 +154,11 @@ def bench_decode(ctx) -> list[Result]:
     if ctx.is_cuda:
         if ctx.quick:
             return [_decode_cuda_case(ctx, 1, 32, 8, 128, 4096)]
-        return [_decode_cuda_case(ctx, b, 32, 8, 128, L) for b in (1, 8, 32) for L in (4096, 16384, 131072)
+        rows = [_decode_cuda_case(ctx, b, 32, 8, 128, L) for b in (1, 8, 32) for L in (4096, 16384, 131072)
                 if b * L <= 32 * 32768]
+        g = torch.Generator().manual_seed(15)
+        lens = torch.randint(512, 8193, (16,), generator=g).tolist()  # 16 sequences of 0.5K-8K tokens
+        return rows + [_varlen_case(ctx, lens, 32, 128, torch.float16)]
     if ctx.quick:
         return [_decode_case(ctx, 1, 8, 2, 128, 1024), _varlen_case(ctx, [100, 37, 300], 2, 64)]
     rows = [_decode_case(ctx, b, 32, 8, 128, L) for b, L in ((1, 4096), (8, 4096), (1, 16384))]
