@@ -235,9 +235,10 @@ def _check_window(window, who: str) -> tuple[int, int]:
     return (left if left >= 0 else -1), (right if right >= 0 else -1)
 
 
-def sage_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, cache_seqlens: torch.Tensor, *,
-                scale: Optional[float] = None, window: Optional[tuple[int, int]] = None,
-                return_lse: bool = False, num_workers: Optional[int] = None):
+def sage_decode(q: torch.Tensor, cache: Union[PagedKVCache, torch.Tensor], block_table: torch.Tensor,
+                cache_seqlens: Optional[torch.Tensor] = None, *, scale: Optional[float] = None,
+                window: Optional[tuple[int, int]] = None, return_lse: bool = False,
+                num_workers: Optional[int] = None):
     """Attention of ``q [B, Lq, Hq, D]`` (``Lq <= 16``: the last Lq tokens of each sequence, already appended
     to the cache) over ``cache_seqlens[b]`` cached tokens of sequence ``b``, bottom-right causal: query ``i``
     sees keys ``j <= seqlen - Lq + i``. GQA: ``Hq`` a multiple of the cache's heads. ``window=(left, right)``:
@@ -253,7 +254,18 @@ def sage_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
     the merge.
 
     On CUDA the sequence lengths and the block-table entries they reach are checked here (one host sync) before
-    the kernels run."""
+    the kernels run.
+
+    **Plain-tensor form** ``sage_decode(q, k, v, cache_seqlens)``: an unpaged float16/bfloat16 cache ``k``/``v
+    [B, Lk, Hkv, D]`` of which sequence ``b`` uses tokens ``0 .. cache_seqlens[b] - 1`` (the rest may hold
+    anything, NaN included: it is never read). Same semantics (bottom-right causal, GQA, window, LSE) and any
+    ``Lq``; it runs the prefill kernels' numerics (quantized per call, as SageAttention's own decode does) in one
+    :func:`tersor.attention.sage_attention_varlen` call over the used tokens, gathered first (a copy of them).
+    ``num_workers`` does not apply."""
+    if isinstance(cache, torch.Tensor):
+        if num_workers is not None:
+            raise ValueError("sage_decode: num_workers applies to a PagedKVCache, not to plain k / v tensors")
+        return _decode_tensors(q, cache, block_table, cache_seqlens, scale, window, return_lse)
     who = "sage_decode"
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"{who}: cache must be a PagedKVCache, got {type(cache).__name__}")
@@ -351,3 +363,45 @@ def _plain_decode(q, cache, block_table, seqlens, scale, left, right, who):
         out[i] = torch.einsum("hqk,hkd->qhd", p, v)
         lse[i] = row_lse
     return out.to(q.dtype), lse
+
+
+def _decode_tensors(q, k, v, cache_seqlens, scale, window, return_lse):
+    """sage_decode(q, k, v, cache_seqlens): the used tokens gathered and packed, one varlen call."""
+    from .varlen import sage_attention_varlen
+
+    who = "sage_decode"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{who}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"{who}: {name} must be float16 or bfloat16, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{who}: {name} must be 4-d ([B, L, H, D]), got {list(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{who}: q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"{who}: k {list(k.shape)} and v {list(v.shape)} must have one shape")
+    b, lq, hq, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"{who}: k / v must be [{b}, Lk, Hkv, {d}] for q {list(q.shape)}, got {list(k.shape)}")
+    if hq % k.shape[2]:
+        raise ValueError(f"{who}: heads_q ({hq}) must be a multiple of heads_kv ({k.shape[2]})")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{who}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if cache_seqlens is None:
+        raise TypeError(f"{who}: the plain-tensor form is sage_decode(q, k, v, cache_seqlens)")
+    seqlens = _as_int32("cache_seqlens", cache_seqlens, q.device, b, 1, who).long()
+    lk = k.shape[1]
+    lens = seqlens.tolist()  # the packing needs them on the host (a sync on CUDA)
+    if any(n < 0 or n > lk for n in lens):
+        raise ValueError(f"{who}: cache_seqlens must be in [0, {lk}] (the cache's length), got {lens[:8]}")
+    used = torch.arange(lk, device=q.device)[None, :] < seqlens[:, None]  # [B, Lk]
+    kp, vp = k[used], v[used]  # [total, Hkv, D], sequence by sequence
+    cu_k = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
+    cu_k[1:] = torch.cumsum(seqlens, 0)
+    cu_q = torch.arange(0, (b + 1) * lq, lq, dtype=torch.int32, device=q.device)
+    out, lse = sage_attention_varlen(q.reshape(b * lq, hq, d), kp, vp, cu_q, cu_k, lq, max(max(lens), 1),
+                                     is_causal=True, scale=scale, window=window, return_lse=True)
+    out = out.view(b, lq, hq, d)
+    lse = lse.view(hq, b, lq).permute(1, 0, 2).contiguous()
+    return (out, lse) if return_lse else out
