@@ -92,6 +92,9 @@ def run_stages(mm, source, methods, mdir, log=print, stages=STAGES) -> list[Resu
 
     from .model import _reload_in_fresh_process, _state_bytes
 
+    bad = [s for s in stages if s not in STAGES] + [m for m in methods if m not in STAGE_METHODS]
+    if bad:
+        raise ValueError(f"model stages: unknown {bad}; the stages are {STAGES}, the methods {STAGE_METHODS}")
     bert, tok = mm.bert, mm.tok
     cal = load_corpus("calibration", N_CAL)
     ev = load_corpus("evaluation", N_EVAL)
@@ -119,9 +122,6 @@ def run_stages(mm, source, methods, mdir, log=print, stages=STAGES) -> list[Resu
                    "dense_model_bytes": dense_bytes, "calibration_sentences": len(cal), "threads": 1, **extra}))
         return emb
 
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        raise ValueError(f"model stages: unknown stages {bad}; the stages are {STAGES}")
     with tempfile.TemporaryDirectory(prefix="tersor-model-stages-") as tmp:
         for name in methods:
             if "nearest" in stages:

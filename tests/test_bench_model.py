@@ -84,3 +84,13 @@ def test_model_bench_calibration_batches_have_no_padding():
     got = sorted(tuple(row.tolist()) for b in batches for row in b["input_ids"])
     want = sorted(tuple(tok(s)["input_ids"]) for s in sentences)
     assert got == want
+
+
+def test_model_stages_rejects_unknown_stages_and_methods():
+    # TERSOR_STAGES / TERSOR_STAGES_METHODS typos fail at once, before any model pass
+    from tersor.benchmarks.model_stages import run_stages
+
+    with pytest.raises(ValueError, match="unknown"):
+        run_stages(None, "x", ["e8p2"], None, stages=["e2e", "block_ft"])
+    with pytest.raises(ValueError, match="unknown"):
+        run_stages(None, "x", ["e8p5"], None)
