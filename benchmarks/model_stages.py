@@ -11,7 +11,10 @@ from the calibration sentences) after each stage, and the time of each stage:
 Runs only when the model family is named (``tersor bench --family model``; not in the all-families run, whose
 10 minutes it would exceed), on the CPU, at one thread. The final stage of each method is also saved and
 reloaded in a fresh process (``reload_identical``: the fine-tuned parameters survive bit-identically).
-``TERSOR_STAGES_METHODS`` (comma-separated) picks the methods. AQLM uses the model bench's fast options.
+``TERSOR_STAGES_METHODS`` (comma-separated) picks the methods, ``TERSOR_STAGES`` the stages (default all of
+:data:`STAGES`; ``e2e`` needs the block-ft model, so asking for it also runs and reports ``block-ft``; the
+``nearest`` and ``ldlq`` stages are separate quantizations that nothing later reuses, so leaving them out saves
+their time and changes no other row). AQLM uses the model bench's fast options.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from tersor.bench import Result, register
 
 STAGE_METHODS = ["e8p2", "e8p3", "e8p4", "aqlm-2x8", "aqlm-1x16"]
+STAGES = ("nearest", "ldlq", "block-ft", "e2e")
 N_CAL, N_EVAL, BATCH = 512, 1000, 16
 N_HAND = 50  # the evaluation split starts with the 50 hand-written sentences (scripts/make_corpus.py)
 BLOCK = {"steps": 100, "lr": 3e-3}
@@ -69,7 +73,8 @@ def bench_model_stages(ctx) -> list[Result]:
     try:
         methods = os.environ.get("TERSOR_STAGES_METHODS")
         methods = methods.split(",") if methods else STAGE_METHODS
-        rows = run_stages(mm, source, methods, model_dir())
+        stages = os.environ.get("TERSOR_STAGES")
+        rows = run_stages(mm, source, methods, model_dir(), stages=stages.split(",") if stages else STAGES)
         if importlib.util.find_spec("transformers") is not None:
             rows += run_llama_stages(mm.tok, [m for m in methods if m != "aqlm-1x16"])
         return rows
@@ -77,13 +82,19 @@ def bench_model_stages(ctx) -> list[Result]:
         torch.set_num_threads(threads)
 
 
-def run_stages(mm, source, methods, mdir, log=print) -> list[Result]:
+def run_stages(mm, source, methods, mdir, log=print, stages=STAGES) -> list[Result]:
+    """The MiniLM rows of ``methods`` (names of :data:`STAGE_METHODS`) for ``stages`` (of :data:`STAGES`;
+    ``e2e`` implies ``block-ft``), logging one line per stage and per held-out evaluation of the end-to-end
+    stage through ``log``."""
     import tersor
     from tersor.api.finetune import finetune_model, model_output
     from tersor.corpus import load_corpus
 
     from .model import _reload_in_fresh_process, _state_bytes
 
+    bad = [s for s in stages if s not in STAGES] + [m for m in methods if m not in STAGE_METHODS]
+    if bad:
+        raise ValueError(f"model stages: unknown {bad}; the stages are {STAGES}, the methods {STAGE_METHODS}")
     bert, tok = mm.bert, mm.tok
     cal = load_corpus("calibration", N_CAL)
     ev = load_corpus("evaluation", N_EVAL)
@@ -113,22 +124,27 @@ def run_stages(mm, source, methods, mdir, log=print) -> list[Result]:
 
     with tempfile.TemporaryDirectory(prefix="tersor-model-stages-") as tmp:
         for name in methods:
-            free = copy.deepcopy(bert)
-            nearest_cfg, _ = _configs(name)
-            t0 = time.perf_counter()
-            rep = tersor.quantize_(free, nearest_cfg, progress=False)
-            row(name, "nearest", free, time.perf_counter() - t0, {"config": rep.config})
-            del free
+            if "nearest" in stages:
+                free = copy.deepcopy(bert)
+                nearest_cfg, _ = _configs(name)
+                t0 = time.perf_counter()
+                rep = tersor.quantize_(free, nearest_cfg, progress=False)
+                row(name, "nearest", free, time.perf_counter() - t0, {"config": rep.config})
+                del free
 
-            _, ldlq_cfg = _configs(name)
-            q = copy.deepcopy(bert)
-            t0 = time.perf_counter()
-            rep = tersor.quantize_(q, ldlq_cfg, calibration=batches, progress=False)
-            worst = sorted(((r.rel_err, r.fqn) for r in rep.layers if r.rel_err is not None), reverse=True)[:5]
-            row(name, "ldlq", q, time.perf_counter() - t0,
-                {"config": rep.config, "worst_layers": [(f, round(e, 4)) for e, f in worst]})
-            del q
+            if "ldlq" in stages:
+                _, ldlq_cfg = _configs(name)
+                q = copy.deepcopy(bert)
+                t0 = time.perf_counter()
+                rep = tersor.quantize_(q, ldlq_cfg, calibration=batches, progress=False)
+                worst = sorted(((r.rel_err, r.fqn) for r in rep.layers if r.rel_err is not None),
+                               reverse=True)[:5]
+                row(name, "ldlq", q, time.perf_counter() - t0,
+                    {"config": rep.config, "worst_layers": [(f, round(e, 4)) for e, f in worst]})
+                del q
 
+            if "block-ft" not in stages and "e2e" not in stages:
+                continue
             _, ft_cfg = _configs(name, tersor.FinetuneConfig(**BLOCK))
             q = copy.deepcopy(bert)
             t0 = time.perf_counter()
@@ -140,8 +156,13 @@ def run_stages(mm, source, methods, mdir, log=print) -> list[Result]:
                 "blocks": [{"block": f["block"], "val_before": round(f["val_before"], 5),
                             "val_after": round(f["val_after"], 5), "steps": f["steps"]} for f in rep.finetune]})
 
+            if "e2e" not in stages:
+                continue
             t0 = time.perf_counter()
-            r = finetune_model(q, batches, teacher, tersor.FinetuneConfig(**E2E), lambda m, b: m(**b))
+            r = finetune_model(q, batches, teacher, tersor.FinetuneConfig(**E2E), lambda m, b: m(**b),
+                               progress=lambda step, v, t0=t0, name=name: log(
+                                   f"[model stages] {name} e2e step {step}/{E2E['e2e_steps']}: held-out loss "
+                                   f"{v:.5f} ({time.perf_counter() - t0:.0f} s)"))
             emb = row(name, "e2e", q, time.perf_counter() - t0, {
                 "e2e": {k: r[k] for k in ("val_before", "val_after", "steps")}, "curve": r["curve"],
                 "e2e_config": E2E})

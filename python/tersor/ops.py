@@ -277,13 +277,15 @@ def _aqlm_linear_backward(ctx, grad):
     out, n = codes.shape[0], codes.shape[1] * 8
     g = grad.float().reshape(-1, out)
     gx = gcb = gs = gb = None
+    # one decode: U with unit scales, then W = U * scales. Bit-identical to aqlm_decode(..., scales): the
+    # kernels compute each weight as (fp32 codebook sum) * (fp32 scale), one rounding (csrc/codebook/aqlm_cpu.cpp)
+    u = _lib.aqlm_decode(codes, codebooks, torch.ones_like(scales), torch.float32) if need_x or need_s else None
     if need_x:
-        w = _lib.aqlm_decode(codes, codebooks, scales, torch.float32)
+        w = u * scales.float().reshape(out, 1)
         gx = (g @ w).reshape(x.shape).to(x.dtype)
     if need_cb or need_s:
         gw = g.t() @ x.float().reshape(-1, n)  # dL/dW [out, in]
         if need_s:
-            u = _lib.aqlm_decode(codes, codebooks, torch.ones_like(scales), torch.float32)
             gs = (gw * u).sum(1).reshape(scales.shape).to(scales.dtype)
         if need_cb:
             gcb = aqlm_grad_codebooks(codes, gw * scales.float().reshape(out, 1), codebooks.shape[1])

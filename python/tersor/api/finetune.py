@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -171,10 +171,12 @@ def _split(n: int, holdout: float) -> tuple[list[int], list[int], int]:
     return train_idx, (list(range(n - n_val, n)) if n_val else train_idx), n_val
 
 
-def _train(module: nn.Module, loss_of, n: int, cfg: FinetuneConfig, steps: int, lr: float, result: dict) -> None:
+def _train(module: nn.Module, loss_of, n: int, cfg: FinetuneConfig, steps: int, lr: float, result: dict,
+           progress: Optional[Callable[[int, float], None]] = None) -> None:
     """The shared loop of block and end-to-end fine-tuning: Adam on :func:`trainable_tensors` of ``module``
     (already float32), one batch ``i`` per step with loss ``loss_of(i)``, held-out evaluation every
-    ``eval_every`` steps, the best (held-out) state restored at the end; fills ``result``."""
+    ``eval_every`` steps, the best (held-out) state restored at the end; fills ``result``. ``progress(step,
+    held_out_loss)`` is called after each held-out evaluation (step 0 included)."""
     train_idx, val_idx, n_val = _split(n, cfg.holdout)
     result.update({"steps": 0, "n_train": len(train_idx), "n_val": n_val, "curve": [], "codes_changed": 0})
     tensors = [t for _, t in trainable_tensors(module, cfg)]
@@ -186,6 +188,8 @@ def _train(module: nn.Module, loss_of, n: int, cfg: FinetuneConfig, steps: int, 
     best = val_loss()
     result["val_before"] = best
     result["curve"].append((0, best))
+    if progress is not None:
+        progress(0, best)
     discrete = [m for m in module.modules() if hasattr(m, "codes") and hasattr(m, "codebooks")] \
         if cfg.discrete_every else []
     snap = tensors + [m.codes for m in discrete]  # the codes a discrete step changed go back with the rest
@@ -219,6 +223,8 @@ def _train(module: nn.Module, loss_of, n: int, cfg: FinetuneConfig, steps: int, 
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
                     v = val_loss()
                     result["curve"].append((step + 1, v))
+                    if progress is not None:
+                        progress(step + 1, v)
                     if v < best:
                         best, bad = v, 0
                         best_state = [t.detach().clone() for t in snap]
@@ -309,12 +315,13 @@ def distill_loss(kind: str, loss: str, student: torch.Tensor, teacher: torch.Ten
 
 
 def finetune_model(model: nn.Module, batches: list, teacher: list[torch.Tensor], cfg: FinetuneConfig, run,
-                   log: Optional[dict] = None) -> dict:
+                   log: Optional[dict] = None, progress: Optional[Callable[[int, float], None]] = None) -> dict:
     """End-to-end fine-tuning (QuIP#'s second stage; AQLM's global fine-tuning): trains every continuous tensor
     of ``model`` (:func:`trainable_tensors`: tersor layers, norms, biases) so that ``run(model, batch)``
     matches ``teacher[i]``, the original model's output on ``batches[i]`` (:func:`distill_loss` with
     ``cfg.e2e_loss``), for at most ``cfg.e2e_steps`` steps at ``cfg.e2e_lr``, with the held-out split, early
-    stopping and (AQLM) discrete steps of the block stage."""
+    stopping and (AQLM) discrete steps of the block stage. ``progress(step, held_out_loss)``, if given, is
+    called after each held-out evaluation (a progress log for long runs)."""
     t0 = time.perf_counter()
     flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
     for p, _ in flags.values():
@@ -328,7 +335,7 @@ def finetune_model(model: nn.Module, batches: list, teacher: list[torch.Tensor],
                 mask = b.get("attention_mask") if isinstance(b, dict) else None
                 return distill_loss(kind, cfg.e2e_loss, out, teacher[i].to(out.device), mask)
 
-            _train(model, loss_of, len(batches), cfg, cfg.e2e_steps, cfg.e2e_lr, result)
+            _train(model, loss_of, len(batches), cfg, cfg.e2e_steps, cfg.e2e_lr, result, progress)
     finally:
         for p, flag in flags.values():
             p.requires_grad_(flag)
