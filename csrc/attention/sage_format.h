@@ -243,8 +243,6 @@ TERSOR_HD inline int quantize_int(float x, float inv_scale, int bits) {
   return q > qmax ? qmax : (q < -qmax ? -qmax : q);
 }
 
-// V: per-channel fp8 scale amax_c / 448 (codes = e4m3(v * (448 / amax_c))); the scale is applied to the
-// output in the epilogue.
 // ---- K's channel mean (the prologue's smoothing statistic) ----
 // Every implementation sums K's channel over the tokens in fp64 chunk by chunk -- each chunk of kKvStatsChunk
 // tokens in token order, then the chunk sums in chunk order -- divides by Lk and rounds once to fp32. The chunks
@@ -264,6 +262,8 @@ inline float chunked_channel_mean(const float* x, int64_t len, int64_t stride) {
   return static_cast<float>(total / static_cast<double>(len));
 }
 
+// V: per-channel fp8 scale amax_c / 448 (codes = e4m3(v * (448 / amax_c))); the scale is applied to the
+// output in the epilogue.
 TERSOR_HD inline IntQuantParams fp8_channel_params(float amax) {
   if (!(amax > 0.f)) return {0.f, 0.f};
   return {kE4M3Max / amax, amax / kE4M3Max};
