@@ -22,8 +22,7 @@ SANITIZE_TESTS=(tests/test_codec.py tests/test_sparse24.py tests/test_sparse24_l
                 tests/test_sparse_layer_bsr.py tests/test_codebook_ops.py tests/test_codebook_layers.py
                 tests/test_quant_aqlm.py tests/test_quant_e8p12.py tests/test_quipsharp_ckpt.py
                 tests/test_model_api.py tests/test_fuzz.py tests/test_paged_decode.py
-                tests/test_attention_varlen.py tests/test_attention_padding.py tests/test_attention_mask.py
-                tests/test_attention_window.py)
+                tests/test_attention_varlen.py tests/test_attention_padding.py tests/test_attention_mask.py)
 
 mkdir -p "$(dirname "$BUILD")"
 start=$(date +%s)
