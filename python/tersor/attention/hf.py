@@ -56,7 +56,7 @@ def tersor_sage_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     key_padding = None
-    if attention_mask is not None and attention_mask.dim() == 2:
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype == torch.bool:
         # tersor_sage_mask's padding mask [B, Lk] (True = a real key), with the module's causality
         key_padding, attention_mask = attention_mask, None
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)  # as sdpa_attention_forward decides
