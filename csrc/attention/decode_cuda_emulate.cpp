@@ -190,16 +190,14 @@ void replay_cta(const DecodeArgs& a, int64_t split, int64_t bh, int64_t rb, int 
 
   for (int64_t it = 0; it < mine.count; ++it) {
     const int64_t gt = mine.first + it;
-    const KeyRange kr = decode_tile_keys(gt, span.lo, span.hi, S, Tr::kTile);
-    const int64_t page_id = a.block_table[b * a.max_pages + kr.lo / S];
-    const bool ok = page_id >= 0 && page_id < a.num_pages;
-    const int64_t page = ok ? page_id : 0;
-    const int nt = ok ? static_cast<int>(kr.hi - kr.lo) : 0;
-    const int64_t slot0 = kr.lo % S;
+    const DecodeTileSlots ts = decode_tile_slots(a, b, gt, span, Tr::kTile);
+    const KeyRange kr = ts.keys;
+    const int64_t page = ts.page, slot0 = ts.slot0;
+    const int nt = ts.nt;
     // stage images: cp.async 16-byte chunks (zero fill past nt), pads poisoned
     std::fill(k_img.begin(), k_img.end(), 0x55);
     std::fill(v_img.begin(), v_img.end(), 0x7f);
-    const int64_t off = paged_token_offset(L, page, h, ok ? slot0 : 0);
+    const int64_t off = paged_token_offset(L, page, h, slot0);
     constexpr int kChunks = D / 16;
     for (int i = 0; i < Tr::kTile * kChunks; ++i) {
       const int row = chunk_row(i, kChunks), cb = chunk_col_byte(i, kChunks);

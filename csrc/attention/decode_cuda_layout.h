@@ -80,6 +80,24 @@ struct DecodeArgs {
   float* lse;      // [B, Hq, Lq]
 };
 
+// The cache slots of tile gt (decode_tile_keys over the keys [span.lo, span.hi)) of sequence b: its keys, the page
+// holding them, the first slot there and the number of keys. A block-table entry that is not a page of this cache
+// gives page 0, slot 0 and no keys, so nothing outside the cache is read (the wrappers validate the table first).
+// The kernel's loads and its scale reads and the CPU replay all resolve a tile here.
+struct DecodeTileSlots {
+  KeyRange keys;
+  int64_t page, slot0;
+  int nt;
+};
+TERSOR_HD inline DecodeTileSlots decode_tile_slots(const DecodeArgs& a, int64_t b, int64_t gt, const KeyRange& span,
+                                                   int64_t tile) {
+  const int64_t S = a.page_size;
+  const KeyRange kr = decode_tile_keys(gt, span.lo, span.hi, S, tile);
+  const int64_t id = a.block_table[b * a.max_pages + kr.lo / S];
+  const bool ok = id >= 0 && id < a.num_pages;
+  return {kr, ok ? id : 0, ok ? kr.lo % S : 0, ok ? static_cast<int>(kr.hi - kr.lo) : 0};
+}
+
 // ---- split-KV planner ----
 // CTAs per SM the planner aims at: 2. The kernel's 128 threads and 28 / 49 / 91 KiB of shared memory at D = 64 /
 // 128 / 256 let 2 CTAs reside per SM at D <= 128 on sm_80 / sm_90 (164 / 228 KiB per SM) and at D = 64 on sm_89

@@ -135,11 +135,9 @@ __device__ __forceinline__ void decode_split_body(const DecodeArgs& a) {
   // One tile's K and V codes: nt <= 64 consecutive slots of one page, token-major; rows past nt zero-filled
   // (V must be finite there: 0 * NaN would poison the MMA).
   auto load_tile = [&](int64_t gt, int stage) {
-    const KeyRange kr = decode_tile_keys(gt, span.lo, span.hi, S, Tr::kTile);
-    const int64_t page = a.block_table[b * a.max_pages + kr.lo / S];
-    const bool ok = page >= 0 && page < a.num_pages;  // the wrapper validated the table; never read outside
-    const int nt = ok ? static_cast<int>(kr.hi - kr.lo) : 0;
-    const int64_t off = paged_token_offset(L, ok ? page : 0, h, ok ? kr.lo % S : 0);
+    const DecodeTileSlots ts = decode_tile_slots(a, b, gt, span, Tr::kTile);
+    const int nt = ts.nt;
+    const int64_t off = paged_token_offset(L, ts.page, h, ts.slot0);
     uint8_t* ks = k_s + stage * Tr::kKBytes;
     uint8_t* vs = v_s + stage * Tr::kVBytes;
     constexpr int kChunks = D / 16;
@@ -167,12 +165,10 @@ __device__ __forceinline__ void decode_split_body(const DecodeArgs& a) {
     if (it + 1 < mine.count) load_tile(gt + 1, stage ^ 1);
     cp_async_commit();
 
-    const KeyRange kr = decode_tile_keys(gt, span.lo, span.hi, S, Tr::kTile);
-    const int64_t page_id = a.block_table[b * a.max_pages + kr.lo / S];
-    const bool ok = page_id >= 0 && page_id < a.num_pages;
-    const int64_t page = ok ? page_id : 0;
-    const int nt = ok ? static_cast<int>(kr.hi - kr.lo) : 0;
-    const int64_t slot0 = kr.lo % S;
+    const DecodeTileSlots ts = decode_tile_slots(a, b, gt, span, Tr::kTile);
+    const KeyRange kr = ts.keys;
+    const int64_t page = ts.page, slot0 = ts.slot0;
+    const int nt = ts.nt;
     const float* kmean = a.page_meta + paged_meta_offset(L, page, h, 0);
     const float* vscale = kmean + D;
     // This lane's K scales (its 4 keys) and V scales (its 2 * kDn channels), issued before the bias loop and
