@@ -7,6 +7,7 @@ The integer codes stay fixed (AQLM's discrete step, :func:`aqlm_discrete_step`, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -132,6 +133,20 @@ def _float_inputs(obj: Any) -> Any:
     return obj
 
 
+@contextlib.contextmanager
+def _frozen(module: nn.Module):
+    """Every parameter of ``module`` with ``requires_grad=False`` inside (training enables only the continuous
+    tensors it trains), each restored to its own flag on exit, also after an error."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 class _Float32:
     """Trains a block in float32: converts its floating parameters and buffers that are not float32, and
     converts each back to its own dtype afterwards (so a fp16 model's SU/SV, codebooks and norms get float32
@@ -249,25 +264,18 @@ def finetune_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: 
     "codes_changed"}`` (the relative MSEs; ``curve``: ``(step, held-out loss)`` pairs). The block is left in
     eval mode with ``requires_grad`` as it was."""
     t0 = time.perf_counter()
-    flags = {id(p): (p, p.requires_grad) for p in block.parameters()}
-    for p, _ in flags.values():
-        p.requires_grad_(False)
     result: dict = {}
-    try:
-        with _Float32(block) as f32:
-            ins = [_float_inputs(a) for a in inputs] if f32.dtypes else inputs
-            tgt = [t.detach().float() for t in targets]
-            power = [float(t.square().mean()) or 1.0 for t in tgt]
+    with _frozen(block), _Float32(block) as f32:
+        ins = [_float_inputs(a) for a in inputs] if f32.dtypes else inputs
+        tgt = [t.detach().float() for t in targets]
+        power = [float(t.square().mean()) or 1.0 for t in tgt]
 
-            def loss_of(i):
-                args, kwargs = ins[i]
-                out = first_output(block(*args, **kwargs)).float()
-                return (out - tgt[i]).square().mean() / power[i]
+        def loss_of(i):
+            args, kwargs = ins[i]
+            out = first_output(block(*args, **kwargs)).float()
+            return (out - tgt[i]).square().mean() / power[i]
 
-            _train(block, loss_of, len(inputs), cfg, cfg.steps, cfg.lr, result)
-    finally:
-        for p, flag in flags.values():
-            p.requires_grad_(flag)
+        _train(block, loss_of, len(inputs), cfg, cfg.steps, cfg.lr, result)
     result["seconds"] = time.perf_counter() - t0
     if log is not None:
         log.append(result)
@@ -323,22 +331,15 @@ def finetune_model(model: nn.Module, batches: list, teacher: list[torch.Tensor],
     stopping and (AQLM) discrete steps of the block stage. ``progress(step, held_out_loss)``, if given, is
     called after each held-out evaluation (a progress log for long runs)."""
     t0 = time.perf_counter()
-    flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
-    for p, _ in flags.values():
-        p.requires_grad_(False)
     result: dict = {"loss": cfg.e2e_loss}
-    try:
-        with _Float32(model):
-            def loss_of(i):
-                kind, out = model_output(run(model, batches[i]))
-                b = batches[i]
-                mask = b.get("attention_mask") if isinstance(b, dict) else None
-                return distill_loss(kind, cfg.e2e_loss, out, teacher[i].to(out.device), mask)
+    with _frozen(model), _Float32(model):
+        def loss_of(i):
+            kind, out = model_output(run(model, batches[i]))
+            b = batches[i]
+            mask = b.get("attention_mask") if isinstance(b, dict) else None
+            return distill_loss(kind, cfg.e2e_loss, out, teacher[i].to(out.device), mask)
 
-            _train(model, loss_of, len(batches), cfg, cfg.e2e_steps, cfg.e2e_lr, result, progress)
-    finally:
-        for p, flag in flags.values():
-            p.requires_grad_(flag)
+        _train(model, loss_of, len(batches), cfg, cfg.e2e_steps, cfg.e2e_lr, result, progress)
     result["seconds"] = time.perf_counter() - t0
     if log is not None:
         log.update(result)
