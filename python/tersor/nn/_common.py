@@ -21,6 +21,15 @@ def nbytes(module: nn.Module) -> int:
     return total
 
 
+def continuous_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """A codebook layer's tensors fine-tuning may train, by name: those ``layer.CONTINUOUS`` names and the bias if
+    any (the codes are never among them)."""
+    out = {k: getattr(layer, k) for k in layer.CONTINUOUS}
+    if layer.bias is not None:
+        out["bias"] = layer.bias
+    return out
+
+
 def check_tensor(t, name: str, owner: str, *, dtypes=None, shape: Optional[tuple] = None,
                  dim: Optional[int] = None) -> torch.Tensor:
     """``t`` itself; TypeError unless it is a tensor of one of ``dtypes``, ValueError unless it has ``dim``

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..ops import aqlm_decode, aqlm_linear
 from ..quant import aqlm as aqlm_quant
-from ._common import FLOATS, bias_param, check_bias, check_tensor, nbytes
+from ._common import FLOATS, bias_param, check_bias, check_tensor, continuous_tensors, nbytes
 
 MAX_CODEBOOKS = 8  # what the CPU and CUDA kernels take (csrc/codebook/codebook_glue.h)
 _OWNER = "AQLMLinear"
@@ -190,10 +190,7 @@ class AQLMLinear(nn.Module):
     def continuous_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors fine-tuning may train (``codebooks``, ``scales`` and the bias if any), by name; the
         codes are not among them."""
-        out = {k: getattr(self, k) for k in self.CONTINUOUS}
-        if self.bias is not None:
-            out["bias"] = self.bias
-        return out
+        return continuous_tensors(self)
 
     def layer_config(self) -> dict:
         """What tersor checkpoints record about this layer (docs/formats.md, tersor checkpoint v1)."""

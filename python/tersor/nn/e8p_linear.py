@@ -11,7 +11,7 @@ from torch import nn
 from ..ops import _hadamard_size_ok, e8p_decode, e8p_linear, hadamard_factor, hadamard_transform
 from ..quant import quipsharp
 from ..quant import quipsharp_hadamard as qh
-from ._common import FLOATS, bias_param, check_bias, check_tensor, nbytes
+from ._common import FLOATS, bias_param, check_bias, check_tensor, continuous_tensors, nbytes
 
 _FLOAT32_MIN, _FLOAT32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 
@@ -217,10 +217,7 @@ class E8PLinear(nn.Module):
     def continuous_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors fine-tuning may train (``SU``, ``SV``, ``Wscale`` and the bias if any), by name; the
         codes are not among them."""
-        out = {k: getattr(self, k) for k in self.CONTINUOUS}
-        if self.bias is not None:
-            out["bias"] = self.bias
-        return out
+        return continuous_tensors(self)
 
     def layer_config(self) -> dict:
         """What tersor checkpoints record about this layer (docs/formats.md, tersor checkpoint v1)."""
