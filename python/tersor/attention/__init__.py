@@ -182,6 +182,23 @@ def _sdpa_masked(q, k, v, is_causal, scale, window, key_padding_mask, attn_mask,
     return out.masked_fill(dead, 0)
 
 
+def _modes_for(q: torch.Tensor, qk: str, pv: str, who: str) -> tuple[int, str]:
+    """(qk_bits, pv mode) of ``qk`` / ``pv`` on q's device (:func:`pick_modes`); TypeError unless q is float16 or
+    bfloat16 (float32 only in the exact mode qk="none", pv="fp32")."""
+    qk_mode, pv_mode = pick_modes(q.device, qk, pv)
+    qk_bits = _QK_BITS[qk_mode]
+    if q.dtype not in (torch.float16, torch.bfloat16) and not (qk_bits == 0 and pv_mode == "fp32"):
+        raise TypeError(f"{who}: expected float16 or bfloat16 inputs, got {q.dtype}")
+    return qk_bits, pv_mode
+
+
+def _pad_head_dim(tensors, device: torch.device):
+    """``(tensors with the head dim zero-padded to the kernels' size, that size)`` (:func:`_padded_head_dim`)."""
+    d = tensors[0].shape[-1]
+    dp = _padded_head_dim(d, device)
+    return (tuple(F.pad(t, (0, dp - d)) for t in tensors) if dp != d else tuple(tensors)), dp
+
+
 def _padded_head_dim(d: int, device: torch.device) -> int:
     if d < 1 or d > 256:
         raise ValueError(f"sage_attention: head_dim must be between 1 and 256, got {d}")
@@ -256,10 +273,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     if not _has_kernel(q.device):
         raise NotImplementedError(f"sage_attention: no kernel for device {q.device} in this build; use "
                                   f"F.scaled_dot_product_attention or route_sdpa")
-    qk_mode, pv_mode = pick_modes(q.device, qk, pv)
-    qk_bits = _QK_BITS[qk_mode]
-    if q.dtype not in (torch.float16, torch.bfloat16) and not (qk_bits == 0 and pv_mode == "fp32"):
-        raise TypeError(f"sage_attention: expected float16 or bfloat16 inputs, got {q.dtype}")
+    qk_bits, pv_mode = _modes_for(q, qk, pv, "sage_attention")
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if block_mask is not None:
@@ -281,11 +295,9 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_caus
     d = q.shape[-1]
     if k.shape[-1] != d or v.shape[-1] != d:
         raise ValueError(f"sage_attention: q, k, v must share the head dim, got {d}, {k.shape[-1]}, {v.shape[-1]}")
-    dp = _padded_head_dim(d, q.device)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    if dp != d:
-        q, k, v = (F.pad(t, (0, dp - d)) for t in (q, k, v))
+    (q, k, v), dp = _pad_head_dim((q, k, v), q.device)
     if smooth_q is None:
         smooth_q = qk_bits == 4
     out, lse = ops.sage_attention_fwd(q, k, v, bool(is_causal), float(scale), qk_bits, pv_mode, bool(smooth_k),

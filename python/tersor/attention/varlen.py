@@ -104,16 +104,13 @@ def sage_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
 
 def _fused(q, k, v, cu_q, cu_k, is_causal, scale, window, qk, pv, return_lse):
     from .. import ops
-    from . import _QK_BITS, _padded_head_dim, pick_modes
+    from . import _modes_for, _pad_head_dim
     from .paged import _check_window
 
     who = "sage_attention_varlen"
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{who}: q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    qk_mode, pv_mode = pick_modes(q.device, qk, pv)
-    qk_bits = _QK_BITS[qk_mode]
-    if q.dtype not in (torch.float16, torch.bfloat16) and not (qk_bits == 0 and pv_mode == "fp32"):
-        raise TypeError(f"{who}: expected float16 or bfloat16 inputs, got {q.dtype}")
+    qk_bits, pv_mode = _modes_for(q, qk, pv, who)
     d = q.shape[-1]
     if k.shape[-1] != d:
         raise ValueError(f"{who}: q, k, v must share the head dim, got {d}, {k.shape[-1]}")
@@ -124,9 +121,7 @@ def _fused(q, k, v, cu_q, cu_k, is_causal, scale, window, qk, pv, return_lse):
         out = q.new_zeros(q.shape)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
         return (out, lse) if return_lse else out
-    dp = _padded_head_dim(d, q.device)
-    if dp != d:
-        q, k, v = (torch.nn.functional.pad(t, (0, dp - d)) for t in (q, k, v))
+    (q, k, v), dp = _pad_head_dim((q, k, v), q.device)
     out, lse = ops.sage_attention_varlen_fwd(q, k, v, cu_q, cu_k, bool(is_causal), float(scale), qk_bits, pv_mode,
                                              True, qk_bits == 4, "auto", left, right)
     if dp != d:
