@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tersor import attention
+from tersor.attention.paged import visible_key_mask
 from tersor.bench import Result, register, time_fn
 
 
@@ -232,9 +233,7 @@ def _window_baseline(ctx, q, k, v, w):
             return time_fn(lambda: flex(q, k, v, block_mask=bm), ctx), "flex_attention sliding-window block mask"
         except Exception as e:  # noqa: BLE001 - any failure: the SDPA baseline below, said in the row
             print(f"[attention bench] flex_attention baseline unavailable ({type(e).__name__}): SDPA with a mask")
-    rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
-    keys = torch.arange(lk, device=q.device)[None, :]
-    mask = (keys <= rows) & (keys > rows - w)
+    mask = visible_key_mask(lq, lk, w - 1, -1, q.device)  # causal, the last w keys
     return time_fn(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), ctx), "SDPA bool band mask"
 
 
@@ -259,9 +258,7 @@ def _window_case(ctx, b, h, seq, d, w, dtype=torch.float16):
 
 def _fp64_window(q, k, v, w):
     lq, lk = q.shape[2], k.shape[2]
-    rows = torch.arange(lq)[:, None] + (lk - lq)
-    keys = torch.arange(lk)[None, :]
-    mask = (keys <= rows) & (keys > rows - w)
+    mask = visible_key_mask(lq, lk, w - 1, -1)
     return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
 
 
